@@ -1,0 +1,248 @@
+"""The job entry: one function runs one task of one stage, on Slurm (through submitit) or locally.
+
+    run_task(run_dir, stage, task_index, fingerprint)   every task (each rank of a distributed stage)
+    finalize(run_dir, stage, fingerprint)                once, after all tasks of an array stage
+
+It loads the frozen recipe, sets up the distributed environment from Slurm's variables (or the local
+executor's), runs the stage's runner, makes the outputs visible atomically, and writes the DONE marker
+last. A task that is killed, fails or is requeued leaves no DONE marker, so the stage never looks
+finished when it is not.
+
+This module imports no torch: submitit pickles `StageJob` by reference on the login node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from chla_launcher import atomic
+from chla_launcher.errors import ChlaError
+from chla_launcher.kinds import import_entry
+from chla_launcher.recipe import ResolvedRecipe, load_frozen
+from chla_launcher.rundir import COMPLETED, FAILED, RUNNING, RunDir, now
+from chla_train.context import REQUEUE_EXIT_CODE, StageContext
+from chla_train.distributed import DistributedEnv
+
+# How long rank 0 waits for the other ranks to report after it finished its own part.
+RANK_BARRIER_TIMEOUT_S = 600
+
+
+def _attempt_token() -> str:
+    """Names what one attempt of a task writes, so that a requeued attempt never mixes with the
+    files of the one it replaces (all ranks of one attempt share it)."""
+    if "SLURM_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return os.environ.get("CHLA_ATTEMPT", f"local-{os.getppid()}")
+
+
+def _install_preemption_handler(ctx: StageContext) -> None:
+    """USR2 (Slurm's warning before preemption or the time limit, or a test) either requeues at once
+    (submitit's handler, or exit 75 for the local executor) or, for a stage that checkpoints, only
+    raises ctx.preempt_requested so the stage can save first."""
+    previous = signal.getsignal(signal.SIGUSR2)
+    on_slurm = "SLURM_JOB_ID" in os.environ and callable(previous)
+
+    def requeue_now() -> None:
+        if on_slurm:
+            previous(signal.SIGUSR2, None)  # submitit: checkpoint(), scontrol requeue, exit
+        else:
+            os._exit(REQUEUE_EXIT_CODE)
+
+    def on_usr2(signum: int, frame: Any) -> None:
+        if ctx._cooperative:
+            ctx._preempt_requested = True
+        elif on_slurm and ctx.dist.rank != 0:
+            return  # rank 0 requeues the whole job
+        else:
+            requeue_now()
+
+    if on_slurm and ctx.dist.rank == 0:
+        ctx._requeue = requeue_now
+    signal.signal(signal.SIGUSR2, on_usr2)
+
+
+def _stage_context(run: RunDir, recipe: ResolvedRecipe, stage_name: str, task_index: int,
+                   fingerprint: str, out_dir: Path, dist: DistributedEnv) -> StageContext:
+    stage = recipe.stages[stage_name]
+    work_dir = run.work_dir(stage_name)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        run_dir=run.path, stage=stage_name, kind=stage.kind.name, params=stage.params,
+        stage_dir=run.stage_dir(stage_name), out_dir=out_dir, work_dir=work_dir,
+        task_index=task_index, num_tasks=stage.num_tasks, dist=dist, fingerprint=fingerprint,
+        recipe=recipe)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -> dict[str, Any] | None:
+    run = RunDir(run_dir)
+    recipe = load_frozen(run.path)
+    stage = recipe.stages[stage_name]
+    dist = DistributedEnv.from_environment()
+    dist.export()
+    token = _attempt_token()
+    is_array = stage.array is not None
+    if is_array:
+        out_dir = run.out_dir(stage_name)
+        state_path = run.task_state_file(stage_name, task_index)
+    else:
+        out_dir = run.stage_dir(stage_name) / f"out.tmp-{token}"
+        state_path = run.state_file(stage_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = _stage_context(run, recipe, stage_name, task_index, fingerprint, out_dir, dist)
+    _install_preemption_handler(ctx)
+
+    writes_state = dist.rank == 0
+    if writes_state:
+        state = atomic.read_json(state_path, {}) or {}
+        attempts = int(state.get("attempts", 0)) + 1
+        _write_state(state_path, state, status=RUNNING, attempts=attempts, started_at=now(),
+                     host=socket.gethostname(), job_id=os.environ.get("SLURM_JOB_ID"),
+                     attempt=token, fingerprint=fingerprint, error=None)
+    ctx.log(f"start ({stage.kind.name}, attempt {token}, world size {dist.world_size})")
+    started = time.time()
+    runner: Callable[[StageContext], Any] = import_entry(stage.kind.entry)
+    barrier = run.stage_dir(stage_name) / f".ranks-{token}"
+    try:
+        metrics = runner(ctx) or {}
+    except BaseException as error:
+        if isinstance(error, SystemExit) and error.code in (0, None):
+            raise
+        if dist.world_size > 1:
+            barrier.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(barrier / f"{dist.rank}.failed", _one_line(error))
+        if writes_state:
+            _write_state(state_path, atomic.read_json(state_path, {}) or {}, status=FAILED,
+                         finished_at=now(), elapsed_s=round(time.time() - started, 3),
+                         error=_one_line(error))
+        raise
+
+    if dist.world_size > 1:
+        barrier.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(barrier / f"{dist.rank}.ok", "ok")
+        if dist.rank != 0:
+            return metrics
+        _wait_for_ranks(barrier, dist.world_size)
+    elapsed = round(time.time() - started, 3)
+    if is_array:
+        atomic.write_json(run.task_done(stage_name, task_index), {"fingerprint": fingerprint, "finished_at": now()})
+        _write_state(state_path, atomic.read_json(state_path, {}) or {}, status=COMPLETED,
+                     finished_at=now(), elapsed_s=elapsed, metrics=metrics)
+    else:
+        atomic.replace_dir(out_dir, run.out_dir(stage_name))
+        for stale in run.stage_dir(stage_name).glob("out.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(barrier, ignore_errors=True)
+        _write_state(state_path, atomic.read_json(state_path, {}) or {}, status=COMPLETED,
+                     finished_at=now(), elapsed_s=elapsed, metrics=metrics)
+        run.mark_done(stage_name, fingerprint)  # last
+    ctx.log(f"done in {elapsed:.1f}s")
+    return metrics
+
+
+def _wait_for_ranks(barrier: Path, world_size: int) -> None:
+    deadline = time.time() + RANK_BARRIER_TIMEOUT_S
+    while True:
+        failed = sorted(barrier.glob("*.failed"))
+        if failed:
+            raise RuntimeError(f"rank {failed[0].stem} failed: {failed[0].read_text().strip()}")
+        if len(list(barrier.glob("*.ok"))) >= world_size:
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"timed out waiting for {world_size} ranks to finish")
+        time.sleep(0.2)
+
+
+def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] | None:
+    """After every task of an array stage succeeded: the kind's aggregation, then DONE."""
+    run = RunDir(run_dir)
+    recipe = load_frozen(run.path)
+    stage = recipe.stages[stage_name]
+    missing = [index for index in range(stage.num_tasks)
+               if (atomic.read_json(run.task_done(stage_name, index), {}) or {}).get("fingerprint") != fingerprint]
+    if missing:
+        raise RuntimeError(f"stage {stage_name}: tasks {missing[:10]} have not finished")
+    task_metrics = [(atomic.read_json(run.task_state_file(stage_name, i), {}) or {}).get("metrics") or {}
+                    for i in range(stage.num_tasks)]
+    metrics: dict[str, Any] = {"tasks": stage.num_tasks}
+    if stage.kind.finalize:
+        ctx = _stage_context(run, recipe, stage_name, -1, fingerprint, run.out_dir(stage_name),
+                             DistributedEnv())
+        ctx.log(f"finalizing {stage.num_tasks} tasks")
+        metrics.update(import_entry(stage.kind.finalize)(ctx) or {})
+    else:
+        metrics["task_metrics"] = task_metrics
+    state = run.read_state(stage_name)
+    _write_state(run.state_file(stage_name), state, status=COMPLETED, finished_at=now(), metrics=metrics,
+                 fingerprint=fingerprint)
+    run.mark_done(stage_name, fingerprint)  # last
+    return metrics
+
+
+def _write_state(path: Path, state: dict[str, Any], **changes: Any) -> None:
+    state.update(changes)
+    state["updated_at"] = now()
+    atomic.write_json(path, state)
+
+
+class StageJob:
+    """What submitit pickles for Slurm. Checkpointable: on preemption or time limit submitit calls
+    checkpoint() and requeues the same call; the stage resumes from its own checkpoints."""
+
+    def __call__(self, run_dir: str, stage: str, task_index: int, fingerprint: str,
+                 finalize_only: bool = False) -> Any:
+        os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        if finalize_only:
+            return finalize(run_dir, stage, fingerprint)
+        return run_task(run_dir, stage, task_index, fingerprint)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m chla_train.entry RUN_DIR STAGE (--task I | --finalize) --fingerprint FP`
+    (the local executor's way in; Slurm goes through StageJob)."""
+    parser = argparse.ArgumentParser(prog="python -m chla_train.entry")
+    parser.add_argument("run_dir")
+    parser.add_argument("stage")
+    parser.add_argument("--task", type=int, default=0)
+    parser.add_argument("--finalize", action="store_true")
+    parser.add_argument("--fingerprint", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.finalize:
+            finalize(args.run_dir, args.stage, args.fingerprint)
+        else:
+            run_task(args.run_dir, args.stage, args.task, args.fingerprint)
+    except ChlaError as error:
+        print(f"chla: {error}", file=sys.stderr, flush=True)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: a training stage's leftover threads (DeepSpeed, gloo) must not hold the exit.
+    os._exit(code)

@@ -1,0 +1,1 @@
+"""One module per stage kind: what runs inside the job."""

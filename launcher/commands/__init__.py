@@ -1,0 +1,1 @@
+"""CLI subcommands: one module each, discovered by chla_launcher.cli."""

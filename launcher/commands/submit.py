@@ -1,0 +1,36 @@
+"""`chla submit` (also `chla-submit`): queue a recipe's chain, or run it locally."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "submit"
+HELP = "submit a recipe's stage chain (Slurm, detached) or run it on this machine (local)"
+ORDER = 10
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override any recipe key, e.g. --set stages.pt.resources.nodes=4 (repeatable)")
+    parser.add_argument("--executor", choices=["local", "slurm"], help="override the recipe's executor")
+    parser.add_argument("--run-dir", help="run directory (default: the recipe's run_dir, else runs/<name>)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="re-run the failed or unfinished stages of RUN_DIR and their dependents; uses "
+                             "RUN_DIR's frozen recipe unless a recipe file is given")
+    parser.add_argument("--only", help="comma-separated stages to run (their inputs must be finished)")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE",
+                        help="run STAGE and everything after it, even if finished")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan and every sbatch script exactly as it would be submitted; "
+                             "submit and write nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from chla_launcher.submit import SubmitOptions, submit
+
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    options = SubmitOptions(recipe=args.recipe, overrides=args.overrides, executor=args.executor,
+                            run_dir=args.run_dir, resume=args.resume, only=only,
+                            from_stage=args.from_stage, dry_run=args.dry_run)
+    return submit(options)

@@ -1,0 +1,1 @@
+"""Executors: local (this machine) and slurm (submitit)."""

@@ -1,0 +1,236 @@
+"""Local executor: the same graph on this machine. Stages run in dependency order; array tasks run
+as parallel processes bounded by the cores; a distributed stage runs as nodes x tasks_per_node
+local processes with the torch.distributed environment set; a task that asks to be requeued
+(exit 75 after a preemption signal) is started again, as Slurm would. Every task writes the same
+run directory a Slurm job writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ..graph import Plan
+from ..recipe import ResolvedRecipe, ResolvedStage
+from ..rundir import CANCELLED, FAILED, PENDING, RunDir, now
+
+REQUEUE_EXIT_CODE = 75  # chla_train.context.REQUEUE_EXIT_CODE (not imported: no chla_train here)
+MAX_LOCAL_REQUEUES = 20
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class _Task:
+    """One process of one attempt of one task."""
+
+    index: int
+    rank: int
+    process: subprocess.Popen
+    log: Path
+
+
+class LocalExecutor:
+    def __init__(self, recipe: ResolvedRecipe, run: RunDir, *, out: TextIO = sys.stdout,
+                 max_parallel: int | None = None) -> None:
+        self.recipe, self.run, self.out = recipe, run, out
+        self.cores = max_parallel or os.cpu_count() or 1
+        self._live: list[subprocess.Popen] = []
+        self._cancelled = False
+
+    # ------------------------------------------------------------------------------------------
+    def execute(self, plan: Plan) -> int:
+        """Run the plan; returns 0 if every stage finished, 1 otherwise."""
+        previous = {sig: signal.signal(sig, self._on_terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
+        failed: set[str] = set()
+        try:
+            for name in plan.run:
+                self.run.update_state(name, status=PENDING, error=None)
+            for position, name in enumerate(plan.run, 1):
+                stage = self.recipe.stages[name]
+                blocked = [p for p in stage.after if p in failed]
+                if blocked or self._cancelled:
+                    reason = f"dependency {blocked[0]} failed" if blocked else "chain cancelled"
+                    self.run.update_state(name, status=CANCELLED, error=reason)
+                    failed.add(name)
+                    self._say(f"[{position}/{len(plan.run)}] {name}: cancelled ({reason})")
+                    continue
+                self._say(f"[{position}/{len(plan.run)}] {name} ({stage.kind.name}{self._shape(stage)}) ...")
+                started = time.time()
+                ok = self._run_stage(stage, plan.fingerprints[name])
+                elapsed = time.time() - started
+                if ok:
+                    self._say(f"[{position}/{len(plan.run)}] {name}: done in {elapsed:.1f}s")
+                else:
+                    failed.add(name)
+                    state = self.run.read_state(name)
+                    if state.get("status") not in (FAILED, CANCELLED):
+                        self.run.update_state(name, status=CANCELLED if self._cancelled else FAILED,
+                                              finished_at=now())
+                    self._say(f"[{position}/{len(plan.run)}] {name}: FAILED after {elapsed:.1f}s"
+                              + (f" ({state['error']})" if state.get("error") else ""))
+                    self._print_log_tail(name)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 1 if failed else 0
+
+    # ------------------------------------------------------------------------------------------
+    def _run_stage(self, stage: ResolvedStage, fingerprint: str) -> bool:
+        if stage.array is not None:
+            parallel = max(1, min(stage.array, self.cores // max(1, stage.resources.cpus_per_task)))
+            if not self._run_tasks(stage, fingerprint, list(range(stage.array)), parallel):
+                return False
+            return self._run_process_group(stage, fingerprint, task=-1, finalize=True)
+        return self._run_process_group(stage, fingerprint, task=0)
+
+    def _run_tasks(self, stage: ResolvedStage, fingerprint: str, indices: list[int], parallel: int) -> bool:
+        """Array tasks, at most `parallel` at a time; each retried when it asks to be requeued."""
+        pending = list(indices)
+        running: dict[int, tuple[subprocess.Popen, int]] = {}
+        ok = True
+        while (pending or running) and not self._cancelled:
+            while pending and len(running) < parallel and ok:
+                index = pending.pop(0)
+                running[index] = (self._spawn(stage, fingerprint, index, rank=0, world=1, port=0,
+                                              attempt=f"{index}-0"), 0)
+            time.sleep(0.05)
+            for index, (process, requeues) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[index]
+                self._live.remove(process)
+                if code == REQUEUE_EXIT_CODE and requeues < MAX_LOCAL_REQUEUES:
+                    self._say(f"    {stage.name} task {index}: requeued")
+                    running[index] = (self._spawn(stage, fingerprint, index, rank=0, world=1, port=0,
+                                                  attempt=f"{index}-{requeues + 1}"), requeues + 1)
+                elif code != 0:
+                    ok = False
+            if not ok:
+                pending.clear()
+        if self._cancelled:
+            return False
+        return ok
+
+    def _run_process_group(self, stage: ResolvedStage, fingerprint: str, task: int,
+                           finalize: bool = False) -> bool:
+        """One task as world_size processes (1 unless the stage is distributed), requeued as a whole."""
+        world = 1 if finalize else stage.resources.world_size
+        for requeues in range(MAX_LOCAL_REQUEUES + 1):
+            port = free_port() if world > 1 else 0
+            attempt = f"{'finalize' if finalize else task}-{requeues}"
+            processes = [self._spawn(stage, fingerprint, task, rank=rank, world=world, port=port,
+                                     attempt=attempt, finalize=finalize) for rank in range(world)]
+            codes = self._wait_all(processes)
+            if self._cancelled:
+                return False
+            if codes and all(code == 0 for code in codes):
+                return True
+            if codes[0] == REQUEUE_EXIT_CODE:
+                self._say(f"    {stage.name}: requeued")
+                continue
+            return False
+        return False
+
+    def _wait_all(self, processes: list[subprocess.Popen]) -> list[int]:
+        """Wait for every rank; if one fails, stop the others (as srun does with --kill-on-bad-exit)."""
+        while True:
+            codes = [p.poll() for p in processes]
+            bad = [c for c in codes if c not in (None, 0)]
+            if bad and any(c is None for c in codes):
+                for process in processes:
+                    if process.poll() is None:
+                        _terminate(process)
+                codes = [p.wait() for p in processes]
+            if all(c is not None for c in codes):
+                for process in processes:
+                    if process in self._live:
+                        self._live.remove(process)
+                return [int(c) for c in codes]
+            time.sleep(0.05)
+
+    def _spawn(self, stage: ResolvedStage, fingerprint: str, task: int, *, rank: int, world: int,
+               port: int, attempt: str, finalize: bool = False) -> subprocess.Popen:
+        tasks_per_node = stage.resources.tasks_per_node if world > 1 else 1
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank), WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank % tasks_per_node), LOCAL_WORLD_SIZE=str(tasks_per_node),
+            GROUP_RANK=str(rank // tasks_per_node),
+            CHLA_NUM_NODES=str(max(1, world // tasks_per_node)),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or 29500),
+            CHLA_ATTEMPT=f"local-{os.getpid()}-{attempt}",
+            PYTHONUNBUFFERED="1",
+        )
+        # Slurm would give each task its CPUs; without a binding, N processes x all-core thread pools
+        # oversubscribe the machine.
+        env.setdefault("OMP_NUM_THREADS", str(stage.resources.cpus_per_task))
+        for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID"):
+            env.pop(name, None)  # a local run inside a Slurm allocation is still a local run
+        argv = [sys.executable, "-m", "chla_train.entry", str(self.run.path), stage.name,
+                "--fingerprint", fingerprint]
+        argv += ["--finalize"] if finalize else ["--task", str(task)]
+        logs = self.run.logs_dir(stage.name)
+        logs.mkdir(parents=True, exist_ok=True)
+        label = "finalize" if finalize else f"{task}_{rank}"
+        log_path = logs / f"local_{label}.log"
+        with open(log_path, "ab") as log:
+            log.write(f"==> {now()} attempt {attempt}\n".encode())
+            log.flush()
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       cwd=self.run.stage_dir(stage.name), start_new_session=True)
+        self._live.append(process)
+        return process
+
+    # ------------------------------------------------------------------------------------------
+    def _on_terminate(self, signum: int, frame: object) -> None:
+        if not self._cancelled:
+            self._say("cancelling: stopping running tasks")
+        self._cancelled = True
+        for process in list(self._live):
+            _terminate(process)
+
+    def _shape(self, stage: ResolvedStage) -> str:
+        if stage.array is not None:
+            return f", array of {stage.array}"
+        if stage.resources.world_size > 1:
+            return f", {stage.resources.nodes} x {stage.resources.tasks_per_node} ranks"
+        return ""
+
+    def _print_log_tail(self, name: str, lines: int = 15) -> None:
+        logs = sorted(self.run.logs_dir(name).glob("local_*.log"), key=lambda p: p.stat().st_mtime)
+        if not logs:
+            return
+        tail = logs[-1].read_text(errors="replace").splitlines()[-lines:]
+        self._say(f"    last lines of {logs[-1]}:")
+        for line in tail:
+            self._say(f"    | {line}")
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    """SIGTERM the task's process group (it was started in a session of its own), then SIGKILL."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

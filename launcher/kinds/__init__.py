@@ -1,0 +1,94 @@
+"""The stage-kind registry: kind name -> typed params, entry point (an import path string, so the
+launcher never imports the training stack) and traits.
+
+Each module in this package describes one kind and defines `KIND = StageKind(...)`; the registry
+collects them, so adding a kind is adding one module here and one runner in chla_train/stages/ or
+chla_tools/.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageParams(BaseModel):
+    """Base of every kind's params: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class InputPath:
+    """Marks a params field (str or list of str) as a path that must exist when the recipe is
+    submitted, unless it lies inside the run directory (then an upstream stage produces it).
+
+    Use as `Annotated[str, InputPath()]`. `glob=True` means the value is a glob pattern that
+    must match at least one file.
+    """
+
+    def __init__(self, glob: bool = False) -> None:
+        self.glob = glob
+
+    def __repr__(self) -> str:
+        return f"InputPath(glob={self.glob})"
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """What the launcher knows about one kind of stage."""
+
+    name: str
+    params: type[StageParams]
+    # "module:function" run once per task with a chla_train.context.StageContext.
+    entry: str
+    description: str
+    # May the stage be an array (`array: N` in the recipe)? Array stages also get `finalize`, run
+    # once after every task succeeded (aggregation, manifests); it writes nothing if None.
+    array: bool = False
+    finalize: str | None = None
+    # May the stage run on nodes x tasks_per_node > 1 ranks?
+    distributed: bool = False
+    # Does the stage need the training extra (torch ...)? Informational for `chla kinds`.
+    needs_training_stack: bool = True
+
+    @property
+    def entry_module(self) -> str:
+        return self.entry.split(":", 1)[0]
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, StageKind]:
+    kinds: dict[str, StageKind] = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        kind = getattr(module, "KIND", None)
+        if isinstance(kind, StageKind):
+            if kind.name in kinds:
+                raise RuntimeError(f"stage kind {kind.name!r} is defined twice")
+            kinds[kind.name] = kind
+    return kinds
+
+
+def get_kind(name: str) -> StageKind | None:
+    return registry().get(name)
+
+
+def input_path_fields(params_model: type[BaseModel]) -> dict[str, InputPath]:
+    """Fields of a params model marked with InputPath, by name."""
+    found: dict[str, InputPath] = {}
+    for field_name, field in params_model.model_fields.items():
+        for meta in field.metadata:
+            if isinstance(meta, InputPath):
+                found[field_name] = meta
+    return found
+
+
+def import_entry(spec: str) -> Any:
+    """Import "module:attr" (used on the job side only)."""
+    module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)

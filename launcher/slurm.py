@@ -1,0 +1,151 @@
+"""The one place that speaks Slurm: job states, sacct/squeue/scancel/scontrol calls and the
+mapping of a recipe's resources onto sbatch parameters (through submitit)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from .errors import ChlaError
+from .recipe import Resources, SlurmSettings, mem_to_mb, time_to_minutes
+from .rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN
+
+# Slurm job states -> chla's.
+_STATE_MAP = {
+    "PENDING": PENDING, "REQUEUED": PENDING, "REQUEUE_HOLD": PENDING, "REQUEUE_FED": PENDING,
+    "RESV_DEL_HOLD": PENDING, "SUSPENDED": PENDING, "CONFIGURING": RUNNING,
+    "RUNNING": RUNNING, "COMPLETING": RUNNING, "STAGE_OUT": RUNNING, "RESIZING": RUNNING,
+    "SIGNALING": RUNNING, "PREEMPTED": PENDING,
+    "COMPLETED": COMPLETED,
+    "FAILED": FAILED, "TIMEOUT": FAILED, "NODE_FAIL": FAILED, "OUT_OF_MEMORY": FAILED,
+    "BOOT_FAIL": FAILED, "DEADLINE": FAILED,
+    "CANCELLED": CANCELLED, "REVOKED": CANCELLED,
+}
+ACTIVE_STATES = {PENDING, RUNNING}
+
+
+def chla_state(slurm_state: str) -> str:
+    # "CANCELLED by 0" -> CANCELLED
+    return _STATE_MAP.get(slurm_state.split()[0].rstrip("+") if slurm_state else "", UNKNOWN)
+
+
+@dataclass
+class JobRecord:
+    """One allocation as sacct reports it (an array task is one record per task)."""
+
+    job_id: str          # "123", "123_4", or "123_[5-9]" for array tasks not yet started
+    state: str           # chla's state
+    slurm_state: str
+    exit_code: str = ""
+    elapsed: str = ""
+    nodes: str = ""
+    reason: str = ""
+    restarts: int = 0    # how often Slurm requeued it (preemption, time limit, node failure)
+
+    @property
+    def base_id(self) -> str:
+        return self.job_id.split("_", 1)[0]
+
+
+@dataclass
+class JobTable:
+    records: dict[str, JobRecord] = field(default_factory=dict)
+
+    def for_job(self, job_id: str) -> list[JobRecord]:
+        """Records of a plain job, or of every task of an array job."""
+        return [r for r in self.records.values() if r.job_id == job_id or r.base_id == job_id]
+
+
+def require_slurm() -> None:
+    if shutil.which("sbatch") is None:
+        raise ChlaError("sbatch not found: submit from a Slurm login node, or use --executor local "
+                        "(or start the local test cluster: bash slurm/localcluster.sh start)")
+
+
+def _run(argv: list[str], timeout: float = 60) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise ChlaError(f"{argv[0]} not found: is this a Slurm login node?") from None
+    except subprocess.TimeoutExpired:
+        raise ChlaError(f"{argv[0]} did not answer within {timeout:.0f}s (is slurmctld up?)") from None
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip().splitlines()
+        raise ChlaError(f"{' '.join(argv[:2])} failed: {message[-1] if message else done.returncode}")
+    return done.stdout
+
+
+def query_jobs(job_ids: list[str]) -> JobTable:
+    """One sacct call for every job of a chain, whatever their number. With -D every requeued run
+    of a job is a record of its own, which is how restarts are counted."""
+    table = JobTable()
+    if not job_ids:
+        return table
+    out = _run(["sacct", "-X", "-D", "-P", "-n", "-j", ",".join(sorted(set(job_ids))),
+                "--format=JobID,State,ExitCode,Elapsed,NodeList,Reason"])
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 6:
+            continue
+        job_id, state, exit_code, elapsed, nodes, reason = parts[:6]
+        previous = table.records.get(job_id)
+        record = JobRecord(job_id=job_id, state=chla_state(state), slurm_state=state, exit_code=exit_code,
+                           elapsed=elapsed, nodes=nodes, reason=reason)
+        if previous is not None:
+            # sacct lists the runs of a requeued job oldest first: the last one is current.
+            record.restarts = previous.restarts + 1
+        table.records[job_id] = record
+    return table
+
+
+def cancel_jobs(job_ids: list[str]) -> None:
+    if job_ids:
+        _run(["scancel", *sorted(set(job_ids))])
+
+
+@lru_cache(maxsize=1)
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (array indices go up to MaxArraySize - 1)."""
+    try:
+        out = _run(["scontrol", "show", "config"], timeout=30)
+    except ChlaError:
+        return 1001
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
+    return int(match.group(1)) if match else 1001
+
+
+def sbatch_parameters(job_name: str, resources: Resources, settings: SlurmSettings,
+                      dependency: list[str] | None) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for one stage. Values reach the batch script only as
+    `#SBATCH --key=value` lines, shell-quoted by submitit; newlines are refused by the schema."""
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "time": time_to_minutes(resources.time),
+        "nodes": resources.nodes,
+        "ntasks_per_node": resources.tasks_per_node,
+        "cpus_per_task": resources.cpus_per_task,
+        "mem": f"{mem_to_mb(resources.mem)}M",
+        "signal_delay_s": settings.signal_delay_s,
+        "setup": list(settings.setup),
+        "wckey": "chla",
+        "stderr_to_stdout": False,
+    }
+    if resources.gpus_per_node:
+        params["gpus_per_node"] = resources.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(settings, key)
+        if value:
+            params[key] = value
+    additional: dict[str, Any] = {"requeue": True}
+    if dependency:
+        # afterok on every parent; a parent that fails cancels this job instead of leaving it
+        # pending forever (DependencyNeverSatisfied).
+        additional["dependency"] = "afterok:" + ":".join(dependency)
+        additional["kill-on-invalid-dep"] = "yes"
+    additional.update(settings.sbatch)
+    params["additional_parameters"] = additional
+    return params

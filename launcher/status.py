@@ -1,0 +1,165 @@
+"""`chla status`: one table for a run, whichever executor ran it. For Slurm runs, one sacct call per
+refresh covers every job of the chain; DONE markers and state.json fill in the rest."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import atomic
+from .errors import ChlaError
+from .rundir import (CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED, UNKNOWN, RunDir)
+
+TERMINAL = {COMPLETED, FAILED, CANCELLED, SKIPPED}
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    kind: str
+    state: str
+    job_ids: list[str] = field(default_factory=list)
+    tasks_done: int | None = None
+    tasks_total: int | None = None
+    elapsed: str = ""
+    restarts: int = 0
+    reason: str = ""
+    log: str = ""
+    log_tail: list[str] = field(default_factory=list)
+
+
+def collect(run: RunDir) -> list[StageStatus]:
+    if not run.exists():
+        raise ChlaError(f"{run.path}: not a chla run directory (no recipe.yaml)")
+    chain = run.read_chain()
+    records: dict[str, Any] = chain.get("stages", {})
+    import yaml
+
+    frozen = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8")) or {}
+    stages_spec: dict[str, Any] = frozen.get("stages", {})
+    table = None
+    if chain.get("executor") == "slurm":
+        from . import slurm
+
+        ids = []
+        for rec in records.values():
+            ids += rec.get("job_ids") or []
+            if rec.get("finalize_job_id"):
+                ids.append(rec["finalize_job_id"])
+        table = slurm.query_jobs(ids)
+
+    result = []
+    for name, spec in stages_spec.items():
+        rec = records.get(name, {})
+        status = StageStatus(stage=name, kind=spec.get("kind", "?"), state=UNKNOWN,
+                             job_ids=list(rec.get("job_ids") or []))
+        array = spec.get("array")
+        if array:
+            status.tasks_total = array
+            status.tasks_done = sum(1 for i in range(array) if run.task_done(name, i).exists())
+        state = run.read_state(name)
+        done = run.done_fingerprint(name)
+        fingerprint = rec.get("fingerprint")
+        if done is not None and done == fingerprint:
+            status.state = COMPLETED
+        elif not rec:
+            status.state = "NOT SUBMITTED"
+        elif table is not None and not rec.get("skipped"):
+            _from_slurm(status, rec, table)
+        else:
+            status.state = state.get("status", PENDING)
+            if rec.get("skipped"):
+                status.state = "STALE" if done != fingerprint else COMPLETED
+        if status.state == COMPLETED and array:
+            status.tasks_done = array
+        if state.get("elapsed_s") is not None and not status.elapsed:
+            status.elapsed = _seconds(state["elapsed_s"])
+        status.restarts = max(status.restarts, int(state.get("attempts", 1) or 1) - 1) if table is None else status.restarts
+        if status.state in (FAILED, CANCELLED):
+            status.reason = status.reason or state.get("error") or ""
+            status.log, status.log_tail = _failure_log(run, name, status)
+        result.append(status)
+    return result
+
+
+def _from_slurm(status: StageStatus, rec: dict[str, Any], table: Any) -> None:
+    records = [r for job_id in rec.get("job_ids") or [] for r in table.for_job(job_id)]
+    finalize = table.for_job(rec["finalize_job_id"]) if rec.get("finalize_job_id") else []
+    every = records + finalize
+    if not every:
+        status.state = UNKNOWN
+        return
+    states = {r.state for r in every}
+    for candidate in (FAILED, CANCELLED, RUNNING, PENDING, COMPLETED):
+        if candidate in states:
+            status.state = candidate
+            break
+    status.restarts = max((r.restarts for r in every), default=0)
+    elapsed = [r.elapsed for r in records if r.elapsed]
+    status.elapsed = max(elapsed) if elapsed else ""
+    if status.state == COMPLETED:
+        status.state = RUNNING  # every job ended well but the DONE marker is not there (yet)
+    bad = [r for r in every if r.state in (FAILED, CANCELLED)]
+    if bad:
+        first = bad[0]
+        status.job_ids = sorted({*status.job_ids, first.job_id})
+        status.reason = f"job {first.job_id} {first.slurm_state} exit {first.exit_code}".strip()
+        if first.reason and first.reason not in ("None", ""):
+            status.reason += f" ({first.reason})"
+    elif status.state == PENDING:
+        reasons = [r.reason for r in every if r.state == PENDING and r.reason and r.reason != "None"]
+        if reasons:
+            status.reason = reasons[0]
+
+
+def _failure_log(run: RunDir, stage: str, status: StageStatus, lines: int = 8) -> tuple[str, list[str]]:
+    logs = [p for p in run.logs_dir(stage).glob("*") if p.is_file() and p.suffix in (".err", ".log", ".out")]
+    if not logs:
+        return "", []
+    # The most recently written error log is the failing task's.
+    errs = [p for p in logs if p.suffix in (".err", ".log")] or logs
+    newest = max(errs, key=lambda p: p.stat().st_mtime)
+    text = newest.read_text(errors="replace").splitlines()
+    text = [line for line in text if line.strip()]
+    return str(newest), text[-lines:]
+
+
+def _seconds(value: float) -> str:
+    value = int(round(float(value)))
+    return f"{value // 3600:d}:{value % 3600 // 60:02d}:{value % 60:02d}"
+
+
+def render_status(run: RunDir, out: TextIO = sys.stdout, statuses: list[StageStatus] | None = None) -> list[StageStatus]:
+    from rich.console import Console
+    from rich.table import Table
+
+    statuses = statuses if statuses is not None else collect(run)
+    chain = run.read_chain()
+    console = Console(file=out, width=max(100, Console().width), highlight=False, soft_wrap=True)
+    table = Table(title=f"{chain.get('name', run.path.name)} ({chain.get('executor', '?')}) {run.path}",
+                  title_justify="left")
+    for column in ("stage", "kind", "state", "jobs", "tasks", "elapsed", "restarts", "reason"):
+        table.add_column(column, overflow="fold")
+    colors = {COMPLETED: "green", FAILED: "red", CANCELLED: "yellow", RUNNING: "cyan"}
+    for status in statuses:
+        tasks = f"{status.tasks_done}/{status.tasks_total}" if status.tasks_total else ""
+        style = colors.get(status.state, "")
+        table.add_row(status.stage, status.kind, f"[{style}]{status.state}[/]" if style else status.state,
+                      ",".join(status.job_ids), tasks, status.elapsed, str(status.restarts), status.reason)
+    console.print(table)
+    for status in statuses:
+        if status.log_tail:
+            console.print(f"[red]{status.stage}[/] failed; last lines of {status.log}:")
+            for line in status.log_tail:
+                console.print(f"  | {line}", markup=False)
+    return statuses
+
+
+def as_json(statuses: list[StageStatus]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in statuses]
+
+
+def all_terminal(statuses: list[StageStatus]) -> bool:
+    return all(s.state in TERMINAL or s.state in ("NOT SUBMITTED", "STALE") for s in statuses)

@@ -1,0 +1,1 @@
+"""chla_tools: offline helpers that are also stage kinds (demo assets, vocabulary extension, ...)."""
