@@ -30,7 +30,8 @@ _NAME_RE = re.compile(NAME_PATTERN)
 _MEM_RE = re.compile(r"^\d+(\.\d+)?[KMGT]?B?$", re.IGNORECASE)
 # Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
-_REF_RE = re.compile(r"\$\{([^}]*)\}")
+# ${ref}; $${...} is a literal "${...}" (for programs that expand variables themselves).
+_REF_RE = re.compile(r"\$(\$?)\{([^}]*)\}")
 
 
 class _Strict(BaseModel):
@@ -123,8 +124,11 @@ class SlurmSettings(_Strict):
     python: str | None = None
     # Seconds between Slurm's warning signal (USR2) and the kill, for checkpointing.
     signal_delay_s: int = Field(120, ge=10)
-    # How often a preempted/timed-out stage may be requeued.
+    # How often a stage that hit its time limit may be requeued (preemptions do not count).
     max_requeues: int = Field(3, ge=0)
+    # Split arrays into several array jobs of at most this many tasks (default: the cluster's
+    # MaxArraySize, read with scontrol).
+    array_chunk: int | None = Field(None, ge=1)
 
     @field_validator("partition", "account", "qos", "constraint", "python")
     @classmethod
@@ -380,13 +384,15 @@ def _interpolate(value: Any, scope: _Scope, refs: set[str], depth: int = 0) -> A
         raise KeyError("references nest too deeply (a variable refers to itself?)")
     if isinstance(value, str):
         whole = _REF_RE.fullmatch(value)
-        if whole:
-            return _interpolate(scope.lookup(whole.group(1), refs), scope, refs, depth + 1)
+        if whole and not whole.group(1):
+            return _interpolate(scope.lookup(whole.group(2), refs), scope, refs, depth + 1)
 
         def substitute(match: re.Match[str]) -> str:
-            found = _interpolate(scope.lookup(match.group(1), refs), scope, refs, depth + 1)
+            if match.group(1):
+                return "${" + match.group(2) + "}"
+            found = _interpolate(scope.lookup(match.group(2), refs), scope, refs, depth + 1)
             if isinstance(found, (dict, list)):
-                raise KeyError(f"${{{match.group(1)}}} is a {type(found).__name__}, not text")
+                raise KeyError(f"${{{match.group(2)}}} is a {type(found).__name__}, not text")
             return str(found)
 
         return _REF_RE.sub(substitute, value)
@@ -403,7 +409,7 @@ def _interpolate(value: Any, scope: _Scope, refs: set[str], depth: int = 0) -> A
 
 def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None, *,
                 run_dir: str | None = None, check_inputs: bool = True,
-                cwd: Path | None = None) -> ResolvedRecipe:
+                cwd: Path | None = None, interpolate: bool = True) -> ResolvedRecipe:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -419,7 +425,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     apply_overrides(data, list(overrides or []), source)
     if run_dir is not None:
         data["run_dir"] = run_dir
-    return resolve(data, source, lines, check_inputs=check_inputs, cwd=cwd)
+    return resolve(data, source, lines, check_inputs=check_inputs, cwd=cwd, interpolate=interpolate)
 
 
 def _raise_validation(error: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple = ()) -> None:
@@ -437,7 +443,9 @@ def _raise_validation(error: ValidationError, source: str, lines: dict[tuple, in
 
 
 def resolve(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = None, *,
-            check_inputs: bool = True, cwd: Path | None = None) -> ResolvedRecipe:
+            check_inputs: bool = True, cwd: Path | None = None, interpolate: bool = True) -> ResolvedRecipe:
+    """Validate `data` into a ResolvedRecipe. `interpolate=False` is for a frozen recipe, whose
+    references were resolved at submission (a literal "${...}" in it must stay as it is)."""
     lines = lines or {}
     cwd = cwd or Path.cwd()
     try:
@@ -461,7 +469,7 @@ def resolve(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = 
                               key=_dotted(base + ("kind",)), line=_line_for(lines, base + ("kind",)))
         refs: set[str] = set()
         try:
-            params_raw = _interpolate(spec.params, scope, refs)
+            params_raw = _interpolate(spec.params, scope, refs) if interpolate else dict(spec.params)
         except KeyError as error:
             raise RecipeError(str(error.args[0]), file=source, key=_dotted(base + ("params",)),
                               line=_line_for(lines, base + ("params",))) from None
@@ -553,7 +561,7 @@ def load_frozen(run_dir: str | os.PathLike[str]) -> ResolvedRecipe:
     path = Path(run_dir) / "recipe.yaml"
     if not path.exists():
         raise RecipeError("not a chla run directory (no recipe.yaml)", file=str(run_dir))
-    return load_recipe(path, check_inputs=False)
+    return load_recipe(path, check_inputs=False, interpolate=False)
 
 
 def dump_frozen(recipe: ResolvedRecipe) -> str:

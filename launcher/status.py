@@ -62,21 +62,22 @@ def collect(run: RunDir) -> list[StageStatus]:
         state = run.read_state(name)
         done = run.done_fingerprint(name)
         fingerprint = rec.get("fingerprint")
+        if table is not None and rec.get("job_ids"):
+            _from_slurm(status, rec, table)  # job ids, restarts, elapsed; state unless DONE says more
+        else:
+            status.state = state.get("status", PENDING)
+            # Locally a requeue is a new attempt of the same task.
+            status.restarts = max(0, int(state.get("attempts", 1) or 1) - 1)
         if done is not None and done == fingerprint:
             status.state = COMPLETED
         elif not rec:
             status.state = "NOT SUBMITTED"
-        elif table is not None and not rec.get("skipped"):
-            _from_slurm(status, rec, table)
-        else:
-            status.state = state.get("status", PENDING)
-            if rec.get("skipped"):
-                status.state = "STALE" if done != fingerprint else COMPLETED
+        elif rec.get("skipped"):
+            status.state = "STALE"  # finished once, but not with the recipe submitted last
         if status.state == COMPLETED and array:
             status.tasks_done = array
         if state.get("elapsed_s") is not None and not status.elapsed:
             status.elapsed = _seconds(state["elapsed_s"])
-        status.restarts = max(status.restarts, int(state.get("attempts", 1) or 1) - 1) if table is None else status.restarts
         if status.state in (FAILED, CANCELLED):
             status.reason = status.reason or state.get("error") or ""
             status.log, status.log_tail = _failure_log(run, name, status)
@@ -121,8 +122,13 @@ def _failure_log(run: RunDir, stage: str, status: StageStatus, lines: int = 8) -
     # The most recently written error log is the failing task's.
     errs = [p for p in logs if p.suffix in (".err", ".log")] or logs
     newest = max(errs, key=lambda p: p.stat().st_mtime)
-    text = newest.read_text(errors="replace").splitlines()
-    text = [line for line in text if line.strip()]
+    text = [line for line in newest.read_text(errors="replace").splitlines() if line.strip()]
+    # A Python traceback buries what the program said: show the lines before it and its last line.
+    marker = "Traceback (most recent call last):"
+    if marker in text:
+        start = text.index(marker)
+        head = [line for line in text[:start] if not line.startswith("submitit ")]
+        return str(newest), head[-(lines - 1):] + text[-1:]
     return str(newest), text[-lines:]
 
 

@@ -45,8 +45,11 @@ def run(ctx: StageContext) -> dict:
     previous = signal.signal(signal.SIGTERM, forward)
     try:
         code = process.wait()
+    except BaseException:
+        process.kill()  # requeue or cancellation: the program must not outlive its task
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     if code not in params.ok_exit_codes:
-        raise RuntimeError(f"command exited with status {code}: {params.argv[0]}")
+        raise ChlaError(f"stage {ctx.stage}: command exited with status {code}: {params.argv[0]}")
     return {"exit_code": code}

@@ -111,6 +111,7 @@ class LocalExecutor:
                     continue
                 del running[index]
                 self._live.remove(process)
+                _reap_group(process)
                 if code == REQUEUE_EXIT_CODE and requeues < MAX_LOCAL_REQUEUES:
                     self._say(f"    {stage.name} task {index}: requeued")
                     running[index] = (self._spawn(stage, fingerprint, index, rank=0, world=1, port=0,
@@ -157,6 +158,7 @@ class LocalExecutor:
                 for process in processes:
                     if process in self._live:
                         self._live.remove(process)
+                    _reap_group(process)
                 return [int(c) for c in codes]
             time.sleep(0.05)
 
@@ -219,6 +221,15 @@ class LocalExecutor:
 
     def _say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
+
+
+def _reap_group(process: subprocess.Popen) -> None:
+    """A task that ended may leave children behind (a command's program after a requeue exit);
+    like Slurm at the end of a job, kill whatever is left of its process group."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _terminate(process: subprocess.Popen) -> None:

@@ -112,7 +112,7 @@ class SlurmChainSubmitter:
                     record.job_ids = [executor.submit(job, run_dir, name, 0, fingerprint).job_id]
                     self._submitted += record.job_ids
                 else:
-                    chunk = max(1, slurm.max_array_size())
+                    chunk = self._array_chunk()
                     for start in range(0, stage.array, chunk):
                         indices = list(range(start, min(stage.array, start + chunk)))
                         executor.update_parameters(array_parallelism=min(len(indices), 1000))
@@ -153,11 +153,14 @@ class SlurmChainSubmitter:
         if stage.array is None:
             self._say(self._script(executor, None))
             return
-        chunk = max(1, slurm.max_array_size())
+        chunk = self._array_chunk()
         for start in range(0, stage.array, chunk):
             count = min(stage.array, start + chunk) - start
             executor.parameters["array_parallelism"] = min(count, 1000)
             self._say(self._script(executor, count))
+
+    def _array_chunk(self) -> int:
+        return max(1, min(self.settings.array_chunk or slurm.max_array_size(), slurm.max_array_size()))
 
     def _say(self, text: str) -> None:
         print(text, file=self.out, flush=True)

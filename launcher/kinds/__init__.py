@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
 
@@ -82,9 +82,21 @@ def input_path_fields(params_model: type[BaseModel]) -> dict[str, InputPath]:
     """Fields of a params model marked with InputPath, by name."""
     found: dict[str, InputPath] = {}
     for field_name, field in params_model.model_fields.items():
-        for meta in field.metadata:
-            if isinstance(meta, InputPath):
-                found[field_name] = meta
+        markers = [meta for meta in field.metadata if isinstance(meta, InputPath)]
+        markers += _markers_inside(field.annotation)
+        if markers:
+            found[field_name] = markers[0]
+    return found
+
+
+def _markers_inside(annotation: Any) -> list[InputPath]:
+    """InputPath markers of `list[Annotated[str, InputPath()]]` or `Annotated[str, ...] | None`."""
+    found: list[InputPath] = []
+    if get_origin(annotation) is Annotated:
+        found += [meta for meta in get_args(annotation)[1:] if isinstance(meta, InputPath)]
+    else:
+        for arg in get_args(annotation):
+            found += _markers_inside(arg)
     return found
 
 

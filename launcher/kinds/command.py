@@ -7,9 +7,11 @@ $CHLA_OUT_DIR (the stage's out directory, made visible only when every rank fini
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, field_validator
 
-from . import StageKind, StageParams
+from . import InputPath, StageKind, StageParams
 
 
 class CommandParams(StageParams):
@@ -17,6 +19,9 @@ class CommandParams(StageParams):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
     # Exit codes that count as success (e.g. [0, 1] for grep).
     ok_exit_codes: list[int] = Field(default_factory=lambda: [0])
+    # Files the command reads: checked at submission and part of the stage's fingerprint, so a
+    # changed input makes the stage run again.
+    inputs: list[Annotated[str, InputPath()]] = Field(default_factory=list)
 
     @field_validator("argv")
     @classmethod
