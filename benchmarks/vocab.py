@@ -1,0 +1,67 @@
+"""Benchmark of the vocabulary-extension chain on the demo corpus: wall time of
+fetch (cached), train (20k Chinese BPE), merge and report, then the headline table.
+
+    .venv/bin/python benchmarks/vocab.py [--vocab-size 20000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab-size", type=int, default=20000)
+    parser.add_argument("--keep", metavar="DIR", help="write outputs here instead of a temp dir")
+    args = parser.parse_args()
+
+    from chla_tools.assets import fetch_assets
+    from chla_tools.vocab import merge_tokenizers, render_markdown, train_spm, vocab_report
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="chla-vocab-bench-"))
+    quiet = lambda message: None  # noqa: E731
+    timings: dict[str, float] = {}
+
+    fetch_assets(log=quiet)  # make sure the cache is filled; the timed call is the cached one
+    started = time.perf_counter()
+    assets = fetch_assets(log=quiet)
+    timings["fetch (cached)"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    trained = train_spm([assets["zh_train"]], work / "zh_spm", vocab_size=args.vocab_size, log=quiet)
+    timings[f"train ({args.vocab_size} BPE, {trained['chars']:,} chars)"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    merged = merge_tokenizers(assets["base_tokenizer"], work / "zh_spm" / "spm.model",
+                              work / "merged", log=quiet)
+    timings["merge"] = time.perf_counter() - started
+
+    corpora = {"zh_heldout": assets["zh_heldout"], "en_heldout": assets["en_heldout"],
+               "en_text": assets["en_text"]}
+    started = time.perf_counter()
+    report = vocab_report({"llama": assets["base_tokenizer"], "llama+zh": str(work / "merged")},
+                          corpora, work / "report", log=quiet)
+    timings["report (2 tokenizers x 3 corpora, incl. transformers import)"] = (
+        time.perf_counter() - started)
+
+    print(f"machine: {os.cpu_count()} cores")
+    print(f"vocabulary: {merged['arithmetic']}\n")
+    width = max(map(len, timings))
+    print(f"| {'step':<{width}} | wall s |\n|{'-' * (width + 2)}|-------:|")
+    for step, seconds in timings.items():
+        print(f"| {step:<{width}} | {seconds:6.2f} |")
+    print()
+    print(render_markdown(report, "llama"))
+    print(f"outputs: {work}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

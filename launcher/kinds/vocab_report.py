@@ -1,0 +1,35 @@
+"""`vocab_report`: tokens per character (and more) for every tokenizer x corpus.
+
+Writes out/report.json, out/report.md and out/report.png. The first tokenizer is the baseline
+the others are compared with.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from . import StageKind, StageParams
+
+
+class VocabReportParams(StageParams):
+    # name -> HF tokenizer directory (or a merge_tokenizer stage's out directory). Checked when
+    # the stage runs: the values are usually outputs of upstream stages.
+    tokenizers: dict[str, str] = Field(min_length=1, description="name -> tokenizer directory")
+    corpora: dict[str, str] = Field(min_length=1, description="name -> UTF-8 text file")
+
+    @field_validator("tokenizers", "corpora")
+    @classmethod
+    def _names(cls, named: dict[str, str]) -> dict[str, str]:
+        for name, path in named.items():
+            if not name or not path:
+                raise ValueError("names and paths must not be empty")
+        return named
+
+
+KIND = StageKind(
+    name="vocab_report",
+    params=VocabReportParams,
+    entry="chla_tools.vocab:run_vocab_report",
+    description="tokens/char, bytes/token, byte fallback and fast/slow agreement per tokenizer x corpus",
+    needs_training_stack=True,
+)

