@@ -175,8 +175,8 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
                if (atomic.read_json(run.task_done(stage_name, index), {}) or {}).get("fingerprint") != fingerprint]
     if missing:
         raise RuntimeError(f"stage {stage_name}: tasks {missing[:10]} have not finished")
-    task_metrics = [(atomic.read_json(run.task_state_file(stage_name, i), {}) or {}).get("metrics") or {}
-                    for i in range(stage.num_tasks)]
+    task_states = [atomic.read_json(run.task_state_file(stage_name, i), {}) or {} for i in range(stage.num_tasks)]
+    task_metrics = [state.get("metrics") or {} for state in task_states]
     metrics: dict[str, Any] = {"tasks": stage.num_tasks}
     if stage.kind.finalize:
         ctx = _stage_context(run, recipe, stage_name, -1, fingerprint, run.out_dir(stage_name),
@@ -187,9 +187,19 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
         metrics["task_metrics"] = task_metrics
     state = run.read_state(stage_name)
     _write_state(run.state_file(stage_name), state, status=COMPLETED, finished_at=now(), metrics=metrics,
-                 fingerprint=fingerprint)
+                 fingerprint=fingerprint, elapsed_s=_span_seconds(task_states))
     run.mark_done(stage_name, fingerprint)  # last
     return metrics
+
+
+def _span_seconds(task_states: list[dict[str, Any]]) -> float | None:
+    """Wall time of an array stage: first task start to now."""
+    from datetime import datetime
+
+    starts = [datetime.strptime(s["started_at"], "%Y-%m-%dT%H:%M:%S%z") for s in task_states if s.get("started_at")]
+    if not starts:
+        return None
+    return round(time.time() - min(starts).timestamp(), 3)
 
 
 def _write_state(path: Path, state: dict[str, Any], **changes: Any) -> None:

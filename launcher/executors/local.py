@@ -74,9 +74,10 @@ class LocalExecutor:
                 else:
                     failed.add(name)
                     state = self.run.read_state(name)
-                    if state.get("status") not in (FAILED, CANCELLED):
-                        self.run.update_state(name, status=CANCELLED if self._cancelled else FAILED,
-                                              finished_at=now())
+                    if self._cancelled:
+                        state = self.run.update_state(name, status=CANCELLED, error="cancelled", finished_at=now())
+                    elif state.get("status") not in (FAILED, CANCELLED):
+                        state = self.run.update_state(name, status=FAILED, finished_at=now())
                     self._say(f"[{position}/{len(plan.run)}] {name}: FAILED after {elapsed:.1f}s"
                               + (f" ({state['error']})" if state.get("error") else ""))
                     self._print_log_tail(name)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chla
+from .conftest import chla
 
 GOOD_STAGE = """\
   hello:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chla, status_json, wait_for_chain
+from .conftest import chla, status_json, wait_for_chain
 
 PY = sys.executable
 EXECUTORS = [pytest.param("local"), pytest.param("slurm", marks=pytest.mark.slurm)]
@@ -310,3 +310,48 @@ def test_array_larger_than_chunk_is_split(tmp_path, slurm_cluster):
     rows = wait_for_chain(run_dir)
     assert rows["many"]["state"] == "COMPLETED" and rows["many"]["tasks_done"] == 5
     assert (run_dir / "after_many" / "out" / "n").read_text() == "5"
+
+
+SLEEPY = f"""\
+name: sleepy
+stages:
+  nap:
+    kind: command
+    params:
+      argv: [{PY}, -c, "import time; print('napping', flush=True); time.sleep(300)"]
+  after_nap:
+    kind: command
+    array: 3
+    params:
+      argv: [echo, "${{stages.nap.out}}"]
+"""
+
+
+@pytest.mark.slurm
+def test_logs_and_cancel_whole_chain_on_slurm(tmp_path, slurm_cluster):
+    write_recipe(tmp_path, SLEEPY)
+    submit(tmp_path, "slurm")
+    run_dir = tmp_path / "runs" / "sleepy"
+    _wait_for(lambda: status_json(run_dir)["nap"]["state"] == "RUNNING", 60, "nap to start")
+    _wait_for(lambda: "napping" in chla("logs", str(run_dir), "nap").stdout, 30, "the log line")
+    result = chla("cancel", str(run_dir), check=True)
+    assert "cancelled" in result.stdout
+    rows = wait_for_chain(run_dir, timeout=60)
+    assert rows["nap"]["state"] == "CANCELLED" and rows["after_nap"]["state"] == "CANCELLED"
+    assert not (run_dir / "nap" / "DONE").exists()
+
+
+def test_cancel_local_run(tmp_path):
+    write_recipe(tmp_path, SLEEPY)
+    process = subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "sleepy"
+    _wait_for(lambda: (run_dir / "nap" / "logs" / "local_0_0.log").exists()
+              and "napping" in (run_dir / "nap" / "logs" / "local_0_0.log").read_text(), 60, "nap to start")
+    assert "napping" in chla("logs", str(run_dir), "nap", check=True).stdout
+    chla("cancel", str(run_dir), check=True)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1, output
+    rows = status_json(run_dir)
+    assert rows["nap"]["state"] == "CANCELLED" and rows["after_nap"]["state"] == "CANCELLED"
+    assert not (run_dir / "nap" / "DONE").exists()

@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import chla
+from .conftest import chla
 
 HEAVY = ["torch", "transformers", "peft", "deepspeed", "datasets", "sentencepiece", "numpy", "safetensors"]
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs chla into ./.venv: torch first (the CPU wheel pinned in constraints.txt; on a GPU
+# cluster install the cluster's torch build into the venv first and this script keeps it), then
+# chla with the training stack under constraints.txt so nothing replaces torch.
+#   bash install.sh           the launcher and the training stack (what the demo needs)
+#   bash install.sh --test    also the test tools and the Debian packages the tests use
+#                             (Slurm, munge, MariaDB, OpenSSH; needs root)
+set -euo pipefail
+cd "$(dirname "$0")"
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+
+apt_install() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install.sh: installing $* needs root (apt-get)" >&2
+        exit 1
+    fi
+    if [ -z "${CHLA_APT_UPDATED:-}" ]; then
+        apt-get update -q >/dev/null
+        export CHLA_APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
+}
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3-venv
+fi
+if [ "$with_tests" = 1 ]; then
+    bash slurm/localcluster.sh install
+    command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || apt_install openssh-server openssh-client
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    .venv/bin/python -m pip install -q "$(grep '^torch==' constraints.txt)"
+fi
+extras="train,remote"
+[ "$with_tests" = 1 ] && extras="$extras,test"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+echo "install.sh: chla installed in $(pwd)/.venv ($(.venv/bin/chla --version))"
