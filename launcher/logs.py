@@ -76,7 +76,11 @@ def cancel_run(run_dir: str) -> int:
             if rec.get("finalize_job_id"):
                 ids.append(rec["finalize_job_id"])
         table = slurm.query_jobs(ids)
-        live = sorted({r.base_id for r in table.records.values() if r.state in slurm.ACTIVE_STATES})
+        # sacct lags a few seconds behind the queue: a job it does not list yet may be queued, so it
+        # is cancelled too (scancel of a job that already ended does no harm).
+        live = sorted({job_id for job_id in ids
+                       if not table.for_job(job_id)
+                       or any(r.state in slurm.ACTIVE_STATES for r in table.for_job(job_id))})
         if not live:
             print(f"{run.path}: no queued or running jobs")
             return 0

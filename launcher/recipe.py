@@ -149,6 +149,22 @@ class SlurmSettings(_Strict):
         return values
 
 
+class SweepSpec(_Strict):
+    """Node-scaling experiment: the stage runs once per node count, as stages `<name>-n<nodes>`.
+    weak: every rank keeps its batch, so the global batch grows with the nodes; strong: the global
+    batch stays that of the smallest count (the kind's accumulation param is divided)."""
+
+    nodes: list[int] = Field(min_length=1)
+    scaling: Literal["weak", "strong"] = "weak"
+
+    @field_validator("nodes")
+    @classmethod
+    def _positive_unique(cls, nodes: list[int]) -> list[int]:
+        if any(n < 1 for n in nodes) or len(set(nodes)) != len(nodes):
+            raise ValueError("node counts must be distinct and at least 1")
+        return sorted(nodes)
+
+
 class StageSpec(_Strict):
     kind: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -157,6 +173,7 @@ class StageSpec(_Strict):
     array: int | None = Field(None, ge=1, le=1_000_000)
     # Stages that must finish first, beyond those inferred from ${stages.X...} references.
     after: list[str] = Field(default_factory=list)
+    sweep: SweepSpec | None = None
 
 
 class RecipeModel(_Strict):
@@ -184,6 +201,15 @@ class RecipeModel(_Strict):
         return stages
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    """Where an expanded stage sits in its node-scaling sweep."""
+
+    group: str  # the stage name in the recipe
+    nodes: int
+    scaling: str
+
+
 @dataclass
 class ResolvedStage:
     """One stage after interpolation, validation and dependency inference."""
@@ -195,6 +221,7 @@ class ResolvedStage:
     resources: Resources
     array: int | None
     after: list[str]  # explicit and inferred, sorted
+    sweep: SweepPoint | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -220,6 +247,11 @@ class ResolvedRecipe:
         model["run_dir"] = str(self.run_dir)
         model["vars"] = {}
         for name, stage in self.stages.items():
+            if stage.sweep is not None:
+                # A sweep stays one stage in the frozen recipe; loading it expands it again.
+                name = stage.sweep.group
+                if stage.sweep.nodes != model["stages"][name]["sweep"]["nodes"][0]:
+                    continue
             spec = model["stages"][name]
             spec["params"] = stage.params_raw
             spec["after"] = stage.after
@@ -501,11 +533,25 @@ def resolve(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = 
                               key=_dotted(base + ("params",)), line=_line_for(lines, base + ("params",)))
         if check_inputs:
             _check_inputs(kind, params, run_dir, source, lines, base)
-        stages[name] = ResolvedStage(
+        resolved = ResolvedStage(
             name=name, kind=kind, params=params,
             params_raw=params.model_dump(mode="json", exclude_unset=False),
             resources=resources, array=spec.array, after=sorted(set(spec.after) | refs))
+        if spec.sweep is None:
+            stages[name] = resolved
+        else:
+            for point in _expand_sweep(resolved, spec.sweep, stage_names, source, lines, base):
+                stages[point.name] = point
 
+    swept = {name for name, spec in model.stages.items() if spec.sweep is not None}
+    for name, stage in stages.items():
+        waits_for_sweep = swept & set(stage.after)
+        if waits_for_sweep:
+            group = sorted(waits_for_sweep)[0]
+            key = ("stages", stage.sweep.group if stage.sweep else name)
+            raise RecipeError(f"stage depends on {group!r}, a node-scaling sweep (sweeps are experiments "
+                              "whose outputs nothing consumes)", file=source, key=_dotted(key),
+                              line=_line_for(lines, key))
     recipe = ResolvedRecipe(model=model, source=source, run_dir=run_dir, stages=stages, raw=data)
     from .graph import find_cycle  # the graph module imports this one
 
@@ -515,6 +561,41 @@ def resolve(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = 
         raise RecipeError("dependency cycle: " + " -> ".join(cycle), file=source,
                           key=f"stages.{first}", line=_line_for(lines, ("stages", first)))
     return recipe
+
+
+def _expand_sweep(stage: ResolvedStage, sweep: SweepSpec, stage_names: set[str], source: str,
+                  lines: dict[tuple, int], base: tuple) -> list[ResolvedStage]:
+    key = base + ("sweep",)
+    if not stage.kind.distributed:
+        raise RecipeError(f"kind {stage.kind.name!r} runs as one process; it cannot be swept over nodes",
+                          file=source, key=_dotted(key), line=_line_for(lines, key))
+    if stage.array is not None:
+        raise RecipeError("an array stage cannot be swept over nodes", file=source, key=_dotted(key),
+                          line=_line_for(lines, key))
+    points = []
+    for nodes in sweep.nodes:
+        name = f"{stage.name}-n{nodes}"
+        if name in stage_names:
+            raise RecipeError(f"the sweep would create stage {name!r}, which the recipe already has",
+                              file=source, key=_dotted(key), line=_line_for(lines, key))
+        params_raw = dict(stage.params_raw)
+        if sweep.scaling == "strong":
+            param = stage.kind.accumulation_param
+            if not param:
+                raise RecipeError(f"kind {stage.kind.name!r} has no batch parameter for strong scaling",
+                                  file=source, key=_dotted(key + ("scaling",)), line=_line_for(lines, key))
+            total = int(params_raw[param]) * sweep.nodes[0]
+            if total % nodes:
+                raise RecipeError(f"strong scaling: {param}={params_raw[param]} on {sweep.nodes[0]} node(s) "
+                                  f"cannot be split evenly over {nodes} nodes; raise {param}",
+                                  file=source, key=_dotted(base + ("params", param)),
+                                  line=_line_for(lines, base + ("params",)))
+            params_raw[param] = total // nodes
+        points.append(ResolvedStage(
+            name=name, kind=stage.kind, params=stage.kind.params.model_validate(params_raw),
+            params_raw=params_raw, resources=stage.resources.model_copy(update={"nodes": nodes}),
+            array=None, after=stage.after, sweep=SweepPoint(stage.name, nodes, sweep.scaling)))
+    return points
 
 
 def _absolutize_inputs(kind: StageKind, params: dict[str, Any], cwd: Path) -> dict[str, Any]:

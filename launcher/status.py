@@ -33,12 +33,11 @@ class StageStatus:
 def collect(run: RunDir) -> list[StageStatus]:
     if not run.exists():
         raise ChlaError(f"{run.path}: not a chla run directory (no recipe.yaml)")
+    from .recipe import load_frozen
+
     chain = run.read_chain()
     records: dict[str, Any] = chain.get("stages", {})
-    import yaml
-
-    frozen = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8")) or {}
-    stages_spec: dict[str, Any] = frozen.get("stages", {})
+    recipe = load_frozen(run.path)
     table = None
     if chain.get("executor") == "slurm":
         from . import slurm
@@ -51,11 +50,11 @@ def collect(run: RunDir) -> list[StageStatus]:
         table = slurm.query_jobs(ids)
 
     result = []
-    for name, spec in stages_spec.items():
+    for name, stage in recipe.stages.items():
         rec = records.get(name, {})
-        status = StageStatus(stage=name, kind=spec.get("kind", "?"), state=UNKNOWN,
+        status = StageStatus(stage=name, kind=stage.kind.name, state=UNKNOWN,
                              job_ids=list(rec.get("job_ids") or []))
-        array = spec.get("array")
+        array = stage.array
         if array:
             status.tasks_total = array
             status.tasks_done = sum(1 for i in range(array) if run.task_done(name, i).exists())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from chla_launcher.remote import add_remote_arguments
+
 NAME = "status"
 HELP = "show the state of every stage of a run (one sacct call per refresh)"
 ORDER = 20
@@ -14,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS",
                         help="refresh until every stage has ended (default every 5 s)")
+    add_remote_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +24,16 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
+    from chla_launcher.remote import options_from_args
+
+    remote = options_from_args(args)
+    if remote is not None:
+        from chla_launcher.remote import remote_chla
+
+        argv = ["status", args.run_dir] + (["--json"] if args.json else [])
+        if args.watch is not None:
+            argv += ["--watch", str(args.watch)]
+        return remote_chla(remote, argv)
     from chla_launcher.rundir import RunDir
     from chla_launcher.status import all_terminal, as_json, collect, render_status
 

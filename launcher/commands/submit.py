@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from chla_launcher.remote import add_remote_arguments
+
 NAME = "submit"
 HELP = "submit a recipe's stage chain (Slurm, detached) or run it on this machine (local)"
 ORDER = 10
@@ -24,9 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and every sbatch script exactly as it would be submitted; "
                              "submit and write nothing")
+    add_remote_arguments(parser, snapshot=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    from chla_launcher.remote import options_from_args
+
+    remote = options_from_args(args)
+    if remote is not None:
+        return _run_remote(args, remote)
     from chla_launcher.submit import SubmitOptions, submit
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
@@ -34,3 +42,20 @@ def run(args: argparse.Namespace) -> int:
                             run_dir=args.run_dir, resume=args.resume, only=only,
                             from_stage=args.from_stage, dry_run=args.dry_run)
     return submit(options)
+
+
+def _run_remote(args: argparse.Namespace, remote) -> int:
+    """Upload the recipe and run `chla submit` on the login node with the same flags. Paths in the
+    flags (--run-dir, --resume) are paths on the remote side, relative to the remote directory."""
+    from chla_launcher.remote import remote_submit
+
+    forwarded: list[str] = []
+    for override in args.overrides:
+        forwarded += ["--set", override]
+    for flag, value in (("--executor", args.executor), ("--run-dir", args.run_dir), ("--resume", args.resume),
+                        ("--only", args.only), ("--from", args.from_stage)):
+        if value is not None:
+            forwarded += [flag, value]
+    if args.dry_run:
+        forwarded.append("--dry-run")
+    return remote_submit(remote, args.recipe, forwarded)

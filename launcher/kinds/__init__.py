@@ -55,6 +55,9 @@ class StageKind:
     distributed: bool = False
     # Does the stage need the training extra (torch ...)? Informational for `chla kinds`.
     needs_training_stack: bool = True
+    # For node-scaling sweeps with `scaling: strong`: the integer param that multiplies the global
+    # batch (gradient accumulation), divided as the node count grows so the global batch stays put.
+    accumulation_param: str | None = None
 
     @property
     def entry_module(self) -> str:
