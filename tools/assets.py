@@ -342,3 +342,25 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
         },
         "files": files,
     }
+
+
+# --- stage kind `fetch_assets` -----------------------------------------------------------------
+
+def run_fetch_assets(ctx) -> dict:
+    """Fetch (or reuse) the cached demo assets and copy them into the stage's out/ under the same
+    names (out/zh_train.txt, out/base_tokenizer/, ...), so later stages refer to
+    ${stages.<this stage>.out}/<file> and the run directory holds exactly what the run used."""
+    paths = fetch_assets(ctx.params.cache, offline=ctx.params.offline, log=ctx.log)
+    demo = Path(paths["base_tokenizer"]).parent
+    for key, rel in OUTPUTS.items():
+        source, target = demo / rel, ctx.out_dir / rel
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        elif not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    shutil.copy2(demo / "manifest.json", ctx.out_dir / "manifest.json")
+    write_json(ctx.out_dir / "assets.json", {key: rel for key, rel in OUTPUTS.items()})
+    manifest = json.loads((demo / "manifest.json").read_text(encoding="utf-8"))
+    return {"files": len(OUTPUTS), "cache": str(demo),
+            **{k: v for k, v in manifest.items() if isinstance(v, (int, float))}}

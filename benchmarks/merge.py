@@ -1,0 +1,230 @@
+"""Benchmark: `chla merge` against peft load + merge_and_unload() + save, and against a plain copy.
+
+A randomly initialised LLaMA (default ~1.58 GB in fp16, safetensors shards of 500 MB) is written
+tensor by tensor (never held whole in memory), with a LoRA adapter (r=8 on q,k,v,o,gate,up,down,
+peft's file layout and adapter_config.json). Each method runs in a fresh subprocess under
+/usr/bin/time -v, whose "Maximum resident set size" is the peak RSS of the whole process
+(interpreter, imports, and resident pages of any memory-mapped file included).
+
+Wall time: `work` is measured inside the subprocess around the method's call (merge_adapters /
+load+merge+save / shutil.copytree + fsync of every file, so the copy is as durable as the merge's
+output); `process` is the subprocess's whole wall time including interpreter start and imports.
+wall_vs_copy compares the work of chla merge with the work of the copy; both process numbers are
+printed too. Copy and chla merge alternate `--repeats` times; the median work time and the
+largest peak RSS of each count.
+
+Last line:  RESULT peak_rss_ratio=<chla peak RSS / model bytes> peft_peak_rss_ratio=<peft's>
+            wall_vs_copy=<chla work / copy work>
+Targets: peak_rss_ratio <= 0.35, wall_vs_copy <= 3.
+
+Usage: python benchmarks/merge.py [--workdir DIR] [--layers 13] [--repeats 3] [--tokenizer DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+CHLA = """
+import sys, time
+t = time.monotonic()
+from chla_tools.merge import merge_adapters
+merge_adapters(sys.argv[1], [sys.argv[2]], sys.argv[3], log=lambda m: None)
+print(f"WORK {time.monotonic() - t:.3f}")
+"""
+
+PEFT = """
+import sys, time, shutil, pathlib
+t = time.monotonic()
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float16)
+model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
+model.save_pretrained(sys.argv[3])
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[3])
+print(f"WORK {time.monotonic() - t:.3f}")
+"""
+
+COPY = """
+import os, sys, time, shutil
+t = time.monotonic()
+shutil.copytree(sys.argv[1], sys.argv[3])
+for name in os.listdir(sys.argv[3]):
+    with open(os.path.join(sys.argv[3], name), "rb") as handle:
+        os.fsync(handle.fileno())
+print(f"WORK {time.monotonic() - t:.3f}")
+"""
+
+
+def write_random_llama(model_dir: Path, layers: int, tokenizer_dir: Path, shard_bytes: int = 500 * 10**6) -> int:
+    """Write a random fp16 LLaMA as safetensors shards, one tensor in memory at a time."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chla_tools.merge import PlannedTensor, _header_bytes, _shard_groups
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                         max_position_embeddings=2048, tie_word_embeddings=False, dtype="float16")
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    planned = [PlannedTensor(name, name, shape, torch.float16) for name, shape in shapes.items()]
+    groups = _shard_groups(planned, shard_bytes)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    model_dir.mkdir(parents=True)
+    for number, group in enumerate(groups, 1):
+        file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        with open(model_dir / file_name, "wb") as handle:
+            handle.write(_header_bytes(group))
+            for item in group:
+                if item.name.endswith("norm.weight"):
+                    tensor = torch.ones(item.shape, dtype=torch.float16)
+                else:
+                    tensor = (torch.randn(item.shape, generator=generator) * 0.02).half()
+                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                weight_map[item.name] = file_name
+    total = sum(item.nbytes for item in planned)
+    (model_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(model_dir)
+    for name in os.listdir(tokenizer_dir):
+        if name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(tokenizer_dir / name, model_dir / name)
+    return total
+
+
+def write_lora_adapter(adapter_dir: Path, model_dir: Path, rank: int = 8) -> None:
+    """A LoRA adapter in peft's own file layout (names as peft 0.21 saves them)."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from chla_tools.merge import Checkpoint
+
+    base = Checkpoint(model_dir)
+    generator = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name in base.files:
+        module = name[: -len(".weight")]
+        if module.rsplit(".", 1)[-1] in TARGETS:
+            out_features, in_features = base.entry(name).shape
+            prefix = f"base_model.model.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.01
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+    adapter_dir.mkdir(parents=True)
+    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    LoraConfig(r=rank, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM",
+               base_model_name_or_path=str(model_dir)).save_pretrained(str(adapter_dir))
+
+
+def measure(label: str, script: str, base: Path, adapter: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.monotonic()
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", script, str(base), str(adapter), str(out)],
+                          capture_output=True, text=True)
+    process_wall = time.monotonic() - started
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"{label} failed with exit status {proc.returncode}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    work = float(re.search(r"^WORK ([\d.]+)$", proc.stdout, re.MULTILINE).group(1))
+    result = {"peak_rss": peak_kb * 1024, "work_s": work, "process_s": process_wall}
+    print(f"{label:>5}: peak RSS {result['peak_rss'] / 2**20:8.1f} MiB   work {work:6.2f} s   "
+          f"process {process_wall:6.2f} s", flush=True)
+    return result
+
+
+def _median(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda run: run["work_s"])
+    middle = dict(ordered[len(ordered) // 2])
+    middle["peak_rss"] = max(run["peak_rss"] for run in runs)  # the worst peak, not the median
+    return middle
+
+
+def compare_outputs(chla_out: Path, peft_out: Path) -> float:
+    """Largest difference between the two merged models over a few LoRA-merged tensors."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(model_dir: Path) -> dict:
+        index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"] \
+            if (model_dir / "model.safetensors.index.json").exists() else None
+        wanted = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+        found = {}
+        for name in wanted:
+            file_name = index[name] if index else "model.safetensors"
+            with safe_open(str(model_dir / file_name), "pt") as handle:
+                found[name] = handle.get_tensor(name).float()
+        return found
+
+    ours, theirs = tensors(chla_out), tensors(peft_out)
+    return max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="where the big files go (default: a temp dir)")
+    parser.add_argument("--layers", type=int, default=13, help="decoder layers (13 -> 1.58 GB in fp16)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="HF tokenizer dir (default: the demo assets')")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of copy and of chla merge (median)")
+    parser.add_argument("--keep", action="store_true", help="keep the big files")
+    args = parser.parse_args()
+
+    tokenizer_dir = args.tokenizer
+    if tokenizer_dir is None:
+        from chla_tools.assets import fetch_assets
+
+        tokenizer_dir = Path(fetch_assets()["base_tokenizer"])
+    root = Path(tempfile.mkdtemp(prefix="chla-bench-merge-", dir=args.workdir))
+    try:
+        base, adapter = root / "base", root / "adapter"
+        started = time.monotonic()
+        model_bytes = write_random_llama(base, args.layers, Path(tokenizer_dir))
+        write_lora_adapter(adapter, base)
+        print(f"random LLaMA: {model_bytes / 1e9:.2f} GB ({model_bytes / 2**20:.0f} MiB) in "
+              f"{len(list(base.glob('*.safetensors')))} shards, written in {time.monotonic() - started:.1f} s; "
+              f"adapter {(adapter / 'adapter_model.safetensors').stat().st_size / 2**20:.1f} MiB", flush=True)
+        # warm the page cache the same way for everyone: every method then reads cached files
+        measure("warm", COPY, base, adapter, root / "warm")
+        shutil.rmtree(root / "warm")
+
+        # copy and chla alternate, `--repeats` times each; the median of each counts (this
+        # machine's disk and CPUs are shared, single runs vary by 2x)
+        copies, chlas = [], []
+        for _ in range(args.repeats):
+            copies.append(measure("copy", COPY, base, adapter, root / "copy"))
+            shutil.rmtree(root / "copy")
+            chlas.append(measure("chla", CHLA, base, adapter, root / "chla"))
+        copy, chla = _median(copies), _median(chlas)
+        peft = measure("peft", PEFT, base, adapter, root / "peft")
+        diff = compare_outputs(root / "chla", root / "peft")
+        print(f"max abs diff chla vs peft merged weights (fp16): {diff:.3g}")
+        print(f"process wall: chla/copy = {chla['process_s'] / copy['process_s']:.2f}, "
+              f"peft/copy = {peft['process_s'] / copy['process_s']:.2f}; "
+              f"work: peft/copy = {peft['work_s'] / copy['work_s']:.2f}")
+        ratio = chla["peak_rss"] / model_bytes
+        peft_ratio = peft["peak_rss"] / model_bytes
+        wall = chla["work_s"] / copy["work_s"]
+        verdict = "meets" if ratio <= 0.35 and wall <= 3 else "MISSES"
+        print(f"targets peak_rss_ratio <= 0.35, wall_vs_copy <= 3: {verdict}")
+        print(f"RESULT peak_rss_ratio={ratio:.3f} peft_peak_rss_ratio={peft_ratio:.3f} wall_vs_copy={wall:.2f}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""`chla chat MODEL_DIR [--adapter DIR]...`: talk to a model in the terminal, tokens streamed.
+
+Each line read at the `>>> ` prompt is one single-turn request, wrapped in the recipe's Alpaca
+prompt template unless --no-template. Ctrl-C during an answer stops that answer; Ctrl-C at the
+prompt or Ctrl-D (end of input) ends the session with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from chla_launcher.errors import ChlaError
+
+PROMPT = ">>> "
+
+
+def chat(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from chla_tools.inference import encode, format_prompt, load_for_inference
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_for_inference(args.model, args.adapters, rope_scaling=args.rope_scaling,
+                                          log=lambda m: print(m, file=sys.stderr, flush=True))
+    device = next(model.parameters()).device
+    sampling = {"do_sample": args.temperature > 0, "repetition_penalty": args.repetition_penalty}
+    if args.temperature > 0:
+        sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    # TextStreamer prints each piece as soon as it decodes to complete characters (CJK at once,
+    # other scripts at word ends), flushing stdout.
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print("chla chat: type a request and press Enter; Ctrl-D or Ctrl-C to leave.", file=sys.stderr, flush=True)
+
+    while True:
+        try:
+            line = input(PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            print(flush=True)
+            return 0
+        if not line.strip():
+            continue
+        text = format_prompt(line) if args.template else line
+        input_ids = torch.tensor([encode(tokenizer, text)], device=device)
+        try:
+            with torch.no_grad():
+                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                               max_new_tokens=args.max_new_tokens, streamer=streamer,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               **sampling)
+        except KeyboardInterrupt:
+            streamer.end()
+            print("[stopped]", flush=True)
+        print(flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from chla_launcher.commands.chat import HELP, add_arguments
+
+    parser = argparse.ArgumentParser(prog="chla chat", description=HELP)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return chat(args)
+    except ChlaError as error:
+        print(f"chla: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

