@@ -1,0 +1,101 @@
+"""Training reader: blocks over the memory-mapped stream, seeded split, resumable sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chla_launcher.errors import ChlaError
+from chla_tools import pretokenize as pt
+from chla_tools.blocks import BlockDataset, ResumableSampler, TokenCorpus, split_indices
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, zh_lines, demo_assets):
+    root = tmp_path_factory.mktemp("blocks")
+    for name, part in (("a.txt", zh_lines[:300]), ("b.txt", zh_lines[300:500])):
+        (root / name).write_text("\n".join(part) + "\n", encoding="utf-8")
+    pt.pretokenize([str(root / "*.txt")], demo_assets["base_tokenizer"], root / "out", workers=1,
+                   layout=pt.Layout(piece_bytes=16 << 10), cache_dir=root / "cache", log=lambda m: None)
+    return root / "out"
+
+
+def test_corpus_and_blocks_follow_group_texts(corpus_dir, zh_lines, sp_reference):
+    corpus = TokenCorpus(corpus_dir)
+    expected = np.array(sp_reference(zh_lines[:500]), dtype=np.int64)
+    assert len(corpus.shards) > 2 and corpus.num_tokens == len(expected)
+    assert corpus.vocab_size == 32000 and corpus.eos_id == 2
+    assert np.array_equal(corpus.tokens(), expected)
+    assert corpus[5] == expected[5] and np.array_equal(corpus[100:200], expected[100:200])
+
+    block_size = 97  # blocks straddle shard boundaries
+    blocks = BlockDataset(corpus_dir, block_size)
+    assert len(blocks) == len(expected) // block_size  # the remainder is dropped
+    for index in (0, 1, len(blocks) // 2, len(blocks) - 1):
+        block = blocks[index]
+        assert block.dtype == np.int64 and len(block) == block_size
+        assert np.array_equal(block, expected[index * block_size:(index + 1) * block_size])
+    with pytest.raises(IndexError):
+        blocks[len(blocks)]
+    with pytest.raises(ChlaError, match="fewer than one block"):
+        BlockDataset(corpus_dir, corpus.num_tokens + 1)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(ChlaError, match="manifest.json not found"):
+        TokenCorpus(tmp_path)
+
+
+def test_split_is_seeded_disjoint_and_sized():
+    train, valid = split_indices(1000, valid_fraction=0.05, seed=7)
+    assert len(valid) == 50 and len(train) == 950
+    assert set(train).isdisjoint(valid) and set(train) | set(valid) == set(range(1000))
+    again = split_indices(1000, valid_fraction=0.05, seed=7)
+    assert np.array_equal(train, again[0]) and np.array_equal(valid, again[1])
+    assert not np.array_equal(valid, split_indices(1000, valid_fraction=0.05, seed=8)[1])
+    assert len(split_indices(1000, valid_count=3)[1]) == 3
+    assert len(split_indices(100, valid_fraction=0.001)[1]) == 1  # never silently empty
+    with pytest.raises(ChlaError):
+        split_indices(10, valid_count=10)
+
+
+def test_resumed_sampler_yields_exactly_the_remaining_samples():
+    indices = np.arange(100, 137)  # 37 items: epochs do not align with batches
+    uninterrupted = ResumableSampler(indices, seed=3).take(200)
+    # Every epoch is a permutation of the items, and epochs differ.
+    assert sorted(uninterrupted[:37]) == list(indices) and sorted(uninterrupted[37:74]) == list(indices)
+    assert not np.array_equal(uninterrupted[:37], uninterrupted[37:74])
+
+    first = ResumableSampler(indices, seed=3)
+    seen = first.take(83)
+    state = first.state_dict()
+    assert state == {"epoch": 2, "position": 9, "seed": 3}
+    resumed = ResumableSampler(indices, seed=999)  # the saved seed wins
+    resumed.load_state_dict(state)
+    assert np.array_equal(np.concatenate([seen, resumed.take(117)]), uninterrupted)
+    assert np.array_equal(ResumableSampler(indices, shuffle=False).take(40), np.concatenate([indices, indices[:3]]))
+
+
+def test_ranks_share_each_global_batch_and_resume_across_world_sizes():
+    indices = np.arange(50)
+    global_batch = 8
+    single = ResumableSampler(indices, seed=1).take(10 * global_batch).reshape(10, global_batch)
+    ranks = [ResumableSampler(indices, seed=1, rank=r, world_size=2) for r in range(2)]
+    for step in range(6):
+        together = np.concatenate([rank.take(global_batch // 2) for rank in ranks])
+        assert sorted(together) == sorted(single[step])
+    # Resume the 2-rank run on 4 ranks: the remaining global batches are still the same sets.
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict()
+    four = [ResumableSampler(indices, seed=0, rank=r, world_size=4) for r in range(4)]
+    for sampler in four:
+        sampler.load_state_dict(state)
+    for step in range(6, 10):
+        together = np.concatenate([rank.take(global_batch // 4) for rank in four])
+        assert sorted(together) == sorted(single[step])
+
+
+def test_drop_last_keeps_batches_inside_an_epoch():
+    sampler = ResumableSampler(np.arange(10), seed=0, drop_last=True, global_batch_size=4)
+    first_epoch = sampler.take(8)
+    assert len(set(first_epoch)) == 8 and sampler.state_dict() == {"epoch": 1, "position": 0, "seed": 0}

@@ -1,0 +1,99 @@
+"""SFT data: exact template, prompt masking, target = output + EOS, [PAD] (base + 1), padding,
+truncation, packing and the cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from chla_tools.sft_data import (IGNORE_INDEX, PROMPT_TEMPLATE, collate_sft, format_prompt, load_sft_dataset,
+                                 load_sft_tokenizer)
+
+# The original project's Alpaca training prompt, verbatim (FACTS.md).
+ORIGINAL = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_assets):
+    return load_sft_tokenizer(demo_assets["base_tokenizer"])
+
+
+@pytest.fixture()
+def records(demo_assets):
+    with open(demo_assets["sft_train"], encoding="utf-8") as handle:
+        return json.load(handle)[:40]
+
+
+def test_template_is_the_original(records):
+    assert PROMPT_TEMPLATE == ORIGINAL
+    assert format_prompt("说一句话") == ORIGINAL.replace("{instruction}", "说一句话")
+    assert format_prompt("翻译", "你好") == ORIGINAL.replace("{instruction}", "翻译\n你好")
+    assert format_prompt("a {x}", template="Q: {instruction}\nA: ") == "Q: a {x}\nA: "
+
+
+def test_prompt_is_masked_and_target_is_output_plus_eos(tmp_path, records, tokenizer, demo_assets):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    dataset = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=512, cache_dir=tmp_path / "cache")
+    assert len(dataset) == len(records) and dataset.stats["records"] == len(records)
+    for index in (0, 7, len(records) - 1):
+        record, example = records[index], dataset[index]
+        prompt = format_prompt(record["instruction"], record["input"])
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        target_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert prompt_ids[0] == tokenizer.bos_token_id
+        assert example["input_ids"].dtype == np.int64 and example["labels"].dtype == np.int64
+        assert example["input_ids"].tolist() == prompt_ids + target_ids
+        assert example["labels"].tolist() == [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        assert tokenizer.decode(example["labels"][len(prompt_ids):-1]) == record["output"]
+
+
+def test_pad_token_makes_vocab_base_plus_one_and_collate_pads_right(tmp_path, records, tokenizer, demo_assets):
+    from transformers import AutoTokenizer
+
+    base = len(AutoTokenizer.from_pretrained(demo_assets["base_tokenizer"]))
+    assert base == 32000
+    assert len(tokenizer) == base + 1 and tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id == base
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    dataset = load_sft_dataset(path, demo_assets["base_tokenizer"], cache_dir=tmp_path / "cache")
+    assert dataset.pad_id == base and dataset.vocab_size == base + 1
+    batch = collate_sft([dataset[0], dataset[1]], dataset.pad_id)
+    lengths = [len(dataset[0]["input_ids"]), len(dataset[1]["input_ids"])]
+    longest = max(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, longest)
+    for row, length in enumerate(lengths):
+        assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (longest - length)
+        assert (batch["input_ids"][row, length:] == base).all()
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+
+
+def test_truncation_packing_and_cache(tmp_path, records, demo_assets):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    full = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=4096, cache_dir=tmp_path / "c")
+    # A limit that cuts some examples inside the target and leaves others without any target.
+    prompt_lengths = sorted(int((full[i]["labels"] == IGNORE_INDEX).sum()) for i in range(len(full)))
+    limit = prompt_lengths[len(prompt_lengths) // 2] + 1
+    short = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=limit, cache_dir=tmp_path / "c")
+    kept = [i for i in range(len(full)) if (full[i]["labels"][:limit] != IGNORE_INDEX).any()]
+    assert 0 < len(kept) < len(full) and short.stats["truncated"] >= len(kept)
+    assert len(short) == len(kept) and short.stats["no_target"] == len(full) - len(kept)
+    for position, index in enumerate(kept):
+        assert short[position]["input_ids"].tolist() == full[index]["input_ids"][:limit].tolist()
+        assert short[position]["labels"].tolist() == full[index]["labels"][:limit].tolist()
+
+    packed = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=1024, packing=True,
+                              cache_dir=tmp_path / "c")
+    assert len(packed) < len(full) and all(len(packed[i]["input_ids"]) <= 1024 for i in range(len(packed)))
+    assert np.array_equal(np.concatenate([packed[i]["labels"] for i in range(len(packed))]),
+                          np.concatenate([full[i]["labels"] for i in range(len(full))]))
+
+    entries = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(entries) == 3  # one per option set
+    again = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=limit, cache_dir=tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == entries
+    assert np.array_equal(again.offsets, short.offsets)

@@ -1,0 +1,273 @@
+"""Instruction (SFT) data: Alpaca JSON/JSONL records -> input ids and labels, cached by content.
+
+As the original project's build_instruction_dataset:
+- prompt = PROMPT_TEMPLATE with {instruction}; a non-empty `input` is appended to the instruction
+  after a newline; the prompt is tokenized with the tokenizer's special tokens (BOS);
+- target = output + EOS (tokenized without special tokens, then the EOS id);
+- labels are -100 on the prompt, the target ids elsewhere; input_ids and labels are cut to
+  max_seq_length (which may cut the target).
+Differences, on purpose: an example whose prompt fills max_seq_length (no target token left) is
+dropped and counted (`stats["no_target"]`): its loss would be 0/0; a record with a missing key or
+a non-string value is an error naming file and record, or skipped and counted with
+on_bad_record="skip"; optional packing of several examples into one sequence.
+
+Padding: the original adds a "[PAD]" token when the tokenizer has none (LLaMA has none), so the
+vocabulary becomes base + 1 (49953 -> 49954); `load_sft_tokenizer` does the same, and the
+trainer must resize the embeddings to `len(tokenizer)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chla_launcher.atomic import read_json, replace_dir, write_json
+from chla_launcher.errors import ChlaError
+
+IGNORE_INDEX = -100
+PAD_TOKEN = "[PAD]"
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response: "
+)
+CACHE_VERSION = "chla-sft-v1"
+
+
+def format_prompt(instruction: str, input: str = "", template: str | None = None) -> str:  # noqa: A002
+    """The prompt text for one record (as in training; use it for generation too)."""
+    if input:
+        instruction = f"{instruction}\n{input}"
+    # str.replace, not str.format: a template may contain other braces (JSON examples, code).
+    return (template or PROMPT_TEMPLATE).replace("{instruction}", instruction)
+
+
+def load_sft_tokenizer(tokenizer_dir: str | Path):
+    """The HF tokenizer with a pad token: "[PAD]" added when it has none (vocabulary base + 1)."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as exc:  # many exception types for a bad directory
+        raise ChlaError(f"cannot load tokenizer from {tokenizer_dir}: {exc}; pass an HF tokenizer directory") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tokenizer.eos_token_id is None:
+        raise ChlaError(f"tokenizer {tokenizer_dir} has no eos token; SFT targets end with EOS")
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Reading records
+# --------------------------------------------------------------------------------------------
+
+def _read_records(path: Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChlaError(f"SFT data {path} not found; check the path") from None
+    except UnicodeDecodeError as exc:
+        raise ChlaError(f"{path}: not UTF-8 (byte {exc.start}); save the file as UTF-8") from None
+    if not text.strip():
+        raise ChlaError(f"{path}: file is empty; expected Alpaca records (instruction, input, output)")
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise ChlaError(f"{path}: line {number + 1}: invalid JSON ({exc.msg}); fix the line") from None
+        return records
+    try:
+        records = json.loads(text)
+    except ValueError as exc:
+        raise ChlaError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); fix the file") from None
+    if not isinstance(records, list):
+        raise ChlaError(f"{path}: top level is a JSON {type(records).__name__}, expected a list of "
+                        f"{{instruction, input, output}} records")
+    return records
+
+
+def _check_record(record: Any, path: Path, index: int) -> str | None:
+    """Why the record is unusable, or None."""
+    where = f"{path}: record {index}"
+    if not isinstance(record, dict):
+        return f"{where}: is a {type(record).__name__}, expected an object with instruction/input/output"
+    for key in ("instruction", "output"):
+        if key not in record:
+            return f"{where}: missing key {key!r} (has {sorted(record)})"
+        if not isinstance(record[key], str):
+            return f"{where}: {key!r} is a {type(record[key]).__name__}, expected a string"
+    if record.get("input") is not None and not isinstance(record["input"], str):
+        return f"{where}: 'input' is a {type(record['input']).__name__}, expected a string"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SFTDataset:
+    """Examples as flat id/label arrays plus offsets (memory-mapped from the cache)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray           # example i is [offsets[i], offsets[i+1])
+    pad_id: int
+    vocab_size: int               # len(tokenizer) including the added [PAD]
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} out of range ({len(self)} examples)")
+        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+        return {"input_ids": np.asarray(self.input_ids[start:stop], dtype=np.int64),
+                "labels": np.asarray(self.labels[start:stop], dtype=np.int64)}
+
+
+def _fingerprint_dir(directory: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.name.encode() + b"\0" + hashlib.blake2b(path.read_bytes(), digest_size=16).digest())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CHLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "chla")
+    return Path(root) / "sft"
+
+
+def load_sft_dataset(path: str | Path, tokenizer_dir: str | Path, max_seq_length: int = 512,
+                     template: str | None = None, on_bad_record: str = "error",
+                     cache_dir: str | Path | None = None, packing: bool = False) -> SFTDataset:
+    """Tokenize (or load from the cache) an Alpaca JSON/JSONL file. See the module docstring."""
+    path, tokenizer_dir = Path(path).resolve(), Path(tokenizer_dir).resolve()
+    template = template or PROMPT_TEMPLATE
+    if "{instruction}" not in template:
+        raise ChlaError("SFT template must contain {instruction}; see PROMPT_TEMPLATE")
+    if on_bad_record not in ("error", "skip"):
+        raise ChlaError(f"on_bad_record must be 'error' or 'skip' (got {on_bad_record!r})")
+    if max_seq_length < 2:
+        raise ChlaError(f"max_seq_length must be >= 2 (got {max_seq_length})")
+    if not path.is_file():
+        raise ChlaError(f"SFT data {path} not found; check the path")
+    if not tokenizer_dir.is_dir():
+        raise ChlaError(f"tokenizer {tokenizer_dir} is not a directory; pass an HF tokenizer directory")
+    key_fields = {"v": CACHE_VERSION, "tokenizer": _fingerprint_dir(tokenizer_dir),
+                  "data": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(),
+                  "size": path.stat().st_size, "suffix": path.suffix.lower(),
+                  "max_seq_length": max_seq_length, "template": template,
+                  "on_bad_record": on_bad_record, "packing": packing}
+    key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=20).hexdigest()
+    entry = Path(cache_dir or default_cache_dir()) / key
+    if not (entry / "stats.json").is_file():
+        _build_entry(path, tokenizer_dir, max_seq_length, template, on_bad_record, packing, entry)
+    meta = read_json(entry / "stats.json")
+    return SFTDataset(input_ids=np.load(entry / "input_ids.npy", mmap_mode="r"),
+                      labels=np.load(entry / "labels.npy", mmap_mode="r"),
+                      offsets=np.load(entry / "offsets.npy"), pad_id=meta["pad_id"],
+                      vocab_size=meta["vocab_size"], stats=meta["stats"])
+
+
+def _build_entry(path: Path, tokenizer_dir: Path, max_seq_length: int, template: str,
+                 on_bad_record: str, packing: bool, entry: Path) -> None:
+    tokenizer = load_sft_tokenizer(tokenizer_dir)
+    records = _read_records(path)
+    stats = {"records": len(records), "skipped": 0, "truncated": 0, "no_target": 0, "examples": 0,
+             "packed_sequences": 0}
+    good = []
+    for index, record in enumerate(records):
+        problem = _check_record(record, path, index)
+        if problem is None:
+            good.append(record)
+        elif on_bad_record == "skip":
+            stats["skipped"] += 1
+        else:
+            raise ChlaError(f"{problem}; fix it or set on_bad_record: skip")
+    prompts = [format_prompt(r["instruction"], r.get("input") or "", template) for r in good]
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+    output_ids = tokenizer([r["output"] for r in good], add_special_tokens=False)["input_ids"] if good else []
+    examples = []
+    for source, target in zip(prompt_ids, output_ids):
+        target = target + [tokenizer.eos_token_id]
+        ids = (source + target)[:max_seq_length]
+        labels = ([IGNORE_INDEX] * len(source) + target)[:max_seq_length]
+        if len(source) + len(target) > max_seq_length:
+            stats["truncated"] += 1
+        if all(label == IGNORE_INDEX for label in labels):
+            stats["no_target"] += 1
+            continue
+        examples.append((ids, labels))
+    stats["examples"] = len(examples)
+    if packing:
+        examples = _pack(examples, max_seq_length)
+        stats["packed_sequences"] = len(examples)
+    if not examples:
+        raise ChlaError(f"{path}: no usable example ({stats}); check the records and max_seq_length")
+    lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat_ids = np.fromiter((i for ids, _ in examples for i in ids), dtype=np.int32, count=int(offsets[-1]))
+    flat_labels = np.fromiter((i for _, labels in examples for i in labels), dtype=np.int32, count=int(offsets[-1]))
+    # Build in a temporary directory beside the entry, then rename: never a half-written entry.
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        np.save(tmp / "input_ids.npy", flat_ids)
+        np.save(tmp / "labels.npy", flat_labels)
+        np.save(tmp / "offsets.npy", offsets)
+        write_json(tmp / "stats.json", {"source": str(path), "tokenizer": str(tokenizer_dir),
+                                        "pad_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer),
+                                        "stats": stats})
+        replace_dir(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _pack(examples: list[tuple[list[int], list[int]]], max_seq_length: int) -> list[tuple[list[int], list[int]]]:
+    """Greedy in-order packing: examples are appended to the current sequence while it fits.
+    Attention is not masked between packed examples (the usual simple packing)."""
+    packed: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for example_ids, example_labels in examples:
+        if ids and len(ids) + len(example_ids) > max_seq_length:
+            packed.append((ids, labels))
+            ids, labels = [], []
+        ids = ids + example_ids
+        labels = labels + example_labels
+    if ids:
+        packed.append((ids, labels))
+    return packed
+
+
+def collate_sft(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad a list of examples: input_ids with pad_id, labels with -100, attention_mask 1 on
+    real tokens (from the lengths, so a real token equal to pad_id is still attended)."""
+    if not batch:
+        raise ValueError("collate_sft got an empty batch")
+    longest = max(len(example["input_ids"]) for example in batch)
+    input_ids = np.full((len(batch), longest), pad_id, dtype=np.int64)
+    labels = np.full((len(batch), longest), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
+    for row, example in enumerate(batch):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = example["input_ids"]
+        labels[row, :length] = example["labels"]
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
