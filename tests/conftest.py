@@ -14,3 +14,12 @@ def demo_assets() -> dict[str, str]:
     from chla_tools.assets import fetch_assets
 
     return fetch_assets()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """The real local Slurm cluster (bash slurm/localcluster.sh start). CI sets CHLA_REQUIRE_SLURM=1,
+    so a cluster that is not up fails the tests there instead of skipping them."""
+    from .helpers import require_slurm_cluster
+
+    require_slurm_cluster()

@@ -1,0 +1,64 @@
+"""Helpers shared by the tests: running the real CLI, reading a run's status, the real local Slurm cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def chla(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `chla` CLI in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    result = subprocess.run([sys.executable, "-m", "chla_launcher", *args], cwd=cwd, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"chla {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def status_json(run_dir: Path) -> dict[str, dict]:
+    result = chla("status", str(run_dir), "--json")
+    return {row["stage"]: row for row in json.loads(result.stdout)}
+
+
+def wait_for_chain(run_dir: Path, timeout: float = 180, terminal=("COMPLETED", "FAILED", "CANCELLED")) -> dict[str, dict]:
+    """Poll `chla status --json` until every stage has ended (sacct lags squeue by a moment)."""
+    deadline = time.time() + timeout
+    rows: dict[str, dict] = {}
+    while time.time() < deadline:
+        rows = status_json(run_dir)
+        if rows and all(row["state"] in terminal for row in rows.values()):
+            return rows
+        time.sleep(1.0)
+    raise AssertionError(f"chain in {run_dir} did not end within {timeout}s: {rows}")
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip()) and acct.returncode == 0
+
+
+def require_slurm_cluster() -> None:
+    """The real local Slurm cluster (bash slurm/localcluster.sh start). CI sets CHLA_REQUIRE_SLURM=1,
+    so a cluster that is not up fails the tests there instead of skipping them."""
+    if not _cluster_up():
+        if os.environ.get("CHLA_REQUIRE_SLURM") == "1":
+            pytest.fail("the local Slurm cluster is not running (bash slurm/localcluster.sh start)")
+        pytest.skip("no Slurm cluster (start one with: bash slurm/localcluster.sh start)")

@@ -1,0 +1,107 @@
+"""Run a training stage without the launcher: build a StageContext by hand, as the job entry does.
+
+In-process: `make_context(...)` and call the runner (used for input checks that fail before
+DeepSpeed starts). As a script: `python harness.py SPEC.json` runs one rank of a stage; the
+distributed environment comes from RANK/WORLD_SIZE/MASTER_* exactly as the local executor sets
+it, SIGUSR2 sets the cooperative preemption flag (as the job entry's handler does), and
+`preempt_after_polls` makes the process send itself SIGUSR2 at its N-th step boundary, so a
+test can interrupt a run at a known step. Exit status 75 = requeue requested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from chla_launcher.kinds import get_kind
+from chla_train.context import StageContext
+from chla_train.distributed import DistributedEnv
+
+
+class HarnessContext(StageContext):
+    """A StageContext whose preemption flag is set by a real SIGUSR2 (optionally self-sent)."""
+
+    preempt_after_polls: int | None = None
+    polls: int = 0
+
+    @property
+    def preempt_requested(self) -> bool:
+        self.polls += 1
+        if self.preempt_after_polls is not None and self.polls == self.preempt_after_polls:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return self._preempt_requested
+
+
+def make_context(kind: str, params: dict[str, Any], run_dir: Path, *, stage: str = "train",
+                 out_dir: Path | None = None, dist_env: DistributedEnv | None = None) -> HarnessContext:
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / stage
+    work_dir = stage_dir / "work"
+    out_dir = Path(out_dir) if out_dir else stage_dir / "out"
+    for path in (work_dir, out_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    model = get_kind(kind).params.model_validate(params)
+    ctx = HarnessContext(run_dir=run_dir, stage=stage, kind=kind, params=model, stage_dir=stage_dir,
+                         out_dir=out_dir, work_dir=work_dir, task_index=0, num_tasks=1,
+                         dist=dist_env or DistributedEnv(), fingerprint="test")
+    signal.signal(signal.SIGUSR2, lambda *_: setattr(ctx, "_preempt_requested", True))
+    return ctx
+
+
+def run_stage(ctx: StageContext) -> Any:
+    from chla_launcher.kinds import import_entry
+
+    return import_entry(get_kind(ctx.kind).entry)(ctx)
+
+
+def _probe_logits_after_training(probe_ids: list[list[int]], dest: Path) -> None:
+    """Record the in-training model's logits on a probe batch right when the adapter is saved,
+    so the test can compare them with the logits of the adapter reloaded by stock PEFT."""
+    import torch
+
+    import chla_train.export as export
+
+    original = export.save_adapter
+
+    def save_and_probe(trainer, tokenizer, out_dir, facts):
+        path = original(trainer, tokenizer, out_dir, facts)
+        trainer.engine.eval()
+        with torch.no_grad():
+            logits = trainer.engine(input_ids=torch.tensor(probe_ids)).logits.float()
+        if trainer.rank == 0:
+            torch.save(logits, dest)
+        return path
+
+    for module_name in ("chla_train.stages.pretrain", "chla_train.stages.sft"):
+        module = sys.modules.get(module_name) or __import__(module_name, fromlist=["run"])
+        module.save_adapter = save_and_probe
+
+
+def main(spec_file: str) -> int:
+    spec = json.loads(Path(spec_file).read_text())
+    dist_env = DistributedEnv.from_environment()
+    if spec.get("probe_ids"):
+        _probe_logits_after_training(spec["probe_ids"], Path(spec["probe_out"]))
+    attempt_out = Path(spec["run_dir"]) / spec.get("stage", "train") / f"attempt-{os.getpid()}"
+    ctx = make_context(spec["kind"], spec["params"], Path(spec["run_dir"]), stage=spec.get("stage", "train"),
+                       out_dir=attempt_out, dist_env=dist_env)
+    ctx.preempt_after_polls = spec.get("preempt_after_polls") if dist_env.rank == 0 else None
+    result = run_stage(ctx)
+    if dist_env.rank == 0:
+        final = ctx.stage_dir / "out"
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(attempt_out, final)  # what the job entry does after run() returns
+        (final / "result.json").write_text(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(0)  # as the job entry ends: no interpreter teardown with live gloo threads
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

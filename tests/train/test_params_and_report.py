@@ -1,0 +1,106 @@
+"""Fast checks of the training kinds' params (launcher side, torch-free), the DeepSpeed config,
+the LR schedule and `chla report train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from chla_launcher.kinds import get_kind, input_path_fields
+
+
+def test_kinds_are_registered_with_original_defaults():
+    pretrain, sft = get_kind("pretrain"), get_kind("sft")
+    assert pretrain.distributed and sft.distributed
+    p = pretrain.params(tokenizer="/t", corpus="/c", init={"hidden_size": 16})
+    assert (p.learning_rate, p.lora_r, p.lora_alpha, p.lora_dropout, p.block_size, p.warmup_ratio,
+            p.weight_decay, p.lr_scheduler, p.zero_stage) == (2e-4, 8, 32, 0.05, 512, 0.05, 0.01, "cosine", 2)
+    assert p.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+    assert p.modules_to_save == ["embed_tokens", "lm_head"]
+    s = sft.params(tokenizer="/t", model="/m", train_file="/f")
+    assert (s.learning_rate, s.warmup_ratio, s.weight_decay, s.max_seq_length) == (1e-4, 0.03, 0.0, 512)
+    assert {"tokenizer", "model", "corpus", "init_adapter"} <= set(input_path_fields(pretrain.params))
+    assert {"tokenizer", "model", "train_file", "valid_file", "init_adapter"} <= set(input_path_fields(sft.params))
+
+
+@pytest.mark.parametrize("bad", [
+    {},                                                            # neither model nor init
+    {"model": "/m", "init": {"hidden_size": 8}},                   # both
+    {"init": {}, "mode": "lora", "new_rows_only": True},           # embeddings-only option
+    {"init": {}, "zero_stage": 1},                                 # 0, 2 or 3
+    {"init": {}, "precision": "fp16"},                             # fails on CPU: not offered
+    {"init": {}, "lora_targets": ["q_proj"]},                      # unknown key
+])
+def test_bad_params_are_rejected(bad):
+    with pytest.raises(ValidationError):
+        get_kind("pretrain").params(tokenizer="/t", corpus="/c", **bad)
+
+
+def test_launcher_kinds_do_not_import_torch():
+    code = ("import sys, chla_launcher.kinds.pretrain, chla_launcher.kinds.sft; "
+            "print(any(m in sys.modules for m in ('torch', 'transformers', 'numpy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_deepspeed_config_and_schedule():
+    import torch
+
+    from chla_train.trainer import build_scheduler, deepspeed_config
+
+    params = get_kind("pretrain").params(tokenizer="/t", corpus="/c", init={}, micro_batch_size=2,
+                                         gradient_accumulation_steps=3, zero_stage=3, max_steps=100)
+    config = deepspeed_config(params, dtype=torch.bfloat16, world_size=4)
+    assert config["train_batch_size"] == 24 and config["zero_optimization"]["stage"] == 3
+    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    assert "optimizer" not in config and "scheduler" not in config  # no fused_adam JIT build
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, params, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] < lrs[4] <= 1.0 and lrs[5] == pytest.approx(1.0)  # 5% warmup, then cosine
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def _write_metrics(path, losses, evals):
+    path.parent.mkdir(parents=True)
+    lines = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)] + [{"step": s, "eval_loss": v} for s, v in evals]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_report_train_draws_every_training_stage(tmp_path):
+    from chla_launcher.commands import report
+
+    run = tmp_path / "run"
+    _write_metrics(run / "pt1" / "out" / "metrics.jsonl", [3.0, 2.5, 2.0], [(3, 2.2)])
+    _write_metrics(run / "sft" / "work" / "metrics.jsonl", [1.5, 1.2], [])  # still running
+    (run / "vocab" / "out").mkdir(parents=True)                              # not a training stage
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    assert report.run(parser.parse_args(["train", str(run)])) == 0
+    png = run / "reports" / "train_loss.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    from chla_tools.train_report import find_training_metrics
+
+    assert list(find_training_metrics(run)) == ["pt1", "sft"]
+
+
+def test_report_train_errors_are_one_line(tmp_path):
+    from chla_launcher.errors import ChlaError
+    from chla_tools.train_report import train_report
+
+    with pytest.raises(ChlaError, match="no training stage"):
+        train_report(tmp_path)
+    (tmp_path / "pt" / "out").mkdir(parents=True)
+    (tmp_path / "pt" / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n')
+    with pytest.raises(ChlaError, match=r"metrics.jsonl:2"):
+        train_report(tmp_path)
