@@ -136,6 +136,11 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
         if dist.rank != 0:
             return metrics
         _wait_for_ranks(barrier, dist.world_size)
+    if not is_array and stage.kind.finalize:
+        # A kind that aggregates (manifest, results) does so after its single task too.
+        ctx.log("finalizing")
+        finalize_ctx = _stage_context(run, recipe, stage_name, -1, fingerprint, out_dir, dist)
+        metrics.update(import_entry(stage.kind.finalize)(finalize_ctx) or {})
     elapsed = round(time.time() - started, 3)
     if is_array:
         atomic.write_json(run.task_done(stage_name, task_index), {"fingerprint": fingerprint, "finished_at": now()})

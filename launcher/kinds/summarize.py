@@ -1,0 +1,33 @@
+"""`summarize`: the headline figures of a chain in one file: tokens per character before/after the
+vocabulary merge (from a vocab_report stage), perplexity per character on held-out Chinese and
+English at each evaluated point (from evaluate stages), task accuracy against the majority
+baseline, the training loss plot, and each stage's wall time. Writes out/summary.json and
+out/summary.md, copies summary.json to <run dir>/summary.json and prints the table."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from . import StageKind, StageParams
+
+
+class SummarizeParams(StageParams):
+    vocab_report: str | None = Field(None, description="a vocab_report stage's report.json")
+    base_tokenizer: str = Field("base", description="name of the base tokenizer in the vocab report")
+    merged_tokenizer: str = Field("merged", description="name of the merged tokenizer in the vocab report")
+    zh_corpus: str = Field("zh_heldout", description="vocab-report corpus name of the held-out Chinese text")
+    # point name (e.g. base, after_pt, after_sft) -> an evaluate stage's out directory
+    evaluations: dict[str, str] = Field(default_factory=dict)
+    zh_ppl: str = Field("ppl-zh_heldout", description="evaluation name of the Chinese perplexity")
+    en_ppl: str = Field("ppl-en_heldout", description="evaluation name of the English perplexity")
+    task: str = Field("task-sft_test", description="evaluation name of the labelled task")
+    task_point: str = Field("after_sft", description="which evaluation point's task accuracy is headline")
+
+
+KIND = StageKind(
+    name="summarize",
+    params=SummarizeParams,
+    entry="chla_tools.summary:run",
+    description="headline figures of a chain: tokens/char, perplexity per char, accuracy, plots",
+    needs_training_stack=False,
+)

@@ -1,0 +1,120 @@
+"""The `summarize` stage: collect a chain's headline figures into summary.json (see the kind's
+docstring in chla_launcher.kinds.summarize for what is read from where)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from chla_launcher.atomic import write_json, write_text
+from chla_launcher.errors import ChlaError
+
+
+def _load(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChlaError(f"summarize: {what} not found: {path}") from None
+
+
+def _vocab_figures(report_path: Path, params) -> dict[str, Any]:
+    report = _load(report_path, "vocab report")
+    by = {(r["tokenizer"], r["corpus"]): r for r in report["results"]}
+    base = by.get((params.base_tokenizer, params.zh_corpus))
+    merged = by.get((params.merged_tokenizer, params.zh_corpus))
+    if not base or not merged:
+        raise ChlaError(f"summarize: {report_path} has no {params.zh_corpus!r} rows for tokenizers "
+                        f"{params.base_tokenizer!r} and {params.merged_tokenizer!r}")
+    return {
+        "tokens_per_char_base": base["tokens_per_char"],
+        "tokens_per_char_merged": merged["tokens_per_char"],
+        "tokens_per_char_reduction": 1 - merged["tokens_per_char"] / base["tokens_per_char"],
+        "byte_fallback_rate_base": base["byte_fallback_rate"],
+        "byte_fallback_rate_merged": merged["byte_fallback_rate"],
+        "vocab_size": {name: t["vocab_size"] for name, t in report["tokenizers"].items()},
+    }
+
+
+def run(ctx) -> dict[str, Any]:
+    params = ctx.params
+    summary: dict[str, Any] = {"run": ctx.run_dir.name, "plots": {}}
+    if params.vocab_report:
+        report = Path(params.vocab_report)
+        summary.update(_vocab_figures(report, params))
+        if (report.parent / "report.png").exists():
+            summary["plots"]["vocab"] = str(report.parent / "report.png")
+
+    zh, en, results = {}, {}, {}
+    for point, directory in params.evaluations.items():
+        results[point] = _load(Path(directory) / "results.json", f"evaluation {point!r}")
+        ppl = results[point].get("perplexity", {})
+        if params.zh_ppl in ppl:
+            zh[point] = ppl[params.zh_ppl]["ppl_per_char"]
+        if params.en_ppl in ppl:
+            en[point] = ppl[params.en_ppl]["ppl_per_char"]
+    if params.evaluations:
+        summary["zh_ppl_per_char"] = zh
+        summary["en_ppl_per_char"] = en
+        task = results.get(params.task_point, {}).get("tasks", {}).get(params.task)
+        if task:
+            summary["sft_accuracy"] = task["accuracy"]
+            summary["majority_baseline"] = task["majority_baseline"]
+            summary["task_items"] = task["items"]
+            summary["predictions"] = str(Path(params.evaluations[params.task_point]) / task["predictions"])
+        generations = {point: str(Path(params.evaluations[point]) / r["prompts"][name]["generations"])
+                       for point, r in results.items() for name in r.get("prompts", {})}
+        if generations:
+            summary["generations"] = generations
+
+    try:
+        from chla_tools.train_report import train_report
+
+        summary["plots"]["training_loss"] = str(train_report(ctx.run_dir, ctx.out_dir / "train_loss.png"))
+    except ChlaError:
+        pass  # no training stage in this chain
+    summary["stage_seconds"] = _stage_seconds(ctx.run_dir, ctx.stage)
+
+    write_json(ctx.out_dir / "summary.json", summary)
+    write_text(ctx.out_dir / "summary.md", _markdown(summary))
+    # The run's headline file, beside recipe.yaml (the issue's runs/<name>/summary.json).
+    write_json(ctx.run_dir / "summary.json", summary)
+    print(_markdown(summary), flush=True)
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+
+
+def _stage_seconds(run_dir: Path, this_stage: str) -> dict[str, float]:
+    seconds = {}
+    for state_file in sorted(run_dir.glob("*/state.json")):
+        stage = state_file.parent.name
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if stage != this_stage and state.get("elapsed_s") is not None:
+            seconds[stage] = state["elapsed_s"]
+    return seconds
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# {summary['run']}: summary", ""]
+    if "tokens_per_char_base" in summary:
+        lines += ["| tokenizer | tokens/char (held-out Chinese) |", "|---|---:|",
+                  f"| base | {summary['tokens_per_char_base']:.3f} |",
+                  f"| merged | {summary['tokens_per_char_merged']:.3f} "
+                  f"({-100 * summary['tokens_per_char_reduction']:+.1f}%) |", ""]
+    if summary.get("zh_ppl_per_char") or summary.get("en_ppl_per_char"):
+        points = list(dict.fromkeys([*summary.get("zh_ppl_per_char", {}), *summary.get("en_ppl_per_char", {})]))
+        lines += ["| perplexity per character | " + " | ".join(points) + " |",
+                  "|---|" + "---:|" * len(points)]
+        for label, key in (("Chinese (held out)", "zh_ppl_per_char"), ("English (held out)", "en_ppl_per_char")):
+            values = summary.get(key, {})
+            lines.append(f"| {label} | " + " | ".join(_fmt(values.get(p, "")) for p in points) + " |")
+        lines.append("")
+    if "sft_accuracy" in summary:
+        lines += [f"Sentiment accuracy on {summary['task_items']} held-out reviews: "
+                  f"{summary['sft_accuracy']:.3f} (majority baseline {summary['majority_baseline']:.3f})", ""]
+    for name, path in summary.get("plots", {}).items():
+        lines.append(f"- plot {name}: {path}")
+    return "\n".join(lines) + "\n"
