@@ -8,16 +8,18 @@ peft's file layout and adapter_config.json). Each method runs in a fresh subproc
 
 Wall time: `work` is measured inside the subprocess around the method's call (merge_adapters /
 load+merge+save / shutil.copytree + fsync of every file, so the copy is as durable as the merge's
-output); `process` is the subprocess's whole wall time including interpreter start and imports.
-wall_vs_copy compares the work of chla merge with the work of the copy; both process numbers are
-printed too. Copy and chla merge alternate `--repeats` times; the median work time and the
-largest peak RSS of each count.
+output); chla's work includes importing chla_tools.merge and torch. `process` is the subprocess's
+whole wall time including interpreter start. wall_vs_copy compares the work of chla merge with
+the work of the copy; both process numbers are printed too. Copy and chla merge alternate
+`--repeats` times, each run after an os.sync() so that none inherits the writeback of earlier
+runs; the median work time and the largest peak RSS of each count. Every tensor chla writes is
+compared with peft's (bit for bit: chla merges with peft's arithmetic).
 
 Last line:  RESULT peak_rss_ratio=<chla peak RSS / model bytes> peft_peak_rss_ratio=<peft's>
             wall_vs_copy=<chla work / copy work>
 Targets: peak_rss_ratio <= 0.35, wall_vs_copy <= 3.
 
-Usage: python benchmarks/merge.py [--workdir DIR] [--layers 13] [--repeats 3] [--tokenizer DIR] [--keep]
+Usage: python benchmarks/merge.py [--workdir DIR] [--layers 13] [--repeats 5] [--tokenizer DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def write_random_llama(model_dir: Path, layers: int, tokenizer_dir: Path, shard_
                          max_position_embeddings=2048, tie_word_embeddings=False, dtype="float16")
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
-    planned = [PlannedTensor(name, name, shape, torch.float16) for name, shape in shapes.items()]
+    planned = [PlannedTensor(name, name, shape, "F16") for name, shape in shapes.items()]
     groups = _shard_groups(planned, shard_bytes)
     generator = torch.Generator().manual_seed(0)
     weight_map = {}
@@ -132,6 +134,9 @@ def write_lora_adapter(adapter_dir: Path, model_dir: Path, rank: int = 8) -> Non
 
 def measure(label: str, script: str, base: Path, adapter: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    # every method starts from the same state: no dirty pages or pending block discards left by
+    # the files earlier runs wrote and deleted (these otherwise slow whichever run comes next)
+    os.sync()
     started = time.monotonic()
     proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", script, str(base), str(adapter), str(out)],
                           capture_output=True, text=True)
@@ -154,24 +159,35 @@ def _median(runs: list[dict]) -> dict:
     return middle
 
 
-def compare_outputs(chla_out: Path, peft_out: Path) -> float:
-    """Largest difference between the two merged models over a few LoRA-merged tensors."""
+def compare_outputs(chla_out: Path, peft_out: Path) -> tuple[int, int, float]:
+    """Every tensor of the two merged models: (how many, how many differ in any bit, largest
+    absolute difference)."""
     import torch
     from safetensors import safe_open
 
-    def tensors(model_dir: Path) -> dict:
-        index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"] \
-            if (model_dir / "model.safetensors.index.json").exists() else None
-        wanted = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]
-        found = {}
-        for name in wanted:
-            file_name = index[name] if index else "model.safetensors"
-            with safe_open(str(model_dir / file_name), "pt") as handle:
-                found[name] = handle.get_tensor(name).float()
-        return found
+    def weight_map(model_dir: Path) -> dict[str, str]:
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            return json.loads(index.read_text())["weight_map"]
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as handle:
+            return {name: "model.safetensors" for name in handle.keys()}
 
-    ours, theirs = tensors(chla_out), tensors(peft_out)
-    return max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    def tensor(model_dir: Path, file_name: str, name: str):
+        with safe_open(str(model_dir / file_name), "pt") as handle:
+            return handle.get_tensor(name)
+
+    ours, theirs = weight_map(chla_out), weight_map(peft_out)
+    if set(ours) != set(theirs):
+        raise SystemExit(f"chla and peft wrote different tensors: {sorted(set(ours) ^ set(theirs))[:5]}")
+    differ, largest = 0, 0.0
+    for name in ours:
+        mine, reference = tensor(chla_out, ours[name], name), tensor(peft_out, theirs[name], name)
+        if mine.dtype != reference.dtype or mine.shape != reference.shape:
+            raise SystemExit(f"{name}: chla {mine.dtype} {tuple(mine.shape)}, peft {reference.dtype} {tuple(reference.shape)}")
+        if not torch.equal(mine, reference):
+            differ += 1
+            largest = max(largest, (mine.float() - reference.float()).abs().max().item())
+    return len(ours), differ, largest
 
 
 def main() -> None:
@@ -179,7 +195,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the big files go (default: a temp dir)")
     parser.add_argument("--layers", type=int, default=13, help="decoder layers (13 -> 1.58 GB in fp16)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="HF tokenizer dir (default: the demo assets')")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of copy and of chla merge (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of copy and of chla merge (median)")
     parser.add_argument("--keep", action="store_true", help="keep the big files")
     args = parser.parse_args()
 
@@ -210,8 +226,9 @@ def main() -> None:
             chlas.append(measure("chla", CHLA, base, adapter, root / "chla"))
         copy, chla = _median(copies), _median(chlas)
         peft = measure("peft", PEFT, base, adapter, root / "peft")
-        diff = compare_outputs(root / "chla", root / "peft")
-        print(f"max abs diff chla vs peft merged weights (fp16): {diff:.3g}")
+        count, differ, diff = compare_outputs(root / "chla", root / "peft")
+        print(f"chla vs peft merged weights (fp16): {count - differ}/{count} tensors bitwise equal, "
+              f"max abs diff {diff:.3g}")
         print(f"process wall: chla/copy = {chla['process_s'] / copy['process_s']:.2f}, "
               f"peft/copy = {peft['process_s'] / copy['process_s']:.2f}; "
               f"work: peft/copy = {peft['work_s'] / copy['work_s']:.2f}")

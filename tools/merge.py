@@ -1,15 +1,17 @@
 """Merge LoRA adapters into a base model in bounded memory (`chla merge`, stage kind `merge`).
 
 The original project loaded the whole model into memory and called peft's merge_and_unload.
-Here the base is streamed tensor by tensor: every tensor is read from its safetensors shard,
-each adapter is applied in order (LoRA delta, or a full replacement for modules_to_save), and
-the result is written straight into an output shard whose header was laid out in advance.
-Peak memory is therefore one tensor being merged plus the adapters, whatever the model's size.
+Here the base is streamed: every output shard's header is laid out in advance, tensors that no
+adapter changes are copied byte for byte from file to file inside the kernel, and tensors that a
+LoRA changes are read, merged and written in row chunks at their final offsets, with peft's own
+arithmetic (delta (B @ A) * scale in fp32, added to the weight and rounded once to its dtype), so
+the result is bit for bit what merge_and_unload gives. Peak memory is a few 16 MB chunks plus
+the adapters, whatever the model's size (one whole tensor more when --dtype converts).
 
 Why not `safe_open` for the data: pages of a memory-mapped file stay resident (and count in
 RSS) for as long as the file is mapped, so reading a 10 GB shard through one mapping makes the
-process hold 10 GB. Tensors are read with plain positioned reads into a buffer of their own
-instead, and that buffer is dropped once the tensor has been written.
+process hold 10 GB. Chunks are read with plain positioned reads into a few reused buffers
+(reading through a short-lived mapping of each chunk instead was measured: no faster).
 
 Names. peft saves a LoRA module as `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`
 (`.lora_embedding_A` / `.lora_embedding_B` for an embedding), a modules_to_save module as
@@ -33,28 +35,34 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-
 from chla_launcher.atomic import replace_dir
 from chla_launcher.errors import ChlaError
 
-DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# torch is imported only once the merge needs it: `import torch` takes about a second, which the
+# kernel spends copying the unchanged tensors meanwhile (see _write_shards).
+DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # --dtype -> safetensors dtype code
 
 # safetensors dtype codes <-> torch dtypes.
-_ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-_TORCH_TO_ST = {dtype: code for code, dtype in _ST_TO_TORCH.items()}
-_CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+_CONFIG_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors dtype code ("F16" -> torch.float16)."""
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+            "U8": torch.uint8, "BOOL": torch.bool}[code]
 
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -89,7 +97,7 @@ def parse_size(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    dtype: torch.dtype
+    dtype: str  # safetensors dtype code: F16, BF16, F32, ...
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
@@ -117,8 +125,8 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorEntry] = {}
         data_end = 0
         for name, info in header.items():
-            dtype = _ST_TO_TORCH.get(info.get("dtype"))
-            if dtype is None:
+            dtype = info.get("dtype")
+            if dtype not in _ITEMSIZE:
                 raise ChlaError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
             begin, end = info["data_offsets"]
             self.tensors[name] = TensorEntry(dtype, tuple(info["shape"]), data_start + begin, end - begin)
@@ -129,8 +137,10 @@ class SafetensorsFile:
                 f"the file has {size}; re-copy or re-save it")
 
     def read(self, name: str) -> torch.Tensor:
+        import torch
+
         entry = self.tensors[name]
-        buffer = np.empty(entry.nbytes, dtype=np.uint8)
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8).numpy()
         with open(self.path, "rb", buffering=0) as handle:
             handle.seek(entry.start)
             view, done = memoryview(buffer), 0
@@ -139,7 +149,7 @@ class SafetensorsFile:
                 if not got:
                     raise ChlaError(f"{self.path}: truncated while reading tensor {name}; re-copy it")
                 done += got
-        return torch.from_numpy(buffer).view(entry.dtype).reshape(entry.shape)
+        return torch.from_numpy(buffer).view(torch_dtype(entry.dtype)).reshape(entry.shape)
 
 
 class Checkpoint:
@@ -259,18 +269,18 @@ class PlannedTensor:
     name: str
     source: str  # base tensor it starts from
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # safetensors dtype code
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
 
 def _fmt(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: torch.dtype | None) -> tuple[list[PlannedTensor], bool]:
+def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> tuple[list[PlannedTensor], bool]:
     """Output tensors in base order with their final shapes; and whether embeddings stay tied."""
     tied = bool(base.config.get("tie_word_embeddings", False))
     shapes = {name: base.entry(name).shape for name in base.files}
@@ -323,51 +333,108 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: torch.dtype | N
     planned = []
     for name, shape in shapes.items():
         source_dtype = base.entry(sources[name]).dtype
-        out_dtype = dtype if (dtype is not None and source_dtype.is_floating_point) else source_dtype
+        out_dtype = dtype if (dtype is not None and source_dtype in _FLOAT_CODES) else source_dtype
         planned.append(PlannedTensor(name, sources[name], tuple(shape), out_dtype))
     return planned, keep_tied
 
 
-# Largest fp32 block (elements) made while adding a LoRA delta to a half-precision weight:
-# bounds the extra memory for huge matrices (a LoRA'd 49,953 x 4,096 embedding) while keeping
-# ordinary ones in a single step (few large torch ops are much faster than many small ones).
-_BLOCK_ELEMENTS = 32 * 2**20
+# --- merging: the arithmetic of stock peft, row block by row block --------------------------
+
+# Rows of a weight are merged in blocks of about this many elements. The LoRA delta of a row
+# depends only on that row, so a block's fp32 scratch (the widened weight and its delta) stays
+# in the CPU cache, and the memory a merge needs does not grow with the size of a matrix.
+_BLOCK_ELEMENTS = 128 * 1024
 
 
-class Workspace:
-    """One fp32 scratch buffer reused for every LoRA delta: fresh allocations of that size are
-    page-faulted in anew each time, which costs more than the arithmetic itself."""
+@dataclass
+class LoraDelta:
+    """delta = (left @ right) * scale in fp32, with `left` having the weight's rows (B for a
+    Linear, A^T for an embedding or a fan_in_fan_out layer, as peft transposes B @ A there)."""
+    left: torch.Tensor
+    right: torch.Tensor
+    scale: float
+
+
+def load_lora(adapter: "Adapter", lora: LoraPair) -> LoraDelta:
+    # peft upcasts fp16/bf16 adapter weights to fp32 when it loads them (autocast_adapter_dtype)
+    lora_a = adapter.file.read(lora.a_key).float()
+    lora_b = adapter.file.read(lora.b_key).float()
+    if lora.embedding or lora.fan_in_fan_out:
+        return LoraDelta(lora_a.t().contiguous(), lora_b.t().contiguous(), lora.scale)
+    return LoraDelta(lora_b, lora_a, lora.scale)
+
+
+class Scratch:
+    """Two fp32 blocks reused for every row block: the widened weight and the delta."""
 
     def __init__(self) -> None:
-        self.buffer = torch.empty(0, dtype=torch.float32)
+        import torch
 
-    def fp32(self, shape: tuple[int, ...]) -> torch.Tensor:
-        needed = math.prod(shape)
-        if self.buffer.numel() < needed:
-            self.buffer = torch.empty(0, dtype=torch.float32)  # drop the old one first
-            self.buffer = torch.empty(needed, dtype=torch.float32)
-        return self.buffer[:needed].view(shape)
+        self.wide = torch.empty(_BLOCK_ELEMENTS, dtype=torch.float32)
+        self.delta = torch.empty(_BLOCK_ELEMENTS, dtype=torch.float32)
 
+    def grow(self, elements: int) -> None:
+        if self.wide.numel() < elements:  # a single row longer than a block
+            import torch
 
-def add_lora_delta(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
-                   workspace: Workspace) -> None:
-    """weight += scale * left @ right, in place, computed in fp32."""
-    if weight.dtype == torch.float32:
-        weight.addmm_(left, right, alpha=scale)
-        return
-    rows = max(1, _BLOCK_ELEMENTS // max(1, weight.shape[1]))
-    for start in range(0, weight.shape[0], rows):
-        block = weight[start:start + rows]
-        wide = workspace.fp32(tuple(block.shape))
-        wide.copy_(block)
-        wide.addmm_(left[start:start + rows], right, alpha=scale)
-        block.copy_(wide)
+            self.wide = torch.empty(elements, dtype=torch.float32)
+            self.delta = torch.empty(elements, dtype=torch.float32)
 
 
-def merged_tensor(item: PlannedTensor, base: Checkpoint, adapters: list[Adapter],
-                  workspace: Workspace | None = None) -> torch.Tensor:
-    """One output tensor: the base's, then every adapter in order."""
-    workspace = workspace or Workspace()
+def apply_loras(rows: torch.Tensor, first_row: int, deltas: list[LoraDelta], scratch: Scratch) -> None:
+    """rows += delta[first_row:first_row + len(rows)] for each delta in order, in place.
+
+    Bit for bit what peft's merge does on CPU: `weight.data += (B @ A) * scale` with the delta in
+    fp32 (peft holds adapter weights in fp32), so a half-precision weight is widened, the delta
+    added in fp32, and the sum rounded once back to the weight's dtype, once per adapter."""
+    import torch
+
+    columns = rows.shape[1]
+    step = max(1, _BLOCK_ELEMENTS // max(1, columns))
+    scratch.grow(step * columns)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        shape = tuple(block.shape)
+        delta = scratch.delta[:block.numel()].view(shape)
+        wide = block if block.dtype == torch.float32 else scratch.wide[:block.numel()].view(shape)
+        for lora in deltas:
+            torch.mm(lora.left[first_row + start:first_row + start + shape[0]], lora.right, out=delta)
+            delta.mul_(lora.scale)
+            if wide is block:
+                block.add_(delta)
+            else:
+                wide.copy_(block)
+                wide.add_(delta)
+                block.copy_(wide)
+
+
+@dataclass
+class TensorSource:
+    """Where an output tensor's bytes start from (the base's tensor, or the last replacement of
+    it), and the LoRA deltas applied after that, in order."""
+    file: SafetensorsFile
+    key: str
+    loras: list[tuple["Adapter", LoraPair]]
+
+
+def tensor_source(item: PlannedTensor, base: Checkpoint, adapters: list["Adapter"]) -> TensorSource:
+    source = TensorSource(base.files[item.source], item.source, [])
+    for adapter in adapters:
+        key = adapter.replacements.get(item.name)
+        if key is not None:
+            source = TensorSource(adapter.file, key, [])
+        lora = adapter.loras.get(item.name)
+        if lora is not None:
+            source.loras.append((adapter, lora))
+    return source
+
+
+def merged_tensor(item: PlannedTensor, base: Checkpoint, adapters: list["Adapter"],
+                  scratch: Scratch | None = None) -> torch.Tensor:
+    """One output tensor, whole in memory: the base's, then every adapter in order. Used where
+    the dtype changes; same-dtype tensors are streamed in row chunks by `merge_adapters`."""
+    scratch = scratch or Scratch()
+    out_dtype = torch_dtype(item.dtype)
     tensor = base.read(item.source)
     for adapter in adapters:
         key = adapter.replacements.get(item.name)
@@ -376,92 +443,113 @@ def merged_tensor(item: PlannedTensor, base: Checkpoint, adapters: list[Adapter]
         lora = adapter.loras.get(item.name)
         if lora is not None:
             # work in the wider of the stored and the requested dtype
-            if item.dtype.itemsize > tensor.dtype.itemsize:
-                tensor = tensor.to(item.dtype)
-            lora_a = adapter.file.read(lora.a_key).float()
-            lora_b = adapter.file.read(lora.b_key).float()
-            if lora.embedding or lora.fan_in_fan_out:
-                add_lora_delta(tensor, lora_a.t(), lora_b.t(), lora.scale, workspace)  # (B @ A)^T
-            else:
-                add_lora_delta(tensor, lora_b, lora_a, lora.scale, workspace)
-    return tensor.to(item.dtype).contiguous()
+            if out_dtype.itemsize > tensor.dtype.itemsize:
+                tensor = tensor.to(out_dtype)
+            apply_loras(tensor, 0, [load_lora(adapter, lora)], scratch)
+    return tensor.to(out_dtype).contiguous()
 
 
 # --- writing shards whose headers are laid out before the data --------------------------------
 
-# Bytes of merged tensors that may wait for the disk while the next one is merged. Overlapping
-# the two hides most of the write time; a tensor larger than this is written alone.
-_WRITE_BUDGET = 64 * 2**20
+# Bytes of one chunk read, merged and written as a unit, and how many chunk buffers exist:
+# while one chunk is merged, the next is being read and earlier ones written, in threads
+# (file reads and writes, and torch's arithmetic, release the GIL).
+_CHUNK_BYTES = 16 * 2**20
+_CHUNK_BUFFERS = 4
+_READ_AHEAD = 2
 
 
-class BackgroundWriter:
-    """Writes merged tensors to their shard file in a thread, so merging the next tensor overlaps
-    the write. At most `budget` bytes (or one tensor) are held for writing at any time."""
+def _pread_into(fd: int, view: memoryview, offset: int, what: str) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise ChlaError(f"{what}: file ended early (truncated while merging?); re-copy it")
+        done += got
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.pending: list[tuple] = []
-        self.in_flight = 0
-        self.error: BaseException | None = None
-        self.closing = False
-        self.condition = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="chla-merge-writer", daemon=True)
-        self.thread.start()
 
-    def __enter__(self) -> "BackgroundWriter":
-        return self
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
 
-    def __exit__(self, *exc_info) -> None:
-        with self.condition:
-            self.closing = True
-            self.condition.notify_all()
-        self.thread.join()
 
-    def _check(self) -> None:
-        if self.error is not None:
-            raise self.error
+def _load_sync_file_range():
+    try:
+        import ctypes
 
-    def wait_for_room(self, nbytes: int) -> None:
-        with self.condition:
-            while self.in_flight and self.in_flight + nbytes > self.budget and self.error is None:
-                self.condition.wait()
-            self._check()
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return function
+    except (OSError, AttributeError):  # not Linux/glibc: the final fsync does all the work
+        return None
 
-    def put(self, handle, tensor: torch.Tensor) -> None:
-        with self.condition:
-            self._check()
-            self.pending.append((handle, tensor))
-            self.in_flight += tensor.nbytes
-            self.condition.notify_all()
 
-    def drain(self) -> None:
-        with self.condition:
-            while self.in_flight and self.error is None:
-                self.condition.wait()
-            self._check()
+_SYNC_FILE_RANGE = _load_sync_file_range()
 
-    def _run(self) -> None:
-        while True:
-            with self.condition:
-                while not self.pending and not self.closing:
-                    self.condition.wait()
-                if not self.pending:
-                    return
-                handle, tensor = self.pending.pop(0)
-            try:
-                data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-                while data:
-                    written = handle.write(data)
-                    data = data[written:]
-            except BaseException as err:  # noqa: BLE001 - handed to the merging thread
-                with self.condition:
-                    self.error = err
-                    self.condition.notify_all()
-                return
-            with self.condition:
-                self.in_flight -= tensor.nbytes
-                del tensor, data
-                self.condition.notify_all()
+
+class Flusher:
+    """Asks the kernel to start writing just-written bytes to disk now (Linux sync_file_range
+    with SYNC_FILE_RANGE_WRITE), so the disk works while the merge goes on and the one fsync per
+    file at the end (which alone makes the output durable) has little left to do. The call can
+    block while the disk's queue is full, so a thread of its own makes it."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="chla-merge-flush") if _SYNC_FILE_RANGE else None
+
+    def start(self, fd: int, offset: int, nbytes: int) -> None:
+        if self.pool is not None and nbytes:
+            self.pool.submit(_SYNC_FILE_RANGE, fd, offset, nbytes, 2)  # 2: SYNC_FILE_RANGE_WRITE
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_offset: int, dst_offset: int, what: str) -> None:
+    """Byte-for-byte copy between files inside the kernel (no trip through this process)."""
+    done = 0
+    while done < nbytes:
+        try:
+            got = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
+        except OSError:  # e.g. across file systems on old kernels: copy through a buffer
+            got = _copy_through_buffer(src_fd, dst_fd, min(nbytes - done, _CHUNK_BYTES),
+                                       src_offset + done, dst_offset + done, what)
+        if not got:
+            raise ChlaError(f"{what}: file ended early (truncated while merging?); re-copy it")
+        done += got
+
+
+def _copy_through_buffer(src_fd: int, dst_fd: int, nbytes: int, src_offset: int, dst_offset: int, what: str) -> int:
+    buffer = bytearray(nbytes)
+    _pread_into(src_fd, memoryview(buffer), src_offset, what)
+    _pwrite_all(dst_fd, memoryview(buffer), dst_offset)
+    return nbytes
+
+
+@dataclass
+class Chunk:
+    """Rows [first_row, first_row + rows) of a streamed tensor."""
+    item: PlannedTensor
+    source: TensorSource
+    deltas: list[LoraDelta]
+    first_row: int
+    rows: int
+    row_bytes: int
+    out_fd: int
+    out_offset: int  # where the tensor starts in the output file
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+
+def _chunks(item: PlannedTensor, source: TensorSource, deltas: list[LoraDelta], out_fd: int, out_offset: int):
+    rows = item.shape[0]
+    row_bytes = item.nbytes // max(1, rows)
+    step = max(1, _CHUNK_BYTES // max(1, row_bytes))
+    for first in range(0, rows, step):
+        yield Chunk(item, source, deltas, first, min(step, rows - first), row_bytes, out_fd, out_offset)
 
 
 def _shard_groups(planned: list[PlannedTensor], shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -480,12 +568,171 @@ def _header_bytes(group: list[PlannedTensor]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for item in group:
-        header[item.name] = {"dtype": _TORCH_TO_ST[item.dtype], "shape": list(item.shape),
+        header[item.name] = {"dtype": item.dtype, "shape": list(item.shape),
                              "data_offsets": [offset, offset + item.nbytes]}
         offset += item.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
     return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTensor]], base: Checkpoint,
+                  adapters: list["Adapter"], total_bytes: int, log: Log) -> dict[str, str]:
+    """Write every output shard into tmp_dir; returns the weight map (tensor name -> file name).
+
+    Each tensor goes one of three ways. Bytes no adapter changes are copied file to file inside
+    the kernel (copy_file_range), in a thread of their own. Tensors that LoRA changes in place
+    are streamed in row chunks through a few reused buffers: a thread reads the next chunks while
+    this thread merges one and another thread writes the previous ones, each at its final offset
+    (the header fixed every offset in advance). Tensors whose dtype changes (--dtype) are merged
+    whole in memory. Each file is fsynced once, at the end."""
+    weight_map: dict[str, str] = {}
+    raw_copies: list[list] = []  # [src_fd, out_fd, nbytes, src_offset, out_offset, what]
+    streamed: list[tuple[PlannedTensor, TensorSource, int, int]] = []
+    whole: list[tuple[PlannedTensor, int, int]] = []
+    with ExitStack() as stack:
+        in_fds: dict[Path, int] = {}
+
+        def in_fd(path: Path) -> int:
+            if path not in in_fds:
+                in_fds[path] = os.open(path, os.O_RDONLY)
+                stack.callback(os.close, in_fds[path])
+            return in_fds[path]
+
+        out_fds = []
+        for file_name, group in zip(names, groups):
+            out_fd = os.open(tmp_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            stack.callback(os.close, out_fd)
+            out_fds.append(out_fd)
+            header = _header_bytes(group)
+            _pwrite_all(out_fd, memoryview(header), 0)
+            offset = len(header)
+            for item in group:
+                weight_map[item.name] = file_name
+                source = tensor_source(item, base, adapters)
+                entry = source.file.tensors[source.key]
+                unchanged_layout = entry.dtype == item.dtype and tuple(entry.shape) == item.shape
+                if unchanged_layout and not source.loras:
+                    src_fd = in_fd(source.file.path)
+                    last = raw_copies[-1] if raw_copies else None
+                    if (last and last[0] == src_fd and last[1] == out_fd and last[3] + last[2] == entry.start
+                            and last[4] + last[2] == offset):
+                        last[2] += item.nbytes  # neighbours in both files: one copy
+                    else:
+                        raw_copies.append([src_fd, out_fd, item.nbytes, entry.start, offset, str(source.file.path)])
+                elif unchanged_layout and item.dtype in _FLOAT_CODES and len(item.shape) == 2:
+                    streamed.append((item, source, out_fd, offset))
+                else:
+                    whole.append((item, out_fd, offset))
+                offset += item.nbytes
+
+        flusher = Flusher()
+        stack.callback(flusher.close)  # runs before the files are closed
+
+        def copy(src_fd: int, out_fd: int, nbytes: int, src_offset: int, out_offset: int, what: str) -> None:
+            _copy_range(src_fd, out_fd, nbytes, src_offset, out_offset, what)
+            flusher.start(out_fd, out_offset, nbytes)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="chla-merge-copy") as copier, \
+                ThreadPoolExecutor(2, thread_name_prefix="chla-merge-io") as io_pool:
+            copies = [copier.submit(copy, *job) for job in raw_copies]
+            import torch  # the copies run meanwhile
+
+            # One torch thread: the arithmetic comes in cache-sized blocks, too small to share
+            # out, and OpenMP threads that spin while the I/O threads want the same cores made a
+            # merge 50 times slower on a busy 2-core machine (measured).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                progress = _Progress(total_bytes, log)
+                scratch = Scratch()
+                for item, out_fd, offset in whole:
+                    tensor = merged_tensor(item, base, adapters, scratch)
+                    if tuple(tensor.shape) != item.shape or tensor.dtype != torch_dtype(item.dtype):
+                        raise RuntimeError(f"bug: {item.name} came out {tensor.dtype} {tuple(tensor.shape)}, "
+                                           f"planned {item.dtype} {item.shape}")
+                    _pwrite_all(out_fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), offset)
+                    flusher.start(out_fd, offset, item.nbytes)
+                    progress.add(item.nbytes)
+                    del tensor
+                _stream_chunks(streamed, in_fd, io_pool, flusher, scratch, progress)
+                for pending in copies:
+                    pending.result()
+                flusher.close()
+                for out_fd in out_fds:
+                    os.fsync(out_fd)
+            finally:
+                torch.set_num_threads(threads)
+    return weight_map
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, log: Log) -> None:
+        self.total, self.done, self.log, self.last = total_bytes, 0, log, time.monotonic()
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        if time.monotonic() - self.last > 10:
+            self.log(f"merge: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB merged")
+            self.last = time.monotonic()
+
+
+def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flusher, scratch: Scratch,
+                   progress: _Progress) -> None:
+    """Read, merge and write every chunk of the streamed tensors, pipelined over a ring of buffers."""
+    import torch
+
+
+    def chunk_list():
+        for item, source, out_fd, offset in streamed:
+            deltas = [load_lora(adapter, lora) for adapter, lora in source.loras]
+            yield from _chunks(item, source, deltas, out_fd, offset)
+
+    chunks = chunk_list()
+    buffers = [torch.empty(_CHUNK_BYTES, dtype=torch.uint8) for _ in range(_CHUNK_BUFFERS)]
+    writes: list[Future | None] = [None] * _CHUNK_BUFFERS
+    reads: deque[tuple[Chunk, int, Future]] = deque()
+    count = 0
+
+    def read(chunk: Chunk, slot: int, fd: int) -> None:
+        src = chunk.source
+        entry = src.file.tensors[src.key]
+        _pread_into(fd, memoryview(buffers[slot].numpy())[:chunk.nbytes],
+                    entry.start + chunk.first_row * chunk.row_bytes, f"{src.file.path} (tensor {src.key})")
+
+    def write(chunk: Chunk, slot: int) -> None:
+        offset = chunk.out_offset + chunk.first_row * chunk.row_bytes
+        _pwrite_all(chunk.out_fd, memoryview(buffers[slot].numpy())[:chunk.nbytes], offset)
+        flusher.start(chunk.out_fd, offset, chunk.nbytes)
+
+    def start_read() -> bool:
+        nonlocal count
+        chunk = next(chunks, None)
+        if chunk is None:
+            return False
+        slot = count % _CHUNK_BUFFERS
+        count += 1
+        if writes[slot] is not None:
+            writes[slot].result()  # the buffer is free once its last chunk is written
+            writes[slot] = None
+        if buffers[slot].numel() < chunk.nbytes:  # one row larger than a chunk
+            buffers[slot] = torch.empty(chunk.nbytes, dtype=torch.uint8)
+        reads.append((chunk, slot, io_pool.submit(read, chunk, slot, in_fd(chunk.source.file.path))))
+        return True
+
+    for _ in range(_READ_AHEAD):
+        start_read()
+    while reads:
+        chunk, slot, pending = reads.popleft()
+        pending.result()
+        start_read()
+        rows = buffers[slot][:chunk.nbytes].view(torch_dtype(chunk.item.dtype)).view(chunk.rows, *chunk.item.shape[1:])
+        apply_loras(rows, chunk.first_row, chunk.deltas, scratch)
+        writes[slot] = io_pool.submit(write, chunk, slot)
+        progress.add(chunk.nbytes)
+    for pending in writes:
+        if pending is not None:
+            pending.result()
 
 
 def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
@@ -524,28 +771,7 @@ def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: list[str | os.Path
     try:
         names = (["model.safetensors"] if len(groups) == 1 else
                  [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-        weight_map: dict[str, str] = {}
-        done_bytes, last_report = 0, time.monotonic()
-        workspace = Workspace()
-        with BackgroundWriter(_WRITE_BUDGET) as writer:
-            for file_name, group in zip(names, groups):
-                with open(tmp_dir / file_name, "wb", buffering=0) as handle:
-                    handle.write(_header_bytes(group))
-                    for item in group:
-                        writer.wait_for_room(item.nbytes)
-                        tensor = merged_tensor(item, base, adapters, workspace)
-                        if tuple(tensor.shape) != item.shape or tensor.dtype != item.dtype:
-                            raise RuntimeError(f"bug: {item.name} came out {tensor.dtype} {tuple(tensor.shape)}, "
-                                               f"planned {item.dtype} {item.shape}")
-                        writer.put(handle, tensor)
-                        del tensor
-                        weight_map[item.name] = file_name
-                        done_bytes += item.nbytes
-                        if time.monotonic() - last_report > 10:
-                            log(f"merge: {done_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB merged")
-                            last_report = time.monotonic()
-                    writer.drain()
-                    os.fsync(handle.fileno())
+        weight_map = _write_shards(tmp_dir, names, groups, base, adapters, total_bytes, log)
         if len(groups) > 1:
             _write_json(tmp_dir / "model.safetensors.index.json",
                         {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
