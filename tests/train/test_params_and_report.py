@@ -104,3 +104,33 @@ def test_report_train_errors_are_one_line(tmp_path):
     (tmp_path / "pt" / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n')
     with pytest.raises(ChlaError, match=r"metrics.jsonl:2"):
         train_report(tmp_path)
+
+
+def test_init_adapter_continues_across_an_added_pad_row(tmp_path):
+    """The original's 49953/49954 problem: a pretraining adapter (vocab N) continued by SFT whose
+    tokenizer added [PAD] (vocab N+1). Trained rows are kept; the new row starts at their mean."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chla_train.model import apply_lora
+
+    config = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    trained = get_peft_model(LlamaForCausalLM(LlamaConfig(**config)),
+                             LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"],
+                                        task_type="CAUSAL_LM"))
+    trained.save_pretrained(tmp_path / "adapter")
+    saved_rows = trained.base_model.model.model.embed_tokens.modules_to_save["default"].weight.detach().clone()
+
+    base = LlamaForCausalLM(LlamaConfig(**config))
+    base.resize_token_embeddings(101, mean_resizing=False)
+    messages = []
+    model = apply_lora(base, r=8, alpha=32, dropout=0.0, target_modules=["q_proj"], modules_to_save=[],
+                       init_adapter=str(tmp_path / "adapter"), key_prefix="sft", log=messages.append)
+    rows = model.base_model.model.model.embed_tokens.modules_to_save["default"].weight.detach()
+    assert rows.shape == (101, 8)
+    assert torch.equal(rows[:100], saved_rows)
+    torch.testing.assert_close(rows[100], saved_rows.mean(dim=0))
+    assert messages and "100->101" in messages[0]

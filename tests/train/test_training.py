@@ -174,6 +174,7 @@ def test_twice_preempted_run_ends_bitwise_equal_to_uninterrupted(train_assets, t
 
 # --- must-show 4 -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sft_lowers_validation_loss_and_adapter_reloads_with_pad(train_assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer

@@ -1,0 +1,121 @@
+"""Training checkpoints in <work_dir>/checkpoints/step-N: complete or absent.
+
+A checkpoint holds DeepSpeed's engine state (trainable weights only, optimizer partitions of
+every rank, LR scheduler), each rank's RNG states, and trainer_state.json (step, tokens seen,
+sampler position). All ranks write into a hidden `.step-N.tmp` directory; rank 0 renames it to
+`step-N` only after every rank has finished, so a checkpoint directory is visible only once
+complete, and resume simply takes the highest step-N. The work dir must be on a file system all
+nodes share (the run directory is).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from chla_launcher.atomic import write_json
+
+ENGINE_TAG = "engine"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_root(work_dir: Path) -> Path:
+    return Path(work_dir) / "checkpoints"
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    root = checkpoints_root(work_dir)
+    if not root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def same_run(checkpoint: Path, fingerprint: str) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state.get("fingerprint") in (None, fingerprint)
+
+
+def set_aside(work_dir: Path, *, rank: int) -> Path:
+    """Collective: rename the checkpoints dir out of the way (rank 0), everyone waits."""
+    root = checkpoints_root(work_dir)
+    aside = root.with_name(f"checkpoints.stale-{int(time.time())}")
+    _barrier()  # every rank has read the old trainer_state.json
+    if rank == 0:
+        os.replace(root, aside)
+    _barrier()
+    return aside
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(engine, work_dir: Path, step: int, trainer_state: dict[str, Any], *,
+                    rank: int, keep_last: int) -> Path:
+    """Collective: every rank calls it at the same optimizer step."""
+    root = checkpoints_root(work_dir)
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a rank killed mid-save
+        tmp.mkdir(parents=True)
+    _barrier()
+    # Frozen base weights are not saved: they come from the base model again on resume.
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        write_json(tmp / "trainer_state.json", trainer_state)
+        if final.exists():  # same step saved by an earlier attempt that died before pruning
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine, checkpoint: Path, *, rank: int) -> dict[str, Any]:
+    """Restore engine state and this rank's RNG; returns trainer_state.json."""
+    load_path, _ = engine.load_checkpoint(str(checkpoint), tag=ENGINE_TAG, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
+    rng_file = checkpoint / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        restore_rng_states(torch.load(rng_file, weights_only=False))
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    for _, path in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,79 @@
+"""Training metrics: one JSON line per logging step in metrics.jsonl, TensorBoard events in tb/.
+
+Both live in the work dir while training (it survives requeues; the per-attempt out dir does
+not) and are copied into the stage's out dir at the end. On resume, lines logged after the
+checkpoint are dropped (they will be logged again) and TensorBoard purges the same steps, so the
+curves of an interrupted run look like those of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class MetricsLog:
+    """Written by rank 0 only; other ranks get a MetricsLog with enabled=False."""
+
+    def __init__(self, work_dir: Path, *, enabled: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.jsonl = Path(work_dir) / "metrics.jsonl"
+        self.tb_dir = Path(work_dir) / "tb"
+        self._tb = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # tensorboard is in the train extra; metrics.jsonl is what matters
+            self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.jsonl.is_file():
+            return
+        kept = [line for line in self.jsonl.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.jsonl.write_text("".join(f"{line}\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.jsonl.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}" if not key.startswith("eval") else key.replace("_", "/", 1),
+                                        value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def copy_to(self, out_dir: Path) -> None:
+        if not self.enabled:
+            return
+        self.close()
+        if self.jsonl.is_file():
+            shutil.copyfile(self.jsonl, Path(out_dir) / "metrics.jsonl")
+        if self.tb_dir.is_dir():
+            shutil.copytree(self.tb_dir, Path(out_dir) / "tb", dirs_exist_ok=True)

@@ -1,0 +1,303 @@
+"""Building the model a training stage starts from: tokenizer, base model (an HF directory or a
+random `init:` LlamaConfig), embeddings resized to the tokenizer, and the trainable part
+(new embedding rows, LoRA adapters, or everything).
+
+Every check a user's input can fail runs here, before DeepSpeed starts and before any step, and
+fails with one ChlaError line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from chla_launcher.errors import ChlaError
+
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """`auto` is bf16 on a GPU and on a CPU with native bf16 matmuls (avx512_bf16 or AMX: ~3x
+    the fp32 matmul rate on the CI machines), fp32 on other CPUs (emulated bf16 is slower than
+    fp32). fp16 is never chosen: it fails under DeepSpeed on CPU and needs loss scaling."""
+    if precision == "auto":
+        if torch.cuda.is_available() or _cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def _cpu_has_native_bf16() -> bool:
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ChlaError(f"tokenizer {path}: not a directory; point `tokenizer` at an HF tokenizer "
+                        "directory (tokenizer.model + tokenizer_config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many types for a broken dir
+        raise ChlaError(f"tokenizer {path}: cannot be loaded ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); it must hold tokenizer.model "
+                        "and tokenizer_config.json") from None
+    if len(tokenizer) < 16:
+        raise ChlaError(f"tokenizer {path}: only {len(tokenizer)} tokens; the directory is missing "
+                        "tokenizer.model (transformers silently builds a stub tokenizer without it)")
+    return tokenizer
+
+
+def build_base_model(model_dir: str | None, init: dict[str, Any] | None, *, dtype: torch.dtype,
+                     attn_implementation: str, seed: int):
+    """An HF causal LM from `model_dir`, or a randomly initialised LLaMA from the `init` config."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    attn_implementation = usable_attention(attn_implementation)
+    if init is not None:
+        try:
+            config = LlamaConfig(**init)
+        except (TypeError, ValueError) as exc:
+            raise ChlaError(f"init: not a valid LlamaConfig ({exc}); use LlamaConfig field names "
+                            "such as hidden_size, num_hidden_layers, vocab_size") from None
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)  # the random init is part of the recipe: same seed, same model
+        model = LlamaForCausalLM(config)
+        return model.to(dtype)
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ChlaError(f"model {path}: no config.json; point `model` at an HF model directory "
+                        "(config.json + *.safetensors) or use `init:` for a random model")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILE_PATTERNS):
+        raise ChlaError(f"model {path}: has config.json but no weights (*.safetensors or "
+                        "pytorch_model*.bin); copy the checkpoint's weight files there")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                    attn_implementation=attn_implementation)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ChlaError(f"model {path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+
+
+def usable_attention(requested: str) -> str:
+    """flash_attention_2 needs a GPU and the flash-attn package; fall back to sdpa without them."""
+    if requested == "flash_attention_2":
+        import importlib.util
+
+        if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+            return "sdpa"
+    return requested
+
+
+def resize_to_tokenizer(model, vocab_size: int, *, new_row_init: str, max_vocab_growth: float,
+                        where: str) -> int:
+    """Give the model one embedding row (and lm_head row) per tokenizer entry. Returns the number
+    of rows the model had before (the base vocabulary).
+
+    New rows start at the mean of the existing rows (`mean`, the default: a new token then
+    predicts and looks like an "average" token, so the loss does not jump at step 0) or are drawn
+    from N(0, initializer_range) (`random`, what a fresh model would get).
+    """
+    embed = model.get_input_embeddings()
+    base_rows = embed.weight.shape[0]
+    if vocab_size == base_rows:
+        return base_rows
+    if vocab_size < base_rows:
+        raise ChlaError(f"{where}: the tokenizer has {vocab_size} tokens but the model has {base_rows} "
+                        "embedding rows; a merged tokenizer must extend the base one, not shrink it "
+                        "(check that `tokenizer` belongs to this model)")
+    if vocab_size > base_rows * max_vocab_growth:
+        raise ChlaError(f"{where}: the tokenizer has {vocab_size} tokens, {vocab_size / base_rows:.1f}x "
+                        f"the model's {base_rows} rows (limit max_vocab_growth={max_vocab_growth}); "
+                        "this is not the merged tokenizer for this model, or raise max_vocab_growth")
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    std = getattr(model.config, "initializer_range", 0.02)
+    generator = torch.Generator().manual_seed(1234)
+    for matrix in _output_and_input_matrices(model):
+        with torch.no_grad():
+            old = matrix[:base_rows].float()
+            if new_row_init == "mean":
+                new = old.mean(dim=0, keepdim=True).expand(vocab_size - base_rows, -1)
+            else:
+                new = torch.randn(vocab_size - base_rows, old.shape[1], generator=generator) * std
+            matrix[base_rows:] = new.to(matrix.dtype)
+    return base_rows
+
+
+def _output_and_input_matrices(model) -> list[torch.Tensor]:
+    matrices = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not matrices[0]:
+        matrices.append(head.weight)
+    return matrices
+
+
+# --- embeddings mode: train only the rows the merge added -------------------------------------
+# The base rows live in a frozen parameter and the new rows in a separate trainable one, so the
+# optimizer never sees the base rows: no weight decay, no Adam update with a zero gradient can
+# move them (a gradient mask would not stop decoupled weight decay). The optimizer state is also
+# only new_rows x hidden instead of the whole matrix.
+
+class NewRowsEmbedding(nn.Module):
+    def __init__(self, embedding: nn.Embedding, base_rows: int) -> None:
+        super().__init__()
+        weight = embedding.weight.detach()
+        self.padding_idx = embedding.padding_idx
+        self.base_weight = nn.Parameter(weight[:base_rows].clone(), requires_grad=False)
+        self.new_weight = nn.Parameter(weight[base_rows:].clone(), requires_grad=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = torch.cat([self.base_weight, self.new_weight], dim=0)
+        return nn.functional.embedding(input_ids, weight, self.padding_idx)
+
+
+class NewRowsLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, base_rows: int) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        self.base_weight = nn.Parameter(weight[:base_rows].clone(), requires_grad=False)
+        self.new_weight = nn.Parameter(weight[base_rows:].clone(), requires_grad=True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, torch.cat([self.base_weight, self.new_weight], dim=0))
+
+
+def setup_embeddings_training(model, *, base_rows: int, new_rows_only: bool, train_lm_head: bool,
+                              where: str) -> None:
+    """Freeze everything but the input embedding (and lm_head if asked)."""
+    if model.config.tie_word_embeddings and train_lm_head:
+        raise ChlaError(f"{where}: train_lm_head with tied embeddings makes no sense; unset it")
+    for param in model.parameters():
+        param.requires_grad = False
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if new_rows_only:
+        if vocab == base_rows:
+            raise ChlaError(f"{where}: new_rows_only but the tokenizer adds no rows to the model's "
+                            f"{base_rows}; use the merged tokenizer or unset new_rows_only")
+        model.set_input_embeddings(NewRowsEmbedding(model.get_input_embeddings(), base_rows))
+        if train_lm_head:
+            model.set_output_embeddings(NewRowsLinear(model.get_output_embeddings(), base_rows))
+        return
+    model.get_input_embeddings().weight.requires_grad = True
+    if train_lm_head:
+        model.get_output_embeddings().weight.requires_grad = True
+
+
+def merge_new_rows_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn NewRows* keys (x.base_weight, x.new_weight) back into the stock x.weight."""
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith(".new_weight"):
+            continue
+        if key.endswith(".base_weight"):
+            stem = key[: -len(".base_weight")]
+            merged[f"{stem}.weight"] = torch.cat([value, state_dict[f"{stem}.new_weight"]], dim=0)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --- LoRA ---------------------------------------------------------------------------------------
+
+def check_module_names(model, names: Iterable[str], *, key: str) -> None:
+    """Every target / modules_to_save name must match a module (PEFT only complains when none do)."""
+    module_names = [name for name, _ in model.named_modules()]
+    for wanted in names:
+        if not any(name == wanted or name.endswith(f".{wanted}") for name in module_names):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in module_names
+                             if name and not name.rsplit(".", 1)[-1].isdigit()})
+            raise ChlaError(f"{key}: no module named {wanted!r} in the model; available names: "
+                            f"{', '.join(leaves)}")
+
+
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str],
+               modules_to_save: list[str], init_adapter: str | None, key_prefix: str,
+               log: Callable[[str], None] = print):
+    """Wrap `model` with a new LoRA adapter, or with the trainable adapter in `init_adapter`."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    if init_adapter is None:
+        check_module_names(model, target_modules, key=f"{key_prefix}.lora_target_modules")
+        check_module_names(model, modules_to_save, key=f"{key_prefix}.modules_to_save")
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                            target_modules=list(target_modules),
+                            modules_to_save=list(modules_to_save) or None)
+        return get_peft_model(model, config)
+
+    # Continue an earlier adapter: its own LoRA settings win (they are baked into its shapes).
+    adapter_dir = Path(init_adapter)
+    where = f"{key_prefix}.init_adapter {adapter_dir}"
+    config_file = adapter_dir / "adapter_config.json"
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ChlaError(f"{where}: not a PEFT adapter directory (needs adapter_config.json and "
+                        "adapter_model.safetensors)")
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = False
+    check_module_names(model, _as_list(config.target_modules), key=f"{where} target_modules")
+    model = get_peft_model(model, config)
+    from safetensors.torch import load_file
+
+    grown: list[str] = []
+    saved = load_file(str(weights_file))
+    expected = _peft_saved_shapes(model)
+    for name, tensor in list(saved.items()):
+        want = expected.get(name)
+        if (want is not None and _is_vocab_matrix(name) and tensor.ndim == 2
+                and tensor.shape[1] == want[1] and tensor.shape[0] < want[0]):
+            # The tokenizer grew since the adapter was trained (SFT adds [PAD]: the original's
+            # 49953 -> 49954 mismatch). Keep the trained rows, start the new ones at their mean.
+            extra = tensor.float().mean(dim=0, keepdim=True).expand(want[0] - tensor.shape[0], -1)
+            saved[name] = torch.cat([tensor, extra.to(tensor.dtype)], dim=0)
+            grown.append(f"{name.rsplit('.', 2)[-2]} {tensor.shape[0]}->{want[0]}")
+    for name, tensor in saved.items():
+        if name not in expected:
+            raise ChlaError(f"{where}: adapter tensor {name} has no counterpart in this model; the "
+                            "adapter was trained on a different base model")
+        if tuple(tensor.shape) != expected[name]:
+            raise ChlaError(f"{where}: adapter tensor {name} has shape {tuple(tensor.shape)} but this "
+                            f"model needs {expected[name]}; the adapter was trained on a different "
+                            "base model or tokenizer (vocabulary size)")
+    if not saved:
+        raise ChlaError(f"{where}: the adapter holds no tensors (an empty adapter); retrain it")
+    set_peft_model_state_dict(model, saved)
+    if grown:
+        log(f"init_adapter: vocabulary rows grown to the tokenizer ({', '.join(grown)}), new rows = mean")
+    return model
+
+
+def _is_vocab_matrix(name: str) -> bool:
+    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
+
+
+def _peft_saved_shapes(model) -> dict[str, tuple[int, ...]]:
+    from peft import get_peft_model_state_dict
+
+    return {name: tuple(t.shape) for name, t in
+            get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def write_model_card(out_dir: Path, facts: dict[str, Any]) -> None:
+    from chla_launcher.atomic import write_text
+
+    write_text(out_dir / "chla_training.json", json.dumps(facts, indent=2, ensure_ascii=False) + "\n")

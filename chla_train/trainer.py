@@ -1,0 +1,347 @@
+"""The training loop of the `pretrain` and `sft` stages: a lean loop over a DeepSpeed engine.
+
+Why not HF Trainer: the stages need three things Trainer makes hard, and the loop is ~200 lines.
+1. Bitwise-exact resume after preemption. Trainer resumes by replaying (skipping) batches of a
+   re-seeded dataloader and restores RNG state at epoch granularity; here the data position is
+   one integer in the checkpoint (chla_tools.blocks.ResumableSampler), RNG states are saved per
+   rank at the optimizer step, and the test shows an interrupted run ends with the same weights.
+2. Cooperative preemption: the requeue signal only sets a flag; at each optimizer step the flag
+   is all-reduced (so every rank agrees), a checkpoint is written and the job requeues itself.
+   Trainer has no hook at that point that all ranks reach together.
+3. Correct loss across micro-batches and ranks: the loss of an optimizer step is the sum of token
+   losses over the whole global batch divided by its number of label tokens (counted before the
+   forward passes and all-reduced), so 1 rank x 4 micro-batches and 2 ranks x 2 give the same
+   gradient, also for SFT's variable-length answers.
+Plus: checkpoints contain only trainable weights (a LoRA checkpoint of a 7B model is MBs, not
+13 GB), and adapters are gathered from all ZeRO-3 partitions before saving (the original's empty
+adapters came from saving the partitioned placeholders).
+
+DeepSpeed facts this relies on (FACTS.md): no "optimizer" block in the config (that JIT-compiles
+fused_adam for ~41 s): we build torch.optim.AdamW and hand it over; fp16 is not offered (it fails
+on CPU); gloo is used on CPU by itself. The shared-memory allreduce op is switched off: DeepSpeed
+only uses it for inference all-reduce, it costs a 20-40 s JIT build, and with it loaded ~15% of
+2-rank runs abort at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from chla_train import checkpoint as checkpoints
+from chla_train.metrics import MetricsLog, peak_memory_mb
+
+Collate = Callable[[list[Any]], dict[str, np.ndarray]]
+
+
+@dataclass
+class TrainData:
+    train_set: Any  # indexable: train_set[i] -> item for `collate`
+    train_indices: Sequence[int]
+    valid_set: Any
+    valid_indices: Sequence[int]
+    collate: Collate
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    samples_seen: int
+    train_loss: float | None
+    eval_loss: float | None
+    first_eval_loss: float | None
+    global_batch: int
+    elapsed_s: float
+    tokens_per_s: float
+    resumed_from: list[int] = field(default_factory=list)
+
+
+def init_distributed(ctx) -> None:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) from ctx.dist's env."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see module docstring
+    ctx.dist.export()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ctx.dist.local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+
+
+def deepspeed_config(params, *, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
+    text = resources.files("chla_train").joinpath(f"deepspeed_configs/zero{params.zero_stage}.json").read_text()
+    config = json.loads(text)
+    config.update(
+        train_micro_batch_size_per_gpu=params.micro_batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        train_batch_size=params.micro_batch_size * params.gradient_accumulation_steps * world_size,
+        gradient_clipping=params.max_grad_norm,
+        bf16={"enabled": dtype == torch.bfloat16},
+        zero_allow_untested_optimizer=True,
+    )
+    if dtype == torch.float16:
+        # Only for benchmarks/train_throughput.py (the original project's GPU setting); stages
+        # never ask for it: fp16 fails under DeepSpeed on CPU and bf16 needs no loss scaling.
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "min_loss_scale": 1}
+    return config
+
+
+def build_optimizer(model, params) -> torch.optim.Optimizer:
+    # No weight decay on 1-D parameters (norm weights, biases), as HF Trainer does.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": params.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer, params, total_steps: int):
+    warmup = math.ceil(params.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if params.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if params.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps(params, num_train_items: int, world_size: int) -> int:
+    if params.max_steps:
+        return params.max_steps
+    global_batch = params.micro_batch_size * params.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(params.num_epochs * num_train_items / global_batch))
+
+
+class Trainer:
+    def __init__(self, ctx, model, data: TrainData, params, *, dtype: torch.dtype) -> None:
+        import deepspeed
+
+        self.ctx, self.data, self.params = ctx, data, params
+        self.has_validation = len(data.valid_indices) > 0
+        self.rank, self.world_size = ctx.dist.rank, ctx.dist.world_size
+        self.device = torch.device("cuda", ctx.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.global_batch = params.micro_batch_size * params.gradient_accumulation_steps * self.world_size
+        self.total_steps = total_steps(params, len(data.train_indices), self.world_size)
+        if params.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        optimizer = build_optimizer(model, params)
+        scheduler = build_scheduler(optimizer, params, self.total_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(params, dtype=dtype, world_size=self.world_size))
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        from chla_tools.blocks import ResumableSampler
+
+        ctx, params = self.ctx, self.params
+        sampler = ResumableSampler(np.asarray(self.data.train_indices), seed=params.seed, shuffle=True,
+                                   rank=self.rank, world_size=self.world_size)
+        state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "elapsed_s": 0.0,
+                                 "resumed_from": [], "first_eval_loss": None}
+        latest = checkpoints.latest_checkpoint(ctx.work_dir)
+        if latest is not None and not checkpoints.same_run(latest, ctx.fingerprint):
+            # The stage's config changed since these were written (the work dir outlives a
+            # fingerprint): resuming would mix two runs, so start over and keep them aside.
+            aside = checkpoints.set_aside(ctx.work_dir, rank=self.rank)
+            ctx.log(f"checkpoints in the work dir belong to another config of this stage; moved to {aside.name}")
+            latest = None
+        if latest is not None:
+            state = checkpoints.load_checkpoint(self.engine, latest, rank=self.rank)
+            sampler.load_state_dict(state["sampler"])
+            state["resumed_from"] = state.get("resumed_from", []) + [state["step"]]
+            ctx.log(f"resumed from {latest.name}: step {state['step']}, {state['tokens_seen']:,} tokens seen")
+        else:
+            torch.manual_seed(params.seed)  # LoRA dropout masks: same seed, same run
+            np.random.seed(params.seed)
+        metrics = MetricsLog(ctx.work_dir, enabled=self.rank == 0, resume_step=state["step"])
+        ctx.log(f"training {self.total_steps} steps; global batch {self.global_batch} = micro-batch "
+                f"{params.micro_batch_size} x accumulation {params.gradient_accumulation_steps} x "
+                f"{self.world_size} rank(s); ZeRO stage {params.zero_stage}")
+        if state["step"] == 0 and params.eval_steps and self.has_validation:
+            state["first_eval_loss"] = self.evaluate()
+            ctx.log(f"step 0: eval loss {state['first_eval_loss']:.4f}")
+            metrics.write({"step": 0, "eval_loss": state["first_eval_loss"]})
+
+        samples = iter(sampler)
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+        started = time.perf_counter() - state["elapsed_s"]
+        train_loss = eval_loss = None
+        self.engine.train()
+        while state["step"] < self.total_steps:
+            loss, tokens, preempt = self.optimizer_step(samples)
+            state["step"] += 1
+            state["tokens_seen"] += tokens
+            state["samples_seen"] += self.global_batch
+            state["elapsed_s"] = time.perf_counter() - started
+            window["loss"] += loss
+            window["steps"] += 1
+            window["tokens"] += tokens
+            step = state["step"]
+            last = step == self.total_steps
+            if step % params.logging_steps == 0 or last:
+                train_loss = window["loss"] / window["steps"]
+                seconds = time.perf_counter() - window["start"]
+                record = {
+                    "step": step, "loss": round(train_loss, 6),
+                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm(),
+                    "tokens_per_s": round(window["tokens"] / seconds, 1),
+                    "tokens_per_s_per_device": round(window["tokens"] / seconds / self.world_size, 1),
+                    "tokens_seen": state["tokens_seen"], "samples_seen": state["samples_seen"],
+                    "elapsed_s": round(state["elapsed_s"], 3), "peak_mem_mb": round(peak_memory_mb(), 1),
+                    "global_batch": self.global_batch,
+                }
+                metrics.write(record)
+                self._log(f"step {step}/{self.total_steps} loss {train_loss:.4f} lr {record['lr']:.2e} "
+                        f"{record['tokens_per_s']:.0f} tok/s")
+                window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+            if params.eval_steps and self.has_validation and (step % params.eval_steps == 0 or last):
+                eval_loss = self.evaluate()
+                metrics.write({"step": step, "eval_loss": eval_loss})
+                self._log(f"step {step}: eval loss {eval_loss:.4f}")
+            saved = False
+            if params.save_steps and step % params.save_steps == 0 and not last:
+                self._save(state, sampler)
+                saved = True
+            if preempt and not last:
+                ctx.log(f"preemption requested: checkpointing at step {step}")
+                if not saved:
+                    self._save(state, sampler)
+                metrics.close()
+                ctx.requeue_and_exit()
+        self.metrics = metrics
+        elapsed = state["elapsed_s"]
+        return TrainResult(step=state["step"], tokens_seen=state["tokens_seen"],
+                           samples_seen=state["samples_seen"], train_loss=train_loss, eval_loss=eval_loss,
+                           first_eval_loss=state.get("first_eval_loss"), global_batch=self.global_batch,
+                           elapsed_s=elapsed, tokens_per_s=state["tokens_seen"] / max(elapsed, 1e-9),
+                           resumed_from=state["resumed_from"])
+
+    def optimizer_step(self, samples) -> tuple[float, int, bool]:
+        """One optimizer step over gradient_accumulation_steps micro-batches. Returns the global
+        mean token loss, the global number of input tokens, and whether any rank was asked to stop."""
+        params = self.params
+        micro_batches = [self.data.collate([self.data.train_set[next(samples)]
+                                            for _ in range(params.micro_batch_size)])
+                         for _ in range(params.gradient_accumulation_steps)]
+        # Collectives run on the device: NCCL (GPU) cannot reduce CPU tensors.
+        local = torch.tensor([sum(label_token_count(b) for b in micro_batches),
+                              sum(input_token_count(b) for b in micro_batches)], dtype=torch.float64,
+                             device=self.device)
+        dist.all_reduce(local)
+        label_tokens, input_tokens = local.tolist()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in micro_batches:
+            token_loss_sum = self._forward(batch)
+            # DeepSpeed averages gradients over ranks, so scale by world_size / global label tokens
+            # to get the gradient of the global token mean.
+            self.engine.backward(token_loss_sum * (self.world_size / label_tokens), scale_wrt_gas=False)
+            self.engine.step()
+            loss_sum += token_loss_sum.detach().double()
+        preempt = torch.tensor(1.0 if self.ctx.preempt_requested else 0.0, dtype=torch.float64, device=self.device)
+        flag = torch.stack([loss_sum, preempt])
+        dist.all_reduce(flag)
+        return flag[0].item() / label_tokens, int(input_tokens), flag[1].item() > 0
+
+    def _forward(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """Sum of token cross-entropies of one micro-batch (num_items_in_batch=1 makes HF sum)."""
+        inputs = {"input_ids": torch.from_numpy(batch["input_ids"]).to(self.device),
+                  "labels": torch.from_numpy(batch["labels"]).to(self.device)}
+        mask = batch.get("attention_mask")
+        if mask is not None and not mask.all():  # an all-ones mask only slows SDPA down
+            inputs["attention_mask"] = torch.from_numpy(mask).to(self.device)
+        one = torch.ones((), device=self.device)
+        return self.engine(**inputs, num_items_in_batch=one, use_cache=False).loss.float()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the validation items, split across ranks. Every rank runs the same
+        number of forward passes (ZeRO-3 gathers parameters collectively); padding batches count 0."""
+        params = self.params
+        indices = [int(i) for i in self.data.valid_indices]
+        per_batch = params.micro_batch_size
+        num_batches = math.ceil(len(indices) / (per_batch * self.world_size))
+        self.engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in range(num_batches):
+            start = (b * self.world_size + self.rank) * per_batch
+            chunk = indices[start:start + per_batch]
+            weight = 1.0 if chunk else 0.0
+            batch = self.data.collate([self.data.valid_set[i] for i in (chunk or indices[:1])])
+            totals[0] += weight * self._forward(batch).double()
+            totals[1] += weight * label_token_count(batch)
+        self.engine.train()
+        dist.all_reduce(totals)
+        return float(totals[0] / max(totals[1], 1.0))
+
+    def _log(self, message: str) -> None:
+        """Progress lines from rank 0 only (every rank has the same numbers)."""
+        if self.rank == 0:
+            self.ctx.log(message)
+
+    def _grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return round(float(norm), 6)
+
+    def _save(self, state: dict[str, Any], sampler) -> None:
+        trainer_state = dict(state, sampler=sampler.state_dict(), world_size=self.world_size,
+                             global_batch=self.global_batch, fingerprint=self.ctx.fingerprint)
+        path = checkpoints.save_checkpoint(self.engine, self.ctx.work_dir, state["step"], trainer_state,
+                                           rank=self.rank, keep_last=self.params.keep_last)
+        self._log(f"checkpoint {path.name} written")
+
+    # --- exporting the result -------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The module's complete state dict on rank 0 (None elsewhere). Collective under ZeRO-3,
+        where each rank holds only a partition and the module's own tensors are empty
+        placeholders: saving those is how the original project got empty adapters."""
+        if self.engine.zero_optimization_partition_weights():
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+
+    def finish(self) -> None:
+        self.metrics.copy_to(self.ctx.out_dir)
+        dist.barrier()
+
+
+def label_token_count(batch: dict[str, np.ndarray]) -> int:
+    """Positions that contribute to the causal-LM loss (HF shifts labels left by one)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def input_token_count(batch: dict[str, np.ndarray]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].size)
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down before the job entry exits (gloo leaves threads otherwise)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

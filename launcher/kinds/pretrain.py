@@ -1,0 +1,44 @@
+"""`pretrain`: continued pretraining on a pre-tokenized corpus (chla_tools.pretokenize output).
+
+mode `embeddings`: only embed_tokens (and lm_head with train_lm_head) trains; with new_rows_only
+only the rows the tokenizer merge added, the base vocabulary stays bitwise unchanged (the
+original project's unreleased stage 1). mode `lora`: LoRA on the projections plus full
+embed_tokens/lm_head (stage 2). mode `full`: every parameter. Output: out/adapter (lora) or
+out/model (embeddings, full), metrics.jsonl, tb/, train_summary.json.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from . import InputPath, StageKind
+from ._training import TrainingParams
+
+
+class PretrainParams(TrainingParams):
+    mode: Literal["embeddings", "lora", "full"] = "lora"
+    corpus: Annotated[str, InputPath()] = Field(description="pre-tokenized corpus directory")
+    block_size: int = Field(default=512, gt=1)
+    valid_count: int | None = Field(default=None, ge=0, description="blocks held out for validation")
+    valid_fraction: float | None = Field(default=None, ge=0, lt=1)
+    new_rows_only: bool = Field(default=False, description="embeddings mode: train only the added rows")
+    train_lm_head: bool = Field(default=False, description="embeddings mode: train lm_head too")
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> "PretrainParams":
+        if self.mode != "embeddings" and (self.new_rows_only or self.train_lm_head):
+            raise ValueError("new_rows_only / train_lm_head only apply to mode: embeddings")
+        if self.mode != "lora" and self.init_adapter:
+            raise ValueError("init_adapter only applies to mode: lora")
+        return self
+
+
+KIND = StageKind(
+    name="pretrain",
+    params=PretrainParams,
+    entry="chla_train.stages.pretrain:run",
+    description="continued pretraining (embeddings | lora | full) on DeepSpeed, resumable",
+    distributed=True,
+)

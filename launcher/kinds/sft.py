@@ -1,0 +1,36 @@
+"""`sft`: LoRA instruction tuning on Alpaca-format JSON (prompt tokens masked, target = output +
+eos). Output: out/adapter (stock PEFT + tokenizer with a pad token), metrics.jsonl, tb/,
+train_summary.json."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from . import InputPath, StageKind
+from ._training import TrainingParams
+
+
+class SftParams(TrainingParams):
+    train_file: Annotated[str, InputPath()] = Field(description="Alpaca-format JSON for training")
+    valid_file: Annotated[str | None, InputPath()] = Field(
+        default=None, description="Alpaca-format JSON for validation (default: hold out valid_fraction)")
+    valid_fraction: float = Field(default=0.05, ge=0, lt=1)
+    max_seq_length: int = Field(default=512, gt=8)
+    template: str | None = Field(default=None, description="prompt template name (default: Alpaca)")
+    on_bad_record: Literal["error", "skip"] = "error"
+    packing: bool = False
+    # The original SFT settings (FACTS.md).
+    learning_rate: float = Field(default=1e-4, gt=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+KIND = StageKind(
+    name="sft",
+    params=SftParams,
+    entry="chla_train.stages.sft:run",
+    description="LoRA instruction tuning (Alpaca format) on DeepSpeed, resumable",
+    distributed=True,
+)
