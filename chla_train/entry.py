@@ -130,12 +130,15 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
                          error=_one_line(error))
         raise
 
+    hosts = [socket.gethostname()]
     if dist.world_size > 1:
         barrier.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(barrier / f"{dist.rank}.ok", "ok")
+        # Each rank reports its host, so reports can tell real nodes from "nodes" sharing a host.
+        atomic.write_text(barrier / f"{dist.rank}.ok", socket.gethostname())
         if dist.rank != 0:
             return metrics
         _wait_for_ranks(barrier, dist.world_size)
+        hosts = sorted({path.read_text().strip() for path in barrier.glob("*.ok")})
     if not is_array and stage.kind.finalize:
         # A kind that aggregates (manifest, results) does so after its single task too.
         ctx.log("finalizing")
@@ -152,7 +155,7 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
             shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(barrier, ignore_errors=True)
         _write_state(state_path, atomic.read_json(state_path, {}) or {}, status=COMPLETED,
-                     finished_at=now(), elapsed_s=elapsed, metrics=metrics)
+                     finished_at=now(), elapsed_s=elapsed, metrics=metrics, hosts=hosts)
         run.mark_done(stage_name, fingerprint)  # last
     ctx.log(f"done in {elapsed:.1f}s")
     return metrics

@@ -265,14 +265,27 @@ class Trainer:
         return flag[0].item() / label_tokens, int(input_tokens), flag[1].item() > 0
 
     def _forward(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
-        """Sum of token cross-entropies of one micro-batch (num_items_in_batch=1 makes HF sum)."""
-        inputs = {"input_ids": torch.from_numpy(batch["input_ids"]).to(self.device),
-                  "labels": torch.from_numpy(batch["labels"]).to(self.device)}
+        """Sum of token cross-entropies of one micro-batch (num_items_in_batch=1 makes HF sum).
+
+        When most positions carry no label (SFT: the prompt is masked, only the answer counts), the
+        vocabulary projection is computed only at the positions that predict a label in some row
+        of the batch (`logits_to_keep`): with a 50K vocabulary that projection is most of a small
+        model's work. The loss is the same sum HF computes over all positions."""
+        labels = torch.from_numpy(batch["labels"]).to(self.device)
+        inputs = {"input_ids": torch.from_numpy(batch["input_ids"]).to(self.device)}
         mask = batch.get("attention_mask")
         if mask is not None and not mask.all():  # an all-ones mask only slows SDPA down
             inputs["attention_mask"] = torch.from_numpy(mask).to(self.device)
-        one = torch.ones((), device=self.device)
-        return self.engine(**inputs, num_items_in_batch=one, use_cache=False).loss.float()
+        # Position t predicts token t + 1.
+        predicts_label = (labels[:, 1:] != -100).any(dim=0)
+        if bool(predicts_label.all()):
+            one = torch.ones((), device=self.device)
+            return self.engine(**inputs, labels=labels, num_items_in_batch=one, use_cache=False).loss.float()
+        positions = torch.nonzero(predicts_label).squeeze(1)
+        logits = self.engine(**inputs, logits_to_keep=positions, use_cache=False).logits
+        targets = labels[:, positions + 1]
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -165,13 +165,14 @@ def _shard_tag(shard: int, num_shards: int) -> str:
 
 def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard: int, num_shards: int,
                    batch_size: int = 8, max_new_tokens: int = 64, block_size: int | None = None,
-                   template: bool = True, loaded=None, log: Log = print) -> dict:
+                   template: bool = True, loaded=None, log: Log = print, max_items: int | None = None) -> dict:
     """Evaluate this shard's items of every source; write out_dir/partials/<shard>.json (+ JSONL)."""
     from chla_tools.inference import load_for_inference
 
     if not 0 <= shard < num_shards:
         raise ChlaError(f"shard {shard} is outside 0..{num_shards - 1}")
-    items = {source.name: load_items(source) for source in sources}  # fail fast, before the model
+    # Fail fast, before the model. `max_items` keeps the first N lines/records of every input.
+    items = {source.name: load_items(source)[:max_items] for source in sources}
     model, tokenizer = loaded or load_for_inference(model_dir, adapters, log=log)
     block = block_size or int(getattr(model.config, "max_position_embeddings", 2048))
     if block < 2:
@@ -335,10 +336,9 @@ def run(ctx) -> dict:
     shard = max(ctx.task_index, 0)
     evaluate_shard(params.model, params.adapters, ctx.out_dir, sources=_sources_of(params), shard=shard,
                    num_shards=num_shards, batch_size=params.batch_size, max_new_tokens=params.max_new_tokens,
-                   block_size=params.block_size, template=params.template, log=ctx.log)
-    if num_shards == 1:
-        return _headline(aggregate(ctx.out_dir, 1, log=ctx.log))
-    return {"shard": shard}
+                   block_size=params.block_size, template=params.template, log=ctx.log,
+                   max_items=params.max_items)
+    return {"shard": shard}  # finalize aggregates, after one task or many
 
 
 def finalize(ctx) -> dict:

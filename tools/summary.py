@@ -56,13 +56,18 @@ def run(ctx) -> dict[str, Any]:
     if params.evaluations:
         summary["zh_ppl_per_char"] = zh
         summary["en_ppl_per_char"] = en
-        task = results.get(params.task_point, {}).get("tasks", {}).get(params.task)
-        if task:
-            summary["sft_accuracy"] = task["accuracy"]
-            summary["majority_baseline"] = task["majority_baseline"]
-            summary["task_items"] = task["items"]
-            summary["predictions"] = str(Path(params.evaluations[params.task_point]) / task["predictions"])
-        generations = {point: str(Path(params.evaluations[point]) / r["prompts"][name]["generations"])
+    if params.task_results:
+        results["task"] = _load(Path(params.task_results) / "results.json", "task evaluation")
+        task = results["task"].get("tasks", {}).get(params.task)
+        if not task:
+            raise ChlaError(f"summarize: {params.task_results}/results.json has no task {params.task!r}")
+        summary["sft_accuracy"] = task["accuracy"]
+        summary["majority_baseline"] = task["majority_baseline"]
+        summary["task_items"] = task["items"]
+        summary["predictions"] = str(Path(params.task_results) / task["predictions"])
+    if results:
+        sources = {**params.evaluations, "task": params.task_results}
+        generations = {point: str(Path(sources[point]) / r["prompts"][name]["generations"])
                        for point, r in results.items() for name in r.get("prompts", {})}
         if generations:
             summary["generations"] = generations
@@ -70,7 +75,9 @@ def run(ctx) -> dict[str, Any]:
     try:
         from chla_tools.train_report import train_report
 
-        summary["plots"]["training_loss"] = str(train_report(ctx.run_dir, ctx.out_dir / "train_loss.png"))
+        train_report(ctx.run_dir, ctx.out_dir / "train_loss.png")
+        # Where it will be once this stage's out/ is in place.
+        summary["plots"]["training_loss"] = str(ctx.stage_out(ctx.stage) / "train_loss.png")
     except ChlaError:
         pass  # no training stage in this chain
     summary["stage_seconds"] = _stage_seconds(ctx.run_dir, ctx.stage)

@@ -7,7 +7,7 @@ import argparse
 from typing import Callable
 
 NAME = "report"
-HELP = "draw reports from a run directory (train: loss curves of all training stages)"
+HELP = "reports from a run directory: train (loss curves), scaling (node-scaling sweep)"
 ORDER = 80
 
 
@@ -25,9 +25,24 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scaling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of a recipe with a `sweep:`")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="output directory (default RUN_DIR/reports): scaling.md, scaling.json, scaling-<stage>.png")
+
+
+def _run_scaling(args: argparse.Namespace) -> int:
+    from chla_tools.scaling_report import markdown, scaling_report
+
+    print(markdown(scaling_report(args.run_dir, args.out)))
+    return 0
+
+
 # name -> (help, add_arguments, run). Add a report by adding an entry.
 REPORTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("loss curves of every training stage of a run in one PNG", _add_train, _run_train),
+    "scaling": ("throughput, speedup and efficiency of a node-scaling sweep (table and PNG)",
+                _add_scaling, _run_scaling),
 }
 
 

@@ -28,6 +28,7 @@ class EvaluateParams(StageParams):
     max_new_tokens: int = Field(64, ge=1, description="generation length for tasks and prompts")
     block_size: int | None = Field(None, ge=2, description="perplexity window; default max_position_embeddings")
     template: bool = Field(True, description="wrap instructions and prompts in the Alpaca template")
+    max_items: int | None = Field(None, ge=1, description="evaluate only the first N lines/records of every input")
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "EvaluateParams":

@@ -41,4 +41,5 @@ KIND = StageKind(
     entry="chla_train.stages.pretrain:run",
     description="continued pretraining (embeddings | lora | full) on DeepSpeed, resumable",
     distributed=True,
+    accumulation_param="gradient_accumulation_steps",
 )

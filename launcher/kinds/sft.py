@@ -33,4 +33,5 @@ KIND = StageKind(
     entry="chla_train.stages.sft:run",
     description="LoRA instruction tuning (Alpaca format) on DeepSpeed, resumable",
     distributed=True,
+    accumulation_param="gradient_accumulation_steps",
 )

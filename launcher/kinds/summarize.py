@@ -20,8 +20,9 @@ class SummarizeParams(StageParams):
     evaluations: dict[str, str] = Field(default_factory=dict)
     zh_ppl: str = Field("ppl-zh_heldout", description="evaluation name of the Chinese perplexity")
     en_ppl: str = Field("ppl-en_heldout", description="evaluation name of the English perplexity")
+    # an evaluate stage's out directory holding the labelled task (and prompt generations)
+    task_results: str | None = None
     task: str = Field("task-sft_test", description="evaluation name of the labelled task")
-    task_point: str = Field("after_sft", description="which evaluation point's task accuracy is headline")
 
 
 KIND = StageKind(
