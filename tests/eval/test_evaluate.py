@@ -51,7 +51,8 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
     params = EvaluateParams(model=str(merged_model), ppl=eval_inputs["ppl"], tasks=eval_inputs["tasks"],
                             prompts=eval_inputs["prompts"], batch_size=3, max_new_tokens=6, block_size=32)
     one, four = tmp_path / "one", tmp_path / "four"
-    headline = evaluation.run(_ctx(params, one, 0, 1))
+    evaluation.run(_ctx(params, one, 0, 1))
+    headline = evaluation.finalize(_ctx(params, one, -1, 1))  # the job entry finalizes a single task too
     for task in range(4):
         evaluation.run(_ctx(params, four, task, 4))
     evaluation.finalize(_ctx(params, four, -1, 4))

@@ -97,9 +97,13 @@ def test_fan_in_chain_with_array(tmp_path, executor, cluster_if_slurm):
         assert json.loads((run_dir / stage / "DONE").read_text())["fingerprint"] == chain["stages"][stage]["fingerprint"]
     if executor == "slurm":
         ids = [i for rec in chain["stages"].values() for i in rec["job_ids"]]
-        acct = subprocess.run(["sacct", "-X", "-P", "-n", "-j", ",".join(ids), "--format=JobID,State"],
-                              capture_output=True, text=True).stdout
-        assert acct.count("COMPLETED") >= 7  # prep, 4 shard tasks, side, join
+
+        def completed_in_sacct() -> bool:  # sacct lags the queue by a few seconds
+            acct = subprocess.run(["sacct", "-X", "-P", "-n", "-j", ",".join(ids), "--format=JobID,State"],
+                                  capture_output=True, text=True).stdout
+            return acct.count("COMPLETED") >= 7  # prep, 4 shard tasks, side, join
+
+        _wait_for(completed_in_sacct, 60, "sacct to list every job")
     # Resubmitting does nothing: every stage is finished with the same fingerprint.
     again = submit(tmp_path, executor)
     assert "nothing to do" in again.stdout
