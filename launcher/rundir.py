@@ -3,6 +3,7 @@
     runs/<name>/
       recipe.yaml            resolved and frozen
       chain.json             stage -> job ids, fingerprints, submission time, executor
+      summary.json/.md       headline figures, when the chain has a `summarize` stage
       <stage>/
         state.json           status, attempts, timings, headline metrics
         logs/                job stdout/stderr (one file per task)

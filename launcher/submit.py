@@ -84,6 +84,8 @@ def submit(options: SubmitOptions, out: TextIO = sys.stdout) -> int:
         if name not in active:
             run.clear_done(name)
             run.stage_dir(name).mkdir(parents=True, exist_ok=True)
+            # A new submission starts the count of attempts (requeues show as restarts) afresh.
+            atomic.write_json(run.state_file(name), {"status": "PENDING", "attempts": 0, "submitted_at": now()})
             if recipe.stages[name].array is not None:
                 # Task states of an earlier attempt would be mistaken for this one's.
                 for old in run.tasks_dir(name).glob("*.json"):
@@ -121,6 +123,10 @@ def submit(options: SubmitOptions, out: TextIO = sys.stdout) -> int:
 
     say("")
     render_status(run, out=out)
+    summary = run.path / "summary.md"  # written by a `summarize` stage
+    if summary.exists() and code == 0:
+        say("")
+        say(summary.read_text(encoding="utf-8").rstrip())
     return code
 
 

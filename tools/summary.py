@@ -84,8 +84,9 @@ def run(ctx) -> dict[str, Any]:
 
     write_json(ctx.out_dir / "summary.json", summary)
     write_text(ctx.out_dir / "summary.md", _markdown(summary))
-    # The run's headline file, beside recipe.yaml (the runs/<name>/summary.json).
+    # The run's headline files, beside recipe.yaml; chla-submit prints summary.md at the end.
     write_json(ctx.run_dir / "summary.json", summary)
+    write_text(ctx.run_dir / "summary.md", _markdown(summary))
     print(_markdown(summary), flush=True)
     return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
