@@ -14,7 +14,7 @@ import submitit
 
 from ..errors import ChlaError
 from ..graph import Plan
-from ..recipe import ResolvedRecipe, ResolvedStage
+from ..recipe import ResolvedRecipe, ResolvedStage, Resources
 from ..rundir import RunDir, now
 from .. import slurm
 
@@ -49,8 +49,6 @@ class SlurmChainSubmitter:
         self._submitted: list[str] = []
 
     def _executor(self, stage: ResolvedStage, dependency: list[str] | None, *, finalize: bool = False) -> _SlurmExecutor:
-        from chla_launcher.recipe import Resources
-
         resources = stage.resources
         if finalize:
             # Aggregation is light: one task, one CPU, the stage's time limit.
