@@ -95,6 +95,17 @@ def usable_attention(requested: str) -> str:
     return requested
 
 
+def base_model_for(params, vocab_size: int, *, dtype: torch.dtype, stage: str):
+    """The model a training stage starts from (`model` dir or `init` config) with one embedding row
+    per tokenizer entry. Returns (model, rows the base had before resizing)."""
+    model = build_base_model(params.model, params.init, dtype=dtype,
+                             attn_implementation=params.attn_implementation, seed=params.seed)
+    base_rows = resize_to_tokenizer(model, vocab_size, new_row_init=params.new_row_init,
+                                    max_vocab_growth=params.max_vocab_growth,
+                                    where=f"{stage}.tokenizer {params.tokenizer}")
+    return model, base_rows
+
+
 def resize_to_tokenizer(model, vocab_size: int, *, new_row_init: str, max_vocab_growth: float,
                         where: str) -> int:
     """Give the model one embedding row (and lm_head row) per tokenizer entry. Returns the number

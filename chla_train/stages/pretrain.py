@@ -42,11 +42,7 @@ def run(ctx) -> dict[str, Any]:
     ctx.log(f"corpus: {len(train_idx)} training and {len(valid_idx)} validation blocks of {params.block_size}")
 
     # 2. Model: base, resized to the tokenizer, then what trains.
-    model = models.build_base_model(params.model, params.init, dtype=dtype,
-                                    attn_implementation=params.attn_implementation, seed=params.seed)
-    base_rows = models.resize_to_tokenizer(model, len(tokenizer), new_row_init=params.new_row_init,
-                                           max_vocab_growth=params.max_vocab_growth,
-                                           where=f"{ctx.stage}.tokenizer {params.tokenizer}")
+    model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage)
     if params.mode == "embeddings":
         models.setup_embeddings_training(model, base_rows=base_rows, new_rows_only=params.new_rows_only,
                                          train_lm_head=params.train_lm_head, where=ctx.stage)

@@ -50,11 +50,7 @@ def run(ctx) -> dict[str, Any]:
     ctx.log(f"data: {len(train_idx)} training and {len(valid_idx)} validation examples")
 
     # 2. Model: base resized to the tokenizer (pad included), then the LoRA adapter.
-    model = models.build_base_model(params.model, params.init, dtype=dtype,
-                                    attn_implementation=params.attn_implementation, seed=params.seed)
-    base_rows = models.resize_to_tokenizer(model, len(tokenizer), new_row_init=params.new_row_init,
-                                           max_vocab_growth=params.max_vocab_growth,
-                                           where=f"{ctx.stage}.tokenizer {params.tokenizer}")
+    model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
                               target_modules=params.lora_target_modules,

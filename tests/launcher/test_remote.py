@@ -22,6 +22,7 @@ from chla_launcher.errors import ChlaError
 from chla_launcher.remote import RemoteTarget, parse_remote, shell_line
 
 from .conftest import chla, status_json, wait_for_chain
+from .test_chains import SLEEPY
 
 PY = sys.executable
 REMOTE_CHLA = Path(sys.executable).parent / "chla"  # the same venv's console script, run by sshd
@@ -238,19 +239,6 @@ def test_remote_submit_status_logs_with_nasty_values(sshd, slurm_cluster, tmp_pa
     assert missing.returncode == 2 and "not a chla run directory" in missing.stderr
 
 
-SLEEPY = f"""\
-name: sleepy
-stages:
-  nap:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import time; time.sleep(600)"]
-  after_nap:
-    kind: command
-    after: [nap]
-    params:
-      argv: [{PY}, -c, "print('never')"]
-"""
 
 
 @pytest.mark.slurm
