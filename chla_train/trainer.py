@@ -50,6 +50,8 @@ class TrainData:
     valid_set: Any
     valid_indices: Sequence[int]
     collate: Collate
+    # per-item lengths of train_set, for length-grouped batches (None: plain shuffle)
+    train_lengths: np.ndarray | None = None
 
 
 @dataclass
@@ -156,8 +158,12 @@ class Trainer:
         from chla_tools.blocks import ResumableSampler
 
         ctx, params = self.ctx, self.params
-        sampler = ResumableSampler(np.asarray(self.data.train_indices), seed=params.seed, shuffle=True,
-                                   rank=self.rank, world_size=self.world_size)
+        train_indices = np.asarray(self.data.train_indices)
+        lengths = None if self.data.train_lengths is None else self.data.train_lengths[train_indices]
+        # Groups of 64 global batches are sorted by length (HF's group_by_length uses 50).
+        sampler = ResumableSampler(train_indices, seed=params.seed, shuffle=True, rank=self.rank,
+                                   world_size=self.world_size, global_batch_size=self.global_batch,
+                                   lengths=lengths, length_group=64 * self.global_batch)
         state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "elapsed_s": 0.0,
                                  "resumed_from": [], "first_eval_loss": None}
         latest = checkpoints.latest_checkpoint(ctx.work_dir)

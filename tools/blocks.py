@@ -18,6 +18,12 @@ With world_size w, rank r takes global positions r, r+w, r+2w, ...: every global
 (B divisible by w) is split among the ranks, and the ranks together see the same samples as one
 rank with batch B. The trainer consumes `take(n)` per step (n = per-rank batch size) and saves
 `state_dict()` with its checkpoint.
+
+Length grouping (SFT's `group_by_length`, as HF Trainer's): given each item's length, every
+epoch's permutation is cut into groups of `length_group` consecutive items and each group is
+sorted longest first and cut into global batches, whose order is then shuffled: a batch holds items
+of similar length and pads little (random batches of reviews pad to ~2x their mean length). The order is still a pure function of (seed, epoch),
+so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -142,16 +148,23 @@ class ResumableSampler:
     position can be saved and restored (see the module docstring)."""
 
     def __init__(self, indices, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, global_batch_size: int | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, global_batch_size: int | None = None,
+                 lengths=None, length_group: int = 0) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         if len(self.indices) == 0:
             raise ChlaError("the sampler got no items (empty dataset or split)")
+        # lengths[i] is the length of item indices[i]; used only when length_group > 1
+        self.lengths = None if lengths is None or length_group <= 1 else np.asarray(lengths, dtype=np.int64)
+        if self.lengths is not None and self.lengths.shape != self.indices.shape:
+            raise ValueError(f"{len(self.lengths)} lengths for {len(self.indices)} items")
+        self.length_group = int(length_group)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.seed, self.shuffle, self.rank, self.world_size = int(seed), shuffle, rank, world_size
         # drop_last: each epoch is cut to a multiple of the global batch (world_size if not given)
         # so that no batch mixes two epochs.
         unit = global_batch_size or world_size
+        self.global_batch_size = unit
         self.epoch_length = (len(self.indices) // unit) * unit if drop_last else len(self.indices)
         if self.epoch_length == 0:
             raise ChlaError(f"drop_last with a global batch of {unit} leaves no items of {len(self.indices)}")
@@ -163,11 +176,27 @@ class ResumableSampler:
         if epoch != self._order_epoch:
             if self.shuffle:
                 permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+                if self.lengths is not None:
+                    permutation = self._grouped_by_length(permutation, epoch)
                 self._order = self.indices[permutation[: self.epoch_length]]
             else:
                 self._order = self.indices[: self.epoch_length]
             self._order_epoch = epoch
         return self._order
+
+    def _grouped_by_length(self, permutation: np.ndarray, epoch: int) -> np.ndarray:
+        """Each run of `length_group` positions of the permutation sorted longest first, cut into
+        global batches, and those batches put in a seeded random order (not long-to-short: with
+        a decaying learning rate the last steps would otherwise see only the shortest items)."""
+        batch = self.global_batch_size
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        grouped = permutation.copy()
+        for start in range(0, len(grouped), self.length_group):
+            group = grouped[start:start + self.length_group]
+            group = group[np.argsort(-self.lengths[group], kind="stable")]
+            batches = [group[i:i + batch] for i in range(0, len(group), batch)]
+            grouped[start:start + len(group)] = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+        return grouped
 
     def __iter__(self) -> Iterator[int]:
         while True:

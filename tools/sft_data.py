@@ -129,6 +129,11 @@ class SFTDataset:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens in each example (for length-grouped batching)."""
+        return np.diff(np.asarray(self.offsets, dtype=np.int64))
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
         if index < 0:

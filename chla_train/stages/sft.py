@@ -62,7 +62,8 @@ def run(ctx) -> dict[str, Any]:
     # 3. Train.
     init_distributed(ctx)
     data = TrainData(train_set=train_set, train_indices=train_idx, valid_set=valid_set,
-                     valid_indices=valid_idx, collate=partial(collate_sft, pad_id=tokenizer.pad_token_id))
+                     valid_indices=valid_idx, collate=partial(collate_sft, pad_id=tokenizer.pad_token_id),
+                     train_lengths=train_set.lengths if params.group_by_length else None)
     trainer = Trainer(ctx, model, data, params, dtype=dtype)
     result = trainer.train()
 

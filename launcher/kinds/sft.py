@@ -21,6 +21,8 @@ class SftParams(TrainingParams):
     template: str | None = Field(default=None, description="prompt template name (default: Alpaca)")
     on_bad_record: Literal["error", "skip"] = "error"
     packing: bool = False
+    group_by_length: bool = Field(
+        default=False, description="batch examples of similar length (less padding; HF's group_by_length)")
     # The original SFT settings (FACTS.md).
     learning_rate: float = Field(default=1e-4, gt=0)
     warmup_ratio: float = Field(default=0.03, ge=0, le=1)

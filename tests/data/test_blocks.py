@@ -99,3 +99,39 @@ def test_drop_last_keeps_batches_inside_an_epoch():
     sampler = ResumableSampler(np.arange(10), seed=0, drop_last=True, global_batch_size=4)
     first_epoch = sampler.take(8)
     assert len(set(first_epoch)) == 8 and sampler.state_dict() == {"epoch": 1, "position": 0, "seed": 0}
+
+
+def test_length_grouped_batches_pad_less_and_resume_exactly():
+    rng = np.random.default_rng(0)
+    indices = np.arange(1000, 1640)
+    lengths = rng.integers(5, 300, size=len(indices))
+    length_of = dict(zip(indices.tolist(), lengths.tolist()))
+    global_batch = 16
+
+    def padded_tokens(order):
+        batches = order[: len(order) // global_batch * global_batch].reshape(-1, global_batch)
+        return sum(max(length_of[int(i)] for i in batch) * global_batch for batch in batches)
+
+    plain = ResumableSampler(indices, seed=5, global_batch_size=global_batch).take(len(indices))
+    grouped_sampler = ResumableSampler(indices, seed=5, global_batch_size=global_batch, lengths=lengths,
+                                       length_group=8 * global_batch)
+    grouped = grouped_sampler.take(len(indices))
+    assert sorted(grouped) == sorted(indices)  # still every item once per epoch
+    assert padded_tokens(grouped) < 0.7 * padded_tokens(plain)
+    # Batches are not ordered long to short across a group (a decaying LR would see only short ones).
+    maxima = [max(length_of[int(i)] for i in batch) for batch in grouped[: 8 * global_batch].reshape(8, -1)]
+    assert maxima != sorted(maxima, reverse=True)
+    # A new epoch is a new grouping; resuming mid-epoch continues exactly; two ranks share batches.
+    second_epoch = grouped_sampler.take(len(indices))
+    assert not np.array_equal(second_epoch, grouped)
+    first = ResumableSampler(indices, seed=5, global_batch_size=global_batch, lengths=lengths,
+                             length_group=8 * global_batch)
+    head = first.take(700)
+    resumed = ResumableSampler(indices, seed=5, global_batch_size=global_batch, lengths=lengths,
+                               length_group=8 * global_batch)
+    resumed.load_state_dict(first.state_dict())
+    assert np.array_equal(np.concatenate([head, resumed.take(580)]), np.concatenate([grouped, second_epoch]))
+    ranks = [ResumableSampler(indices, seed=5, rank=r, world_size=2, global_batch_size=global_batch,
+                              lengths=lengths, length_group=8 * global_batch) for r in range(2)]
+    together = np.concatenate([rank.take(global_batch // 2) for rank in ranks])
+    assert sorted(together) == sorted(grouped[:global_batch])

@@ -1,0 +1,105 @@
+"""The demo recipe itself, end to end, shrunk with --set to a few steps per training stage: once
+on the local executor and once on the real local Slurm cluster. Every stage of the Slurm run is a
+job held by afterok on its parents' jobs, `chla status` shows the whole chain, and both runs write
+a summary.json with the required keys and the same figures (same seeds, same thread counts).
+
+The full-size demo (README: about 13 minutes) is not run here; its figures are in the README."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ..helpers import REPO, chla, status_json, wait_for_chain
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+DEMO = REPO / "recipes" / "demo.yaml"
+
+# A few optimizer steps per training stage and a slice of every evaluation set: the chain, its
+# data and its code paths are the real demo's; only the amount of work is cut.
+SHRINK = {
+    "stages.base_model.params.max_steps": "4",
+    "stages.base_model.params.eval_steps": "0",
+    "stages.pt_embeddings.params.max_steps": "3",
+    "stages.pt_embeddings.params.eval_steps": "0",
+    "stages.pt_lora.params.max_steps": "3",
+    "stages.pt_lora.params.eval_steps": "0",
+    "stages.sft.params.max_steps": "4",
+    "stages.sft.params.eval_steps": "0",
+    "stages.eval_base.params.max_items": "16",
+    "stages.eval_pt.params.max_items": "16",
+    "stages.eval_sft.params.max_items": "16",
+    "stages.eval_sft.params.max_new_tokens": "8",
+    "stages.eval_task.params.max_items": "40",
+}
+REQUIRED = ("tokens_per_char_base", "tokens_per_char_merged", "zh_ppl_per_char", "en_ppl_per_char",
+            "sft_accuracy", "majority_baseline", "plots")
+
+
+def submit_demo(tmp_path: Path, executor: str) -> Path:
+    run_dir = tmp_path / executor
+    overrides = [arg for key, value in SHRINK.items() for arg in ("--set", f"{key}={value}")]
+    chla("submit", str(DEMO), "--executor", executor, "--run-dir", str(run_dir), *overrides,
+         cwd=tmp_path, check=True, timeout=900)
+    return run_dir
+
+
+def parents_in_recipe(stage: dict) -> set[str]:
+    """The stages a stage reads from (${stages.X.out}) or names in `after`."""
+    text = json.dumps(stage.get("params", {}))
+    return set(re.findall(r"\$\{stages\.(\w+)\.out\}", text)) | set(stage.get("after", []))
+
+
+def test_demo_chain_on_slurm_matches_the_local_run(tmp_path, slurm_cluster, demo_assets):
+    recipe = yaml.safe_load(DEMO.read_text())["stages"]
+    stages = list(recipe)
+
+    slurm_run = submit_demo(tmp_path, "slurm")
+    chain = json.loads((slurm_run / "chain.json").read_text())["stages"]
+    assert set(chain) == set(stages)
+    for name in stages:
+        # every stage is a job; a stage with parents waits on exactly their (final) jobs
+        job = chain[name]["job_ids"][0]
+        script = (slurm_run / name / "logs" / f"{job}_submission.sh").read_text()
+        parents = parents_in_recipe(recipe[name])
+        if parents:
+            wanted = set()
+            for parent in parents:
+                final = chain[parent].get("finalize_job_id")
+                wanted |= {final} if final else set(chain[parent]["job_ids"])
+            deps = script.split("--dependency=")[1].splitlines()[0].strip("'")
+            assert deps.startswith("afterok:") and set(deps[len("afterok:"):].split(":")) == wanted, name
+        else:
+            assert "--dependency" not in script, name
+        assert bool(recipe[name].get("array")) == ("--array=" in script), name
+
+    local_run = submit_demo(tmp_path, "local")  # runs while Slurm works through its queue
+
+    rows = wait_for_chain(slurm_run, timeout=900)
+    assert {name: row["state"] for name, row in rows.items()} == dict.fromkeys(stages, "COMPLETED")
+    assert all(row["state"] == "COMPLETED" for row in status_json(local_run).values())
+    table = chla("status", str(slurm_run), check=True).stdout
+    assert all(name in table for name in stages)
+
+    local = json.loads((local_run / "summary.json").read_text())
+    on_slurm = json.loads((slurm_run / "summary.json").read_text())
+    for summary in (local, on_slurm):
+        assert set(REQUIRED) <= set(summary)
+        for key in ("zh_ppl_per_char", "en_ppl_per_char"):
+            assert set(summary[key]) >= {"base", "after_pt", "after_sft"}
+        for plot in summary["plots"].values():
+            assert Path(plot).is_file()
+    assert on_slurm["tokens_per_char_merged"] == local["tokens_per_char_merged"]
+    assert on_slurm["tokens_per_char_base"] == local["tokens_per_char_base"]
+    for key in ("zh_ppl_per_char", "en_ppl_per_char"):
+        for point in ("base", "after_pt", "after_sft"):
+            a, b = local[key][point], on_slurm[key][point]
+            assert math.isclose(a, b, rel_tol=0.02), (key, point, a, b)
+    assert abs(local["sft_accuracy"] - on_slurm["sft_accuracy"]) <= 0.05
+    assert local["task_items"] == on_slurm["task_items"] == 40
