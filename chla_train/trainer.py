@@ -359,6 +359,16 @@ def input_token_count(batch: dict[str, np.ndarray]) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].size)
 
 
+def train_summary(facts: dict[str, Any], result: TrainResult, *, trainable: int, total: int,
+                  world_size: int) -> dict[str, Any]:
+    """The train_summary.json of a training stage: its own facts plus the run's figures."""
+    return {**facts, "trainable_params": trainable, "total_params": total, "world_size": world_size,
+            "global_batch": result.global_batch, "samples_seen": result.samples_seen,
+            "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+            "first_eval_loss": result.first_eval_loss, "elapsed_s": round(result.elapsed_s, 2),
+            "tokens_per_s": round(result.tokens_per_s, 1), "resumed_from_steps": result.resumed_from}
+
+
 def shutdown_distributed() -> None:
     """Tear the process group down before the job entry exits (gloo leaves threads otherwise)."""
     if dist.is_initialized():

@@ -20,10 +20,10 @@ rank with batch B. The trainer consumes `take(n)` per step (n = per-rank batch s
 `state_dict()` with its checkpoint.
 
 Length grouping (SFT's `group_by_length`, as HF Trainer's): given each item's length, every
-epoch's permutation is cut into groups of `length_group` consecutive items and each group is
-sorted longest first and cut into global batches, whose order is then shuffled: a batch holds items
-of similar length and pads little (random batches of reviews pad to ~2x their mean length). The order is still a pure function of (seed, epoch),
-so resuming stays exact.
+epoch's permutation is cut into groups of `length_group` consecutive items; each group is sorted
+longest first and cut into global batches, whose order is then shuffled. A batch holds items of
+similar length and pads little (random batches of reviews pad to ~2x their mean length). The
+order is still a pure function of (seed, epoch), so resuming stays exact.
 """
 
 from __future__ import annotations

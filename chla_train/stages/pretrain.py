@@ -16,7 +16,8 @@ from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
 from chla_train import model as models
 from chla_train.export import save_adapter, save_model
-from chla_train.trainer import TrainData, Trainer, init_distributed, shutdown_distributed
+from chla_train.trainer import (TrainData, Trainer, init_distributed, shutdown_distributed,
+                                train_summary)
 
 
 def collate_blocks(blocks: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -70,12 +71,7 @@ def run(ctx) -> dict[str, Any]:
     else:
         save_model(trainer, tokenizer, ctx.out_dir, facts)
     trainer.finish()
-    summary = {**facts, "trainable_params": trainable, "total_params": total,
-               "world_size": ctx.dist.world_size, "global_batch": result.global_batch,
-               "samples_seen": result.samples_seen, "train_loss": result.train_loss,
-               "eval_loss": result.eval_loss, "first_eval_loss": result.first_eval_loss,
-               "elapsed_s": round(result.elapsed_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
-               "resumed_from_steps": result.resumed_from}
+    summary = train_summary(facts, result, trainable=trainable, total=total, world_size=ctx.dist.world_size)
     if ctx.dist.is_main:
         write_json(ctx.out_dir / "train_summary.json", summary)
     shutdown_distributed()

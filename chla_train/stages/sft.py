@@ -15,7 +15,8 @@ from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
 from chla_train import model as models
 from chla_train.export import save_adapter
-from chla_train.trainer import TrainData, Trainer, init_distributed, shutdown_distributed
+from chla_train.trainer import (TrainData, Trainer, init_distributed, shutdown_distributed,
+                                train_summary)
 
 def run(ctx) -> dict[str, Any]:
     from chla_tools.blocks import split_indices
@@ -72,13 +73,8 @@ def run(ctx) -> dict[str, Any]:
              "pad_token": tokenizer.pad_token, "step": result.step, "tokens_seen": result.tokens_seen}
     save_adapter(trainer, tokenizer, ctx.out_dir, facts)
     trainer.finish()
-    summary = {**facts, "trainable_params": trainable, "total_params": total,
-               "world_size": ctx.dist.world_size, "global_batch": result.global_batch,
-               "samples_seen": result.samples_seen, "train_loss": result.train_loss,
-               "eval_loss": result.eval_loss, "first_eval_loss": result.first_eval_loss,
-               "elapsed_s": round(result.elapsed_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
-               "resumed_from_steps": result.resumed_from,
-               "data_stats": _jsonable(getattr(train_set, "stats", None))}
+    summary = train_summary(facts, result, trainable=trainable, total=total, world_size=ctx.dist.world_size)
+    summary["data_stats"] = _jsonable(getattr(train_set, "stats", None))
     if ctx.dist.is_main:
         write_json(ctx.out_dir / "train_summary.json", summary)
     shutdown_distributed()
