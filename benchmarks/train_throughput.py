@@ -93,7 +93,8 @@ def build(tag: str, overrides: dict, dtype: torch.dtype, model_config: dict, blo
     num_params = sum(p.numel() for p in model.parameters())  # the base model's N, for MFU
     model = models.apply_lora(model.to(device), r=params.lora_r, alpha=params.lora_alpha,
                               dropout=params.lora_dropout, target_modules=params.lora_target_modules,
-                              modules_to_save=params.modules_to_save, init_adapter=None, key_prefix=tag)
+                              modules_to_save=params.modules_to_save, init_adapter=None, key_prefix=tag,
+                              seed=params.seed)
     data = TrainData(train_set=blocks, train_indices=range(len(blocks)), valid_set=blocks, valid_indices=[],
                      collate=collate_blocks)
     trainer = Trainer(ctx, model, data, params, dtype=dtype)

@@ -228,9 +228,10 @@ def check_module_names(model, names: Iterable[str], *, key: str) -> None:
 
 
 def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str],
-               modules_to_save: list[str], init_adapter: str | None, key_prefix: str,
+               modules_to_save: list[str], init_adapter: str | None, key_prefix: str, seed: int,
                log: Callable[[str], None] = print):
-    """Wrap `model` with a new LoRA adapter, or with the trainable adapter in `init_adapter`."""
+    """Wrap `model` with a new LoRA adapter (its random A matrices drawn from `seed`), or with the
+    trainable adapter in `init_adapter`."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     if init_adapter is None:
@@ -239,7 +240,12 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                             target_modules=list(target_modules),
                             modules_to_save=list(modules_to_save) or None)
-        return get_peft_model(model, config)
+        # PEFT draws the A matrices from the global RNG, whose state here depends on what the
+        # process did before (a Slurm job under submitit and a local-executor process differ),
+        # so the same recipe trained differently on the two executors. Same seed, same adapter.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
 
     # Continue an earlier adapter: its own LoRA settings win (they are baked into its shapes).
     adapter_dir = Path(init_adapter)

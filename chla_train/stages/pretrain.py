@@ -51,7 +51,8 @@ def run(ctx) -> dict[str, Any]:
         model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha,
                                   dropout=params.lora_dropout, target_modules=params.lora_target_modules,
                                   modules_to_save=params.modules_to_save,
-                                  init_adapter=params.init_adapter, key_prefix=ctx.stage, log=ctx.log)
+                                  init_adapter=params.init_adapter, key_prefix=ctx.stage, seed=params.seed,
+                                  log=ctx.log)
     trainable, total = models.count_parameters(model)
     ctx.log(f"mode {params.mode}: {trainable:,} of {total:,} parameters train; vocabulary "
             f"{base_rows} -> {len(tokenizer)} rows ({params.new_row_init} init)")

@@ -106,6 +106,34 @@ def test_report_train_errors_are_one_line(tmp_path):
         train_report(tmp_path)
 
 
+def test_new_lora_adapter_depends_on_the_seed_not_on_the_global_rng():
+    """The A matrices of a new adapter come from the recipe's seed: a process that drew random
+    numbers before (as a Slurm job under submitit does) gets the same adapter as one that did not."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chla_train.model import apply_lora
+
+    config = LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+
+    def lora_a(seed: int, draws_before: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config)
+        torch.rand(draws_before)  # whatever the process did before
+        model = apply_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], modules_to_save=[],
+                           init_adapter=None, key_prefix="pt", seed=seed, log=lambda _: None)
+        return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
+
+    assert torch.equal(lora_a(42, 0), lora_a(42, 1000))
+    assert not torch.equal(lora_a(42, 0), lora_a(43, 0))
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config)
+    torch.rand(0)
+    assert torch.equal(after, torch.rand(1))  # the caller's RNG stream is left as it was
+
+
 def test_init_adapter_continues_across_an_added_pad_row(tmp_path):
     """The original's 49953/49954 problem: a pretraining adapter (vocab N) continued by SFT whose
     tokenizer added [PAD] (vocab N+1). Trained rows are kept; the new row starts at their mean."""
@@ -128,7 +156,7 @@ def test_init_adapter_continues_across_an_added_pad_row(tmp_path):
     base.resize_token_embeddings(101, mean_resizing=False)
     messages = []
     model = apply_lora(base, r=8, alpha=32, dropout=0.0, target_modules=["q_proj"], modules_to_save=[],
-                       init_adapter=str(tmp_path / "adapter"), key_prefix="sft", log=messages.append)
+                       init_adapter=str(tmp_path / "adapter"), key_prefix="sft", seed=0, log=messages.append)
     rows = model.base_model.model.model.embed_tokens.modules_to_save["default"].weight.detach()
     assert rows.shape == (101, 8)
     assert torch.equal(rows[:100], saved_rows)
