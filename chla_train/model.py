@@ -240,9 +240,10 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                             target_modules=list(target_modules),
                             modules_to_save=list(modules_to_save) or None)
-        # PEFT draws the A matrices from the global RNG, whose state here depends on what the
-        # process did before (a Slurm job under submitit and a local-executor process differ),
-        # so the same recipe trained differently on the two executors. Same seed, same adapter.
+        # PEFT draws the A matrices from the global RNG, which nothing has seeded at this point:
+        # torch seeds it differently in every process, and what ran before (submitit, say) moves
+        # it on. Unseeded, no LoRA stage was reproducible and the local and Slurm runs of one
+        # recipe differed. Same seed, same adapter; the caller's RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return get_peft_model(model, config)

@@ -107,8 +107,9 @@ def test_report_train_errors_are_one_line(tmp_path):
 
 
 def test_new_lora_adapter_depends_on_the_seed_not_on_the_global_rng():
-    """The A matrices of a new adapter come from the recipe's seed: a process that drew random
-    numbers before (as a Slurm job under submitit does) gets the same adapter as one that did not."""
+    """The A matrices of a new adapter come from the recipe's seed, not from the global RNG (which
+    torch seeds differently in every process): a process that drew random numbers before gets the
+    same adapter as one that did not."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
