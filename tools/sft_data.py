@@ -9,7 +9,9 @@ As the original project's build_instruction_dataset:
 Differences, on purpose: an example whose prompt fills max_seq_length (no target token left) is
 dropped and counted (`stats["no_target"]`): its loss would be 0/0; a record with a missing key or
 a non-string value is an error naming file and record, or skipped and counted with
-on_bad_record="skip"; optional packing of several examples into one sequence.
+on_bad_record="skip"; optional packing of several examples into one sequence (`packing`: they
+attend to each other, as in the usual simple packing), or of each micro-batch's examples into
+rows where each attends only to itself (`collate_sft_packed`: no padding, the same loss).
 
 Padding: the original adds a "[PAD]" token when the tokenizer has none (LLaMA has none), so the
 vocabulary becomes base + 1 (49953 -> 49954); `load_sft_tokenizer` does the same, and the
@@ -276,3 +278,92 @@ def collate_sft(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np
         labels[row, :length] = example["labels"]
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_length: int,
+                       share_prefix: bool = False) -> dict[str, np.ndarray]:
+    """The examples of one micro-batch packed into as few rows of at most `row_length` tokens as
+    first-fit-decreasing finds, each example still attending only to itself.
+
+    Padded batches of reviews are about half padding; packing removes it without the label skew of
+    length-grouped batches (there, long and short reviews land in different batches, and length
+    correlates with the label). The isolation comes from `position_ids`, which restart at 0 for
+    every example: with no attention_mask, transformers reads the restarts as sequence boundaries
+    and builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices; FlashAttention
+    takes the same ids as varlen boundaries). So RoPE positions, attention and the loss are those
+    of the padded batch. The trailing pad of each row is its own segment, after every real token,
+    so no real token attends to it. `attention_mask` marks the tokens computed, for counting only;
+    the trainer does not pass it when position_ids are present (a mask turns the packed detection off).
+
+    share_prefix: the prompt tokens that every example of the batch starts with (the template and
+    a shared instruction: about half of each sentiment example) are put once at the start of each
+    row, and every example's remaining tokens attend to that copy and to themselves
+    (`packed_attention_mask`, rows x query x key, True = attend), with positions continuing after
+    it. A causal model computes the prefix the same way in every example, so the loss and the
+    gradients are those of the padded batch, from fewer tokens. The prefix stops before the first
+    position that predicts a label in any example, so every label is still predicted from its own
+    example's context."""
+    if not batch:
+        raise ValueError("collate_sft_packed got an empty batch")
+    lengths = [len(example["input_ids"]) for example in batch]
+    prefix = shared_prompt_prefix(batch) if share_prefix else 0
+    sizes = [length - prefix for length in lengths]
+    capacity = row_length - prefix
+    if max(sizes) > capacity:
+        raise ValueError(f"an example of {max(lengths)} tokens does not fit a row of {row_length}")
+    rows: list[list[int]] = []     # example indices per row
+    free: list[int] = []           # tokens left per row
+    for index in sorted(range(len(batch)), key=lambda i: -sizes[i]):
+        row = next((r for r, left in enumerate(free) if left >= sizes[index]), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        free[row] -= sizes[index]
+    width = row_length - min(free)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros((len(rows), width), dtype=np.int64)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    attend = np.zeros((len(rows), width, width), dtype=bool) if share_prefix else None
+    for row, members in enumerate(rows):
+        if prefix:
+            input_ids[row, :prefix] = batch[0]["input_ids"][:prefix]
+            position_ids[row, :prefix] = np.arange(prefix)
+            attention_mask[row, :prefix] = 1
+            attend[row, :prefix, :prefix] = np.tri(prefix, dtype=bool)
+        start = prefix
+        for index in members:
+            stop = start + sizes[index]
+            input_ids[row, start:stop] = batch[index]["input_ids"][prefix:]
+            labels[row, start:stop] = batch[index]["labels"][prefix:]
+            position_ids[row, start:stop] = np.arange(prefix, lengths[index])
+            attention_mask[row, start:stop] = 1
+            if share_prefix:
+                attend[row, start:stop, :prefix] = True
+                attend[row, start:stop, start:stop] = np.tri(sizes[index], dtype=bool)
+            start = stop
+        position_ids[row, start:] = np.arange(width - start)  # the pad tail: a segment of its own
+        if share_prefix:
+            attend[row, start:, start:] = np.tri(width - start, dtype=bool)  # no query row without a key
+    packed = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+              "attention_mask": attention_mask}
+    if share_prefix:
+        packed["packed_attention_mask"] = attend
+    return packed
+
+
+def shared_prompt_prefix(batch: list[dict[str, np.ndarray]]) -> int:
+    """How many leading tokens all examples share and may compute once: the common prefix of their
+    input ids, cut so that no position in it predicts a label (labels[1..prefix] are all -100)."""
+    first = np.asarray(batch[0]["input_ids"])
+    prefix = len(first) - 1
+    for example in batch:
+        ids, labels = np.asarray(example["input_ids"]), np.asarray(example["labels"])
+        common = min(prefix, len(ids))
+        differ = np.flatnonzero(ids[:common] != first[:common])
+        prefix = int(differ[0]) if len(differ) else common
+        labelled = np.flatnonzero(labels != IGNORE_INDEX)
+        prefix = min(prefix, int(labelled[0]) - 1 if len(labelled) else len(ids) - 1)
+    return max(prefix, 0)

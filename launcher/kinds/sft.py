@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import InputPath, StageKind
 from ._training import TrainingParams
@@ -20,13 +20,29 @@ class SftParams(TrainingParams):
     max_seq_length: int = Field(default=512, gt=8)
     template: str | None = Field(default=None, description="prompt template name (default: Alpaca)")
     on_bad_record: Literal["error", "skip"] = "error"
-    packing: bool = False
+    packing: bool = Field(
+        default=False, description="pack examples into max_seq_length sequences (they attend to each other)")
+    pack_batches: bool = Field(
+        default=False, description="pack each micro-batch's examples into rows of max_seq_length, each "
+                                   "attending only to itself: no padding, the loss of the padded batch")
+    share_prompt_prefix: bool = Field(
+        default=False, description="with pack_batches: the prompt tokens all examples of a micro-batch start "
+                                   "with (template, shared instruction) are computed once per row; same loss")
     group_by_length: bool = Field(
         default=False, description="batch examples of similar length (less padding; HF's group_by_length)")
     # The original SFT settings (FACTS.md).
     learning_rate: float = Field(default=1e-4, gt=0)
     warmup_ratio: float = Field(default=0.03, ge=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _prefix_needs_packing(self) -> "SftParams":
+        if self.share_prompt_prefix and not self.pack_batches:
+            raise ValueError("share_prompt_prefix needs pack_batches: true")
+        if self.share_prompt_prefix and self.attn_implementation == "flash_attention_2":
+            raise ValueError("share_prompt_prefix needs attn_implementation sdpa or eager "
+                             "(flash_attention_2 takes no custom attention mask)")
+        return self
 
 
 KIND = StageKind(

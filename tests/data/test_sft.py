@@ -1,5 +1,5 @@
 """SFT data: exact template, prompt masking, target = output + EOS, [PAD] (base + 1), padding,
-truncation, packing and the cache."""
+truncation, packing (plain, and per micro-batch with examples kept apart) and the cache."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from chla_tools.sft_data import (IGNORE_INDEX, PROMPT_TEMPLATE, collate_sft, format_prompt, load_sft_dataset,
-                                 load_sft_tokenizer)
+from chla_tools.sft_data import (IGNORE_INDEX, PROMPT_TEMPLATE, collate_sft, collate_sft_packed, format_prompt,
+                                 load_sft_dataset, load_sft_tokenizer, shared_prompt_prefix)
 
 # The original project's Alpaca training prompt, verbatim (FACTS.md).
 ORIGINAL = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -97,3 +97,90 @@ def test_truncation_packing_and_cache(tmp_path, records, demo_assets):
     again = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=limit, cache_dir=tmp_path / "c")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == entries
     assert np.array_equal(again.offsets, short.offsets)
+
+
+def test_packed_batches_keep_examples_apart_and_give_the_padded_loss(tmp_path, records, demo_assets):
+    """A micro-batch packed into rows (position ids restarting per example, no mask) holds every
+    example once, and the trainer's loss on it is the loss of the same examples padded: RoPE
+    positions and attention are per example, so nothing leaks between the examples of a row."""
+    import types
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chla_train.trainer import Trainer, label_token_count
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    dataset = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=256, cache_dir=tmp_path / "c")
+    examples = [dataset[i] for i in range(16)]
+    lengths = [len(e["input_ids"]) for e in examples]
+    packed = collate_sft_packed(examples, dataset.pad_id, row_length=256)
+    padded = collate_sft(examples, dataset.pad_id)
+    rows = packed["input_ids"].shape[0]
+    assert rows < len(examples) and packed["input_ids"].shape[1] <= 256
+    assert packed["input_ids"].size < padded["input_ids"].size
+    fill = packed["attention_mask"].sum(axis=1)
+    assert all(fill[a] + fill[b] > 256 for a in range(rows) for b in range(a))  # first fit: no two rows merge
+    assert int(packed["attention_mask"].sum()) == sum(lengths)
+    assert label_token_count(packed) == label_token_count(padded)
+    # Each example appears once, whole, with positions 0..n-1.
+    found = []
+    for row in range(rows):
+        starts = np.flatnonzero(packed["position_ids"][row] == 0)
+        for start, stop in zip(starts, list(starts[1:]) + [packed["input_ids"].shape[1]]):
+            if packed["attention_mask"][row, start]:
+                assert packed["attention_mask"][row, start:stop].all()
+                found.append(packed["input_ids"][row, start:stop].tolist())
+    assert sorted(found) == sorted(e["input_ids"].tolist() for e in examples)
+    with pytest.raises(ValueError, match="does not fit"):
+        collate_sft_packed(examples, dataset.pad_id, row_length=min(lengths) - 1)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=dataset.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         initializer_range=0.3)  # peaked attention: a leak would show
+    model = LlamaForCausalLM(config).eval()
+    trainer = types.SimpleNamespace(engine=_Engine(model), device=torch.device("cpu"))
+    with torch.no_grad():
+        loss_padded = Trainer._forward(trainer, padded)
+        loss_packed = Trainer._forward(trainer, packed)
+        # The same rows with a full mask instead: examples then attend to each other.
+        leaky = dict(packed, position_ids=np.tile(np.arange(packed["input_ids"].shape[1]), (rows, 1)))
+        loss_leaky = Trainer._forward(trainer, leaky)
+    assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-5)
+    assert abs(loss_leaky.item() - loss_padded.item()) > 1e-4 * loss_padded.item()
+
+    # The shared prompt prefix (template + the task's one instruction) computed once per row.
+    prefix = shared_prompt_prefix(examples)
+    instruction = len(load_sft_tokenizer(demo_assets["base_tokenizer"])(
+        format_prompt(records[0]["instruction"]))["input_ids"])
+    assert instruction - 8 <= prefix < instruction  # the template's end follows the review, not shared
+    assert all((e["labels"][:prefix + 1] == IGNORE_INDEX).all() for e in examples)
+    shared = collate_sft_packed(examples, dataset.pad_id, row_length=256, share_prefix=True)
+    assert int(shared["attention_mask"].sum()) == sum(lengths) - (len(examples) - shared["input_ids"].shape[0]) * prefix
+    assert label_token_count(shared) == label_token_count(padded)
+    attend = shared["packed_attention_mask"]
+    assert attend.shape == (shared["input_ids"].shape[0],) + (shared["input_ids"].shape[1],) * 2
+    assert attend.diagonal(axis1=1, axis2=2).all()  # every query has a key (no NaN rows)
+    assert not np.triu(attend, k=1).any()  # causal
+    with torch.no_grad():
+        loss_shared = Trainer._forward(trainer, shared)
+        # Control: the same rows, every example also seeing the examples before it in its row.
+        causal = np.tril(np.ones(attend.shape[1:], dtype=bool))[None] & (shared["attention_mask"][:, None, :] > 0)
+        loss_shared_leaky = Trainer._forward(trainer, dict(shared, packed_attention_mask=causal | attend))
+    assert loss_shared.item() == pytest.approx(loss_padded.item(), rel=1e-5)
+    assert abs(loss_shared_leaky.item() - loss_padded.item()) > 1e-4 * loss_padded.item()
+    # Examples that start differently share nothing.
+    other = dict(examples[1], input_ids=np.concatenate([[7], examples[1]["input_ids"][1:]]))
+    assert shared_prompt_prefix([examples[0], other]) == 0
+
+
+class _Engine:
+    """What the trainer's forward uses of a DeepSpeed engine: calling it, and its module."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
