@@ -87,7 +87,30 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory instead of handing it back to the kernel at once.
+
+    By default glibc trims the heap top and unmaps large freed blocks right away, so every training
+    step allocates its activations and gradients afresh and the kernel zero-fills every page again:
+    on the demo's SFT step a fifth of the CPU time went to the kernel (7.0 s of 32.6 s over 45
+    steps), and with these settings the step ran 25% faster (53.7 -> 66.9 reviews/s; system time
+    2.1 s). The process keeps up to ~1 GiB of freed memory for reuse. Settings a user made with the
+    MALLOC_*_ environment variables win; on a libc without mallopt (musl, macOS) nothing changes."""
+    import ctypes
+
+    if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all([mallopt(m_mmap_threshold, 32 * 2**20),  # the largest glibc accepts
+                mallopt(m_trim_threshold, 2**31 - 1), mallopt(m_top_pad, 2**30)])
+
+
 def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -> dict[str, Any] | None:
+    keep_freed_memory()
     run = RunDir(run_dir)
     recipe = load_frozen(run.path)
     stage = recipe.stages[stage_name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -63,6 +64,16 @@ def test_optimizer_is_fused():
     optimizer = build_optimizer(model, params)
     assert optimizer.defaults["fused"] is True
     assert [(len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups] == [(1, 0.1), (3, 0.0)]
+
+
+def test_job_entry_keeps_freed_memory_unless_the_user_tuned_malloc():
+    code = "from chla_train.entry import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    tuned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert tuned.stdout.strip() == "True"  # glibc (Debian/Ubuntu): mallopt accepted every setting
+    own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "MALLOC_TOP_PAD_": "0"})
+    assert own.stdout.strip() == "False"
 
 
 def test_launcher_kinds_do_not_import_torch():
