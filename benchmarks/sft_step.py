@@ -15,6 +15,7 @@ trained in full, as in the demo's `sft` stage:
   shared+fused  packed, the prompt prefix all 16 share (template + instruction, ~half of each
                 example) computed once per row (share_prompt_prefix)   (the demo now)
 
+All run with the job entry's malloc setting (chla_train.entry.keep_freed_memory), as stages do.
 The first three use an unfused AdamW (torch's default on CPU; chla_train.trainer.build_optimizer
 is swapped for that), so that the batch layouts and the optimizer are compared separately.
 Grouping is fast but puts long and short reviews in different batches, and in this data length
@@ -77,7 +78,8 @@ def unfused_adamw(model, params) -> torch.optim.Optimizer:
     from chla_train import trainer
 
     fused = trainer.original_build_optimizer(model, params)
-    return torch.optim.AdamW(fused.param_groups, **{**fused.defaults, "fused": None})
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in fused.param_groups]
+    return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
 def build(tag: str, layout: str, fused: bool, dataset, pad_id: int, root: Path) -> dict:
@@ -128,6 +130,9 @@ def main() -> int:
     from chla_train import trainer as trainers
 
     trainers.original_build_optimizer = trainers.build_optimizer
+    from chla_train.entry import keep_freed_memory
+
+    keep_freed_memory()  # as every stage task does
     assets = fetch_assets(offline=True)
     tokenizer_dir = args.tokenizer or assets["base_tokenizer"]
     print(f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads); torch {torch.__version__}", flush=True)
