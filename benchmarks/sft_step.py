@@ -17,7 +17,7 @@ trained in full, as in the demo's `sft` stage:
 
 All run with the job entry's malloc setting (chla_train.entry.keep_freed_memory), as stages do.
 The first three use an unfused AdamW (torch's default on CPU; chla_train.trainer.build_optimizer
-is swapped for that), so that the batch layouts and the optimizer are compared separately.
+is patched for that), so that the batch layouts and the optimizer are compared separately.
 Grouping is fast but puts long and short reviews in different batches, and in this data length
 correlates with the label (the longest fifth is ~70% positive, the rest ~40%): packing keeps the
 random batches that gave the better accuracy at grouped speed or better.
@@ -37,15 +37,18 @@ Last line: RESULT shared_fused_vs_grouped=<x> shared_fused_vs_padded=<y> example
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
+from train_throughput import make_context  # benchmarks/, on sys.path when run as a script
+
+from chla_train.trainer import build_optimizer as FUSED_BUILD_OPTIMIZER
 
 MICRO_BATCH = 16
 MAX_SEQ_LENGTH = 256
@@ -61,23 +64,9 @@ CONFIGS = {  # tag: (batch layout, fused optimizer)
 }
 
 
-def make_context(tag: str, params, root: Path):
-    from chla_train.context import StageContext
-    from chla_train.distributed import DistributedEnv
-
-    stage_dir = root / tag.replace("+", "_")
-    (stage_dir / "work").mkdir(parents=True)
-    (stage_dir / "out").mkdir(parents=True)
-    return StageContext(run_dir=root, stage=stage_dir.name, kind="sft", params=params, stage_dir=stage_dir,
-                        out_dir=stage_dir / "out", work_dir=stage_dir / "work", task_index=0, num_tasks=1,
-                        dist=DistributedEnv(master_port=29000 + os.getpid() % 1000), fingerprint="bench")
-
-
 def unfused_adamw(model, params) -> torch.optim.Optimizer:
     """build_optimizer's groups with torch's default (for-each-tensor) AdamW implementation."""
-    from chla_train import trainer
-
-    fused = trainer.original_build_optimizer(model, params)
+    fused = FUSED_BUILD_OPTIMIZER(model, params)
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in fused.param_groups]
     return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
@@ -85,7 +74,7 @@ def unfused_adamw(model, params) -> torch.optim.Optimizer:
 def build(tag: str, layout: str, fused: bool, dataset, pad_id: int, root: Path) -> dict:
     from chla_launcher.kinds.sft import SftParams
     from chla_tools.blocks import ResumableSampler
-    from chla_tools.sft_data import collate_sft, collate_sft_packed
+    from chla_tools.sft_data import sft_collate
     from chla_train import model as models
     from chla_train import trainer as trainers
 
@@ -94,22 +83,18 @@ def build(tag: str, layout: str, fused: bool, dataset, pad_id: int, root: Path) 
                        lora_alpha=32, lora_dropout=0.0, zero_stage=0, eval_steps=0, save_steps=0,
                        group_by_length=layout == "grouped", pack_batches=layout in ("packed", "shared"),
                        share_prompt_prefix=layout == "shared")
-    ctx = make_context(tag, params, root)
+    ctx = make_context(tag.replace("+", "_"), params, root, kind="sft")
     trainers.init_distributed(ctx)
     model = models.build_base_model(None, MODEL, dtype=torch.float32, attn_implementation="sdpa", seed=0)
     model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=0.0,
                               target_modules=params.lora_target_modules, modules_to_save=params.modules_to_save,
                               init_adapter=None, key_prefix=tag, seed=params.seed)
-    if params.pack_batches:
-        collate = functools.partial(collate_sft_packed, pad_id=pad_id, row_length=MAX_SEQ_LENGTH,
-                                    share_prefix=params.share_prompt_prefix)
-    else:
-        collate = functools.partial(collate_sft, pad_id=pad_id)
+    collate = sft_collate(pad_id, pack_batches=params.pack_batches, row_length=MAX_SEQ_LENGTH,
+                          share_prefix=params.share_prompt_prefix)
     data = trainers.TrainData(train_set=dataset, train_indices=range(len(dataset)), valid_set=dataset,
                               valid_indices=[], collate=collate)
-    trainers.build_optimizer = trainers.original_build_optimizer if fused else unfused_adamw
-    trainer = trainers.Trainer(ctx, model, data, params, dtype=models.resolve_dtype("auto"))
-    trainers.build_optimizer = trainers.original_build_optimizer
+    with mock.patch.object(trainers, "build_optimizer", FUSED_BUILD_OPTIMIZER if fused else unfused_adamw):
+        trainer = trainers.Trainer(ctx, model, data, params, dtype=models.resolve_dtype("auto"))
     trainer.engine.train()
     # The trainer's own sampler: grouped batches come from the lengths, as in the stage.
     lengths = dataset.lengths if layout == "grouped" else None
@@ -127,9 +112,6 @@ def main() -> int:
 
     from chla_tools.assets import fetch_assets
     from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
-    from chla_train import trainer as trainers
-
-    trainers.original_build_optimizer = trainers.build_optimizer
     from chla_train.entry import keep_freed_memory
 
     keep_freed_memory()  # as every stage task does

@@ -62,14 +62,14 @@ def corpus_blocks(num_blocks: int, vocab: int) -> list[np.ndarray]:
     return [ids[i * BLOCK:(i + 1) * BLOCK] for i in range(num_blocks)]
 
 
-def make_context(tag: str, params, root: Path):
+def make_context(tag: str, params, root: Path, kind: str = "pretrain"):
     from chla_train.context import StageContext
     from chla_train.distributed import DistributedEnv
 
     stage_dir = root / tag
     (stage_dir / "work").mkdir(parents=True)
     (stage_dir / "out").mkdir(parents=True)
-    return StageContext(run_dir=root, stage=tag, kind="pretrain", params=params, stage_dir=stage_dir,
+    return StageContext(run_dir=root, stage=tag, kind=kind, params=params, stage_dir=stage_dir,
                         out_dir=stage_dir / "out", work_dir=stage_dir / "work", task_index=0, num_tasks=1,
                         dist=DistributedEnv(master_port=29000 + os.getpid() % 1000), fingerprint="bench")
 

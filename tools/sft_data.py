@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,14 @@ def collate_sft(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np
         labels[row, :length] = example["labels"]
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def sft_collate(pad_id: int, *, pack_batches: bool = False, row_length: int = 0, share_prefix: bool = False):
+    """The collate function of an `sft` stage's params: padded batches, or packed rows
+    (`pack_batches`, rows of `row_length` = max_seq_length, optionally with the shared prefix)."""
+    if pack_batches:
+        return partial(collate_sft_packed, pad_id=pad_id, row_length=row_length, share_prefix=share_prefix)
+    return partial(collate_sft, pad_id=pad_id)
 
 
 def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_length: int,

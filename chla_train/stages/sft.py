@@ -20,7 +20,7 @@ from chla_train.trainer import (TrainData, Trainer, init_distributed, shutdown_d
 
 def run(ctx) -> dict[str, Any]:
     from chla_tools.blocks import split_indices
-    from chla_tools.sft_data import collate_sft, collate_sft_packed, load_sft_dataset, load_sft_tokenizer
+    from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer, sft_collate
 
     params = ctx.params
     ctx.enable_cooperative_preemption()
@@ -62,11 +62,8 @@ def run(ctx) -> dict[str, Any]:
 
     # 3. Train.
     init_distributed(ctx)
-    if params.pack_batches:
-        collate = partial(collate_sft_packed, pad_id=tokenizer.pad_token_id, row_length=params.max_seq_length,
-                          share_prefix=params.share_prompt_prefix)
-    else:
-        collate = partial(collate_sft, pad_id=tokenizer.pad_token_id)
+    collate = sft_collate(tokenizer.pad_token_id, pack_batches=params.pack_batches,
+                          row_length=params.max_seq_length, share_prefix=params.share_prompt_prefix)
     data = TrainData(train_set=train_set, train_indices=train_idx, valid_set=valid_set,
                      valid_indices=valid_idx, collate=collate,
                      train_lengths=train_set.lengths if params.group_by_length else None)
