@@ -2,6 +2,8 @@
 
 Used by the launcher (chain.json, frozen recipe) and by every job (outputs, DONE markers).
 Writes go to a temporary name in the same directory, are fsynced, then renamed over the target.
+Files and directories end with the modes the process's umask gives (a project group can read a run),
+not the private 0600/0700 that mkstemp and mkdtemp create.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +31,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only set)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """What open() would give a new file: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success rename it over `target`.
@@ -37,9 +64,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, file_mode())
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -75,6 +103,8 @@ def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
     """Move a finished directory `src` to `dst`, replacing an older `dst` as atomically as POSIX
     allows: the old directory is first renamed aside, so `dst` is never a mix of both."""
     src, dst = Path(src), Path(dst)
+    if src.stat().st_mode & 0o777 == 0o700:  # made by mkdtemp
+        os.chmod(src, dir_mode())
     aside = None
     if dst.exists():
         aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
