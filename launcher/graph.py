@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -10,7 +12,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from . import __version__
 from .errors import ChlaError
 from .recipe import ResolvedRecipe, ResolvedStage
 
@@ -87,32 +88,123 @@ def ancestors(recipe: ResolvedRecipe, name: str) -> set[str]:
     return seen
 
 
+# What can change a stage's output besides its params and inputs: the code it runs and these
+# libraries (numerics, tokenization, serialization).
+CHLA_PACKAGES = ("chla_launcher", "chla_train", "chla_tools")
+LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "sentencepiece", "tokenizers")
+
+
 @lru_cache(maxsize=None)
-def code_version(entry_module: str) -> str:
-    """chla's version plus a hash of the kind's runner source, found without importing it (the
-    launcher must not import the training stack)."""
-    digest = hashlib.sha256(__version__.encode())
+def _package_root(package: str) -> Path | None:
     try:
-        spec = importlib.util.find_spec(entry_module)
+        spec = importlib.util.find_spec(package)  # a top-level name: found without importing it
     except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.origin and os.path.exists(spec.origin):
-        digest.update(Path(spec.origin).read_bytes())
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _module_file(module: str) -> Path | None:
+    top, _, rest = module.partition(".")
+    root = _package_root(top) if top in CHLA_PACKAGES else None
+    if root is None:
+        return None
+    base = root.joinpath(*rest.split(".")) if rest else root
+    for candidate in (base / "__init__.py", base.with_name(base.name + ".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    """Every module name `module` may import, at the top or inside a function (a name imported
+    `from` a package may be a submodule: listed too, dropped later if it is not one)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+@lru_cache(maxsize=None)
+def code_closure(*modules: str) -> dict[str, Path]:
+    """The chla modules a job starting at `modules` can run: their chla imports, transitively,
+    with the packages around each (importing a.b.c runs a/__init__.py and a/b/__init__.py).
+    Found by reading the source with ast: the launcher never imports the training stack."""
+    found: dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        module = todo.pop()
+        if module in found or module.partition(".")[0] not in CHLA_PACKAGES:
+            continue
+        path = _module_file(module)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        found[module] = path
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += sorted(_imports(module, path))
+    return dict(sorted(found.items()))
+
+
+@lru_cache(maxsize=None)
+def code_version(*modules: str) -> str:
+    """A hash of the source of every chla module a stage starting at `modules` can run."""
+    digest = hashlib.sha256()
+    for module, path in code_closure(*modules).items():
+        digest.update(module.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def _input_identity(path: str) -> list:
-    """Size and mtime of an external input (cheap; content hashes are the stages' own business)."""
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str | None]:
+    """Installed versions (read from the package metadata, nothing imported) in the Python that
+    submits, which is the one the jobs run unless slurm.python names another."""
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def input_identity(path: str) -> list:
+    """Size and modification time of an external input, and of every file inside it if it is a
+    directory (content hashes are the stages' own business: reading a model to hash it would take
+    longer than the submission)."""
     try:
         stat = os.stat(path)
     except OSError:
         return [path, None]
-    return [path, stat.st_size, int(stat.st_mtime)]
+    if not os.path.isdir(path):
+        return [path, stat.st_size, stat.st_mtime_ns]
+    files = []
+    for folder, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(folder, name)
+            try:
+                inner = os.stat(full)
+            except OSError:
+                continue
+            files.append([os.path.relpath(full, path), inner.st_size, inner.st_mtime_ns])
+    return [path, files]
 
 
 def fingerprints(recipe: ResolvedRecipe) -> dict[str, str]:
-    """Per stage: hash of kind, resolved params, array size, world size (it changes the global
-    batch), the fingerprints of the stages it waits for, and the code version."""
+    """Per stage: hash of kind, resolved params (globs expanded at submission), array size, world
+    size (it changes the global batch), the fingerprints of the stages it waits for, the identity
+    of its external input files, the source of the chla code it runs and the library versions."""
     from .kinds import input_path_fields
 
     result: dict[str, str] = {}
@@ -123,7 +215,10 @@ def fingerprints(recipe: ResolvedRecipe) -> dict[str, str]:
             value = getattr(stage.params, field_name)
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, str) and item and not Path(item).is_relative_to(recipe.run_dir):
-                    external.append(_input_identity(item))
+                    external.append(input_identity(item))
+        entry_modules = [stage.kind.entry_module]
+        if stage.kind.finalize:
+            entry_modules.append(stage.kind.finalize.partition(":")[0])
         payload = {
             "kind": stage.kind.name,
             "params": stage.params_raw,
@@ -131,7 +226,8 @@ def fingerprints(recipe: ResolvedRecipe) -> dict[str, str]:
             "world_size": stage.resources.world_size,
             "upstream": {parent: result[parent] for parent in stage.after},
             "inputs": external,
-            "code": code_version(stage.kind.entry_module),
+            "code": code_version(*entry_modules),
+            "libraries": library_versions(),
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         result[name] = hashlib.sha256(blob).hexdigest()[:20]
