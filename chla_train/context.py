@@ -27,8 +27,8 @@ class StageContext:
     stage_dir: Path
     # Where the stage writes its results. For a single (non-array) stage this is a directory
     # private to this attempt that becomes <stage>/out only after every rank returned; for an
-    # array stage it is <stage>/out itself, shared by all tasks, so each task must write its
-    # files atomically (chla_launcher.atomic) under names of its own.
+    # array stage it is shared by all tasks (each must write its files atomically, under names
+    # of its own) and becomes <stage>/out at finalize.
     out_dir: Path
     # Survives requeues and retries (checkpoints, caches); never cleaned by chla.
     work_dir: Path

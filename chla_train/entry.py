@@ -119,22 +119,22 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
     token = _attempt_token()
     is_array = stage.array is not None
     if is_array:
-        out_dir = run.out_dir(stage_name)
-        state_path = run.task_state_file(stage_name, task_index)
+        # Shared by the tasks; it becomes out/ at finalize.
+        out_dir = run.array_staging_dir(stage_name, fingerprint)
+        state_task: int | None = task_index
     else:
         out_dir = run.stage_dir(stage_name) / f"out.tmp-{token}"
-        state_path = run.state_file(stage_name)
+        state_task = None
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = _stage_context(run, recipe, stage_name, task_index, fingerprint, out_dir, dist)
     _install_preemption_handler(ctx)
 
     writes_state = dist.rank == 0
     if writes_state:
-        state = atomic.read_json(state_path, {}) or {}
-        attempts = int(state.get("attempts", 0)) + 1
-        _write_state(state_path, state, status=RUNNING, attempts=attempts, started_at=now(),
-                     host=socket.gethostname(), job_id=os.environ.get("SLURM_JOB_ID"),
-                     attempt=token, fingerprint=fingerprint, error=None)
+        attempts = int(run.read_state(stage_name, state_task).get("attempts", 0)) + 1
+        run.update_state(stage_name, state_task, status=RUNNING, attempts=attempts, started_at=now(),
+                         host=socket.gethostname(), job_id=os.environ.get("SLURM_JOB_ID"),
+                         attempt=token, fingerprint=fingerprint, error=None)
     ctx.log(f"start ({stage.kind.name}, attempt {token}, world size {dist.world_size})")
     started = time.time()
     runner: Callable[[StageContext], Any] = import_entry(stage.kind.entry)
@@ -148,9 +148,8 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
             barrier.mkdir(parents=True, exist_ok=True)
             atomic.write_text(barrier / f"{dist.rank}.failed", _one_line(error))
         if writes_state:
-            _write_state(state_path, atomic.read_json(state_path, {}) or {}, status=FAILED,
-                         finished_at=now(), elapsed_s=round(time.time() - started, 3),
-                         error=_one_line(error))
+            run.update_state(stage_name, state_task, status=FAILED, finished_at=now(),
+                             elapsed_s=round(time.time() - started, 3), error=_one_line(error))
         raise
 
     hosts = [socket.gethostname()]
@@ -170,15 +169,15 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
     elapsed = round(time.time() - started, 3)
     if is_array:
         atomic.write_json(run.task_done(stage_name, task_index), {"fingerprint": fingerprint, "finished_at": now()})
-        _write_state(state_path, atomic.read_json(state_path, {}) or {}, status=COMPLETED,
-                     finished_at=now(), elapsed_s=elapsed, metrics=metrics)
+        run.update_state(stage_name, state_task, status=COMPLETED, finished_at=now(), elapsed_s=elapsed,
+                         metrics=metrics)
     else:
         atomic.replace_dir(out_dir, run.out_dir(stage_name))
         for stale in run.stage_dir(stage_name).glob("out.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(barrier, ignore_errors=True)
-        _write_state(state_path, atomic.read_json(state_path, {}) or {}, status=COMPLETED,
-                     finished_at=now(), elapsed_s=elapsed, metrics=metrics, hosts=hosts)
+        run.update_state(stage_name, status=COMPLETED, finished_at=now(), elapsed_s=elapsed,
+                         metrics=metrics, hosts=hosts)
         run.mark_done(stage_name, fingerprint)  # last
     ctx.log(f"done in {elapsed:.1f}s")
     return metrics
@@ -206,19 +205,22 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
                if (atomic.read_json(run.task_done(stage_name, index), {}) or {}).get("fingerprint") != fingerprint]
     if missing:
         raise RuntimeError(f"stage {stage_name}: tasks {missing[:10]} have not finished")
-    task_states = [atomic.read_json(run.task_state_file(stage_name, i), {}) or {} for i in range(stage.num_tasks)]
+    task_states = [run.read_state(stage_name, i) for i in range(stage.num_tasks)]
     task_metrics = [state.get("metrics") or {} for state in task_states]
     metrics: dict[str, Any] = {"tasks": stage.num_tasks}
+    staging = run.array_staging_dir(stage_name, fingerprint)
+    # Without its staging directory, a finalize that was cut short has published the parts already.
+    parts = staging if staging.is_dir() else run.out_dir(stage_name)
     if stage.kind.finalize:
-        ctx = _stage_context(run, recipe, stage_name, -1, fingerprint, run.out_dir(stage_name),
-                             DistributedEnv())
+        ctx = _stage_context(run, recipe, stage_name, -1, fingerprint, parts, DistributedEnv())
         ctx.log(f"finalizing {stage.num_tasks} tasks")
         metrics.update(import_entry(stage.kind.finalize)(ctx) or {})
     else:
         metrics["task_metrics"] = task_metrics
-    state = run.read_state(stage_name)
-    _write_state(run.state_file(stage_name), state, status=COMPLETED, finished_at=now(), metrics=metrics,
-                 fingerprint=fingerprint, elapsed_s=_span_seconds(task_states))
+    if parts == staging:
+        atomic.replace_dir(staging, run.out_dir(stage_name))  # every part visible at once, and only them
+    run.update_state(stage_name, status=COMPLETED, finished_at=now(), metrics=metrics,
+                     fingerprint=fingerprint, elapsed_s=_span_seconds(task_states))
     run.mark_done(stage_name, fingerprint)  # last
     return metrics
 
@@ -231,12 +233,6 @@ def _span_seconds(task_states: list[dict[str, Any]]) -> float | None:
     if not starts:
         return None
     return round(time.time() - min(starts).timestamp(), 3)
-
-
-def _write_state(path: Path, state: dict[str, Any], **changes: Any) -> None:
-    state.update(changes)
-    state["updated_at"] = now()
-    atomic.write_json(path, state)
 
 
 class StageJob:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
 from types import ModuleType
 
@@ -43,9 +44,15 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     except ChlaError as error:
         print(f"chla: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("chla: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        # SIGINT, or SIGTERM/SIGHUP during a submission (chla_launcher.transaction), which has
+        # been rolled back by now. The terminal may be gone (SIGHUP): say it if we can.
+        signum = getattr(error, "signum", signal.SIGINT)
+        try:
+            print(f"chla: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + signum
     except BrokenPipeError:
         return 0
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError
 from .kinds import StageKind, get_kind, input_path_fields, registry
+from .rundir import RESERVED_NAMES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -198,6 +199,9 @@ class RecipeModel(_Strict):
         for name in stages:
             if not isinstance(name, str) or not _NAME_RE.match(name):
                 raise ValueError(f"stage name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+            if name in RESERVED_NAMES:
+                raise ValueError(f"stage name {name!r} is taken by the run directory's own "
+                                 f"{name} (reserved: {', '.join(sorted(RESERVED_NAMES))})")
         return stages
 
 
@@ -533,6 +537,9 @@ def resolve(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = 
                               key=_dotted(base + ("params",)), line=_line_for(lines, base + ("params",)))
         if check_inputs:
             _check_inputs(kind, params, run_dir, source, lines, base)
+            expanded = _expand_globs(kind, params_raw, run_dir)
+            if expanded != params_raw:
+                params = kind.params.model_validate(expanded)
         resolved = ResolvedStage(
             name=name, kind=kind, params=params,
             params_raw=params.model_dump(mode="json", exclude_unset=False),
@@ -635,6 +642,29 @@ def _check_inputs(kind: StageKind, params: BaseModel, run_dir: Path, source: str
             elif not os.path.exists(item):
                 raise RecipeError(f"input not found: {item}", file=source, key=_dotted(key_path),
                                   line=_line_for(lines, key_path))
+
+
+def _expand_globs(kind: StageKind, params: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Glob inputs become the files they match now, in place and sorted, so the frozen recipe (what
+    the job reads) and the fingerprint name exactly the files this submission saw: a file that
+    matches later makes a new submission run the stage again, never slips into this one."""
+    import glob as globmod
+
+    out = dict(params)
+    for field_name, marker in input_path_fields(kind.params).items():
+        value = out.get(field_name)
+        if not marker.glob or not isinstance(value, list):
+            continue
+        files: list[str] = []
+        for item in value:
+            if (isinstance(item, str) and any(ch in item for ch in "*?[")
+                    and not Path(item).is_relative_to(run_dir)):
+                matches = sorted(match for match in globmod.glob(item, recursive=True) if os.path.isfile(match))
+                files += matches or [item]  # matches only directories: the stage says so when it runs
+            else:
+                files.append(item)
+        out[field_name] = files
+    return out
 
 
 def load_frozen(run_dir: str | os.PathLike[str]) -> ResolvedRecipe:

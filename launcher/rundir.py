@@ -1,9 +1,11 @@
-"""The run directory, shared by both executors and by the jobs:
+"""The run directory, shared by every executor and by the jobs:
 
     runs/<name>/
       recipe.yaml            resolved and frozen
-      chain.json             stage -> job ids, fingerprints, submission time, executor
+      chain.json             stage -> job ids, fingerprints, submission time, executor (chla_launcher.chain)
       summary.json/.md       headline figures, when the chain has a `summarize` stage
+      .chla/                 the run-directory lock and a submission in progress (chla_launcher.lock,
+                             chla_launcher.transaction)
       <stage>/
         state.json           status, attempts, timings, headline metrics
         logs/                job stdout/stderr (one file per task)
@@ -22,10 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
+from .chain import Chain
 
 # Stage states as chla reports them (Slurm's own states are mapped onto these in slurm.py).
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED, UNKNOWN = (
     "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "SKIPPED", "UNKNOWN")
+
+# Names at the top of a run directory that are not stages: a stage may not take one.
+RESERVED_NAMES = frozenset({"recipe.yaml", "chain.json", "summary.json", "summary.md", ".chla"})
 
 
 class RunDir:
@@ -62,6 +68,16 @@ class RunDir:
     def state_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "state.json"
 
+    @property
+    def control_dir(self) -> Path:
+        """chla's own bookkeeping: the lock, a submission in progress."""
+        return self.path / ".chla"
+
+    def array_staging_dir(self, stage: str, fingerprint: str) -> Path:
+        """Where the tasks of an array stage write; it becomes out/ at finalize, so a downstream
+        stage never sees a part of an unfinished or earlier (larger) array."""
+        return self.stage_dir(stage) / f"out.tmp-array-{fingerprint}"
+
     def exists(self) -> bool:
         return self.recipe_file.exists()
 
@@ -73,39 +89,41 @@ class RunDir:
     def mark_done(self, stage: str, fingerprint: str) -> None:
         atomic.write_json(self.done_file(stage), {"fingerprint": fingerprint, "finished_at": _now()})
 
-    def clear_done(self, stage: str) -> None:
-        """Before a stage runs again, it must stop looking finished."""
-        self.done_file(stage).unlink(missing_ok=True)
-        task_dir = self.tasks_dir(stage)
-        if task_dir.is_dir():
-            for marker in task_dir.glob("*.done"):
-                marker.unlink(missing_ok=True)
-
     def task_done(self, stage: str, task: int) -> Path:
         return self.tasks_dir(stage) / f"{task}.done"
 
-    # --- state.json -----------------------------------------------------------------------------
-    def read_state(self, stage: str) -> dict[str, Any]:
-        return atomic.read_json(self.state_file(stage), {}) or {}
+    # --- state.json (a stage's) and tasks/<i>.json (an array task's) ----------------------------
+    def read_state(self, stage: str, task: int | None = None) -> dict[str, Any]:
+        path = self.state_file(stage) if task is None else self.task_state_file(stage, task)
+        return atomic.read_json(path, {}) or {}
 
-    def update_state(self, stage: str, **changes: Any) -> dict[str, Any]:
-        """Merge `changes` into state.json. Writers are the one process that runs or finalizes a stage
-        (rank 0) and the executor, never concurrently for the same stage."""
-        state = self.read_state(stage)
+    def update_state(self, stage: str, task: int | None = None, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into the stage's state.json (or array task `task`'s). The one writer of
+        state files; callers are the one process that runs or finalizes a stage (rank 0) and the
+        local executor, never concurrently for the same file. A submission writes the first state
+        (initial_state) through its switch."""
+        path = self.state_file(stage) if task is None else self.task_state_file(stage, task)
+        state = self.read_state(stage, task)
         state.update(changes)
         state["updated_at"] = _now()
-        atomic.write_json(self.state_file(stage), state)
+        atomic.write_json(path, state)
         return state
+
+    @staticmethod
+    def initial_state() -> dict[str, Any]:
+        """state.json of a stage just submitted: a new submission restarts the count of attempts
+        (requeues show as restarts)."""
+        return {"status": PENDING, "attempts": 0, "submitted_at": _now()}
 
     def task_state_file(self, stage: str, task: int) -> Path:
         return self.tasks_dir(stage) / f"{task}.json"
 
     # --- chain.json -----------------------------------------------------------------------------
-    def read_chain(self) -> dict[str, Any]:
-        return atomic.read_json(self.chain_file, {}) or {}
+    def read_chain(self) -> Chain | None:
+        return Chain.read(self.chain_file)
 
-    def write_chain(self, chain: dict[str, Any]) -> None:
-        atomic.write_json(self.chain_file, chain)
+    def write_chain(self, chain: Chain) -> None:
+        chain.write(self.chain_file)
 
 
 def _now() -> str:

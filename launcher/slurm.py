@@ -102,6 +102,42 @@ def query_jobs(job_ids: list[str]) -> JobTable:
     return table
 
 
+def queued_jobs(job_ids: list[str]) -> dict[str, str]:
+    """Base job id -> chla state of those of `job_ids` that squeue lists (pending, running,
+    completing). squeue knows a job the moment sbatch returns; sacct can lag seconds behind."""
+    if not job_ids:
+        return {}
+    try:
+        out = _run(["squeue", "-h", "-o", "%F|%T", "-j", ",".join(sorted(set(job_ids)))])
+    except ChlaError as error:
+        if "Invalid job id" in str(error):  # none of them is known any more
+            return {}
+        raise
+    queued: dict[str, str] = {}
+    for line in out.splitlines():
+        base, _, state = line.partition("|")
+        if base.strip():
+            queued[base.strip()] = chla_state(state)
+    return queued
+
+
+def queued_from(folder: str) -> list[str]:
+    """Base ids of this user's queued jobs whose batch script lies under `folder` (submitit writes
+    the script into the stage's logs directory): how the jobs of a submission that died before
+    it could record them are found."""
+    out = _run(["squeue", "--me", "-h", "-o", "%F|%o"])
+    prefix = folder.rstrip("/") + "/"
+    return sorted({line.partition("|")[0] for line in out.splitlines()
+                   if line.partition("|")[2].startswith(prefix)})
+
+
+def release_jobs(job_ids: list[str]) -> None:
+    """Let held jobs start (`sbatch --hold`)."""
+    ids = sorted(set(job_ids))
+    for start in range(0, len(ids), 500):
+        _run(["scontrol", "release", ",".join(ids[start:start + 500])])
+
+
 def cancel_jobs(job_ids: list[str]) -> None:
     if job_ids:
         _run(["scancel", *sorted(set(job_ids))])
@@ -140,7 +176,9 @@ def sbatch_parameters(job_name: str, resources: Resources, settings: SlurmSettin
         value = getattr(settings, key)
         if value:
             params[key] = value
-    additional: dict[str, Any] = {"requeue": True}
+    # Held until the submission is committed (chla_launcher.transaction): no job may start, and
+    # read the run directory, before the whole chain is queued and the run directory switched.
+    additional: dict[str, Any] = {"requeue": True, "hold": True}
     if dependency:
         # afterok on every parent; a parent that fails cancels this job instead of leaving it
         # pending forever (DependencyNeverSatisfied).

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
-from . import atomic
 from .errors import ChlaError
+from .executors import executor_named
 from .rundir import (CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED, UNKNOWN, RunDir)
 
 TERMINAL = {COMPLETED, FAILED, CANCELLED, SKIPPED}
@@ -35,43 +34,33 @@ def collect(run: RunDir) -> list[StageStatus]:
         raise ChlaError(f"{run.path}: not a chla run directory (no recipe.yaml)")
     from .recipe import load_frozen
 
-    chain = run.read_chain()
-    records: dict[str, Any] = chain.get("stages", {})
     recipe = load_frozen(run.path)
-    table = None
-    if chain.get("executor") == "slurm":
-        from . import slurm
-
-        ids = []
-        for rec in records.values():
-            ids += rec.get("job_ids") or []
-            if rec.get("finalize_job_id"):
-                ids.append(rec["finalize_job_id"])
-        table = slurm.query_jobs(ids)
+    chain = run.read_chain()
+    jobs = executor_named(chain.executor)(run).statuses(chain) if chain else {}
 
     result = []
     for name, stage in recipe.stages.items():
-        rec = records.get(name, {})
+        record = chain.stages.get(name) if chain else None
         status = StageStatus(stage=name, kind=stage.kind.name, state=UNKNOWN,
-                             job_ids=list(rec.get("job_ids") or []))
+                             job_ids=list(record.job_ids) if record else [])
         array = stage.array
         if array:
             status.tasks_total = array
             status.tasks_done = sum(1 for i in range(array) if run.task_done(name, i).exists())
         state = run.read_state(name)
-        done = run.done_fingerprint(name)
-        fingerprint = rec.get("fingerprint")
-        if table is not None and rec.get("job_ids"):
-            _from_slurm(status, rec, table)  # job ids, restarts, elapsed; state unless DONE says more
+        job = jobs.get(name)
+        if job is not None:  # job ids, restarts, elapsed; the state unless DONE says more
+            status.state, status.restarts, status.elapsed, status.reason = (
+                job.state, job.restarts, job.elapsed, job.reason)
+            status.job_ids = job.job_ids or status.job_ids
         else:
             status.state = state.get("status", PENDING)
-            # Locally a requeue is a new attempt of the same task.
             status.restarts = max(0, int(state.get("attempts", 1) or 1) - 1)
-        if done is not None and done == fingerprint:
+        if record is not None and run.done_fingerprint(name) == record.fingerprint:
             status.state = COMPLETED
-        elif not rec:
+        elif record is None:
             status.state = "NOT SUBMITTED"
-        elif rec.get("skipped"):
+        elif record.skipped:
             status.state = "STALE"  # finished once, but not with the recipe submitted last
         if status.state == COMPLETED and array:
             status.tasks_done = array
@@ -82,36 +71,6 @@ def collect(run: RunDir) -> list[StageStatus]:
             status.log, status.log_tail = _failure_log(run, name, status)
         result.append(status)
     return result
-
-
-def _from_slurm(status: StageStatus, rec: dict[str, Any], table: Any) -> None:
-    records = [r for job_id in rec.get("job_ids") or [] for r in table.for_job(job_id)]
-    finalize = table.for_job(rec["finalize_job_id"]) if rec.get("finalize_job_id") else []
-    every = records + finalize
-    if not every:
-        status.state = UNKNOWN
-        return
-    states = {r.state for r in every}
-    for candidate in (FAILED, CANCELLED, RUNNING, PENDING, COMPLETED):
-        if candidate in states:
-            status.state = candidate
-            break
-    status.restarts = max((r.restarts for r in every), default=0)
-    elapsed = [r.elapsed for r in records if r.elapsed]
-    status.elapsed = max(elapsed) if elapsed else ""
-    if status.state == COMPLETED:
-        status.state = RUNNING  # every job ended well but the DONE marker is not there (yet)
-    bad = [r for r in every if r.state in (FAILED, CANCELLED)]
-    if bad:
-        first = bad[0]
-        status.job_ids = sorted({*status.job_ids, first.job_id})
-        status.reason = f"job {first.job_id} {first.slurm_state} exit {first.exit_code}".strip()
-        if first.reason and first.reason not in ("None", ""):
-            status.reason += f" ({first.reason})"
-    elif status.state == PENDING:
-        reasons = [r.reason for r in every if r.state == PENDING and r.reason and r.reason != "None"]
-        if reasons:
-            status.reason = reasons[0]
 
 
 def _failure_log(run: RunDir, stage: str, status: StageStatus, lines: int = 8) -> tuple[str, list[str]]:
@@ -142,9 +101,9 @@ def render_status(run: RunDir, out: TextIO = sys.stdout, statuses: list[StageSta
 
     statuses = statuses if statuses is not None else collect(run)
     chain = run.read_chain()
+    name, executor = (chain.name, chain.executor) if chain else (run.path.name, "?")
     console = Console(file=out, width=max(100, Console().width), highlight=False, soft_wrap=True)
-    table = Table(title=f"{chain.get('name', run.path.name)} ({chain.get('executor', '?')}) {run.path}",
-                  title_justify="left")
+    table = Table(title=f"{name} ({executor}) {run.path}", title_justify="left")
     for column in ("stage", "kind", "state", "jobs", "tasks", "elapsed", "restarts", "reason"):
         table.add_column(column, overflow="fold")
     colors = {COMPLETED: "green", FAILED: "red", CANCELLED: "yellow", RUNNING: "cyan"}

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from chla_launcher.errors import ChlaError
+from chla_launcher.processes import die_with_parent
 from chla_train.context import StageContext
 
 
@@ -32,7 +33,9 @@ def run(ctx: StageContext) -> dict:
     ctx.log(f"running {params.argv!r}")
     sys.stdout.flush()
     try:
-        process = subprocess.Popen(params.argv, cwd=ctx.stage_dir, env=env)
+        # The program must not outlive its task, even one killed outright (SIGKILL, OOM).
+        process = subprocess.Popen(params.argv, cwd=ctx.stage_dir, env=env,
+                                   preexec_fn=die_with_parent(signal.SIGTERM))
     except FileNotFoundError:
         raise ChlaError(f"stage {ctx.stage}: program not found: {params.argv[0]}") from None
     except PermissionError:

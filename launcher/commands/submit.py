@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override any recipe key, e.g. --set stages.pt.resources.nodes=4 (repeatable)")
-    parser.add_argument("--executor", choices=["local", "slurm"], help="override the recipe's executor")
+    from chla_launcher.executors import executor_names
+
+    parser.add_argument("--executor", choices=executor_names(), help="override the recipe's executor")
     parser.add_argument("--run-dir", help="run directory (default: the recipe's run_dir, else runs/<name>)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="re-run the failed or unfinished stages of RUN_DIR and their dependents; uses "
@@ -23,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", help="comma-separated stages to run (their inputs must be finished)")
     parser.add_argument("--from", dest="from_stage", metavar="STAGE",
                         help="run STAGE and everything after it, even if finished")
+    parser.add_argument("--replace", action="store_true",
+                        help="if the run directory's chain is still queued or running, cancel it first "
+                             "(without it, such a submission is refused)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and every sbatch script exactly as it would be submitted; "
                              "submit and write nothing")
@@ -40,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     options = SubmitOptions(recipe=args.recipe, overrides=args.overrides, executor=args.executor,
                             run_dir=args.run_dir, resume=args.resume, only=only,
-                            from_stage=args.from_stage, dry_run=args.dry_run)
+                            from_stage=args.from_stage, dry_run=args.dry_run, replace=args.replace)
     return submit(options)
 
 
@@ -56,6 +61,7 @@ def _run_remote(args: argparse.Namespace, remote) -> int:
                         ("--only", args.only), ("--from", args.from_stage)):
         if value is not None:
             forwarded += [flag, value]
-    if args.dry_run:
-        forwarded.append("--dry-run")
+    for flag, value in (("--dry-run", args.dry_run), ("--replace", args.replace)):
+        if value:
+            forwarded.append(flag)
     return remote_submit(remote, args.recipe, forwarded)

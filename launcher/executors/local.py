@@ -1,8 +1,12 @@
-"""Local executor: the same graph on this machine. Stages run in dependency order; array tasks run
-as parallel processes bounded by the cores; a distributed stage runs as nodes x tasks_per_node
-local processes with the torch.distributed environment set; a task that asks to be requeued
-(exit 75 after a preemption signal) is started again, as Slurm would. Every task writes the same
-run directory a Slurm job writes."""
+"""Local executor: the same graph on this machine, run by chla-submit itself. Stages run in
+dependency order; array tasks run as parallel processes bounded by the cores; a distributed stage
+runs as nodes x tasks_per_node local processes with the torch.distributed environment set; a task
+that asks to be requeued (exit 75 after a preemption signal) is started again, as Slurm would.
+Every task writes the same run directory a Slurm job writes.
+
+The run dies as one: SIGTERM, SIGINT and SIGHUP (a closed terminal or SSH connection) stop every
+task before chla-submit exits, and each task gets SIGTERM from the kernel if chla-submit dies
+without a chance to (SIGKILL, the OOM killer)."""
 
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from .. import processes
+from ..chain import Chain, StageRecord
+from ..errors import ChlaError
 from ..graph import Plan
 from ..recipe import ResolvedRecipe, ResolvedStage
-from ..rundir import CANCELLED, FAILED, PENDING, RunDir, now
+from ..rundir import CANCELLED, FAILED, PENDING, RUNNING, now
+from . import Executor, JobStatus
 
 REQUEUE_EXIT_CODE = 75  # chla_train.context.REQUEUE_EXIT_CODE (not imported: no chla_train here)
 MAX_LOCAL_REQUEUES = 20
@@ -40,18 +48,98 @@ class _Task:
     log: Path
 
 
-class LocalExecutor:
-    def __init__(self, recipe: ResolvedRecipe, run: RunDir, *, out: TextIO = sys.stdout,
-                 max_parallel: int | None = None) -> None:
-        self.recipe, self.run, self.out = recipe, run, out
-        self.cores = max_parallel or os.cpu_count() or 1
+class LocalExecutor(Executor):
+    name = "local"
+    detached = False
+
+    def __init__(self, run, out: TextIO | None = None) -> None:
+        super().__init__(run, out)
+        self.cores = os.cpu_count() or 1
         self._live: list[subprocess.Popen] = []
         self._cancelled = False
+        self._die_with_us = processes.die_with_parent(signal.SIGTERM)
+
+    # --- submission ---------------------------------------------------------------------------
+    def dry_run(self, recipe: ResolvedRecipe, plan: Plan) -> None:
+        pass  # the plan printed by submit is all a local run does
+
+    def submit(self, recipe, plan, transaction) -> dict[str, StageRecord]:
+        # Nothing to queue: this process runs the chain once it is committed.
+        return {name: StageRecord(fingerprint=plan.fingerprints[name], submitted_at=now()) for name in plan.run}
+
+    def follow(self, recipe: ResolvedRecipe, plan: Plan, chain: Chain) -> int:
+        from ..status import render_status
+
+        code = self.execute(recipe, plan)
+        chain.finished_at = now()
+        self.run.write_chain(chain)
+        self._say("")
+        render_status(self.run, out=self.out)
+        summary = self.run.path / "summary.md"  # written by a `summarize` stage
+        if summary.exists() and code == 0:
+            self._say("")
+            self._say(summary.read_text(encoding="utf-8").rstrip())
+        return code
+
+    # --- a committed chain --------------------------------------------------------------------
+    def live(self, chain: Chain) -> dict[str, list[str]]:
+        live: dict[str, list[str]] = {}
+        runner_alive = chain.pid is not None and chain.finished_at is None and (
+            not chain.on_this_host or _is_chla(chain.pid))
+        if runner_alive:
+            where = f"pid {chain.pid}" + ("" if chain.on_this_host else f" on {chain.host}")
+            unfinished = [name for name in chain.submitted()
+                          if self.run.read_state(name).get("status") in (PENDING, RUNNING)]
+            for name in unfinished or list(chain.submitted())[-1:]:
+                live[name] = [where]
+        for pid, stage in processes.stage_tasks(self.run.path):
+            live.setdefault(stage, []).append(f"task pid {pid}")
+        return live
+
+    def cancel(self, chain: Chain, *, wait_s: float = 0) -> list[str]:
+        """SIGTERM to the chla-submit running the chain (it stops its tasks and records them as
+        cancelled); with wait_s, wait for it and every task of the run to end (SIGKILL after)."""
+        stopped = []
+        if chain.pid is not None and chain.finished_at is None:
+            if not chain.on_this_host:
+                raise ChlaError(f"{self.run.path}: the local run is on host {chain.host} (pid {chain.pid}); "
+                                f"cancel it there")
+            if _is_chla(chain.pid):
+                os.kill(chain.pid, signal.SIGTERM)
+                stopped.append(f"pid {chain.pid}")
+        deadline = time.monotonic() + wait_s
+        while wait_s:
+            runner = chain.pid is not None and _is_chla(chain.pid)
+            tasks = processes.stage_tasks(self.run.path)
+            if not runner and not tasks:
+                break
+            if time.monotonic() > deadline:
+                for pid, _ in tasks:
+                    _kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        return stopped
+
+    def statuses(self, chain: Chain) -> dict[str, JobStatus]:
+        result = {}
+        for name in chain.submitted():
+            state = self.run.read_state(name)
+            # Locally a requeue is a new attempt of the same task.
+            result[name] = JobStatus(state=state.get("status", PENDING),
+                                     restarts=max(0, int(state.get("attempts", 1) or 1) - 1))
+        return result
+
+    def log_files(self, chain: Chain, stage: str, task: int, rank: int) -> list[Path]:
+        logs = self.run.logs_dir(stage)
+        found = list(logs.glob("local_finalize.log" if task == -1 else f"local_{task}_{rank}.log"))
+        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
     # ------------------------------------------------------------------------------------------
-    def execute(self, plan: Plan) -> int:
+    def execute(self, recipe: ResolvedRecipe, plan: Plan) -> int:
         """Run the plan; returns 0 if every stage finished, 1 otherwise."""
-        previous = {sig: signal.signal(sig, self._on_terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.recipe = recipe
+        previous = {sig: signal.signal(sig, self._on_terminate)
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         failed: set[str] = set()
         try:
             for name in plan.run:
@@ -82,6 +170,7 @@ class LocalExecutor:
                               + (f" ({state['error']})" if state.get("error") else ""))
                     self._print_log_tail(name)
         finally:
+            _terminate(self._live)  # an exception of our own must not orphan a task either
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 1 if failed else 0
@@ -132,9 +221,9 @@ class LocalExecutor:
         for requeues in range(MAX_LOCAL_REQUEUES + 1):
             port = free_port() if world > 1 else 0
             attempt = f"{'finalize' if finalize else task}-{requeues}"
-            processes = [self._spawn(stage, fingerprint, task, rank=rank, world=world, port=port,
+            ranks = [self._spawn(stage, fingerprint, task, rank=rank, world=world, port=port,
                                      attempt=attempt, finalize=finalize) for rank in range(world)]
-            codes = self._wait_all(processes)
+            codes = self._wait_all(ranks)
             if self._cancelled:
                 return False
             if codes and all(code == 0 for code in codes):
@@ -145,18 +234,16 @@ class LocalExecutor:
             return False
         return False
 
-    def _wait_all(self, processes: list[subprocess.Popen]) -> list[int]:
+    def _wait_all(self, ranks: list[subprocess.Popen]) -> list[int]:
         """Wait for every rank; if one fails, stop the others (as srun does with --kill-on-bad-exit)."""
         while True:
-            codes = [p.poll() for p in processes]
+            codes = [p.poll() for p in ranks]
             bad = [c for c in codes if c not in (None, 0)]
             if bad and any(c is None for c in codes):
-                for process in processes:
-                    if process.poll() is None:
-                        _terminate(process)
-                codes = [p.wait() for p in processes]
+                _terminate([process for process in ranks if process.poll() is None])
+                codes = [p.wait() for p in ranks]
             if all(c is not None for c in codes):
-                for process in processes:
+                for process in ranks:
                     if process in self._live:
                         self._live.remove(process)
                     _reap_group(process)
@@ -191,8 +278,11 @@ class LocalExecutor:
         with open(log_path, "ab") as log:
             log.write(f"==> {now()} attempt {attempt}\n".encode())
             log.flush()
+            # A session of its own: the terminal's Ctrl-C reaches this process, which stops tasks in
+            # order; the group lets _terminate reach whatever the task started.
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       cwd=self.run.stage_dir(stage.name), start_new_session=True)
+                                       cwd=self.run.stage_dir(stage.name), start_new_session=True,
+                                       preexec_fn=self._die_with_us)
         self._live.append(process)
         return process
 
@@ -201,8 +291,7 @@ class LocalExecutor:
         if not self._cancelled:
             self._say("cancelling: stopping running tasks")
         self._cancelled = True
-        for process in list(self._live):
-            _terminate(process)
+        _terminate(self._live)
 
     def _shape(self, stage: ResolvedStage) -> str:
         if stage.array is not None:
@@ -220,8 +309,18 @@ class LocalExecutor:
         for line in tail:
             self._say(f"    | {line}")
 
-    def _say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+
+def _is_chla(pid: int) -> bool:
+    """Is `pid` still a chla process (and not a new process that reuses the number)?"""
+    argv = processes.command_line(pid)
+    return processes.alive(pid) and any("chla" in part for part in argv)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _reap_group(process: subprocess.Popen) -> None:
@@ -233,16 +332,23 @@ def _reap_group(process: subprocess.Popen) -> None:
         pass
 
 
-def _terminate(process: subprocess.Popen) -> None:
-    """SIGTERM the task's process group (it was started in a session of its own), then SIGKILL."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+def _terminate(tasks: list[subprocess.Popen], grace_s: float = 10) -> None:
+    """SIGTERM every task's process group (each was started in a session of its own), give them
+    `grace_s` together to end (a training stage checkpoints), then SIGKILL what is left."""
+    for process in list(tasks):
         try:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + grace_s
+    for process in list(tasks):
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+EXECUTOR = LocalExecutor
