@@ -180,7 +180,7 @@ class StageSpec(_Strict):
 class RecipeModel(_Strict):
     name: str
     run_dir: str | None = None
-    executor: Literal["local", "slurm"] = "local"
+    executor: str = "local"  # an executor's name (chla_launcher.executors)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     resources: Resources = Field(default_factory=Resources)
     vars: dict[str, Any] = Field(default_factory=dict)
@@ -191,6 +191,15 @@ class RecipeModel(_Strict):
     def _name(cls, value: str) -> str:
         if not _NAME_RE.match(value):
             raise ValueError("must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, value: str) -> str:
+        from .executors import executor_names
+
+        if value not in executor_names():
+            raise ValueError(f"unknown executor {value!r} (known: {', '.join(executor_names())})")
         return value
 
     @field_validator("stages")

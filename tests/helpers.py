@@ -44,6 +44,17 @@ def wait_for_chain(run_dir: Path, timeout: float = 180, terminal=("COMPLETED", "
     raise AssertionError(f"chain in {run_dir} did not end within {timeout}s: {rows}")
 
 
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def _cluster_up() -> bool:
     if shutil.which("sinfo") is None:
         return False

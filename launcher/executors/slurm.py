@@ -6,6 +6,7 @@ soon as the chain is queued."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from pathlib import Path
@@ -134,13 +135,18 @@ class SlurmExecutor(Executor):
                 slurm.cancel_jobs(doomed)
             except ChlaError:
                 pass  # some had already gone
-            for logs in self.run.path.glob("*/logs"):
-                for job_id in doomed:
-                    for path in logs.glob(f"{job_id}_*"):
-                        path.unlink(missing_ok=True)
-                for link in logs.glob(".submission_file_*"):
-                    if not link.exists():  # submitit's symlink to a script just removed
-                        link.unlink()
+        for logs in self.run.path.glob("*/logs"):
+            for job_id in doomed:
+                for path in logs.glob(f"{job_id}_*"):
+                    path.unlink(missing_ok=True)
+            # submitit's files of an sbatch it never saw return: the script it left under its
+            # temporary name (a symlink once the job id is known) and the call's pickle.
+            for path in logs.glob(".submission_file_*.sh"):
+                if not path.is_symlink() or not path.exists():
+                    path.unlink()
+            for path in logs.glob("*.pkl"):
+                if re.fullmatch(r"[0-9a-f]{32}\.pkl", path.name):
+                    path.unlink()
         return doomed
 
     def statuses(self, chain: Chain) -> dict[str, JobStatus]:

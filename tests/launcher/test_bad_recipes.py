@@ -53,6 +53,11 @@ CASES = [
      ["r.yaml:7:", "stages.hello", "duplicate key 'hello'"]),
     ("bad-stage-name", "name: x\nstages:\n  'a b':\n    kind: command\n    params: {argv: [a]}\n", [],
      ["r.yaml", "stages", "'a b'"]),
+    # A stage's directory would be the run directory's own file.
+    ("stage-named-recipe.yaml", "name: x\nstages:\n  recipe.yaml:\n    kind: command\n    params: {argv: [a]}\n",
+     [], ["r.yaml:2:", "stages", "'recipe.yaml' is taken", "reserved"]),
+    ("stage-named-chain.json", "name: x\nstages:\n" + GOOD_STAGE + "  chain.json:\n    kind: command\n"
+                               "    params: {argv: [a]}\n", [], ["r.yaml:2:", "stages", "'chain.json' is taken"]),
     ("bad-run-name", "name: 'x; rm -rf /'\nstages:\n" + GOOD_STAGE, [], ["r.yaml:1:", "name"]),
     ("empty-argv", "name: x\nstages:\n  a:\n    kind: command\n    params: {argv: []}\n", [],
      ["r.yaml:5:", "stages.a.params.argv"]),

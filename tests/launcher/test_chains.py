@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import chla, status_json, wait_for_chain
+from .conftest import chla, status_json, wait_for_chain, wait_until
 
 PY = sys.executable
 EXECUTORS = [pytest.param("local"), pytest.param("slurm", marks=pytest.mark.slurm)]
@@ -103,7 +102,7 @@ def test_fan_in_chain_with_array(tmp_path, executor, cluster_if_slurm):
                                   capture_output=True, text=True).stdout
             return acct.count("COMPLETED") >= 7  # prep, 4 shard tasks, side, join
 
-        _wait_for(completed_in_sacct, 60, "sacct to list every job")
+        wait_until(completed_in_sacct, 60, "sacct to list every job")
     # Resubmitting does nothing: every stage is finished with the same fingerprint.
     again = submit(tmp_path, executor)
     assert "nothing to do" in again.stdout
@@ -233,16 +232,6 @@ def test_shell_metacharacters_arrive_intact(tmp_path, executor, cluster_if_slurm
     assert list(pwn.iterdir()) == []
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 PREEMPTIBLE = f"""\
 name: preempt
 resources: {{time: "00:20:00"}}
@@ -266,7 +255,7 @@ def test_preempted_stage_is_requeued_and_chain_completes(tmp_path, executor, clu
     if executor == "local":
         process = subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "local"],
                                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        entry_pid = int(_wait_for(lambda: attempts.exists() and attempts.read_text().split(), 60, "first attempt")[0])
+        entry_pid = int(wait_until(lambda: attempts.exists() and attempts.read_text().split(), 60, "first attempt")[0])
         os.kill(entry_pid, signal.SIGUSR2)  # what Slurm sends before preemption
         output, _ = process.communicate(timeout=120)
         assert process.returncode == 0, output
@@ -274,7 +263,7 @@ def test_preempted_stage_is_requeued_and_chain_completes(tmp_path, executor, clu
     else:
         submit(tmp_path, executor)
         job_id = json.loads((run_dir / "chain.json").read_text())["stages"]["long"]["job_ids"][0]
-        _wait_for(lambda: attempts.exists() and attempts.read_text().split(), 60, "first attempt")
+        wait_until(lambda: attempts.exists() and attempts.read_text().split(), 60, "first attempt")
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         wait_for_chain(run_dir, timeout=180)
         acct = subprocess.run(["sacct", "-X", "-D", "-P", "-n", "-j", job_id, "--format=JobID,State"],
@@ -336,8 +325,8 @@ def test_logs_and_cancel_whole_chain_on_slurm(tmp_path, slurm_cluster):
     write_recipe(tmp_path, SLEEPY)
     submit(tmp_path, "slurm")
     run_dir = tmp_path / "runs" / "sleepy"
-    _wait_for(lambda: status_json(run_dir)["nap"]["state"] == "RUNNING", 60, "nap to start")
-    _wait_for(lambda: "napping" in chla("logs", str(run_dir), "nap").stdout, 30, "the log line")
+    wait_until(lambda: status_json(run_dir)["nap"]["state"] == "RUNNING", 60, "nap to start")
+    wait_until(lambda: "napping" in chla("logs", str(run_dir), "nap").stdout, 30, "the log line")
     result = chla("cancel", str(run_dir), check=True)
     assert "cancelled" in result.stdout
     rows = wait_for_chain(run_dir, timeout=60)
@@ -350,7 +339,7 @@ def test_cancel_local_run(tmp_path):
     process = subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "runs" / "sleepy"
-    _wait_for(lambda: (run_dir / "nap" / "logs" / "local_0_0.log").exists()
+    wait_until(lambda: (run_dir / "nap" / "logs" / "local_0_0.log").exists()
               and "napping" in (run_dir / "nap" / "logs" / "local_0_0.log").read_text(), 60, "nap to start")
     assert "napping" in chla("logs", str(run_dir), "nap", check=True).stdout
     chla("cancel", str(run_dir), check=True)
