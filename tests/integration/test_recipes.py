@@ -49,8 +49,10 @@ def test_dry_run_prints_scripts_slurm_accepts(tmp_path, name, demo_assets, slurm
         assert script.startswith("#!/bin/bash")
         assert "chla/" in script and "submitit.core._submit" in script
         path = tmp_path / f"script-{index}.sh"
-        # Parents' job ids are placeholders in a dry run.
-        path.write_text(re.sub(r"#SBATCH --dependency='[^']*'\n", "", script))
+        # Parents' job ids are placeholders in a dry run; chla queues jobs held and releases them once
+        # the whole chain is queued, which --test-only cannot show.
+        assert "#SBATCH --hold\n" in script
+        path.write_text(re.sub(r"#SBATCH --dependency='[^']*'\n|#SBATCH --hold\n", "", script))
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
         site = ["--partition=debug", "--gpus-per-node=0", "--mem=1G", "--nodes=1", "--ntasks-per-node=1",
                 "--cpus-per-task=1"] if name in ("full", "preprocess", "eval") else []
