@@ -131,10 +131,10 @@ def test_failed_or_interrupted_submission_leaves_run_dir_as_it_was(tmp_path, slu
     recipe.write_text(FIVE.format(tag="second", s3_gpus=1))
     refused = chla("submit", "r.yaml", "--executor", "slurm", cwd=tmp_path)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert refused.stderr.strip().splitlines()[-1].startswith("chla: sbatch refused stage s3")
     assert "queued s2" in refused.stdout  # two stages were queued before the refusal
     assert snapshot(run_dir) == before
     assert not queued_under(run_dir)
+    assert refused.stderr.strip().splitlines()[-1].startswith("chla: sbatch refused stage s3")
 
     recipe.write_text(FIVE.format(tag="third", s3_gpus=0))
     fake = tmp_path / "fakebin"

@@ -15,6 +15,15 @@ from ..helpers import chla, status_json
 from .test_training import pretrain_params
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie has ended: it only waits for its parent to collect its status)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def descendants(pids: list[int]) -> list[int]:
     """`pids` and every process below them."""
     children: dict[int, list[int]] = {}
@@ -35,8 +44,6 @@ def descendants(pids: list[int]) -> list[int]:
 
 
 def test_hangup_ends_the_local_run_and_resubmit_resumes_from_the_checkpoint(train_assets, tmp_path):
-    from chla_launcher.processes import alive, stage_tasks
-
     params = pretrain_params(train_assets, max_steps=200, save_steps=10, eval_steps=0, logging_steps=10)
     (tmp_path / "r.yaml").write_text(json.dumps({"name": "hup", "stages": {"train": {"kind": "pretrain",
                                                                                    "params": params}}}))
@@ -51,20 +58,19 @@ def test_hangup_ends_the_local_run_and_resubmit_resumes_from_the_checkpoint(trai
         while not (checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())):
             assert time.time() < deadline and submit.poll() is None, "no checkpoint before the run ended"
             time.sleep(0.1)
-        tasks = [pid for pid, _ in stage_tasks(run_dir)]
-        assert tasks
-        pids = descendants([submit.pid])
+        pids = descendants([submit.pid])  # chla-submit, the task, whatever the task started
+        assert len(pids) > 1
         os.killpg(submit.pid, signal.SIGHUP)
         output, _ = submit.communicate(timeout=60)
     finally:
         if submit.poll() is None:
             submit.kill()
-    assert submit.returncode == 1, output
-    deadline = time.time() + 20
+    # chla-submit ends its tasks before it exits; a moment for the kernel to finish them off.
+    deadline = time.time() + 3
     while any(alive(pid) for pid in pids) and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert [pid for pid in pids if alive(pid)] == [], "processes of the run outlived the hang-up"
-    assert stage_tasks(run_dir) == []
+    assert submit.returncode == 1, output  # it stopped its tasks and recorded the stage cancelled
     assert status_json(run_dir)["train"]["state"] == "CANCELLED"
 
     chla("submit", "r.yaml", cwd=tmp_path, check=True, timeout=300)
