@@ -227,8 +227,9 @@ def disk_full_error(error: BaseException, run_dir: Path, stage: str | None = Non
     except OSError:
         free = "free space unknown"
     prefix = f"stage {stage}: " if stage else ""
-    return ChlaError(f"{prefix}no space left on the file system of {run_dir}{where} ({free}); nothing "
-                     f"of this attempt was kept: free space there (or move the run directory) and resubmit")
+    return ChlaError(f"{prefix}no space left on the file system of {run_dir}{where} ({free}); what the "
+                     f"attempt had half-written is removed: free space there (or move the run directory) "
+                     f"and resubmit")
 
 
 def _stopped_by_scheduler(ctx: StageContext, error: BaseException) -> bool:
