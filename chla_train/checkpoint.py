@@ -6,6 +6,10 @@ sampler position). All ranks write into a hidden `.step-N.tmp` directory; rank 0
 `step-N` only after every rank has finished, so a checkpoint directory is visible only once
 complete, and resume simply takes the highest step-N. The work dir must be on a file system all
 nodes share (the run directory is).
+
+A checkpoint belongs to one fingerprint of its stage (trainer_state.json says which); one of another
+fingerprint, or one that does not say, is never resumed. Every file is read with
+torch.load(weights_only=True): no code runs from a checkpoint file.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
 
 def same_run(checkpoint: Path, fingerprint: str) -> bool:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state.get("fingerprint") in (None, fingerprint)
+    return state.get("fingerprint") == fingerprint
 
 
 def set_aside(work_dir: Path, *, rank: int) -> Path:
@@ -58,7 +62,11 @@ def set_aside(work_dir: Path, *, rank: int) -> Path:
 
 
 def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors, ints and lists only, so that it loads with weights_only=True
+    (numpy's own state holds an ndarray, which that loader refuses)."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    states = {"python": random.getstate(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
               "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -66,8 +74,10 @@ def rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -100,14 +110,34 @@ def save_checkpoint(engine, work_dir: Path, step: int, trainer_state: dict[str, 
 
 def load_checkpoint(engine, checkpoint: Path, *, rank: int) -> dict[str, Any]:
     """Restore engine state and this rank's RNG; returns trainer_state.json."""
+    _read_weights_only(engine)
     load_path, _ = engine.load_checkpoint(str(checkpoint), tag=ENGINE_TAG, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
     rng_file = checkpoint / f"rng_rank{rank}.pt"
     if rng_file.is_file():
-        restore_rng_states(torch.load(rng_file, weights_only=False))
+        restore_rng_states(torch.load(rng_file, weights_only=True))
     return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def _read_weights_only(engine) -> None:
+    """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True); it passes False.
+    Besides tensors and plain containers its files hold three objects of its own (found by loading
+    every file of ZeRO-0/2/3 checkpoints, fp32 and bf16): those are allowed by name."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:  # not a custom engine of a user's config
+        engine.checkpoint_engine.load = load
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -16,6 +13,17 @@ from chla_train.distributed import DistributedEnv
 
 # Exit status with which a task asks the local executor to run it again (as Slurm's requeue does).
 REQUEUE_EXIT_CODE = 75
+
+
+class Preempted(BaseException):
+    """The scheduler asked this task to stop (chla_train.preemption). Raised inside a stage that does
+    not checkpoint, so that it unwinds at once (its `finally` blocks remove its temporaries), and by
+    `StageContext.requeue_and_exit` in one that does, once it has saved. The job entry catches it and
+    requeues the task. A BaseException, so that `except Exception` in a stage does not swallow it."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name}")
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -37,9 +45,10 @@ class StageContext:
     dist: DistributedEnv
     fingerprint: str
     recipe: Any = None  # the frozen chla_launcher.recipe.ResolvedRecipe
+    # Set by chla_train.preemption's signal handlers: the first stop signal received, if any.
+    stop_signal: str | None = field(default=None, repr=False)
     _preempt_requested: bool = field(default=False, repr=False)
     _cooperative: bool = field(default=False, repr=False)
-    _requeue: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def is_array_task(self) -> bool:
@@ -60,10 +69,10 @@ class StageContext:
         print(f"{prefix}] {message}", flush=True)
 
     # --- preemption -------------------------------------------------------------------------
-    # By default a preempted or timed-out task is requeued at once by submitit (Slurm) and runs
-    # again from the start. A stage that checkpoints calls enable_cooperative_preemption(): the
-    # signal then only sets `preempt_requested`; the stage saves at its next step boundary and
-    # calls requeue_and_exit().
+    # A stage that does not checkpoint is interrupted as soon as the stop signal arrives, and runs
+    # again from the start once requeued. A stage that checkpoints calls
+    # enable_cooperative_preemption(): the signal then only sets `preempt_requested`; the stage
+    # saves at its next step boundary and calls requeue_and_exit().
 
     def enable_cooperative_preemption(self) -> None:
         self._cooperative = True
@@ -73,15 +82,6 @@ class StageContext:
         return self._preempt_requested
 
     def requeue_and_exit(self) -> None:
-        """Requeue this job (Slurm) or ask the local executor to restart the task, then exit."""
-        self.log("requeueing after preemption")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if self._requeue is not None:
-            self._requeue()  # Slurm rank 0: scontrol requeue through submitit; does not return
-        if os.environ.get("SLURM_JOB_ID") and self.dist.rank != 0:
-            # Rank 0 requeues the whole job; Slurm then ends this process. Exiting with an error
-            # first could mark the job failed, so wait to be stopped.
-            while True:
-                signal.pause()
-        os._exit(REQUEUE_EXIT_CODE)
+        """After saving: leave the stage; the job entry requeues the task (Slurm) or asks the local
+        executor to start it again, and ends the process."""
+        raise Preempted(self.stop_signal or "a stop request")

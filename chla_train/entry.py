@@ -3,10 +3,11 @@
     run_task(run_dir, stage, task_index, fingerprint)   every task (each rank of a distributed stage)
     finalize(run_dir, stage, fingerprint)                once, after all tasks of an array stage
 
-It loads the frozen recipe, sets up the distributed environment from Slurm's variables (or the local
+It checks that the run directory still wants what the job was submitted for (check_fresh), loads
+the frozen recipe, sets up the distributed environment from Slurm's variables (or the local
 executor's), runs the stage's runner, makes the outputs visible atomically, and writes the DONE marker
-last. A task that is killed, fails or is requeued leaves no DONE marker, so the stage never looks
-finished when it is not.
+last. A task that is killed, fails, is stale, or is stopped and requeued (chla_train.preemption)
+leaves no DONE marker, so the stage never looks finished when it is not.
 
 This module imports no torch: submitit pickles `StageJob` by reference on the login node.
 """
@@ -14,9 +15,9 @@ This module imports no torch: submitit pickles `StageJob` by reference on the lo
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -28,12 +29,17 @@ from chla_launcher import atomic
 from chla_launcher.errors import ChlaError
 from chla_launcher.kinds import import_entry
 from chla_launcher.recipe import ResolvedRecipe, load_frozen
-from chla_launcher.rundir import COMPLETED, FAILED, RUNNING, RunDir, now
-from chla_train.context import REQUEUE_EXIT_CODE, StageContext
+from chla_launcher.rundir import COMPLETED, FAILED, PENDING, RUNNING, STALE, RunDir, now
+from chla_train.context import Preempted, StageContext
 from chla_train.distributed import DistributedEnv
+from chla_train.preemption import StopSignals
 
 # How long rank 0 waits for the other ranks to report after it finished its own part.
 RANK_BARRIER_TIMEOUT_S = 600
+
+
+class StaleJob(ChlaError):
+    """The run directory no longer wants what this job was submitted for."""
 
 
 def _attempt_token() -> str:
@@ -44,30 +50,31 @@ def _attempt_token() -> str:
     return os.environ.get("CHLA_ATTEMPT", f"local-{os.getppid()}")
 
 
-def _install_preemption_handler(ctx: StageContext) -> None:
-    """USR2 (Slurm's warning before preemption or the time limit, or a test) either requeues at once
-    (submitit's handler, or exit 75 for the local executor) or, for a stage that checkpoints, only
-    raises ctx.preempt_requested so the stage can save first."""
-    previous = signal.getsignal(signal.SIGUSR2)
-    on_slurm = "SLURM_JOB_ID" in os.environ and callable(previous)
+def check_fresh(run: RunDir, stage: str, fingerprint: str) -> None:
+    """Refuse to run a job that an earlier submission queued: a pending or requeued job, or a local
+    task that outlived its executor, must not run the stage under the parameters of a later
+    submission, resume that submission's checkpoints, or write DONE with its own fingerprint.
 
-    def requeue_now() -> None:
-        if on_slurm:
-            previous(signal.SIGUSR2, None)  # submitit: checkpoint(), scontrol requeue, exit
-        else:
-            os._exit(REQUEUE_EXIT_CODE)
+    The run directory's current fingerprint of the stage is the one in chain.json: a submission
+    switches chain.json before it releases its jobs (chla_launcher.transaction)."""
+    chain = run.read_chain()
+    record = chain.stages.get(stage) if chain is not None else None
+    if record is not None and record.fingerprint == fingerprint:
+        return
+    wanted = f"fingerprint {record.fingerprint}" if record is not None else "no such stage"
+    raise StaleJob(f"stage {stage}: STALE: this job was submitted for fingerprint {fingerprint}, but the "
+                   f"run directory's current submission wants {wanted} (a later chla-submit changed "
+                   f"it); not run, nothing written")
 
-    def on_usr2(signum: int, frame: Any) -> None:
-        if ctx._cooperative:
-            ctx._preempt_requested = True
-        elif on_slurm and ctx.dist.rank != 0:
-            return  # rank 0 requeues the whole job
-        else:
-            requeue_now()
 
-    if on_slurm and ctx.dist.rank == 0:
-        ctx._requeue = requeue_now
-    signal.signal(signal.SIGUSR2, on_usr2)
+def _record_stale(run: RunDir, stage: str, error: StaleJob) -> None:
+    """state.json says STALE, unless the current submission's attempt runs or has finished the stage
+    (chla status then shows that, and the stale job as a note)."""
+    changes: dict[str, Any] = {"stale_job": {"job_id": os.environ.get("SLURM_JOB_ID"), "at": now(),
+                                             "error": str(error)}}
+    if run.read_state(stage).get("status") not in (RUNNING, COMPLETED):
+        changes.update(status=STALE, error=str(error))
+    run.update_state(stage, **changes)
 
 
 def _stage_context(run: RunDir, recipe: ResolvedRecipe, stage_name: str, task_index: int,
@@ -112,6 +119,12 @@ def keep_freed_memory() -> bool:
 def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -> dict[str, Any] | None:
     keep_freed_memory()
     run = RunDir(run_dir)
+    try:
+        check_fresh(run, stage_name, fingerprint)
+    except StaleJob as error:
+        if int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", 0))) == 0:
+            _record_stale(run, stage_name, error)
+        raise
     recipe = load_frozen(run.path)
     stage = recipe.stages[stage_name]
     dist = DistributedEnv.from_environment()
@@ -127,29 +140,46 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
         state_task = None
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = _stage_context(run, recipe, stage_name, task_index, fingerprint, out_dir, dist)
-    _install_preemption_handler(ctx)
+    stop = StopSignals(ctx)
+    stop.install()
 
     writes_state = dist.rank == 0
     if writes_state:
         attempts = int(run.read_state(stage_name, state_task).get("attempts", 0)) + 1
         run.update_state(stage_name, state_task, status=RUNNING, attempts=attempts, started_at=now(),
                          host=socket.gethostname(), job_id=os.environ.get("SLURM_JOB_ID"),
-                         attempt=token, fingerprint=fingerprint, error=None)
+                         attempt=token, fingerprint=fingerprint, error=None, stopped_by=None, stale_job=None)
     ctx.log(f"start ({stage.kind.name}, attempt {token}, world size {dist.world_size})")
     started = time.time()
     runner: Callable[[StageContext], Any] = import_entry(stage.kind.entry)
     barrier = run.stage_dir(stage_name) / f".ranks-{token}"
     try:
-        metrics = runner(ctx) or {}
+        stop.interruptible = True
+        try:
+            metrics = runner(ctx) or {}
+        finally:
+            stop.interruptible = False
     except BaseException as error:
+        if _stopped_by_scheduler(ctx, error):
+            _leave_preempted(ctx, stop, error, run, state_task, writes_state, out_dir, is_array, started)
         if isinstance(error, SystemExit) and error.code in (0, None):
             raise
-        if dist.world_size > 1:
-            barrier.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(barrier / f"{dist.rank}.failed", _one_line(error))
-        if writes_state:
-            run.update_state(stage_name, state_task, status=FAILED, finished_at=now(),
-                             elapsed_s=round(time.time() - started, 3), error=_one_line(error))
+        disk_full = disk_full_error(error, run.path, stage_name)
+        if disk_full is not None and not is_array:
+            shutil.rmtree(out_dir, ignore_errors=True)  # half-written, and it frees the space to say so
+        try:
+            if dist.world_size > 1:
+                barrier.mkdir(parents=True, exist_ok=True)
+                atomic.write_text(barrier / f"{dist.rank}.failed", _one_line(disk_full or error))
+            if writes_state:
+                run.update_state(stage_name, state_task, status=FAILED, finished_at=now(),
+                                 elapsed_s=round(time.time() - started, 3),
+                                 error=str(disk_full) if disk_full else _one_line(error))
+        except OSError:
+            if disk_full is None:
+                raise
+        if disk_full is not None:
+            raise disk_full from None
         raise
 
     hosts = [socket.gethostname()]
@@ -183,6 +213,53 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
     return metrics
 
 
+def disk_full_error(error: BaseException, run_dir: Path, stage: str | None = None) -> ChlaError | None:
+    """A full disk (or quota) anywhere in what the stage did, as one line naming the file system,
+    instead of a traceback from deep inside a writer."""
+    seen: BaseException | None = error
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    where = f" writing {seen.filename}" if getattr(seen, "filename", None) else ""
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:,.0f} MiB free now"
+    except OSError:
+        free = "free space unknown"
+    prefix = f"stage {stage}: " if stage else ""
+    return ChlaError(f"{prefix}no space left on the file system of {run_dir}{where} ({free}); what the "
+                     f"attempt had half-written is removed: free space there (or move the run directory) "
+                     f"and resubmit")
+
+
+def _stopped_by_scheduler(ctx: StageContext, error: BaseException) -> bool:
+    """Did the stage end because the scheduler asked it to stop? Then it is requeued, not failed:
+    Preempted itself, submitit's exit after its own requeue (USR2), or anything a SIGTERM made fail
+    (a killed child process, a rank whose peer left)."""
+    if isinstance(error, Preempted):
+        return True
+    if isinstance(error, SystemExit):
+        return ctx.stop_signal is not None and error.code not in (0, None)
+    return ctx.stop_signal == "SIGTERM" and isinstance(error, Exception)
+
+
+def _leave_preempted(ctx: StageContext, stop: StopSignals, error: BaseException, run: RunDir,
+                     state_task: int | None, writes_state: bool, out_dir: Path, is_array: bool,
+                     started: float) -> None:
+    """Record the attempt as stopped (PENDING again, no DONE), drop its private output directory,
+    and requeue. Re-raises submitit's SystemExit (the job is requeued already); otherwise does not
+    return."""
+    ctx.log(f"stopped by {ctx.stop_signal}: {'checkpointed, ' if ctx._cooperative else ''}requeueing")
+    if not is_array:
+        shutil.rmtree(out_dir, ignore_errors=True)  # half-written: the next attempt starts afresh
+    if writes_state:
+        run.update_state(ctx.stage, state_task, status=PENDING, finished_at=now(),
+                         elapsed_s=round(time.time() - started, 3), stopped_by=ctx.stop_signal, error=None)
+    if isinstance(error, SystemExit):
+        raise error
+    stop.leave_for_requeue()
+
+
 def _wait_for_ranks(barrier: Path, world_size: int) -> None:
     deadline = time.time() + RANK_BARRIER_TIMEOUT_S
     while True:
@@ -199,6 +276,11 @@ def _wait_for_ranks(barrier: Path, world_size: int) -> None:
 def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] | None:
     """After every task of an array stage succeeded: the kind's aggregation, then DONE."""
     run = RunDir(run_dir)
+    try:
+        check_fresh(run, stage_name, fingerprint)
+    except StaleJob as error:
+        _record_stale(run, stage_name, error)
+        raise
     recipe = load_frozen(run.path)
     stage = recipe.stages[stage_name]
     missing = [index for index in range(stage.num_tasks)
@@ -213,8 +295,21 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
     parts = staging if staging.is_dir() else run.out_dir(stage_name)
     if stage.kind.finalize:
         ctx = _stage_context(run, recipe, stage_name, -1, fingerprint, parts, DistributedEnv())
+        stop = StopSignals(ctx)
+        stop.install()
         ctx.log(f"finalizing {stage.num_tasks} tasks")
-        metrics.update(import_entry(stage.kind.finalize)(ctx) or {})
+        try:
+            stop.interruptible = True
+            metrics.update(import_entry(stage.kind.finalize)(ctx) or {})
+        except BaseException as error:
+            if not _stopped_by_scheduler(ctx, error):
+                raise
+            ctx.log(f"stopped by {ctx.stop_signal}: requeueing")
+            if isinstance(error, SystemExit):
+                raise
+            stop.leave_for_requeue()
+        finally:
+            stop.interruptible = False
     else:
         metrics["task_metrics"] = task_metrics
     if parts == staging:
@@ -242,9 +337,16 @@ class StageJob:
     def __call__(self, run_dir: str, stage: str, task_index: int, fingerprint: str,
                  finalize_only: bool = False) -> Any:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
-        if finalize_only:
-            return finalize(run_dir, stage, fingerprint)
-        return run_task(run_dir, stage, task_index, fingerprint)
+        try:
+            if finalize_only:
+                return finalize(run_dir, stage, fingerprint)
+            return run_task(run_dir, stage, task_index, fingerprint)
+        except (ChlaError, OSError) as error:
+            # One clear line in the job's log before submitit's traceback.
+            line = error if isinstance(error, ChlaError) else disk_full_error(error, Path(run_dir), stage)
+            if line is not None:
+                print(f"chla: {line}", file=sys.stderr, flush=True)
+            raise
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
@@ -270,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     except ChlaError as error:
         print(f"chla: {error}", file=sys.stderr, flush=True)
         return 2
-    except Exception:
-        traceback.print_exc()
+    except Exception as error:
+        disk_full = disk_full_error(error, Path(args.run_dir), args.stage)
+        if disk_full is None:
+            traceback.print_exc()
+        else:
+            print(f"chla: {disk_full}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from chla_launcher import atomic
+
 
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
@@ -24,6 +26,15 @@ def peak_memory_mb() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def parse_record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as a dict, or None for a blank or torn one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class MetricsLog:
@@ -45,11 +56,14 @@ class MetricsLog:
             self._tb = None
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to the resumed step. A line that does not parse is the torn end of
+        an append that was killed (or hit a full disk) and is dropped: the step it belonged to is
+        after the checkpoint, so it is logged again."""
         if not self.jsonl.is_file():
             return
-        kept = [line for line in self.jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.jsonl.write_text("".join(f"{line}\n" for line in kept))
+        kept = [line for line in self.jsonl.read_text(encoding="utf-8", errors="replace").splitlines()
+                if (record := parse_record(line)) is not None and record.get("step", 0) <= step]
+        atomic.write_text(self.jsonl, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -5,9 +5,10 @@ Why not HF Trainer: the stages need three things Trainer makes hard, and the loo
    re-seeded dataloader and restores RNG state at epoch granularity; here the data position is
    one integer in the checkpoint (chla_tools.blocks.ResumableSampler), RNG states are saved per
    rank at the optimizer step, and the test shows an interrupted run ends with the same weights.
-2. Cooperative preemption: the requeue signal only sets a flag; at each optimizer step the flag
-   is all-reduced (so every rank agrees), a checkpoint is written and the job requeues itself.
-   Trainer has no hook at that point that all ranks reach together.
+2. Cooperative preemption: the stop signal (Slurm's SIGTERM when it preempts, USR2 before the
+   time limit) only sets a flag; at each optimizer step the flag is all-reduced (so every rank
+   agrees, whichever ranks got the signal), a checkpoint is written and the job requeues itself
+   (chla_train.preemption). Trainer has no hook at that point that all ranks reach together.
 3. Correct loss across micro-batches and ranks: the loss of an optimizer step is the sum of token
    losses over the whole global batch divided by its number of label tokens (counted before the
    forward passes and all-reduced), so 1 rank x 4 micro-batches and 2 ranks x 2 give the same
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -69,11 +71,24 @@ class TrainResult:
 
 
 def init_distributed(ctx) -> None:
-    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) from ctx.dist's env."""
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) from ctx.dist's env.
+
+    Rank 0's TCPStore binds MASTER_PORT. A process that is alone takes the first free port; in a
+    group the port is fixed (every rank derived it alone), so rank 0 checks it is free and otherwise
+    stops with one line naming the port, instead of a rendezvous that waits for its timeout."""
+    import dataclasses
+
     import deepspeed
     import deepspeed.ops
 
+    from chla_train.distributed import free_master_port, require_port_free
+
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see module docstring
+    if not dist.is_initialized():
+        if ctx.dist.world_size == 1:
+            ctx.dist = dataclasses.replace(ctx.dist, master_port=free_master_port(os.getpid()))
+        elif ctx.dist.rank == 0:
+            require_port_free(ctx.dist.master_port, f"stage {ctx.stage}")
     ctx.dist.export()
     if torch.cuda.is_available():
         torch.cuda.set_device(ctx.dist.local_rank)
@@ -193,6 +208,11 @@ class Trainer:
             ctx.log(f"step 0: eval loss {state['first_eval_loss']:.4f}")
             metrics.write({"step": 0, "eval_loss": state["first_eval_loss"]})
 
+        if self._any_rank_stopping():
+            # Asked to stop while loading or evaluating: nothing was trained since the checkpoint.
+            ctx.log(f"{ctx.stop_signal or 'stop requested'} before step {state['step'] + 1}: leaving")
+            metrics.close()
+            ctx.requeue_and_exit()
         samples = iter(sampler)
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
         started = time.perf_counter() - state["elapsed_s"]
@@ -234,7 +254,7 @@ class Trainer:
                 self._save(state, sampler)
                 saved = True
             if preempt and not last:
-                ctx.log(f"preemption requested: checkpointing at step {step}")
+                ctx.log(f"{ctx.stop_signal or 'preemption'} on some rank: checkpointing at step {step}")
                 if not saved:
                     self._save(state, sampler)
                 metrics.close()
@@ -272,6 +292,12 @@ class Trainer:
         flag = torch.stack([loss_sum, preempt])
         dist.all_reduce(flag)
         return flag[0].item() / label_tokens, int(input_tokens), flag[1].item() > 0
+
+    def _any_rank_stopping(self) -> bool:
+        """Collective: whether any rank was asked to stop (the scheduler signals ranks one by one)."""
+        flag = torch.tensor(1.0 if self.ctx.preempt_requested else 0.0, dtype=torch.float64, device=self.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
 
     def _forward(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
         """Sum of token cross-entropies of one micro-batch (num_items_in_batch=1 makes HF sum).

@@ -26,9 +26,10 @@ from typing import Any
 from . import atomic
 from .chain import Chain
 
-# Stage states as chla reports them (Slurm's own states are mapped onto these in slurm.py).
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED, UNKNOWN = (
-    "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "SKIPPED", "UNKNOWN")
+# Stage states as chla reports them (Slurm's own states are mapped onto these in slurm.py). STALE: what
+# ran or tried to run in the stage was submitted for an earlier version of the recipe.
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED, STALE, UNKNOWN = (
+    "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "SKIPPED", "STALE", "UNKNOWN")
 
 # Names at the top of a run directory that are not stages: a stage may not take one.
 RESERVED_NAMES = frozenset({"recipe.yaml", "chain.json", "summary.json", "summary.md", ".chla"})

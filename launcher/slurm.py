@@ -143,6 +143,27 @@ def cancel_jobs(job_ids: list[str]) -> None:
         _run(["scancel", *sorted(set(job_ids))])
 
 
+def being_preempted(job_id: str) -> bool | None:
+    """Whether slurmctld has chosen the running job for preemption: its SIGTERM then means "requeue",
+    whereas the SIGTERM of scancel (JobState COMPLETING) or of the time limit means "end". During a
+    partition's GraceTime the job is still RUNNING, with PreemptTime set (Slurm 22.05). None when
+    slurmctld does not answer."""
+    try:
+        out = _run(["scontrol", "show", "job", "-o", job_id], timeout=20)
+    except ChlaError:
+        return None
+    state = re.search(r"\bJobState=(\S+)", out)
+    preempt_time = re.search(r"\bPreemptTime=(\S+)", out)
+    if not state or not preempt_time:
+        return None
+    return state.group(1) == "RUNNING" and preempt_time.group(1) not in ("None", "Unknown")
+
+
+def requeue_job(job_id: str) -> None:
+    """Put a running job back into the queue now (slurmctld then ends its processes)."""
+    _run(["scontrol", "requeue", job_id], timeout=20)
+
+
 @lru_cache(maxsize=1)
 def max_array_size() -> int:
     """The cluster's MaxArraySize (array indices go up to MaxArraySize - 1)."""

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from .errors import ChlaError
 from .executors import executor_named
-from .rundir import (CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED, UNKNOWN, RunDir)
+from .rundir import (CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED, STALE, UNKNOWN, RunDir)
 
 TERMINAL = {COMPLETED, FAILED, CANCELLED, SKIPPED}
 
@@ -61,7 +61,14 @@ def collect(run: RunDir) -> list[StageStatus]:
         elif record is None:
             status.state = "NOT SUBMITTED"
         elif record.skipped:
-            status.state = "STALE"  # finished once, but not with the recipe submitted last
+            status.state = STALE  # finished once, but not with the recipe submitted last
+        elif state.get("stale_job") and status.state not in (RUNNING, PENDING):
+            # A job of an earlier submission refused to run (chla_train.entry.check_fresh), and no
+            # job of the current one is queued or running.
+            status.state = STALE
+            status.reason = state["stale_job"].get("error", "")
+        elif state.get("stale_job"):
+            status.reason = status.reason or "a job of an earlier submission refused to run (stale)"
         if status.state == COMPLETED and array:
             status.tasks_done = array
         if state.get("elapsed_s") is not None and not status.elapsed:
@@ -126,4 +133,4 @@ def as_json(statuses: list[StageStatus]) -> list[dict[str, Any]]:
 
 
 def all_terminal(statuses: list[StageStatus]) -> bool:
-    return all(s.state in TERMINAL or s.state in ("NOT SUBMITTED", "STALE") for s in statuses)
+    return all(s.state in TERMINAL or s.state in ("NOT SUBMITTED", STALE) for s in statuses)

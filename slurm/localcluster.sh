@@ -12,12 +12,15 @@
 #   CHLA_SLURM_TIMEOUT  seconds `start` waits for the cluster to answer (default 60)
 #   CHLA_SLURM_CRED_EXPIRE  AuthInfo=cred_expire: a requeued job reruns after this + 1 s
 #                       (default 10; 5 is the minimum)
+#   CHLA_SLURM_GRACE_TIME   GraceTime of partition debug: seconds between the SIGTERM of a
+#                       preemption and the SIGKILL (default 30)
 set -euo pipefail
 
 BASE="${CHLA_SLURM_BASE:-/var/tmp/chla-slurm}"
 DB_PORT="${CHLA_SLURM_DB_PORT:-6830}"
 START_TIMEOUT="${CHLA_SLURM_TIMEOUT:-60}"
 CRED_EXPIRE="${CHLA_SLURM_CRED_EXPIRE:-10}"
+GRACE_TIME="${CHLA_SLURM_GRACE_TIME:-30}"
 CLUSTER=chla
 CONF_DIR=/etc/slurm
 MUNGE_KEY=/etc/munge/munge.key
@@ -241,8 +244,9 @@ KillWait=5
 InactiveLimit=0
 MaxArraySize=1001
 
-# Requeue (scontrol requeue, submitit checkpointing) and preemption: jobs in partition
-# "urgent" preempt jobs in "debug", which are requeued.
+# Requeue (scontrol requeue, submitit checkpointing) and preemption as clusters do it: a job in
+# partition "urgent" (higher PriorityTier) that needs the resources of jobs in "debug" preempts
+# them; they get SIGTERM, SIGKILL GraceTime seconds later, and are requeued.
 JobRequeue=1
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
@@ -254,7 +258,7 @@ JobCompType=jobcomp/none
 
 NodeName=node1 NodeHostname=localhost NodeAddr=${NODE_ADDR[node1]} Port=${NODE_PORT[node1]} CPUs=$cpus RealMemory=$mem State=UNKNOWN
 NodeName=node2 NodeHostname=localhost NodeAddr=${NODE_ADDR[node2]} Port=${NODE_PORT[node2]} CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=$GRACE_TIME
 PartitionName=urgent Nodes=node1,node2 Default=NO MaxTime=INFINITE State=UP PriorityTier=2
 EOF
 }
@@ -473,7 +477,7 @@ cmd_start() {
   local verb=started
   [[ $already == 1 ]] && verb="already running"
   echo "chla local Slurm cluster $verb in $((SECONDS - t0)) s: cluster $CLUSTER, partition debug" \
-    "(default) + urgent, nodes node1,node2 with $(node_cpus) CPUs and $(node_mem_mb) MB each," \
+    "(default, GraceTime ${GRACE_TIME} s) + urgent (preempts debug), nodes node1,node2 with $(node_cpus) CPUs and $(node_mem_mb) MB each," \
     "accounting on; state in $BASE"
 }
 

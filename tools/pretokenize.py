@@ -46,6 +46,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import time
 from collections import deque
@@ -537,6 +538,10 @@ _GROUP = 64
 
 def _init_worker(spec: EncoderSpec) -> None:
     global _WORKER
+    # A forked worker inherits the job's stop handlers (chla_train.preemption), which ignore a
+    # repeated SIGTERM: with them, the pool could not terminate its workers.
+    for signum in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
     _WORKER = _Encoder(spec)
 
 
@@ -685,10 +690,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial copy (a full disk, a stop) is not left behind
+        raise
 
 
 def _remove_dead_tmp(directory: Path, prefix: str) -> None:
@@ -728,9 +737,14 @@ class _WorkerPool:
         while window:
             yield window.popleft().get()
 
-    def close(self) -> None:
+    def close(self, *, finished: bool) -> None:
+        """After the work is done, let the workers finish; after an error or a stop, end them at once
+        (a worker killed by the same SIGTERM leaves a task that would never complete)."""
         if self.pool is not None:
-            self.pool.close()
+            if finished:
+                self.pool.close()
+            else:
+                self.pool.terminate()
             self.pool.join()
 
 
@@ -789,8 +803,10 @@ def run_task(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
             shards.append(record)
             if tokenized and (number + 1) % 10 == 0:
                 log(f"{number + 1}/{len(pieces)} pieces ({tokenized} tokenized, {reused} from cache)")
-    finally:
-        pool.close()
+    except BaseException:
+        pool.close(finished=False)
+        raise
+    pool.close(finished=True)
     summary = {"task": task_index, "num_tasks": num_tasks, "tokenizer": asdict(info), "encoder": encoder,
                "options": options.key_fields(), "layout": asdict(layout), "block_size": block_size,
                "inputs": [str(f) for f in files], "shards": shards,

@@ -37,12 +37,15 @@ def find_training_metrics(run_dir: Path) -> dict[str, Path]:
 
 def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     train, evals = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record: dict[str, Any] = json.loads(line)
         except ValueError:
+            if number == len(lines):
+                break  # the torn end of an append (a killed job, a full disk), or one being written
             raise ChlaError(f"{path}:{number}: not a JSON line; the metrics file is damaged") from None
         if "loss" in record:
             train.append((record["step"], record["loss"]))

@@ -15,7 +15,7 @@ import sys
 
 from chla_launcher.errors import ChlaError
 from chla_launcher.processes import die_with_parent
-from chla_train.context import StageContext
+from chla_train.context import Preempted, StageContext
 
 
 def run(ctx: StageContext) -> dict:
@@ -41,8 +41,10 @@ def run(ctx: StageContext) -> dict:
     except PermissionError:
         raise ChlaError(f"stage {ctx.stage}: program not executable: {params.argv[0]}") from None
 
-    # Pass termination on to the child so a cancelled job leaves no orphan behind.
+    # Pass termination on to the child so a cancelled job leaves no orphan behind, and let the
+    # program end as it likes; then the task is requeued (preemption) like any stopped stage.
     def forward(signum: int, frame: object) -> None:
+        ctx.stop_signal = ctx.stop_signal or signal.Signals(signum).name
         process.send_signal(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
@@ -53,6 +55,8 @@ def run(ctx: StageContext) -> dict:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if ctx.stop_signal is not None:
+        raise Preempted(ctx.stop_signal)
     if code not in params.ok_exit_codes:
         raise ChlaError(f"stage {ctx.stage}: command exited with status {code}: {params.argv[0]}")
     return {"exit_code": code}

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from chla_train.distributed import free_master_port  # no torch
 
 from .. import processes
 from ..chain import Chain, StageRecord
@@ -30,12 +31,6 @@ from . import Executor, JobStatus
 
 REQUEUE_EXIT_CODE = 75  # chla_train.context.REQUEUE_EXIT_CODE (not imported: no chla_train here)
 MAX_LOCAL_REQUEUES = 20
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -219,10 +214,11 @@ class LocalExecutor(Executor):
         """One task as world_size processes (1 unless the stage is distributed), requeued as a whole."""
         world = 1 if finalize else stage.resources.world_size
         for requeues in range(MAX_LOCAL_REQUEUES + 1):
-            port = free_port() if world > 1 else 0
+            # Outside the ephemeral range (a port from bind(0) can be taken before rank 0 binds it).
+            port = free_master_port(os.getpid(), requeues) if world > 1 else 0
             attempt = f"{'finalize' if finalize else task}-{requeues}"
             ranks = [self._spawn(stage, fingerprint, task, rank=rank, world=world, port=port,
-                                     attempt=attempt, finalize=finalize) for rank in range(world)]
+                                 attempt=attempt, finalize=finalize) for rank in range(world)]
             codes = self._wait_all(ranks)
             if self._cancelled:
                 return False

@@ -202,7 +202,9 @@ def test_two_node_stage_all_reduce(tmp_path, executor, cluster_if_slurm):
         assert [r["node"] for r in ranks] == ["node1", "node2"]
         assert ranks[0]["master"] == "node1"
         job_id = json.loads((tmp_path / "runs" / "twonodes" / "chain.json").read_text())["stages"]["allreduce"]["job_ids"][0]
-        assert int(ranks[0]["port"]) == 20000 + int(job_id) % 15000
+        from chla_train.distributed import master_port
+
+        assert int(ranks[0]["port"]) == master_port(int(job_id), 0)
 
 
 NASTY = ["; touch {pwn}/semicolon", "$(touch {pwn}/dollar)", "`touch {pwn}/backtick`",
@@ -247,8 +249,38 @@ stages:
 """
 
 
+def preempt_on_slurm(job_id: str) -> str:
+    """Preempt a running job as a cluster does: a job in the higher-priority partition `urgent` that
+    needs every CPU of the job's node (slurm/localcluster.sh: PreemptMode=REQUEUE, GraceTime)."""
+    node = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    cpus = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%c"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    return subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", node, "-N1", "-n1", "-c", cpus,
+                           "--mem=100M", "-o", "/dev/null", "--wrap", "sleep 1"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def sacct_runs(job_id: str) -> list[str]:
+    """Partition|State of every run of a job, oldest first (sacct -D: one row per requeue)."""
+    out = subprocess.run(["sacct", "-X", "-D", "-P", "-n", "-j", job_id, "--format=Partition,State"],
+                         capture_output=True, text=True).stdout
+    return out.split()
+
+
+def _check_requeued_once(run_dir: Path, attempts: Path) -> None:
+    rows = status_json(run_dir)
+    assert rows["long"]["state"] == "COMPLETED" and rows["after_long"]["state"] == "COMPLETED", rows
+    assert rows["long"]["restarts"] == 1
+    assert (run_dir / "long" / "out" / "result.txt").read_text() == "finished on attempt 2"
+    assert (run_dir / "after_long" / "out" / "x").read_text() == "finished on attempt 2"
+    assert len(attempts.read_text().split()) == 2
+
+
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_preempted_stage_is_requeued_and_chain_completes(tmp_path, executor, cluster_if_slurm):
+    """A stage that does not checkpoint, preempted the way Slurm does it (SIGTERM to its processes,
+    here by a job of a higher-priority partition), stops, is requeued and runs again from the start."""
     write_recipe(tmp_path, PREEMPTIBLE)
     run_dir = tmp_path / "runs" / "preempt"
     attempts = run_dir / "long" / "work" / "attempts"
@@ -256,7 +288,7 @@ def test_preempted_stage_is_requeued_and_chain_completes(tmp_path, executor, clu
         process = subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "local"],
                                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         entry_pid = int(wait_until(lambda: attempts.exists() and attempts.read_text().split(), 60, "first attempt")[0])
-        os.kill(entry_pid, signal.SIGUSR2)  # what Slurm sends before preemption
+        os.kill(entry_pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
         assert process.returncode == 0, output
         assert "requeued" in output
@@ -264,17 +296,31 @@ def test_preempted_stage_is_requeued_and_chain_completes(tmp_path, executor, clu
         submit(tmp_path, executor)
         job_id = json.loads((run_dir / "chain.json").read_text())["stages"]["long"]["job_ids"][0]
         wait_until(lambda: attempts.exists() and attempts.read_text().split(), 60, "first attempt")
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        urgent = preempt_on_slurm(job_id)
         wait_for_chain(run_dir, timeout=180)
-        acct = subprocess.run(["sacct", "-X", "-D", "-P", "-n", "-j", job_id, "--format=JobID,State"],
-                              capture_output=True, text=True).stdout.split()
-        assert len(acct) >= 2 and acct[-1].endswith("COMPLETED"), acct
-    rows = status_json(run_dir)
-    assert rows["long"]["state"] == "COMPLETED" and rows["after_long"]["state"] == "COMPLETED"
-    assert rows["long"]["restarts"] == 1
-    assert (run_dir / "long" / "out" / "result.txt").read_text() == "finished on attempt 2"
-    assert (run_dir / "after_long" / "out" / "x").read_text() == "finished on attempt 2"
-    assert len(attempts.read_text().split()) == 2
+        wait_until(lambda: sacct_runs(job_id)[-1:] == ["debug|COMPLETED"], 60, "sacct to record the end")
+        assert sacct_runs(job_id) == ["debug|REQUEUED", "debug|COMPLETED"]  # requeued by the job itself
+        assert sacct_runs(urgent) == ["urgent|COMPLETED"]
+        log = "".join(p.read_text() for p in (run_dir / "long" / "logs").glob(f"{job_id}_*.out"))
+        assert "stopped by SIGTERM" in log and f"preempted: job {job_id} requeued" in log, log
+    _check_requeued_once(run_dir, attempts)
+
+
+@pytest.mark.slurm
+def test_time_limit_warning_requeues_on_slurm(tmp_path, slurm_cluster):
+    """USR2, which Slurm sends before the time limit (sbatch --signal, set by submitit), still
+    requeues through submitit's handler (sent here with scancel --signal, as the limit would)."""
+    write_recipe(tmp_path, PREEMPTIBLE)
+    run_dir = tmp_path / "runs" / "preempt"
+    attempts = run_dir / "long" / "work" / "attempts"
+    submit(tmp_path, "slurm")
+    job_id = json.loads((run_dir / "chain.json").read_text())["stages"]["long"]["job_ids"][0]
+    wait_until(lambda: attempts.exists() and attempts.read_text().split(), 60, "first attempt")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_for_chain(run_dir, timeout=180)
+    wait_until(lambda: sacct_runs(job_id)[-1:] == ["debug|COMPLETED"], 60, "sacct to record the end")
+    assert sacct_runs(job_id) == ["debug|REQUEUED", "debug|COMPLETED"]
+    _check_requeued_once(run_dir, attempts)
 
 
 ARRAY_SPLIT = f"""\

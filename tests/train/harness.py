@@ -3,16 +3,13 @@
 In-process: `make_context(...)` and call the runner (used for input checks that fail before
 DeepSpeed starts). As a script: `python harness.py SPEC.json` runs one rank of a stage; the
 distributed environment comes from RANK/WORLD_SIZE/MASTER_* exactly as the local executor sets
-it, SIGUSR2 sets the cooperative preemption flag (as the job entry's handler does), and
-`preempt_after_polls` makes the process send itself SIGUSR2 at its N-th step boundary, so a
-test can interrupt a run at a known step. Exit status 75 = requeue requested.
+it. (Preemption is tested through the real job entry and local executor: test_training.py.)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,22 +19,8 @@ from chla_train.context import StageContext
 from chla_train.distributed import DistributedEnv
 
 
-class HarnessContext(StageContext):
-    """A StageContext whose preemption flag is set by a real SIGUSR2 (optionally self-sent)."""
-
-    preempt_after_polls: int | None = None
-    polls: int = 0
-
-    @property
-    def preempt_requested(self) -> bool:
-        self.polls += 1
-        if self.preempt_after_polls is not None and self.polls == self.preempt_after_polls:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return self._preempt_requested
-
-
 def make_context(kind: str, params: dict[str, Any], run_dir: Path, *, stage: str = "train",
-                 out_dir: Path | None = None, dist_env: DistributedEnv | None = None) -> HarnessContext:
+                 out_dir: Path | None = None, dist_env: DistributedEnv | None = None) -> StageContext:
     run_dir = Path(run_dir)
     stage_dir = run_dir / stage
     work_dir = stage_dir / "work"
@@ -45,10 +28,9 @@ def make_context(kind: str, params: dict[str, Any], run_dir: Path, *, stage: str
     for path in (work_dir, out_dir):
         path.mkdir(parents=True, exist_ok=True)
     model = get_kind(kind).params.model_validate(params)
-    ctx = HarnessContext(run_dir=run_dir, stage=stage, kind=kind, params=model, stage_dir=stage_dir,
-                         out_dir=out_dir, work_dir=work_dir, task_index=0, num_tasks=1,
-                         dist=dist_env or DistributedEnv(), fingerprint="test")
-    signal.signal(signal.SIGUSR2, lambda *_: setattr(ctx, "_preempt_requested", True))
+    ctx = StageContext(run_dir=run_dir, stage=stage, kind=kind, params=model, stage_dir=stage_dir,
+                       out_dir=out_dir, work_dir=work_dir, task_index=0, num_tasks=1,
+                       dist=dist_env or DistributedEnv(), fingerprint="test")
     return ctx
 
 
@@ -89,7 +71,6 @@ def main(spec_file: str) -> int:
     attempt_out = Path(spec["run_dir"]) / spec.get("stage", "train") / f"attempt-{os.getpid()}"
     ctx = make_context(spec["kind"], spec["params"], Path(spec["run_dir"]), stage=spec.get("stage", "train"),
                        out_dir=attempt_out, dist_env=dist_env)
-    ctx.preempt_after_polls = spec.get("preempt_after_polls") if dist_env.rank == 0 else None
     result = run_stage(ctx)
     if dist_env.rank == 0:
         final = ctx.stage_dir / "out"

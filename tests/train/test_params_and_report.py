@@ -136,7 +136,9 @@ def test_report_train_errors_are_one_line(tmp_path):
     with pytest.raises(ChlaError, match="no training stage"):
         train_report(tmp_path)
     (tmp_path / "pt" / "out").mkdir(parents=True)
-    (tmp_path / "pt" / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n')
+    # A torn last line is the end of an interrupted append (the report of a live run skips it); a
+    # line that does not parse before the last one is damage.
+    (tmp_path / "pt" / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n{"step": 2, "loss": 1}\n')
     with pytest.raises(ChlaError, match=r"metrics.jsonl:2"):
         train_report(tmp_path)
 

@@ -1,10 +1,12 @@
 """Training stages as Slurm jobs on the real local cluster: a 2-node ZeRO-2 LoRA run (one CPU rank
 on node1, one on node2) matches a single-process run with the same global batch and seed; a run
-preempted twice (USR2 through scancel) ends bitwise equal to an uninterrupted one."""
+preempted twice by Slurm itself (a job of the higher-priority partition; SIGTERM, GraceTime) ends
+bitwise equal to an uninterrupted one."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -65,7 +67,7 @@ def _logged_step(run_dir: Path) -> int:
     path = run_dir / "train" / "work" / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
     return max(steps, default=0)
 
 
@@ -74,35 +76,55 @@ def _wait(predicate, timeout: float, what: str) -> None:
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _grace_time(partition: str) -> int:
+    shown = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True,
+                           check=True).stdout
+    return int(re.search(r"GraceTime=(\d+)", shown).group(1))
 
 
 def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, slurm_cluster):
     from safetensors.torch import load_file
 
-    params = pretrain_params(train_assets, mode="lora", micro_batch_size=2, max_steps=300, save_steps=25,
+    from ..launcher.test_chains import preempt_on_slurm, sacct_runs
+
+    assert _grace_time("debug") >= 30
+    params = pretrain_params(train_assets, mode="lora", micro_batch_size=2, max_steps=300, save_steps=0,
                              lora_dropout=0.05, learning_rate=2e-3, eval_steps=0, logging_steps=1)
     preempted = submit(tmp_path / "slurm", params, "slurm")
-    job = json.loads((preempted / "chain.json").read_text())["stages"]["train"]["job_ids"][0]
-    last = 2
-    for _ in range(2):
-        # Preempt once this attempt has trained past what the previous one reached.
-        _wait(lambda: _logged_step(preempted) > last and status_json(preempted)["train"]["state"] == "RUNNING",
-              240, "training steps")
-        subprocess.run(["scancel", "--signal=USR2", job], check=True)
-        _wait(lambda: status_json(preempted)["train"]["state"] != "RUNNING", 120, "the requeue")
-        last = _logged_step(preempted)  # the step this attempt checkpointed at
-    rows = wait_for_chain(preempted, timeout=400)
+    run_dir = preempted
+    job = json.loads((run_dir / "chain.json").read_text())["stages"]["train"]["job_ids"][0]
+    state_file = run_dir / "train" / "state.json"
+    reached, urgent = [], []
+    for attempt in range(1, 3):
+        # Preempt once this attempt has trained a few steps past where the previous one stopped.
+        _wait(lambda: json.loads(state_file.read_text()).get("attempts") == attempt
+              and _logged_step(run_dir) > max(reached, default=0) + 2, 240, "training steps")
+        urgent.append(preempt_on_slurm(job))
+        _wait(lambda: json.loads(state_file.read_text()).get("stopped_by") == "SIGTERM", 120, "the checkpoint")
+        reached.append(_logged_step(run_dir))  # the last step this attempt trained
+    rows = wait_for_chain(run_dir, timeout=400)
     assert rows["train"]["state"] == "COMPLETED" and rows["train"]["restarts"] == 2, rows
-    summary = json.loads((preempted / "train" / "out" / "train_summary.json").read_text())
-    assert len(summary["resumed_from_steps"]) == 2
+
+    _wait(lambda: sacct_runs(job)[-1:] == ["debug|COMPLETED"], 60, "sacct to record the end")  # sacct lags
+    assert sacct_runs(job) == ["debug|REQUEUED", "debug|REQUEUED", "debug|COMPLETED"]
+    assert [sacct_runs(u) for u in urgent] == [["urgent|COMPLETED"]] * 2
+    summary = json.loads((run_dir / "train" / "out" / "train_summary.json").read_text())
+    # Each attempt checkpointed the step it had reached when SIGTERM came: no step of work lost.
+    assert summary["resumed_from_steps"] == reached, (summary["resumed_from_steps"], reached)
+    print(f"preempted at steps {reached}; resumed from {summary['resumed_from_steps']}")
 
     straight = submit(tmp_path / "local", params, "local")
     a = load_file(str(straight / "train" / "out" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(preempted / "train" / "out" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "train" / "out" / "adapter" / "adapter_model.safetensors"))
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after two preemptions"
     assert json.loads((straight / "train" / "out" / "train_summary.json").read_text())["tokens_seen"] == \
         summary["tokens_seen"] == 300 * 2 * 64
+    # Every step trained once, with the same loss: no sample lost or repeated.
+    assert [(r["step"], r["loss"]) for r in losses(run_dir)] == [(r["step"], r["loss"]) for r in losses(straight)]
+    assert [r["step"] for r in losses(run_dir)] == list(range(1, 301))

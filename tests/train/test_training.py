@@ -5,6 +5,11 @@ subprocesses (one per rank), as the local executor starts them."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,40 +140,111 @@ def test_zero3_adapter_is_complete_and_reloads(train_assets, tmp_path):
 
 # --- must-show 3 -------------------------------------------------------------------------------
 
+def submit_local(work: Path, params: dict, *, ranks: int = 1) -> subprocess.Popen:
+    """`chla-submit` of a one-stage pretrain recipe with the local executor, in the background."""
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = {"name": "t", "resources": {"cpus_per_task": 1},
+              "stages": {"train": {"kind": "pretrain", "resources": {"tasks_per_node": ranks}, "params": params}}}
+    (work / "r.yaml").write_text(json.dumps(recipe))
+    return subprocess.Popen([sys.executable, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "local"],
+                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def logged_steps(work_dir: Path) -> list[int]:
+    path = work_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}") and '"loss"' in line]
+
+
+def rank_processes(executor: subprocess.Popen, ranks: int, timeout: float = 60) -> list:
+    """The job entry processes of the current attempt, by rank."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = {}
+        for child in psutil.Process(executor.pid).children():
+            try:
+                if "chla_train.entry" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                    found[int(child.environ()["RANK"])] = child
+            except (psutil.NoSuchProcess, KeyError):
+                continue
+        if len(found) == ranks:
+            return [found[r] for r in range(ranks)]
+        time.sleep(0.1)
+    raise AssertionError(f"{ranks} rank processes did not start")
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_twice_preempted_run_ends_bitwise_equal_to_uninterrupted(train_assets, tmp_path):
+    """SIGTERM, as Slurm preempts, to the rank processes of a local run: first to rank 1 only (the
+    flag must reach rank 0 through the all-reduce), then to both at different moments. Between the
+    attempts a torn line is left at the end of metrics.jsonl, as a kill mid-append leaves it."""
+    import psutil
     from safetensors.torch import load_file
 
-    # LoRA dropout on, so the restored RNG state matters; 2 ranks, so the preemption flag (raised
-    # on rank 0 only) must be all-reduced for rank 1 to stop at the same step.
-    params = pretrain_params(train_assets, mode="lora", micro_batch_size=2, max_steps=10, save_steps=4,
-                             lora_dropout=0.05, learning_rate=2e-3, eval_steps=5)
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert launch({"kind": "pretrain", "run_dir": str(straight), "params": params}, world_size=2) == [0, 0]
-    # SIGUSR2 at the 3rd step boundary of each attempt: preempted at step 3, then at step 6.
-    spec = {"kind": "pretrain", "run_dir": str(interrupted), "params": params, "preempt_after_polls": 3}
-    assert launch(spec, world_size=2) == [75, 75]
-    assert launch(spec, world_size=2) == [75, 75]
-    assert launch(dict(spec, preempt_after_polls=None), world_size=2) == [0, 0]
+    # LoRA dropout on, so the restored RNG state matters.
+    params = pretrain_params(train_assets, mode="lora", micro_batch_size=1, max_steps=40, save_steps=0,
+                             lora_dropout=0.05, learning_rate=2e-3, eval_steps=10)
+    straight = submit_local(tmp_path / "straight", params, ranks=2)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
-    a = load_file(str(straight / "train" / "out" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(interrupted / "train" / "out" / "adapter" / "adapter_model.safetensors"))
+    executor = submit_local(tmp_path / "interrupted", params, ranks=2)
+    run_dir = tmp_path / "interrupted" / "runs" / "t"
+    work = run_dir / "train" / "work"
+    reached = []  # the last step each preempted attempt logged
+    for targets in ([1], [1, 0]):
+        ranks = rank_processes(executor, 2)
+        resumed = max(reached, default=0)
+        wait_until(lambda: max(logged_steps(work), default=0) >= resumed + 5, 120, "training steps")
+        os.kill(executor.pid, signal.SIGSTOP)  # hold the requeue until the torn line is written
+        for rank in targets:
+            ranks[rank].send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        wait_until(lambda: all(p.status() == psutil.STATUS_ZOMBIE for p in ranks), 60, "the ranks to exit")
+        reached.append(max(logged_steps(work)))
+        with open(work / "metrics.jsonl", "a") as handle:
+            handle.write('{"step": 99, "loss": 1.23')  # torn: no closing brace, no newline
+        os.kill(executor.pid, signal.SIGCONT)
+    output, _ = executor.communicate(timeout=300)
+    assert executor.returncode == 0, output
+    assert output.count("train: requeued") == 2, output
+
+    a = load_file(str(tmp_path / "straight" / "runs" / "t" / "train" / "out" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "train" / "out" / "adapter" / "adapter_model.safetensors"))
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
-    s_a, s_b = summary(straight), summary(interrupted)
-    assert s_b["resumed_from_steps"] == [3, 6]
-    assert s_a["tokens_seen"] == s_b["tokens_seen"] == 10 * 4 * 64
-    assert s_a["samples_seen"] == s_b["samples_seen"] == 40
-    assert [r for r in metrics(straight) if "eval_loss" in r] == [r for r in metrics(interrupted) if "eval_loss" in r]
-    # Checkpoints: step-N directories only (no temporaries), the last keep_last=2 kept.
-    names = sorted(p.name for p in (interrupted / "train" / "work" / "checkpoints").iterdir())
-    assert names == ["step-6", "step-8"]
+    s_a, s_b = summary(tmp_path / "straight" / "runs" / "t"), summary(run_dir)
+    # Each attempt saved the step it had reached: not one optimizer step of work was lost.
+    assert s_b["resumed_from_steps"] == reached, (s_b["resumed_from_steps"], reached)
+    assert s_a["tokens_seen"] == s_b["tokens_seen"] == 40 * 2 * 64
+    assert s_a["samples_seen"] == s_b["samples_seen"] == 80
+    # Every step once, each with the same loss: the same samples, none lost or repeated.
+    def curve(run: Path) -> list[tuple]:
+        return [tuple(r.get(k) for k in ("step", "loss", "lr", "grad_norm", "eval_loss")) for r in metrics(run)]
+
+    assert curve(run_dir) == curve(tmp_path / "straight" / "runs" / "t")
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 41))
+    # Checkpoints: step-N directories only (no temporaries), the last keep_last=2 kept, and every
+    # RNG file readable without unpickling code.
+    checkpoints = sorted(p.name for p in (work / "checkpoints").iterdir())
+    assert checkpoints == sorted(f"step-{n}" for n in reached), checkpoints
+    for rng_file in (work / "checkpoints").glob("*/rng_rank*.pt"):
+        assert torch.load(rng_file, weights_only=True)["torch"].dtype == torch.uint8
 
     # The run's loss curves in one PNG.
     from chla_tools.train_report import train_report
 
-    png = train_report(interrupted)
+    png = train_report(run_dir)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -245,3 +321,31 @@ def test_bad_inputs_fail_with_one_line_before_training(train_assets, tmp_path):
     message = _run_expecting_error("pretrain", pretrain_params(train_assets, init_adapter=str(tmp_path / "other-adapter")),
                                    tmp_path / "a")
     assert "different base" in message and "init_adapter" in message
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    """A kill mid-append (or a full disk) leaves half a line at the end of metrics.jsonl; the next
+    attempt keeps the records up to its checkpoint and logs on."""
+    from chla_train.metrics import MetricsLog
+
+    lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 6, "lo')
+    log = MetricsLog(tmp_path, enabled=True, resume_step=4)
+    log.write({"step": 5, "loss": 0.5})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["loss"] == 0.5
+
+
+def test_only_checkpoints_of_the_same_fingerprint_are_resumed(tmp_path):
+    """A checkpoint written under other parameters of the stage (another fingerprint), or one that
+    does not say which (written before checkpoints carried it), is never resumed."""
+    from chla_train.checkpoint import same_run
+
+    for name, state in (("mine", {"step": 4, "fingerprint": "abc"}), ("other", {"step": 4, "fingerprint": "xyz"}),
+                        ("unlabelled", {"step": 4})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps(state))
+    assert same_run(tmp_path / "mine", "abc")
+    assert not same_run(tmp_path / "other", "abc")
+    assert not same_run(tmp_path / "unlabelled", "abc")
