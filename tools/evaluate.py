@@ -9,10 +9,17 @@ Three kinds of input, any number of each:
   ppl_per_token = exp(nll / tokens); ppl_per_char = exp(nll / characters). Per character is
   what makes tokenizers with different vocabularies comparable (both saw the same characters).
 - labelled tasks (`tasks`): Alpaca records {instruction, input, output}; the prompt template is
-  applied, the answer generated greedily, and scored by exact match after whitespace
-  normalisation (runs of whitespace -> one space, ends stripped). The majority-class baseline
-  of the task file (share of its most common normalised output) is reported beside accuracy.
+  applied and the answer generated greedily. Records with a `task` key (sentiment, segmentation,
+  entities, continuation) are scored by that task's metric beside its baselines and references
+  (chla_tools.tasks: accuracy, word F1, entity F1, ROUGE-L), each task with its own generation
+  length; records without one by exact match after whitespace normalisation (runs of
+  whitespace -> one space, ends stripped), beside the majority-output baseline of the file.
+  Classification tasks (sentiment) are also scored by ranking their choices by the model's
+  log-likelihood, as lm-evaluation-harness scores multiple choice: the summed log-probability
+  of each choice's tokens after the prompt (the choice tokenized on its own, as SFT tokenizes
+  targets; no EOS), the highest wins. Greedy generation stays the headline (`score`).
 - prompts (`prompts`): JSONL {"prompt": ...} (or Alpaca records) -> greedy generations, JSONL.
+Generation length: `max_new_tokens` when given, else the task's own (chla_tools.tasks), else 64.
 
 Sharding: item i of every input belongs to shard i % num_shards, so each item is in exactly one
 shard. A shard writes its sums and generations under out/partials/ (atomically; the shard's JSON
@@ -35,10 +42,13 @@ from typing import Callable
 
 from chla_launcher.atomic import replace_dir, write_json, write_text
 from chla_launcher.errors import ChlaError
+from chla_tools.tasks import ExactMatch, Task, normalise, task_named, task_of
 
 Log = Callable[[str], None]
 PARTIALS = "partials"
 GENERATIONS = "generations"
+# Generation length for prompts and for task files without a `task` key, unless given.
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -89,11 +99,9 @@ def load_items(source: Source) -> list:
             missing = ["prompt"]
         if missing:
             raise ChlaError(f"{source.path}: record {number} has no string {missing[0]!r}")
+    if source.kind == "task":
+        task_of(records, source.path)
     return records
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.split())
 
 
 def shard_of(items: list, shard: int, num_shards: int) -> list[tuple[int, object]]:
@@ -133,6 +141,39 @@ def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_siz
     return {"nll": nll, "tokens": tokens, "characters": sum(len(line) for line in lines), "lines": len(lines)}
 
 
+def choice_logliks(model, tokenizer, prompts: list[str], choices: list[str], *,
+                   batch_size: int) -> list[list[float]]:
+    """For each prompt, the summed log-probability of each choice's tokens after it (see the
+    module docstring). Rows are padded on the left with explicit position ids, so a padded row
+    scores as it would alone, longest first (little padding), and only the logits that predict
+    choice tokens are computed."""
+    import torch
+
+    from chla_tools.inference import encode
+
+    choice_ids = [tokenizer(choice, add_special_tokens=False).input_ids for choice in choices]
+    pairs = [(encode(tokenizer, prompt), ids) for prompt in prompts for ids in choice_ids]
+    keep = max(len(ids) for ids in choice_ids) + 1
+    device = next(model.parameters()).device
+    scores: list[float] = [0.0] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    for first in range(0, len(order), batch_size):
+        batch = [pairs[i] for i in order[first:first + batch_size]]
+        rows = [prompt + choice for prompt, choice in batch]
+        width = max(len(row) for row in rows)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=keep).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)  # logprobs[:, j] predicts token width - keep + j + 1
+        for row, (index, (_prompt, choice)) in enumerate(zip(order[first:first + batch_size], batch)):
+            offset = keep - 1 - len(choice)
+            scores[index] = sum(logprobs[row, offset + k, token].item() for k, token in enumerate(choice))
+    return [scores[i * len(choices):(i + 1) * len(choices)] for i in range(len(prompts))]
+
+
 def prompt_text(record, *, template: bool) -> str:
     from chla_tools.inference import format_prompt
 
@@ -143,16 +184,27 @@ def prompt_text(record, *, template: bool) -> str:
     return format_prompt(record["instruction"], record.get("input") or "") if template else record["instruction"]
 
 
+def longest_first(texts: list[str]) -> list[int]:
+    """Indices of `texts`, longest first: batches of similar lengths waste little on padding
+    (reviews run from ten characters to several hundred)."""
+    return sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+
+
 def generate_all(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int,
                  log: Log, label: str) -> list[str]:
+    """Greedy answers to `prompts`, in their order, generated in batches of similar length."""
     from chla_tools.inference import generate_batch
 
-    outputs: list[str] = []
+    order = longest_first(prompts)
+    outputs: list[str] = [""] * len(prompts)
     last = time.monotonic()
-    for first in range(0, len(prompts), batch_size):
-        outputs += generate_batch(model, tokenizer, prompts[first:first + batch_size], max_new_tokens=max_new_tokens)
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        for index, output in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch],
+                                                       max_new_tokens=max_new_tokens)):
+            outputs[index] = output
         if time.monotonic() - last > 10:
-            log(f"{label}: {len(outputs)}/{len(prompts)} generated")
+            log(f"{label}: {first + len(batch)}/{len(prompts)} generated")
             last = time.monotonic()
     return outputs
 
@@ -164,7 +216,7 @@ def _shard_tag(shard: int, num_shards: int) -> str:
 
 
 def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard: int, num_shards: int,
-                   batch_size: int = 8, max_new_tokens: int = 64, block_size: int | None = None,
+                   batch_size: int = 8, max_new_tokens: int | None = None, block_size: int | None = None,
                    template: bool = True, loaded=None, log: Log = print, max_items: int | None = None) -> dict:
     """Evaluate this shard's items of every source; write out_dir/partials/<shard>.json (+ JSONL)."""
     from chla_tools.inference import load_for_inference
@@ -189,28 +241,82 @@ def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard
         if source.kind == "ppl":
             entry.update(perplexity_sums(model, tokenizer, [line for _, line in mine], block=block,
                                          batch_size=batch_size))
+        elif source.kind == "task":
+            rows, fields = score_task_shard(model, tokenizer, task_of(items[source.name], source.path), mine,
+                                            template=template, batch_size=batch_size,
+                                            max_new_tokens=max_new_tokens, log=log, label=source.name)
+            entry.update(fields)
         else:
             prompts = [prompt_text(record, template=template) for _, record in mine]
             outputs = generate_all(model, tokenizer, prompts, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, log=log, label=source.name)
-            rows = []
-            for (index, record), output in zip(mine, outputs):
-                row = {"index": index, "generation": output}
-                if source.kind == "task":
-                    row["answer"] = record["output"]
-                    row["correct"] = normalise(output) == normalise(record["output"])
-                else:
-                    row["prompt"] = record.get("prompt", record.get("instruction"))
-                rows.append(row)
-            if source.kind == "task":
-                entry["correct"] = sum(row["correct"] for row in rows)
-                entry["labels"] = dict(Counter(normalise(record["output"]) for _, record in mine))
+                                   max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, log=log,
+                                   label=source.name)
+            rows = [{"index": index, "generation": output, "prompt": record.get("prompt", record.get("instruction"))}
+                    for (index, record), output in zip(mine, outputs)]
+        if source.kind != "ppl":
             write_text(partials / f"{source.name}.{tag}.jsonl",
                        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         summary["sources"][source.name] = entry
     # written last: its presence means the shard is complete
     write_json(partials / f"{tag}.json", summary)
     return summary
+
+
+def _add(total: dict[str, float], counts: dict[str, float]) -> None:
+    for key, value in counts.items():
+        total[key] = total.get(key, 0) + value
+
+
+def score_task_shard(model, tokenizer, task: Task, mine: list[tuple[int, dict]], *, template: bool,
+                     batch_size: int, max_new_tokens: int | None, log: Log, label: str) -> tuple[list[dict], dict]:
+    """Generate this shard's answers, rank the choices of a classification task, and score the
+    model and the task's baselines and references: (rows for the predictions file, the shard's
+    summed counts per system)."""
+    prompts = [prompt_text(record, template=template) for _, record in mine]
+    outputs = generate_all(model, tokenizer, prompts, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens or task.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                           log=log, label=label)
+    answers = {"model": outputs}
+    if task.choices:
+        scores = choice_logliks(model, tokenizer, prompts, list(task.choices), batch_size=batch_size)
+        answers["model_loglik"] = [task.choices[row.index(max(row))] for row in scores]
+    counts: dict[str, dict[str, float]] = {}
+    rows = []
+    for position, (index, record) in enumerate(mine):
+        item = {system: task.score(record, texts[position]) for system, texts in answers.items()}
+        item.update({system: task.score(record, answer)
+                     for system, answer in task.comparison_answers(record).items()})
+        for system, item_counts in item.items():
+            _add(counts.setdefault(system, {}), item_counts)
+        row = {"index": index, "generation": outputs[position], "answer": record["output"],
+               task.metric: task.metrics(item["model"])[task.metric]}
+        if task.choices:
+            row["ranked"] = answers["model_loglik"][position]
+        rows.append(row)
+    fields: dict = {"task": task.name, "counts": counts}
+    if isinstance(task, ExactMatch):
+        fields["labels"] = dict(Counter(normalise(record["output"]) for _, record in mine))
+    return rows, fields
+
+
+def task_results(task: Task, counts: dict[str, dict[str, float]], labels: Counter) -> dict:
+    """The figures of every system for one task file, from its counts summed over all shards."""
+    systems = {"model": {"role": "model", "label": "greedy generation", **task.metrics(counts["model"])}}
+    if "model_loglik" in counts:
+        systems["model_loglik"] = {"role": "model", "label": "log-likelihood ranking of the choices",
+                                   **task.metrics(counts["model_loglik"])}
+    for system, (role, label) in task.comparisons.items():
+        systems[system] = {"role": role, "label": label, **task.metrics(counts[system])}
+    result = {"task": task.name, "metric": task.metric, "metric_label": task.metric_label,
+              "score": systems["model"][task.metric], "systems": systems}
+    if isinstance(task, ExactMatch):
+        items = counts["model"]["items"]
+        majority_label, majority_count = max(labels.items(), key=lambda kv: (kv[1], kv[0]))
+        systems["majority"] = {"role": "baseline", "label": f"majority output ({majority_label})",
+                               "accuracy": majority_count / items}
+        result.update({"correct": counts["model"]["correct"], "accuracy": systems["model"]["accuracy"],
+                       "majority_label": majority_label, "majority_baseline": majority_count / items})
+    return result
 
 
 # --- aggregation --------------------------------------------------------------------------------
@@ -249,15 +355,15 @@ def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
                    "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         items = sum(p["items"] for p in parts)
         if entry["kind"] == "task":
-            labels = Counter()
+            counts: dict[str, dict[str, float]] = {}
+            labels: Counter = Counter()
             for p in parts:
-                labels.update(p["labels"])
-            majority_label, majority_count = max(labels.items(), key=lambda kv: (kv[1], kv[0]))
-            correct = sum(p["correct"] for p in parts)
-            results["tasks"][name] = {
-                "path": entry["path"], "items": items, "correct": correct, "accuracy": correct / items,
-                "majority_label": majority_label, "majority_baseline": majority_count / items,
-                "predictions": f"{GENERATIONS}/{name}.jsonl"}
+                for system, system_counts in p["counts"].items():
+                    _add(counts.setdefault(system, {}), system_counts)
+                labels.update(p.get("labels", {}))
+            results["tasks"][name] = {"path": entry["path"], "items": items,
+                                      **task_results(task_named(entry["task"]), counts, labels),
+                                      "counts": counts, "predictions": f"{GENERATIONS}/{name}.jsonl"}
         else:
             results["prompts"][name] = {"path": entry["path"], "items": items,
                                         "generations": f"{GENERATIONS}/{name}.jsonl"}
@@ -280,11 +386,12 @@ def results_markdown(results: dict) -> str:
                          f"| {r['ppl_per_token']:.3f} | {r['ppl_per_char']:.3f} | {r['bits_per_char']:.3f} |")
         lines.append("")
     if results["tasks"]:
-        lines += ["## Tasks (exact match after greedy generation)", "",
-                  "| task | items | accuracy | majority baseline (label) |", "|---|---:|---:|---|"]
+        lines += ["## Tasks (answers generated greedily; baselines and references scored the same way)", "",
+                  "| input | items | metric | system | role | score |", "|---|---:|---|---|---|---:|"]
         for name, r in results["tasks"].items():
-            lines.append(f"| {name} | {r['items']} | {r['accuracy']:.4f} | "
-                         f"{r['majority_baseline']:.4f} ({r['majority_label']}) |")
+            for system in r["systems"].values():
+                lines.append(f"| {name} | {r['items']} | {r['metric_label']} | {system['label']} | "
+                             f"{system['role']} | {system[r['metric']]:.4f} |")
         lines.append("")
     if results["prompts"]:
         lines += ["## Generations", ""]
@@ -296,7 +403,7 @@ def results_markdown(results: dict) -> str:
 # --- CLI and stage entries ----------------------------------------------------------------------
 
 def evaluate(model_dir, adapters, out_dir, *, ppl=(), tasks=(), prompts=(), shards: int = 1,
-             batch_size: int = 8, max_new_tokens: int = 64, block_size: int | None = None,
+             batch_size: int = 8, max_new_tokens: int | None = None, block_size: int | None = None,
              template: bool = True, log: Log = print) -> dict:
     """`chla eval`: every shard in this process (the model loaded once), then aggregation; the
     output directory appears complete or not at all."""
@@ -352,8 +459,8 @@ def _headline(results: dict) -> dict:
         headline[f"{name}.ppl_per_char"] = round(r["ppl_per_char"], 4)
         headline[f"{name}.ppl_per_token"] = round(r["ppl_per_token"], 4)
     for name, r in results["tasks"].items():
-        headline[f"{name}.accuracy"] = round(r["accuracy"], 4)
-        headline[f"{name}.majority_baseline"] = round(r["majority_baseline"], 4)
+        for system, figures in r["systems"].items():
+            headline[f"{name}.{system}.{r['metric']}"] = round(figures[r["metric"]], 4)
     for name, r in results["prompts"].items():
         headline[f"{name}.generations"] = r["items"]
     return headline

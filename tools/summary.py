@@ -58,19 +58,25 @@ def run(ctx) -> dict[str, Any]:
         summary["en_ppl_per_char"] = en
     if params.task_results:
         results["task"] = _load(Path(params.task_results) / "results.json", "task evaluation")
-        task = results["task"].get("tasks", {}).get(params.task)
-        if not task:
-            raise ChlaError(f"summarize: {params.task_results}/results.json has no task {params.task!r}")
-        summary["sft_accuracy"] = task["accuracy"]
-        summary["majority_baseline"] = task["majority_baseline"]
-        summary["task_items"] = task["items"]
-        summary["predictions"] = str(Path(params.task_results) / task["predictions"])
+        evaluated = results["task"].get("tasks", {})
+        if params.task:
+            task = evaluated.get(params.task)
+            if not task:
+                raise ChlaError(f"summarize: {params.task_results}/results.json has no task {params.task!r}")
+            summary["sft_accuracy"] = task["accuracy"]
+            summary["majority_baseline"] = task["majority_baseline"]
+            summary["task_items"] = task["items"]
+            summary["predictions"] = str(Path(params.task_results) / task["predictions"])
+        summary["tasks"] = {name: _task_row(task, Path(params.task_results)) for name, task in evaluated.items()}
     if results:
         sources = {**params.evaluations, "task": params.task_results}
         generations = {point: str(Path(sources[point]) / r["prompts"][name]["generations"])
                        for point, r in results.items() for name in r.get("prompts", {})}
         if generations:
             summary["generations"] = generations
+            summary["prompt_generations"] = {
+                point: [{"prompt": row["prompt"], "generation": row["generation"]}
+                        for row in _read_jsonl(Path(path))] for point, path in generations.items()}
 
     try:
         from chla_tools.train_report import train_report
@@ -91,6 +97,20 @@ def run(ctx) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
 
+def _task_row(task: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """One task's line of the summary: the model's headline figure and every other system's."""
+    metric = task["metric"]
+    return {"task": task["task"], "items": task["items"], "metric": metric, "metric_label": task["metric_label"],
+            "score": task["score"],
+            "systems": {name: {"role": s["role"], "label": s["label"], metric: s[metric]}
+                        for name, s in task["systems"].items()},
+            "predictions": str(directory / task["predictions"])}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _stage_seconds(run_dir: Path, this_stage: str) -> dict[str, float]:
     seconds = {}
     for state_file in sorted(run_dir.glob("*/state.json")):
@@ -103,6 +123,28 @@ def _stage_seconds(run_dir: Path, this_stage: str) -> dict[str, float]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _cell(text: str) -> str:
+    """Text fit for one Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|") or " "
+
+
+def _scores_of(task: dict[str, Any], role: str) -> str:
+    """The figures of a task's systems in one role, as one table cell."""
+    metric = task["metric"]
+    systems = [s for s in task["systems"].values() if s["role"] == role]
+    if role == "model":
+        return "; ".join(f"{s[metric]:.3f} ({s['label']})" for s in systems)
+    return "; ".join(f"{s['label']} {s[metric]:.3f}" for s in systems) or "-"
+
+
+def _tasks_table(tasks: dict[str, Any]) -> list[str]:
+    lines = ["| task (held-out items) | metric | model | baselines | references |", "|---|---|---|---|---|"]
+    for name, task in tasks.items():
+        lines.append(f"| {name} ({task['items']}) | {task['metric_label']} | {_scores_of(task, 'model')} | "
+                     f"{_scores_of(task, 'baseline')} | {_scores_of(task, 'reference')} |")
+    return lines + [""]
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -120,9 +162,12 @@ def _markdown(summary: dict[str, Any]) -> str:
             values = summary.get(key, {})
             lines.append(f"| {label} | " + " | ".join(_fmt(values.get(p, "")) for p in points) + " |")
         lines.append("")
-    if "sft_accuracy" in summary:
-        lines += [f"Sentiment accuracy on {summary['task_items']} held-out reviews: "
-                  f"{summary['sft_accuracy']:.3f} (majority baseline {summary['majority_baseline']:.3f})", ""]
+    if summary.get("tasks"):
+        lines += _tasks_table(summary["tasks"])
+    for point, rows in summary.get("prompt_generations", {}).items():
+        lines += [f"| prompt | the {point} model's answer |", "|---|---|"]
+        lines += [f"| {_cell(row['prompt'])} | {_cell(row['generation'])} |" for row in rows]
+        lines.append("")
     for name, path in summary.get("plots", {}).items():
         lines.append(f"- plot {name}: {path}")
     return "\n".join(lines) + "\n"

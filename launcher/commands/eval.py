@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 NAME = "eval"
-HELP = "evaluate a model: perplexity per token/char, task accuracy, generations for prompts"
+HELP = "evaluate a model: perplexity per token/char, task scores beside baselines, generations for prompts"
 ORDER = 64
 
 
@@ -16,13 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl", action="append", default=[], metavar="FILE",
                         help="held-out text, one paragraph a line: perplexity per token and per character")
     parser.add_argument("--task", dest="tasks", action="append", default=[], metavar="FILE",
-                        help="Alpaca-format labelled file: exact-match accuracy after greedy generation")
+                        help="Alpaca-format labelled file, scored by its records' `task` (sentiment: accuracy, "
+                             "segmentation: word F1, entities: entity F1, continuation: ROUGE-L) beside "
+                             "baselines, else by exact match after greedy generation")
     parser.add_argument("--prompts", action="append", default=[], metavar="FILE",
                         help='JSONL {"prompt": ...} or Alpaca file: generations written as JSONL')
     parser.add_argument("--out", required=True, metavar="DIR", help="results directory (replaced atomically)")
     parser.add_argument("--shards", type=int, default=1, help="split the items as an array stage would (default 1)")
     parser.add_argument("--batch-size", type=int, default=8, help="default %(default)s")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="default %(default)s")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generation length (default: each task's own; 64 for prompts and untyped files)")
     parser.add_argument("--block-size", type=int, default=None,
                         help="perplexity window in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--no-template", dest="template", action="store_false",

@@ -1,4 +1,5 @@
-"""`evaluate`: perplexity, labelled-task accuracy and prompt generations, as an array over shards.
+"""`evaluate`: perplexity, labelled tasks scored beside their baselines, and prompt generations, as an
+array over shards.
 
 Item i of every input file belongs to task i % N; each task writes its sums and generations
 under out/partials/, and `finalize` adds them up into out/results.json and out/results.md
@@ -21,11 +22,13 @@ class EvaluateParams(StageParams):
     ppl: Annotated[list[str], InputPath()] = Field(
         default_factory=list, description="held-out text files (one paragraph a line) for perplexity")
     tasks: Annotated[list[str], InputPath()] = Field(
-        default_factory=list, description="Alpaca-format labelled files scored by exact match")
+        default_factory=list, description="Alpaca-format labelled files, scored by their records' `task` "
+        "(sentiment, segmentation, entities, continuation) beside its baselines, else by exact match")
     prompts: Annotated[list[str], InputPath()] = Field(
         default_factory=list, description='JSONL {"prompt": ...} (or Alpaca) files to generate for')
     batch_size: int = Field(8, ge=1, description="sequences per forward pass / generate call")
-    max_new_tokens: int = Field(64, ge=1, description="generation length for tasks and prompts")
+    max_new_tokens: int | None = Field(None, ge=1, description="generation length for every input; default: "
+                                       "each task's own (chla_tools.tasks), 64 for prompts and untyped files")
     block_size: int | None = Field(None, ge=2, description="perplexity window; default max_position_embeddings")
     template: bool = Field(True, description="wrap instructions and prompts in the Alpaca template")
     max_items: int | None = Field(None, ge=1, description="evaluate only the first N lines/records of every input")
@@ -42,6 +45,6 @@ KIND = StageKind(
     params=EvaluateParams,
     entry="chla_tools.evaluate:run",
     finalize="chla_tools.evaluate:finalize",
-    description="perplexity per token/char, task accuracy, prompt generations; sharded, then aggregated",
+    description="perplexity per token/char, task scores beside baselines, prompt generations; sharded, then aggregated",
     array=True,
 )

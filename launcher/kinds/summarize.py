@@ -1,8 +1,10 @@
 """`summarize`: the headline figures of a chain in one file: tokens per character before/after the
 vocabulary merge (from a vocab_report stage), perplexity per character on held-out Chinese and
-English at each evaluated point (from evaluate stages), task accuracy against the majority
-baseline, the training loss plot, and each stage's wall time. Writes out/summary.json and
-out/summary.md, copies summary.json to <run dir>/summary.json and prints the table."""
+English at each evaluated point (from evaluate stages), every task's score beside its baselines
+and references (one table), the sentiment accuracy as the headline `sft_accuracy`, what the
+model answered to each general prompt, the training loss plot, and each stage's wall time.
+Writes out/summary.json and out/summary.md, copies both to the run directory and prints the
+table."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ class SummarizeParams(StageParams):
     evaluations: dict[str, str] = Field(default_factory=dict)
     zh_ppl: str = Field("ppl-zh_heldout", description="evaluation name of the Chinese perplexity")
     en_ppl: str = Field("ppl-en_heldout", description="evaluation name of the English perplexity")
-    # an evaluate stage's out directory holding the labelled task (and prompt generations)
+    # an evaluate stage's out directory holding the labelled tasks (and prompt generations)
     task_results: str | None = None
-    task: str = Field("task-sft_test", description="evaluation name of the labelled task")
+    task: str | None = Field("task-sentiment_test", description="evaluation name of the task whose accuracy "
+                             "is the headline sft_accuracy (none: no headline accuracy)")
 
 
 KIND = StageKind(

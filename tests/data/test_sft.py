@@ -23,7 +23,8 @@ def tokenizer(demo_assets):
 
 @pytest.fixture()
 def records(demo_assets):
-    with open(demo_assets["sft_train"], encoding="utf-8") as handle:
+    """Sentiment examples: one task, so one instruction that every example shares."""
+    with open(demo_assets["sentiment_train"], encoding="utf-8") as handle:
         return json.load(handle)[:40]
 
 

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from chla_launcher.errors import ChlaError  # noqa: E402
 from chla_launcher.kinds.evaluate import EvaluateParams  # noqa: E402
 from chla_tools import evaluate as evaluation  # noqa: E402
-from chla_tools.inference import generate_batch, load_for_inference  # noqa: E402
+from chla_tools.inference import encode, generate_batch, load_for_inference  # noqa: E402
 from chla_tools.merge import merge_adapters  # noqa: E402
 
 
@@ -28,18 +28,33 @@ def merged_model(tiny_chain, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def eval_inputs(demo_assets, tmp_path_factory) -> dict:
     """Small real slices: Chinese held-out paragraphs (one long enough to need several windows),
-    the sentiment test task, and prompts."""
+    the first test records of every task, the sentiment ones once more without their `task` key
+    (exact match), and prompts."""
     root = tmp_path_factory.mktemp("eval_inputs")
     lines = [line for line in Path(demo_assets["zh_heldout"]).read_text(encoding="utf-8").splitlines() if line.strip()]
     lines = lines[:13] + ["".join(lines[:8])]
     (root / "heldout.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    records = json.loads(Path(demo_assets["sft_test"]).read_text(encoding="utf-8"))[:10]
-    (root / "sentiment.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    tasks = []
+    for task, count in (("sentiment", 10), ("segmentation", 5), ("entities", 5), ("continuation", 5)):
+        records = json.loads(Path(demo_assets[f"{task}_test"]).read_text(encoding="utf-8"))[:count]
+        (root / f"{task}.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        tasks.append(str(root / f"{task}.json"))
+    untyped = [{key: value for key, value in record.items() if key != "task"}
+               for record in json.loads(Path(tasks[0]).read_text(encoding="utf-8"))]
+    (root / "plain.json").write_text(json.dumps(untyped, ensure_ascii=False), encoding="utf-8")
+    tasks.append(str(root / "plain.json"))
     prompts = ["介绍一下长江。", "天下大势是什么意思？", "写一首关于秋天的诗", "你好", "What is 1+1?"]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n"
                                                 for p in prompts), encoding="utf-8")
-    return {"ppl": [str(root / "heldout.txt")], "tasks": [str(root / "sentiment.json")],
-            "prompts": [str(root / "prompts.jsonl")], "n_lines": len(lines), "n_records": len(records)}
+    return {"ppl": [str(root / "heldout.txt")], "tasks": tasks, "prompts": [str(root / "prompts.jsonl")],
+            "n_lines": len(lines)}
+
+
+def rounded(value):
+    """`value` with every float rounded to 12 significant digits (nested dicts)."""
+    if isinstance(value, dict):
+        return {key: rounded(item) for key, item in value.items()}
+    return float(f"{value:.12g}") if isinstance(value, float) else value
 
 
 def _ctx(params, out_dir: Path, task_index: int, num_tasks: int):
@@ -69,11 +84,23 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
     assert ppl_one["ppl_per_char"] == pytest.approx(math.exp(ppl_one["nll_sum"] / ppl_one["characters"]))
     assert headline[f"{ppl_name}.ppl_per_char"] == round(ppl_one["ppl_per_char"], 4)
 
-    (task_name, task_one), = single["tasks"].items()
-    assert task_one["items"] == eval_inputs["n_records"]
-    for key in ("items", "correct", "accuracy", "majority_label", "majority_baseline"):
-        assert task_one[key] == sharded["tasks"][task_name][key]
-    for name in [task_name, *single["prompts"]]:
+    assert list(single["tasks"]) == ["task-sentiment", "task-segmentation", "task-entities",
+                                     "task-continuation", "task-plain"]
+    for name, task in single["tasks"].items():
+        for key in ("items", "task", "score", "systems", "counts"):  # sums of floats, in another order
+            assert rounded(task[key]) == rounded(sharded["tasks"][name][key]), (name, key)
+    assert single["tasks"]["task-sentiment"]["items"] == 10 and single["tasks"]["task-entities"]["items"] == 5
+    # the sentiment file is scored as exact match with or without its `task` key; only the
+    # typed one also ranks the choices by log-likelihood
+    typed, plain = single["tasks"]["task-sentiment"], single["tasks"]["task-plain"]
+    for key in ("correct", "accuracy", "majority_label", "majority_baseline"):
+        assert typed[key] == plain[key]
+    assert set(typed["systems"]) == {"model", "model_loglik", "majority"} and set(plain["systems"]) == {"model", "majority"}
+    assert set(single["tasks"]["task-segmentation"]["systems"]) == {"model", "every_character", "jieba"}
+    assert single["tasks"]["task-segmentation"]["systems"]["jieba"]["f1"] > 0.5
+    assert headline["task-segmentation.jieba.f1"] == round(single["tasks"]["task-segmentation"]["systems"]["jieba"]["f1"], 4)
+    assert "| task-entities | 5 | entity F1 | no entities | baseline | 0.0000 |" in (one / "results.md").read_text()
+    for name in [*single["tasks"], *single["prompts"]]:
         assert (one / "generations" / f"{name}.jsonl").read_text() == \
                (four / "generations" / f"{name}.jsonl").read_text()
     assert "ppl per char" in (four / "results.md").read_text()
@@ -96,6 +123,24 @@ def test_batched_greedy_equals_one_at_a_time(merged_model):
     alone = [generate_batch(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
     assert batched == alone
     assert all(batched)
+
+
+def test_choice_log_likelihoods_batched_equal_one_sequence_at_a_time(merged_model):
+    model, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
+    prompts = [evaluation.prompt_text({"instruction": "判断情感", "input": text}, template=True)
+               for text in ("很好", "这本书写得非常糟糕，不推荐购买。", "一般")]
+    choices = ["正面", "负面"]
+    batched = evaluation.choice_logliks(model, tokenizer, prompts, choices, batch_size=4)
+    for prompt, scores in zip(prompts, batched):
+        for choice, score in zip(choices, scores):
+            prompt_ids = encode(tokenizer, prompt)
+            choice_ids = tokenizer(choice, add_special_tokens=False).input_ids
+            ids = torch.tensor([prompt_ids + choice_ids])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
+            alone = sum(logprobs[len(prompt_ids) - 1 + k, token].item() for k, token in enumerate(choice_ids))
+            assert score == pytest.approx(alone, abs=1e-4)
+    assert batched[0] != batched[1]  # control: the scores depend on the prompt
 
 
 def test_unmerged_adapters_score_like_the_merged_model(tiny_chain, merged_model, eval_inputs):

@@ -37,9 +37,11 @@ SHRINK = {
     "stages.eval_sft.params.max_items": "16",
     "stages.eval_sft.params.max_new_tokens": "8",
     "stages.eval_task.params.max_items": "40",
+    "stages.eval_task.params.max_new_tokens": "8",
 }
 REQUIRED = ("tokens_per_char_base", "tokens_per_char_merged", "zh_ppl_per_char", "en_ppl_per_char",
-            "sft_accuracy", "majority_baseline", "plots")
+            "sft_accuracy", "majority_baseline", "tasks", "prompt_generations", "plots")
+TASKS = ("task-sentiment_test", "task-segmentation_test", "task-entities_test", "task-continuation_test")
 
 
 def submit_demo(tmp_path: Path, executor: str) -> Path:
@@ -103,3 +105,12 @@ def test_demo_chain_on_slurm_matches_the_local_run(tmp_path, slurm_cluster, demo
             assert math.isclose(a, b, rel_tol=0.02), (key, point, a, b)
     assert abs(local["sft_accuracy"] - on_slurm["sft_accuracy"]) <= 0.05
     assert local["task_items"] == on_slurm["task_items"] == 40
+    for summary in (local, on_slurm):
+        assert tuple(summary["tasks"]) == TASKS and all(row["items"] == 40 for row in summary["tasks"].values())
+        assert summary["tasks"]["task-segmentation_test"]["systems"]["jieba"]["f1"] > 0.6
+        assert len(summary["prompt_generations"]["after_sft"]) == 8
+    # the baselines do not depend on the model or the executor
+    for task in TASKS:
+        for system, row in local["tasks"][task]["systems"].items():
+            if row["role"] != "model":
+                assert row == on_slurm["tasks"][task]["systems"][system], (task, system)

@@ -64,7 +64,7 @@ def test_evaluate_4_shards_on_slurm_equals_1_shard_locally(tmp_path, slurm_clust
     from ..eval.conftest import make_base
 
     model = make_base(tmp_path / "model", demo_assets["base_tokenizer"], seed=3)
-    records = json.loads(Path(demo_assets["sft_test"]).read_text(encoding="utf-8"))[:12]
+    records = json.loads(Path(demo_assets["sentiment_test"]).read_text(encoding="utf-8"))[:12]
     (tmp_path / "task.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     heldout = Path(demo_assets["zh_heldout"]).read_text(encoding="utf-8").splitlines()[:40]
     (tmp_path / "heldout.txt").write_text("\n".join(heldout) + "\n", encoding="utf-8")

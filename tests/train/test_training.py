@@ -78,7 +78,7 @@ def test_embeddings_new_rows_only_leaves_base_rows_bitwise_unchanged(train_asset
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "train" / "out" / "model")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "train" / "out" / "model")
-    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == 33220
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == 33217
 
 
 # --- must-show 2 -------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def _check_adapter_reloads(assets, run_dir: Path) -> None:
         logits = model(input_ids=torch.tensor(PROBE)).logits
     trained = torch.load(run_dir / "probe_logits.pt")
     torch.testing.assert_close(logits, trained, rtol=0, atol=1e-5)
-    assert len(AutoTokenizer.from_pretrained(adapter)) == 33220
+    assert len(AutoTokenizer.from_pretrained(adapter)) == 33217
 
 
 @pytest.mark.slow
@@ -294,7 +294,7 @@ def test_bad_inputs_fail_with_one_line_before_training(train_assets, tmp_path):
     # A tokenizer far larger than the model: 33,220 tokens for a 1,000-row model.
     message = _run_expecting_error("pretrain", pretrain_params(train_assets, init=dict(TINY_LLAMA, vocab_size=1000)),
                                    tmp_path / "big")
-    assert "33220" in message and "max_vocab_growth" in message
+    assert "33217" in message and "max_vocab_growth" in message
 
     # A LoRA target that the model does not have.
     message = _run_expecting_error(
