@@ -29,17 +29,18 @@ def pretraining_data(params, vocab_size: int, *, world_size: int, log) -> tuple[
     from chla_tools.blocks import BlendSource, BlockDataset, ItemList, WeightedBlend, part_name, split_indices
 
     sources = []
-    for path, weight, name in [(part.path, part.weight, part.name) for part in params.corpus]:
-        blocks = BlockDataset(path, params.block_size)
+    for part in params.corpus:
+        blocks = BlockDataset(part.path, params.block_size)
         if len(blocks) < 2:
-            raise ChlaError(f"corpus {path}: only {len(blocks)} block(s) of {params.block_size} "
+            raise ChlaError(f"corpus {part.path}: only {len(blocks)} block(s) of {params.block_size} "
                             "tokens; pre-tokenize more text or lower block_size")
         if blocks.corpus.vocab_size > vocab_size:
-            raise ChlaError(f"corpus {path}: pre-tokenized with a {blocks.corpus.vocab_size}-token vocabulary, "
-                            f"larger than the tokenizer's {vocab_size}; pre-tokenize it with this stage's tokenizer")
+            raise ChlaError(f"corpus {part.path}: pre-tokenized with a {blocks.corpus.vocab_size}-token "
+                            f"vocabulary, larger than the tokenizer's {vocab_size}; pre-tokenize it with this "
+                            "stage's tokenizer")
         train_idx, valid_idx = split_indices(len(blocks), valid_count=params.valid_count,
                                              valid_fraction=params.valid_fraction, seed=params.seed)
-        sources.append((BlendSource(name or part_name(path), blocks, train_idx, weight), valid_idx))
+        sources.append((BlendSource(part.name or part_name(part.path), blocks, train_idx, part.weight), valid_idx))
         log(f"corpus {sources[-1][0].name}: {len(train_idx)} training and {len(valid_idx)} validation "
             f"blocks of {params.block_size}")
     if len(sources) == 1:  # one corpus: shuffled epoch by epoch, no blend
@@ -87,8 +88,7 @@ def run(ctx) -> dict[str, Any]:
                                   dropout=params.lora_dropout, target_modules=params.lora_target_modules,
                                   modules_to_save=params.modules_to_save,
                                   init_adapter=params.init_adapter, key_prefix=ctx.stage, seed=params.seed,
-                                  new_token_rows=new_token_rows(params, base_rows, len(tokenizer),
-                                                                       where=ctx.stage),
+                                  new_token_rows=new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage),
                                   log=ctx.log)
     trainable, total = models.count_parameters(model)
     ctx.log(f"mode {params.mode}: {trainable:,} of {total:,} parameters train; vocabulary "
