@@ -22,7 +22,11 @@ def save_adapter(trainer, tokenizer, out_dir: Path, facts: dict[str, Any]) -> Pa
     if trainer.rank == 0:
         tmp = _fresh_tmp(target)
         peft_model = trainer.engine.module
-        peft_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        # Trainable token rows (vocab_rows: new) hold every row the base lacks, so the resized
+        # embedding matrices need not be saved whole (PEFT would, because the vocabulary grew).
+        token_rows = getattr(peft_model.peft_config["default"], "trainable_token_indices", None)
+        peft_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True,
+                                   **({"save_embedding_layers": False} if token_rows else {}))
         _check_not_empty(tmp / "adapter_model.safetensors")
         save_tokenizer(tokenizer, tmp)
         write_text(tmp / "chla_training.json", json.dumps(facts, indent=2) + "\n")

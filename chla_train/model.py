@@ -21,19 +21,11 @@ WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
-    """`auto` is bf16 on a GPU and on a CPU with native bf16 matmuls (avx512_bf16 or AMX: ~3x
-    the fp32 matmul rate on the CI machines), fp32 on other CPUs (emulated bf16 is slower than
-    fp32). fp16 is never chosen: it fails under DeepSpeed on CPU and needs loss scaling."""
-    if precision == "auto":
-        if torch.cuda.is_available() or _cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    """The compute dtype of `precision` (auto | bf16 | fp32); the rule and its reasons are in
+    chla_train.precision."""
+    from chla_train.precision import choose_precision
 
-
-def _cpu_has_native_bf16() -> bool:
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return choose_precision(precision).dtype
 
 
 def load_tokenizer(path: str | Path):
@@ -95,26 +87,26 @@ def usable_attention(requested: str) -> str:
     return requested
 
 
-def base_model_for(params, vocab_size: int, *, dtype: torch.dtype, stage: str):
+def base_model_for(params, vocab_size: int, *, dtype: torch.dtype, stage: str, log: Callable[[str], None] = print):
     """The model a training stage starts from (`model` dir or `init` config) with one embedding row
     per tokenizer entry. Returns (model, rows the base had before resizing)."""
     model = build_base_model(params.model, params.init, dtype=dtype,
                              attn_implementation=params.attn_implementation, seed=params.seed)
     base_rows = resize_to_tokenizer(model, vocab_size, new_row_init=params.new_row_init,
                                     max_vocab_growth=params.max_vocab_growth,
-                                    where=f"{stage}.tokenizer {params.tokenizer}")
+                                    where=f"{stage}.tokenizer {params.tokenizer}",
+                                    tokenizer_dir=params.tokenizer, seed=params.seed, log=log)
     return model, base_rows
 
 
 def resize_to_tokenizer(model, vocab_size: int, *, new_row_init: str, max_vocab_growth: float,
-                        where: str) -> int:
-    """Give the model one embedding row (and lm_head row) per tokenizer entry. Returns the number
-    of rows the model had before (the base vocabulary).
+                        where: str, tokenizer_dir: str | Path | None = None, seed: int = 0,
+                        log: Callable[[str], None] = print) -> int:
+    """Give the model one embedding row (and lm_head row) per tokenizer entry, the new rows
+    initialised by `new_row_init` (chla_train.new_rows). Returns the number of rows the model had
+    before (the base vocabulary)."""
+    from chla_train.new_rows import init_new_rows
 
-    New rows start at the mean of the existing rows (`mean`, the default: a new token then
-    predicts and looks like an "average" token, so the loss does not jump at step 0) or are drawn
-    from N(0, initializer_range) (`random`, what a fresh model would get).
-    """
     embed = model.get_input_embeddings()
     base_rows = embed.weight.shape[0]
     if vocab_size == base_rows:
@@ -128,16 +120,10 @@ def resize_to_tokenizer(model, vocab_size: int, *, new_row_init: str, max_vocab_
                         f"the model's {base_rows} rows (limit max_vocab_growth={max_vocab_growth}); "
                         "this is not the merged tokenizer for this model, or raise max_vocab_growth")
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    std = getattr(model.config, "initializer_range", 0.02)
-    generator = torch.Generator().manual_seed(1234)
-    for matrix in _output_and_input_matrices(model):
-        with torch.no_grad():
-            old = matrix[:base_rows].float()
-            if new_row_init == "mean":
-                new = old.mean(dim=0, keepdim=True).expand(vocab_size - base_rows, -1)
-            else:
-                new = torch.randn(vocab_size - base_rows, old.shape[1], generator=generator) * std
-            matrix[base_rows:] = new.to(matrix.dtype)
+    stats = init_new_rows(_output_and_input_matrices(model), base_rows, new_row_init,
+                          tokenizer_dir=tokenizer_dir, seed=seed,
+                          std=getattr(model.config, "initializer_range", 0.02), where=where)
+    log(f"vocabulary {base_rows} -> {vocab_size} rows; {stats.describe()}")
     return base_rows
 
 
@@ -176,7 +162,10 @@ class NewRowsLinear(nn.Module):
         self.new_weight = nn.Parameter(weight[base_rows:].clone(), requires_grad=True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden, torch.cat([self.base_weight, self.new_weight], dim=0))
+        # Two products, not one with the matrices joined: backward then forms the weight gradient
+        # of the new rows only, not of the whole frozen vocabulary.
+        return torch.cat([nn.functional.linear(hidden, self.base_weight),
+                          nn.functional.linear(hidden, self.new_weight)], dim=-1)
 
 
 def setup_embeddings_training(model, *, base_rows: int, new_rows_only: bool, train_lm_head: bool,
@@ -229,24 +218,31 @@ def check_module_names(model, names: Iterable[str], *, key: str) -> None:
 
 def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str],
                modules_to_save: list[str], init_adapter: str | None, key_prefix: str, seed: int,
-               log: Callable[[str], None] = print):
+               new_token_rows: range | None = None, log: Callable[[str], None] = print):
     """Wrap `model` with a new LoRA adapter (its random A matrices drawn from `seed`), or with the
-    trainable adapter in `init_adapter`."""
+    trainable adapter in `init_adapter`. With `new_token_rows`, the vocabulary matrices named in
+    modules_to_save (embed_tokens, lm_head) train only those rows (chla_train.token_rows)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from chla_train.token_rows import output_rows_without_full_gradient, token_rows_config
 
     if init_adapter is None:
         check_module_names(model, target_modules, key=f"{key_prefix}.lora_target_modules")
         check_module_names(model, modules_to_save, key=f"{key_prefix}.modules_to_save")
+        modules_to_save, token_rows = token_rows_config(model, modules_to_save, new_token_rows)
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                             target_modules=list(target_modules),
-                            modules_to_save=list(modules_to_save) or None)
+                            modules_to_save=list(modules_to_save) or None,
+                            trainable_token_indices=token_rows)
         # PEFT draws the A matrices from the global RNG, which nothing has seeded at this point:
         # torch seeds it differently in every process, and what ran before (submitit, say) moves
         # it on. Unseeded, no LoRA stage was reproducible and the local and Slurm runs of one
         # recipe differed. Same seed, same adapter; the caller's RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return get_peft_model(model, config)
+            model = get_peft_model(model, config)
+        output_rows_without_full_gradient(model)
+        return model
 
     # Continue an earlier adapter: its own LoRA settings win (they are baked into its shapes).
     adapter_dir = Path(init_adapter)

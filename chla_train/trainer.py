@@ -54,6 +54,8 @@ class TrainData:
     collate: Collate
     # per-item lengths of train_set, for length-grouped batches (None: plain shuffle)
     train_lengths: np.ndarray | None = None
+    # False: read train_indices in order, every epoch (a blend is already interleaved and shuffled)
+    shuffle: bool = True
 
 
 @dataclass
@@ -116,16 +118,36 @@ def deepspeed_config(params, *, dtype: torch.dtype, world_size: int) -> dict[str
 
 
 def build_optimizer(model, params) -> torch.optim.Optimizer:
-    # No weight decay on 1-D parameters (norm weights, biases), as HF Trainer does.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": params.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    # No weight decay on 1-D parameters (norm weights, biases), as HF Trainer does. With
+    # `embedding_learning_rate`, the trainable parts of embed_tokens and lm_head (full copies, new
+    # rows or trainable token rows) get a learning rate of their own: in SFT they are the parts
+    # that most easily undo what pretraining taught, because every token's row moves.
+    vocabulary = vocabulary_parameter_ids(model) if params.embedding_learning_rate is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for in_vocabulary, lr in ((False, params.learning_rate), (True, params.embedding_learning_rate)):
+        chosen = [p for p in trainable if (id(p) in vocabulary) == in_vocabulary]
+        decay = [p for p in chosen if p.ndim >= 2]
+        no_decay = [p for p in chosen if p.ndim < 2]
+        if decay or not in_vocabulary:
+            groups.append({"params": decay, "weight_decay": params.weight_decay, "lr": lr})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
     # fused: one pass over each tensor instead of ~10 (CPU and CUDA both have the kernel). With
     # embed_tokens and lm_head trainable (26M values in the demo), the demo's SFT step on CPU is
     # 11% faster with it (benchmarks/sft_step.py; 40% before chla_train.entry.keep_freed_memory).
     return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+
+def vocabulary_parameter_ids(model) -> set[int]:
+    """ids of the parameters that belong to the input embedding and the output head (including
+    PEFT's trainable copies or token rows of them, and chla's new-rows split of them)."""
+    found: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            found.update(id(p) for p in module.parameters())
+    return found
 
 
 def build_scheduler(optimizer, params, total_steps: int):
@@ -179,7 +201,7 @@ class Trainer:
         train_indices = np.asarray(self.data.train_indices)
         lengths = None if self.data.train_lengths is None else self.data.train_lengths[train_indices]
         # Groups of 64 global batches are sorted by length (HF's group_by_length uses 50).
-        sampler = ResumableSampler(train_indices, seed=params.seed, shuffle=True, rank=self.rank,
+        sampler = ResumableSampler(train_indices, seed=params.seed, shuffle=self.data.shuffle, rank=self.rank,
                                    world_size=self.world_size, global_batch_size=self.global_batch,
                                    lengths=lengths, length_group=64 * self.global_batch)
         state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "elapsed_s": 0.0,

@@ -205,16 +205,15 @@ def fingerprints(recipe: ResolvedRecipe) -> dict[str, str]:
     """Per stage: hash of kind, resolved params (globs expanded at submission), array size, world
     size (it changes the global batch), the fingerprints of the stages it waits for, the identity
     of its external input files, the source of the chla code it runs and the library versions."""
-    from .kinds import input_path_fields
+    from .kinds import input_path_fields, input_path_values
 
     result: dict[str, str] = {}
     for name in topological_order(recipe):
         stage = recipe.stages[name]
         external = []
         for field_name in input_path_fields(stage.kind.params):
-            value = getattr(stage.params, field_name)
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, str) and item and not Path(item).is_relative_to(recipe.run_dir):
+            for _, item in input_path_values(getattr(stage.params, field_name)):
+                if not Path(item).is_relative_to(recipe.run_dir):
                     external.append(input_identity(item))
         entry_modules = [stage.kind.entry_module]
         if stage.kind.finalize:

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError
-from .kinds import StageKind, get_kind, input_path_fields, registry
+from .kinds import StageKind, get_kind, input_path_fields, input_path_values, map_input_paths, registry
 from .rundir import RESERVED_NAMES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -615,14 +615,10 @@ def _expand_sweep(stage: ResolvedStage, sweep: SweepSpec, stage_names: set[str],
 
 
 def _absolutize_inputs(kind: StageKind, params: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    fields = input_path_fields(kind.params)
     out = dict(params)
-    for field_name in fields:
-        value = out.get(field_name)
-        if isinstance(value, str) and value:
-            out[field_name] = _absolute(value, cwd)
-        elif isinstance(value, list):
-            out[field_name] = [_absolute(v, cwd) if isinstance(v, str) and v else v for v in value]
+    for field_name in input_path_fields(kind.params):
+        if field_name in out:
+            out[field_name] = map_input_paths(out[field_name], lambda value: _absolute(value, cwd))
     return out
 
 
@@ -636,14 +632,10 @@ def _check_inputs(kind: StageKind, params: BaseModel, run_dir: Path, source: str
     import glob as globmod
 
     for field_name, marker in input_path_fields(type(params)).items():
-        value = getattr(params, field_name)
-        values = value if isinstance(value, list) else [value]
-        for index, item in enumerate(values):
-            if not isinstance(item, str) or not item:
-                continue
+        for below, item in input_path_values(getattr(params, field_name)):
             if Path(item).is_relative_to(run_dir):
                 continue  # produced by an upstream stage of this run
-            key_path = base + ("params", field_name) + ((index,) if isinstance(value, list) else ())
+            key_path = base + ("params", field_name) + below
             if marker.glob and any(ch in item for ch in "*?["):
                 if not globmod.glob(item, recursive=True):
                     raise RecipeError(f"no file matches {item}", file=source, key=_dotted(key_path),

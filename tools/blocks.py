@@ -24,13 +24,24 @@ epoch's permutation is cut into groups of `length_group` consecutive items; each
 longest first and cut into global batches, whose order is then shuffled. A batch holds items of
 similar length and pads little (random batches of reviews pad to ~2x their mean length). The
 order is still a pure function of (seed, epoch), so resuming stays exact.
+
+Blends (`corpus: [{path, weight}, ...]`, Megatron's BlendableDataset and LLaMA-Factory's
+interleave_probs): `WeightedBlend` is a fixed-length, deterministic stream whose item k comes from
+the source that is furthest behind its weight (counts after k items: c_i; the next item goes to
+the i with the largest w_i * (k + 1) - c_i, the lowest index on ties). So every prefix of the
+stream holds each source within one sample of its weight, and the totals are exact up to that
+rounding. Inside a source, its items are drawn without replacement, each pass over it a new
+permutation seeded by (seed, source, pass). Item k is a pure function of (sources, weights, seed,
+k), so the trainer reads the blend in order (no further shuffle) and the sampler's one integer
+position is the whole resume state: a resumed run reads exactly the items it had not read.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -228,3 +239,91 @@ class ResumableSampler:
         self.seed = int(state["seed"])
         self._order_epoch = -1
         self.consumed = int(state["epoch"]) * self.epoch_length + int(state["position"])
+
+
+@dataclass
+class BlendSource:
+    """One part of a blend: `dataset[indices[j]]` are its items, `weight` its share of the stream."""
+    name: str
+    dataset: Any
+    indices: np.ndarray
+    weight: float
+
+
+class WeightedBlend:
+    """`num_samples` items interleaved from several sources by weight (see the module docstring)."""
+
+    def __init__(self, sources: Sequence[BlendSource], num_samples: int, seed: int = 0) -> None:
+        if not sources:
+            raise ValueError("a blend needs at least one source")
+        for source in sources:
+            if source.weight <= 0:
+                raise ChlaError(f"blend source {source.name}: weight must be > 0 (got {source.weight})")
+            if len(source.indices) == 0:
+                raise ChlaError(f"blend source {source.name}: no items to draw from")
+        self.sources = list(sources)
+        self.seed = int(seed)
+        weights = np.array([s.weight for s in sources], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.source_of, self.ordinal = interleave_by_weight(self.weights, num_samples)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.source_of)
+
+    def __getitem__(self, k: int):
+        source_index, ordinal = int(self.source_of[k]), int(self.ordinal[k])
+        source = self.sources[source_index]
+        item_pass, offset = divmod(ordinal, len(source.indices))
+        return source.dataset[int(self._order(source_index, item_pass)[offset])]
+
+    def _order(self, source_index: int, item_pass: int) -> np.ndarray:
+        key = (source_index, item_pass)
+        if key not in self._orders:
+            if len(self._orders) > 8:
+                self._orders.clear()
+            indices = self.sources[source_index].indices
+            permutation = np.random.default_rng([self.seed, source_index, item_pass]).permutation(len(indices))
+            self._orders[key] = np.asarray(indices)[permutation]
+        return self._orders[key]
+
+    def counts(self, stop: int | None = None) -> dict[str, int]:
+        """Items each source contributes to the first `stop` items (all by default)."""
+        counted = np.bincount(self.source_of[:stop], minlength=len(self.sources))
+        return {source.name: int(n) for source, n in zip(self.sources, counted)}
+
+
+def interleave_by_weight(weights: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of `num_samples` positions: the source it draws from (largest deficit against the
+    weights, lowest index on ties), and how many items that source gave before it."""
+    source_of = np.empty(num_samples, dtype=np.int32)
+    ordinal = np.empty(num_samples, dtype=np.int64)
+    counts = np.zeros(len(weights), dtype=np.int64)
+    for k in range(num_samples):
+        chosen = int(np.argmax(weights * (k + 1) - counts))
+        source_of[k] = chosen
+        ordinal[k] = counts[chosen]
+        counts[chosen] += 1
+    return source_of, ordinal
+
+
+def part_name(path: str | Path) -> str:
+    """A short name for a blend part: the stage that wrote it (<stage>/out), else its file or
+    directory name without the extension."""
+    path = Path(path)
+    return path.parent.name if path.name == "out" and path.parent.name else path.stem
+
+
+class ItemList:
+    """Items picked from several datasets, as one indexable list: item i is dataset[index] of
+    the i-th (dataset, index) pair (a blend's validation blocks, drawn from every source)."""
+
+    def __init__(self, picks: Sequence[tuple[Any, int]]) -> None:
+        self.picks = list(picks)
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, i: int):
+        dataset, index = self.picks[int(i)]
+        return dataset[index]

@@ -71,7 +71,11 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (
                         "pass the adapter that added the tokens (--adapter), or the merged model")
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 on a GPU; fp32 on a CPU whatever bf16 support it has: evaluation is cheap next to
+    # training there, and a model's scores then do not depend on the CPU's bf16 arithmetic.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    log(f"precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}: inference on {device} "
+        f"({'a GPU' if dtype == torch.bfloat16 else 'a CPU: scores independent of its bf16 support'})")
     config = AutoConfig.from_pretrained(model_dir)
     if rope_scaling is not None:
         if rope_scaling <= 1.0:
@@ -88,7 +92,7 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (
     for position, (adapter, directory) in enumerate(zip(adapters, adapter_dirs)):
         rows = _saved_embedding_rows(adapter)
         current = model.get_input_embeddings().weight.shape[0]
-        if rows is not None and rows != current:
+        if rows is not None and rows > current:
             model.resize_token_embeddings(rows, mean_resizing=False)
         model = PeftModel.from_pretrained(model, str(directory))
         if position < len(adapters) - 1:
@@ -100,8 +104,13 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (
 
 
 def _saved_embedding_rows(adapter) -> int | None:
+    """The embedding rows the adapter was trained with: its saved matrix's, or past the last of
+    its trainable token rows (which then cover every row the base lacks)."""
     key = adapter.replacements.get("model.embed_tokens.weight")
-    return adapter.file.tensors[key].shape[0] if key else None
+    if key:
+        return adapter.file.tensors[key].shape[0]
+    rows = adapter.token_rows.get("model.embed_tokens.weight")
+    return max(rows.indices) + 1 if rows else None
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -17,8 +17,14 @@ Names. peft saves a LoRA module as `base_model.model.<module>.lora_A.weight` / `
 (`.lora_embedding_A` / `.lora_embedding_B` for an embedding), a modules_to_save module as
 `base_model.model.<module>.weight` (peft >= 0.13; older versions wrote
 `<module>.modules_to_save.<adapter>.weight`), and with `save_embedding_layers` the resized base
-embedding of a LoRA-adapted embedding as `<module>.base_layer.weight`. All map to the base
-tensor `<module>.weight`.
+embedding of a LoRA-adapted embedding as `<module>.base_layer.weight` (of one with trainable token
+rows as `<module>.token_adapter.base_layer.weight`). All map to the base tensor `<module>.weight`.
+
+Trainable token rows (LoraConfig.trainable_token_indices, chla's `vocab_rows: new`): the adapter
+holds `<module>.token_adapter.trainable_tokens_delta`, one row per index listed in
+adapter_config.json; merging writes those rows over the matrix's rows at those indices (peft's
+index_copy, the values cast to the matrix's dtype). Indices past the base's last row grow the
+matrix; every row it grows by must be among them.
 
 Vocabulary growth (32000 -> 49953 -> 49954 in the original): an adapter's saved embed_tokens and
 lm_head define the new number of rows; fewer rows than the model already has is refused.
@@ -71,6 +77,7 @@ TOKENIZER_FILES = (
 EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
 _PEFT_PREFIX = "base_model.model."
+_TOKEN_ROWS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[A-Za-z0-9_]+)?$")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                        r"(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
 
@@ -196,6 +203,12 @@ class LoraPair:
 
 
 @dataclass
+class TokenRows:
+    key: str  # the adapter tensor holding the rows, in the order of `indices`
+    indices: list[int]
+
+
+@dataclass
 class Adapter:
     dir: Path
     file: SafetensorsFile
@@ -203,6 +216,8 @@ class Adapter:
     # base tensor name -> adapter tensor name that replaces it (modules_to_save, base_layer)
     replacements: dict[str, str] = field(default_factory=dict)
     loras: dict[str, LoraPair] = field(default_factory=dict)
+    # base tensor name -> rows the adapter writes over it (trainable token indices)
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -224,7 +239,7 @@ def load_adapter(adapter_dir: Path) -> Adapter:
     config = _read_json(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise ChlaError(f"adapter {adapter_dir}: peft_type {config.get('peft_type')} is not LoRA; only LoRA merges")
-    for unsupported in ("use_dora", "lora_bias", "trainable_token_indices", "layer_replication", "target_parameters"):
+    for unsupported in ("use_dora", "lora_bias", "layer_replication", "target_parameters"):
         if config.get(unsupported):
             raise ChlaError(f"adapter {adapter_dir}: adapter_config.json sets {unsupported}, which chla merge "
                             "does not support; merge it with peft merge_and_unload instead")
@@ -241,9 +256,13 @@ def load_adapter(adapter_dir: Path) -> Adapter:
         if match:
             lora_parts.setdefault(match["module"], {})[match["part"]] = key
             continue
+        match = _TOKEN_ROWS_KEY.match(name)
+        if match:
+            adapter.token_rows[f"{match['module']}.weight"] = TokenRows(key, _token_indices(adapter, match["module"]))
+            continue
         # modules_to_save copies and saved base layers replace the base tensor
         name = re.sub(r"\.modules_to_save(\.[A-Za-z0-9_]+)?\.", ".", name)
-        name = name.replace(".base_layer.", ".")
+        name = name.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
         if ".original_module." in name:
             continue
         adapter.replacements[name] = key
@@ -260,6 +279,19 @@ def load_adapter(adapter_dir: Path) -> Adapter:
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         adapter.loras[f"{module}.weight"] = LoraPair(a_key, b_key, scale, bool(config.get("fan_in_fan_out")), embedding)
     return adapter
+
+
+def _token_indices(adapter: Adapter, module: str) -> list[int]:
+    """The trainable token indices adapter_config.json gives for `module` (peft: a list means the
+    input embedding; a dict maps module names, matched as suffixes, to lists)."""
+    configured = adapter.config.get("trainable_token_indices")
+    if isinstance(configured, list) and module.endswith("embed_tokens"):
+        return [int(i) for i in configured]
+    indices = _pattern_value(configured if isinstance(configured, dict) else {}, module, None)
+    if indices is None:
+        raise ChlaError(f"adapter {adapter.dir}: it holds trainable token rows for {module} but "
+                        "adapter_config.json's trainable_token_indices names no such module")
+    return [int(i) for i in indices]
 
 
 # --- planning: every shape is checked before a byte is written ---------------------------------
@@ -321,6 +353,26 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
                 raise ChlaError(f"adapter {adapter.dir}: LoRA tensors {lora.a_key} {_fmt(a_shape)} and "
                                 f"{lora.b_key} {_fmt(b_shape)} do not fit the model's {name} "
                                 f"{_fmt(shapes[name])}; {hint}")
+            touched.add(name)
+        for name, rows in adapter.token_rows.items():
+            if name not in shapes:
+                raise ChlaError(f"adapter {adapter.dir}: token rows {rows.key} have no counterpart {name} "
+                                f"in base {base.dir}; {hint}")
+            delta_shape, old = adapter.file.tensors[rows.key].shape, shapes[name]
+            if len(old) != 2 or tuple(delta_shape) != (len(rows.indices), old[1]):
+                raise ChlaError(f"adapter {adapter.dir}: {rows.key} has shape {_fmt(delta_shape)} for "
+                                f"{len(rows.indices)} token indices of {name} {_fmt(old)}; {hint}")
+            if any(name in other.loras for other in adapters):
+                raise ChlaError(f"adapter {adapter.dir}: {name} has both LoRA matrices and trainable token "
+                                "rows among the adapters, which chla merge does not combine; merge with "
+                                "peft merge_and_unload instead")
+            grown = max(rows.indices) + 1
+            missing = sorted(set(range(old[0], grown)) - set(rows.indices))
+            if missing:
+                raise ChlaError(f"adapter {adapter.dir}: its token rows grow {name} from {old[0]} to {grown} "
+                                f"rows but do not hold rows {missing[0]}..{missing[-1]}; the adapter was "
+                                "trained on a larger base")
+            shapes[name] = (max(old[0], grown), old[1])
             touched.add(name)
 
     keep_tied = tied and not (touched & vocab_keys) and sources.get(LM_HEAD_KEY) == EMBED_KEY
@@ -411,10 +463,12 @@ def apply_loras(rows: torch.Tensor, first_row: int, deltas: list[LoraDelta], scr
 @dataclass
 class TensorSource:
     """Where an output tensor's bytes start from (the base's tensor, or the last replacement of
-    it), and the LoRA deltas applied after that, in order."""
+    it), and the LoRA deltas, then the token rows, written over it after that, in order (the
+    planner refuses a tensor with both)."""
     file: SafetensorsFile
     key: str
     loras: list[tuple["Adapter", LoraPair]]
+    token_rows: list[tuple["Adapter", TokenRows]] = field(default_factory=list)
 
 
 def tensor_source(item: PlannedTensor, base: Checkpoint, adapters: list["Adapter"]) -> TensorSource:
@@ -426,13 +480,39 @@ def tensor_source(item: PlannedTensor, base: Checkpoint, adapters: list["Adapter
         lora = adapter.loras.get(item.name)
         if lora is not None:
             source.loras.append((adapter, lora))
+        rows = adapter.token_rows.get(item.name)
+        if rows is not None:
+            source.token_rows.append((adapter, rows))
     return source
+
+
+@dataclass
+class RowPatch:
+    """Rows written over a matrix: row indices[i] becomes values[i] (already in its dtype)."""
+    indices: torch.Tensor
+    values: torch.Tensor
+
+
+def load_row_patch(adapter: "Adapter", rows: TokenRows, dtype) -> RowPatch:
+    import torch
+
+    return RowPatch(torch.tensor(rows.indices, dtype=torch.long), adapter.file.read(rows.key).to(dtype))
+
+
+def apply_row_patches(rows: torch.Tensor, first_row: int, patches: list[RowPatch]) -> None:
+    """rows (rows first_row.. of the matrix) with every patched row among them overwritten."""
+    for patch in patches:
+        inside = (patch.indices >= first_row) & (patch.indices < first_row + rows.shape[0])
+        if bool(inside.any()):
+            rows[patch.indices[inside] - first_row] = patch.values[inside]
 
 
 def merged_tensor(item: PlannedTensor, base: Checkpoint, adapters: list["Adapter"],
                   scratch: Scratch | None = None) -> torch.Tensor:
     """One output tensor, whole in memory: the base's, then every adapter in order. Used where
     the dtype changes; same-dtype tensors are streamed in row chunks by `merge_adapters`."""
+    import torch
+
     scratch = scratch or Scratch()
     out_dtype = torch_dtype(item.dtype)
     tensor = base.read(item.source)
@@ -446,6 +526,13 @@ def merged_tensor(item: PlannedTensor, base: Checkpoint, adapters: list["Adapter
             if out_dtype.itemsize > tensor.dtype.itemsize:
                 tensor = tensor.to(out_dtype)
             apply_loras(tensor, 0, [load_lora(adapter, lora)], scratch)
+        rows = adapter.token_rows.get(item.name)
+        if rows is not None:
+            patch = load_row_patch(adapter, rows, tensor.dtype)
+            grown = int(patch.indices.max()) + 1
+            if grown > tensor.shape[0]:
+                tensor = torch.cat([tensor, tensor.new_zeros(grown - tensor.shape[0], *tensor.shape[1:])])
+            apply_row_patches(tensor, 0, [patch])
     return tensor.to(out_dtype).contiguous()
 
 
@@ -533,6 +620,7 @@ class Chunk:
     item: PlannedTensor
     source: TensorSource
     deltas: list[LoraDelta]
+    patches: list[RowPatch]
     first_row: int
     rows: int
     row_bytes: int
@@ -544,12 +632,13 @@ class Chunk:
         return self.rows * self.row_bytes
 
 
-def _chunks(item: PlannedTensor, source: TensorSource, deltas: list[LoraDelta], out_fd: int, out_offset: int):
+def _chunks(item: PlannedTensor, source: TensorSource, deltas: list[LoraDelta], patches: list[RowPatch],
+            out_fd: int, out_offset: int):
     rows = item.shape[0]
     row_bytes = item.nbytes // max(1, rows)
     step = max(1, _CHUNK_BYTES // max(1, row_bytes))
     for first in range(0, rows, step):
-        yield Chunk(item, source, deltas, first, min(step, rows - first), row_bytes, out_fd, out_offset)
+        yield Chunk(item, source, deltas, patches, first, min(step, rows - first), row_bytes, out_fd, out_offset)
 
 
 def _shard_groups(planned: list[PlannedTensor], shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -612,7 +701,10 @@ def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTens
                 source = tensor_source(item, base, adapters)
                 entry = source.file.tensors[source.key]
                 unchanged_layout = entry.dtype == item.dtype and tuple(entry.shape) == item.shape
-                if unchanged_layout and not source.loras:
+                # token rows may grow a matrix: its rows stream, the grown ones come from the adapter
+                row_layout = (entry.dtype == item.dtype and len(item.shape) == 2
+                              and tuple(entry.shape[1:]) == item.shape[1:] and entry.shape[0] <= item.shape[0])
+                if unchanged_layout and not source.loras and not source.token_rows:
                     src_fd = in_fd(source.file.path)
                     last = raw_copies[-1] if raw_copies else None
                     if (last and last[0] == src_fd and last[1] == out_fd and last[3] + last[2] == entry.start
@@ -620,7 +712,7 @@ def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTens
                         last[2] += item.nbytes  # neighbours in both files: one copy
                     else:
                         raw_copies.append([src_fd, out_fd, item.nbytes, entry.start, offset, str(source.file.path)])
-                elif unchanged_layout and item.dtype in _FLOAT_CODES and len(item.shape) == 2:
+                elif row_layout and item.dtype in _FLOAT_CODES:
                     streamed.append((item, source, out_fd, offset))
                 else:
                     whole.append((item, out_fd, offset))
@@ -686,7 +778,8 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
     def chunk_list():
         for item, source, out_fd, offset in streamed:
             deltas = [load_lora(adapter, lora) for adapter, lora in source.loras]
-            yield from _chunks(item, source, deltas, out_fd, offset)
+            patches = [load_row_patch(adapter, rows, torch_dtype(item.dtype)) for adapter, rows in source.token_rows]
+            yield from _chunks(item, source, deltas, patches, out_fd, offset)
 
     chunks = chunk_list()
     buffers = [torch.empty(_CHUNK_BYTES, dtype=torch.uint8) for _ in range(_CHUNK_BUFFERS)]
@@ -697,8 +790,12 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
     def read(chunk: Chunk, slot: int, fd: int) -> None:
         src = chunk.source
         entry = src.file.tensors[src.key]
-        _pread_into(fd, memoryview(buffers[slot].numpy())[:chunk.nbytes],
-                    entry.start + chunk.first_row * chunk.row_bytes, f"{src.file.path} (tensor {src.key})")
+        stored = max(0, min(chunk.rows, entry.shape[0] - chunk.first_row)) * chunk.row_bytes
+        view = memoryview(buffers[slot].numpy())[:chunk.nbytes]
+        _pread_into(fd, view[:stored], entry.start + chunk.first_row * chunk.row_bytes,
+                    f"{src.file.path} (tensor {src.key})")
+        if stored < chunk.nbytes:  # rows the token rows grow the matrix by: every one is patched
+            buffers[slot][stored:chunk.nbytes].zero_()
 
     def write(chunk: Chunk, slot: int) -> None:
         offset = chunk.out_offset + chunk.first_row * chunk.row_bytes
@@ -728,6 +825,7 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
         start_read()
         rows = buffers[slot][:chunk.nbytes].view(torch_dtype(chunk.item.dtype)).view(chunk.rows, *chunk.item.shape[1:])
         apply_loras(rows, chunk.first_row, chunk.deltas, scratch)
+        apply_row_patches(rows, chunk.first_row, chunk.patches)
         writes[slot] = io_pool.submit(write, chunk, slot)
         progress.add(chunk.nbytes)
     for pending in writes:

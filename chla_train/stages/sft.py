@@ -8,23 +8,30 @@ resized to the tokenizer, add a new LoRA adapter or continue an earlier one, tra
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
+
+import numpy as np
 
 from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
 from chla_train import model as models
 from chla_train.export import save_adapter
-from chla_train.trainer import (TrainData, Trainer, init_distributed, shutdown_distributed,
+from chla_train.precision import choose_precision
+from chla_train.token_rows import new_token_rows
+from chla_train.trainer import (TrainData, Trainer, init_distributed, shutdown_distributed, total_steps,
                                 train_summary)
 
+
 def run(ctx) -> dict[str, Any]:
-    from chla_tools.blocks import split_indices
-    from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer, sft_collate
+    from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
 
     params = ctx.params
     ctx.enable_cooperative_preemption()
-    dtype = models.resolve_dtype(params.precision)
+    precision = choose_precision(params.precision)
+    dtype = precision.dtype
+    ctx.log(f"precision {precision.name}: {precision.reason}")
 
     # 1. Inputs. The tokenizer gets a pad token ("[PAD]") if it has none, as the data reader's.
     base_vocab = len(models.load_tokenizer(params.tokenizer))
@@ -36,51 +43,102 @@ def run(ctx) -> dict[str, Any]:
                    # one cache per rank: ranks tokenize concurrently before torch.distributed
                    # exists, and a shared entry could be swapped while another rank reads it
                    cache_dir=ctx.work_dir / "sft_cache" / f"rank-{ctx.dist.rank}", packing=params.packing)
-    train_set = load(params.train_file)
-    if params.valid_file:
-        valid_set = load(params.valid_file)
-        train_idx, valid_idx = list(range(len(train_set))), list(range(len(valid_set)))
-    else:
-        valid_set = train_set
-        train_idx, valid_idx = split_indices(len(train_set), valid_fraction=params.valid_fraction,
-                                             seed=params.seed)
-    if train_set.pad_id != tokenizer.pad_token_id:
-        raise RuntimeError(f"pad id mismatch: data {train_set.pad_id}, tokenizer {tokenizer.pad_token_id}")
-    if len(train_idx) == 0:
-        raise ChlaError(f"{ctx.stage}.train_file {params.train_file}: no usable records")
-    ctx.log(f"data: {len(train_idx)} training and {len(valid_idx)} validation examples")
+    data, blend_facts, data_stats = instruction_data(params, load, tokenizer, world_size=ctx.dist.world_size,
+                                                     log=ctx.log)
 
     # 2. Model: base resized to the tokenizer (pad included), then the LoRA adapter.
-    model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage)
+    model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage,
+                                             log=ctx.log)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
                               target_modules=params.lora_target_modules,
                               modules_to_save=params.modules_to_save, init_adapter=params.init_adapter,
-                              key_prefix=ctx.stage, seed=params.seed, log=ctx.log)
+                              key_prefix=ctx.stage, seed=params.seed, log=ctx.log,
+                              new_token_rows=new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage))
     trainable, total = models.count_parameters(model)
     ctx.log(f"LoRA: {trainable:,} of {total:,} parameters train; vocabulary {base_rows} -> {len(tokenizer)}")
 
     # 3. Train.
     init_distributed(ctx)
-    collate = sft_collate(tokenizer.pad_token_id, pack_batches=params.pack_batches,
-                          row_length=params.max_seq_length, share_prefix=params.share_prompt_prefix)
-    data = TrainData(train_set=train_set, train_indices=train_idx, valid_set=valid_set,
-                     valid_indices=valid_idx, collate=collate,
-                     train_lengths=train_set.lengths if params.group_by_length else None)
     trainer = Trainer(ctx, model, data, params, dtype=dtype)
     result = trainer.train()
 
     # 4. Save the adapter and the tokenizer (with its pad token) beside it.
     facts = {"stage": ctx.stage, "kind": "sft", "base_rows": base_rows, "vocab_size": len(tokenizer),
-             "pad_token": tokenizer.pad_token, "step": result.step, "tokens_seen": result.tokens_seen}
+             "pad_token": tokenizer.pad_token, "step": result.step, "tokens_seen": result.tokens_seen,
+             "new_row_init": params.new_row_init, **precision.record(), **blend_facts}
     save_adapter(trainer, tokenizer, ctx.out_dir, facts)
     trainer.finish()
     summary = train_summary(facts, result, trainable=trainable, total=total, world_size=ctx.dist.world_size)
-    summary["data_stats"] = _jsonable(getattr(train_set, "stats", None))
+    summary["data_stats"] = _jsonable(data_stats)
     if ctx.dist.is_main:
         write_json(ctx.out_dir / "train_summary.json", summary)
     shutdown_distributed()
-    return {k: summary[k] for k in ("step", "tokens_seen", "train_loss", "eval_loss", "first_eval_loss")}
+    return {k: summary[k] for k in ("step", "tokens_seen", "train_loss", "eval_loss", "first_eval_loss",
+                                    "precision", "precision_reason", *blend_facts)}
+
+
+def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[TrainData, dict, dict]:
+    """The training and validation examples: of one instruction file; or, with several files or
+    replay, a WeightedBlend of every file (their weights scaled to 1 - replay_weight) and of the
+    replay corpora (chla_tools.sft_replay; scaled to replay_weight), read in its fixed order, for
+    as many steps as the instruction examples alone need (num_epochs) or max_steps. Returns the
+    data, the facts the run records (samples per part of a blend) and the files' reading stats."""
+    from chla_tools.blocks import BlendSource, ItemList, WeightedBlend, part_name, split_indices
+    from chla_tools.sft_data import sft_collate
+    from chla_tools.sft_replay import ReplayBlocks, collate_with_replay
+
+    valid_set = load(params.valid_file) if params.valid_file else None
+    parts, valid_picks = [], []
+    for part in params.train_file:
+        dataset = load(part.path)
+        if dataset.pad_id != tokenizer.pad_token_id:
+            raise RuntimeError(f"pad id mismatch: data {dataset.pad_id}, tokenizer {tokenizer.pad_token_id}")
+        if valid_set is None:
+            train_idx, valid_idx = split_indices(len(dataset), valid_fraction=params.valid_fraction, seed=params.seed)
+            valid_picks += [(dataset, int(i)) for i in valid_idx]
+        else:
+            train_idx = np.arange(len(dataset))
+        if len(train_idx) == 0:
+            raise ChlaError(f"train_file {part.path}: no usable records")
+        parts.append(BlendSource(part.name or part_name(part.path), dataset, train_idx, part.weight))
+        log(f"data {parts[-1].name}: {len(train_idx)} training examples")
+    collate = sft_collate(tokenizer.pad_token_id, pack_batches=params.pack_batches,
+                          row_length=params.max_seq_length, share_prefix=params.share_prompt_prefix)
+    if valid_set is None:
+        valid_set = parts[0].dataset if len(parts) == 1 else ItemList(valid_picks)
+        valid_idx = np.asarray(valid_idx) if len(parts) == 1 else np.arange(len(valid_set))
+    else:
+        valid_idx = np.arange(len(valid_set))
+    log(f"data: {sum(len(p.indices) for p in parts)} training and {len(valid_idx)} validation examples")
+    stats = (getattr(parts[0].dataset, "stats", None) if len(parts) == 1
+             else {p.name: getattr(p.dataset, "stats", None) for p in parts})
+    if len(parts) == 1 and not params.replay_corpus:
+        part = parts[0]
+        return TrainData(train_set=part.dataset, train_indices=part.indices, valid_set=valid_set,
+                         valid_indices=valid_idx, collate=collate,
+                         train_lengths=part.dataset.lengths if params.group_by_length else None), {}, stats
+
+    replay_share = params.replay_weight if params.replay_corpus else 0.0
+    sources = [BlendSource(p.name, p.dataset, p.indices, p.weight / sum(q.weight for q in parts) * (1 - replay_share))
+               for p in parts]
+    for part in params.replay_corpus or []:
+        blocks = ReplayBlocks(part.path, params.replay_block_size, len(tokenizer))
+        share = part.weight / sum(q.weight for q in params.replay_corpus) * replay_share
+        sources.append(BlendSource(f"replay:{part.name or part_name(part.path)}", blocks,
+                                   np.arange(len(blocks)), share))
+    examples = sum(len(p.indices) for p in parts)
+    steps = total_steps(params, math.ceil(examples / (1 - replay_share)), world_size)
+    global_batch = params.micro_batch_size * params.gradient_accumulation_steps * world_size
+    blend = WeightedBlend(sources, steps * global_batch, seed=params.seed)
+    counts = blend.counts()
+    log("blend: " + ", ".join(f"{name} {count} samples ({weight:.1%})"
+                              for (name, count), weight in zip(counts.items(), blend.weights)))
+    if params.replay_corpus:
+        collate = collate_with_replay(collate, tokenizer.pad_token_id)
+    return (TrainData(train_set=blend, train_indices=np.arange(len(blend)), valid_set=valid_set,
+                      valid_indices=valid_idx, collate=collate, shuffle=False),
+            {"blend_samples": counts}, stats)
 
 
 def _jsonable(value: Any) -> Any:

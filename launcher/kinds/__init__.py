@@ -103,6 +103,41 @@ def _markers_inside(annotation: Any) -> list[InputPath]:
     return found
 
 
+def input_path_values(value: Any) -> list[tuple[tuple[int | str, ...], str]]:
+    """The paths inside one InputPath field's value, each with its key path below the field: the
+    value itself (a str), the items of a list, and the `path` of list items that are parts (such
+    as a corpus blend's `{path, weight}`, as a dict or a params model)."""
+    if isinstance(value, str):
+        return [((), value)] if value else []
+    found: list[tuple[tuple[int | str, ...], str]] = []
+    for index, item in enumerate(value if isinstance(value, list) else []):
+        if isinstance(item, str):
+            if item:
+                found.append(((index,), item))
+            continue
+        path = item.get("path") if isinstance(item, dict) else getattr(item, "path", None)
+        if isinstance(path, str) and path:
+            found.append(((index, "path"), path))
+    return found
+
+
+def map_input_paths(value: Any, change) -> Any:
+    """`value` (an InputPath field's raw value) with every path in it replaced by change(path)."""
+    if isinstance(value, str):
+        return change(value) if value else value
+    if not isinstance(value, list):
+        return value
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(change(item) if item else item)
+        elif isinstance(item, dict) and isinstance(item.get("path"), str) and item["path"]:
+            out.append({**item, "path": change(item["path"])})
+        else:
+            out.append(item)
+    return out
+
+
 def import_entry(spec: str) -> Any:
     """Import "module:attr" (used on the job side only)."""
     module_name, _, attr = spec.partition(":")

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from . import InputPath, StageKind
-from ._training import TrainingParams
+from ._training import BlendPart, TrainingParams, one_part_per_path
 
 
 class PretrainParams(TrainingParams):
     mode: Literal["embeddings", "lora", "full"] = "lora"
-    corpus: Annotated[str, InputPath()] = Field(description="pre-tokenized corpus directory")
+    corpus: Annotated[list[BlendPart], InputPath()] = Field(
+        min_length=1, description="pre-tokenized corpus directory, or a blend [{path, weight}, ...] drawn by "
+        "weight in a fixed, resumable order (each corpus holds out its own validation blocks)")
     block_size: int = Field(default=512, gt=1)
     valid_count: int | None = Field(default=None, ge=0, description="blocks held out for validation")
     valid_fraction: float | None = Field(default=None, ge=0, lt=1)
     new_rows_only: bool = Field(default=False, description="embeddings mode: train only the added rows")
     train_lm_head: bool = Field(default=False, description="embeddings mode: train lm_head too")
+
+    _plain_corpus = field_validator("corpus", mode="before")(one_part_per_path)
 
     @model_validator(mode="after")
     def _mode_options(self) -> "PretrainParams":

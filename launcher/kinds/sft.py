@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from . import InputPath, StageKind
-from ._training import TrainingParams
+from ._training import BlendPart, TrainingParams, one_part_per_path
 
 
 class SftParams(TrainingParams):
-    train_file: Annotated[str, InputPath()] = Field(description="Alpaca-format JSON for training")
+    train_file: Annotated[list[BlendPart], InputPath()] = Field(
+        min_length=1, description="Alpaca-format JSON for training, or a blend [{path, weight}, ...] of such "
+        "files drawn by weight in a fixed, resumable order")
     valid_file: Annotated[str | None, InputPath()] = Field(
-        default=None, description="Alpaca-format JSON for validation (default: hold out valid_fraction)")
+        default=None, description="Alpaca-format JSON for validation (default: hold out valid_fraction of "
+                                  "every training file)")
     valid_fraction: float = Field(default=0.05, ge=0, lt=1)
     max_seq_length: int = Field(default=512, gt=8)
     template: str | None = Field(default=None, description="prompt template name (default: Alpaca)")
@@ -28,6 +31,14 @@ class SftParams(TrainingParams):
     share_prompt_prefix: bool = Field(
         default=False, description="with pack_batches: the prompt tokens all examples of a micro-batch start "
                                    "with (template, shared instruction) are computed once per row; same loss")
+    replay_corpus: Annotated[list[BlendPart] | None, InputPath()] = Field(
+        default=None, description="pre-tokenized pretraining text (a corpus, or a blend of corpora) mixed into "
+                                  "the batches so that SFT keeps the language model; each block is one row "
+                                  "of plain language modelling")
+    replay_weight: float = Field(default=0.1, gt=0, lt=1, description="share of the training samples that are "
+                                 "replay blocks (the loss is the mean over label tokens, so a block of "
+                                 "replay_block_size tokens weighs as much as that many answer tokens)")
+    replay_block_size: int = Field(default=128, gt=1, description="tokens per replay block")
     group_by_length: bool = Field(
         default=False, description="batch examples of similar length (less padding; HF's group_by_length)")
     # The original SFT settings (FACTS.md).
@@ -35,8 +46,13 @@ class SftParams(TrainingParams):
     warmup_ratio: float = Field(default=0.03, ge=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0)
 
+    _plain_train_file = field_validator("train_file", "replay_corpus", mode="before")(one_part_per_path)
+
     @model_validator(mode="after")
     def _prefix_needs_packing(self) -> "SftParams":
+        if self.group_by_length and (self.replay_corpus or len(self.train_file) > 1):
+            raise ValueError("group_by_length needs one train_file and no replay_corpus (length groups "
+                             "would sort the parts of a blend apart); use pack_batches")
         if self.share_prompt_prefix and not self.pack_batches:
             raise ValueError("share_prompt_prefix needs pack_batches: true")
         if self.share_prompt_prefix and self.attn_implementation == "flash_attention_2":

@@ -135,3 +135,67 @@ def test_length_grouped_batches_pad_less_and_resume_exactly():
                               lengths=lengths, length_group=8 * global_batch) for r in range(2)]
     together = np.concatenate([rank.take(global_batch // 2) for rank in ranks])
     assert sorted(together) == sorted(grouped[:global_batch])
+
+
+# --- weighted blends ---------------------------------------------------------------------------
+
+def _blend(weights, num_samples, seed=5, sizes=(40, 13, 7)):
+    from chla_tools.blocks import BlendSource, WeightedBlend
+
+    # item values say where they come from: source s, item i -> 1000 * s + i
+    sources = [BlendSource(f"s{s}", np.arange(size) + 1000 * s, np.arange(size), w)
+               for s, (size, w) in enumerate(zip(sizes, weights))]
+    return WeightedBlend(sources, num_samples, seed=seed)
+
+
+def test_blend_keeps_every_prefix_within_one_sample_of_the_weights():
+    weights = np.array([0.62, 0.27, 0.11])
+    blend = _blend(weights, 500)
+    items = np.array([blend[k] for k in range(len(blend))])
+    source = items // 1000
+    for k in range(1, len(items) + 1):
+        counts = np.bincount(source[:k], minlength=3)
+        assert np.all(np.abs(counts - weights * k) < 1), (k, counts)
+    assert blend.counts() == {"s0": 310, "s1": 135, "s2": 55}  # 500 x weights, exactly
+    # Within a source, each pass draws every item once, in a new seeded order.
+    small = items[source == 2] - 2000
+    assert sorted(small[:7]) == list(range(7)) and sorted(small[7:14]) == list(range(7))
+    assert not np.array_equal(small[:7], small[7:14])
+    assert not np.array_equal(items, [_blend(weights, 500, seed=6)[k] for k in range(500)])
+
+
+def test_resumed_blend_yields_exactly_the_remaining_samples():
+    """A run stopped at a saved position and resumed in a new process (the blend rebuilt from the
+    recipe, the sampler from its saved state) reads exactly the samples it had not read."""
+    weights, total = [0.85, 0.15, 0.05], 240
+    uninterrupted = ResumableSampler(np.arange(total), shuffle=False)
+    stream = [_blend(weights, total)[int(k)] for k in uninterrupted.take(total)]
+
+    for world_size in (1, 2):
+        blend = _blend(weights, total)
+        ranks = [ResumableSampler(np.arange(total), shuffle=False, rank=r, world_size=world_size,
+                                  global_batch_size=8) for r in range(world_size)]
+        seen = []
+        for _ in range(11):  # 11 global batches of 8, then the job is preempted
+            for rank in ranks:
+                seen += [blend[int(k)] for k in rank.take(8 // world_size)]
+        state = ranks[0].state_dict()
+        assert all(rank.state_dict() == state for rank in ranks)
+
+        rebuilt = _blend(weights, total)
+        resumed = [ResumableSampler(np.arange(total), shuffle=False, rank=r, world_size=world_size,
+                                    global_batch_size=8) for r in range(world_size)]
+        for rank in resumed:
+            rank.load_state_dict(state)
+        rest = []
+        for _ in range((total - len(seen)) // 8):
+            for rank in resumed:
+                rest += [rebuilt[int(k)] for k in rank.take(8 // world_size)]
+        assert sorted(seen + rest) == sorted(stream)
+        assert sorted(rest) == sorted(stream[len(seen):])  # exactly the unread samples
+        if world_size == 1:
+            assert seen + rest == stream
+        # Control: resuming from another saved position reads other samples.
+        early = ResumableSampler(np.arange(total), shuffle=False)
+        early.load_state_dict({"epoch": 0, "position": 80, "seed": 0})
+        assert [rebuilt[int(k)] for k in early.take(len(rest))] != rest

@@ -51,7 +51,7 @@ def make_base(directory: Path, tokenizer_dir: str, seed: int = 0, **config_overr
 
 
 def make_adapter(directory: Path, base_dir: Path, tokenizer, seed: int, *, modules_to_save=None,
-                 lora_kwargs=None) -> Path:
+                 lora_kwargs=None, save_kwargs=None) -> Path:
     """A LoRA adapter over `base_dir` resized to len(tokenizer); tokenizer saved beside it."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -66,7 +66,7 @@ def make_adapter(directory: Path, base_dir: Path, tokenizer, seed: int, *, modul
     config = LoraConfig(**settings)
     peft_model = get_peft_model(model, config)
     randomise_adapter(peft_model, seed)
-    peft_model.save_pretrained(directory)
+    peft_model.save_pretrained(directory, **(save_kwargs or {}))
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -87,6 +87,68 @@ def test_rslora_and_tied_embeddings_match_peft(tmp_path, tokenizer_dir, stock_me
     assert diff <= 1e-5
 
 
+@pytest.mark.parametrize("dtype, whole_matrices", [(None, False), ("bf16", True)])
+def test_trainable_token_rows_match_peft_and_grow_the_vocabulary(tiny_chain, tmp_path, monkeypatch, dtype,
+                                                                 whole_matrices):
+    """An SFT-style adapter that trains only the new vocabulary rows (LoraConfig
+    trainable_token_indices), one of them the [PAD] row it adds: chla merge writes the same rows
+    as stock peft (streamed in several chunks, or whole when the dtype changes). Saved as chla
+    saves it (only the rows), or as peft does by default when the vocabulary grew (the resized
+    matrices whole as well)."""
+    import chla_tools.merge as merge_module
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_vocab, pretrain_vocab, sft_vocab = tiny_chain["sizes"]
+    pretrained = tmp_path / "pretrained"
+    merge_adapters(tiny_chain["base"], [tiny_chain["pretrain"]], pretrained, log=lambda _m: None)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chain["sft"])
+    rows = list(range(base_vocab, sft_vocab))
+    adapter = make_adapter(tmp_path / "rows", pretrained, tokenizer, seed=5,
+                           lora_kwargs={"trainable_token_indices": {"embed_tokens": rows, "lm_head": rows}},
+                           save_kwargs={} if whole_matrices else {"save_embedding_layers": False})
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
+        shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
+    assert shapes["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] == [len(rows), 64]
+    assert any(shape[0] >= base_vocab for shape in shapes.values()) == whole_matrices
+
+    monkeypatch.setattr(merge_module, "_CHUNK_BYTES", 64 * 4 * 1000)  # 1,000 rows a chunk
+    out = tmp_path / "merged"
+    assert merge_adapters(pretrained, [adapter], out, dtype=dtype, log=lambda _m: None)["vocab_size"] == sft_vocab
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+    resized = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
+    resized.resize_token_embeddings(sft_vocab)  # stock PEFT needs the base resized to the tokenizer
+    reference = PeftModel.from_pretrained(resized, adapter).merge_and_unload()
+    if dtype:
+        reference = reference.to(torch.bfloat16).float()
+    ids = torch.tensor([[1, 400, base_vocab - 1, base_vocab, pretrain_vocab - 1, sft_vocab - 1]])
+    assert (_logits(ours, ids) - _logits(reference, ids)).abs().max().item() <= 1e-5
+    embed = ours.get_input_embeddings().weight
+    before = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32).get_input_embeddings().weight
+    stored = (lambda t: t.to(torch.bfloat16).float()) if dtype else (lambda t: t)  # noqa: E731
+    assert torch.equal(embed[:base_vocab], stored(before[:base_vocab]))  # base rows untouched
+    assert not torch.equal(embed[base_vocab:pretrain_vocab], before[base_vocab:])  # the rows moved
+
+
+def test_token_rows_that_do_not_cover_the_growth_are_refused(tiny_chain, tmp_path):
+    from transformers import AutoTokenizer
+
+    base_vocab, pretrain_vocab, sft_vocab = tiny_chain["sizes"]
+    pretrained = tmp_path / "pretrained"
+    merge_adapters(tiny_chain["base"], [tiny_chain["pretrain"]], pretrained, log=lambda _m: None)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chain["sft"])
+    adapter = make_adapter(tmp_path / "rows", pretrained, tokenizer, seed=6,
+                           lora_kwargs={"trainable_token_indices": [sft_vocab - 1]},
+                           save_kwargs={"save_embedding_layers": False})
+    # the adapter was trained on a model that had every row but the last; this base lacks more
+    out = tmp_path / "merged"
+    with pytest.raises(ChlaError, match=f"grow .* from {base_vocab} to {sft_vocab}"):
+        merge_adapters(tiny_chain["base"], [adapter], out, log=lambda _m: None)
+    _assert_untouched(out)
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234
     with pytest.raises(ChlaError):

@@ -36,8 +36,8 @@ def reference_model(tokenizer_dir: str, init=TINY_LLAMA, seed: int = 7):
 
     tokenizer = models.load_tokenizer(tokenizer_dir)
     model = models.build_base_model(None, init, dtype=torch.float32, attn_implementation="sdpa", seed=seed)
-    base_rows = models.resize_to_tokenizer(model, len(tokenizer), new_row_init="mean", max_vocab_growth=4,
-                                           where="test")
+    base_rows = models.resize_to_tokenizer(model, len(tokenizer), new_row_init="subtoken_mean", max_vocab_growth=4,
+                                           where="test", tokenizer_dir=tokenizer_dir, seed=seed)
     return model, base_rows
 
 

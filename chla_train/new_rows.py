@@ -1,0 +1,120 @@
+"""Where the embedding and lm_head rows of the tokens a merged tokenizer added start
+(`new_row_init`).
+
+- `subtoken_mean` (the default, Colossal-LLaMA-2's method): a new token's input row is the mean of
+  the base model's input rows for the pieces the base tokenizer splits that token's text into, and
+  likewise its lm_head row. "中国" starts as the average of, say, "▁中"/"国" or of its UTF-8 byte
+  pieces: it looks like, and predicts like, the text it stands for. Each new row starts different.
+- `mean`: every new row is the mean of all base rows (one vector for all new tokens: they cannot
+  be told apart until training separates them, and the 30-step stage 1 of the demo barely did).
+- `random`: N(0, initializer_range), drawn from the recipe's seed: what `resize_token_embeddings`
+  gave in the transformers the original project used.
+
+The base tokenizer of subtoken_mean is the merged tokenizer's own SentencePiece model cut to the
+base model's rows: merging appends pieces after the base's and keeps its ids, scores and
+normaliser, so pieces [0, base_rows) with their scores are the base tokenizer, and row i of the
+base model is piece i. The text of a piece is encoded without SentencePiece's dummy "▁" prefix,
+so "国" (a word-internal piece) maps to what "国" is inside a word, and "▁中国" to a word start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+
+from chla_launcher.errors import ChlaError
+
+METHODS = ("subtoken_mean", "mean", "random")
+
+
+@dataclass
+class NewRowStats:
+    method: str
+    new_rows: int
+    # subtoken_mean: base pieces per new token on average, and tokens whose text encodes to no
+    # base piece (they start at the mean of all base rows instead)
+    mean_subtokens: float | None = None
+    fell_back_to_mean: int = 0
+
+    def describe(self) -> str:
+        text = f"{self.new_rows} new rows: {self.method}"
+        if self.mean_subtokens is not None:
+            text += f" ({self.mean_subtokens:.2f} base pieces per new token"
+            text += f", {self.fell_back_to_mean} at the global mean)" if self.fell_back_to_mean else ")"
+        return text
+
+
+def init_new_rows(matrices: list[torch.Tensor], base_rows: int, method: str, *,
+                  tokenizer_dir: str | Path | None, seed: int, std: float, where: str) -> NewRowStats:
+    """Fill rows [base_rows:] of each matrix (input embedding, then lm_head) in place."""
+    if method not in METHODS:
+        raise ValueError(f"unknown new_row_init {method!r}")
+    total_rows = matrices[0].shape[0]
+    new_count = total_rows - base_rows
+    stats = NewRowStats(method, new_count)
+    if new_count <= 0:
+        return stats
+    pieces = None
+    if method == "subtoken_mean":
+        pieces = subtoken_ids(tokenizer_dir, base_rows, total_rows, where=where)
+        stats.mean_subtokens = sum(len(p) for p in pieces) / new_count
+        stats.fell_back_to_mean = sum(1 for p in pieces if not p)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for matrix in matrices:
+            base = matrix[:base_rows].float()
+            if method == "random":
+                new = torch.randn(new_count, base.shape[1], generator=generator) * std
+            elif method == "mean":
+                new = base.mean(dim=0, keepdim=True).expand(new_count, -1)
+            else:
+                new = _subtoken_means(base, pieces)
+            matrix[base_rows:] = new.to(matrix.dtype)
+    return stats
+
+
+def _subtoken_means(base: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
+    flat = torch.tensor([i for p in pieces for i in p], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(p) for p in pieces[:-1]], dtype=torch.long).cumsum(0)
+    # mean over each token's base pieces; an empty bag gives zeros and is replaced below
+    means = torch.nn.functional.embedding_bag(flat, base, offsets, mode="mean")
+    empty = torch.tensor([not p for p in pieces])
+    if empty.any():
+        means[empty] = base.mean(dim=0)
+    return means
+
+
+def subtoken_ids(tokenizer_dir: str | Path | None, base_rows: int, total_rows: int, *,
+                 where: str) -> list[list[int]]:
+    """For each id in [base_rows, total_rows): the base tokenizer's piece ids for its text."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    model_file = Path(tokenizer_dir) / "tokenizer.model" if tokenizer_dir else None
+    if model_file is None or not model_file.is_file():
+        raise ChlaError(f"{where}: new_row_init subtoken_mean needs the tokenizer's SentencePiece model "
+                        f"({model_file} not found); use new_row_init: mean for other tokenizers")
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    if len(proto.pieces) < base_rows:
+        raise ChlaError(f"{where}: {model_file} has {len(proto.pieces)} pieces, fewer than the model's "
+                        f"{base_rows} base rows; it is not the merged tokenizer of this model")
+    texts = [piece.piece for piece in proto.pieces[base_rows:total_rows]]
+    texts += _added_token_texts(tokenizer_dir, len(proto.pieces), total_rows)
+    del proto.pieces[base_rows:]
+    proto.normalizer_spec.add_dummy_prefix = False
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    base = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return [list(ids) for ids in base.encode([text.replace("\u2581", " ") for text in texts])]
+
+
+def _added_token_texts(tokenizer_dir, sp_size: int, total_rows: int) -> list[str]:
+    """Texts of ids past the SentencePiece model (tokens the HF tokenizer added, e.g. [PAD])."""
+    if total_rows <= sp_size:
+        return []
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return [tokenizer.convert_ids_to_tokens(i) or "" for i in range(sp_size, total_rows)]
+
