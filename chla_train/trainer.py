@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from chla_train import checkpoint as checkpoints
 from chla_train.metrics import MetricsLog, peak_memory_mb
+from chla_train.packed_attention import packed_attention_inputs
 
 Collate = Callable[[list[Any]], dict[str, np.ndarray]]
 
@@ -287,12 +288,12 @@ class Trainer:
         inputs = {"input_ids": torch.from_numpy(batch["input_ids"]).to(self.device)}
         mask = batch.get("attention_mask")
         if "position_ids" in batch:
-            # Packed rows (chla_tools.sft_data.collate_sft_packed): the restarting position ids
-            # delimit the examples, and passing the 2-D mask would turn that detection off; with
-            # a shared prompt prefix, the rows' own 4-D mask says who attends to whom.
-            inputs["position_ids"] = torch.from_numpy(batch["position_ids"]).to(self.device)
-            if "packed_attention_mask" in batch:
-                inputs["attention_mask"] = torch.from_numpy(batch["packed_attention_mask"]).unsqueeze(1).to(self.device)
+            # Packed rows (chla_tools.sft_data.collate_sft_packed): the example boundaries in the
+            # form the model's attention backend reads (chla_train.packed_attention); the 2-D mask
+            # only counts tokens.
+            module = self.engine.module
+            inputs.update(packed_attention_inputs(batch, module.config._attn_implementation,
+                                                  dtype=module.dtype, device=self.device))
         elif mask is not None and not mask.all():  # an all-ones mask only slows SDPA down
             inputs["attention_mask"] = torch.from_numpy(mask).to(self.device)
         # Position t predicts token t + 1.
