@@ -225,9 +225,9 @@ def training_memory(shape: ModelShape, trainable: Trainable, setup: TrainingSetu
                     chunked_loss: bool | None = None) -> MemoryEstimate:
     """Bytes per device while a stage trains, as DeepSpeed and chla's trainer hold them.
 
-    Weights: every parameter in the training dtype, partitioned over the ranks under ZeRO-3.
-    Gradients: the trainable parameters' in the training dtype (partitioned from ZeRO-2 on), plus
-    one reduce bucket. Optimizer: AdamW's two fp32 moments, plus an fp32 master copy of the
+    Weights: every parameter in the training dtype, partitioned over the ranks under ZeRO-3 (plus
+    the parameters gathered while in use). Gradients: the trainable parameters' in the training
+    dtype (partitioned from ZeRO-2 on), plus DeepSpeed's reduce buckets. Optimizer: AdamW's two fp32 moments, plus an fp32 master copy of the
     trainable parameters whenever DeepSpeed keeps one (bf16, or any ZeRO stage), partitioned from
     ZeRO-2 on. Activations: `_layer_saved_bytes` per layer and token, the final norm, the loss's
     saved state. Transient: the larger of the loss's working set and the optimizer step's fp32
@@ -237,7 +237,16 @@ def training_memory(shape: ModelShape, trainable: Trainable, setup: TrainingSetu
     total, trained = parameter_counts(shape, trainable)
     shards_from_2 = world if setup.zero_stage >= 2 else 1
     weights = b * total // (world if setup.zero_stage == 3 else 1)
-    gradients = b * trained // shards_from_2 + b * min(trained, setup.reduce_bucket_size) * (setup.zero_stage >= 2)
+    gradients = b * trained // shards_from_2
+    if setup.zero_stage == 2:
+        # DeepSpeed's contiguous gradient bucket, allocated whole; two of them with overlap_comm (GPUs)
+        gradients += b * setup.reduce_bucket_size * (1 if setup.cpu else 2)
+    elif setup.zero_stage == 3:
+        gradients += b * (setup.reduce_bucket_size if setup.cpu else shape.hidden_size**2)
+        # Parameters gathered while in use: one module at a time on CPUs (chla's zero3.json), up to
+        # 1e9 kept for reuse between forward and backward on GPUs (chla's GPU settings).
+        largest_module = max(shape.embedding_params, *(a * c for a, c in shape.projections().values()))
+        weights += b * (largest_module if setup.cpu else min(total, 10**9))
     keeps_master = b == 2 or setup.zero_stage >= 2
     optimizer = (8 + 4 * keeps_master) * trained // shards_from_2
     step_gradients = 4 * trained // shards_from_2 if keeps_master else 0
@@ -254,7 +263,12 @@ def training_memory(shape: ModelShape, trainable: Trainable, setup: TrainingSetu
     if chunked_loss:
         # Saved: the gradient for the hidden states and, when lm_head trains, for its weight (fp32).
         loss_saved = b * h * labels + (FP32 * v * h if trainable.trains_lm_head else 0)
-        loss_transient = (2 * FP32 + b) * min(labels, max(1, 2**22 // v)) * v
+        # One chunk's fp32 logits (softmax in place) and their gradient in the training dtype, and
+        # the chunk's weight gradient before it is added to the fp32 sum.
+        chunk_logits = 2**24 if setup.cpu else 2**27  # chla_train.token_loss.LOGITS_PER_CHUNK
+        loss_transient = (FP32 + b) * min(labels, max(1, chunk_logits // v)) * v
+        if trainable.trains_lm_head:
+            loss_transient += (FP32 + b) * v * h
     else:
         # log_softmax keeps its fp32 output; its backward holds that, the incoming and the
         # outgoing fp32 gradient at once, then the cast back to the training dtype.

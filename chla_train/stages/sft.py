@@ -15,8 +15,8 @@ from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
 from chla_train import model as models
 from chla_train.export import save_adapter
-from chla_train.trainer import (TrainData, Trainer, init_distributed, shutdown_distributed,
-                                train_summary)
+from chla_train.trainer import (TrainData, Trainer, init_distributed, model_loading, rank_zero_first,
+                                shutdown_distributed, train_summary)
 
 def run(ctx) -> dict[str, Any]:
     from chla_tools.blocks import split_indices
@@ -31,14 +31,13 @@ def run(ctx) -> dict[str, Any]:
     tokenizer = load_sft_tokenizer(params.tokenizer)
     if len(tokenizer) != base_vocab:
         ctx.log(f"tokenizer has no pad token: added {tokenizer.pad_token} (id {tokenizer.pad_token_id})")
+    # Rank 0 tokenizes into the stage's cache; the other ranks then read it.
     load = partial(load_sft_dataset, tokenizer_dir=params.tokenizer, max_seq_length=params.max_seq_length,
                    template=params.template, on_bad_record=params.on_bad_record,
-                   # one cache per rank: ranks tokenize concurrently before torch.distributed
-                   # exists, and a shared entry could be swapped while another rank reads it
-                   cache_dir=ctx.work_dir / "sft_cache" / f"rank-{ctx.dist.rank}", packing=params.packing)
-    train_set = load(params.train_file)
+                   cache_dir=ctx.work_dir / "sft_cache", packing=params.packing)
+    train_set = rank_zero_first(ctx, partial(load, params.train_file))
     if params.valid_file:
-        valid_set = load(params.valid_file)
+        valid_set = rank_zero_first(ctx, partial(load, params.valid_file))
         train_idx, valid_idx = list(range(len(train_set))), list(range(len(valid_set)))
     else:
         valid_set = train_set
@@ -50,13 +49,15 @@ def run(ctx) -> dict[str, Any]:
         raise ChlaError(f"{ctx.stage}.train_file {params.train_file}: no usable records")
     ctx.log(f"data: {len(train_idx)} training and {len(valid_idx)} validation examples")
 
-    # 2. Model: base resized to the tokenizer (pad included), then the LoRA adapter.
-    model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
-                              target_modules=params.lora_target_modules,
-                              modules_to_save=params.modules_to_save, init_adapter=params.init_adapter,
-                              key_prefix=ctx.stage, seed=params.seed, log=ctx.log)
+    # 2. Model: base resized to the tokenizer (pad included), then the LoRA adapter (under ZeRO-3,
+    #    partitioned over the ranks as it loads).
+    with model_loading(ctx, params, dtype=dtype):
+        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
+                                  target_modules=params.lora_target_modules,
+                                  modules_to_save=params.modules_to_save, init_adapter=params.init_adapter,
+                                  key_prefix=ctx.stage, seed=params.seed, log=ctx.log)
     trainable, total = models.count_parameters(model)
     ctx.log(f"LoRA: {trainable:,} of {total:,} parameters train; vocabulary {base_rows} -> {len(tokenizer)}")
 

@@ -20,6 +20,8 @@ import torch
 from chla_tools.sft_data import collate_sft, collate_sft_packed, load_sft_dataset
 from chla_train.trainer import Trainer
 
+from ..helpers import trainer_stub
+
 
 @pytest.fixture(scope="module")
 def case(demo_assets, tmp_path_factory):
@@ -49,7 +51,7 @@ def case(demo_assets, tmp_path_factory):
 def trainer_loss(model, batch, implementation: str) -> float:
     """The trainer's summed token loss of `batch` with the model's attention set to `implementation`."""
     model.config._attn_implementation = implementation
-    trainer = types.SimpleNamespace(engine=_Engine(model), device=torch.device("cpu"))
+    trainer = trainer_stub(model)
     with torch.no_grad():
         return Trainer._forward(trainer, batch).item()
 
@@ -175,12 +177,3 @@ def test_shared_prefix_is_refused_under_flash_attention(case):
     with pytest.raises(ChlaError, match="contiguous segment"):
         packed_attention_inputs(case.shared, "flash_attention_2", dtype=torch.float32, device=torch.device("cpu"))
 
-
-class _Engine:
-    """What the trainer's forward uses of a DeepSpeed engine: calling it, and its module."""
-
-    def __init__(self, module) -> None:
-        self.module = module
-
-    def __call__(self, **inputs):
-        return self.module(**inputs)
