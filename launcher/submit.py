@@ -14,9 +14,9 @@ from typing import TextIO
 from . import graph
 from .chain import Chain, StageRecord
 from .errors import ChlaError
-from .plan import memory_verdicts, too_big_message
 from .executors import Executor, executor_named
 from .lock import RunLock
+from .plan import memory_verdicts, too_big_message
 from .recipe import ResolvedRecipe, dump_frozen, load_recipe
 from .rundir import RunDir, now
 from .transaction import SubmissionTransaction, recover

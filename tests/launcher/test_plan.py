@@ -72,5 +72,5 @@ def test_submit_warns_and_strict_refuses(tmp_path, demo_assets):
     assert "pt: does not fit: peak" in warned and "24.0 GiB (GPU (24 GiB, a10 in slurm.constraint))" in warned
     assert "warning: stage(s) pt will not fit" in warned
     refused = chla("submit", "r.yaml", "--strict", cwd=tmp_path)
-    assert refused.returncode != 0 and not (tmp_path / "runs").exists()
+    assert refused.returncode != 0 and not (tmp_path / "runs" / "big").exists()
     assert "stage(s) pt will not fit" in refused.stderr and "nothing submitted (--strict)" in refused.stderr
