@@ -19,13 +19,13 @@ def chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from chla_tools.inference import encode, format_prompt, load_for_inference
+    from chla_tools.inference import encode, format_prompt, input_device, load_for_inference
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_for_inference(args.model, args.adapters, rope_scaling=args.rope_scaling,
                                           log=lambda m: print(m, file=sys.stderr, flush=True))
-    device = next(model.parameters()).device
+    device = input_device(model)
     sampling = {"do_sample": args.temperature > 0, "repetition_penalty": args.repetition_penalty}
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

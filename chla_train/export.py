@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from chla_launcher.atomic import replace_dir, write_text
@@ -17,7 +19,7 @@ from chla_train.model import merge_new_rows_state_dict
 def save_adapter(trainer, tokenizer, out_dir: Path, facts: dict[str, Any]) -> Path | None:
     """Stock PEFT directory (adapter_config.json + adapter_model.safetensors) plus the tokenizer.
     Collective: every rank must call it."""
-    state_dict = trainer.full_state_dict()
+    state_dict = adapter_state_dict(trainer)
     target = Path(out_dir) / "adapter"
     if trainer.rank == 0:
         tmp = _fresh_tmp(target)
@@ -33,6 +35,41 @@ def save_adapter(trainer, tokenizer, out_dir: Path, facts: dict[str, Any]) -> Pa
         replace_dir(tmp, target)
     dist.barrier()
     return target if trainer.rank == 0 else None
+
+
+def adapter_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+    """The tensors PEFT saves for the adapter (LoRA matrices, modules_to_save copies, and resized
+    embeddings where PEFT keeps them), whole, on rank 0 (None elsewhere). Under ZeRO-3 each is
+    gathered from its partitions on its own: no rank holds more than the adapter plus one tensor,
+    where DeepSpeed's consolidated state dict would gather the whole model onto rank 0 (140 GB at
+    70B, for an adapter of ~1 GB). Collective under ZeRO-3."""
+    from peft import get_peft_model_state_dict
+
+    model = trainer.engine.module
+    # Which tensors PEFT keeps, asked with placeholders (a state dict of the partitioned model
+    # holds empty tensors anyway): the values it returns are the placeholders it chose.
+    placeholders = {name: torch.empty(0) for name in model.state_dict()}
+    chosen = {id(value) for value in get_peft_model_state_dict(model, state_dict=placeholders).values()}
+    names = [name for name, value in placeholders.items() if id(value) in chosen]
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    state_dict = {}
+    for name in names:
+        with gathered(tensors[name], trainer.engine.zero_optimization_partition_weights()):
+            if trainer.rank == 0:
+                state_dict[name] = tensors[name].detach().to("cpu", copy=True)
+    return state_dict if trainer.rank == 0 else None
+
+
+@contextmanager
+def gathered(tensor: torch.Tensor, partitioned: bool):
+    if not partitioned or not hasattr(tensor, "ds_id"):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        yield
 
 
 def save_model(trainer, tokenizer, out_dir: Path, facts: dict[str, Any]) -> Path | None:

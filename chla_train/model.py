@@ -9,6 +9,7 @@ fails with one ChlaError line.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -50,7 +51,7 @@ def load_tokenizer(path: str | Path):
 def build_base_model(model_dir: str | None, init: dict[str, Any] | None, *, dtype: torch.dtype,
                      attn_implementation: str, seed: int):
     """An HF causal LM from `model_dir`, or a randomly initialised LLaMA from the `init` config."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     attn_implementation = usable_attention(attn_implementation)
     if init is not None:
@@ -71,8 +72,9 @@ def build_base_model(model_dir: str | None, init: dict[str, Any] | None, *, dtyp
         raise ChlaError(f"model {path}: has config.json but no weights (*.safetensors or "
                         "pytorch_model*.bin); copy the checkpoint's weight files there")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
-                                                    attn_implementation=attn_implementation)
+        if partitioned_loading_active():
+            return load_partitioned(path, dtype=dtype, attn_implementation=attn_implementation)
+        return load_whole(path, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ChlaError(f"model {path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
 
@@ -85,6 +87,160 @@ def usable_attention(requested: str) -> str:
         if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
             return "sdpa"
     return requested
+
+
+# --- loading a checkpoint onto the ranks: never a whole copy per rank ------------------------------
+# ZeRO-2 and plain data parallelism need the whole model on every rank, ZeRO-3 only a partition.
+# transformers 5 loads safetensors by memory map and keeps the tensors on the mapped file when
+# their dtype is the training dtype: ranks on one node then share one copy, the page cache. On
+# GPUs each tensor goes from the map straight to the rank's GPU (device_map). Under ZeRO-3 the
+# model is built partitioned (DeepSpeed's zero.Init, through transformers' HfDeepSpeedConfig) and
+# each rank reads only its own slice of each tensor from the file: transformers' own ZeRO-3 path
+# loads the whole checkpoint into rank 0's memory first, the 140 GB of a 70B model.
+
+def load_whole(path: Path, *, dtype: torch.dtype, attn_implementation: str):
+    """The whole model on this rank: memory-mapped on CPU, streamed to the rank's GPU on a GPU."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    placement = {}
+    if torch.cuda.is_available():
+        placement["device_map"] = {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))}
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
+                                                **placement)
+
+
+@contextmanager
+def partitioned_loading(deepspeed_config: dict[str, Any]):
+    """While active, models are built partitioned over the ranks of the (initialised) process
+    group by transformers and PEFT: model directories by `load_partitioned`, embeddings resized
+    and new rows initialised on partitions, modules_to_save copies gathered one at a time."""
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(deepspeed_config)  # transformers holds only a weak reference
+    try:
+        yield keep_alive
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def partitioned_loading_active() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def load_partitioned(path: Path, *, dtype: torch.dtype, attn_implementation: str):
+    """The model built under zero.Init (each rank allocates only its partition of every
+    parameter), then each rank's partitions read from the safetensors files."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    copy_own_partitions(model, safetensors_files(path), where=f"model {path}")
+    model.config.name_or_path = str(path)  # as from_pretrained records it (PEFT's adapter_config reads it)
+    return model
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ChlaError(f"model {path}: ZeRO-3 loading reads safetensors files, and there are none "
+                        "(only *.bin); convert the checkpoint with save_pretrained(safe_serialization=True)")
+    return files
+
+
+def copy_own_partitions(model, files: list[Path], *, where: str) -> None:
+    """Fill this rank's partition of every parameter from the checkpoint. A partition is a
+    contiguous range of the flattened tensor (DeepSpeed pads the last one), so it is one byte range
+    of the file, read straight into the partition."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    parameters = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
+    missing = set(dict(model.named_parameters()))
+    for file in files:
+        with SafetensorsRanges(file) as checkpoint:
+            for name in checkpoint.names:
+                param = parameters.get(name)
+                if param is None:
+                    raise ChlaError(f"{where}: checkpoint tensor {name} has no parameter of that name in "
+                                    f"{type(model).__name__}; load this checkpoint with zero_stage 2")
+                missing.discard(name)
+                own = param.ds_tensor
+                start = rank * own.ds_numel
+                stop = min(start + own.ds_numel, param.ds_numel)
+                if start < stop:
+                    checkpoint.read_into(name, start, own[:stop - start])
+    if missing:
+        raise ChlaError(f"{where}: the checkpoint has no tensor for {sorted(missing)[:3]}; it does not belong "
+                        f"to a {type(model).__name__} of this config")
+
+
+class SafetensorsRanges:
+    """Element ranges of the tensors in a safetensors file, read with plain reads: only the bytes
+    asked for enter this process. (A memory map, safetensors' own way, keeps every page it touched
+    in the process's resident memory until it is closed: half the file on each of two ranks.)"""
+
+    DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = open(path, "rb")
+        size = int.from_bytes(self.handle.read(8), "little")
+        header = json.loads(self.handle.read(size))
+        header.pop("__metadata__", None)
+        self.tensors, self.data_start = header, 8 + size
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + out.numel()) of the flattened tensor `name`, into `out`."""
+        info = self.tensors[name]
+        dtype = self.DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ChlaError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which chla cannot load")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        target = out if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous() else \
+            torch.empty(out.numel(), dtype=dtype)
+        self.handle.seek(self.data_start + info["data_offsets"][0] + start * itemsize)
+        if self.handle.readinto(target.view(torch.uint8).numpy()) != target.numel() * itemsize:
+            raise ChlaError(f"{self.path}: tensor {name} is cut short; the file is incomplete")
+        if target is not out:
+            with torch.no_grad():
+                out.copy_(target)
+
+    def __enter__(self) -> "SafetensorsRanges":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when ZeRO-3 holds only a partition of it (then .shape is (0,))."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+@contextmanager
+def writable_whole(params: list[torch.Tensor]):
+    """Inside, `params` are whole tensors on every rank, and what rank 0 writes into them is kept
+    (DeepSpeed's GatheredParameters); without partitioned loading, nothing to do."""
+    if not partitioned_loading_active():
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
 
 
 def base_model_for(params, vocab_size: int, *, dtype: torch.dtype, stage: str, log: Callable[[str], None] = print):
@@ -108,7 +264,7 @@ def resize_to_tokenizer(model, vocab_size: int, *, new_row_init: str, max_vocab_
     from chla_train.new_rows import init_new_rows
 
     embed = model.get_input_embeddings()
-    base_rows = embed.weight.shape[0]
+    base_rows = full_shape(embed.weight)[0]
     if vocab_size == base_rows:
         return base_rows
     if vocab_size < base_rows:
@@ -120,9 +276,10 @@ def resize_to_tokenizer(model, vocab_size: int, *, new_row_init: str, max_vocab_
                         f"the model's {base_rows} rows (limit max_vocab_growth={max_vocab_growth}); "
                         "this is not the merged tokenizer for this model, or raise max_vocab_growth")
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    stats = init_new_rows(_output_and_input_matrices(model), base_rows, new_row_init,
-                          tokenizer_dir=tokenizer_dir, seed=seed,
-                          std=getattr(model.config, "initializer_range", 0.02), where=where)
+    matrices = _output_and_input_matrices(model)
+    with writable_whole(matrices):  # whole on every rank, also under ZeRO-3
+        stats = init_new_rows(matrices, base_rows, new_row_init, tokenizer_dir=tokenizer_dir, seed=seed,
+                              std=getattr(model.config, "initializer_range", 0.02), where=where)
     log(f"vocabulary {base_rows} -> {vocab_size} rows; {stats.describe()}")
     return base_rows
 
@@ -306,8 +463,8 @@ def _as_list(value) -> list[str]:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(full_shape(p).numel() for p in model.parameters() if p.requires_grad)
+    total = sum(full_shape(p).numel() for p in model.parameters())
     return trainable, total
 
 

@@ -26,6 +26,7 @@ only uses it for inference all-reduce, it costs a 20-40 s JIT build, and with it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,16 +34,21 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from chla_launcher.errors import ChlaError
 from chla_train import checkpoint as checkpoints
 from chla_train.metrics import MetricsLog, peak_memory_mb
+from chla_train.model import full_shape
+from chla_train.packed_attention import packed_attention_inputs
+from chla_train.token_loss import ChunkedLinearCrossEntropy, computing_layer, projection_weight
 
 Collate = Callable[[list[Any]], dict[str, np.ndarray]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -99,7 +105,51 @@ def init_distributed(ctx) -> None:
                                    verbose=False)
 
 
-def deepspeed_config(params, *, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
+def rank_zero_first(ctx, work: Callable[[], T]) -> T:
+    """`work` on rank 0, then on the other ranks, which find its result in a cache it wrote: data
+    every rank needs is prepared once per stage, not once per rank (at 64 nodes x 8 GPUs, 512
+    tokenizations into 512 caches). A failure on rank 0 is raised on every rank with rank 0's
+    message, so none waits for a cache that will not come. One rank: just `work`, without
+    starting torch.distributed (a bad input then fails before anything distributed starts)."""
+    if ctx.dist.world_size == 1:
+        return work()
+    init_distributed(ctx)
+    outcome: list[str | None] = [None]
+    if ctx.dist.rank == 0:
+        try:
+            result = work()
+        except BaseException as error:
+            outcome[0] = str(error) if isinstance(error, ChlaError) else f"rank 0 failed: {error!r}"
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise ChlaError(outcome[0])
+    return result if ctx.dist.rank == 0 else work()
+
+
+def model_loading(ctx, params, *, dtype: torch.dtype):
+    """The context a stage builds its model in. Under ZeRO-3, a model loaded from a checkpoint is
+    built partitioned over the ranks (chla_train.model.partitioned_loading): no rank ever holds
+    all of it. Otherwise, and for an `init:` model (built whole, so that every ZeRO stage starts
+    from the same random weights) or embeddings mode (which splits whole embedding matrices),
+    each rank builds it whole and DeepSpeed partitions it when training starts."""
+    from chla_train.model import partitioned_loading
+
+    config_file = Path(params.model or "-") / "config.json"
+    if params.zero_stage != 3 or getattr(params, "mode", None) == "embeddings" or not config_file.is_file():
+        return contextlib.nullcontext()
+    init_distributed(ctx)
+    hidden_size = json.loads(config_file.read_text())["hidden_size"]
+    ctx.log(f"ZeRO-3: {params.model} is loaded partitioned over {ctx.dist.world_size} rank(s)")
+    return partitioned_loading(deepspeed_config(params, dtype=dtype, world_size=ctx.dist.world_size,
+                                                hidden_size=hidden_size))
+
+
+def deepspeed_config(params, *, dtype: torch.dtype, world_size: int, hidden_size: int,
+                     on_gpu: bool | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a training stage: its ZeRO stage's file, the batch, the precision,
+    and on GPUs the communication settings of `gpu_zero_settings`."""
     text = resources.files("chla_train").joinpath(f"deepspeed_configs/zero{params.zero_stage}.json").read_text()
     config = json.loads(text)
     config.update(
@@ -110,11 +160,30 @@ def deepspeed_config(params, *, dtype: torch.dtype, world_size: int) -> dict[str
         bf16={"enabled": dtype == torch.bfloat16},
         zero_allow_untested_optimizer=True,
     )
-    if dtype == torch.float16:
-        # Only for benchmarks/train_throughput.py (the original project's GPU setting); stages
-        # never ask for it: fp16 fails under DeepSpeed on CPU and bf16 needs no loss scaling.
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "min_loss_scale": 1}
+    if torch.cuda.is_available() if on_gpu is None else on_gpu:
+        config["zero_optimization"].update(gpu_zero_settings(params.zero_stage, hidden_size))
     return config
+
+
+def gpu_zero_settings(zero_stage: int, hidden_size: int) -> dict[str, Any]:
+    """What changes on GPUs: gradient reduction (ZeRO-2, 3) and parameter gathering (ZeRO-3)
+    overlapped with the backward pass on NCCL's own CUDA streams. On CPU, gloo runs on the cores
+    that compute, so there is nothing to overlap with: the files keep it off, and zero3.json gathers
+    each layer's parameters only while it runs (no prefetch, no parameters kept for reuse), so a
+    rank holds its partition and one layer. ZeRO-2 keeps its 2e8-element buckets: with overlap_comm
+    DeepSpeed holds ~4.5x the bucket size in buffers (its docs), 1.8 GB in bf16 (DeepSpeed's default
+    of 5e8 would hold 4.5 GB). ZeRO-3's sizes follow the hidden size, as HF Trainer's "auto" values
+    do: reduce in hidden^2 buckets, prefetch 0.9x that, keep parameters under 10 x hidden (norms,
+    biases) whole on every GPU, and up to 1e9 gathered parameters (2 GB in bf16) alive for reuse
+    between the forward and the backward pass (DeepSpeed's defaults)."""
+    if zero_stage == 2:
+        return {"overlap_comm": True}
+    if zero_stage == 3:
+        return {"overlap_comm": True, "reduce_bucket_size": hidden_size * hidden_size,
+                "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                "stage3_param_persistence_threshold": 10 * hidden_size,
+                "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
+    return {}
 
 
 def build_optimizer(model, params) -> torch.optim.Optimizer:
@@ -127,8 +196,8 @@ def build_optimizer(model, params) -> torch.optim.Optimizer:
     groups = []
     for in_vocabulary, lr in ((False, params.learning_rate), (True, params.embedding_learning_rate)):
         chosen = [p for p in trainable if (id(p) in vocabulary) == in_vocabulary]
-        decay = [p for p in chosen if p.ndim >= 2]
-        no_decay = [p for p in chosen if p.ndim < 2]
+        decay = [p for p in chosen if len(full_shape(p)) >= 2]  # ZeRO-3: .ndim of a partition is 1
+        no_decay = [p for p in chosen if len(full_shape(p)) < 2]
         if decay or not in_vocabulary:
             groups.append({"params": decay, "weight_decay": params.weight_decay, "lr": lr})
         if no_decay:
@@ -190,7 +259,8 @@ class Trainer:
         scheduler = build_scheduler(optimizer, params, self.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(params, dtype=dtype, world_size=self.world_size))
+            config=deepspeed_config(params, dtype=dtype, world_size=self.world_size,
+                                    hidden_size=model.config.hidden_size))
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -322,43 +392,51 @@ class Trainer:
         return flag.item() > 0
 
     def _forward(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
-        """Sum of token cross-entropies of one micro-batch (num_items_in_batch=1 makes HF sum).
+        """Sum of token cross-entropies of one micro-batch.
 
-        When most positions carry no label (SFT: the prompt is masked, only the answer counts), the
-        vocabulary projection is computed only at the positions that predict a label: a pre-hook
-        on the output layer gathers those hidden states (one [1, labels, hidden] row) before the
-        projection. With a 50K vocabulary that projection is most of a small model's work, and a
-        batch of 16 reviews has ~50 label positions among ~1,600 tokens. (`logits_to_keep` can
-        only keep the same columns in every row: with packed rows that was ~7x the positions.)
-        The loss is the same sum HF computes over all positions."""
+        The vocabulary projection is computed only at the positions that predict a label (SFT:
+        the answer, ~50 of ~1,600 tokens in a batch of reviews; with a 50K vocabulary that
+        projection is most of a small model's work): a pre-hook on the output layer gathers those
+        hidden states. It also computes the loss there, a chunk of positions at a time
+        (chla_train.token_loss), and hands the layer an empty input, so the logits never exist
+        whole; under ZeRO-3, and for an output layer that is not a plain projection, the layer
+        computes the gathered positions' logits itself. (`logits_to_keep` can only keep the same
+        columns in every row: with packed rows that was ~7x the positions.) The loss is the sum
+        transformers computes over all positions."""
         labels = torch.from_numpy(batch["labels"]).to(self.device)
         inputs = {"input_ids": torch.from_numpy(batch["input_ids"]).to(self.device)}
         mask = batch.get("attention_mask")
         if "position_ids" in batch:
-            # Packed rows (chla_tools.sft_data.collate_sft_packed): the restarting position ids
-            # delimit the examples, and passing the 2-D mask would turn that detection off; with
-            # a shared prompt prefix, the rows' own 4-D mask says who attends to whom.
-            inputs["position_ids"] = torch.from_numpy(batch["position_ids"]).to(self.device)
-            if "packed_attention_mask" in batch:
-                inputs["attention_mask"] = torch.from_numpy(batch["packed_attention_mask"]).unsqueeze(1).to(self.device)
+            # Packed rows (chla_tools.sft_data.collate_sft_packed): the example boundaries in the
+            # form the model's attention backend reads (chla_train.packed_attention); the 2-D mask
+            # only counts tokens.
+            module = self.engine.module
+            inputs.update(packed_attention_inputs(batch, module.config._attn_implementation,
+                                                  dtype=module.dtype, device=self.device))
         elif mask is not None and not mask.all():  # an all-ones mask only slows SDPA down
             inputs["attention_mask"] = torch.from_numpy(mask).to(self.device)
         # Position t predicts token t + 1.
-        predicts_label = labels[:, 1:] != -100
-        if bool(predicts_label.all()):
-            one = torch.ones((), device=self.device)
-            return self.engine(**inputs, labels=labels, num_items_in_batch=one, use_cache=False).loss.float()
-        rows, columns = torch.nonzero(predicts_label, as_tuple=True)
+        rows, columns = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+        targets = labels[rows, columns + 1]
+        layer = computing_layer(self.engine.module.get_output_embeddings())
+        chunked = projection_weight(layer) is not None and not self.engine.zero_optimization_partition_weights()
+        losses = []
 
-        def gather_label_positions(_module, args):
-            return (args[0][rows, columns].unsqueeze(0),) + tuple(args[1:])
+        def label_positions_only(module, args):
+            hidden = args[0][rows, columns]
+            if chunked:
+                losses.append(ChunkedLinearCrossEntropy.apply(hidden, projection_weight(module), targets))
+                hidden = hidden[:0]
+            return (hidden.unsqueeze(0),) + tuple(args[1:])
 
-        hook = self.engine.module.get_output_embeddings().register_forward_pre_hook(gather_label_positions)
+        hook = layer.register_forward_pre_hook(label_positions_only)
         try:
             logits = self.engine(**inputs, use_cache=False).logits
         finally:
             hook.remove()
-        return torch.nn.functional.cross_entropy(logits[0].float(), labels[rows, columns + 1], reduction="sum")
+        if chunked:
+            return losses[0]
+        return torch.nn.functional.cross_entropy(logits[0].float(), targets, reduction="sum")
 
     @torch.no_grad()
     def evaluate(self) -> float:

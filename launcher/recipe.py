@@ -91,8 +91,11 @@ class Resources(_Strict):
     cpus_per_task: int = Field(1, ge=1)
     mem: str = "4G"
     time: str = "01:00:00"
+    # Memory of one GPU, for `chla plan` and chla-submit's memory check (not passed to Slurm);
+    # without it, a GPU named in slurm.constraint gives it.
+    gpu_mem: str | None = None
 
-    _mem = field_validator("mem")(classmethod(lambda cls, v: _check_mem(v)))
+    _mem = field_validator("mem", "gpu_mem")(classmethod(lambda cls, v: _check_mem(v)))
     _time = field_validator("time", mode="before")(classmethod(lambda cls, v: _check_time(v)))
 
     @property
@@ -107,8 +110,9 @@ class ResourceOverrides(_Strict):
     cpus_per_task: int | None = Field(None, ge=1)
     mem: str | None = None
     time: str | None = None
+    gpu_mem: str | None = None
 
-    _mem = field_validator("mem")(classmethod(lambda cls, v: _check_mem(v)))
+    _mem = field_validator("mem", "gpu_mem")(classmethod(lambda cls, v: _check_mem(v)))
     _time = field_validator("time", mode="before")(classmethod(lambda cls, v: _check_time(v)))
 
 

@@ -187,7 +187,10 @@ def sbatch_parameters(job_name: str, resources: Resources, settings: SlurmSettin
         "cpus_per_task": resources.cpus_per_task,
         "mem": f"{mem_to_mb(resources.mem)}M",
         "signal_delay_s": settings.signal_delay_s,
-        "setup": list(settings.setup),
+        # Since Slurm 22.05 srun no longer takes --cpus-per-task from the job: without this, each
+        # task of the job's srun gets one CPU whatever cpus_per_task says (submitit does not set
+        # it). srun reads SRUN_CPUS_PER_TASK as its --cpus-per-task.
+        "setup": [f"export SRUN_CPUS_PER_TASK={resources.cpus_per_task}", *settings.setup],
         "wckey": "chla",
         "stderr_to_stdout": False,
     }

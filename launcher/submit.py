@@ -16,6 +16,7 @@ from .chain import Chain, StageRecord
 from .errors import ChlaError
 from .executors import Executor, executor_named
 from .lock import RunLock
+from .plan import memory_verdicts, too_big_message
 from .recipe import ResolvedRecipe, dump_frozen, load_recipe
 from .rundir import RunDir, now
 from .transaction import SubmissionTransaction, recover
@@ -35,6 +36,7 @@ class SubmitOptions:
     from_stage: str | None = None
     dry_run: bool = False
     replace: bool = False
+    strict: bool = False  # refuse to queue a training stage that will not fit in its devices' memory
 
 
 def load_for_submit(options: SubmitOptions) -> ResolvedRecipe:
@@ -60,6 +62,9 @@ def submit(options: SubmitOptions, out: TextIO = sys.stdout) -> int:
     run = RunDir(recipe.run_dir)
     executor = executor_named(recipe.model.executor)(run, out)
     plan = _plan(recipe, run, options)  # a bad --only/--from fails here, before anything is written
+    too_big = memory_verdicts(recipe, plan.run)[1] if options.strict else []
+    if too_big:
+        raise ChlaError(f"{too_big_message(recipe, too_big)}; nothing submitted (--strict)")
     if options.dry_run:
         _print_plan(recipe, run, plan, executor, out)
         executor.dry_run(recipe, plan)
@@ -95,6 +100,7 @@ def _plan(recipe: ResolvedRecipe, run: RunDir, options: SubmitOptions) -> graph.
 
 
 def _print_plan(recipe: ResolvedRecipe, run: RunDir, plan: graph.Plan, executor: Executor, out: TextIO) -> None:
+    """The stages to run and skip, then `chla plan`'s memory verdict on the training stages."""
     lines = [f"chla: {recipe.name}: {len(plan.run)} stage(s) to run, {len(plan.skip)} already finished "
              f"({executor.name} executor, run directory {run.path})"]
     for name in plan.order:
@@ -102,6 +108,11 @@ def _print_plan(recipe: ResolvedRecipe, run: RunDir, plan: graph.Plan, executor:
         mark = "run " if name in plan.run else "skip"
         after = f" after {', '.join(stage.after)}" if stage.after else ""
         lines.append(f"  {mark} {name:<20} {stage.kind.name:<16} {plan.fingerprints[name]}{after}")
+    verdicts, too_big = memory_verdicts(recipe, plan.run)
+    if verdicts:
+        lines += ["memory per device (chla plan):", *(f"  {line}" for line in verdicts)]
+    if too_big:
+        lines.append(f"warning: {too_big_message(recipe, too_big)}")
     print("\n".join(lines), file=out, flush=True)
 
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: running the real CLI, reading a run's status, the real local Slurm cluster."""
+"""Helpers shared by the tests: running the real CLI, reading a run's status, the real local Slurm cluster,
+a stand-in for the trainer's DeepSpeed engine."""
 
 from __future__ import annotations
 
@@ -73,3 +74,26 @@ def require_slurm_cluster() -> None:
         if os.environ.get("CHLA_REQUIRE_SLURM") == "1":
             pytest.fail("the local Slurm cluster is not running (bash slurm/localcluster.sh start)")
         pytest.skip("no Slurm cluster (start one with: bash slurm/localcluster.sh start)")
+
+
+class EngineStub:
+    """What chla_train.trainer.Trainer._forward uses of a DeepSpeed engine: calling it, its module,
+    and whether ZeRO-3 partitions the weights (no)."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def zero_optimization_partition_weights(self) -> bool:
+        return False
+
+
+def trainer_stub(model):
+    """A stand-in `self` for Trainer._forward on `model`, on the CPU."""
+    import types
+
+    import torch
+
+    return types.SimpleNamespace(engine=EngineStub(model), device=torch.device("cpu"))

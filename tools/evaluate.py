@@ -115,7 +115,7 @@ def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_siz
     import torch
     import torch.nn.functional as F
 
-    from chla_tools.inference import encode
+    from chla_tools.inference import encode, input_device
 
     windows: list[list[int]] = []
     tokens = 0
@@ -124,7 +124,7 @@ def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_siz
         tokens += len(ids) - 1
         for start in range(0, max(len(ids) - 1, 1), block - 1):
             windows.append(ids[start:start + block])
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll = 0.0
     for first in range(0, len(windows), batch_size):
         batch = windows[first:first + batch_size]

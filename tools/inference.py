@@ -50,8 +50,11 @@ def load_tokenizer(tokenizer_dir: Path):
 
 def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (), *,
                        rope_scaling: float | None = None, device: str | None = None,
+                       max_memory: dict[str | int, str] | None = None, offload_folder: str | Path | None = None,
                        log: Callable[[str], None] = print):
-    """(model, tokenizer) ready for generation, in eval mode, on `device` (cuda if available)."""
+    """(model, tokenizer) ready for generation, in eval mode. On GPUs the model is spread over all
+    of them (`placement`); on a CPU it sits in memory, unless `max_memory` caps what each device
+    may hold (then the same placement, with the rest offloaded to `offload_folder`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -76,6 +79,7 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     log(f"precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}: inference on {device} "
         f"({'a GPU' if dtype == torch.bfloat16 else 'a CPU: scores independent of its bf16 support'})")
+    spread = placement(device, max_memory, offload_folder)
     config = AutoConfig.from_pretrained(model_dir)
     if rope_scaling is not None:
         if rope_scaling <= 1.0:
@@ -85,7 +89,10 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (
         # max_position_embeddings, like the original project's --alpha.
         config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "dynamic",
                                   "factor": float(rope_scaling)}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **spread)
+    if spread:
+        devices = sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()})
+        log(f"placed on {', '.join(devices)} (device_map auto)")
 
     from peft import PeftModel
 
@@ -98,9 +105,35 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (
         if position < len(adapters) - 1:
             model = model.merge_and_unload()
         log(f"loaded adapter {directory}")
-    model.to(device)
+    if not spread:
+        model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def placement(device: str, max_memory: dict[str | int, str] | None = None,
+              offload_folder: str | Path | None = None) -> dict:
+    """from_pretrained's placement arguments. On GPUs, accelerate's device_map "auto": the layers
+    spread over every visible GPU in turn, those that do not fit kept in CPU memory and brought to
+    a GPU as they run (slow, but a 70B model evaluates on one 80 GB GPU), and the embeddings'
+    GPU is where inputs go (`input_device`). No arguments (everything on `device`) otherwise,
+    unless `max_memory` is given: then the same spreading under those caps, the rest of the model
+    offloaded to disk in `offload_folder`."""
+    if max_memory is None and not device.startswith("cuda"):
+        return {}
+    spread: dict = {"device_map": "auto"}
+    if max_memory is not None:
+        spread["max_memory"] = max_memory
+    if offload_folder is not None:
+        spread["offload_folder"] = str(offload_folder)
+    return spread
+
+
+def input_device(model):
+    """Where a model's inputs go: its input embeddings' device (the first GPU of a spread model);
+    the CPU when they are offloaded (accelerate's hooks then move each layer's inputs)."""
+    device = model.get_input_embeddings().weight.device
+    return device if device.type != "meta" else "cpu"
 
 
 def _saved_embedding_rows(adapter) -> int | None:
@@ -131,7 +164,7 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-    device = next(model.parameters()).device
+    device = input_device(model)
     settings = {"do_sample": False, **sampling}
     if not settings["do_sample"]:
         settings.pop("temperature", None), settings.pop("top_k", None), settings.pop("top_p", None)

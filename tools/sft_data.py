@@ -296,13 +296,18 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
 
     Padded batches of reviews are about half padding; packing removes it without the label skew of
     length-grouped batches (there, long and short reviews land in different batches, and length
-    correlates with the label). The isolation comes from `position_ids`, which restart at 0 for
-    every example: with no attention_mask, transformers reads the restarts as sequence boundaries
-    and builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices; FlashAttention
-    takes the same ids as varlen boundaries). So RoPE positions, attention and the loss are those
-    of the padded batch. The trailing pad of each row is its own segment, after every real token,
-    so no real token attends to it. `attention_mask` marks the tokens computed, for counting only;
-    the trainer does not pass it when position_ids are present (a mask turns the packed detection off).
+    correlates with the label). `position_ids` restart at 0 for every example, so RoPE sees the
+    padded batch's positions. Each attention backend is told the boundaries in its own form
+    (chla_train.packed_attention): sdpa reads the restarts itself (masking_utils builds a
+    block-diagonal causal mask from them), eager gets that mask as an additive float mask, and
+    flash_attention_2 gets `cu_seq_lens` (below) as varlen boundaries, because transformers reads
+    restarting position ids as boundaries for FlashAttention only when the batch has one row.
+    So attention and the loss are those of the padded batch under each. The trailing pad of each
+    row is its own segment, after every real token, so no real token attends to it.
+    `attention_mask` marks the tokens computed, for counting only; the trainer does not pass it
+    (a 2-D mask would turn the packed detection off). `cu_seq_lens` are the segment starts of the
+    rows flattened into one sequence (row r starts at r * width), then the total: FlashAttention's
+    cumulative sequence lengths; `max_seq_len` is the longest segment.
 
     share_prefix: the prompt tokens that every example of the batch starts with (the template and
     a shared instruction: about half of each sentiment example) are put once at the start of each
@@ -311,7 +316,8 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
     it. A causal model computes the prefix the same way in every example, so the loss and the
     gradients are those of the padded batch, from fewer tokens. The prefix stops before the first
     position that predicts a label in any example, so every label is still predicted from its own
-    example's context."""
+    example's context. Such a row has no varlen form (an example's keys, the prefix and its own
+    tokens, are not one contiguous segment), so it carries no `cu_seq_lens`."""
     if not batch:
         raise ValueError("collate_sft_packed got an empty batch")
     lengths = [len(example["input_ids"]) for example in batch]
@@ -336,6 +342,7 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
     position_ids = np.zeros((len(rows), width), dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
     attend = np.zeros((len(rows), width, width), dtype=bool) if share_prefix else None
+    segment_starts: list[int] = []
     for row, members in enumerate(rows):
         if prefix:
             input_ids[row, :prefix] = batch[0]["input_ids"][:prefix]
@@ -344,6 +351,7 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
             attend[row, :prefix, :prefix] = np.tri(prefix, dtype=bool)
         start = prefix
         for index in members:
+            segment_starts.append(row * width + start)
             stop = start + sizes[index]
             input_ids[row, start:stop] = batch[index]["input_ids"][prefix:]
             labels[row, start:stop] = batch[index]["labels"][prefix:]
@@ -354,12 +362,18 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
                 attend[row, start:stop, start:stop] = np.tri(sizes[index], dtype=bool)
             start = stop
         position_ids[row, start:] = np.arange(width - start)  # the pad tail: a segment of its own
+        if start < width:
+            segment_starts.append(row * width + start)
         if share_prefix:
             attend[row, start:, start:] = np.tri(width - start, dtype=bool)  # no query row without a key
     packed = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
               "attention_mask": attention_mask}
     if share_prefix:
         packed["packed_attention_mask"] = attend
+    else:
+        cu_seq_lens = np.array(segment_starts + [len(rows) * width], dtype=np.int32)
+        packed["cu_seq_lens"] = cu_seq_lens
+        packed["max_seq_len"] = np.array(int(np.diff(cu_seq_lens).max()), dtype=np.int64)
     return packed
 
 

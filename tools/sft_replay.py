@@ -72,6 +72,8 @@ def _stack_rows(main: Batch, replay: np.ndarray, pad_id: int) -> Batch:
     count, length = replay.shape
     out: Batch = {}
     for key, value in main.items():
+        if key in ("cu_seq_lens", "max_seq_len"):
+            continue  # recomputed below from the rows' positions
         value = _pad_columns(key, value, width, pad_id)
         if key in ("input_ids", "labels"):
             extra = np.full((count, width), pad_id if key == "input_ids" else IGNORE_INDEX, dtype=value.dtype)
@@ -88,6 +90,11 @@ def _stack_rows(main: Batch, replay: np.ndarray, pad_id: int) -> Batch:
         else:
             raise ValueError(f"collate_with_replay: unknown batch key {key!r}")
         out[key] = np.concatenate([value, extra.astype(value.dtype)])
+    if "cu_seq_lens" in main:  # packed rows: every segment, pad tails and replay rows too, starts at position 0
+        positions = out["position_ids"].reshape(-1)
+        cu_seq_lens = np.append(np.flatnonzero(positions == 0), positions.size).astype(np.int32)
+        out["cu_seq_lens"] = cu_seq_lens
+        out["max_seq_len"] = np.array(int(np.diff(cu_seq_lens).max()), dtype=np.int64)
     return out
 
 

@@ -18,7 +18,8 @@ from chla_train import model as models
 from chla_train.export import save_adapter, save_model
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
-from chla_train.trainer import (TrainData, Trainer, init_distributed, shutdown_distributed, total_steps,
+from chla_train.trainer import (TrainData, Trainer, init_distributed, model_loading, shutdown_distributed,
+                                total_steps,
                                 train_summary)
 
 
@@ -77,19 +78,22 @@ def run(ctx) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(params.tokenizer)
     data, corpus_facts = pretraining_data(params, len(tokenizer), world_size=ctx.dist.world_size, log=ctx.log)
 
-    # 2. Model: base, resized to the tokenizer, then what trains.
-    model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage,
-                                             log=ctx.log)
-    if params.mode == "embeddings":
-        models.setup_embeddings_training(model, base_rows=base_rows, new_rows_only=params.new_rows_only,
-                                         train_lm_head=params.train_lm_head, where=ctx.stage)
-    elif params.mode == "lora":
-        model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha,
-                                  dropout=params.lora_dropout, target_modules=params.lora_target_modules,
-                                  modules_to_save=params.modules_to_save,
-                                  init_adapter=params.init_adapter, key_prefix=ctx.stage, seed=params.seed,
-                                  new_token_rows=new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage),
-                                  log=ctx.log)
+    # 2. Model: base, resized to the tokenizer, then what trains (under ZeRO-3, partitioned over
+    #    the ranks as it loads).
+    with model_loading(ctx, params, dtype=dtype):
+        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage,
+                                                 log=ctx.log)
+        if params.mode == "embeddings":
+            models.setup_embeddings_training(model, base_rows=base_rows, new_rows_only=params.new_rows_only,
+                                             train_lm_head=params.train_lm_head, where=ctx.stage)
+        elif params.mode == "lora":
+            model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha,
+                                      dropout=params.lora_dropout, target_modules=params.lora_target_modules,
+                                      modules_to_save=params.modules_to_save,
+                                      init_adapter=params.init_adapter, key_prefix=ctx.stage, seed=params.seed,
+                                      new_token_rows=new_token_rows(params, base_rows, len(tokenizer),
+                                                                    where=ctx.stage),
+                                      log=ctx.log)
     trainable, total = models.count_parameters(model)
     ctx.log(f"mode {params.mode}: {trainable:,} of {total:,} parameters train; vocabulary "
             f"{base_rows} -> {len(tokenizer)} rows ({params.new_row_init} init)")

@@ -20,8 +20,8 @@ from chla_train import model as models
 from chla_train.export import save_adapter
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
-from chla_train.trainer import (TrainData, Trainer, init_distributed, shutdown_distributed, total_steps,
-                                train_summary)
+from chla_train.trainer import (TrainData, Trainer, init_distributed, model_loading, rank_zero_first,
+                                shutdown_distributed, total_steps, train_summary)
 
 
 def run(ctx) -> dict[str, Any]:
@@ -38,23 +38,25 @@ def run(ctx) -> dict[str, Any]:
     tokenizer = load_sft_tokenizer(params.tokenizer)
     if len(tokenizer) != base_vocab:
         ctx.log(f"tokenizer has no pad token: added {tokenizer.pad_token} (id {tokenizer.pad_token_id})")
+    # Rank 0 tokenizes into the stage's cache; the other ranks then read it.
     load = partial(load_sft_dataset, tokenizer_dir=params.tokenizer, max_seq_length=params.max_seq_length,
                    template=params.template, on_bad_record=params.on_bad_record,
-                   # one cache per rank: ranks tokenize concurrently before torch.distributed
-                   # exists, and a shared entry could be swapped while another rank reads it
-                   cache_dir=ctx.work_dir / "sft_cache" / f"rank-{ctx.dist.rank}", packing=params.packing)
-    data, blend_facts, data_stats = instruction_data(params, load, tokenizer, world_size=ctx.dist.world_size,
-                                                     log=ctx.log)
+                   cache_dir=ctx.work_dir / "sft_cache", packing=params.packing)
+    data, blend_facts, data_stats = instruction_data(params, lambda path: rank_zero_first(ctx, partial(load, path)),
+                                                     tokenizer, world_size=ctx.dist.world_size, log=ctx.log)
 
-    # 2. Model: base resized to the tokenizer (pad included), then the LoRA adapter.
-    model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage,
-                                             log=ctx.log)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
-                              target_modules=params.lora_target_modules,
-                              modules_to_save=params.modules_to_save, init_adapter=params.init_adapter,
-                              key_prefix=ctx.stage, seed=params.seed, log=ctx.log,
-                              new_token_rows=new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage))
+    # 2. Model: base resized to the tokenizer (pad included), then the LoRA adapter (under ZeRO-3,
+    #    partitioned over the ranks as it loads).
+    with model_loading(ctx, params, dtype=dtype):
+        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage,
+                                                 log=ctx.log)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
+                                  target_modules=params.lora_target_modules,
+                                  modules_to_save=params.modules_to_save, init_adapter=params.init_adapter,
+                                  key_prefix=ctx.stage, seed=params.seed, log=ctx.log,
+                                  new_token_rows=new_token_rows(params, base_rows, len(tokenizer),
+                                                                where=ctx.stage))
     trainable, total = models.count_parameters(model)
     ctx.log(f"LoRA: {trainable:,} of {total:,} parameters train; vocabulary {base_rows} -> {len(tokenizer)}")
 

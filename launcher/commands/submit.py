@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replace", action="store_true",
                         help="if the run directory's chain is still queued or running, cancel it first "
                              "(without it, such a submission is refused)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse to queue anything when a training stage will not fit in its devices' "
+                             "memory (chla plan); without it, a warning")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and every sbatch script exactly as it would be submitted; "
                              "submit and write nothing")
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     options = SubmitOptions(recipe=args.recipe, overrides=args.overrides, executor=args.executor,
                             run_dir=args.run_dir, resume=args.resume, only=only,
-                            from_stage=args.from_stage, dry_run=args.dry_run, replace=args.replace)
+                            from_stage=args.from_stage, dry_run=args.dry_run, replace=args.replace,
+                            strict=args.strict)
     return submit(options)
 
 
@@ -61,7 +65,7 @@ def _run_remote(args: argparse.Namespace, remote) -> int:
                         ("--only", args.only), ("--from", args.from_stage)):
         if value is not None:
             forwarded += [flag, value]
-    for flag, value in (("--dry-run", args.dry_run), ("--replace", args.replace)):
+    for flag, value in (("--dry-run", args.dry_run), ("--replace", args.replace), ("--strict", args.strict)):
         if value:
             forwarded.append(flag)
     return remote_submit(remote, args.recipe, forwarded)

@@ -12,6 +12,13 @@ from . import InputPath, StageKind
 from ._training import BlendPart, TrainingParams, one_part_per_path
 
 
+# FlashAttention has no form for a prompt prefix shared by several examples of a row.
+NO_SHARED_PREFIX_UNDER_FLASH = (
+    "share_prompt_prefix needs attn_implementation sdpa or eager: FlashAttention's varlen kernel lets "
+    "a token attend only within its own contiguous segment, and a prefix shared by the examples of a "
+    "row is contiguous with one of them at most")
+
+
 class SftParams(TrainingParams):
     train_file: Annotated[list[BlendPart], InputPath()] = Field(
         min_length=1, description="Alpaca-format JSON for training, or a blend [{path, weight}, ...] of such "
@@ -56,8 +63,7 @@ class SftParams(TrainingParams):
         if self.share_prompt_prefix and not self.pack_batches:
             raise ValueError("share_prompt_prefix needs pack_batches: true")
         if self.share_prompt_prefix and self.attn_implementation == "flash_attention_2":
-            raise ValueError("share_prompt_prefix needs attn_implementation sdpa or eager "
-                             "(flash_attention_2 takes no custom attention mask)")
+            raise ValueError(NO_SHARED_PREFIX_UNDER_FLASH)
         return self
 
 

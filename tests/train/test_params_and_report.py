@@ -90,10 +90,22 @@ def test_deepspeed_config_and_schedule():
 
     params = get_kind("pretrain").params(tokenizer="/t", corpus="/c", init={}, micro_batch_size=2,
                                          gradient_accumulation_steps=3, zero_stage=3, max_steps=100)
-    config = deepspeed_config(params, dtype=torch.bfloat16, world_size=4)
+    config = deepspeed_config(params, dtype=torch.bfloat16, world_size=4, hidden_size=4096, on_gpu=False)
     assert config["train_batch_size"] == 24 and config["zero_optimization"]["stage"] == 3
     assert config["bf16"] == {"enabled": True} and "fp16" not in config
     assert "optimizer" not in config and "scheduler" not in config  # no fused_adam JIT build
+    assert config["zero_optimization"]["overlap_comm"] is False  # gloo: nothing to overlap with
+    gpu = deepspeed_config(params, dtype=torch.bfloat16, world_size=4, hidden_size=4096, on_gpu=True)
+    assert gpu["zero_optimization"]["overlap_comm"] is True
+    assert gpu["zero_optimization"]["reduce_bucket_size"] == 4096**2
+    assert gpu["zero_optimization"]["stage3_param_persistence_threshold"] == 40960
+    zero2 = deepspeed_config(params.model_copy(update={"zero_stage": 2}), dtype=torch.bfloat16, world_size=4,
+                             hidden_size=4096, on_gpu=True)["zero_optimization"]
+    assert zero2["overlap_comm"] is True and zero2["reduce_bucket_size"] == 2e8
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for settings in (gpu["zero_optimization"], zero2):  # DeepSpeed accepts them
+        DeepSpeedZeroConfig(**settings)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = build_scheduler(optimizer, params, 100)
     lrs = []

@@ -83,11 +83,14 @@ def test_embeddings_new_rows_only_leaves_base_rows_bitwise_unchanged(train_asset
 
 # --- must-show 2 -------------------------------------------------------------------------------
 
-def _lora_run(assets, run_dir: Path, world_size: int, zero_stage: int = 2):
+def _lora_run(assets, run_dir: Path, world_size: int, zero_stage: int = 2, model_dir: Path | None = None):
     # Same global batch (4): 1 rank x 4 sequences, or 2 ranks x 2. Dropout off: masks are drawn
     # per rank, so with dropout the two runs would differ by design, not by a bug.
     params = pretrain_params(assets, mode="lora", micro_batch_size=4 // world_size, lora_dropout=0.0,
                              zero_stage=zero_stage, learning_rate=2e-3)
+    if model_dir is not None:  # the same model, saved: loaded from its files instead of built
+        params.pop("init")
+        params["model"] = str(model_dir)
     launch({"kind": "pretrain", "run_dir": str(run_dir), "params": params, "probe_ids": PROBE,
             "probe_out": str(run_dir / "probe_logits.pt")}, world_size=world_size)
 
@@ -133,9 +136,19 @@ def test_two_rank_zero2_lora_matches_one_rank_and_adapter_reloads(train_assets, 
 
 
 def test_zero3_adapter_is_complete_and_reloads(train_assets, tmp_path):
-    """The original project's bug: under ZeRO-3 the saved adapter held empty partitions."""
-    _lora_run(train_assets, tmp_path, 2, zero_stage=3)
+    """The original project's bug: under ZeRO-3 the saved adapter held empty partitions. The base
+    model comes from a checkpoint, so it is loaded partitioned (each rank reads its own slices):
+    the logits of the trained model equal those of the seed-7 model plus the reloaded adapter
+    only if every slice landed where it belongs."""
+    from chla_train import model as models
+
+    checkpoint = tmp_path / "base"
+    models.build_base_model(None, TINY_LLAMA, dtype=torch.float32, attn_implementation="sdpa",
+                            seed=7).save_pretrained(checkpoint)
+    _lora_run(train_assets, tmp_path, 2, zero_stage=3, model_dir=checkpoint)
     _check_adapter_reloads(train_assets, tmp_path)
+    logs = "".join(p.read_text() for p in tmp_path.glob("spec-*-rank*.log"))
+    assert "partitioned" in logs  # the stage said how it loaded
 
 
 # --- must-show 3 -------------------------------------------------------------------------------

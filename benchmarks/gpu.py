@@ -1,0 +1,343 @@
+"""GPU throughput and MFU of chla's training loop on a LLaMA-7B-shaped model, against the original
+project's path, and packed-vs-padded SFT loss under FlashAttention-2. For one CUDA GPU (H100/H200).
+
+The model: LLaMA-7B's shape (hidden 4096, intermediate 11008, 32 heads, 32,000-token vocabulary)
+with as many of its 32 layers as chla's own memory model (chla_launcher.sizing, what `chla plan`
+prints) says fit the GPU with chla's settings (--layers overrides), random weights, bf16. Each
+configuration runs in a subprocess of its own (a clean GPU), for --warmup + --steps optimizer
+steps; its figure is its best step.
+
+  pretrain-chla-fa2    the `pretrain` stage's loop, LoRA r 8 on q,k,v,o,gate,up,down plus
+                       embed_tokens/lm_head trained (stage 2), micro-batch 8 x 512, FlashAttention-2
+  pretrain-chla-sdpa   the same with sdpa
+  pretrain-original    HF Trainer + PEFT with run_clm_pt_with_peft.py's arguments (run_pt.sh: batch 1
+                       x accumulation 8, gradient checkpointing, DeepSpeed ZeRO-2 of
+                       ds_zero2_no_offload.json), bf16 like chla (the script's fp16 runs at the same
+                       speed on these GPUs), transformers' default attention (sdpa)
+  sft-chla-packed-fa2  the `sft` stage's loop on the demo's instruction data (Chinese reviews in the
+                       Alpaca template): 32 examples a micro-batch packed into rows of 512, LoRA r 8
+                       plus embed_tokens/lm_head, FlashAttention-2 with varlen boundaries
+  sft-chla-packed-sdpa the same with sdpa
+  fa2-packed-vs-padded the sft loss of one micro-batch padded, packed (varlen boundaries), and
+                       packed with only restarting position ids (the leak transformers leaves when
+                       a batch has several rows): packed must equal padded, the leak must not
+
+MFU: model FLOPs per token (chla_launcher.sizing.flops_per_token: the frozen base needs no weight
+gradients, LoRA's own matmuls count, the vocabulary projection only where logits are computed:
+every position in pretraining, the answers in SFT) x tokens/s / the GPU's dense bf16 peak. Peak
+memory is compared with `chla plan`'s estimate for the same setup. FlashAttention-2 needs the
+flash-attn package; without it those configurations are reported as not run.
+
+Usage: python benchmarks/gpu.py [--steps 10] [--warmup 3] [--layers N] [--only NAME,...] [--dry-run]
+(--dry-run: no GPU needed; prints the configurations, the layers and the FLOP counts.)
+Last lines: RESULT <config> tokens_per_s=<x> mfu=<y> peak_gib=<z> ... and RESULT fa2_packed_rel_diff=<d>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import print_machine  # benchmarks/, on sys.path when run as a script
+from train_throughput import (BLOCK, LORA_TARGETS, MODULES_TO_SAVE, SEED, build_chla, corpus_blocks, make_context,
+                              original_trainable, original_trainer)
+
+LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)
+MICRO_BATCH = 8
+SFT_EXAMPLES = 32
+SFT_ROW = 512
+# Dense bf16 tensor-core peaks (no sparsity), by device-name substring, longest first.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "A10G": 70e12, "A10": 125e12, "L4": 121e12}
+CONFIGS = {
+    "pretrain-chla-fa2": {"kind": "pretrain", "side": "chla", "attention": "flash_attention_2"},
+    "pretrain-chla-sdpa": {"kind": "pretrain", "side": "chla", "attention": "sdpa"},
+    "pretrain-original": {"kind": "pretrain", "side": "original", "attention": "sdpa"},
+    "sft-chla-packed-fa2": {"kind": "sft", "side": "chla", "attention": "flash_attention_2"},
+    "sft-chla-packed-sdpa": {"kind": "sft", "side": "chla", "attention": "sdpa"},
+    "fa2-packed-vs-padded": {"kind": "check", "side": "chla", "attention": "flash_attention_2"},
+}
+
+
+def model_config(layers: int) -> dict:
+    return dict(LLAMA_7B, num_hidden_layers=layers)
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    for name in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if name in device_name:
+            return GPU_PEAK_FLOPS[name]
+    return None
+
+
+def planned_memory(layers: int, *, attention: str = "flash_attention_2", checkpointing: bool = False):
+    """chla plan's estimate for the pretrain configuration on one GPU."""
+    from chla_launcher.sizing import ModelShape, TrainingSetup, training_memory
+
+    setup = TrainingSetup(precision="bf16", zero_stage=2, world_size=1, micro_batch=MICRO_BATCH, seq_len=BLOCK,
+                          gradient_checkpointing=checkpointing, attention=attention)
+    return training_memory(ModelShape.from_config(model_config(layers)), original_trainable(), setup)
+
+
+def layers_that_fit(gpu_bytes: int, *, headroom: float = 0.85) -> int:
+    """The most of LLaMA-7B's 32 layers whose chla pretrain step fits in `headroom` of the GPU."""
+    fitting = [n for n in range(1, 33) if planned_memory(n).peak <= headroom * gpu_bytes]
+    return max(fitting, default=1)
+
+
+def pretrain_flops_per_token(layers: int) -> float:
+    from chla_launcher.sizing import ModelShape, flops_per_token
+
+    return flops_per_token(ModelShape.from_config(model_config(layers)), original_trainable(), BLOCK).total
+
+
+def sft_flops_per_token(layers: int, vocab: int, mean_example: float, label_fraction: float) -> float:
+    """Per computed token of packed SFT rows: attention over each example's own tokens (its mean
+    length), the vocabulary projection at the label positions only."""
+    from chla_launcher.sizing import ModelShape, flops_per_token
+
+    shape = ModelShape.from_config(dict(model_config(layers), vocab_size=vocab))
+    return flops_per_token(shape, original_trainable(), max(1, round(mean_example)),
+                           logits_fraction=label_fraction).total
+
+
+# --- one configuration, in its own process ---------------------------------------------------------
+
+def run_config(name: str, layers: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    from chla_train.entry import keep_freed_memory
+    from chla_train.model import usable_attention
+
+    config = CONFIGS[name]
+    if config["attention"] == "flash_attention_2" and usable_attention("flash_attention_2") != "flash_attention_2":
+        return {"name": name, "skipped": "flash-attn is not installed (pip install flash-attn)"}
+    keep_freed_memory()
+    torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory(prefix="chla-gpu-") as tmp:
+        root = Path(tmp)
+        if config["kind"] == "check":
+            return dict(fa2_packed_vs_padded(layers, root), name=name)
+        if config["kind"] == "sft":
+            return dict(time_sft(config, layers, steps, warmup, root), name=name)
+        blocks = corpus_blocks(MICRO_BATCH * (steps + warmup + 1))
+        if config["side"] == "chla":
+            run = build_chla(blocks, "bf16", root, model_config=model_config(layers), attention=config["attention"])
+            seconds = [timed(lambda: run["trainer"].optimizer_step(run["samples"])) for _ in range(steps + warmup)]
+        else:
+            seconds = time_original(blocks, layers, steps + warmup, root)
+    best = min(seconds[warmup:])
+    tokens_per_s = MICRO_BATCH * BLOCK / best
+    return {"name": name, "tokens_per_s": tokens_per_s, "best_step_s": best,
+            "flops_per_token": pretrain_flops_per_token(layers),
+            "peak_bytes": torch.cuda.max_memory_allocated(),
+            "planned_bytes": planned_memory(layers, attention=config["attention"],
+                                            checkpointing=config["side"] == "original").peak}
+
+
+def timed(step) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def time_original(blocks, layers: int, total_steps: int, root: Path) -> list[float]:
+    import torch
+    from transformers import TrainerCallback
+
+    seconds: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        mark = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.mark is None:
+                torch.cuda.synchronize()
+                self.mark = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            seconds.append(now - self.mark)
+            self.mark = now
+
+    original_trainer(blocks, torch.bfloat16, total_steps, root, [StepTimes()], model_config=model_config(layers)).train()
+    return seconds
+
+
+def sft_trainer(config: dict, layers: int, root: Path, *, vocab: int, pad_id: int, dataset, pack: bool = True):
+    import torch
+
+    from chla_launcher.kinds.sft import SftParams
+    from chla_tools.sft_data import sft_collate
+    from chla_train import model as models
+    from chla_train.trainer import TrainData, Trainer, init_distributed
+
+    params = SftParams(tokenizer="-", train_file="-", init=dict(model_config(layers), vocab_size=vocab),
+                       max_seq_length=SFT_ROW, micro_batch_size=SFT_EXAMPLES, max_steps=10_000, eval_steps=0,
+                       save_steps=0, precision="bf16", pack_batches=pack, attn_implementation=config["attention"],
+                       modules_to_save=list(MODULES_TO_SAVE), lora_target_modules=list(LORA_TARGETS), seed=SEED)
+    ctx = make_context(f"sft-{config['attention']}-{pack}", params, root, kind="sft")
+    init_distributed(ctx)
+    model = models.build_base_model(None, params.init, dtype=torch.bfloat16, attn_implementation=config["attention"],
+                                    seed=SEED)
+    model = models.apply_lora(model, r=8, alpha=32, dropout=0.05, target_modules=params.lora_target_modules,
+                              modules_to_save=params.modules_to_save, init_adapter=None, key_prefix="sft", seed=SEED)
+    collate = sft_collate(pad_id, pack_batches=pack, row_length=SFT_ROW)
+    data = TrainData(train_set=dataset, train_indices=range(len(dataset)), valid_set=dataset, valid_indices=[],
+                     collate=collate)
+    return Trainer(ctx, model, data, params, dtype=torch.bfloat16), collate
+
+
+def sft_data(root: Path):
+    from chla_tools.assets import fetch_assets
+    from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
+
+    assets = fetch_assets()
+    dataset = load_sft_dataset(assets["sft_train"], assets["base_tokenizer"], max_seq_length=SFT_ROW,
+                               cache_dir=root / "cache")
+    tokenizer = load_sft_tokenizer(assets["base_tokenizer"])
+    return dataset, len(tokenizer), tokenizer.pad_token_id
+
+
+def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path) -> dict:
+    import numpy as np
+    import torch
+
+    from chla_tools.blocks import ResumableSampler
+    from chla_train.trainer import input_token_count, label_token_count
+
+    dataset, vocab, pad_id = sft_data(root)
+    trainer, collate = sft_trainer(config, layers, root, vocab=vocab, pad_id=pad_id, dataset=dataset)
+    trainer.engine.train()
+    samples = iter(ResumableSampler(np.arange(len(dataset)), seed=SEED))
+    rates, tokens_total, labels_total, examples_total = [], 0, 0, 0
+    for step in range(steps + warmup):
+        indices = [next(samples) for _ in range(SFT_EXAMPLES)]
+        batch = collate([dataset[i] for i in indices])
+        tokens, labels = input_token_count(batch), label_token_count(batch)
+        replay = iter(indices)
+        seconds = timed(lambda: trainer.optimizer_step(replay))
+        if step >= warmup:
+            rates.append(tokens / seconds)
+            tokens_total += tokens
+            labels_total += labels
+            examples_total += SFT_EXAMPLES
+    mean_example = tokens_total / examples_total
+    flops = sft_flops_per_token(layers, vocab, mean_example, labels_total / tokens_total)
+    return {"tokens_per_s": max(rates), "flops_per_token": flops, "peak_bytes": torch.cuda.max_memory_allocated(),
+            "mean_example_tokens": mean_example}
+
+
+def fa2_packed_vs_padded(layers: int, root: Path) -> dict:
+    """One micro-batch of 32 reviews, its loss padded, packed, and packed leaking (bf16, FA2)."""
+    import numpy as np
+    import torch
+
+    from chla_tools.sft_data import collate_sft, collate_sft_packed
+
+    dataset, vocab, pad_id = sft_data(root)
+    trainer, _ = sft_trainer(CONFIGS["fa2-packed-vs-padded"], min(layers, 4), root, vocab=vocab, pad_id=pad_id,
+                             dataset=dataset)
+    trainer.engine.eval()
+    examples = [dataset[i] for i in range(SFT_EXAMPLES)]
+    padded = collate_sft(examples, pad_id)
+    packed = collate_sft_packed(examples, pad_id, row_length=SFT_ROW)
+    leaky = {key: value for key, value in packed.items() if key not in ("cu_seq_lens", "max_seq_len")}
+    with torch.no_grad():
+        loss_padded = trainer._forward(padded).item()
+        loss_packed = trainer._forward(packed).item()
+        module = trainer.engine.module
+        inputs = {"input_ids": torch.from_numpy(leaky["input_ids"]).cuda(),
+                  "position_ids": torch.from_numpy(leaky["position_ids"]).cuda()}
+        logits = module(**inputs, use_cache=False).logits.float()
+        labels = torch.from_numpy(leaky["labels"]).cuda()
+        loss_leaky = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       labels[:, 1:].reshape(-1), reduction="sum").item()
+    return {"loss_padded": loss_padded, "loss_packed": loss_packed, "loss_leaky": loss_leaky,
+            "packed_rel_diff": abs(loss_packed - loss_padded) / loss_padded,
+            "leaky_rel_diff": abs(loss_leaky - loss_padded) / loss_padded,
+            "rows": int(packed["input_ids"].shape[0]), "examples": SFT_EXAMPLES, "layers": min(layers, 4),
+            "padded_tokens": int(np.asarray(padded["input_ids"]).size)}
+
+
+# --- the orchestration -------------------------------------------------------------------------------
+
+def report(result: dict, peak: float | None) -> str:
+    if "skipped" in result:
+        return f"RESULT {result['name']} not_run=\"{result['skipped']}\""
+    if "packed_rel_diff" in result:
+        return (f"RESULT fa2_packed_rel_diff={result['packed_rel_diff']:.2e} "
+                f"fa2_leaky_rel_diff={result['leaky_rel_diff']:.2e} loss_padded={result['loss_padded']:.4f} "
+                f"loss_packed={result['loss_packed']:.4f} loss_leaky={result['loss_leaky']:.4f}")
+    mfu = f"{result['tokens_per_s'] * result['flops_per_token'] / peak:.3f}" if peak else "n/a"
+    fields = [f"tokens_per_s={result['tokens_per_s']:.0f}", f"mfu={mfu}",
+              f"peak_gib={result['peak_bytes'] / 2**30:.1f}"]
+    if "planned_bytes" in result:
+        fields.append(f"plan_gib={result['planned_bytes'] / 2**30:.1f}")
+    return f"RESULT {result['name']} " + " ".join(fields)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--layers", type=int, help="decoder layers (default: as many of 32 as fit the GPU)")
+    parser.add_argument("--only", help="comma-separated configurations (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; needs no GPU")
+    parser.add_argument("--config", help=argparse.SUPPRESS)  # one configuration, in a subprocess
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.config:
+        Path(args.result).write_text(json.dumps(run_config(args.config, args.layers, args.steps, args.warmup)))
+        sys.stdout.flush()
+        os._exit(0)
+
+    print_machine()
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    import torch
+
+    if args.dry_run or not torch.cuda.is_available():
+        layers = args.layers or layers_that_fit(80 * 2**30)
+        print(f"{'dry run' if args.dry_run else 'no CUDA device: not run'}; for an 80 GiB GPU: {layers} layers, "
+              f"plan {planned_memory(layers).peak / 2**30:.1f} GiB for chla's pretrain step; pretrain model FLOPs "
+              f"{pretrain_flops_per_token(layers) / 1e9:.2f} G per token; configurations: {', '.join(names)}")
+        return 0 if args.dry_run else 1
+    device = torch.cuda.get_device_name(0)
+    total = torch.cuda.get_device_properties(0).total_memory
+    layers = args.layers or layers_that_fit(total)
+    peak = gpu_peak_flops(device)
+    print(f"{device}, {total / 2**30:.0f} GiB: LLaMA-7B shape with {layers} of 32 layers "
+          f"(bf16 dense peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s)", flush=True)
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="chla-gpu-") as tmp:
+        for name in names:
+            result_file = Path(tmp) / f"{name}.json"
+            command = [sys.executable, __file__, "--config", name, "--layers", str(layers), "--steps",
+                       str(args.steps), "--warmup", str(args.warmup), "--result", str(result_file)]
+            done = subprocess.run(command)
+            if done.returncode != 0 or not result_file.exists():
+                lines.append(f"RESULT {name} failed=exit{done.returncode}")
+            else:
+                lines.append(report(json.loads(result_file.read_text()), peak))
+            print(lines[-1], flush=True)
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""`chla plan RECIPE [--set ...]`: per-device memory of every training stage, before queueing it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "plan"
+HELP = ("memory per device of every training stage (weights, gradients, optimizer states, activations) "
+        "against its GPUs, from config.json sizes; loads no model")
+ORDER = 15
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override any recipe key, as for chla submit (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from chla_launcher.plan import plan_recipe, render
+    from chla_launcher.recipe import load_recipe
+
+    # Inputs need not exist yet: planning reads only the model configs and tokenizers it finds.
+    recipe = load_recipe(args.recipe, args.overrides, check_inputs=False)
+    render(plan_recipe(recipe), sys.stdout)
+    return 0

@@ -1,0 +1,94 @@
+"""The chunked vocabulary projection + loss gives transformers' loss and gradients.
+
+fp32: the same to summation order (rel 1e-5). bf16: transformers' own arithmetic (logits in bf16,
+softmax in fp32, the gradient cast to bf16 before the matmuls), so the same up to bf16 rounding.
+Controls: a gradient with a target shifted by one position differs."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+import chla_train.token_loss as token_loss
+from chla_train.token_loss import ChunkedLinearCrossEntropy
+from chla_train.trainer import Trainer
+
+from ..helpers import trainer_stub
+
+
+def reference_loss(hidden, weight, targets):
+    """transformers' ForCausalLMLoss on already shifted targets, summed."""
+    return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_and_gradients_match_transformers(monkeypatch, dtype):
+    monkeypatch.setitem(token_loss.LOGITS_PER_CHUNK, "cpu", 3 * 500)  # 3 positions a chunk: 7 chunks
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(20, 16, generator=generator).to(dtype)
+    weight = (torch.randn(500, 16, generator=generator) * 0.5).to(dtype)
+    targets = torch.randint(0, 500, (20,), generator=generator)
+    results = []
+    for compute in (lambda h, w, t: ChunkedLinearCrossEntropy.apply(h, w, t), reference_loss):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = compute(h, w, targets)
+        (loss * 0.37).backward()  # the trainer scales the sum before backward
+        results.append((loss.detach(), h.grad.float(), w.grad.float()))
+    (chunked_loss, chunked_dh, chunked_dw), (loss, dh, dw) = results
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert chunked_loss.item() == pytest.approx(loss.item(), rel=1e-6 if dtype == torch.float32 else 1e-3)
+    assert torch.allclose(chunked_dh, dh, rtol=tolerance, atol=tolerance * dh.abs().max().item())
+    assert torch.allclose(chunked_dw, dw, rtol=tolerance, atol=tolerance * dw.abs().max().item())
+    # Control: one target moved gives another gradient.
+    moved = targets.clone()
+    moved[5] = (moved[5] + 1) % 500
+    h = hidden.clone().requires_grad_()
+    ChunkedLinearCrossEntropy.apply(h, weight, moved).backward()
+    assert not torch.allclose(h.grad.float() * 0.37, chunked_dh, rtol=tolerance, atol=tolerance * dh.abs().max().item())
+
+
+@pytest.mark.parametrize("labels_kind", ["pretrain", "sft"])
+def test_trainer_loss_and_adapter_gradients_match_transformers(labels_kind, monkeypatch):
+    """The trainer's forward on a LoRA model with embed_tokens/lm_head trained (PEFT's
+    modules_to_save wrapper in front of the projection) against transformers' own loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chla_train.model import apply_lora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = apply_lora(LlamaForCausalLM(config), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                       modules_to_save=["embed_tokens", "lm_head"], init_adapter=None, key_prefix="t", seed=1)
+    for name, param in model.named_parameters():  # LoRA B starts at 0: give it gradients that show
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(0, 300, size=(3, 24))
+    labels = input_ids.copy()
+    if labels_kind == "sft":
+        labels[:, :15] = -100
+    batch = {"input_ids": input_ids, "labels": labels}
+    trainer = trainer_stub(model)
+    chunked_calls = []
+    forward = ChunkedLinearCrossEntropy.forward
+    monkeypatch.setattr(ChunkedLinearCrossEntropy, "forward",
+                        staticmethod(lambda *args: chunked_calls.append(1) or forward(*args)))
+
+    gradients = []
+    for compute in (lambda: Trainer._forward(trainer, batch),
+                    lambda: model(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
+                                  num_items_in_batch=torch.ones(())).loss):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        gradients.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (reference, reference_grads) = gradients
+    assert chunked_calls == [1]  # the trainer's loss went through the chunked projection
+    assert loss == pytest.approx(reference, rel=1e-5)
+    assert grads.keys() == reference_grads.keys() and any("lm_head" in name for name in grads)
+    for name in grads:
+        assert torch.allclose(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6), name
+
