@@ -45,6 +45,7 @@ from typing import Callable
 
 from chla_launcher.atomic import replace_dir
 from chla_launcher.errors import ChlaError
+from chla_tools.hf_tokenizer import make_portable
 
 # torch is imported only once the merge needs it: `import torch` takes about a second, which the
 # kernel spends copying the unchanged tensors meanwhile (see _write_shards).
@@ -788,6 +789,7 @@ def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: list[str | os.Path
         for file_name in TOKENIZER_FILES:
             if (tokenizer_dir / file_name).is_file():
                 shutil.copy2(tokenizer_dir / file_name, tmp_dir / file_name)
+        make_portable(tmp_dir)  # an adapter saved by transformers 5 elsewhere loads in 4 too
         _write_json(tmp_dir / "chla_merge.json", {
             "base": str(base_dir), "adapters": [str(a.dir) for a in adapters],
             "tokenizer_from": str(tokenizer_dir), "dtype": dtype, "shard_size": shard_bytes})
