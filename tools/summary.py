@@ -65,6 +65,9 @@ def run(ctx) -> dict[str, Any]:
         summary["majority_baseline"] = task["majority_baseline"]
         summary["task_items"] = task["items"]
         summary["predictions"] = str(Path(params.task_results) / task["predictions"])
+        if results["task"].get("lm_eval"):  # lm-evaluation-harness on the same model (evaluate.lm_eval)
+            summary["lm_eval"] = {name: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "samples")}
+                                  for name, r in results["task"]["lm_eval"]["tasks"].items()}
     if results:
         sources = {**params.evaluations, "task": params.task_results}
         generations = {point: str(Path(sources[point]) / r["prompts"][name]["generations"])
@@ -123,6 +126,8 @@ def _markdown(summary: dict[str, Any]) -> str:
     if "sft_accuracy" in summary:
         lines += [f"Sentiment accuracy on {summary['task_items']} held-out reviews: "
                   f"{summary['sft_accuracy']:.3f} (majority baseline {summary['majority_baseline']:.3f})", ""]
+    for name, r in summary.get("lm_eval", {}).items():
+        lines += [f"lm-evaluation-harness {name}: acc {r['acc']:.3f} on {r['samples']} items", ""]
     for name, path in summary.get("plots", {}).items():
         lines.append(f"- plot {name}: {path}")
     return "\n".join(lines) + "\n"
