@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from chla_train import checkpoint as checkpoints
+from chla_train import tracking
 from chla_train.metrics import MetricsLog, peak_memory_mb
 
 Collate = Callable[[list[Any]], dict[str, np.ndarray]]
@@ -184,7 +185,9 @@ class Trainer:
         else:
             torch.manual_seed(params.seed)  # LoRA dropout masks: same seed, same run
             np.random.seed(params.seed)
-        metrics = MetricsLog(ctx.work_dir, enabled=self.rank == 0, resume_step=state["step"])
+        tracker = tracking.stage_tracker(ctx)
+        metrics = MetricsLog(ctx.work_dir, enabled=self.rank == 0, resume_step=state["step"],
+                             sinks=[tracker] if tracker else [])
         ctx.log(f"training {self.total_steps} steps; global batch {self.global_batch} = micro-batch "
                 f"{params.micro_batch_size} x accumulation {params.gradient_accumulation_steps} x "
                 f"{self.world_size} rank(s); ZeRO stage {params.zero_stage}")
