@@ -265,7 +265,8 @@ def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
                                         "generations": f"{GENERATIONS}/{name}.jsonl"}
     if (out_dir / "lm_eval.json").is_file():  # written by task 0 (chla_tools.lm_eval_backend)
         lm_eval = json.loads((out_dir / "lm_eval.json").read_text(encoding="utf-8"))
-        results["lm_eval"] = {key: lm_eval[key] for key in ("version", "num_fewshot", "limit", "tasks")}
+        results["lm_eval"] = {key: lm_eval[key] for key in ("version", "num_fewshot", "limit", "pair_tokenization",
+                                                            "tasks")}
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "results.md", results_markdown(results))
     log(f"evaluation results: {out_dir / 'results.json'}")
@@ -345,8 +346,6 @@ def _sources_of(params) -> list[Source]:
 
 def run(ctx) -> dict:
     """Entry of stage kind `evaluate`: this task's shard (all items when not an array)."""
-    from chla_tools.inference import load_for_inference
-
     params = ctx.params
     num_shards = max(ctx.num_tasks, 1)
     shard = max(ctx.task_index, 0)
@@ -358,6 +357,7 @@ def run(ctx) -> dict:
         tokenizer = load_tokenizer(find_tokenizer_dir(Path(params.model), []))
         loaded = (VllmGenerator.load(params.model, params.adapters, params.vllm, tokenizer), tokenizer)
     if params.lm_eval is not None and shard == 0:
+        from chla_tools.inference import load_for_inference
         from chla_tools.lm_eval_backend import run_lm_eval
 
         loaded = load_for_inference(params.model, params.adapters, log=ctx.log)

@@ -11,6 +11,16 @@ on three kinds of task:
   SFT trains with, the choices are the file's distinct outputs, and lm-eval picks the choice
   whose tokens have the highest log-likelihood after the prompt (its `acc`).
 
+How a (context, answer) pair becomes tokens (`pair_tokenization`): lm-eval's own way ("joint")
+encodes context + answer as one string and takes the tokens past the context's, after moving the
+context's trailing spaces into the answer; that is what published lm-eval scores use. chla's SFT
+(like the original project's) encodes the prompt and the answer separately, and SentencePiece's
+dummy prefix makes the boundary differ: the Alpaca prompt ends in "▁" and the answer starts with
+its own "▁", where the joint string has a single "▁正". A model tuned on the separate form, scored
+on the joint one, is scored on a sequence it never saw (the demo's SFT model: 0.480 joint against
+0.80 separate, below the 0.52 majority baseline). "separate" keeps lm-eval's HF backend and only
+encodes each part on its own, as lm-eval already does for seq2seq models.
+
 Nothing is fetched at run time: HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set while lm-eval runs,
 so a registry task's data must already be in the HF datasets cache of the nodes (load the task
 once where there is network, with HF_HOME on storage the nodes share).
@@ -92,6 +102,17 @@ def write_alpaca_task(path: str | os.PathLike[str], task_dir: Path, *, template:
     return name
 
 
+def _separate_pairs(hflm_class):
+    """lm-eval's HF backend, with the context and the continuation of a log-likelihood request
+    encoded each on its own (the context with BOS, as SFT's prompt; the continuation without)."""
+
+    class SeparatePairsHFLM(hflm_class):
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            return self.tok_encode(context), self.tok_encode(continuation, add_special_tokens=False)
+
+    return SeparatePairsHFLM
+
+
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in OFFLINE}
@@ -132,9 +153,10 @@ def run_lm_eval(model, tokenizer, spec, out_dir: str | os.PathLike[str], work_di
             raise ChlaError(f"lm_eval.tasks: no lm-eval task named {unknown[0]!r} (neither in lm-eval's "
                             f"registry nor in {', '.join(include)}); `lm_eval ls tasks` lists them")
         log(f"lm-eval {lm_eval.__version__}: {', '.join(tasks)} (num_fewshot {spec.num_fewshot}, "
-            f"limit {spec.limit})")
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True,
-                  max_length=int(getattr(model.config, "max_position_embeddings", 2048)))
+            f"limit {spec.limit}, {spec.pair_tokenization} pair tokenization)")
+        backend = HFLM if spec.pair_tokenization == "joint" else _separate_pairs(HFLM)
+        lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True,
+                     max_length=int(getattr(model.config, "max_position_embeddings", 2048)))
         try:
             output = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=spec.num_fewshot,
                                              limit=spec.limit, task_manager=manager, log_samples=True,
@@ -148,7 +170,7 @@ def run_lm_eval(model, tokenizer, spec, out_dir: str | os.PathLike[str], work_di
                             "downloaded at run time)") from None
 
     summary = {"version": lm_eval.__version__, "num_fewshot": spec.num_fewshot, "limit": spec.limit,
-               "tasks": {}}
+               "pair_tokenization": spec.pair_tokenization, "tasks": {}}
     for task, metrics in output["results"].items():
         entry = {"samples": output.get("n-samples", {}).get(task, {}).get("effective")}
         for key, value in metrics.items():

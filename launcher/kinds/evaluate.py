@@ -32,6 +32,9 @@ class LmEvalParams(StageParams):
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per item (default: the task's)")
     limit: int | float | None = Field(None, gt=0, description="items per task: a count, or a fraction if below 1")
     seed: int = Field(1234, description="lm-eval's seeds (few-shot sampling)")
+    pair_tokenization: Literal["joint", "separate"] = Field(
+        "joint", description="joint: lm-eval's own (context + answer encoded as one string; comparable "
+        "with published scores); separate: prompt and answer encoded each on its own, as chla's SFT trains")
 
     @field_validator("include_path", "alpaca_tasks")
     @classmethod

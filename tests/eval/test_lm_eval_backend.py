@@ -3,9 +3,9 @@ tokenizer and the demo's held-out sentiment reviews as a local multiple-choice t
 fetched: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE are set while it runs).
 
 lm-eval's per-item log-likelihoods are checked against a second computation written here with
-plain transformers: the choice's tokens after the Alpaca prompt, split the way lm-eval
-documents (context and context+choice encoded whole, the choice's tokens are the difference),
-summed log-softmax. The whole stage path (results.json, summary) runs in the demo chain test."""
+plain transformers: the choice's tokens after the Alpaca prompt, summed log-softmax; the tokens
+split as lm-eval documents it (context and context+choice encoded whole, the choice's tokens are
+the difference) or encoded separately, as SFT trains (pair_tokenization: separate). The whole stage path (results.json, summary) runs in the demo chain test."""
 
 from __future__ import annotations
 
@@ -26,24 +26,31 @@ def reviews(tmp_path_factory, demo_assets) -> Path:
     return path
 
 
-def own_loglikelihood(model, tokenizer, context: str, choice: str) -> float:
+def own_loglikelihood(model, tokenizer, prompt: str, choice: str, pair_tokenization: str) -> float:
     import torch
 
-    whole = tokenizer(context + choice)["input_ids"]
-    head = tokenizer(context)["input_ids"]
-    assert whole[:len(head)] == head
+    if pair_tokenization == "joint":
+        # lm-eval's rule: the prompt's trailing space moves into the answer, the pair is encoded
+        # whole and the answer's tokens are those past the prompt's
+        context, continuation = prompt.rstrip(), prompt[len(prompt.rstrip()):] + choice
+        whole, head = tokenizer(context + continuation)["input_ids"], tokenizer(context)["input_ids"]
+        assert whole[:len(head)] == head
+    else:  # as SFT builds its examples
+        head = tokenizer(prompt)["input_ids"]
+        whole = head + tokenizer(choice, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
     return float(sum(logits[position - 1, whole[position]] for position in range(len(head), len(whole))))
 
 
-def test_lm_eval_scores_the_alpaca_task_as_chla_would(tiny_chain, reviews, tmp_path):
+@pytest.mark.parametrize("pair_tokenization", ["joint", "separate"])
+def test_lm_eval_scores_the_alpaca_task_as_chla_would(tiny_chain, reviews, tmp_path, pair_tokenization):
     from chla_tools.inference import load_for_inference
     from chla_tools.lm_eval_backend import run_lm_eval
     from chla_tools.sft_data import format_prompt
 
     model, tokenizer = load_for_inference(tiny_chain["base"], [], log=lambda _m: None)
-    spec = LmEvalParams(alpaca_tasks=[str(reviews)], limit=8)
+    spec = LmEvalParams(alpaca_tasks=[str(reviews)], limit=8, pair_tokenization=pair_tokenization)
     summary = run_lm_eval(model, tokenizer, spec, tmp_path / "out", tmp_path / "work", batch_size=4,
                           log=lambda _m: None)
 
@@ -59,14 +66,12 @@ def test_lm_eval_scores_the_alpaca_task_as_chla_would(tiny_chain, reviews, tmp_p
         record = records[row["doc_id"]]
         assert row["target"] == choices.index(record["output"])
         prompt = format_prompt(record["instruction"], record["input"])
-        # lm-eval moves the prompt's trailing space into the continuation
-        mine = [own_loglikelihood(model, tokenizer, prompt.rstrip(), prompt[len(prompt.rstrip()):] + choice)
-                for choice in choices]
+        mine = [own_loglikelihood(model, tokenizer, prompt, choice, pair_tokenization) for choice in choices]
         assert row["loglikelihoods"] == pytest.approx(mine, abs=1e-3)
         correct += max(range(len(mine)), key=mine.__getitem__) == row["target"]
     assert task["acc"] == pytest.approx(correct / len(rows))
     saved = json.loads((tmp_path / "out" / "lm_eval.json").read_text())
-    assert saved["tasks"] == summary["tasks"] and saved["version"] == summary["version"]
+    assert saved["tasks"] == summary["tasks"] and saved["pair_tokenization"] == pair_tokenization
 
 
 def test_unknown_task_is_one_line(tiny_chain, tmp_path):
