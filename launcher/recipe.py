@@ -385,8 +385,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
 
 
 def _creatable(prefix: list[str]) -> bool:
-    """Blocks that --set may create: slurm, resources, vars and tracking (and anything inside those two), slurm.sbatch,
-    a stage's resources, and anything inside a stage's params (the kind's schema catches typos)."""
+    """Blocks that --set may create: slurm, resources, vars, tracking (and anything inside vars or
+    tracking), slurm.sbatch, a stage's resources, and anything inside a stage's params (the
+    kind's schema catches typos)."""
     if len(prefix) == 1:
         return prefix[0] in {"slurm", "resources", "vars", "tracking"}
     if prefix[0] in ("vars", "tracking"):
