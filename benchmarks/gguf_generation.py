@@ -8,7 +8,9 @@ f32 (with an f32 KV cache, llama.cpp's arithmetic is the closest to transformers
 file of the demo's `gguf` stage is checked tensor by tensor in the test suite). Prompts: the demo's
 general prompts and the first N held-out reviews, in the Alpaca template, each encoded once (BOS +
 SentencePiece ids) and given to both. Prints, per prompt set, how many prompts llama.cpp tokenises
-as SentencePiece does and how many greedy generations are equal.
+as SentencePiece does and how many greedy generations are equal; then, on held-out Chinese
+paragraphs, at how many positions the two agree on the most likely next token, and the largest
+difference of any logit.
 
 llama-cpp-python is not a chla dependency: build it from the same pinned sdist the export uses
 (~24 min on 2 cores), e.g.
@@ -53,6 +55,8 @@ def main() -> int:
     parser.add_argument("run_dir", nargs="?", default="runs/demo")
     parser.add_argument("--reviews", type=int, default=100, help="held-out reviews as prompts (default 100)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--paragraphs", type=int, default=20,
+                        help="held-out Chinese paragraphs: their openings continued, their logits compared")
     args = parser.parse_args()
     print_machine()
     try:
@@ -75,17 +79,21 @@ def main() -> int:
                if line.strip()]
     reviews = [format_prompt(r["instruction"], r["input"])
                for r in json.loads((demo / "sft_test.json").read_text())[:args.reviews]]
+    paragraphs = [line for line in (demo / "zh_heldout.txt").read_text(encoding="utf-8").splitlines()
+                  if line.strip()][:args.paragraphs]
+    openings = [paragraph[:24] for paragraph in paragraphs]  # raw text to continue, no template
     print(f"llama-cpp-python {llama_cpp.__version__}; model {model_dir}")
 
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "model-f32.gguf"
         export_gguf(model_dir, gguf, "f32", log=lambda _m: None)
         llm = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=2, n_batch=512, seed=0, verbose=False,
-                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+                              logits_all=True, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         tokenizer = load_tokenizer(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         print(f"{'prompts':<28} {'count':>5} {'same tokens':>12} {'same greedy':>12} {'hf s':>7} {'llama.cpp s':>12}")
-        for name, prompts in (("demo general prompts", general), ("held-out reviews", reviews)):
+        for name, prompts in (("demo general prompts", general), ("held-out reviews", reviews),
+                              ("Chinese openings, raw", openings)):
             same_tokens = same_generation = 0
             hf_seconds = cpp_seconds = 0.0
             for prompt in prompts:
@@ -103,6 +111,20 @@ def main() -> int:
                           f"llama.cpp {tokenizer.decode(got)!r}")
             print(f"{name:<28} {len(prompts):>5} {same_tokens:>12} {same_generation:>12} "
                   f"{hf_seconds:>7.1f} {cpp_seconds:>12.1f}")
+        positions = same_top1 = 0
+        largest = 0.0
+        for paragraph in paragraphs:
+            ids = encode(tokenizer, paragraph)[:256]
+            with torch.no_grad():
+                expected = model(torch.tensor([ids])).logits[0].float().numpy()
+            llm.reset()
+            llm.eval(ids)
+            got = llm.scores[:len(ids)]
+            positions += len(ids)
+            same_top1 += int((got.argmax(-1) == expected.argmax(-1)).sum())
+            largest = max(largest, float(abs(got - expected).max()))
+        print(f"teacher-forced logits on {len(paragraphs)} held-out paragraphs: top-1 equal at {same_top1:,} of "
+              f"{positions:,} positions, max |logit difference| {largest:.1e}")
     return 0
 
 
