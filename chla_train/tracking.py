@@ -9,7 +9,7 @@ asks (settings: chla_launcher.tracking).
              offline` writes everything under `dir` without network (`wandb sync` later).
 
 The chain's identity (its name for W&B's group, MLflow's experiment and parent run id) is made
-once, by the first stage that tracks, under a lock, in <run dir>/tracking.json. Each stage's own
+once, by the first stage that tracks, under a lock, in <run dir>/.chla/tracking.json. Each stage's own
 run ids are kept in its work dir, so a requeued or resumed attempt continues the same run.
 
 Tracking never fails a stage: the first error of a backend is one warning line in the stage's
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from chla_launcher.atomic import read_json, write_json
+from chla_launcher.rundir import RunDir
 
-CHAIN_FILE = "tracking.json"
 STAGE_FILE = "tracking_runs.json"
 # A tracking server that does not answer must cost a stage seconds, not MLflow's default minutes
 # of retries (7 retries, backoff factor 2, 120 s timeout). Settings in the environment win.
@@ -159,8 +159,8 @@ class StageTracker:
 def _chain_identity(run_dir: Path, recipe_name: str) -> dict[str, Any]:
     """<run dir>/tracking.json, made by the first stage that tracks (the lock: several stages of
     one chain may start at once)."""
-    path = Path(run_dir) / CHAIN_FILE
-    with open(Path(run_dir) / ".tracking.lock", "a") as lock:
+    path, lock_path = _chain_files(run_dir)
+    with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         chain = read_json(path, None)
         if chain is None:
@@ -168,6 +168,13 @@ def _chain_identity(run_dir: Path, recipe_name: str) -> dict[str, Any]:
             write_json(path, chain)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return chain
+
+
+def _chain_files(run_dir: Path) -> tuple[Path, Path]:
+    """(tracking.json, its lock) in the run directory's own bookkeeping directory."""
+    control = RunDir(run_dir).control_dir
+    control.mkdir(parents=True, exist_ok=True)
+    return control / "tracking.json", control / "tracking.lock"
 
 
 class _Backend:
@@ -232,9 +239,10 @@ class _MlflowBackend(_Backend):
 
     def _parent_run(self, experiment_id: str) -> str:
         key = f"mlflow_parent_run:{self.settings.tracking_uri}:{experiment_id}"
-        with open(Path(self.ctx.run_dir) / ".tracking.lock", "a") as lock:
+        path, lock_path = _chain_files(self.ctx.run_dir)
+        with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            chain = read_json(Path(self.ctx.run_dir) / CHAIN_FILE, {}) or {}
+            chain = read_json(path, {}) or {}
             if key not in chain:
                 from mlflow.entities import Param
 
@@ -245,7 +253,7 @@ class _MlflowBackend(_Backend):
                     Param("recipe", self.ctx.recipe.name), Param("stages", str(len(self.ctx.recipe.stages))),
                     Param("executor", self.ctx.recipe.model.executor)])
                 chain[key] = run.info.run_id
-                write_json(Path(self.ctx.run_dir) / CHAIN_FILE, chain)
+                write_json(path, chain)
             fcntl.flock(lock, fcntl.LOCK_UN)
         return chain[key]
 
