@@ -81,7 +81,8 @@ class ProgressWriter:
         self.progress = TaskProgress(stage=stage, task=max(task, 0), done=start_done, total=total, unit=unit,
                                      started=now, updated=now, start_done=start_done)
         self._written = 0.0
-        self._flush()
+        if total:  # a writer that learns its total later writes with its first update
+            self._flush()
 
     def update(self, done: float, total: float | None = None, **figures: Any) -> None:
         self.progress.done = done
@@ -120,3 +121,46 @@ def read_progress(stage_dir: str | Path) -> list[TaskProgress]:
         except (OSError, ValueError, TypeError):
             continue
     return found
+
+
+class ProgressDisplay:
+    """Live rich bars for the tasks of one running stage (the local executor, on a terminal):
+    `refresh()` from the executor's wait loop reads the stage's progress files (at most every
+    MIN_INTERVAL_S) and redraws; `close()` leaves the last state on screen. Off a terminal it
+    draws nothing: the job logs keep their own periodic lines."""
+
+    def __init__(self, stage_dir: str | Path, stage: str, out, *, array: bool = False,
+                 since: float | None = None) -> None:
+        self.stage_dir, self.stage, self.array = Path(stage_dir), stage, array
+        self.since = time.time() if since is None else since  # older files are an earlier attempt's
+        self._bars: dict[int, Any] = {}
+        self._read = 0.0
+        self._progress = None
+        if getattr(out, "isatty", lambda: False)():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self._progress = Progress(TextColumn("    {task.description}"), BarColumn(bar_width=30),
+                                      TextColumn("{task.fields[detail]}"),
+                                      console=Console(file=out), transient=False, auto_refresh=False)
+            self._progress.start()
+
+    def refresh(self, force: bool = False) -> None:
+        if self._progress is None or (not force and time.time() - self._read < MIN_INTERVAL_S):
+            return
+        self._read = time.time()
+        for task in read_progress(self.stage_dir):
+            if task.updated < self.since:
+                continue
+            if task.task not in self._bars:
+                name = f"{self.stage} task {task.task}" if self.array else self.stage
+                self._bars[task.task] = self._progress.add_task(name, total=max(task.total, 1), detail="")
+            self._progress.update(self._bars[task.task], completed=task.done, total=max(task.total, 1),
+                                  detail=task.describe())
+        self._progress.refresh()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self.refresh(force=True)
+            self._progress.stop()
+            self._progress = None

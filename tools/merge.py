@@ -868,5 +868,8 @@ def run(ctx) -> dict:
     """Entry of stage kind `merge` (chla_launcher.kinds.merge)."""
     params = ctx.params
     progress = progress_writer(ctx, total=0, unit="bytes")
-    return merge_adapters(params.base, params.adapters, ctx.out_dir, shard_size=params.shard_size,
-                          dtype=params.dtype, log=ctx.log, progress=progress.update if progress else None)
+    summary = merge_adapters(params.base, params.adapters, ctx.out_dir, shard_size=params.shard_size,
+                             dtype=params.dtype, log=ctx.log, progress=progress.update if progress else None)
+    if progress is not None:
+        progress.close()
+    return summary

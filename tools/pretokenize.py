@@ -961,6 +961,8 @@ def run(ctx) -> dict:
     result = run_task(list(params.inputs), params.tokenizer, ctx.out_dir, task_index, num_tasks, options,
                       layout, params.cache_dir, params.workers, params.block_size, ctx.log,
                       progress=progress.update if progress else None)
+    if progress is not None:
+        progress.close()
     if num_tasks == 1:  # no separate finalize step runs for a single task
         manifest = finalize_corpus(ctx.out_dir, 1, ctx.log)
         result["total_tokens"] = manifest["totals"]["tokens"]
