@@ -37,7 +37,7 @@ STAGE_FILE = "tracking_runs.json"
 _MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
-_trackers: dict[tuple[str, str], "StageTracker"] = {}
+_trackers: dict[tuple[str, str], "StageTracker | None"] = {}
 
 
 def stage_tracker(ctx) -> "StageTracker | None":
@@ -48,7 +48,11 @@ def stage_tracker(ctx) -> "StageTracker | None":
         return None
     key = (str(ctx.run_dir), ctx.stage)
     if key not in _trackers:
-        _trackers[key] = StageTracker(ctx, settings)
+        try:
+            _trackers[key] = StageTracker(ctx, settings)
+        except OSError as error:  # the chain's tracking file: tracking never fails a stage
+            ctx.log(f"warning: tracking off for this stage ({type(error).__name__}: {error})")
+            _trackers[key] = None
     return _trackers[key]
 
 
