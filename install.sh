@@ -3,8 +3,9 @@
 # cluster install the cluster's torch build into the venv first and this script keeps it), then
 # chla with the training stack under constraints.txt so nothing replaces torch.
 #   bash install.sh           the launcher and the training stack (what the demo needs)
-#   bash install.sh --test    also the test tools and the Debian packages the tests use
-#                             (Slurm, munge, MariaDB, OpenSSH; needs root)
+#   bash install.sh --test    also the test tools, the Debian packages the tests use (Slurm,
+#                             munge, MariaDB, OpenSSH; needs root) and transformers 4 beside
+#                             the venv's 5 (.venv/transformers4)
 set -euo pipefail
 cd "$(dirname "$0")"
 with_tests=0
@@ -36,7 +37,21 @@ fi
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     .venv/bin/python -m pip install -q "$(grep '^torch==' constraints.txt)"
 fi
-extras="train,remote"
-[ "$with_tests" = 1 ] && extras="$extras,test"
+extras="train,remote,gguf,lm-eval"
+[ "$with_tests" = 1 ] && extras="$extras,tracking,test"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+# llama.cpp's GGUF converter (pinned llama-cpp-python sdist, sha256-checked) into the chla cache,
+# so that `export` stages and the demo run without a download.
+.venv/bin/python -c 'from chla_tools.gguf_export import converter_dir; converter_dir()'
+if [ "$with_tests" = 1 ]; then
+    # transformers 4 for the test that loads chla's folders with both major versions: only the
+    # packages that differ, torch and the rest shared with the venv (tests/transformers4-requirements.txt).
+    side=.venv/transformers4
+    if ! cmp -s tests/transformers4-requirements.txt "$side/requirements.txt"; then
+        rm -rf "$side" "$side.tmp"
+        .venv/bin/python -m pip install -q --no-deps --target "$side.tmp" -r tests/transformers4-requirements.txt
+        cp tests/transformers4-requirements.txt "$side.tmp/requirements.txt"
+        mv "$side.tmp" "$side"
+    fi
+fi
 echo "install.sh: chla installed in $(pwd)/.venv ($(.venv/bin/chla --version))"

@@ -30,6 +30,7 @@ from chla_launcher.errors import ChlaError
 from chla_launcher.kinds import import_entry
 from chla_launcher.recipe import ResolvedRecipe, load_frozen
 from chla_launcher.rundir import COMPLETED, FAILED, PENDING, RUNNING, STALE, RunDir, now
+from chla_train import tracking
 from chla_train.context import Preempted, StageContext
 from chla_train.distributed import DistributedEnv
 from chla_train.preemption import StopSignals
@@ -175,6 +176,8 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
                 run.update_state(stage_name, state_task, status=FAILED, finished_at=now(),
                                  elapsed_s=round(time.time() - started, 3),
                                  error=str(disk_full) if disk_full else _one_line(error))
+                if not is_array:
+                    tracking.stage_failed(ctx)
         except OSError:
             if disk_full is None:
                 raise
@@ -209,6 +212,7 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
         run.update_state(stage_name, status=COMPLETED, finished_at=now(), elapsed_s=elapsed,
                          metrics=metrics, hosts=hosts)
         run.mark_done(stage_name, fingerprint)  # last
+        tracking.stage_finished(ctx, metrics)
     ctx.log(f"done in {elapsed:.1f}s")
     return metrics
 
@@ -317,6 +321,8 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
     run.update_state(stage_name, status=COMPLETED, finished_at=now(), metrics=metrics,
                      fingerprint=fingerprint, elapsed_s=_span_seconds(task_states))
     run.mark_done(stage_name, fingerprint)  # last
+    if stage.kind.finalize:
+        tracking.stage_finished(ctx, metrics)
     return metrics
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from chla_launcher.atomic import replace_dir, write_text
+from chla_tools.hf_tokenizer import save_tokenizer
 from chla_train.model import merge_new_rows_state_dict
 
 
@@ -85,15 +86,6 @@ def save_model(trainer, tokenizer, out_dir: Path, facts: dict[str, Any]) -> Path
         replace_dir(tmp, target)
     dist.barrier()
     return target if trainer.rank == 0 else None
-
-
-def save_tokenizer(tokenizer, directory: Path) -> None:
-    """HF files plus the raw SentencePiece model (the project's tokenizer format has both;
-    transformers 5 writes only tokenizer.json)."""
-    tokenizer.save_pretrained(str(directory))
-    source = Path(tokenizer.name_or_path) / "tokenizer.model"
-    if source.is_file() and not (directory / "tokenizer.model").exists():
-        shutil.copyfile(source, directory / "tokenizer.model")
 
 
 def _fresh_tmp(target: Path) -> Path:

@@ -40,8 +40,10 @@ def parse_record(line: str) -> dict[str, Any] | None:
 class MetricsLog:
     """Written by rank 0 only; other ranks get a MetricsLog with enabled=False."""
 
-    def __init__(self, work_dir: Path, *, enabled: bool, resume_step: int) -> None:
+    def __init__(self, work_dir: Path, *, enabled: bool, resume_step: int, sinks: list | None = None) -> None:
         self.enabled = enabled
+        # Also told every record: experiment trackers (chla_train.tracking), progress bars.
+        self.sinks = list(sinks or [])
         self.jsonl = Path(work_dir) / "metrics.jsonl"
         self.tb_dir = Path(work_dir) / "tb"
         self._tb = None
@@ -70,6 +72,8 @@ class MetricsLog:
             return
         with self.jsonl.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log_metrics(record)
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():

@@ -41,7 +41,9 @@ import torch
 import torch.distributed as dist
 
 from chla_launcher.errors import ChlaError
+from chla_launcher.progress import progress_writer
 from chla_train import checkpoint as checkpoints
+from chla_train import tracking
 from chla_train.metrics import MetricsLog, peak_memory_mb
 from chla_train.model import full_shape
 from chla_train.packed_attention import packed_attention_inputs
@@ -291,7 +293,10 @@ class Trainer:
         else:
             torch.manual_seed(params.seed)  # LoRA dropout masks: same seed, same run
             np.random.seed(params.seed)
-        metrics = MetricsLog(ctx.work_dir, enabled=self.rank == 0, resume_step=state["step"])
+        tracker = tracking.stage_tracker(ctx)
+        metrics = MetricsLog(ctx.work_dir, enabled=self.rank == 0, resume_step=state["step"],
+                             sinks=[tracker] if tracker else [])
+        progress = progress_writer(ctx, total=self.total_steps, unit="steps", start_done=state["step"])
         ctx.log(f"training {self.total_steps} steps; global batch {self.global_batch} = micro-batch "
                 f"{params.micro_batch_size} x accumulation {params.gradient_accumulation_steps} x "
                 f"{self.world_size} rank(s); ZeRO stage {params.zero_stage}")
@@ -308,7 +313,7 @@ class Trainer:
         samples = iter(sampler)
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
         started = time.perf_counter() - state["elapsed_s"]
-        train_loss = eval_loss = None
+        train_loss = eval_loss = throughput = None
         self.engine.train()
         while state["step"] < self.total_steps:
             loss, tokens, preempt = self.optimizer_step(samples)
@@ -337,6 +342,9 @@ class Trainer:
                 self._log(f"step {step}/{self.total_steps} loss {train_loss:.4f} lr {record['lr']:.2e} "
                         f"{record['tokens_per_s']:.0f} tok/s")
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+                throughput = record["tokens_per_s"]
+            if progress is not None:  # the live bars and `chla status --watch`
+                progress.update(step, loss=train_loss, tokens_per_s=throughput)
             if params.eval_steps and self.has_validation and (step % params.eval_steps == 0 or last):
                 eval_loss = self.evaluate()
                 metrics.write({"step": step, "eval_loss": eval_loss})
@@ -352,6 +360,8 @@ class Trainer:
                 metrics.close()
                 ctx.requeue_and_exit()
         self.metrics = metrics
+        if progress is not None:
+            progress.close()
         elapsed = state["elapsed_s"]
         return TrainResult(step=state["step"], tokens_seen=state["tokens_seen"],
                            samples_seen=state["samples_seen"], train_loss=train_loss, eval_loss=eval_loss,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RecipeError
 from .kinds import StageKind, get_kind, input_path_fields, input_path_values, map_input_paths, registry
 from .rundir import RESERVED_NAMES
+from .tracking import TrackingSettings, refuse_credentials
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -189,6 +190,8 @@ class RecipeModel(_Strict):
     resources: Resources = Field(default_factory=Resources)
     vars: dict[str, Any] = Field(default_factory=dict)
     stages: dict[str, StageSpec] = Field(min_length=1)
+    # Experiment tracking (MLflow, W&B) of every stage; see chla_launcher.tracking.
+    tracking: TrackingSettings | None = None
 
     @field_validator("name")
     @classmethod
@@ -386,11 +389,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
 
 
 def _creatable(prefix: list[str]) -> bool:
-    """Blocks that --set may create: slurm, resources, vars (and anything inside vars), slurm.sbatch,
-    a stage's resources, and anything inside a stage's params (the kind's schema catches typos)."""
+    """Blocks that --set may create: slurm, resources, vars, tracking (and anything inside vars or
+    tracking), slurm.sbatch, a stage's resources, and anything inside a stage's params (the
+    kind's schema catches typos)."""
     if len(prefix) == 1:
-        return prefix[0] in {"slurm", "resources", "vars"}
-    if prefix[0] == "vars":
+        return prefix[0] in {"slurm", "resources", "vars", "tracking"}
+    if prefix[0] in ("vars", "tracking"):
         return True
     if len(prefix) == 2 and prefix[0] == "slurm":
         return prefix[1] == "sbatch"
@@ -472,6 +476,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     if not isinstance(data, dict):
         raise RecipeError("the recipe must be a mapping with `name:` and `stages:`", file=source, line=1)
     apply_overrides(data, list(overrides or []), source)
+    refuse_credentials(data, source, lambda path: _line_for(lines, path))
     if run_dir is not None:
         data["run_dir"] = run_dir
     return resolve(data, source, lines, check_inputs=check_inputs, cwd=cwd, interpolate=interpolate)

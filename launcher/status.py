@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from .errors import ChlaError
 from .executors import executor_named
+from .progress import read_progress
 from .rundir import (CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED, STALE, UNKNOWN, RunDir)
 
 TERMINAL = {COMPLETED, FAILED, CANCELLED, SKIPPED}
@@ -27,6 +28,7 @@ class StageStatus:
     reason: str = ""
     log: str = ""
     log_tail: list[str] = field(default_factory=list)
+    progress: str = ""  # a running stage's tasks: "step 120/240 loss 3.21 4,512 tok/s ETA 0:01:02"
 
 
 def collect(run: RunDir) -> list[StageStatus]:
@@ -76,6 +78,8 @@ def collect(run: RunDir) -> list[StageStatus]:
         if status.state in (FAILED, CANCELLED):
             status.reason = status.reason or state.get("error") or ""
             status.log, status.log_tail = _failure_log(run, name, status)
+        if status.state == RUNNING:
+            status.progress = _progress(run, name, array is not None)
         result.append(status)
     return result
 
@@ -97,6 +101,28 @@ def _failure_log(run: RunDir, stage: str, status: StageStatus, lines: int = 8) -
     return str(newest), text[-lines:]
 
 
+def _progress(run: RunDir, stage: str, array: bool) -> str:
+    """What the stage's running tasks last reported (chla_launcher.progress); a file older than the
+    task's current attempt is an earlier attempt's and says nothing."""
+    reports = []
+    for task in read_progress(run.stage_dir(stage)):
+        state = run.read_state(stage, task.task) if array else run.read_state(stage)
+        started = _epoch(state.get("started_at"))
+        if started is not None and task.updated < started:
+            continue
+        reports.append(f"task {task.task}: {task.describe()}" if array else task.describe())
+    return "; ".join(reports)
+
+
+def _epoch(stamp: str | None) -> float | None:
+    from datetime import datetime
+
+    try:
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp() if stamp else None
+    except ValueError:
+        return None
+
+
 def _seconds(value: float) -> str:
     value = int(round(float(value)))
     return f"{value // 3600:d}:{value % 3600 // 60:02d}:{value % 60:02d}"
@@ -111,14 +137,20 @@ def render_status(run: RunDir, out: TextIO = sys.stdout, statuses: list[StageSta
     name, executor = (chain.name, chain.executor) if chain else (run.path.name, "?")
     console = Console(file=out, width=max(100, Console().width), highlight=False, soft_wrap=True)
     table = Table(title=f"{name} ({executor}) {run.path}", title_justify="left")
-    for column in ("stage", "kind", "state", "jobs", "tasks", "elapsed", "restarts", "reason"):
+    columns = ["stage", "kind", "state", "jobs", "tasks", "elapsed", "restarts", "reason"]
+    if any(status.progress for status in statuses):
+        columns.append("progress")
+    for column in columns:
         table.add_column(column, overflow="fold")
     colors = {COMPLETED: "green", FAILED: "red", CANCELLED: "yellow", RUNNING: "cyan"}
     for status in statuses:
         tasks = f"{status.tasks_done}/{status.tasks_total}" if status.tasks_total else ""
         style = colors.get(status.state, "")
-        table.add_row(status.stage, status.kind, f"[{style}]{status.state}[/]" if style else status.state,
-                      ",".join(status.job_ids), tasks, status.elapsed, str(status.restarts), status.reason)
+        row = [status.stage, status.kind, f"[{style}]{status.state}[/]" if style else status.state,
+               ",".join(status.job_ids), tasks, status.elapsed, str(status.restarts), status.reason]
+        if "progress" in columns:
+            row.append(status.progress)
+        table.add_row(*row)
     console.print(table)
     for status in statuses:
         if status.log_tail:

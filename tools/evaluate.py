@@ -195,6 +195,8 @@ def generate_all(model, tokenizer, prompts: list[str], *, batch_size: int, max_n
     """Greedy answers to `prompts`, in their order, generated in batches of similar length."""
     from chla_tools.inference import generate_batch
 
+    if hasattr(model, "generate_texts"):  # chla_tools.vllm_backend: it batches by itself
+        return model.generate_texts(prompts, max_new_tokens=max_new_tokens)
     order = longest_first(prompts)
     outputs: list[str] = [""] * len(prompts)
     last = time.monotonic()
@@ -226,7 +228,7 @@ def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard
     # Fail fast, before the model. `max_items` keeps the first N lines/records of every input.
     items = {source.name: load_items(source)[:max_items] for source in sources}
     model, tokenizer = loaded or load_for_inference(model_dir, adapters, log=log)
-    block = block_size or int(getattr(model.config, "max_position_embeddings", 2048))
+    block = block_size or int(getattr(getattr(model, "config", None), "max_position_embeddings", 2048))
     if block < 2:
         raise ChlaError(f"block_size {block} is too small; it must be at least 2")
     partials = Path(out_dir) / PARTIALS
@@ -367,6 +369,10 @@ def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
         else:
             results["prompts"][name] = {"path": entry["path"], "items": items,
                                         "generations": f"{GENERATIONS}/{name}.jsonl"}
+    if (out_dir / "lm_eval.json").is_file():  # written by task 0 (chla_tools.lm_eval_backend)
+        lm_eval = json.loads((out_dir / "lm_eval.json").read_text(encoding="utf-8"))
+        results["lm_eval"] = {key: lm_eval[key] for key in ("version", "num_fewshot", "limit", "pair_tokenization",
+                                                            "tasks")}
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "results.md", results_markdown(results))
     log(f"evaluation results: {out_dir / 'results.json'}")
@@ -392,6 +398,13 @@ def results_markdown(results: dict) -> str:
             for system in r["systems"].values():
                 lines.append(f"| {name} | {r['items']} | {r['metric_label']} | {system['label']} | "
                              f"{system['role']} | {system[r['metric']]:.4f} |")
+        lines.append("")
+    if results.get("lm_eval"):
+        lines += [f"## lm-evaluation-harness {results['lm_eval']['version']}", "",
+                  "| task | samples | metric | value |", "|---|---:|---|---:|"]
+        for name, r in results["lm_eval"]["tasks"].items():
+            lines += [f"| {name} | {r.get('samples')} | {metric} | {value:.4f} |" for metric, value in r.items()
+                      if metric != "samples" and isinstance(value, float)]
         lines.append("")
     if results["prompts"]:
         lines += ["## Generations", ""]
@@ -433,6 +446,8 @@ def evaluate(model_dir, adapters, out_dir, *, ppl=(), tasks=(), prompts=(), shar
 
 
 def _sources_of(params) -> list[Source]:
+    if not (params.ppl or params.tasks or params.prompts):
+        return []  # lm_eval only
     return evaluation_sources(params.ppl, params.tasks, params.prompts)
 
 
@@ -441,10 +456,24 @@ def run(ctx) -> dict:
     params = ctx.params
     num_shards = max(ctx.num_tasks, 1)
     shard = max(ctx.task_index, 0)
+    loaded = None
+    if params.backend == "vllm":
+        from chla_tools.inference import find_tokenizer_dir, load_tokenizer
+        from chla_tools.vllm_backend import VllmGenerator
+
+        tokenizer = load_tokenizer(find_tokenizer_dir(Path(params.model), []))
+        loaded = (VllmGenerator.load(params.model, params.adapters, params.vllm, tokenizer), tokenizer)
+    if params.lm_eval is not None and shard == 0:
+        from chla_tools.inference import load_for_inference
+        from chla_tools.lm_eval_backend import run_lm_eval
+
+        loaded = load_for_inference(params.model, params.adapters, log=ctx.log)
+        run_lm_eval(*loaded, params.lm_eval, ctx.out_dir, ctx.work_dir,
+                    batch_size=params.batch_size, template=params.template, log=ctx.log)
     evaluate_shard(params.model, params.adapters, ctx.out_dir, sources=_sources_of(params), shard=shard,
                    num_shards=num_shards, batch_size=params.batch_size, max_new_tokens=params.max_new_tokens,
                    block_size=params.block_size, template=params.template, log=ctx.log,
-                   max_items=params.max_items)
+                   max_items=params.max_items, loaded=loaded)
     return {"shard": shard}  # finalize aggregates, after one task or many
 
 
@@ -463,4 +492,7 @@ def _headline(results: dict) -> dict:
             headline[f"{name}.{system}.{r['metric']}"] = round(figures[r["metric"]], 4)
     for name, r in results["prompts"].items():
         headline[f"{name}.generations"] = r["items"]
+    for name, r in results.get("lm_eval", {}).get("tasks", {}).items():
+        headline.update({f"lm_eval.{name}.{metric}": round(value, 4) for metric, value in r.items()
+                         if metric in ("acc", "acc_norm")})
     return headline

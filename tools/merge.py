@@ -51,6 +51,8 @@ from typing import Callable
 
 from chla_launcher.atomic import replace_dir
 from chla_launcher.errors import ChlaError
+from chla_launcher.progress import progress_writer
+from chla_tools.hf_tokenizer import make_portable
 
 # torch is imported only once the merge needs it: `import torch` takes about a second, which the
 # kernel spends copying the unchanged tensors meanwhile (see _write_shards).
@@ -666,7 +668,8 @@ def _header_bytes(group: list[PlannedTensor]) -> bytes:
 
 
 def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTensor]], base: Checkpoint,
-                  adapters: list["Adapter"], total_bytes: int, log: Log) -> dict[str, str]:
+                  adapters: list["Adapter"], total_bytes: int, log: Log,
+                  report: Callable[[int], None] | None = None) -> dict[str, str]:
     """Write every output shard into tmp_dir; returns the weight map (tensor name -> file name).
 
     Each tensor goes one of three ways. Bytes no adapter changes are copied file to file inside
@@ -736,7 +739,7 @@ def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTens
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                progress = _Progress(total_bytes, log)
+                progress = _Progress(total_bytes, log, report)
                 scratch = Scratch()
                 for item, out_fd, offset in whole:
                     tensor = merged_tensor(item, base, adapters, scratch)
@@ -759,11 +762,14 @@ def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTens
 
 
 class _Progress:
-    def __init__(self, total_bytes: int, log: Log) -> None:
+    def __init__(self, total_bytes: int, log: Log, report: Callable[[int], None] | None = None) -> None:
         self.total, self.done, self.log, self.last = total_bytes, 0, log, time.monotonic()
+        self.report = report  # merged bytes so far, for the live bars (chla_launcher.progress)
 
     def add(self, nbytes: int) -> None:
         self.done += nbytes
+        if self.report is not None:
+            self.report(self.done)
         if time.monotonic() - self.last > 10:
             self.log(f"merge: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB merged")
             self.last = time.monotonic()
@@ -834,10 +840,12 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
 
 
 def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
-                   shard_size: str | int = "5GB", dtype: str | None = None, log: Log = print) -> dict:
+                   shard_size: str | int = "5GB", dtype: str | None = None, log: Log = print,
+                   progress: Callable[..., None] | None = None) -> dict:
     """Merge `adapter_dirs` (in order) into the model at `base_dir`; write an HF model to `out_dir`.
 
-    Returns a summary (tensors, bytes, shards, vocab size, seconds).
+    Returns a summary (tensors, bytes, shards, vocab size, seconds). `progress(done, total=...)` is
+    told the merged bytes as they are written.
     """
     started = time.monotonic()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -869,7 +877,10 @@ def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: list[str | os.Path
     try:
         names = (["model.safetensors"] if len(groups) == 1 else
                  [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-        weight_map = _write_shards(tmp_dir, names, groups, base, adapters, total_bytes, log)
+        report = (lambda done: progress(done, total=total_bytes)) if progress else None
+        weight_map = _write_shards(tmp_dir, names, groups, base, adapters, total_bytes, log, report)
+        if progress is not None:
+            progress(total_bytes, total=total_bytes)
         if len(groups) > 1:
             _write_json(tmp_dir / "model.safetensors.index.json",
                         {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
@@ -886,6 +897,7 @@ def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: list[str | os.Path
         for file_name in TOKENIZER_FILES:
             if (tokenizer_dir / file_name).is_file():
                 shutil.copy2(tokenizer_dir / file_name, tmp_dir / file_name)
+        make_portable(tmp_dir)  # an adapter saved by transformers 5 elsewhere loads in 4 too
         _write_json(tmp_dir / "chla_merge.json", {
             "base": str(base_dir), "adapters": [str(a.dir) for a in adapters],
             "tokenizer_from": str(tokenizer_dir), "dtype": dtype, "shard_size": shard_bytes})
@@ -953,5 +965,9 @@ def _write_json(path: Path, obj) -> None:
 def run(ctx) -> dict:
     """Entry of stage kind `merge` (chla_launcher.kinds.merge)."""
     params = ctx.params
-    return merge_adapters(params.base, params.adapters, ctx.out_dir, shard_size=params.shard_size,
-                          dtype=params.dtype, log=ctx.log)
+    progress = progress_writer(ctx, total=0, unit="bytes")
+    summary = merge_adapters(params.base, params.adapters, ctx.out_dir, shard_size=params.shard_size,
+                             dtype=params.dtype, log=ctx.log, progress=progress.update if progress else None)
+    if progress is not None:
+        progress.close()
+    return summary

@@ -59,6 +59,7 @@ import numpy as np
 
 from chla_launcher.atomic import read_json, write_json
 from chla_launcher.errors import ChlaError
+from chla_launcher.progress import progress_writer
 
 FORMAT_VERSION = "chla-pretokenized-v1"
 MANIFEST = "manifest.json"
@@ -751,9 +752,11 @@ class _WorkerPool:
 def run_task(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, task_index: int = 0,
              num_tasks: int = 1, options: PretokenizeOptions = PretokenizeOptions(),
              layout: Layout = Layout(), cache_dir: str | Path | None = None, workers: int | None = None,
-             block_size: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+             block_size: int | None = None, log: Callable[[str], None] = print,
+             progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """Tokenize this task's share of the pieces (from the cache where possible) and publish them
-    as shards in out_dir, plus tasks/task-T-of-N.json for finalize."""
+    as shards in out_dir, plus tasks/task-T-of-N.json for finalize. `progress(done, total=...)`
+    is told after every piece."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -801,6 +804,8 @@ def run_task(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
                           encoder=counts["encoder"], bad=counts["bad"], bad_where=counts.get("bad_where", {}),
                           cache_key=key)
             shards.append(record)
+            if progress is not None:
+                progress(number + 1, total=len(pieces))
             if tokenized and (number + 1) % 10 == 0:
                 log(f"{number + 1}/{len(pieces)} pieces ({tokenized} tokenized, {reused} from cache)")
     except BaseException:
@@ -968,8 +973,12 @@ def run(ctx) -> dict:
     options, layout = _from_params(params)
     num_tasks = max(1, ctx.num_tasks)
     task_index = max(0, ctx.task_index)
+    progress = progress_writer(ctx, total=0, unit="pieces")
     result = run_task(list(params.inputs), params.tokenizer, ctx.out_dir, task_index, num_tasks, options,
-                      layout, params.cache_dir, params.workers, params.block_size, ctx.log)
+                      layout, params.cache_dir, params.workers, params.block_size, ctx.log,
+                      progress=progress.update if progress else None)
+    if progress is not None:
+        progress.close()
     if num_tasks == 1:  # no separate finalize step runs for a single task
         manifest = finalize_corpus(ctx.out_dir, 1, ctx.log)
         result["total_tokens"] = manifest["totals"]["tokens"]

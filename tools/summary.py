@@ -68,6 +68,9 @@ def run(ctx) -> dict[str, Any]:
             summary["task_items"] = task["items"]
             summary["predictions"] = str(Path(params.task_results) / task["predictions"])
         summary["tasks"] = {name: _task_row(task, Path(params.task_results)) for name, task in evaluated.items()}
+        if results["task"].get("lm_eval"):  # lm-evaluation-harness on the same model (evaluate.lm_eval)
+            summary["lm_eval"] = {name: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "samples")}
+                                  for name, r in results["task"]["lm_eval"]["tasks"].items()}
     if results:
         sources = {**params.evaluations, "task": params.task_results}
         generations = {point: str(Path(sources[point]) / r["prompts"][name]["generations"])
@@ -168,6 +171,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         lines += [f"| prompt | the {point} model's answer |", "|---|---|"]
         lines += [f"| {_cell(row['prompt'])} | {_cell(row['generation'])} |" for row in rows]
         lines.append("")
+    for name, r in summary.get("lm_eval", {}).items():
+        lines += [f"lm-evaluation-harness {name}: acc {r['acc']:.3f} on {r['samples']} items", ""]
     for name, path in summary.get("plots", {}).items():
         lines.append(f"- plot {name}: {path}")
     return "\n".join(lines) + "\n"

@@ -70,20 +70,43 @@ def train_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 4), squeeze=False)
     for ax, (stage, path) in zip(axes[0], stages.items()):
-        train, evals = read_metrics(path)
-        if train:
-            ax.plot(*zip(*train), label="train loss", color="tab:blue")
-        if evals:
-            ax.plot(*zip(*evals), "o--", label="validation loss", color="tab:orange")
-        ax.set_title(stage)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _draw_loss(ax, stage, path)
     fig.suptitle(f"training loss: {run_dir.name}")
-    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_stage_loss(metrics: str | Path, out: str | Path, title: str) -> Path:
+    """One stage's loss curves (a metrics.jsonl) as a PNG, e.g. for experiment tracking."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    _draw_loss(ax, title, Path(metrics))
+    return _save(fig, Path(out))
+
+
+def _draw_loss(ax, stage: str, path: Path) -> None:
+    train, evals = read_metrics(path)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o--", label="validation loss", color="tab:orange")
+    ax.set_title(stage)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _save(fig, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     from chla_launcher.atomic import atomic_path
 
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

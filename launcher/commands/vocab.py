@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
+
+from ..kinds.merge_tokenizer import MergeTokenizerParams
 
 NAME = "vocab"
 HELP = "extend a tokenizer: train a SentencePiece model, merge it into a base, report efficiency"
@@ -37,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="SentencePiece model to add (e.g. from `chla vocab train`)")
     merge.add_argument("--pad-token", action="store_true",
                        help="append exactly one [PAD] token (the SFT variant)")
+    scores = MergeTokenizerParams.model_fields["scores"]
+    merge.add_argument("--scores", choices=get_args(scores.annotation), default=scores.default,
+                       help=f"{scores.description} (default: {scores.default})")
     merge.add_argument("--out", required=True, metavar="DIR")
 
     report = sub.add_parser("report", help="tokens/char etc. per tokenizer x corpus",
@@ -57,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                         threads=args.threads, input_sentence_size=args.input_sentence_size,
                         max_sentence_length=args.max_sentence_length, seed=args.seed)
     elif args.vocab_command == "merge":
-        vocab.merge_tokenizers(args.base, args.add, args.out, pad_token=args.pad_token)
+        vocab.merge_tokenizers(args.base, args.add, args.out, pad_token=args.pad_token,
+                               scores=args.scores)
     else:
         report = vocab.vocab_report(vocab.parse_named(args.tokenizer, "tokenizer"),
                                     vocab.parse_named(args.corpus, "corpus"), args.out)

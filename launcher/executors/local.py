@@ -25,6 +25,7 @@ from .. import processes
 from ..chain import Chain, StageRecord
 from ..errors import ChlaError
 from ..graph import Plan
+from ..progress import ProgressDisplay
 from ..recipe import ResolvedRecipe, ResolvedStage
 from ..rundir import CANCELLED, FAILED, PENDING, RUNNING, now
 from . import Executor, JobStatus
@@ -52,6 +53,7 @@ class LocalExecutor(Executor):
         self.cores = os.cpu_count() or 1
         self._live: list[subprocess.Popen] = []
         self._cancelled = False
+        self._display: ProgressDisplay | None = None
         self._die_with_us = processes.die_with_parent(signal.SIGTERM)
 
     # --- submission ---------------------------------------------------------------------------
@@ -172,12 +174,19 @@ class LocalExecutor(Executor):
 
     # ------------------------------------------------------------------------------------------
     def _run_stage(self, stage: ResolvedStage, fingerprint: str) -> bool:
-        if stage.array is not None:
-            parallel = max(1, min(stage.array, self.cores // max(1, stage.resources.cpus_per_task)))
-            if not self._run_tasks(stage, fingerprint, list(range(stage.array)), parallel):
-                return False
-            return self._run_process_group(stage, fingerprint, task=-1, finalize=True)
-        return self._run_process_group(stage, fingerprint, task=0)
+        # Live bars of what the stage's tasks report (training steps, pieces, merged bytes).
+        self._display = ProgressDisplay(self.run.stage_dir(stage.name), stage.name, self.out,
+                                        array=stage.array is not None)
+        try:
+            if stage.array is not None:
+                parallel = max(1, min(stage.array, self.cores // max(1, stage.resources.cpus_per_task)))
+                if not self._run_tasks(stage, fingerprint, list(range(stage.array)), parallel):
+                    return False
+                return self._run_process_group(stage, fingerprint, task=-1, finalize=True)
+            return self._run_process_group(stage, fingerprint, task=0)
+        finally:
+            self._display.close()
+            self._display = None
 
     def _run_tasks(self, stage: ResolvedStage, fingerprint: str, indices: list[int], parallel: int) -> bool:
         """Array tasks, at most `parallel` at a time; each retried when it asks to be requeued."""
@@ -190,6 +199,8 @@ class LocalExecutor(Executor):
                 running[index] = (self._spawn(stage, fingerprint, index, rank=0, world=1, port=0,
                                               attempt=f"{index}-0"), 0)
             time.sleep(0.05)
+            if self._display is not None:
+                self._display.refresh()
             for index, (process, requeues) in list(running.items()):
                 code = process.poll()
                 if code is None:
@@ -245,6 +256,8 @@ class LocalExecutor(Executor):
                     _reap_group(process)
                 return [int(c) for c in codes]
             time.sleep(0.05)
+            if self._display is not None:
+                self._display.refresh()
 
     def _spawn(self, stage: ResolvedStage, fingerprint: str, task: int, *, rank: int, world: int,
                port: int, attempt: str, finalize: bool = False) -> subprocess.Popen:

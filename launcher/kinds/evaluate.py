@@ -4,15 +4,57 @@ array over shards.
 Item i of every input file belongs to task i % N; each task writes its sums and generations
 under out/partials/, and `finalize` adds them up into out/results.json and out/results.md
 (the same numbers a single task gives). See chla_tools.evaluate for the exact methods.
+`lm_eval` also runs EleutherAI's lm-evaluation-harness on the model (task 0 only; results in
+results.json under "lm_eval"; chla_tools.lm_eval_backend).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from . import InputPath, StageKind, StageParams
+
+
+class LmEvalParams(StageParams):
+    """lm-evaluation-harness on the stage's model (chla_tools.lm_eval_backend); run by task 0."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names (ceval-valid, cmmlu, "
+                             "mmlu, ...; their data must be in the HF datasets cache) or include_path tasks")
+    # Paths one level down are not the launcher's InputPath fields: they are made absolute here,
+    # where the recipe is validated (the directory chla is started from), and checked by the job.
+    include_path: list[str] = Field(
+        default_factory=list, description="directories of lm-eval task YAMLs (lm-eval's --include_path)")
+    alpaca_tasks: list[str] = Field(
+        default_factory=list, description="Alpaca-format labelled files, each run as a multiple-choice "
+        "task chla_<file stem> (choices: the file's distinct outputs)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per item (default: the task's)")
+    limit: int | float | None = Field(None, gt=0, description="items per task: a count, or a fraction if below 1")
+    seed: int = Field(1234, description="lm-eval's seeds (few-shot sampling)")
+    pair_tokenization: Literal["joint", "separate"] = Field(
+        "joint", description="joint: lm-eval's own (context + answer encoded as one string; comparable "
+        "with published scores); separate: prompt and answer encoded each on its own, as chla's SFT trains")
+
+    @field_validator("include_path", "alpaca_tasks")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        return [os.path.abspath(os.path.expanduser(path)) for path in paths]
+
+    @model_validator(mode="after")
+    def _some_task(self) -> "LmEvalParams":
+        if not (self.tasks or self.alpaca_tasks):
+            raise ValueError("give lm_eval.tasks or lm_eval.alpaca_tasks")
+        return self
+
+
+class VllmParams(StageParams):
+    """LLM(...) settings of the vLLM backend (chla_tools.vllm_backend)."""
+
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
 
 
 class EvaluateParams(StageParams):
@@ -32,11 +74,18 @@ class EvaluateParams(StageParams):
     block_size: int | None = Field(None, ge=2, description="perplexity window; default max_position_embeddings")
     template: bool = Field(True, description="wrap instructions and prompts in the Alpaca template")
     max_items: int | None = Field(None, ge=1, description="evaluate only the first N lines/records of every input")
+    lm_eval: LmEvalParams | None = Field(None, description="also run lm-evaluation-harness on the model")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="generation for tasks and prompts: transformers, or vLLM on a GPU node (merged model)")
+    vllm: VllmParams = Field(default_factory=VllmParams)
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "EvaluateParams":
-        if not (self.ppl or self.tasks or self.prompts):
-            raise ValueError("give at least one of ppl, tasks, prompts")
+        if not (self.ppl or self.tasks or self.prompts or self.lm_eval):
+            raise ValueError("give at least one of ppl, tasks, prompts, lm_eval")
+        if self.backend == "vllm" and (self.ppl or self.lm_eval or self.adapters):
+            raise ValueError("backend vllm only generates (tasks, prompts) with a merged model; evaluate "
+                             "ppl and lm_eval, or a model with adapters, with backend hf")
         return self
 
 

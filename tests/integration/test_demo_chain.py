@@ -15,41 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..helpers import REPO, chla, status_json, wait_for_chain
+from ..helpers import chla, status_json, wait_for_chain
+from .conftest import DEMO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-DEMO = REPO / "recipes" / "demo.yaml"
-
-# A few optimizer steps per training stage and a slice of every evaluation set: the chain, its
-# data and its code paths are the real demo's; only the amount of work is cut.
-SHRINK = {
-    "stages.base_model.params.max_steps": "4",
-    "stages.base_model.params.eval_steps": "0",
-    "stages.pt_embeddings.params.max_steps": "3",
-    "stages.pt_embeddings.params.eval_steps": "0",
-    "stages.pt_lora.params.max_steps": "3",
-    "stages.pt_lora.params.eval_steps": "0",
-    "stages.sft.params.max_steps": "4",
-    "stages.sft.params.eval_steps": "0",
-    "stages.eval_base.params.max_items": "16",
-    "stages.eval_pt.params.max_items": "16",
-    "stages.eval_sft.params.max_items": "16",
-    "stages.eval_sft.params.max_new_tokens": "8",
-    "stages.eval_task.params.max_items": "40",
-    "stages.eval_task.params.max_new_tokens": "8",
-}
 REQUIRED = ("tokens_per_char_base", "tokens_per_char_merged", "zh_ppl_per_char", "en_ppl_per_char",
             "sft_accuracy", "majority_baseline", "tasks", "prompt_generations", "plots")
 TASKS = ("task-sentiment_test", "task-segmentation_test", "task-entities_test", "task-continuation_test")
-
-
-def submit_demo(tmp_path: Path, executor: str) -> Path:
-    run_dir = tmp_path / executor
-    overrides = [arg for key, value in SHRINK.items() for arg in ("--set", f"{key}={value}")]
-    chla("submit", str(DEMO), "--executor", executor, "--run-dir", str(run_dir), *overrides,
-         cwd=tmp_path, check=True, timeout=900)
-    return run_dir
 
 
 def parents_in_recipe(stage: dict) -> set[str]:
@@ -58,11 +31,11 @@ def parents_in_recipe(stage: dict) -> set[str]:
     return set(re.findall(r"\$\{stages\.(\w+)\.out\}", text)) | set(stage.get("after", []))
 
 
-def test_demo_chain_on_slurm_matches_the_local_run(tmp_path, slurm_cluster, demo_assets):
+def test_demo_chain_on_slurm_matches_the_local_run(demo_runs):
     recipe = yaml.safe_load(DEMO.read_text())["stages"]
     stages = list(recipe)
 
-    slurm_run = submit_demo(tmp_path, "slurm")
+    slurm_run = demo_runs["slurm"]
     chain = json.loads((slurm_run / "chain.json").read_text())["stages"]
     assert set(chain) == set(stages)
     for name in stages:
@@ -81,7 +54,7 @@ def test_demo_chain_on_slurm_matches_the_local_run(tmp_path, slurm_cluster, demo
             assert "--dependency" not in script, name
         assert bool(recipe[name].get("array")) == ("--array=" in script), name
 
-    local_run = submit_demo(tmp_path, "local")  # runs while Slurm works through its queue
+    local_run = demo_runs["local"]  # ran while Slurm worked through its queue
 
     rows = wait_for_chain(slurm_run, timeout=900)
     assert {name: row["state"] for name, row in rows.items()} == dict.fromkeys(stages, "COMPLETED")

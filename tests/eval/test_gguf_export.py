@@ -1,0 +1,57 @@
+"""`chla export gguf` refusals: the vocabulary check before llama.cpp's converter runs, and a
+converter failure that leaves nothing behind. (A real conversion of the demo's final model, read
+back with gguf-py and compared with its safetensors, is in the demo chain test.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ..helpers import chla
+
+
+def model_with_tokenizer(tiny_chain, demo_assets, tmp_path: Path, name: str) -> Path:
+    """The tiny base model (32,000 rows) with the demo's base tokenizer files beside it."""
+    directory = tmp_path / name
+    shutil.copytree(tiny_chain["base"], directory)
+    for file_name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(demo_assets["base_tokenizer"]) / file_name, directory / file_name)
+    return directory
+
+
+def test_vocabulary_rows_differing_from_the_tokenizer_is_one_line(tiny_chain, demo_assets, tmp_path):
+    model = model_with_tokenizer(tiny_chain, demo_assets, tmp_path, "short_tokenizer")
+    # the merged pretraining model has 32,009 rows; give it the 32,000-token base tokenizer
+    shutil.copy(tiny_chain["root"] / "merged_pretrain" / "model.safetensors", model / "model.safetensors")
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = tiny_chain["sizes"][1]
+    (model / "config.json").write_text(json.dumps(config))
+
+    result = chla("export", "gguf", str(model), "--out", str(tmp_path / "out.gguf"), "--offline")
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("chla: "), result.stderr
+    assert "the tokenizer has 32000 tokens but config.json vocab_size is 32009" in line
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".out.gguf*"))
+
+
+def test_a_converter_failure_leaves_no_file(tiny_chain, demo_assets, tmp_path):
+    model = model_with_tokenizer(tiny_chain, demo_assets, tmp_path, "unknown_architecture")
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+
+    result = chla("export", "gguf", str(model), "--out", str(tmp_path / "out.gguf"))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("chla: ") and "convert_hf_to_gguf.py failed" in line, result.stderr
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".out.gguf*"))
+
+
+@pytest.mark.parametrize("outtype", ["q4_0", "bf16"])
+def test_outtypes_outside_the_three_are_refused_by_the_cli(tmp_path, outtype):
+    result = chla("export", "gguf", str(tmp_path), "--out", str(tmp_path / "x.gguf"), "--outtype", outtype)
+    assert result.returncode == 2 and "invalid choice" in result.stderr

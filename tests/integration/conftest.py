@@ -1,0 +1,50 @@
+"""The shrunk demo chain, run once per test session on both executors, for the tests that check
+the chain (test_demo_chain.py) and the artifacts it leaves (test_demo_artifacts.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ..helpers import REPO, chla
+
+DEMO = REPO / "recipes" / "demo.yaml"
+
+# A few optimizer steps per training stage and a slice of every evaluation set: the chain, its
+# data and its code paths are the real demo's; only the amount of work is cut.
+SHRINK = {
+    "stages.base_model.params.max_steps": "4",
+    "stages.base_model.params.eval_steps": "0",
+    "stages.pt_embeddings.params.max_steps": "3",
+    "stages.pt_embeddings.params.eval_steps": "0",
+    "stages.pt_lora.params.max_steps": "3",
+    "stages.pt_lora.params.eval_steps": "0",
+    "stages.sft.params.max_steps": "4",
+    "stages.sft.params.eval_steps": "0",
+    "stages.eval_base.params.max_items": "16",
+    "stages.eval_pt.params.max_items": "16",
+    "stages.eval_sft.params.max_items": "16",
+    "stages.eval_sft.params.max_new_tokens": "8",
+    "stages.eval_task.params.max_items": "40",
+    "stages.eval_task.params.max_new_tokens": "8",
+    "stages.eval_task.params.lm_eval.limit": "40",
+}
+
+
+def submit_demo(tmp_path: Path, executor: str) -> Path:
+    run_dir = tmp_path / executor
+    overrides = [arg for key, value in SHRINK.items() for arg in ("--set", f"{key}={value}")]
+    chla("submit", str(DEMO), "--executor", executor, "--run-dir", str(run_dir), *overrides,
+         cwd=tmp_path, check=True, timeout=900)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory, slurm_cluster, demo_assets) -> dict[str, Path]:
+    """The shrunk demo, queued on Slurm and then run locally while Slurm works through it (the
+    tests wait for the Slurm run themselves)."""
+    tmp_path = tmp_path_factory.mktemp("demo")
+    slurm_run = submit_demo(tmp_path, "slurm")
+    local_run = submit_demo(tmp_path, "local")
+    return {"slurm": slurm_run, "local": local_run}
