@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
 
     log, fail = Path(sys.argv[1]), sys.argv[2] == "fail"
     env = DistributedEnv.from_environment()
-    ctx = types.SimpleNamespace(dist=env)
+    ctx = types.SimpleNamespace(dist=env, stage="sft")
 
     def prepare():
         cache = log.with_name("cache.json")
