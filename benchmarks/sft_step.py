@@ -22,7 +22,7 @@ Grouping is fast but puts long and short reviews in different batches, and in th
 correlates with the label (the longest fifth is ~70% positive, the rest ~40%): packing keeps the
 random batches that gave the better accuracy at grouped speed or better.
 
-Model: the demo's base config (hidden 256, 4 layers) with a 50,701-row vocabulary, randomly
+Model: the demo's base config (hidden 256, 4 layers) with a 50,702-row vocabulary, randomly
 initialised (step time does not depend on the weights). Reviews are tokenized with --tokenizer
 (default: the demo's base tokenizer, where reviews are ~2x longer than with the merged one; pass
 a run's runs/demo/vocab_sft/out/tokenizer for the demo's exact lengths).
@@ -52,7 +52,7 @@ from chla_train.trainer import build_optimizer as FUSED_BUILD_OPTIMIZER
 
 MICRO_BATCH = 16
 MAX_SEQ_LENGTH = 256
-VOCAB = 50701
+VOCAB = 50702
 MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
 CONFIGS = {  # tag: (batch layout, fused optimizer)

@@ -72,7 +72,7 @@ def test_exported_folders_load_in_transformers_4_and_5_with_equal_logits(demo_ru
                                                                            "model")))
         for a, b in zip(old.get("logits", []), new.get("logits", [])):
             assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4, folder
-    assert v5["folders"][str(run / "merge_sft" / "out")]["vocab"] == 50701
+    assert v5["folders"][str(run / "merge_sft" / "out")]["vocab"] == sft_vocab_size(run)
 
 
 # --- GGUF ---------------------------------------------------------------------------------
@@ -111,6 +111,16 @@ def rotary_interleaved(weight: np.ndarray, heads: int) -> np.ndarray:
     return per_head.transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
+def sft_vocab_size(run: Path) -> int:
+    """The final model's vocabulary: the merged tokenizer's pieces (the vocab stage's own
+    SentencePiece model, not the exported folder's) and the [PAD] the SFT tokenizer adds."""
+    import sentencepiece as spm
+
+    merged = spm.SentencePieceProcessor(model_file=str(run / "vocab" / "out" / "tokenizer" / "tokenizer.model"))
+    assert merged.get_piece_size() > 32000  # the control: the base's 32,000 pieces and more
+    return merged.get_piece_size() + 1
+
+
 def test_gguf_of_the_final_model_holds_its_vocabulary_and_tensors(demo_runs):
     import sentencepiece as spm
     import torch
@@ -118,8 +128,9 @@ def test_gguf_of_the_final_model_holds_its_vocabulary_and_tensors(demo_runs):
 
     run = demo_runs["local"]
     model_dir = run / "merge_sft" / "out"
+    vocab = sft_vocab_size(run)
     export = json.loads((run / "gguf" / "out" / "export.json").read_text())
-    assert export["vocab_size"] == 50701 and export["outtype"] == "f16"
+    assert export["vocab_size"] == vocab and export["outtype"] == "f16"
     reader = gguf_reader(run / "gguf" / "out" / "model.gguf")
     fields = {name: field.contents() for name, field in reader.fields.items()}
 
@@ -127,11 +138,11 @@ def test_gguf_of_the_final_model_holds_its_vocabulary_and_tensors(demo_runs):
     tokenizer = json.loads((model_dir / "tokenizer_config.json").read_text())
     sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
     assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "llama"
-    assert fields["llama.vocab_size"] == 50701 == config["vocab_size"] == len(fields["tokenizer.ggml.tokens"])
+    assert fields["llama.vocab_size"] == vocab == config["vocab_size"] == len(fields["tokenizer.ggml.tokens"])
     assert fields["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    assert fields["tokenizer.ggml.tokens"][50700] == tokenizer["pad_token"] == "[PAD]"
+    assert fields["tokenizer.ggml.tokens"][vocab - 1] == tokenizer["pad_token"] == "[PAD]"
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
-            fields["tokenizer.ggml.padding_token_id"]) == (sp.bos_id(), sp.eos_id(), 50700) == (1, 2, 50700)
+            fields["tokenizer.ggml.padding_token_id"]) == (sp.bos_id(), sp.eos_id(), vocab - 1) == (1, 2, vocab - 1)
     assert fields["llama.block_count"] == config["num_hidden_layers"]
     assert fields["llama.embedding_length"] == config["hidden_size"]
 
