@@ -13,8 +13,9 @@ What the original did, and what chla does instead (the --set lines):
 - new vocabulary rows: random N(0, 0.02) (resize_token_embeddings in the transformers it used);
   chla: subtoken_mean;
 - pretraining stage 2 on Chinese only; chla: English replayed by weight;
-- embed_tokens and lm_head trained whole, at the LoRA learning rate, saved whole in every
-  adapter (stage 2 and SFT); chla: only the new rows, at a learning rate of their own;
+- embed_tokens and lm_head trained whole in SFT, at the LoRA learning rate, saved whole in the
+  adapter; chla: only the new rows, at a learning rate of their own (stage 2 trains them whole in
+  both arms: it is where the rows the base vocabulary had for Chinese adapt);
 - SFT on the instructions alone; chla: pretraining text replayed in the batches.
 The learning rates of LoRA itself are the demo's in both arms (the original's 2e-4 / 1e-4 were
 set for 7B models and tens of thousands of steps).
