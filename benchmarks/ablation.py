@@ -8,6 +8,7 @@ first arm. Then prints one table (markdown, also written to <out>/ablation.md) a
 (<out>/ablation.png).
 
     .venv/bin/python benchmarks/ablation.py --out runs/ablation      # ~2 demo runs
+    .venv/bin/python benchmarks/ablation.py --chla runs/demo         # a finished demo is the chla arm
 
 What the original did, and what chla does instead (the --set lines):
 - new vocabulary rows: random N(0, 0.02) (resize_token_embeddings in the transformers it used);
@@ -137,10 +138,12 @@ def plot(rows: dict[str, dict], runs: dict[str, Path], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "ablation"), help="directory for both run dirs")
+    parser.add_argument("--chla", help="a finished run of recipes/demo.yaml as shipped, taken as the chla arm "
+                                       "(its run directory is used as it is, nothing is resubmitted)")
     args = parser.parse_args()
     print_machine()
     out = Path(args.out).resolve()
-    runs = {arm: run_arm(out, arm) for arm in ARMS}
+    runs = {arm: Path(args.chla).resolve() if arm == "chla" and args.chla else run_arm(out, arm) for arm in ARMS}
     rows = {arm: figures(run_dir) for arm, run_dir in runs.items()}
     text = table(rows)
     (out / "ablation.md").write_text(text + "\n", encoding="utf-8")
