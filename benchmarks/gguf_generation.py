@@ -14,7 +14,8 @@ difference of any logit.
 
 llama-cpp-python is not a chla dependency: build it from the same pinned sdist the export uses
 (~24 min on 2 cores), e.g.
-    CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install --target /tmp/llama_cpp ~/.cache/chla/assets/downloads/llama_cpp_python-0.3.36.tar.gz diskcache
+    CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install --target /tmp/llama_cpp diskcache \
+        ~/.cache/chla/assets/downloads/llama_cpp_python-0.3.36.tar.gz
     PYTHONPATH=/tmp/llama_cpp .venv/bin/python benchmarks/gguf_generation.py
 """
 

@@ -45,8 +45,17 @@ import time
 from pathlib import Path
 
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
-from train_throughput import (BLOCK, LORA_TARGETS, MODULES_TO_SAVE, SEED, build_chla, corpus_blocks, make_context,
-                              original_trainable, original_trainer)
+from train_throughput import (
+    BLOCK,
+    LORA_TARGETS,
+    MODULES_TO_SAVE,
+    SEED,
+    build_chla,
+    corpus_blocks,
+    make_context,
+    original_trainable,
+    original_trainer,
+)
 
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)
@@ -228,7 +237,7 @@ def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path) -> 
         batch = collate([dataset[i] for i in indices])
         tokens, labels = input_token_count(batch), label_token_count(batch)
         replay = iter(indices)
-        seconds = timed(lambda: trainer.optimizer_step(replay))
+        seconds = timed(lambda replay=replay: trainer.optimizer_step(replay))
         if step >= warmup:
             rates.append(tokens / seconds)
             tokens_total += tokens

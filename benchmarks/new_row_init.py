@@ -86,7 +86,8 @@ def main() -> None:
     uniform = math.log(len(merged_tokenizer))
 
     print(f"\nStep 0 of stage 1: {len(valid)} validation blocks of {stage.block_size} tokens from {args.stage}'s "
-          f"split; held-out text: first {args.max_items} paragraphs per language ({time.perf_counter() - started:.0f} s)\n")
+          f"split; held-out text: first {args.max_items} paragraphs per language "
+          f"({time.perf_counter() - started:.0f} s)\n")
     print("| model at step 0 | stage-1 valid loss (nats/token) | zh ppl/char | en ppl/char |")
     print("|---|---:|---:|---:|")
     for name, loss, ppl in rows:

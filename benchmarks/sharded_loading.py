@@ -140,11 +140,12 @@ class PhasePeaks:
 def worker(spec_file: str) -> None:
     """One rank of the stage (RANK, WORLD_SIZE, MASTER_* in the environment)."""
     spec = json.loads(Path(spec_file).read_text())
+    from unittest import mock
+
     import deepspeed  # noqa: F401  (imported before the baseline: every stage task imports them)
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    from unittest import mock
 
     from chla_launcher.kinds.pretrain import PretrainParams
     from chla_train.context import StageContext

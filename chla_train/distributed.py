@@ -129,7 +129,7 @@ class DistributedEnv:
         )
 
     @classmethod
-    def from_environment(cls) -> "DistributedEnv":
+    def from_environment(cls) -> DistributedEnv:
         env = os.environ
         if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env:
             return cls._from_slurm(env)
@@ -145,7 +145,7 @@ class DistributedEnv:
         )
 
     @classmethod
-    def _from_slurm(cls, env: os._Environ[str] | dict[str, str]) -> "DistributedEnv":
+    def _from_slurm(cls, env: os._Environ[str] | dict[str, str]) -> DistributedEnv:
         world = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", 1)))
         nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
         local_world = int(env.get("SLURM_NTASKS_PER_NODE", str(max(1, world // max(1, nodes)))).split("(")[0])

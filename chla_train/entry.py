@@ -22,8 +22,9 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from chla_launcher import atomic
 from chla_launcher.errors import ChlaError

@@ -9,9 +9,10 @@ fails with one ChlaError line.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -218,7 +219,7 @@ class SafetensorsRanges:
             with torch.no_grad():
                 out.copy_(target)
 
-    def __enter__(self) -> "SafetensorsRanges":
+    def __enter__(self) -> SafetensorsRanges:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -28,7 +28,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from chla_launcher import slurm
 from chla_launcher.errors import ChlaError

@@ -24,8 +24,9 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from chla_launcher.atomic import read_json, write_json
 from chla_launcher.rundir import RunDir
@@ -37,10 +38,10 @@ STAGE_FILE = "tracking_runs.json"
 _MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
-_trackers: dict[tuple[str, str], "StageTracker | None"] = {}
+_trackers: dict[tuple[str, str], StageTracker | None] = {}
 
 
-def stage_tracker(ctx) -> "StageTracker | None":
+def stage_tracker(ctx) -> StageTracker | None:
     """This process's tracker for the stage (created on first use), or None when the recipe does
     not track or this is not rank 0."""
     settings = getattr(ctx.recipe.model, "tracking", None) if ctx.recipe is not None else None
@@ -96,7 +97,7 @@ class StageTracker:
         if settings.wandb is not None:
             self.backends.append(_WandbBackend(settings.wandb, ctx, chain, stage_runs_file))
 
-    def _each(self, what: str, call: Callable[["_Backend"], None]) -> None:
+    def _each(self, what: str, call: Callable[[_Backend], None]) -> None:
         for backend in list(self.backends):
             try:
                 call(backend)

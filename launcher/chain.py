@@ -54,7 +54,7 @@ class Chain:
 
     # --- reading and writing ------------------------------------------------------------------
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Chain":
+    def from_json(cls, data: dict[str, Any]) -> Chain:
         known = {"fingerprint", "skipped", "job_ids", "finalize_job_id", "submitted_at"}
         stages = {}
         for name, record in (data.get("stages") or {}).items():
@@ -73,7 +73,7 @@ class Chain:
         return data
 
     @classmethod
-    def read(cls, path: Path) -> "Chain | None":
+    def read(cls, path: Path) -> Chain | None:
         data = atomic.read_json(path)
         return cls.from_json(data) if isinstance(data, dict) else None
 

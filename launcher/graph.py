@@ -9,7 +9,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from .errors import ChlaError
@@ -94,7 +94,7 @@ CHLA_PACKAGES = ("chla_launcher", "chla_train", "chla_tools")
 LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "sentencepiece", "tokenizers")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _package_root(package: str) -> Path | None:
     try:
         spec = importlib.util.find_spec(package)  # a top-level name: found without importing it
@@ -135,7 +135,7 @@ def _imports(module: str, path: Path) -> set[str]:
     return names
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_closure(*modules: str) -> dict[str, Path]:
     """The chla modules a job starting at `modules` can run: their chla imports, transitively,
     with the packages around each (importing a.b.c runs a/__init__.py and a/b/__init__.py).
@@ -156,7 +156,7 @@ def code_closure(*modules: str) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_version(*modules: str) -> str:
     """A hash of the source of every chla module a stage starting at `modules` can run."""
     digest = hashlib.sha256()

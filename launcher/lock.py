@@ -45,7 +45,7 @@ class RunLock:
         self._heartbeat: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------------
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -193,7 +193,8 @@ def describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another chla process"
     pids = ", ".join(str(pid) for pid, _ in holder.get("pids") or [])
-    return f"`chla {holder.get('purpose', '?')}` (host {holder.get('host', '?')}, pid {pids}, since {holder.get('since', '?')})"
+    return (f"`chla {holder.get('purpose', '?')}` (host {holder.get('host', '?')}, pid {pids}, "
+            f"since {holder.get('since', '?')})")
 
 
 def _read_json(path: Path) -> Any:

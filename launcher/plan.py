@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .errors import ChlaError
 from .recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
-from .sizing import (PROJECTIONS, MemoryEstimate, ModelShape, Trainable, TrainingSetup, parameter_counts,
-                     training_memory)
+from .sizing import PROJECTIONS, MemoryEstimate, ModelShape, Trainable, TrainingSetup, parameter_counts, training_memory
 
 GIB = 2**30
 RUNTIME_RESERVE = 2 * GIB  # per GPU: CUDA context (~0.5 GB), NCCL buffers, allocator fragmentation
@@ -65,7 +63,7 @@ def plan_recipe(recipe: ResolvedRecipe) -> list[StagePlan]:
     return [plan_stage(stage, sizes, recipe) for stage in recipe.stages.values() if stage.kind.name in TRAINING_KINDS]
 
 
-def plan_stage(stage: ResolvedStage, sizes: "_Sizes", recipe: ResolvedRecipe) -> StagePlan:
+def plan_stage(stage: ResolvedStage, sizes: _Sizes, recipe: ResolvedRecipe) -> StagePlan:
     params, resources = stage.params, stage.resources
     shape, source = sizes.training_shape(stage)
     plan = StagePlan(stage=stage.name, shape=shape, source=source)
@@ -161,7 +159,8 @@ class _Sizes:
                 return shape, f"{stage.name}'s model ({source})"
             if stage.kind.name == "merge" and rest in ("", "."):
                 return self._merged(stage)
-            return None, f"{path}: the output of stage {stage.name} ({stage.kind.name}) is not a model whose size chla can derive"
+            return None, (f"{path}: the output of stage {stage.name} ({stage.kind.name}) is not a model whose "
+                          "size chla can derive")
         config = _read_json(Path(path) / "config.json")
         if config is None:
             return None, f"{path}/config.json not found (give the model's config.json to plan it)"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError
-from .kinds import StageKind, get_kind, input_path_fields, input_path_values, map_input_paths, registry
+from .kinds import StageKind, input_path_fields, input_path_values, map_input_paths, registry
 from .rundir import RESERVED_NAMES
 from .tracking import TrackingSettings, refuse_credentials
 

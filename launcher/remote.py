@@ -196,7 +196,6 @@ def known_hosts_files(explicit: Sequence[str]) -> list[Path]:
 
 def connect(options: RemoteOptions) -> Any:
     """An open fabric.Connection whose host key was found in known_hosts (else ChlaError)."""
-    import socket
 
     import paramiko
     from fabric import Connection
@@ -226,7 +225,7 @@ def connect(options: RemoteOptions) -> Any:
     searched = ", ".join(str(p) for p in files) or "no known_hosts file exists"
     try:
         connection.open()
-    except paramiko.BadHostKeyException as error:
+    except paramiko.BadHostKeyException:
         raise ChlaError(
             f"host key for {where} does NOT match the one in known_hosts ({searched}): refusing to connect "
             f"(possible man-in-the-middle); if the key changed legitimately, remove the old entry with "
@@ -241,7 +240,7 @@ def connect(options: RemoteOptions) -> Any:
                 f"OpenSSH (ssh -p {connection.port} {connection.host}) and check the fingerprint it shows, "
                 f"or pass --known-hosts FILE") from None
         raise ChlaError(f"SSH connection to {where} failed: {_one_line(error)}") from None
-    except (OSError, socket.timeout, EOFError) as error:
+    except (TimeoutError, OSError, EOFError) as error:
         raise ChlaError(f"cannot reach {where}: {_one_line(error)}") from None
     return connection
 

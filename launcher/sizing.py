@@ -38,7 +38,7 @@ class ModelShape:
     tie_word_embeddings: bool = False
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ModelShape":
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
         """From an HF config.json (or a LlamaConfig `init:` dict, LlamaConfig's defaults filling in)."""
         merged = {**LLAMA_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
         heads = int(merged["num_attention_heads"])
@@ -48,7 +48,7 @@ class ModelShape:
                    head_dim=int(merged.get("head_dim") or int(merged["hidden_size"]) // heads),
                    tie_word_embeddings=bool(merged["tie_word_embeddings"]))
 
-    def with_vocab(self, vocab_size: int) -> "ModelShape":
+    def with_vocab(self, vocab_size: int) -> ModelShape:
         return replace(self, vocab_size=vocab_size)
 
     def projections(self) -> dict[str, tuple[int, int]]:
@@ -227,9 +227,9 @@ def training_memory(shape: ModelShape, trainable: Trainable, setup: TrainingSetu
 
     Weights: every parameter in the training dtype, partitioned over the ranks under ZeRO-3 (plus
     the parameters gathered while in use). Gradients: the trainable parameters' in the training
-    dtype (partitioned from ZeRO-2 on), plus DeepSpeed's reduce buckets. Optimizer: AdamW's two fp32 moments, plus an fp32 master copy of the
-    trainable parameters whenever DeepSpeed keeps one (bf16, or any ZeRO stage), partitioned from
-    ZeRO-2 on. Activations: `_layer_saved_bytes` per layer and token, the final norm, the loss's
+    dtype (partitioned from ZeRO-2 on), plus DeepSpeed's reduce buckets. Optimizer: AdamW's two fp32
+    moments, plus an fp32 master copy of the trainable parameters whenever DeepSpeed keeps one (bf16,
+    or any ZeRO stage), partitioned from ZeRO-2 on. Activations: `_layer_saved_bytes` per layer and token, the final norm, the loss's
     saved state. Transient: the larger of the loss's working set and the optimizer step's fp32
     gradients. `chunked_loss`: chla's chunked vocabulary projection (its trainer uses it except
     under ZeRO-3), else transformers' loss over fp32 logits."""

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 from .errors import ChlaError
 from .executors import executor_named
 from .progress import read_progress
-from .rundir import (CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED, STALE, UNKNOWN, RunDir)
+from .rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED, STALE, UNKNOWN, RunDir
 
 TERMINAL = {COMPLETED, FAILED, CANCELLED, SKIPPED}
 

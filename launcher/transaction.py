@@ -26,9 +26,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import atomic
 from .chain import Chain
@@ -66,7 +67,7 @@ class SubmissionTransaction:
         self._handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------------------------------
-    def __enter__(self) -> "SubmissionTransaction":
+    def __enter__(self) -> SubmissionTransaction:
         self._handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         (self.dir / "staged").mkdir(parents=True)
         self._write_journal()

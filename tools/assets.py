@@ -43,17 +43,16 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from chla_launcher.atomic import replace_dir, write_json
 from chla_launcher.errors import ChlaError
 from chla_tools import task_data
 from chla_tools.peoples_daily import read_paragraphs
-from chla_tools.task_data import (HELDOUT_EVERY, SFT_MIX_PER_TASK, SFT_VALID_PER_TASK, build_tasks,
-                                  sft_mix, split_corpus)
+from chla_tools.task_data import HELDOUT_EVERY, SFT_MIX_PER_TASK, SFT_VALID_PER_TASK, build_tasks, sft_mix, split_corpus
 from chla_tools.tasks import TASKS
 
 TASK_NAMES = tuple(TASKS)
@@ -332,7 +331,7 @@ def run_fetch_assets(ctx) -> dict:
     ${stages.<this stage>.out}/<file> and the run directory holds exactly what the run used."""
     paths = fetch_assets(ctx.params.cache, offline=ctx.params.offline, log=ctx.log)
     demo = Path(paths["base_tokenizer"]).parent
-    for key, rel in OUTPUTS.items():
+    for rel in OUTPUTS.values():
         source, target = demo / rel, ctx.out_dir / rel
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True)

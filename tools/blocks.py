@@ -39,9 +39,10 @@ position is the whole resume state: a resumed run reads exactly the items it had
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 

@@ -36,9 +36,9 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from chla_launcher.atomic import replace_dir, write_json, write_text
 from chla_launcher.errors import ChlaError

@@ -22,8 +22,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from chla_launcher.atomic import replace_dir, write_json
 from chla_launcher.errors import ChlaError

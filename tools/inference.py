@@ -11,8 +11,8 @@ PeftModel, unmerged.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from chla_launcher.errors import ChlaError
 

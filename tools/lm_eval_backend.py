@@ -36,8 +36,9 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from chla_launcher.atomic import write_json, write_text
 from chla_launcher.errors import ChlaError

@@ -43,16 +43,20 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from chla_launcher.atomic import replace_dir
 from chla_launcher.errors import ChlaError
 from chla_launcher.progress import progress_writer
 from chla_tools.hf_tokenizer import make_portable
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported only once the merge needs it: `import torch` takes about a second, which the
 # kernel spends copying the unchanged tensors meanwhile (see _write_shards).
@@ -409,7 +413,7 @@ class LoraDelta:
     scale: float
 
 
-def load_lora(adapter: "Adapter", lora: LoraPair) -> LoraDelta:
+def load_lora(adapter: Adapter, lora: LoraPair) -> LoraDelta:
     # peft upcasts fp16/bf16 adapter weights to fp32 when it loads them (autocast_adapter_dtype)
     lora_a = adapter.file.read(lora.a_key).float()
     lora_b = adapter.file.read(lora.b_key).float()
@@ -469,11 +473,11 @@ class TensorSource:
     planner refuses a tensor with both)."""
     file: SafetensorsFile
     key: str
-    loras: list[tuple["Adapter", LoraPair]]
-    token_rows: list[tuple["Adapter", TokenRows]] = field(default_factory=list)
+    loras: list[tuple[Adapter, LoraPair]]
+    token_rows: list[tuple[Adapter, TokenRows]] = field(default_factory=list)
 
 
-def tensor_source(item: PlannedTensor, base: Checkpoint, adapters: list["Adapter"]) -> TensorSource:
+def tensor_source(item: PlannedTensor, base: Checkpoint, adapters: list[Adapter]) -> TensorSource:
     source = TensorSource(base.files[item.source], item.source, [])
     for adapter in adapters:
         key = adapter.replacements.get(item.name)
@@ -495,7 +499,7 @@ class RowPatch:
     values: torch.Tensor
 
 
-def load_row_patch(adapter: "Adapter", rows: TokenRows, dtype) -> RowPatch:
+def load_row_patch(adapter: Adapter, rows: TokenRows, dtype) -> RowPatch:
     import torch
 
     return RowPatch(torch.tensor(rows.indices, dtype=torch.long), adapter.file.read(rows.key).to(dtype))
@@ -509,7 +513,7 @@ def apply_row_patches(rows: torch.Tensor, first_row: int, patches: list[RowPatch
             rows[patch.indices[inside] - first_row] = patch.values[inside]
 
 
-def merged_tensor(item: PlannedTensor, base: Checkpoint, adapters: list["Adapter"],
+def merged_tensor(item: PlannedTensor, base: Checkpoint, adapters: list[Adapter],
                   scratch: Scratch | None = None) -> torch.Tensor:
     """One output tensor, whole in memory: the base's, then every adapter in order. Used where
     the dtype changes; same-dtype tensors are streamed in row chunks by `merge_adapters`."""
@@ -668,7 +672,7 @@ def _header_bytes(group: list[PlannedTensor]) -> bytes:
 
 
 def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTensor]], base: Checkpoint,
-                  adapters: list["Adapter"], total_bytes: int, log: Log,
+                  adapters: list[Adapter], total_bytes: int, log: Log,
                   report: Callable[[int], None] | None = None) -> dict[str, str]:
     """Write every output shard into tmp_dir; returns the weight map (tensor name -> file name).
 

@@ -50,10 +50,11 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ _CUT_MARKS = (b"\n", b"\t", "。".encode(), "，".encode(), "！".encode(), "？
 _HASH_BLOCK = 1 << 22
 
 
-def _blake(digest_size: int = 16) -> "hashlib._Hash":
+def _blake(digest_size: int = 16) -> hashlib._Hash:
     return hashlib.blake2b(digest_size=digest_size)
 
 

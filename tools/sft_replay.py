@@ -16,7 +16,7 @@ nothing), and each replay block is one more row, attending only to itself.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

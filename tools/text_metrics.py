@@ -14,7 +14,7 @@ aligned, in order and without gaps, to a gold word's characters and to nothing e
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def prf(correct: float, predicted: float, gold: float) -> dict[str, float]:

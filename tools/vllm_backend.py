@@ -75,7 +75,7 @@ class VllmGenerator:
     seed: int | None = None
 
     @classmethod
-    def load(cls, model_dir: str, adapters: list[str], settings, tokenizer) -> "VllmGenerator":
+    def load(cls, model_dir: str, adapters: list[str], settings, tokenizer) -> VllmGenerator:
         if adapters:
             raise ChlaError(f"backend vllm generates with a merged model; merge the adapters {adapters} "
                             "into the base first (a `merge` stage) and evaluate its output")

@@ -35,9 +35,10 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from chla_launcher.atomic import replace_dir, write_json, write_text
 from chla_launcher.errors import ChlaError
@@ -246,7 +247,7 @@ def build_fast_tokenizer(proto):
                 ranked.append((-piece.score, piece_id, cut, left, right))
     ranked.sort()
     unk = pieces[proto.trainer_spec.unk_id].piece
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[(l, r) for *_, l, r in ranked], unk_token=unk,
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
                               fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback,
                               dropout=None))
     # SentencePiece's add_dummy_prefix always prepends "▁"; Metaspace does not when the text

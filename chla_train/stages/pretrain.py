@@ -18,9 +18,15 @@ from chla_train import model as models
 from chla_train.export import save_adapter, save_model
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
-from chla_train.trainer import (TrainData, Trainer, init_distributed, model_loading, shutdown_distributed,
-                                total_steps,
-                                train_summary)
+from chla_train.trainer import (
+    TrainData,
+    Trainer,
+    init_distributed,
+    model_loading,
+    shutdown_distributed,
+    total_steps,
+    train_summary,
+)
 
 
 def pretraining_data(params, vocab_size: int, *, world_size: int, log) -> tuple[TrainData, dict[str, Any]]:

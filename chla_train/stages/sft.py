@@ -20,8 +20,16 @@ from chla_train import model as models
 from chla_train.export import save_adapter
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
-from chla_train.trainer import (TrainData, Trainer, init_distributed, model_loading, rank_zero_first,
-                                shutdown_distributed, total_steps, train_summary)
+from chla_train.trainer import (
+    TrainData,
+    Trainer,
+    init_distributed,
+    model_loading,
+    rank_zero_first,
+    shutdown_distributed,
+    total_steps,
+    train_summary,
+)
 
 
 def run(ctx) -> dict[str, Any]:

@@ -4,7 +4,7 @@ registered in REPORTS below (`train` here; others add their own entry)."""
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 NAME = "report"
 HELP = "reports from a run directory: train (loss curves), scaling (node-scaling sweep)"

@@ -15,7 +15,7 @@ import pkgutil
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TextIO
 
@@ -59,7 +59,7 @@ class Executor(ABC):
         """Queue every stage of plan.run so that none starts before release(), calling
         transaction.record_jobs() with each job id as soon as it exists; the chain to commit."""
 
-    def release(self, chain: Chain) -> None:
+    def release(self, chain: Chain) -> None:  # noqa: B027 (optional hook: a no-op where nothing is held)
         """Let the jobs of a committed chain start (nothing to do where nothing was queued)."""
 
     @abstractmethod
@@ -101,7 +101,7 @@ def executor_names() -> list[str]:
     return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def executor_named(name: str) -> type[Executor]:
     """The executor class called `name`; only its module is imported (Slurm's imports submitit)."""
     if name not in executor_names():

@@ -88,7 +88,7 @@ class TrainingParams(StageParams):
         default="sdpa", description="flash_attention_2 falls back to sdpa without a GPU and flash-attn")
 
     @model_validator(mode="after")
-    def _one_base_model(self) -> "TrainingParams":
+    def _one_base_model(self) -> TrainingParams:
         if (self.model is None) == (self.init is None):
             raise ValueError("give exactly one of `model` (an HF model directory) or `init` "
                              "(a LlamaConfig for a random model)")

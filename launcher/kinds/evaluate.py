@@ -43,7 +43,7 @@ class LmEvalParams(StageParams):
         return [os.path.abspath(os.path.expanduser(path)) for path in paths]
 
     @model_validator(mode="after")
-    def _some_task(self) -> "LmEvalParams":
+    def _some_task(self) -> LmEvalParams:
         if not (self.tasks or self.alpaca_tasks):
             raise ValueError("give lm_eval.tasks or lm_eval.alpaca_tasks")
         return self
@@ -80,7 +80,7 @@ class EvaluateParams(StageParams):
     vllm: VllmParams = Field(default_factory=VllmParams)
 
     @model_validator(mode="after")
-    def _something_to_do(self) -> "EvaluateParams":
+    def _something_to_do(self) -> EvaluateParams:
         if not (self.ppl or self.tasks or self.prompts or self.lm_eval):
             raise ValueError("give at least one of ppl, tasks, prompts, lm_eval")
         if self.backend == "vllm" and (self.ppl or self.lm_eval or self.adapters):

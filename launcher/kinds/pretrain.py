@@ -31,7 +31,7 @@ class PretrainParams(TrainingParams):
     _plain_corpus = field_validator("corpus", mode="before")(one_part_per_path)
 
     @model_validator(mode="after")
-    def _mode_options(self) -> "PretrainParams":
+    def _mode_options(self) -> PretrainParams:
         if self.mode != "embeddings" and (self.new_rows_only or self.train_lm_head):
             raise ValueError("new_rows_only / train_lm_head only apply to mode: embeddings")
         if self.mode != "lora" and self.init_adapter:

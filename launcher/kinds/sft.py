@@ -11,7 +11,6 @@ from pydantic import Field, field_validator, model_validator
 from . import InputPath, StageKind
 from ._training import BlendPart, TrainingParams, one_part_per_path
 
-
 # FlashAttention has no form for a prompt prefix shared by several examples of a row.
 NO_SHARED_PREFIX_UNDER_FLASH = (
     "share_prompt_prefix needs attn_implementation sdpa or eager: FlashAttention's varlen kernel lets "
@@ -56,7 +55,7 @@ class SftParams(TrainingParams):
     _plain_train_file = field_validator("train_file", "replay_corpus", mode="before")(one_part_per_path)
 
     @model_validator(mode="after")
-    def _prefix_needs_packing(self) -> "SftParams":
+    def _prefix_needs_packing(self) -> SftParams:
         if self.group_by_length and (self.replay_corpus or len(self.train_file) > 1):
             raise ValueError("group_by_length needs one train_file and no replay_corpus (length groups "
                              "would sort the parts of a blend apart); use pack_batches")

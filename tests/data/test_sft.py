@@ -8,8 +8,16 @@ import json
 import numpy as np
 import pytest
 
-from chla_tools.sft_data import (IGNORE_INDEX, PROMPT_TEMPLATE, collate_sft, collate_sft_packed, format_prompt,
-                                 load_sft_dataset, load_sft_tokenizer, shared_prompt_prefix)
+from chla_tools.sft_data import (
+    IGNORE_INDEX,
+    PROMPT_TEMPLATE,
+    collate_sft,
+    collate_sft_packed,
+    format_prompt,
+    load_sft_dataset,
+    load_sft_tokenizer,
+    shared_prompt_prefix,
+)
 
 # The original project's Alpaca training prompt, verbatim (FACTS.md).
 ORIGINAL = ("Below is an instruction that describes a task. Write a response that appropriately completes the "

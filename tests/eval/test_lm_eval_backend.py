@@ -5,7 +5,8 @@ fetched: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE are set while it runs).
 lm-eval's per-item log-likelihoods are checked against a second computation written here with
 plain transformers: the choice's tokens after the Alpaca prompt, summed log-softmax; the tokens
 split as lm-eval documents it (context and context+choice encoded whole, the choice's tokens are
-the difference) or encoded separately, as SFT trains (pair_tokenization: separate). The whole stage path (results.json, summary) runs in the demo chain test."""
+the difference) or encoded separately, as SFT trains (pair_tokenization: separate). The whole
+stage path (results.json, summary) runs in the demo chain test."""
 
 from __future__ import annotations
 

@@ -95,10 +95,11 @@ def test_trainable_token_rows_match_peft_and_grow_the_vocabulary(tiny_chain, tmp
     as stock peft (streamed in several chunks, or whole when the dtype changes). Saved as chla
     saves it (only the rows), or as peft does by default when the vocabulary grew (the resized
     matrices whole as well)."""
-    import chla_tools.merge as merge_module
     from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import chla_tools.merge as merge_module
 
     base_vocab, pretrain_vocab, sft_vocab = tiny_chain["sizes"]
     pretrained = tmp_path / "pretrained"

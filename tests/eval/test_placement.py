@@ -15,7 +15,7 @@ from .test_evaluate import eval_inputs, merged_model  # noqa: F401  (the fixture
 PROMPTS = ["话说天下大势，分久必合，合久必分。", "你好", "人民日报报道，今年粮食生产获得丰收。"]
 
 
-def test_spread_model_generates_and_scores_as_the_whole_one(merged_model, eval_inputs, tmp_path):
+def test_spread_model_generates_and_scores_as_the_whole_one(merged_model, eval_inputs, tmp_path):  # noqa: F811 (fixtures)
     assert placement("cuda") == {"device_map": "auto"} and placement("cpu") == {}
     whole, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
     layer_bytes = sum(p.numel() * 4 for p in whole.model.layers[0].parameters())

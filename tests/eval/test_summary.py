@@ -32,9 +32,9 @@ def write_results(directory: Path, tasks: dict = None, prompts: list[tuple[str, 
     return str(directory)
 
 
-def task_entry(name: str, counts: dict, labels: Counter = Counter()) -> dict:
+def task_entry(name: str, counts: dict, labels: Counter | None = None) -> dict:
     items = counts["model"].get("items") or 100
-    return {"path": f"{name}.json", "items": items, **task_results(TASKS[name], counts, labels),
+    return {"path": f"{name}.json", "items": items, **task_results(TASKS[name], counts, labels or Counter()),
             "counts": counts, "predictions": f"generations/task-{name}.jsonl"}
 
 

@@ -11,7 +11,6 @@ the stage completes."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 import subprocess

@@ -27,7 +27,7 @@ PROBE = textwrap.dedent("""
 
 def heavy_modules(*args: str, cwd: Path) -> list[str]:
     result = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, capture_output=True, text=True)
-    line = [l for l in result.stdout.splitlines() if l.startswith("HEAVY=")]
+    line = [text for text in result.stdout.splitlines() if text.startswith("HEAVY=")]
     assert line, result.stdout + result.stderr
     return json.loads(line[-1][len("HEAVY="):])
 

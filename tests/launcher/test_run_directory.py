@@ -35,7 +35,7 @@ def test_flock_lets_one_holder_in(tmp_path):
     from chla_launcher.lock import RunLock
 
     with RunLock(tmp_path, "submit"):
-        with pytest.raises(ChlaError, match=r"is locked by `chla submit` \(host .*, pid %d" % os.getpid()):
+        with pytest.raises(ChlaError, match=rf"is locked by `chla submit` \(host .*, pid {os.getpid()}"):
             RunLock(tmp_path, "cancel", wait_s=0.3).acquire()
     with RunLock(tmp_path, "cancel"):  # released on exit
         pass

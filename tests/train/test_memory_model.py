@@ -9,8 +9,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chla_launcher.sizing import (PROJECTIONS, ModelShape, Trainable, TrainingSetup, _layer_saved_bytes,
-                                  flops_per_token, parameter_counts)
+from chla_launcher.sizing import (
+    PROJECTIONS,
+    ModelShape,
+    Trainable,
+    TrainingSetup,
+    _layer_saved_bytes,
+    flops_per_token,
+    parameter_counts,
+)
 from chla_train.model import apply_lora, count_parameters, setup_embeddings_training
 
 BATCH, SEQ = 2, 32

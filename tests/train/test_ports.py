@@ -9,8 +9,14 @@ import socket
 import pytest
 
 from chla_launcher.errors import ChlaError
-from chla_train.distributed import (DistributedEnv, ephemeral_port_range, free_master_port, master_port,
-                                    port_candidates, require_port_free)
+from chla_train.distributed import (
+    DistributedEnv,
+    ephemeral_port_range,
+    free_master_port,
+    master_port,
+    port_candidates,
+    require_port_free,
+)
 
 LINUX_DEFAULT = (32768, 60999)
 

@@ -13,9 +13,10 @@ from .test_training import PROBE, reference_model, summary
 
 
 def test_embedding_learning_rate_gets_its_own_param_groups():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from chla_launcher.kinds import get_kind
     from chla_train.trainer import build_optimizer
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     params = get_kind("sft").params(tokenizer="/t", model="/m", train_file="/f", learning_rate=1e-3,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..helpers import chla, status_json, wait_for_chain
+from ..helpers import chla, wait_for_chain
 from .test_training import pretrain_params
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -101,7 +101,7 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
     reached, urgent = [], []
     for attempt in range(1, 3):
         # Preempt once this attempt has trained a few steps past where the previous one stopped.
-        _wait(lambda: json.loads(state_file.read_text()).get("attempts") == attempt
+        _wait(lambda attempt=attempt: json.loads(state_file.read_text()).get("attempts") == attempt
               and _logged_step(run_dir) > max(reached, default=0) + 2, 240, "training steps")
         urgent.append(preempt_on_slurm(job))
         _wait(lambda: json.loads(state_file.read_text()).get("stopped_by") == "SIGTERM", 120, "the checkpoint")

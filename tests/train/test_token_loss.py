@@ -6,7 +6,6 @@ Controls: a gradient with a target shifted by one position differs."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -217,12 +217,12 @@ def test_twice_preempted_run_ends_bitwise_equal_to_uninterrupted(train_assets, t
     for targets in ([1], [1, 0]):
         ranks = rank_processes(executor, 2)
         resumed = max(reached, default=0)
-        wait_until(lambda: max(logged_steps(work), default=0) >= resumed + 5, 120, "training steps")
+        wait_until(lambda resumed=resumed: max(logged_steps(work), default=0) >= resumed + 5, 120, "training steps")
         os.kill(executor.pid, signal.SIGSTOP)  # hold the requeue until the torn line is written
         for rank in targets:
             ranks[rank].send_signal(signal.SIGTERM)
             time.sleep(0.2)
-        wait_until(lambda: all(p.status() == psutil.STATUS_ZOMBIE for p in ranks), 60, "the ranks to exit")
+        wait_until(lambda ranks=ranks: all(p.status() == psutil.STATUS_ZOMBIE for p in ranks), 60, "the ranks to exit")
         reached.append(max(logged_steps(work)))
         with open(work / "metrics.jsonl", "a") as handle:
             handle.write('{"step": 99, "loss": 1.23')  # torn: no closing brace, no newline

@@ -4,7 +4,6 @@ LLaMA-style base tokenizer."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
