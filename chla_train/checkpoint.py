@@ -64,7 +64,8 @@ def set_aside(work_dir: Path, *, rank: int) -> Path:
 def rng_states() -> dict[str, Any]:
     """Every RNG's state as tensors, ints and lists only, so that it loads with weights_only=True
     (numpy's own state holds an ndarray, which that loader refuses)."""
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)  # the legacy state: ("MT19937", keys, position, ...)
     states = {"python": random.getstate(),
               "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
               "torch": torch.get_rng_state()}

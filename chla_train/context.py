@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel
-
+from chla_launcher.kinds import StageParams
 from chla_train.distributed import DistributedEnv
+
+# The params model of the stage kind a runner implements: `def run(ctx: StageContext[SftParams])`.
+ParamsT = TypeVar("ParamsT", bound=StageParams)
 
 # Exit status with which a task asks the local executor to run it again (as Slurm's requeue does).
 REQUEUE_EXIT_CODE = 75
@@ -27,11 +29,11 @@ class Preempted(BaseException):
 
 
 @dataclass
-class StageContext:
+class StageContext(Generic[ParamsT]):
     run_dir: Path
     stage: str
     kind: str
-    params: BaseModel
+    params: ParamsT
     stage_dir: Path
     # Where the stage writes its results. For a single (non-array) stage this is a directory
     # private to this attempt that becomes <stage>/out only after every rank returned; for an

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import os
 import shutil
 import socket
@@ -390,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

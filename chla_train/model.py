@@ -64,7 +64,8 @@ def build_base_model(model_dir: str | None, init: dict[str, Any] | None, *, dtyp
         config._attn_implementation = attn_implementation
         torch.manual_seed(seed)  # the random init is part of the recipe: same seed, same model
         model = LlamaForCausalLM(config)
-        return model.to(dtype)
+        return model.to(dtype)  # type: ignore[arg-type]  # transformers' decorator on to() hides nn.Module.to's signature
+    assert model_dir is not None  # TrainingParams takes exactly one of model, init
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ChlaError(f"model {path}: no config.json; point `model` at an HF model directory "
@@ -213,7 +214,7 @@ class SafetensorsRanges:
         target = out if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous() else \
             torch.empty(out.numel(), dtype=dtype)
         self.handle.seek(self.data_start + info["data_offsets"][0] + start * itemsize)
-        if self.handle.readinto(target.view(torch.uint8).numpy()) != target.numel() * itemsize:
+        if self.handle.readinto(target.view(torch.uint8).numpy().data) != target.numel() * itemsize:
             raise ChlaError(f"{self.path}: tensor {name} is cut short; the file is incomplete")
         if target is not out:
             with torch.no_grad():

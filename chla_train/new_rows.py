@@ -56,7 +56,7 @@ def init_new_rows(matrices: list[torch.Tensor], base_rows: int, method: str, *,
     stats = NewRowStats(method, new_count)
     if new_count <= 0:
         return stats
-    pieces = None
+    pieces: list[list[int]] = []
     if method == "subtoken_mean":
         pieces = subtoken_ids(tokenizer_dir, base_rows, total_rows, where=where)
         stats.mean_subtokens = sum(len(p) for p in pieces) / new_count
@@ -117,5 +117,5 @@ def _added_token_texts(tokenizer_dir, sp_size: int, total_rows: int) -> list[str
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return [tokenizer.convert_ids_to_tokens(i) or "" for i in range(sp_size, total_rows)]
+    return [str(tokenizer.convert_ids_to_tokens(i) or "") for i in range(sp_size, total_rows)]
 

@@ -55,9 +55,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 else:  # the division writes the cast result: one pass instead of two
                     grad_logits = torch.div(exps, sums[:, None], out=torch.empty_like(exps, dtype=hidden.dtype))
                 grad_logits[rows, target] = at_target.to(hidden.dtype)
-                if want_hidden:
+                if grad_hidden is not None:
                     torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk])
-                if want_weight:
+                if grad_weight is not None:
                     if grad_weight.dtype == grad_logits.dtype:
                         grad_weight.addmm_(grad_logits.T, piece)
                     else:
@@ -81,8 +81,9 @@ def projection_weight(module: nn.Module) -> torch.Tensor | None:
     bias-free projection (then the caller lets the layer compute its logits itself)."""
     if isinstance(module, nn.Linear):
         return module.weight if module.bias is None else None
-    if hasattr(module, "base_weight") and hasattr(module, "new_weight"):  # chla_train.model.NewRowsLinear
-        return torch.cat([module.base_weight, module.new_weight], dim=0)
+    base, new = getattr(module, "base_weight", None), getattr(module, "new_weight", None)
+    if isinstance(base, torch.Tensor) and isinstance(new, torch.Tensor):  # chla_train.model.NewRowsLinear
+        return torch.cat([base, new], dim=0)
     return None
 
 
@@ -90,7 +91,7 @@ def computing_layer(output_embeddings: nn.Module) -> nn.Module:
     """The module that really projects: PEFT's modules_to_save wrapper delegates to its active copy."""
     copies = getattr(output_embeddings, "modules_to_save", None)
     if isinstance(copies, nn.ModuleDict):
-        active = output_embeddings.active_adapters
+        active = getattr(output_embeddings, "active_adapters", [])
         if len(active) == 1 and active[0] in copies:
             return copies[active[0]]
     return output_embeddings

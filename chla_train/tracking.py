@@ -208,7 +208,7 @@ class _MlflowBackend(_Backend):
     def __init__(self, settings, ctx, chain, stage_runs_file) -> None:
         super().__init__(ctx, chain, stage_runs_file)
         self.settings = settings
-        self.client = None
+        self.client: Any = None  # an mlflow.MlflowClient once started (mlflow is imported then)
         self.run_id: str | None = None
         self.parent_id: str | None = None
 
@@ -292,7 +292,7 @@ class _WandbBackend(_Backend):
     def __init__(self, settings, ctx, chain, stage_runs_file) -> None:
         super().__init__(ctx, chain, stage_runs_file)
         self.settings = settings
-        self.run = None
+        self.run: Any = None  # a wandb Run once started (wandb is imported then)
 
     def start(self, params: dict[str, Any]) -> None:
         import wandb

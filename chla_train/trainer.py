@@ -57,9 +57,9 @@ T = TypeVar("T")
 @dataclass
 class TrainData:
     train_set: Any  # indexable: train_set[i] -> item for `collate`
-    train_indices: Sequence[int]
+    train_indices: Sequence[int] | np.ndarray
     valid_set: Any
-    valid_indices: Sequence[int]
+    valid_indices: Sequence[int] | np.ndarray
     collate: Collate
     # per-item lengths of train_set, for length-grouped batches (None: plain shuffle)
     train_lengths: np.ndarray | None = None
@@ -468,7 +468,7 @@ class Trainer:
             totals[1] += weight * label_token_count(batch)
         self.engine.train()
         dist.all_reduce(totals)
-        return float(totals[0] / max(totals[1], 1.0))
+        return float(totals[0]) / max(float(totals[1]), 1.0)
 
     def _log(self, message: str) -> None:
         """Progress lines from rank 0 only (every rank has the same numbers)."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# A key path from a document's root: keys (YAML allows numbers too) and list indices, e.g.
+# ("stages", "pt", "params", "lr").
+KeyPath = tuple[str | int | float, ...]
+
 
 class ChlaError(Exception):
     """A mistake in the user's input. The CLI prints `chla: <message>` and exits with status 2."""

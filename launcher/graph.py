@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
+from typing import Any
 
 from .errors import ChlaError
 from .recipe import ResolvedRecipe, ResolvedStage
@@ -50,7 +51,7 @@ def topological_order(recipe: ResolvedRecipe) -> list[str]:
     remaining = {name: set(stage.after) for name, stage in recipe.stages.items()}
     order: list[str] = []
     while remaining:
-        ready = sorted((name for name, parents in remaining.items() if not parents), key=position.get)
+        ready = sorted((name for name, parents in remaining.items() if not parents), key=position.__getitem__)
         if not ready:  # cannot happen: resolve() rejects cycles
             raise ChlaError("dependency cycle")
         name = ready[0]
@@ -178,7 +179,7 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def input_identity(path: str) -> list:
+def input_identity(path: str) -> list[Any]:
     """Size and modification time of an external input, and of every file inside it if it is a
     directory (content hashes are the stages' own business: reading a model to hash it would take
     longer than the submission)."""

@@ -19,8 +19,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from .kinds._training import TrainingParams
+from .kinds.merge import MergeParams
+from .kinds.merge_tokenizer import MergeTokenizerParams
+from .kinds.pretrain import PretrainParams
+from .kinds.sft import SftParams
+from .kinds.train_spm import TrainSpmParams
 from .recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
 from .sizing import PROJECTIONS, MemoryEstimate, ModelShape, Trainable, TrainingSetup, parameter_counts, training_memory
 
@@ -39,7 +45,7 @@ class StagePlan:
     stage: str
     shape: ModelShape | None
     source: str                       # where the sizes come from, or why they are unknown
-    setup: TrainingSetup | None = None
+    setup: TrainingSetup
     trainable: Trainable | None = None
     total_params: int = 0
     trainable_params: int = 0
@@ -64,21 +70,23 @@ def plan_recipe(recipe: ResolvedRecipe) -> list[StagePlan]:
 
 
 def plan_stage(stage: ResolvedStage, sizes: _Sizes, recipe: ResolvedRecipe) -> StagePlan:
-    params, resources = stage.params, stage.resources
+    params, resources = stage.params_as(TrainingParams), stage.resources
     shape, source = sizes.training_shape(stage)
-    plan = StagePlan(stage=stage.name, shape=shape, source=source)
+    notes = []
     on_gpu = resources.gpus_per_node > 0
     precision = params.precision
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
-        plan.notes.append(f"precision auto taken as {precision}" + ("" if on_gpu else " (a CPU without native bf16)"))
-    sft = stage.kind.name == "sft"
-    plan.setup = TrainingSetup(
+        notes.append(f"precision auto taken as {precision}" + ("" if on_gpu else " (a CPU without native bf16)"))
+    sft = isinstance(params, SftParams)
+    setup = TrainingSetup(
         precision=precision, zero_stage=params.zero_stage, world_size=resources.world_size,
-        micro_batch=params.micro_batch_size, seq_len=params.max_seq_length if sft else params.block_size,
+        micro_batch=params.micro_batch_size,
+        seq_len=params.max_seq_length if isinstance(params, SftParams) else stage.params_as(PretrainParams).block_size,
         gradient_checkpointing=params.gradient_checkpointing,
         attention="sdpa" if params.attn_implementation == "flash_attention_2" and not on_gpu else params.attn_implementation,
         masked=sft and params.attn_implementation != "flash_attention_2", cpu=not on_gpu)
+    plan = StagePlan(stage=stage.name, shape=shape, source=source, setup=setup, notes=notes)
     if sft:
         plan.notes.append("SFT: the loss taken at every position (an upper bound: chla computes it at the answers only)")
     plan.trainable = _trainable(stage, shape)
@@ -91,9 +99,9 @@ def plan_stage(stage: ResolvedStage, sizes: _Sizes, recipe: ResolvedRecipe) -> S
 
 
 def _trainable(stage: ResolvedStage, shape: ModelShape | None) -> Trainable:
-    params = stage.params
-    mode = getattr(params, "mode", "lora")
-    if mode == "embeddings":
+    params = stage.params_as(TrainingParams)
+    mode = params.mode if isinstance(params, PretrainParams) else "lora"
+    if isinstance(params, PretrainParams) and mode == "embeddings":
         new_rows = None
         if params.new_rows_only and shape is not None:
             new_rows = max(0, shape.vocab_size - _base_rows_hint(stage))
@@ -106,8 +114,9 @@ def _trainable(stage: ResolvedStage, shape: ModelShape | None) -> Trainable:
 
 
 def _base_rows_hint(stage: ResolvedStage) -> int:
-    config = _read_json(Path(stage.params.model or "-") / "config.json")
-    return int(config.get("vocab_size", 0)) if config else int((stage.params.init or {}).get("vocab_size", 32000))
+    params = stage.params_as(TrainingParams)
+    config = _read_json(Path(params.model or "-") / "config.json")
+    return int(config.get("vocab_size", 0)) if config else int((params.init or {}).get("vocab_size", 32000))
 
 
 def _device_budget(stage: ResolvedStage, recipe: ResolvedRecipe) -> tuple[str, int | None]:
@@ -135,10 +144,12 @@ class _Sizes:
 
     def training_shape(self, stage: ResolvedStage) -> tuple[ModelShape | None, str]:
         """The model the stage trains: its base, grown to its tokenizer (plus [PAD] for SFT)."""
-        params = stage.params
+        params = stage.params_as(TrainingParams)
+        shape: ModelShape | None
         if params.init is not None:
             shape, source = ModelShape.from_config(params.init), "init: config"
         else:
+            assert params.model is not None  # TrainingParams takes exactly one of model, init
             shape, source = self.model_shape(params.model)
         if shape is None:
             return None, source
@@ -167,10 +178,11 @@ class _Sizes:
         return ModelShape.from_config(config), f"{path}/config.json"
 
     def _merged(self, stage: ResolvedStage) -> tuple[ModelShape | None, str]:
-        shape, source = self.model_shape(stage.params.base)
+        params = stage.params_as(MergeParams)
+        shape, source = self.model_shape(params.base)
         if shape is None:
             return None, source
-        for adapter in stage.params.adapters:
+        for adapter in params.adapters:
             upstream = self._upstream(adapter)
             if upstream is not None and upstream[0].kind.name in TRAINING_KINDS:
                 grown, _ = self.training_shape(upstream[0])
@@ -186,11 +198,12 @@ class _Sizes:
             stage, _ = upstream
             if stage.kind.name != "merge_tokenizer":
                 return None, False
-            base, base_exact = self.tokenizer_size(stage.params.base)
-            added, _ = self.sentencepiece_size(stage.params.add)
+            params = stage.params_as(MergeTokenizerParams)
+            base, _ = self.tokenizer_size(params.base)
+            added, _ = self.sentencepiece_size(params.add)
             if base is None or added is None:
                 return None, False
-            return base + added + int(stage.params.pad_token), False
+            return base + added + int(params.pad_token), False
         return _tokenizer_dir_size(Path(path)), True
 
     def sentencepiece_size(self, path: str) -> tuple[int | None, bool]:
@@ -198,14 +211,15 @@ class _Sizes:
         if upstream is not None:
             stage, _ = upstream
             if stage.kind.name == "train_spm":
-                return stage.params.vocab_size, True
+                return stage.params_as(TrainSpmParams).vocab_size, True
             return None, False
         return _sentencepiece_pieces(Path(path)), True
 
     def has_pad(self, path: str) -> bool:
         upstream = self._upstream(path)
         if upstream is not None:
-            return upstream[0].kind.name == "merge_tokenizer" and bool(upstream[0].params.pad_token)
+            params = upstream[0].params
+            return isinstance(params, MergeTokenizerParams) and params.pad_token
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (_read_json(Path(path) / name) or {}).get("pad_token"):
                 return True
@@ -225,11 +239,12 @@ class _Sizes:
         return None
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _tokenizer_dir_size(directory: Path) -> int | None:
@@ -310,7 +325,7 @@ def render(plans: list[StagePlan], out: TextIO) -> None:
     for plan in plans:
         setup = plan.setup
         batch = f"{setup.micro_batch}x{setup.seq_len}"
-        if plan.memory is None:
+        if plan.memory is None or plan.shape is None:
             print(f"{plan.stage:<12} {'?':<22} {'':>8} {'':>8} {setup.zero_stage:>4} {setup.world_size:>5} "
                   f"{batch:>9}  unknown: {plan.source}", file=out)
             continue

@@ -16,9 +16,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .atomic import write_json
+
+if TYPE_CHECKING:
+    from chla_train.context import StageContext
 
 PROGRESS_DIR = "progress"
 MIN_INTERVAL_S = 0.5
@@ -104,7 +107,7 @@ class ProgressWriter:
             pass  # progress is for eyes; a full or read-only disk must not stop the work
 
 
-def progress_writer(ctx, *, total: float, unit: str, start_done: float = 0.0) -> ProgressWriter | None:
+def progress_writer(ctx: StageContext[Any], *, total: float, unit: str, start_done: float = 0.0) -> ProgressWriter | None:
     """The writer for a job's task (rank 0 only; None for the other ranks)."""
     if ctx.dist.rank != 0:
         return None
@@ -129,7 +132,7 @@ class ProgressDisplay:
     MIN_INTERVAL_S) and redraws; `close()` leaves the last state on screen. Off a terminal it
     draws nothing: the job logs keep their own periodic lines."""
 
-    def __init__(self, stage_dir: str | Path, stage: str, out, *, array: bool = False,
+    def __init__(self, stage_dir: str | Path, stage: str, out: TextIO, *, array: bool = False,
                  since: float | None = None) -> None:
         self.stage_dir, self.stage, self.array = Path(stage_dir), stage, array
         self.since = time.time() if since is None else since  # older files are an earlier attempt's

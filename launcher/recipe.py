@@ -17,13 +17,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import RecipeError
-from .kinds import StageKind, input_path_fields, input_path_values, map_input_paths, registry
+from .errors import KeyPath, RecipeError
+from .kinds import StageKind, StageParams, input_path_fields, input_path_values, map_input_paths, registry
 from .rundir import RESERVED_NAMES
 from .tracking import TrackingSettings, refuse_credentials
 
@@ -230,6 +230,9 @@ class SweepPoint:
     scaling: str
 
 
+ParamsT = TypeVar("ParamsT", bound=StageParams)
+
+
 @dataclass
 class ResolvedStage:
     """One stage after interpolation, validation and dependency inference."""
@@ -246,6 +249,13 @@ class ResolvedStage:
     @property
     def num_tasks(self) -> int:
         return self.array or 1
+
+    def params_as(self, params_type: type[ParamsT]) -> ParamsT:
+        """The stage's params as the kind's own model (for code that reads one kind's fields)."""
+        if not isinstance(self.params, params_type):
+            raise TypeError(f"stage {self.name} ({self.kind.name}) has {type(self.params).__name__}, "
+                            f"not {params_type.__name__}")
+        return self.params
 
 
 @dataclass
@@ -283,19 +293,19 @@ class ResolvedRecipe:
 # YAML with line numbers
 
 
-def _compose(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+def _compose(text: str, source: str) -> tuple[Any, dict[KeyPath, int]]:
     """Parse YAML into plain Python objects plus a map key-path -> line number.
 
     Duplicate keys are errors (PyYAML silently keeps the last one, which would hide a second stage
     with the same name)."""
     loader = yaml.SafeLoader(text)
-    lines: dict[tuple, int] = {}
+    lines: dict[KeyPath, int] = {}
     try:
         node = loader.get_single_node()
         if node is None:
             raise RecipeError("the recipe is empty; it needs at least `name:` and `stages:`", file=source)
 
-        def build(node: yaml.Node, path: tuple) -> Any:
+        def build(node: yaml.Node, path: KeyPath) -> Any:
             lines.setdefault(path, node.start_mark.line + 1)
             if isinstance(node, yaml.MappingNode):
                 loader.flatten_mapping(node)
@@ -328,7 +338,7 @@ def _compose(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     return data, lines
 
 
-def _dotted(path: tuple) -> str:
+def _dotted(path: KeyPath) -> str:
     out = ""
     for part in path:
         if isinstance(part, int):
@@ -338,7 +348,7 @@ def _dotted(path: tuple) -> str:
     return out
 
 
-def _line_for(lines: dict[tuple, int], path: tuple) -> int | None:
+def _line_for(lines: dict[KeyPath, int], path: KeyPath) -> int | None:
     while path:
         if path in lines:
             return lines[path]
@@ -482,7 +492,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     return resolve(data, source, lines, check_inputs=check_inputs, cwd=cwd, interpolate=interpolate)
 
 
-def _raise_validation(error: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple = ()) -> None:
+def _raise_validation(error: ValidationError, source: str, lines: dict[KeyPath, int], prefix: KeyPath = ()) -> None:
     first = error.errors()[0]
     loc = prefix + tuple(part for part in first["loc"] if not (isinstance(part, str) and part.startswith("function-")))
     message = first["msg"]
@@ -496,7 +506,7 @@ def _raise_validation(error: ValidationError, source: str, lines: dict[tuple, in
     raise RecipeError(message, file=source, key=_dotted(loc) or None, line=_line_for(lines, loc)) from None
 
 
-def resolve(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = None, *,
+def resolve(data: dict[str, Any], source: str, lines: dict[KeyPath, int] | None = None, *,
             check_inputs: bool = True, cwd: Path | None = None, interpolate: bool = True) -> ResolvedRecipe:
     """Validate `data` into a ResolvedRecipe. `interpolate=False` is for a frozen recipe, whose
     references were resolved at submission (a literal "${...}" in it must stay as it is)."""
@@ -589,7 +599,7 @@ def resolve(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = 
 
 
 def _expand_sweep(stage: ResolvedStage, sweep: SweepSpec, stage_names: set[str], source: str,
-                  lines: dict[tuple, int], base: tuple) -> list[ResolvedStage]:
+                  lines: dict[KeyPath, int], base: KeyPath) -> list[ResolvedStage]:
     key = base + ("sweep",)
     if not stage.kind.distributed:
         raise RecipeError(f"kind {stage.kind.name!r} runs as one process; it cannot be swept over nodes",
@@ -637,7 +647,7 @@ def _absolute(value: str, cwd: Path) -> str:
 
 
 def _check_inputs(kind: StageKind, params: BaseModel, run_dir: Path, source: str,
-                  lines: dict[tuple, int], base: tuple) -> None:
+                  lines: dict[KeyPath, int], base: KeyPath) -> None:
     import glob as globmod
 
     for field_name, marker in input_path_fields(type(params)).items():

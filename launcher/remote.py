@@ -33,7 +33,7 @@ import os
 import shlex
 import sys
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -117,7 +117,7 @@ def parse_remote(spec: str) -> RemoteTarget:
     return RemoteTarget(host=host, user=user, port=port, dir=directory)
 
 
-def _home_relative(directory: str, bad) -> str:
+def _home_relative(directory: str, bad: Callable[[str], ChlaError]) -> str:
     # Quoted paths never see tilde expansion, and the SSH session starts in the home directory,
     # so `~/x` is simply `x`.
     if directory in ("~", "~/"):

@@ -152,7 +152,7 @@ def flops_per_token(shape: ModelShape, trainable: Trainable, seq_len: int, *, lo
                                     if name in ("q_proj", "k_proj", "v_proj"))
     else:
         activation_grads = 0.0  # at most lm_head trains: no gradient enters the layers
-    weight_grads = shape.num_layers * (base if trainable.mode == "full" else lora)
+    weight_grads: float = shape.num_layers * (base if trainable.mode == "full" else lora)
     if trainable.trains_lm_head:
         weight_grads += vocab
     return Flops(forward=forward, backward=activation_grads + weight_grads)

@@ -18,11 +18,12 @@ with a password in it, is refused with one line.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import RecipeError
+from .errors import KeyPath, RecipeError
 
 # Keys whose values are credentials. Lower-case names only match whole: `pad_token` and
 # `max_new_tokens` are recipe keys, `HF_TOKEN` (an environment variable's name) is a secret.
@@ -42,7 +43,9 @@ def looks_like_a_credential(key: str) -> bool:
             or (key.isupper() and normal.endswith("_token")))
 
 
-def refuse_credentials(data: Any, source: str, line_of, path: tuple = ()) -> None:
+def refuse_credentials(
+    data: Any, source: str, line_of: Callable[[KeyPath], int | None], path: KeyPath = ()
+) -> None:
     """Raise a RecipeError naming the first key that holds a credential (`line_of(path)` gives
     the YAML line of a key path)."""
     if isinstance(data, dict):

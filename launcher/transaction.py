@@ -63,7 +63,7 @@ class SubmissionTransaction:
             # Paths this submission creates, removed again by a rollback ("" is the run directory).
             "created": [""] if new_run else []}
         self.committed = False
-        self._guardian: subprocess.Popen | None = None
+        self._guardian: subprocess.Popen[bytes] | None = None
         self._handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -135,6 +135,7 @@ class SubmissionTransaction:
         if self._guardian is None:
             return
         try:
+            assert self._guardian.stdin is not None  # opened with stdin=PIPE
             self._guardian.stdin.write(b"done")
             self._guardian.stdin.close()
             self._guardian.wait(timeout=30)  # it shares the lock: gone before the lock is released

@@ -189,14 +189,15 @@ class ResumableSampler:
             if self.shuffle:
                 permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
                 if self.lengths is not None:
-                    permutation = self._grouped_by_length(permutation, epoch)
-                self._order = self.indices[permutation[: self.epoch_length]]
+                    permutation = self._grouped_by_length(permutation, self.lengths, epoch)
+                order = self.indices[permutation[: self.epoch_length]]
             else:
-                self._order = self.indices[: self.epoch_length]
-            self._order_epoch = epoch
+                order = self.indices[: self.epoch_length]
+            self._order, self._order_epoch = order, epoch
+        assert self._order is not None  # set above for this epoch
         return self._order
 
-    def _grouped_by_length(self, permutation: np.ndarray, epoch: int) -> np.ndarray:
+    def _grouped_by_length(self, permutation: np.ndarray, lengths: np.ndarray, epoch: int) -> np.ndarray:
         """Each run of `length_group` positions of the permutation sorted longest first, cut into
         global batches, and those batches put in a seeded random order (not long-to-short: with
         a decaying learning rate the last steps would otherwise see only the shortest items)."""
@@ -205,7 +206,7 @@ class ResumableSampler:
         grouped = permutation.copy()
         for start in range(0, len(grouped), self.length_group):
             group = grouped[start:start + self.length_group]
-            group = group[np.argsort(-self.lengths[group], kind="stable")]
+            group = group[np.argsort(-lengths[group], kind="stable")]
             batches = [group[i:i + batch] for i in range(0, len(group), batch)]
             grouped[start:start + len(group)] = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
         return grouped

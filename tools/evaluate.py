@@ -36,13 +36,16 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from chla_launcher.atomic import replace_dir, write_json, write_text
 from chla_launcher.errors import ChlaError
 from chla_tools.tasks import ExactMatch, Task, normalise, task_named, task_of
+
+T = TypeVar("T")
 
 Log = Callable[[str], None]
 PARTIALS = "partials"
@@ -104,7 +107,7 @@ def load_items(source: Source) -> list:
     return records
 
 
-def shard_of(items: list, shard: int, num_shards: int) -> list[tuple[int, object]]:
+def shard_of(items: list[T], shard: int, num_shards: int) -> list[tuple[int, T]]:
     return [(index, items[index]) for index in range(shard, len(items), num_shards)]
 
 
@@ -233,7 +236,7 @@ def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard
         raise ChlaError(f"block_size {block} is too small; it must be at least 2")
     partials = Path(out_dir) / PARTIALS
     tag = _shard_tag(shard, num_shards)
-    summary = {"shard": shard, "num_shards": num_shards, "model": str(model_dir),
+    summary: dict[str, Any] = {"shard": shard, "num_shards": num_shards, "model": str(model_dir),
                "adapters": [str(a) for a in adapters], "block_size": block, "sources": {}}
 
     for source in sources:
@@ -264,7 +267,7 @@ def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard
     return summary
 
 
-def _add(total: dict[str, float], counts: dict[str, float]) -> None:
+def _add(total: dict[str, float], counts: Mapping[str, float]) -> None:
     for key, value in counts.items():
         total[key] = total.get(key, 0) + value
 
@@ -456,7 +459,7 @@ def run(ctx) -> dict:
     params = ctx.params
     num_shards = max(ctx.num_tasks, 1)
     shard = max(ctx.task_index, 0)
-    loaded = None
+    loaded: tuple[Any, Any] | None = None
     if params.backend == "vllm":
         from chla_tools.inference import find_tokenizer_dir, load_tokenizer
         from chla_tools.vllm_backend import VllmGenerator
@@ -467,8 +470,9 @@ def run(ctx) -> dict:
         from chla_tools.inference import load_for_inference
         from chla_tools.lm_eval_backend import run_lm_eval
 
-        loaded = load_for_inference(params.model, params.adapters, log=ctx.log)
-        run_lm_eval(*loaded, params.lm_eval, ctx.out_dir, ctx.work_dir,
+        model, tokenizer = load_for_inference(params.model, params.adapters, log=ctx.log)
+        loaded = (model, tokenizer)
+        run_lm_eval(model, tokenizer, params.lm_eval, ctx.out_dir, ctx.work_dir,
                     batch_size=params.batch_size, template=params.template, log=ctx.log)
     evaluate_shard(params.model, params.adapters, ctx.out_dir, sources=_sources_of(params), shard=shard,
                    num_shards=num_shards, batch_size=params.batch_size, max_new_tokens=params.max_new_tokens,

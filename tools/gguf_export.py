@@ -149,6 +149,7 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
              "--outfile", str(tmp), "--outtype", outtype, "--model-name", _model_name(model_dir)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         last = "no output"
+        assert process.stdout is not None  # stdout=PIPE
         try:
             for line in process.stdout:
                 line = line.rstrip().rsplit("\r", 1)[-1]

@@ -11,8 +11,9 @@ PeftModel, unmerged.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from chla_launcher.errors import ChlaError
 
@@ -48,7 +49,7 @@ def load_tokenizer(tokenizer_dir: Path):
     return tokenizer
 
 
-def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (), *,
+def load_for_inference(model_dir: str | Path, adapter_dirs: Sequence[str | Path] = (), *,
                        rope_scaling: float | None = None, device: str | None = None,
                        max_memory: dict[str | int, str] | None = None, offload_folder: str | Path | None = None,
                        log: Callable[[str], None] = print):
@@ -61,14 +62,14 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (
     from chla_tools.merge import Checkpoint, load_adapter, plan_merge
 
     model_dir = Path(model_dir)
-    adapter_dirs = [Path(d) for d in adapter_dirs]
+    adapter_paths = [Path(d) for d in adapter_dirs]
     if not model_dir.is_dir():
         raise ChlaError(f"model {model_dir}: not a directory")
     checkpoint = Checkpoint(model_dir)
-    adapters = [load_adapter(d) for d in adapter_dirs]
+    adapters = [load_adapter(d) for d in adapter_paths]
     planned, _tied = plan_merge(checkpoint, adapters, None)
     vocab_rows = next((p.shape[0] for p in planned if p.name == "model.embed_tokens.weight"), None)
-    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir, adapter_dirs))
+    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir, adapter_paths))
     if vocab_rows is not None and len(tokenizer) > vocab_rows:
         raise ChlaError(f"tokenizer has {len(tokenizer)} tokens but the model has {vocab_rows} embedding rows; "
                         "pass the adapter that added the tokens (--adapter), or the merged model")
@@ -89,14 +90,15 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: list[str | Path] = (
         # max_position_embeddings, like the original project's --alpha.
         config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "dynamic",
                                   "factor": float(rope_scaling)}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **spread)
+    # Any: a transformers model, then a peft model wrapping it
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **spread)
     if spread:
         devices = sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()})
         log(f"placed on {', '.join(devices)} (device_map auto)")
 
     from peft import PeftModel
 
-    for position, (adapter, directory) in enumerate(zip(adapters, adapter_dirs)):
+    for position, (adapter, directory) in enumerate(zip(adapters, adapter_paths)):
         rows = _saved_embedding_rows(adapter)
         current = model.get_input_embeddings().weight.shape[0]
         if rows is not None and rows > current:

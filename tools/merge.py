@@ -156,7 +156,7 @@ class SafetensorsFile:
         buffer = torch.empty(entry.nbytes, dtype=torch.uint8).numpy()
         with open(self.path, "rb", buffering=0) as handle:
             handle.seek(entry.start)
-            view, done = memoryview(buffer), 0
+            view, done = buffer.data, 0
             while done < entry.nbytes:
                 got = handle.readinto(view[done:])
                 if not got:
@@ -230,7 +230,7 @@ class Adapter:
         return _has_tokenizer(self.dir)
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict | None, module: str, default):
     # peft's get_pattern_key: a pattern matches a module name suffix (as a regex)
     for pattern, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
@@ -750,7 +750,7 @@ def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTens
                     if tuple(tensor.shape) != item.shape or tensor.dtype != torch_dtype(item.dtype):
                         raise RuntimeError(f"bug: {item.name} came out {tensor.dtype} {tuple(tensor.shape)}, "
                                            f"planned {item.dtype} {item.shape}")
-                    _pwrite_all(out_fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), offset)
+                    _pwrite_all(out_fd, tensor.reshape(-1).view(torch.uint8).numpy().data, offset)
                     flusher.start(out_fd, offset, item.nbytes)
                     progress.add(item.nbytes)
                     del tensor
@@ -801,7 +801,7 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
         src = chunk.source
         entry = src.file.tensors[src.key]
         stored = max(0, min(chunk.rows, entry.shape[0] - chunk.first_row)) * chunk.row_bytes
-        view = memoryview(buffers[slot].numpy())[:chunk.nbytes]
+        view = buffers[slot].numpy().data[:chunk.nbytes]
         _pread_into(fd, view[:stored], entry.start + chunk.first_row * chunk.row_bytes,
                     f"{src.file.path} (tensor {src.key})")
         if stored < chunk.nbytes:  # rows the token rows grow the matrix by: every one is patched
@@ -809,7 +809,7 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
 
     def write(chunk: Chunk, slot: int) -> None:
         offset = chunk.out_offset + chunk.first_row * chunk.row_bytes
-        _pwrite_all(chunk.out_fd, memoryview(buffers[slot].numpy())[:chunk.nbytes], offset)
+        _pwrite_all(chunk.out_fd, buffers[slot].numpy().data[:chunk.nbytes], offset)
         flusher.start(chunk.out_fd, offset, chunk.nbytes)
 
     def start_read() -> bool:
@@ -819,8 +819,9 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
             return False
         slot = count % _CHUNK_BUFFERS
         count += 1
-        if writes[slot] is not None:
-            writes[slot].result()  # the buffer is free once its last chunk is written
+        last_write = writes[slot]
+        if last_write is not None:
+            last_write.result()  # the buffer is free once its last chunk is written
             writes[slot] = None
         if buffers[slot].numel() < chunk.nbytes:  # one row larger than a chunk
             buffers[slot] = torch.empty(chunk.nbytes, dtype=torch.uint8)
@@ -838,9 +839,9 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
         apply_row_patches(rows, chunk.first_row, chunk.patches)
         writes[slot] = io_pool.submit(write, chunk, slot)
         progress.add(chunk.nbytes)
-    for pending in writes:
-        if pending is not None:
-            pending.result()
+    for last_write in writes:
+        if last_write is not None:
+            last_write.result()
 
 
 def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,

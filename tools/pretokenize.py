@@ -54,13 +54,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from chla_launcher.atomic import read_json, write_json
 from chla_launcher.errors import ChlaError
 from chla_launcher.progress import progress_writer
+
+if TYPE_CHECKING:
+    import multiprocessing.pool
 
 FORMAT_VERSION = "chla-pretokenized-v1"
 MANIFEST = "manifest.json"
@@ -71,7 +74,7 @@ _CUT_MARKS = (b"\n", b"\t", "。".encode(), "，".encode(), "！".encode(), "？
 _HASH_BLOCK = 1 << 22
 
 
-def _blake(digest_size: int = 16) -> hashlib._Hash:
+def _blake(digest_size: int = 16) -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=digest_size)
 
 
@@ -449,6 +452,7 @@ class _Encoder:
             model_bytes = Path(spec.sp_model or Path(spec.tokenizer_dir) / "tokenizer.model").read_bytes()
             sp = spm.SentencePieceProcessor(model_proto=model_bytes)
             self.encode = lambda texts: sp.encode(texts, num_threads=1)
+            self._sp_continued: Any = None  # built on first use: most documents need none
 
             def encode_continued(texts: list[str]) -> list[list[int]]:
                 # Continuation chunks of a long document must not get the dummy "▁" prefix.
@@ -459,7 +463,6 @@ class _Encoder:
                     self._sp_continued = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
                 return self._sp_continued.encode(texts, num_threads=1)
 
-            self._sp_continued = None
             self.encode_continued = encode_continued
             self._separator = self._joined_encoding_is_exact(sp)
         else:
@@ -644,7 +647,7 @@ def encode_item(item: tuple) -> tuple[bytes, int, dict, dict]:
     with open(path, "rb") as handle:
         handle.seek(start)
         raw = handle.read(end - start)
-    bad, where = _new_bad(), {}
+    bad, where = _new_bad(), dict[str, str]()
     if kind == "docs":
         docs = documents_of(raw, fmt, spec.options, bad, where, path)
         ids = _WORKER.encode_documents(docs) if docs else np.zeros(0, spec.dtype)
@@ -721,7 +724,8 @@ class _WorkerPool:
     """Worker processes, started on first use only (a warm re-run starts none)."""
 
     def __init__(self, spec: EncoderSpec, workers: int) -> None:
-        self.spec, self.workers, self.pool = spec, workers, None
+        self.spec, self.workers = spec, workers
+        self.pool: multiprocessing.pool.Pool | None = None
 
     def map_ordered(self, items: Iterator[tuple]) -> Iterator[tuple]:
         if self.pool is None:
@@ -830,7 +834,7 @@ def _tokenize_piece(piece: Piece, start: int, end: int, key: str, cache_dir: Pat
                     spec: EncoderSpec, layout: Layout, log: Callable[[str], None]) -> dict:
     _remove_dead_tmp(cache_dir, f"{key}.bin")
     tmp = cache_dir / f".{key}.bin.{socket.gethostname()}.{os.getpid()}.tmp"
-    bad, where, tokens, documents = _new_bad(), {}, 0, 0
+    bad, where, tokens, documents = _new_bad(), dict[str, str](), 0, 0
     items = _items_for_range(piece.path, piece.fmt, spec.options.txt_documents, start, end,
                              layout.batch_bytes, spec.options.chunk_bytes)
     try:

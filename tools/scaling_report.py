@@ -133,7 +133,7 @@ def _plot(group: str, points: list[dict[str, Any]], scaling: str, note: str, pat
     second.set_ylabel("parallel efficiency (%)")
     second.set_ylim(0, max(110, max(100 * p["efficiency"] for p in points) + 10))
     handles = ax.get_legend_handles_labels()[0] + second.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="upper left")
+    ax.legend(handles, [str(h.get_label()) for h in handles], loc="upper left")
     title = f"{group}: {scaling} scaling"
     if note:
         title += "\n(nodes share one host: smoke test only)"

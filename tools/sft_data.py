@@ -86,12 +86,12 @@ def _read_records(path: Path) -> list[Any]:
                 continue
             try:
                 records.append(json.loads(line))
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise ChlaError(f"{path}: line {number + 1}: invalid JSON ({exc.msg}); fix the line") from None
         return records
     try:
         records = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ChlaError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); fix the file") from None
     if not isinstance(records, list):
         raise ChlaError(f"{path}: top level is a JSON {type(records).__name__}, expected a list of "
@@ -341,7 +341,8 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((len(rows), width), dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-    attend = np.zeros((len(rows), width, width), dtype=bool) if share_prefix else None
+    # which key each query attends to, when a prefix is shared (else empty: varlen boundaries say it)
+    attend = np.zeros((len(rows), width, width) if share_prefix else (0, 0, 0), dtype=bool)
     segment_starts: list[int] = []
     for row, members in enumerate(rows):
         if prefix:
@@ -366,8 +367,8 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
             segment_starts.append(row * width + start)
         if share_prefix:
             attend[row, start:, start:] = np.tri(width - start, dtype=bool)  # no query row without a key
-    packed = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-              "attention_mask": attention_mask}
+    packed: dict[str, np.ndarray] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                                     "attention_mask": attention_mask}
     if share_prefix:
         packed["packed_attention_mask"] = attend
     else:

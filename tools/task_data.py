@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from chla_tools.peoples_daily import ENTITY_TYPES, Word, entities, split_sentences, text_of
-from chla_tools.tasks import TASKS, split_text_sentences
+from chla_tools.tasks import TASKS, Entities, Segmentation, split_text_sentences
 
 HELDOUT_EVERY = 20
 TEST_EVERY, TEST_AT, VALID_AT = 40, 18, 38
@@ -102,7 +103,7 @@ def _seeded_sample(items: list, cap: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def tagging_sentences(paragraphs: list[list[Word]], exclude: set[str] = frozenset(),
+def tagging_sentences(paragraphs: list[list[Word]], exclude: AbstractSet[str] = frozenset(),
                       train_text: str = "") -> list[list[Word]]:
     """The sentences of 5..60 characters, each text once, none in `exclude` or in `train_text`."""
     low, high = SENTENCE_CHARS
@@ -168,6 +169,7 @@ def build_tasks(split: CorpusSplit, neg_raw: bytes, pos_raw: bytes) -> tuple[dic
                  "valid": _seeded_sample(valid, SENTENCE_CAPS["valid"], SEED + 1),
                  "test": _seeded_sample(test, SENTENCE_CAPS["test"], SEED)}
     segmentation, entity_task = TASKS["segmentation"], TASKS["entities"]
+    assert isinstance(segmentation, Segmentation) and isinstance(entity_task, Entities)
     tasks["segmentation"] = {
         part: [segmentation.record(text_of(s), segmentation.format_answer([w.text for w in s])) for s in items]
         for part, items in sentences.items()}

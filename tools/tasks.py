@@ -26,6 +26,7 @@ as the model.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 
 from chla_launcher.errors import ChlaError
@@ -78,11 +79,11 @@ class Task:
         """The baselines' and references' answers to one record, in the task's format."""
         return {}
 
-    def score(self, record: dict, answer: str) -> dict[str, float]:
+    def score(self, record: dict, answer: str) -> Mapping[str, float]:
         """Counts that add up over items."""
         raise NotImplementedError
 
-    def metrics(self, counts: dict[str, float]) -> dict[str, float]:
+    def metrics(self, counts: Mapping[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
 
@@ -96,10 +97,10 @@ class ExactMatch(Task):
     metric, metric_label = "accuracy", "accuracy (exact match)"
     max_new_tokens = 0  # the evaluate stage's max_new_tokens
 
-    def score(self, record: dict, answer: str) -> dict[str, float]:
+    def score(self, record: dict, answer: str) -> Mapping[str, float]:
         return {"items": 1, "correct": int(normalise(answer) == normalise(record["output"]))}
 
-    def metrics(self, counts: dict[str, float]) -> dict[str, float]:
+    def metrics(self, counts: Mapping[str, float]) -> dict[str, float]:
         return {"accuracy": counts["correct"] / counts["items"] if counts["items"] else 0.0}
 
 
@@ -127,10 +128,10 @@ class Segmentation(Task):
         sentence = record["input"]
         return {"every_character": " ".join(sentence), "jieba": " ".join(jieba_words(sentence))}
 
-    def score(self, record: dict, answer: str) -> dict[str, float]:
+    def score(self, record: dict, answer: str) -> Mapping[str, float]:
         return segmentation_counts(record["output"].split(), answer.split())
 
-    def metrics(self, counts: dict[str, float]) -> dict[str, float]:
+    def metrics(self, counts: Mapping[str, float]) -> dict[str, float]:
         return prf(counts["correct"], counts["predicted"], counts["gold"])
 
 
@@ -171,7 +172,7 @@ class Entities(Task):
         return {"no_entities": self.format_answer([]),
                 "jieba": self.format_answer(jieba_entities(record["input"]))}
 
-    def score(self, record: dict, answer: str) -> dict[str, float]:
+    def score(self, record: dict, answer: str) -> Mapping[str, float]:
         gold, predicted = self.parse(record["output"]), self.parse(answer)
         counts = set_counts(gold, predicted)
         for kind in ENTITY_TYPES:
@@ -180,7 +181,7 @@ class Entities(Task):
                 counts[f"{kind}.{key}"] = value
         return counts
 
-    def metrics(self, counts: dict[str, float]) -> dict[str, float]:
+    def metrics(self, counts: Mapping[str, float]) -> dict[str, float]:
         figures = prf(counts["correct"], counts["predicted"], counts["gold"])
         for kind in ENTITY_TYPES:
             figures[f"{kind}.f1"] = prf(counts[f"{kind}.correct"], counts[f"{kind}.predicted"],
@@ -198,11 +199,11 @@ class Continuation(Task):
     def comparison_answers(self, record: dict) -> dict[str, str]:
         return {"copy_last_sentence": split_text_sentences(record["input"])[-1]}
 
-    def score(self, record: dict, answer: str) -> dict[str, float]:
+    def score(self, record: dict, answer: str) -> Mapping[str, float]:
         figures = rouge_l(answer, record["output"])
         return {"items": 1, **{f"rouge_l_{key}": value for key, value in figures.items()}}
 
-    def metrics(self, counts: dict[str, float]) -> dict[str, float]:
+    def metrics(self, counts: Mapping[str, float]) -> dict[str, float]:
         items = counts["items"] or 1
         return {key: counts[key] / items for key in ("rouge_l_precision", "rouge_l_recall", "rouge_l_f1")}
 

@@ -35,7 +35,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ def iter_corpus_lines(path: str | os.PathLike[str]) -> Iterator[str]:
                 yield text
 
 
-def check_corpora(paths: list[str | os.PathLike[str]]) -> CorpusStats:
+def check_corpora(paths: Sequence[str | os.PathLike[str]]) -> CorpusStats:
     """Validate every file (exists, UTF-8, not empty) and count lines and characters."""
     if not paths:
         raise ChlaError("no corpus files given; pass at least one text file")
@@ -586,7 +586,8 @@ def plot_report(report: dict, first: str, path: Path) -> None:
     by_key = {(r["tokenizer"], r["corpus"]): r for r in report["results"]}
     width = 0.8 / len(tok_names)
     fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(corpus_names) + 2), 4.5), dpi=110)
-    colors = plt.get_cmap("tab10").colors
+    palette = plt.get_cmap("tab10")
+    colors = [palette(i) for i in range(palette.N)]
     top = max(r["tokens_per_char"] for r in report["results"])
     for t, tok in enumerate(tok_names):
         xs = [c + (t - (len(tok_names) - 1) / 2) * width for c in range(len(corpus_names))]

@@ -14,11 +14,12 @@ import subprocess
 import sys
 
 from chla_launcher.errors import ChlaError
+from chla_launcher.kinds.command import CommandParams
 from chla_launcher.processes import die_with_parent
 from chla_train.context import Preempted, StageContext
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext[CommandParams]) -> dict:
     params = ctx.params
     env = dict(os.environ)
     env.update(params.env)

@@ -88,7 +88,7 @@ def run(ctx) -> dict[str, Any]:
                                     "precision", "precision_reason", *blend_facts)}
 
 
-def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[TrainData, dict, dict]:
+def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[TrainData, dict, Any]:
     """The training and validation examples: of one instruction file; or, with several files or
     replay, a WeightedBlend of every file (their weights scaled to 1 - replay_weight) and of the
     replay corpora (chla_tools.sft_replay; scaled to replay_weight), read in its fixed order, for

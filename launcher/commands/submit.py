@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from chla_launcher.remote import add_remote_arguments
+from chla_launcher.remote import RemoteOptions, add_remote_arguments
 
 NAME = "submit"
 HELP = "submit a recipe's stage chain (Slurm, detached) or run it on this machine (local)"
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     return submit(options)
 
 
-def _run_remote(args: argparse.Namespace, remote) -> int:
+def _run_remote(args: argparse.Namespace, remote: RemoteOptions) -> int:
     """Upload the recipe and run `chla submit` on the login node with the same flags. Paths in the
     flags (--run-dir, --resume) are paths on the remote side, relative to the remote directory."""
     from chla_launcher.remote import remote_submit

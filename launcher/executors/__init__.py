@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TextIO
 
-from ..chain import Chain
+from ..chain import Chain, StageRecord
 
 if TYPE_CHECKING:
     from ..graph import Plan
@@ -55,9 +55,12 @@ class Executor(ABC):
         """Print what submit() would queue, exactly; queue and write nothing."""
 
     @abstractmethod
-    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction) -> Chain:
+    def submit(
+        self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction
+    ) -> dict[str, StageRecord]:
         """Queue every stage of plan.run so that none starts before release(), calling
-        transaction.record_jobs() with each job id as soon as it exists; the chain to commit."""
+        transaction.record_jobs() with each job id as soon as it exists; the stages' records of
+        the chain to commit."""
 
     def release(self, chain: Chain) -> None:  # noqa: B027 (optional hook: a no-op where nothing is held)
         """Let the jobs of a committed chain start (nothing to do where nothing was queued)."""
@@ -109,5 +112,6 @@ def executor_named(name: str) -> type[Executor]:
 
         raise ChlaError(f"unknown executor {name!r} (known: {', '.join(executor_names())})")
     executor = importlib.import_module(f"{__name__}.{name}").EXECUTOR
-    assert issubclass(executor, Executor) and executor.name == name, executor
+    if not (isinstance(executor, type) and issubclass(executor, Executor) and executor.name == name):
+        raise TypeError(f"{__name__}.{name}.EXECUTOR is {executor!r}, not the Executor named {name!r}")
     return executor

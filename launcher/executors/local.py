@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from chla_train.distributed import free_master_port  # no torch
 
@@ -30,6 +30,10 @@ from ..recipe import ResolvedRecipe, ResolvedStage
 from ..rundir import CANCELLED, FAILED, PENDING, RUNNING, now
 from . import Executor, JobStatus
 
+if TYPE_CHECKING:
+    from ..rundir import RunDir
+    from ..transaction import SubmissionTransaction
+
 REQUEUE_EXIT_CODE = 75  # chla_train.context.REQUEUE_EXIT_CODE (not imported: no chla_train here)
 MAX_LOCAL_REQUEUES = 20
 
@@ -40,7 +44,7 @@ class _Task:
 
     index: int
     rank: int
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log: Path
 
 
@@ -48,10 +52,10 @@ class LocalExecutor(Executor):
     name = "local"
     detached = False
 
-    def __init__(self, run, out: TextIO | None = None) -> None:
+    def __init__(self, run: RunDir, out: TextIO | None = None) -> None:
         super().__init__(run, out)
         self.cores = os.cpu_count() or 1
-        self._live: list[subprocess.Popen] = []
+        self._live: list[subprocess.Popen[bytes]] = []
         self._cancelled = False
         self._display: ProgressDisplay | None = None
         self._die_with_us = processes.die_with_parent(signal.SIGTERM)
@@ -60,7 +64,9 @@ class LocalExecutor(Executor):
     def dry_run(self, recipe: ResolvedRecipe, plan: Plan) -> None:
         pass  # the plan printed by submit is all a local run does
 
-    def submit(self, recipe, plan, transaction) -> dict[str, StageRecord]:
+    def submit(
+        self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction
+    ) -> dict[str, StageRecord]:
         # Nothing to queue: this process runs the chain once it is committed.
         return {name: StageRecord(fingerprint=plan.fingerprints[name], submitted_at=now()) for name in plan.run}
 
@@ -191,7 +197,7 @@ class LocalExecutor(Executor):
     def _run_tasks(self, stage: ResolvedStage, fingerprint: str, indices: list[int], parallel: int) -> bool:
         """Array tasks, at most `parallel` at a time; each retried when it asks to be requeued."""
         pending = list(indices)
-        running: dict[int, tuple[subprocess.Popen, int]] = {}
+        running: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
         ok = True
         while (pending or running) and not self._cancelled:
             while pending and len(running) < parallel and ok:
@@ -241,7 +247,7 @@ class LocalExecutor(Executor):
             return False
         return False
 
-    def _wait_all(self, ranks: list[subprocess.Popen]) -> list[int]:
+    def _wait_all(self, ranks: list[subprocess.Popen[bytes]]) -> list[int]:
         """Wait for every rank; if one fails, stop the others (as srun does with --kill-on-bad-exit)."""
         while True:
             codes = [p.poll() for p in ranks]
@@ -254,13 +260,13 @@ class LocalExecutor(Executor):
                     if process in self._live:
                         self._live.remove(process)
                     _reap_group(process)
-                return [int(c) for c in codes]
+                return [c for c in codes if c is not None]
             time.sleep(0.05)
             if self._display is not None:
                 self._display.refresh()
 
     def _spawn(self, stage: ResolvedStage, fingerprint: str, task: int, *, rank: int, world: int,
-               port: int, attempt: str, finalize: bool = False) -> subprocess.Popen:
+               port: int, attempt: str, finalize: bool = False) -> subprocess.Popen[bytes]:
         tasks_per_node = stage.resources.tasks_per_node if world > 1 else 1
         env = dict(os.environ)
         env.update(
@@ -332,7 +338,7 @@ def _kill(pid: int, signum: int) -> None:
         pass
 
 
-def _reap_group(process: subprocess.Popen) -> None:
+def _reap_group(process: subprocess.Popen[bytes]) -> None:
     """A task that ended may leave children behind (a command's program after a requeue exit);
     like Slurm at the end of a job, kill whatever is left of its process group."""
     try:
@@ -341,7 +347,7 @@ def _reap_group(process: subprocess.Popen) -> None:
         pass
 
 
-def _terminate(tasks: list[subprocess.Popen], grace_s: float = 10) -> None:
+def _terminate(tasks: list[subprocess.Popen[bytes]], grace_s: float = 10) -> None:
     """SIGTERM every task's process group (each was started in a session of its own), give them
     `grace_s` together to end (a training stage checkpoints), then SIGKILL what is left."""
     for process in list(tasks):

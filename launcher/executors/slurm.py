@@ -10,6 +10,7 @@ import re
 import shlex
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import submitit
 
@@ -20,6 +21,9 @@ from ..graph import Plan
 from ..recipe import ResolvedRecipe, ResolvedStage, Resources
 from ..rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN, now
 from . import Executor, JobStatus
+
+if TYPE_CHECKING:
+    from ..transaction import SubmissionTransaction
 
 
 class _SubmititExecutor(submitit.SlurmExecutor):
@@ -47,7 +51,9 @@ class SlurmExecutor(Executor):
                 self._say(f"# --- {name}: finalize (after every task) ---")
                 self._say(self._script(self._submitit(recipe, stage, [f"<{name}>"], finalize=True), None))
 
-    def submit(self, recipe, plan, transaction) -> dict[str, StageRecord]:
+    def submit(
+        self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction
+    ) -> dict[str, StageRecord]:
         from chla_train.entry import StageJob  # light: the job entry imports no torch
 
         slurm.require_slurm()
@@ -92,7 +98,7 @@ class SlurmExecutor(Executor):
     def release(self, chain: Chain) -> None:
         slurm.release_jobs(chain.job_ids())
 
-    def follow(self, recipe, plan, chain) -> int:
+    def follow(self, recipe: ResolvedRecipe, plan: Plan, chain: Chain) -> int:
         self._say(f"queued. Follow it with: chla status {self.run.path} --watch")
         return 0
 

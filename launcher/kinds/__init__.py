@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, get_args, get_origin
@@ -121,13 +122,13 @@ def input_path_values(value: Any) -> list[tuple[tuple[int | str, ...], str]]:
     return found
 
 
-def map_input_paths(value: Any, change) -> Any:
+def map_input_paths(value: Any, change: Callable[[str], str]) -> Any:
     """`value` (an InputPath field's raw value) with every path in it replaced by change(path)."""
     if isinstance(value, str):
         return change(value) if value else value
     if not isinstance(value, list):
         return value
-    out = []
+    out: list[Any] = []
     for item in value:
         if isinstance(item, str):
             out.append(change(item) if item else item)
