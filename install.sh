@@ -23,6 +23,20 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
 }
 
+# Each step prints one line; what pip and the build backend say goes to .venv/install.log, whose
+# end is shown when a step fails.
+log=.venv/install.log
+step() {
+    local what=$1
+    shift
+    echo "install.sh: $what"
+    if ! "$@" >>"$log" 2>&1; then
+        echo "install.sh: failed: $what; the end of $log:" >&2
+        tail -n 40 "$log" >&2
+        exit 1
+    fi
+}
+
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
     apt_install python3-venv
@@ -33,23 +47,27 @@ if [ "$with_tests" = 1 ]; then
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+: >"$log"
+step "pip (latest) in .venv" .venv/bin/python -m pip install -q --upgrade pip
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
-    .venv/bin/python -m pip install -q "$(grep '^torch==' constraints.txt)"
+    step "$(grep '^torch==' constraints.txt) (CPU build)" .venv/bin/python -m pip install -q "$(grep '^torch==' constraints.txt)"
 fi
 extras="train,remote,gguf,lm-eval"
 [ "$with_tests" = 1 ] && extras="$extras,tracking,test"
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+step "chla (editable) with extras $extras, pinned by constraints.txt" \
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 # llama.cpp's GGUF converter (pinned llama-cpp-python sdist, sha256-checked) into the chla cache,
 # so that `export` stages and the demo run without a download.
-.venv/bin/python -c 'from chla_tools.gguf_export import converter_dir; converter_dir()'
+step "llama.cpp's GGUF converter into the chla cache" \
+    .venv/bin/python -c 'from chla_tools.gguf_export import converter_dir; converter_dir()'
 if [ "$with_tests" = 1 ]; then
     # transformers 4 for the test that loads chla's folders with both major versions: only the
     # packages that differ, torch and the rest shared with the venv (tests/transformers4-requirements.txt).
     side=.venv/transformers4
     if ! cmp -s tests/transformers4-requirements.txt "$side/requirements.txt"; then
         rm -rf "$side" "$side.tmp"
-        .venv/bin/python -m pip install -q --no-deps --target "$side.tmp" -r tests/transformers4-requirements.txt
+        step "transformers 4 beside the venv's 5 ($side)" \
+            .venv/bin/python -m pip install -q --no-deps --target "$side.tmp" -r tests/transformers4-requirements.txt
         cp tests/transformers4-requirements.txt "$side.tmp/requirements.txt"
         mv "$side.tmp" "$side"
     fi
