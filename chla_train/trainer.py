@@ -17,11 +17,14 @@ Plus: checkpoints contain only trainable weights (a LoRA checkpoint of a 7B mode
 13 GB), and adapters are gathered from all ZeRO-3 partitions before saving (the original's empty
 adapters came from saving the partitioned placeholders).
 
-DeepSpeed facts this relies on (FACTS.md): no "optimizer" block in the config (that JIT-compiles
-fused_adam for ~41 s): we build torch.optim.AdamW and hand it over; fp16 is not offered (it fails
-on CPU); gloo is used on CPU by itself. The shared-memory allreduce op is switched off: DeepSpeed
+DeepSpeed 0.19 behaviour this relies on, measured on 2-core CPU machines with an empty
+~/.cache/torch_extensions: no "optimizer" block in the config (that JIT-compiles fused_adam for
+~41 s; time `deepspeed.initialize` with and without one to see it): we build torch.optim.AdamW and
+hand it over; fp16 is not offered (on CPU DeepSpeed rejects it: "Type fp16 is not supported on your
+device"); gloo is used on CPU by itself. The shared-memory allreduce op is switched off: DeepSpeed
 only uses it for inference all-reduce, it costs a 20-40 s JIT build, and with it loaded ~15% of
-2-rank runs abort at interpreter exit.
+2-rank runs aborted at interpreter exit (SIGABRT after training finished; 0 in 30 runs with it
+off: `tests/train/test_training.py` runs 2-rank jobs).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Params shared by the training kinds (`pretrain`, `sft`). Defaults are the original
-Chinese-LLaMA-Alpaca settings where it had one (see FACTS.md), chla's faster choices elsewhere.
+Chinese-LLaMA-Alpaca settings where it had one (its scripts/training/run_pt.sh and run_sft.sh),
+chla's faster choices elsewhere.
 Torch-free: this module is imported by the launcher."""
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class SftParams(TrainingParams):
     replay_block_size: int = Field(default=128, gt=1, description="tokens per replay block")
     group_by_length: bool = Field(
         default=False, description="batch examples of similar length (less padding; HF's group_by_length)")
-    # The original SFT settings (FACTS.md).
+    # The original project's SFT settings (Chinese-LLaMA-Alpaca, scripts/training/run_sft.sh).
     learning_rate: float = Field(default=1e-4, gt=0)
     warmup_ratio: float = Field(default=0.03, ge=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0)

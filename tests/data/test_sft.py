@@ -19,7 +19,8 @@ from chla_tools.sft_data import (
     shared_prompt_prefix,
 )
 
-# The original project's Alpaca training prompt, verbatim (FACTS.md).
+# The original project's Alpaca training prompt, verbatim (Chinese-LLaMA-Alpaca,
+# scripts/training/build_dataset.py: PROMPT_TEMPLATE).
 ORIGINAL = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
             "request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
 
