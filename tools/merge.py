@@ -43,7 +43,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -57,6 +57,9 @@ from chla_tools.hf_tokenizer import make_portable
 
 if TYPE_CHECKING:
     import torch
+
+    from chla_launcher.kinds.merge import MergeParams
+    from chla_train.context import StageContext
 
 # torch is imported only once the merge needs it: `import torch` takes about a second, which the
 # kernel spends copying the unchanged tensors meanwhile (see _write_shards).
@@ -844,7 +847,7 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
             last_write.result()
 
 
-def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
+def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                    shard_size: str | int = "5GB", dtype: str | None = None, log: Log = print,
                    progress: Callable[..., None] | None = None) -> dict:
     """Merge `adapter_dirs` (in order) into the model at `base_dir`; write an HF model to `out_dir`.
@@ -967,12 +970,17 @@ def _write_json(path: Path, obj) -> None:
 
 # --- stage runner ------------------------------------------------------------------------------
 
-def run(ctx) -> dict:
+def merge_with_params(params: MergeParams, out_dir: str | os.PathLike, log: Log = print,
+                      progress: Callable[..., None] | None = None) -> dict:
+    """`merge_adapters` as the stage kind's params describe it (`chla merge` and the stage)."""
+    return merge_adapters(params.base, params.adapters, out_dir, shard_size=params.shard_size, dtype=params.dtype,
+                          log=log, progress=progress)
+
+
+def run(ctx: StageContext[MergeParams]) -> dict:
     """Entry of stage kind `merge` (chla_launcher.kinds.merge)."""
-    params = ctx.params
     progress = progress_writer(ctx, total=0, unit="bytes")
-    summary = merge_adapters(params.base, params.adapters, ctx.out_dir, shard_size=params.shard_size,
-                             dtype=params.dtype, log=ctx.log, progress=progress.update if progress else None)
+    summary = merge_with_params(ctx.params, ctx.out_dir, log=ctx.log, progress=progress.update if progress else None)
     if progress is not None:
         progress.close()
     return summary

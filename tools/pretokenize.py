@@ -65,6 +65,8 @@ from chla_launcher.progress import progress_writer
 if TYPE_CHECKING:
     import multiprocessing.pool
 
+    from chla_launcher.kinds.pretokenize import PretokenizeParams
+
 FORMAT_VERSION = "chla-pretokenized-v1"
 MANIFEST = "manifest.json"
 TEXT_SUFFIXES = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "json"}
@@ -966,7 +968,16 @@ def pretokenize(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pat
 # Stage runners (kind `pretokenize`)
 # --------------------------------------------------------------------------------------------
 
-def _from_params(params) -> tuple[PretokenizeOptions, Layout]:
+def pretokenize_with_params(params: PretokenizeParams, out_dir: str | Path, num_shards: int = 1,
+                            log: Callable[[str], None] = print) -> dict:
+    """`pretokenize` as the stage kind's params describe it (`chla pretokenize`)."""
+    options, layout = _from_params(params)
+    return pretokenize(list(params.inputs), params.tokenizer, out_dir, num_shards=num_shards,
+                       workers=params.workers, options=options, layout=layout, cache_dir=params.cache_dir,
+                       block_size=params.block_size, log=log)
+
+
+def _from_params(params: PretokenizeParams) -> tuple[PretokenizeOptions, Layout]:
     options = PretokenizeOptions(text_format=params.text_format, txt_documents=params.txt_documents,
                                  text_key=params.text_key, append_eos=params.append_eos,
                                  prepend_bos=params.prepend_bos, encoder=params.encoder)

@@ -38,11 +38,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chla_launcher.atomic import replace_dir, write_json, write_text
 from chla_launcher.errors import ChlaError
 from chla_tools.hf_tokenizer import PORTABLE_CLASS
+
+if TYPE_CHECKING:
+    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.kinds.train_spm import TrainSpmParams
+    from chla_train.context import StageContext
 
 Log = Callable[[str], None]
 
@@ -106,7 +111,7 @@ def check_corpora(paths: Sequence[str | os.PathLike[str]]) -> CorpusStats:
 
 # --- train_spm --------------------------------------------------------------------------------
 
-def train_spm(inputs: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+def train_spm(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
               vocab_size: int = 20000, model_type: str = "bpe",
               character_coverage: float = 0.9995, threads: int | None = None,
               input_sentence_size: int = 2_000_000, max_sentence_length: int = 16384,
@@ -614,18 +619,26 @@ def plot_report(report: dict, first: str, path: Path) -> None:
 
 # --- stage runners (see chla_launcher/kinds/{train_spm,merge_tokenizer,vocab_report}.py) -------
 
-def run_train_spm(ctx) -> dict:
-    p = ctx.params
-    return train_spm(p.inputs, ctx.out_dir, vocab_size=p.vocab_size, model_type=p.model_type,
+def train_spm_with_params(p: TrainSpmParams, out_dir: str | Path, log: Log = _print) -> dict:
+    """`train_spm` as the stage kind's params describe it (`chla vocab train` and the stage)."""
+    return train_spm(p.inputs, out_dir, vocab_size=p.vocab_size, model_type=p.model_type,
                      character_coverage=p.character_coverage, threads=p.threads,
                      input_sentence_size=p.input_sentence_size,
-                     max_sentence_length=p.max_sentence_length, seed=p.seed, log=ctx.log)
+                     max_sentence_length=p.max_sentence_length, seed=p.seed, log=log)
 
 
-def run_merge_tokenizer(ctx) -> dict:
-    p = ctx.params
-    summary = merge_tokenizers(p.base, p.add, ctx.out_dir, pad_token=p.pad_token, scores=p.scores,
-                               log=ctx.log)
+def merge_tokenizers_with_params(p: MergeTokenizerParams, out_dir: str | Path,
+                                 log: Log = _print) -> dict:
+    """`merge_tokenizers` as the stage kind's params describe it (`chla vocab merge` and the stage)."""
+    return merge_tokenizers(p.base, p.add, out_dir, pad_token=p.pad_token, scores=p.scores, log=log)
+
+
+def run_train_spm(ctx: StageContext[TrainSpmParams]) -> dict:
+    return train_spm_with_params(ctx.params, ctx.out_dir, log=ctx.log)
+
+
+def run_merge_tokenizer(ctx: StageContext[MergeTokenizerParams]) -> dict:
+    summary = merge_tokenizers_with_params(ctx.params, ctx.out_dir, log=ctx.log)
     return {k: summary[k] for k in ("base_size", "new_pieces", "merged_size", "final_size",
                                     "arithmetic")}
 

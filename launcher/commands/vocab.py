@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from typing import get_args
 
+from ..flags import Flag, add_param_flags, params_from_flags
 from ..kinds.merge_tokenizer import MergeTokenizerParams
+from ..kinds.train_spm import TrainSpmParams
 
 NAME = "vocab"
 HELP = "extend a tokenizer: train a SentencePiece model, merge it into a base, report efficiency"
 ORDER = 50
+
+# The flags of `train` and `merge` are the train_spm and merge_tokenizer kinds' params.
+TRAIN_FLAGS: list[Flag | str] = [Flag("inputs", name="--input", metavar="FILE"), Flag("vocab_size", metavar="N"), "model_type",
+               Flag("character_coverage", metavar="F"), Flag("threads", metavar="N"),
+               Flag("input_sentence_size", metavar="N"), Flag("max_sentence_length", metavar="BYTES"), "seed"]
+MERGE_FLAGS: list[Flag | str] = [Flag("base", metavar="TOKENIZER"), Flag("add", metavar="SP_MODEL"), "pad_token", "scores"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,31 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="train a SentencePiece model (writes DIR/spm.model)",
                            description="train a SentencePiece model with the original project's "
                                        "settings (BPE, coverage 0.9995, digits split)")
-    train.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                       help="UTF-8 text files, one sentence or paragraph a line")
-    train.add_argument("--vocab-size", type=int, required=True, metavar="N")
-    train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    train.add_argument("--character-coverage", type=float, default=0.9995, metavar="F")
-    train.add_argument("--threads", type=int, default=None, metavar="N",
-                       help="trainer threads (default: all cores)")
-    train.add_argument("--input-sentence-size", type=int, default=2_000_000, metavar="N",
-                       help="lines sampled from the inputs (default: 2,000,000)")
-    train.add_argument("--max-sentence-length", type=int, default=16384, metavar="BYTES")
-    train.add_argument("--seed", type=int, default=0)
+    add_param_flags(train, TrainSpmParams, TRAIN_FLAGS)
     train.add_argument("--out", required=True, metavar="DIR")
 
     merge = sub.add_parser("merge", help="merge a SentencePiece model into a base tokenizer",
                            description="append the new pieces of --add to --base (base ids "
                                        "unchanged); writes DIR/merged.model and DIR/tokenizer/")
-    merge.add_argument("--base", required=True, metavar="TOKENIZER",
-                       help="HF tokenizer directory with tokenizer.model, or a .model file")
-    merge.add_argument("--add", required=True, metavar="SP_MODEL",
-                       help="SentencePiece model to add (e.g. from `chla vocab train`)")
-    merge.add_argument("--pad-token", action="store_true",
-                       help="append exactly one [PAD] token (the SFT variant)")
-    scores = MergeTokenizerParams.model_fields["scores"]
-    merge.add_argument("--scores", choices=get_args(scores.annotation), default=scores.default,
-                       help=f"{scores.description} (default: {scores.default})")
+    add_param_flags(merge, MergeTokenizerParams, MERGE_FLAGS)
     merge.add_argument("--out", required=True, metavar="DIR")
 
     report = sub.add_parser("report", help="tokens/char etc. per tokenizer x corpus",
@@ -58,13 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from chla_tools import vocab
 
     if args.vocab_command == "train":
-        vocab.train_spm(args.input, args.out, vocab_size=args.vocab_size,
-                        model_type=args.model_type, character_coverage=args.character_coverage,
-                        threads=args.threads, input_sentence_size=args.input_sentence_size,
-                        max_sentence_length=args.max_sentence_length, seed=args.seed)
+        vocab.train_spm_with_params(params_from_flags(TrainSpmParams, args, TRAIN_FLAGS), args.out)
     elif args.vocab_command == "merge":
-        vocab.merge_tokenizers(args.base, args.add, args.out, pad_token=args.pad_token,
-                               scores=args.scores)
+        vocab.merge_tokenizers_with_params(params_from_flags(MergeTokenizerParams, args, MERGE_FLAGS), args.out)
     else:
         report = vocab.vocab_report(vocab.parse_named(args.tokenizer, "tokenizer"),
                                     vocab.parse_named(args.corpus, "corpus"), args.out)

@@ -1,0 +1,71 @@
+"""CLI flags derived from a stage kind's params model: one declaration gives the recipe key, the
+flag, its type, choices, default and help, and the parsed flags are validated by the same model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+import pytest
+from pydantic import Field
+
+from chla_launcher.cli import build_parser, main
+from chla_launcher.commands import pretokenize as pretokenize_command
+from chla_launcher.errors import ChlaError
+from chla_launcher.flags import Flag, add_param_flags, params_from_flags
+from chla_launcher.kinds.pretokenize import PretokenizeParams
+
+
+class WithNewOption(PretokenizeParams):
+    """A pretokenize kind with one more option, declared once, here."""
+
+    dedup: Literal["none", "exact", "near"] = Field("exact", description="drop repeated documents")
+    min_chars: int = Field(5, ge=0, description="skip shorter documents")
+
+
+def _parser(model, flags) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x", exit_on_error=False)
+    add_param_flags(parser, model, flags)
+    return parser
+
+
+def test_a_new_params_field_becomes_a_flag_with_its_type_default_and_help():
+    flags = [*pretokenize_command.FLAGS, "dedup", "min_chars"]
+    parser = _parser(WithNewOption, flags)
+    args = parser.parse_args(["--tokenizer", "t", "--input", "a.txt", "b.txt", "--min-chars", "7"])
+    params = params_from_flags(WithNewOption, args, flags)
+    assert (params.dedup, params.min_chars, params.inputs) == ("exact", 7, ["a.txt", "b.txt"])
+    assert params.append_eos is True and params.piece_mb == 16  # the model's own defaults
+    help_text = parser.format_help()
+    assert "--dedup {none,exact,near}" in help_text and "drop repeated documents (default: exact)" in help_text
+    # control: the kind's own model has no such field, so its parser has no such flag
+    with pytest.raises(SystemExit):
+        _parser(PretokenizeParams, pretokenize_command.FLAGS).parse_args(
+            ["--tokenizer", "t", "--input", "a", "--min-chars", "7"])
+
+
+def test_renamed_and_negated_flags_map_back_to_their_fields():
+    parser = _parser(PretokenizeParams, pretokenize_command.FLAGS)
+    args = parser.parse_args(["--tokenizer", "t", "--input", "a", "--input", "b", "--no-eos", "--bos",
+                              "--format", "jsonl"])
+    params = params_from_flags(PretokenizeParams, args, pretokenize_command.FLAGS)
+    assert params.inputs == ["a", "b"] and params.text_format == "jsonl"
+    assert params.append_eos is False and params.prepend_bos is True
+
+
+def test_a_value_the_model_refuses_is_one_error_naming_the_flag(capsys):
+    flags = [Flag("tokenizer"), Flag("inputs", name="--input"), "workers"]
+    args = _parser(PretokenizeParams, flags).parse_args(["--tokenizer", "t", "--input", "a", "--workers", "0"])
+    with pytest.raises(ChlaError, match=r"^--workers: Input should be greater than or equal to 1$"):
+        params_from_flags(PretokenizeParams, args, flags)
+    code = main(["pretokenize", "--tokenizer", "t", "--input", "a", "--out", "o", "--piece-mb", "-1"])
+    assert code == 2 and capsys.readouterr().err.strip() == "chla: --piece-mb: Input should be greater than 0"
+
+
+def test_every_command_built_from_params_parses_its_help():
+    parser = build_parser()
+    for argv in (["pretokenize", "--help"], ["merge", "--help"], ["eval", "--help"], ["vocab", "train", "--help"],
+                 ["vocab", "merge", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 0
