@@ -1,7 +1,8 @@
 """The stage-kind registry: kind name -> typed params, entry point (an import path string, so the
 launcher never imports the training stack) and traits.
 
-Each module in this package describes one kind and defines `KIND = StageKind(...)`; the registry
+Each module in this package describes one kind: its params model (whose docstring is the kind's
+description) and `KIND = StageKind(name, params, entry, ...)`; the registry
 collects them, so adding a kind is adding one module here and one runner in chla_train/stages/ or
 chla_tools/.
 """
@@ -41,13 +42,13 @@ class InputPath:
 
 @dataclass(frozen=True)
 class StageKind:
-    """What the launcher knows about one kind of stage."""
+    """What the launcher knows about one kind of stage. Its one-line description (`chla kinds`) is
+    the docstring of its params model."""
 
     name: str
     params: type[StageParams]
     # "module:function" run once per task with a chla_train.context.StageContext.
     entry: str
-    description: str
     # May the stage be an array (`array: N` in the recipe)? Array stages also get `finalize`, run
     # once after every task succeeded (aggregation, manifests); it writes nothing if None.
     array: bool = False
@@ -59,6 +60,10 @@ class StageKind:
     # For node-scaling sweeps with `scaling: strong`: the integer param that multiplies the global
     # batch (gradient accumulation), divided as the node count grows so the global batch stays put.
     accumulation_param: str | None = None
+
+    @property
+    def description(self) -> str:
+        return " ".join((self.params.__doc__ or "").split())
 
     @property
     def entry_module(self) -> str:

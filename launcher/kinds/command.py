@@ -15,6 +15,8 @@ from . import InputPath, StageKind, StageParams
 
 
 class CommandParams(StageParams):
+    """run an argv list (no shell) in the stage directory"""
+
     argv: list[str] = Field(min_length=1, description="program and arguments, run without a shell")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
     # Exit codes that count as success (e.g. [0, 1] for grep).
@@ -42,12 +44,5 @@ class CommandParams(StageParams):
         return env
 
 
-KIND = StageKind(
-    name="command",
-    params=CommandParams,
-    entry="chla_train.stages.command:run",
-    description="run an argv list (no shell) in the stage directory",
-    array=True,
-    distributed=True,
-    needs_training_stack=False,
-)
+KIND = StageKind("command", CommandParams, "chla_train.stages.command:run", array=True, distributed=True,
+                 needs_training_stack=False)

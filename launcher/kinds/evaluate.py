@@ -58,6 +58,8 @@ class VllmParams(StageParams):
 
 
 class EvaluateParams(StageParams):
+    """perplexity per token/char, task scores beside baselines, prompt generations; sharded, then aggregated"""
+
     model: Annotated[str, InputPath()] = Field(description="HF model directory (merged, or the base)")
     adapters: Annotated[list[str], InputPath()] = Field(
         default_factory=list, description="peft LoRA adapters applied on top, in training order")
@@ -89,11 +91,5 @@ class EvaluateParams(StageParams):
         return self
 
 
-KIND = StageKind(
-    name="evaluate",
-    params=EvaluateParams,
-    entry="chla_tools.evaluate:run",
-    finalize="chla_tools.evaluate:finalize",
-    description="perplexity per token/char, task scores beside baselines, prompt generations; sharded, then aggregated",
-    array=True,
-)
+KIND = StageKind("evaluate", EvaluateParams, "chla_tools.evaluate:run", finalize="chla_tools.evaluate:finalize",
+                 array=True)

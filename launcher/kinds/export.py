@@ -17,6 +17,8 @@ from . import InputPath, StageKind, StageParams
 
 
 class ExportParams(StageParams):
+    """convert an HF model to GGUF with llama.cpp's own converter (vocabulary checked first)"""
+
     model: Annotated[str, InputPath()] = Field(
         description="HF model directory (a merge stage's out, with the tokenizer beside the weights)")
     format: Literal["gguf"] = Field("gguf", description="gguf: llama.cpp's file format")
@@ -32,9 +34,4 @@ class ExportParams(StageParams):
         return value
 
 
-KIND = StageKind(
-    name="export",
-    params=ExportParams,
-    entry="chla_tools.gguf_export:run",
-    description="convert an HF model to GGUF with llama.cpp's own converter (vocabulary checked first)",
-)
+KIND = StageKind("export", ExportParams, "chla_tools.gguf_export:run")

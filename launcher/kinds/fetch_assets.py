@@ -11,14 +11,10 @@ from . import StageKind, StageParams
 
 
 class FetchAssetsParams(StageParams):
+    """fetch the demo's tokenizer, Chinese/English text and instruction tasks into out/"""
+
     cache: str | None = Field(None, description="cache directory (default $CHLA_CACHE/assets or ~/.cache/chla/assets)")
     offline: bool = Field(False, description="fail instead of downloading when the cache is incomplete")
 
 
-KIND = StageKind(
-    name="fetch_assets",
-    params=FetchAssetsParams,
-    entry="chla_tools.assets:run_fetch_assets",
-    description="fetch the demo's tokenizer, Chinese/English text and instruction tasks into out/",
-    needs_training_stack=False,
-)
+KIND = StageKind("fetch_assets", FetchAssetsParams, "chla_tools.assets:run_fetch_assets", needs_training_stack=False)

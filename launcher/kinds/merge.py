@@ -16,6 +16,8 @@ from . import InputPath, StageKind, StageParams
 
 
 class MergeParams(StageParams):
+    """merge LoRA adapters into a base model in bounded memory (safetensors shards)"""
+
     base: Annotated[str, InputPath()] = Field(description="HF model directory (safetensors)")
     adapters: Annotated[list[str], InputPath()] = Field(
         min_length=1, description="peft LoRA adapter directories, applied in this order")
@@ -31,9 +33,4 @@ class MergeParams(StageParams):
         return value
 
 
-KIND = StageKind(
-    name="merge",
-    params=MergeParams,
-    entry="chla_tools.merge:run",
-    description="merge LoRA adapters into a base model in bounded memory (safetensors shards)",
-)
+KIND = StageKind("merge", MergeParams, "chla_tools.merge:run")

@@ -19,6 +19,8 @@ from . import InputPath, StageKind, StageParams
 
 
 class MergeTokenizerParams(StageParams):
+    """merge a SentencePiece model into a base tokenizer (out/tokenizer, out/merged.model)"""
+
     base: Annotated[str, InputPath()] = Field(
         description="base tokenizer: HF directory with tokenizer.model, or the .model file")
     add: Annotated[str, InputPath()] = Field(
@@ -29,10 +31,5 @@ class MergeTokenizerParams(StageParams):
         "then equals SentencePiece), or 0 as the original merge_tokenizers.py (same .model, byte for byte)")
 
 
-KIND = StageKind(
-    name="merge_tokenizer",
-    params=MergeTokenizerParams,
-    entry="chla_tools.vocab:run_merge_tokenizer",
-    description="merge a SentencePiece model into a base tokenizer (out/tokenizer, out/merged.model)",
-    needs_training_stack=False,
-)
+KIND = StageKind("merge_tokenizer", MergeTokenizerParams, "chla_tools.vocab:run_merge_tokenizer",
+                 needs_training_stack=False)

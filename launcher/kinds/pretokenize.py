@@ -16,6 +16,8 @@ from . import InputPath, StageKind, StageParams
 
 
 class PretokenizeParams(StageParams):
+    """tokenize a corpus into memory-mapped token shards (array, cached by content)"""
+
     tokenizer: Annotated[str, InputPath()] = Field(
         description="HF tokenizer directory (e.g. ${stages.vocab.tokenizer})")
     inputs: Annotated[list[str], InputPath(glob=True)] = Field(
@@ -39,12 +41,5 @@ class PretokenizeParams(StageParams):
     block_size: int | None = Field(None, ge=1, description="recorded in the manifest for training")
 
 
-KIND = StageKind(
-    name="pretokenize",
-    params=PretokenizeParams,
-    entry="chla_tools.pretokenize:run",
-    finalize="chla_tools.pretokenize:finalize",
-    description="tokenize a corpus into memory-mapped token shards (array, cached by content)",
-    array=True,
-    needs_training_stack=False,
-)
+KIND = StageKind("pretokenize", PretokenizeParams, "chla_tools.pretokenize:run",
+                 finalize="chla_tools.pretokenize:finalize", array=True, needs_training_stack=False)

@@ -18,6 +18,8 @@ from ._training import BlendPart, TrainingParams, one_part_per_path
 
 
 class PretrainParams(TrainingParams):
+    """continued pretraining (embeddings | lora | full) on DeepSpeed, resumable"""
+
     mode: Literal["embeddings", "lora", "full"] = "lora"
     corpus: Annotated[list[BlendPart], InputPath()] = Field(
         min_length=1, description="pre-tokenized corpus directory, or a blend [{path, weight}, ...] drawn by "
@@ -39,11 +41,5 @@ class PretrainParams(TrainingParams):
         return self
 
 
-KIND = StageKind(
-    name="pretrain",
-    params=PretrainParams,
-    entry="chla_train.stages.pretrain:run",
-    description="continued pretraining (embeddings | lora | full) on DeepSpeed, resumable",
-    distributed=True,
-    accumulation_param="gradient_accumulation_steps",
-)
+KIND = StageKind("pretrain", PretrainParams, "chla_train.stages.pretrain:run", distributed=True,
+                 accumulation_param="gradient_accumulation_steps")

@@ -19,6 +19,8 @@ NO_SHARED_PREFIX_UNDER_FLASH = (
 
 
 class SftParams(TrainingParams):
+    """LoRA instruction tuning (Alpaca format) on DeepSpeed, resumable"""
+
     train_file: Annotated[list[BlendPart], InputPath()] = Field(
         min_length=1, description="Alpaca-format JSON for training, or a blend [{path, weight}, ...] of such "
         "files drawn by weight in a fixed, resumable order")
@@ -66,11 +68,5 @@ class SftParams(TrainingParams):
         return self
 
 
-KIND = StageKind(
-    name="sft",
-    params=SftParams,
-    entry="chla_train.stages.sft:run",
-    description="LoRA instruction tuning (Alpaca format) on DeepSpeed, resumable",
-    distributed=True,
-    accumulation_param="gradient_accumulation_steps",
-)
+KIND = StageKind("sft", SftParams, "chla_train.stages.sft:run", distributed=True,
+                 accumulation_param="gradient_accumulation_steps")

@@ -14,6 +14,8 @@ from . import StageKind, StageParams
 
 
 class SummarizeParams(StageParams):
+    """headline figures of a chain: tokens/char, perplexity per char, accuracy, plots"""
+
     vocab_report: str | None = Field(None, description="a vocab_report stage's report.json")
     base_tokenizer: str = Field("base", description="name of the base tokenizer in the vocab report")
     merged_tokenizer: str = Field("merged", description="name of the merged tokenizer in the vocab report")
@@ -28,10 +30,4 @@ class SummarizeParams(StageParams):
                              "is the headline sft_accuracy (none: no headline accuracy)")
 
 
-KIND = StageKind(
-    name="summarize",
-    params=SummarizeParams,
-    entry="chla_tools.summary:run",
-    description="headline figures of a chain: tokens/char, perplexity per char, accuracy, plots",
-    needs_training_stack=False,
-)
+KIND = StageKind("summarize", SummarizeParams, "chla_tools.summary:run", needs_training_stack=False)

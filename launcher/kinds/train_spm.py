@@ -15,6 +15,8 @@ from . import InputPath, StageKind, StageParams
 
 
 class TrainSpmParams(StageParams):
+    """train a SentencePiece model on corpus text (out/spm.model)"""
+
     inputs: Annotated[list[str], InputPath()] = Field(
         min_length=1, description="UTF-8 text files, one sentence or paragraph a line")
     vocab_size: int = Field(20000, ge=100, description="pieces in the trained model")
@@ -29,10 +31,4 @@ class TrainSpmParams(StageParams):
     seed: int = Field(0, description="seed of the line sampling")
 
 
-KIND = StageKind(
-    name="train_spm",
-    params=TrainSpmParams,
-    entry="chla_tools.vocab:run_train_spm",
-    description="train a SentencePiece model on corpus text (out/spm.model)",
-    needs_training_stack=False,
-)
+KIND = StageKind("train_spm", TrainSpmParams, "chla_tools.vocab:run_train_spm", needs_training_stack=False)

@@ -12,6 +12,8 @@ from . import StageKind, StageParams
 
 
 class VocabReportParams(StageParams):
+    """tokens/char, bytes/token, byte fallback and fast/slow agreement per tokenizer x corpus"""
+
     # name -> HF tokenizer directory (or a merge_tokenizer stage's out directory). Checked when
     # the stage runs: the values are usually outputs of upstream stages.
     tokenizers: dict[str, str] = Field(min_length=1, description="name -> tokenizer directory")
@@ -26,10 +28,4 @@ class VocabReportParams(StageParams):
         return named
 
 
-KIND = StageKind(
-    name="vocab_report",
-    params=VocabReportParams,
-    entry="chla_tools.vocab:run_vocab_report",
-    description="tokens/char, bytes/token, byte fallback and fast/slow agreement per tokenizer x corpus",
-    needs_training_stack=True,
-)
+KIND = StageKind("vocab_report", VocabReportParams, "chla_tools.vocab:run_vocab_report")

@@ -25,6 +25,7 @@ def test_the_registry_holds_every_kind_the_recipes_use():
 @pytest.mark.parametrize("name", KINDS)
 def test_entry_and_finalize_resolve(name):
     kind = registry()[name]
+    assert kind.description and "\n" not in kind.description  # the params model's docstring, for `chla kinds`
     entry = import_entry(kind.entry)
     assert callable(entry) and _takes_one_context(entry), kind.entry
     if kind.finalize is not None:
