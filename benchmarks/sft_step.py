@@ -46,7 +46,8 @@ from unittest import mock
 
 import numpy as np
 import torch
-from train_throughput import make_context  # benchmarks/, on sys.path when run as a script
+from machine import print_machine  # benchmarks/, on sys.path when run as a script
+from train_throughput import make_context
 
 from chla_train.trainer import build_optimizer as FUSED_BUILD_OPTIMIZER
 
@@ -109,6 +110,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps not timed")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for the reviews (default: demo base)")
     args = parser.parse_args()
+    print_machine()
 
     from chla_tools.assets import fetch_assets
     from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer

@@ -13,12 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import print_machine
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab-size", type=int, default=20000)
     parser.add_argument("--keep", metavar="DIR", help="write outputs here instead of a temp dir")
     args = parser.parse_args()
+    print_machine()
 
     from chla_tools.assets import fetch_assets
     from chla_tools.vocab import merge_tokenizers, render_markdown, train_spm, vocab_report
