@@ -230,9 +230,9 @@ def training_memory(shape: ModelShape, trainable: Trainable, setup: TrainingSetu
     dtype (partitioned from ZeRO-2 on), plus DeepSpeed's reduce buckets. Optimizer: AdamW's two fp32
     moments, plus an fp32 master copy of the trainable parameters whenever DeepSpeed keeps one (bf16,
     or any ZeRO stage), partitioned from ZeRO-2 on. Activations: `_layer_saved_bytes` per layer and
-    token, the final norm, the loss's saved state. Transient: the larger of the loss's working set and the optimizer step's fp32
-    gradients. `chunked_loss`: chla's chunked vocabulary projection (its trainer uses it except
-    under ZeRO-3), else transformers' loss over fp32 logits."""
+    token, the final norm, the loss's saved state. Transient: the larger of the loss's working set
+    and the optimizer step's fp32 gradients. `chunked_loss`: chla's chunked vocabulary projection
+    (its trainer uses it except under ZeRO-3), else transformers' loss over fp32 logits."""
     b, world = setup.dtype_bytes, setup.world_size
     total, trained = parameter_counts(shape, trainable)
     shards_from_2 = world if setup.zero_stage >= 2 else 1
