@@ -420,7 +420,7 @@ def results_markdown(results: dict) -> str:
 
 def evaluate(model_dir, adapters, out_dir, *, ppl=(), tasks=(), prompts=(), shards: int = 1,
              batch_size: int = 8, max_new_tokens: int | None = None, block_size: int | None = None,
-             template: bool = True, log: Log = print) -> dict:
+             template: bool = True, max_items: int | None = None, log: Log = print) -> dict:
     """`chla eval`: every shard in this process (the model loaded once), then aggregation; the
     output directory appears complete or not at all."""
     from chla_tools.inference import load_for_inference
@@ -438,7 +438,7 @@ def evaluate(model_dir, adapters, out_dir, *, ppl=(), tasks=(), prompts=(), shar
         for shard in range(shards):
             evaluate_shard(model_dir, adapters, tmp, sources=sources, shard=shard, num_shards=shards,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=block_size,
-                           template=template, loaded=loaded, log=log)
+                           template=template, loaded=loaded, log=log, max_items=max_items)
         results = aggregate(tmp, shards, log=lambda _m: None)
         replace_dir(tmp, out_dir)
     except BaseException:

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import argparse
 
-from ..flags import Flag, add_param_flags, params_from_flags
+from ..flags import Flag, ParamFlags
 from ..kinds.merge import MergeParams
 
 NAME = "merge"
 HELP = "merge LoRA adapters (in order) into a base model, tensor by tensor"
 ORDER = 60
 
-FLAGS: list[Flag | str] = [Flag("base", metavar="DIR"), Flag("adapters", name="--adapter", metavar="DIR"), "shard_size", "dtype"]
+FLAGS = ParamFlags(MergeParams, (Flag("base", metavar="DIR"), Flag("adapters", name="--adapter", metavar="DIR")))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output model directory (replaced atomically)")
-    add_param_flags(parser, MergeParams, FLAGS)
+    FLAGS.add_to(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from chla_tools.merge import merge_with_params
 
-    merge_with_params(params_from_flags(MergeParams, args, FLAGS), args.out)
+    merge_with_params(FLAGS.params(args), args.out)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..flags import Flag, add_param_flags, params_from_flags
+from ..flags import Flag, ParamFlags
 from ..kinds.merge_tokenizer import MergeTokenizerParams
 from ..kinds.train_spm import TrainSpmParams
 
@@ -13,10 +13,15 @@ HELP = "extend a tokenizer: train a SentencePiece model, merge it into a base, r
 ORDER = 50
 
 # The flags of `train` and `merge` are the train_spm and merge_tokenizer kinds' params.
-TRAIN_FLAGS: list[Flag | str] = [Flag("inputs", name="--input", metavar="FILE"), Flag("vocab_size", metavar="N"), "model_type",
-               Flag("character_coverage", metavar="F"), Flag("threads", metavar="N"),
-               Flag("input_sentence_size", metavar="N"), Flag("max_sentence_length", metavar="BYTES"), "seed"]
-MERGE_FLAGS: list[Flag | str] = [Flag("base", metavar="TOKENIZER"), Flag("add", metavar="SP_MODEL"), "pad_token", "scores"]
+TRAIN_FLAGS = ParamFlags(TrainSpmParams, (
+    Flag("inputs", name="--input", metavar="FILE"),
+    Flag("vocab_size", metavar="N"),
+    Flag("character_coverage", metavar="F"),
+    Flag("threads", metavar="N"),
+    Flag("input_sentence_size", metavar="N"),
+    Flag("max_sentence_length", metavar="BYTES"),
+))
+MERGE_FLAGS = ParamFlags(MergeTokenizerParams, (Flag("base", metavar="TOKENIZER"), Flag("add", metavar="SP_MODEL")))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="train a SentencePiece model (writes DIR/spm.model)",
                            description="train a SentencePiece model with the original project's "
                                        "settings (BPE, coverage 0.9995, digits split)")
-    add_param_flags(train, TrainSpmParams, TRAIN_FLAGS)
+    TRAIN_FLAGS.add_to(train)
     train.add_argument("--out", required=True, metavar="DIR")
 
     merge = sub.add_parser("merge", help="merge a SentencePiece model into a base tokenizer",
                            description="append the new pieces of --add to --base (base ids "
                                        "unchanged); writes DIR/merged.model and DIR/tokenizer/")
-    add_param_flags(merge, MergeTokenizerParams, MERGE_FLAGS)
+    MERGE_FLAGS.add_to(merge)
     merge.add_argument("--out", required=True, metavar="DIR")
 
     report = sub.add_parser("report", help="tokens/char etc. per tokenizer x corpus",
@@ -47,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from chla_tools import vocab
 
     if args.vocab_command == "train":
-        vocab.train_spm_with_params(params_from_flags(TrainSpmParams, args, TRAIN_FLAGS), args.out)
+        vocab.train_spm_with_params(TRAIN_FLAGS.params(args), args.out)
     elif args.vocab_command == "merge":
-        vocab.merge_tokenizers_with_params(params_from_flags(MergeTokenizerParams, args, MERGE_FLAGS), args.out)
+        vocab.merge_tokenizers_with_params(MERGE_FLAGS.params(args), args.out)
     else:
         report = vocab.vocab_report(vocab.parse_named(args.tokenizer, "tokenizer"),
                                     vocab.parse_named(args.corpus, "corpus"), args.out)
