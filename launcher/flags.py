@@ -62,24 +62,22 @@ class ParamFlags(Generic[ParamsT]):
         for flag in self.offered():
             _add_flag(parser, self.model, flag)
 
-    def params(self, args: argparse.Namespace, **fixed: Any) -> ParamsT:
-        """The params object the parsed flags (and `fixed` values) describe, validated by the model;
-        an invalid value is a ChlaError that names its flag."""
+    def params(self, args: argparse.Namespace) -> ParamsT:
+        """The params object the parsed flags describe, validated by the model; an invalid value is
+        a ChlaError that names its flag."""
         flags = self.offered()
-        values = {flag.field: getattr(args, flag.field) for flag in flags}
         try:
-            return self.model(**values, **fixed)
+            return self.model(**{flag.field: getattr(args, flag.field) for flag in flags})
         except ValidationError as error:
             first = error.errors()[0]
+            message = first["msg"].removeprefix("Value error, ")
             names = {flag.field: flag_name(flag, self.model.model_fields[flag.field]) for flag in flags}
-            field = str(first["loc"][0]) if first["loc"] else ""
-            where = names.get(field, field)
-            raise ChlaError(f"{where}: {first['msg']}" if where else first["msg"]) from None
+            where = names.get(str(first["loc"][0])) if first["loc"] else None
+            raise ChlaError(f"{where}: {message}" if where else message) from None
 
 
-def _plain(annotation: Any) -> tuple[Any, bool]:
-    """(the annotation without Annotated and None, whether None was allowed)."""
-    optional = False
+def _plain(annotation: Any) -> Any:
+    """The annotation without Annotated and `| None`."""
     while True:
         origin = get_origin(annotation)
         if origin is Annotated:
@@ -88,22 +86,22 @@ def _plain(annotation: Any) -> tuple[Any, bool]:
             rest = [arg for arg in get_args(annotation) if arg is not type(None)]
             if len(rest) != 1:
                 raise TypeError(f"a flag cannot take {annotation}")
-            annotation, optional = rest[0], True
+            annotation = rest[0]
         else:
-            return annotation, optional
+            return annotation
 
 
 def flag_name(flag: Flag, info: FieldInfo) -> str:
     if flag.name:
         return flag.name
     dashed = flag.field.replace("_", "-")
-    annotation, _ = _plain(info.annotation)
+    annotation = _plain(info.annotation)
     return f"--no-{dashed}" if annotation is bool and info.get_default() is True else f"--{dashed}"
 
 
 def _add_flag(parser: argparse.ArgumentParser, model: type[StageParams], flag: Flag) -> None:
     info = model.model_fields[flag.field]
-    annotation, _ = _plain(info.annotation)
+    annotation = _plain(info.annotation)
     required = info.is_required()
     default = None if required else info.get_default(call_default_factory=True)
     help_text = (info.description or "").replace("%", "%%")
