@@ -50,6 +50,7 @@ def test_layers_that_fit_follow_the_memory_model():
     assert gpu.planned_memory(small).peak <= 0.85 * 24 * 2**30 < gpu.planned_memory(small + 1).peak
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu.py"])
 def test_dry_run_needs_no_gpu(script):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--dry-run"], capture_output=True,

@@ -33,12 +33,14 @@ def run(tmp_path: Path, demo_assets, inputs: list[Path], **options) -> dict:
     return json.loads((tmp_path / "out" / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_glob_matching_nothing_is_one_line_exit_2(tmp_path, demo_assets):
     line = one_error_line(cli("--tokenizer", demo_assets["base_tokenizer"], "--input", str(tmp_path / "*.txt"),
                               "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")))
     assert "matches no file" in line and str(tmp_path / "*.txt") in line
 
 
+@pytest.mark.slow
 def test_empty_files_are_counted_but_only_empty_input_fails(tmp_path, zh_lines, demo_assets):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -74,6 +76,7 @@ def test_wrong_json_records_are_counted(tmp_path, zh_lines, demo_assets):
     assert manifest["totals"]["documents"] == 10
 
 
+@pytest.mark.slow
 def test_missing_text_key_everywhere_is_an_error(tmp_path, zh_lines, demo_assets):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"content": line}, ensure_ascii=False) + "\n" for line in zh_lines[:5]),

@@ -203,6 +203,7 @@ def test_paragraph_documents_and_json_inputs(tmp_path, zh_lines, sp_reference, d
     assert stream(tmp_path / "j").tolist() == sp_reference(docs) * 2
 
 
+@pytest.mark.slow
 def test_hf_encoder_gives_the_same_ids_on_chinese(tmp_path, zh_lines, sp_reference, demo_assets):
     corpus = write_lines(tmp_path / "a.txt", zh_lines[:200])
     pt.pretokenize([str(corpus)], demo_assets["base_tokenizer"], tmp_path / "out", workers=1,

@@ -56,6 +56,7 @@ def manifest(demo_assets) -> dict:
     return json.loads((Path(demo_assets["zh_train"]).parent / "manifest.json").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_held_out_examples_are_never_trained_on(demo_assets, task_files):
     zh_train = Path(demo_assets["zh_train"]).read_text(encoding="utf-8")
     zh_heldout = Path(demo_assets["zh_heldout"]).read_text(encoding="utf-8").splitlines()

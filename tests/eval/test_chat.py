@@ -37,6 +37,7 @@ def _spawn(args: list[str]):
                          dimensions=(40, 200))
 
 
+@pytest.mark.slow
 def test_chat_streams_an_answer_and_exits_on_eof(merged_model):
     question = "介绍一下长江"
     max_new = 24
@@ -64,6 +65,7 @@ def test_chat_streams_an_answer_and_exits_on_eof(merged_model):
     assert chat.exitstatus == 0 and "Traceback" not in (chat.before or "")
 
 
+@pytest.mark.slow
 def test_chat_exits_cleanly_on_ctrl_c_with_adapters_unmerged(tiny_chain):
     chat = _spawn([str(tiny_chain["base"]), "--adapter", str(tiny_chain["pretrain"]),
                    "--adapter", str(tiny_chain["sft"]), "--max-new-tokens", "4", "--seed", "0"])
@@ -76,6 +78,7 @@ def test_chat_exits_cleanly_on_ctrl_c_with_adapters_unmerged(tiny_chain):
     assert chat.exitstatus == 0 and "Traceback" not in (chat.before or "")
 
 
+@pytest.mark.slow
 def test_chat_missing_tokenizer_is_one_line(merged_model, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(merged_model, bare, ignore=shutil.ignore_patterns("tokenizer*"))

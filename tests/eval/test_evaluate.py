@@ -62,6 +62,7 @@ def _ctx(params, out_dir: Path, task_index: int, num_tasks: int):
                            log=lambda _m: None)
 
 
+@pytest.mark.slow
 def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
     params = EvaluateParams(model=str(merged_model), ppl=eval_inputs["ppl"], tasks=eval_inputs["tasks"],
                             prompts=eval_inputs["prompts"], batch_size=3, max_new_tokens=6, block_size=32)
@@ -115,6 +116,7 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
     assert from_cli["tasks"] == sharded["tasks"] and from_cli["perplexity"] == sharded["perplexity"]
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_one_at_a_time(merged_model):
     model, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token == "[PAD]"
@@ -143,6 +145,7 @@ def test_choice_log_likelihoods_batched_equal_one_sequence_at_a_time(merged_mode
     assert batched[0] != batched[1]  # control: the scores depend on the prompt
 
 
+@pytest.mark.slow
 def test_unmerged_adapters_score_like_the_merged_model(tiny_chain, merged_model, eval_inputs):
     lines = Path(eval_inputs["ppl"][0]).read_text(encoding="utf-8").splitlines()[:4]
     merged = evaluation.perplexity_sums(*load_for_inference(merged_model, log=lambda _m: None), lines,

@@ -22,6 +22,7 @@ def model_with_tokenizer(tiny_chain, demo_assets, tmp_path: Path, name: str) -> 
     return directory
 
 
+@pytest.mark.slow
 def test_vocabulary_rows_differing_from_the_tokenizer_is_one_line(tiny_chain, demo_assets, tmp_path):
     model = model_with_tokenizer(tiny_chain, demo_assets, tmp_path, "short_tokenizer")
     # the merged pretraining model has 32,009 rows; give it the 32,000-token base tokenizer
@@ -38,6 +39,7 @@ def test_vocabulary_rows_differing_from_the_tokenizer_is_one_line(tiny_chain, de
     assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".out.gguf*"))
 
 
+@pytest.mark.slow
 def test_a_converter_failure_leaves_no_file(tiny_chain, demo_assets, tmp_path):
     model = model_with_tokenizer(tiny_chain, demo_assets, tmp_path, "unknown_architecture")
     config = json.loads((model / "config.json").read_text())

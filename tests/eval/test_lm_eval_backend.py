@@ -44,6 +44,7 @@ def own_loglikelihood(model, tokenizer, prompt: str, choice: str, pair_tokenizat
     return float(sum(logits[position - 1, whole[position]] for position in range(len(head), len(whole))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair_tokenization", ["joint", "separate"])
 def test_lm_eval_scores_the_alpaca_task_as_chla_would(tiny_chain, reviews, tmp_path, pair_tokenization):
     from chla_tools.inference import load_for_inference
@@ -75,6 +76,7 @@ def test_lm_eval_scores_the_alpaca_task_as_chla_would(tiny_chain, reviews, tmp_p
     assert saved["tasks"] == summary["tasks"] and saved["pair_tokenization"] == pair_tokenization
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_line(tiny_chain, tmp_path):
     from chla_tools.lm_eval_backend import run_lm_eval
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from chla_tools import evaluate as evaluation
 from chla_tools.inference import generate_batch, input_device, load_for_inference, placement
 
@@ -15,6 +17,7 @@ from .test_evaluate import eval_inputs, merged_model  # noqa: F401  (the fixture
 PROMPTS = ["话说天下大势，分久必合，合久必分。", "你好", "人民日报报道，今年粮食生产获得丰收。"]
 
 
+@pytest.mark.slow
 def test_spread_model_generates_and_scores_as_the_whole_one(merged_model, eval_inputs, tmp_path):  # noqa: F811 (fixtures)
     assert placement("cuda") == {"device_map": "auto"} and placement("cpu") == {}
     whole, tokenizer = load_for_inference(merged_model, log=lambda _m: None)

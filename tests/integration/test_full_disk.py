@@ -60,6 +60,7 @@ def check_failed_cleanly(result: subprocess.CompletedProcess, disk: Path, run_di
     assert leftovers == [], leftovers  # nothing half-written stays behind
 
 
+@pytest.mark.slow
 def test_full_disk_during_pretokenize(small_disk, tmp_path, demo_assets):
     from chla_tools.pretokenize import pretokenize
 
@@ -82,6 +83,7 @@ def test_full_disk_during_pretokenize(small_disk, tmp_path, demo_assets):
     assert manifest["totals"]["tokens"] == reference["tokens"] > 600_000
 
 
+@pytest.mark.slow
 def test_full_disk_during_merge(small_disk, tmp_path, demo_assets):
     from transformers import AutoTokenizer
 

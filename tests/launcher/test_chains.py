@@ -66,6 +66,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_fan_in_chain_with_array(tmp_path, executor, cluster_if_slurm):
     write_recipe(tmp_path, FAN_IN)
@@ -133,6 +134,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_failure_cancels_dependents_and_resume_reruns_only_them(tmp_path, executor, cluster_if_slurm):
     recipe = write_recipe(tmp_path, FAILING)
@@ -186,6 +188,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_two_node_stage_all_reduce(tmp_path, executor, cluster_if_slurm):
     write_recipe(tmp_path, TWO_NODES)
@@ -211,6 +214,7 @@ NASTY = ["; touch {pwn}/semicolon", "$(touch {pwn}/dollar)", "`touch {pwn}/backt
          "it's \"quoted\"", "two\nlines", "| touch {pwn}/pipe &", "$${{HOME}}", "*"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_shell_metacharacters_arrive_intact(tmp_path, executor, cluster_if_slurm):
     pwn = tmp_path / "pwned"
@@ -277,6 +281,7 @@ def _check_requeued_once(run_dir: Path, attempts: Path) -> None:
     assert len(attempts.read_text().split()) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_preempted_stage_is_requeued_and_chain_completes(tmp_path, executor, cluster_if_slurm):
     """A stage that does not checkpoint, preempted the way Slurm does it (SIGTERM to its processes,
@@ -380,6 +385,7 @@ def test_logs_and_cancel_whole_chain_on_slurm(tmp_path, slurm_cluster):
     assert not (run_dir / "nap" / "DONE").exists()
 
 
+@pytest.mark.slow
 def test_cancel_local_run(tmp_path):
     write_recipe(tmp_path, SLEEPY)
     process = subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml"], cwd=tmp_path,

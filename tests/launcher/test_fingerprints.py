@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from .conftest import chla
 
 PACKAGES = ("chla_launcher", "chla_train", "chla_tools")
@@ -101,6 +103,7 @@ def plan_of(tmp_path: Path) -> dict[str, str]:
     return {line.split()[1]: line.split()[0] for line in out.splitlines() if line.startswith(("  run ", "  skip"))}
 
 
+@pytest.mark.slow
 def test_input_directory_and_glob_contents_are_fingerprinted(tmp_path, demo_assets):
     data = tmp_path / "data"
     texts = tmp_path / "texts"

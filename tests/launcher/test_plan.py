@@ -9,6 +9,8 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from ..helpers import REPO
 from .conftest import chla
 from .test_light_imports import heavy_modules
@@ -32,6 +34,7 @@ def rows(output: str) -> dict[str, list[str]]:
             if line.split() and line.split()[0] in ("pt1", "pt2", "sft")}
 
 
+@pytest.mark.slow
 def test_full_recipe_plan(tmp_path, demo_assets):
     model = llama_7b_without_weights(tmp_path, demo_assets)
     result = chla("plan", str(REPO / "recipes" / "full.yaml"), "--set", f"vars.base_model={model}", cwd=tmp_path,

@@ -263,6 +263,7 @@ def test_remote_cancel(sshd, slurm_cluster, tmp_path):
     assert status.returncode == 1 and "CANCELLED" in status.stdout
 
 
+@pytest.mark.slow
 def test_remote_snapshot_installs_this_checkout(sshd, tmp_path):
     """--snapshot copies the working tree's code and pip-installs it into DIR/venv, whose chla then
     runs the submission (local executor here: the point is the code path, not Slurm)."""

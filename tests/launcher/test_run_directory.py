@@ -103,6 +103,7 @@ def start_local(tmp_path):
             process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_live_local_run_is_refused_replaced_and_dies_with_a_killed_submit(tmp_path, start_local):
     from chla_launcher.processes import alive, stage_tasks
 
@@ -154,6 +155,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 def test_shrinking_an_array_leaves_no_stale_parts(tmp_path):
     write_recipe(tmp_path, ARRAY.replace("{n}", "4"))
     chla("submit", "r.yaml", cwd=tmp_path, check=True)

@@ -34,6 +34,7 @@ def _sacct_states(job_id: str) -> list[str]:
     return out.split()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_job_of_an_earlier_submission_refuses_to_run(tmp_path, executor, cluster_if_slurm):  # noqa: F811 (fixture)
     run_dir = tmp_path / "runs" / "stale"

@@ -28,6 +28,7 @@ def en_corpus(demo_assets, tmp_path_factory) -> str:
     return str(root / "corpus")
 
 
+@pytest.mark.slow
 def test_blended_pretraining_counts_samples_and_resumes_exactly(train_assets, en_corpus, tmp_path):
     from safetensors.torch import load_file
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ..helpers import chla, status_json
 from .test_training import pretrain_params
 
@@ -43,6 +45,7 @@ def descendants(pids: list[int]) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_hangup_ends_the_local_run_and_resubmit_resumes_from_the_checkpoint(train_assets, tmp_path):
     params = pretrain_params(train_assets, max_steps=200, save_steps=10, eval_steps=0, logging_steps=10)
     (tmp_path / "r.yaml").write_text(json.dumps({"name": "hup", "stages": {"train": {"kind": "pretrain",

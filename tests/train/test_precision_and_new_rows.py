@@ -25,6 +25,7 @@ def _auto_precision(**env: str) -> tuple[str, str]:
     return tuple(json.loads(out))
 
 
+@pytest.mark.slow
 def test_auto_precision_is_fp32_when_bf16_is_emulated():
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     name, reason = _auto_precision()

@@ -48,6 +48,7 @@ def recipe(work: Path, train_assets, demo_assets, **params) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_local_run_draws_live_bars_on_a_terminal(train_assets, demo_assets, tmp_path):
     path = recipe(tmp_path, train_assets, demo_assets, max_steps=60, logging_steps=10, eval_steps=0)
     run = pexpect.spawn(sys.executable, ["-m", "chla_launcher", "submit", str(path)], cwd=str(tmp_path),

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from .launch import free_port
 
 SCRIPT = textwrap.dedent("""
@@ -57,6 +59,7 @@ def run_two_ranks(tmp_path, mode: str) -> list[subprocess.CompletedProcess]:
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
 
 
+@pytest.mark.slow
 def test_rank_zero_builds_first_and_a_failure_stops_every_rank(tmp_path):
     done = run_two_ranks(tmp_path, "ok")
     assert [p.returncode for p in done] == [0, 0], [p.stderr[-2000:] for p in done]

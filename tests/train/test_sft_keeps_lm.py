@@ -5,6 +5,7 @@ and pretraining text replayed in the batches."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from .conftest import TINY_LLAMA
@@ -12,6 +13,7 @@ from .launch import launch
 from .test_training import PROBE, reference_model, summary
 
 
+@pytest.mark.slow
 def test_embedding_learning_rate_gets_its_own_param_groups():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,6 +97,7 @@ def test_replay_rows_sit_beside_the_packed_instruction_rows():
     assert batch["input_ids"].shape[0] == rows + 1 and set(batch) == set(alone)
 
 
+@pytest.mark.slow
 def test_sft_on_new_rows_with_replay_keeps_base_rows_and_merges(train_assets, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open

@@ -51,6 +51,7 @@ def summary(run_dir: Path) -> dict:
 
 # --- must-show 1 -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_embeddings_new_rows_only_leaves_base_rows_bitwise_unchanged(train_assets, tmp_path):
     from safetensors.torch import load_file
 
@@ -135,6 +136,7 @@ def test_two_rank_zero2_lora_matches_one_rank_and_adapter_reloads(train_assets, 
     _check_adapter_reloads(train_assets, tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_zero3_adapter_is_complete_and_reloads(train_assets, tmp_path):
     """The original project's bug: under ZeRO-3 the saved adapter held empty partitions. The base
     model comes from a checkpoint, so it is loaded partitioned (each rank reads its own slices):

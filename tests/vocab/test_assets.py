@@ -75,6 +75,7 @@ def test_base_tokenizer_is_the_llama_style_model(demo_assets):
     assert Path(demo_assets["base_sp_model"]).stat().st_size == 493443
 
 
+@pytest.mark.slow
 def test_rebuilds_from_cached_downloads_and_repairs_a_damaged_file(demo_assets, tmp_path):
     downloads = Path(demo_assets["base_tokenizer"]).parents[1] / "downloads"
     shutil.copytree(downloads, tmp_path / "downloads")
