@@ -19,11 +19,19 @@ from torch import nn
 from chla_launcher.errors import ChlaError
 
 
-def new_token_rows(params, base_rows: int, vocab_size: int, *, where: str) -> range | None:
+def new_token_rows(params, base_rows: int, vocab_size: int, *, where: str, added_here: int = 0) -> range | None:
     """The rows a LoRA stage with `vocab_rows: new` trains: from new_rows_from (default: the rows
-    the model had before this stage's tokenizer) to the end of the vocabulary."""
+    the model had before this stage's tokenizer) to the end of the vocabulary. `added_here`: the
+    tokens the stage itself added to its tokenizer (SFT's [PAD])."""
     if params.vocab_rows != "new":
         return None
+    if params.new_rows_from is None and 0 < vocab_size - base_rows <= added_here:
+        # An SFT base that went through the merge already has every merged row: by default only
+        # [PAD] would train, and a model whose answers are new tokens then never learns them.
+        raise ChlaError(f"{where}.vocab_rows: new would train only the {vocab_size - base_rows} token(s) this "
+                        f"stage adds ({base_rows}..{vocab_size - 1}: the model already has a row for every other "
+                        "token); set new_rows_from to the first row the vocabulary merge added (the original "
+                        "base model's vocabulary size, 32000 for LLaMA)")
     first = base_rows if params.new_rows_from is None else params.new_rows_from
     if first > base_rows:
         raise ChlaError(f"{where}.new_rows_from: {first} is past the model's {base_rows} rows; the rows "

@@ -63,8 +63,8 @@ def run(ctx) -> dict[str, Any]:
                                   target_modules=params.lora_target_modules,
                                   modules_to_save=params.modules_to_save, init_adapter=params.init_adapter,
                                   key_prefix=ctx.stage, seed=params.seed, log=ctx.log,
-                                  new_token_rows=new_token_rows(params, base_rows, len(tokenizer),
-                                                                where=ctx.stage))
+                                  new_token_rows=new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage,
+                                                                added_here=len(tokenizer) - base_vocab))
     trainable, total = models.count_parameters(model)
     ctx.log(f"LoRA: {trainable:,} of {total:,} parameters train; vocabulary {base_rows} -> {len(tokenizer)}")
 

@@ -10,7 +10,7 @@ import torch
 
 from .conftest import TINY_LLAMA
 from .launch import launch
-from .test_training import PROBE, reference_model, summary
+from .test_training import PROBE, _run_expecting_error, reference_model, summary
 
 
 @pytest.mark.slow
@@ -118,6 +118,11 @@ def test_sft_on_new_rows_with_replay_keeps_base_rows_and_merges(train_assets, tm
               "pack_batches": True, "share_prompt_prefix": True,
               "vocab_rows": "new", "new_rows_from": base_rows, "embedding_learning_rate": 1e-3,
               "replay_corpus": train_assets["corpus"], "replay_weight": 0.25, "replay_block_size": 32}
+    # Without new_rows_from, only the [PAD] row this stage adds would train: refused in one line
+    # (the run below, with new_rows_from, is the control).
+    message = _run_expecting_error("sft", {k: v for k, v in params.items() if k != "new_rows_from"},
+                                   tmp_path / "pad_only")
+    assert "new_rows_from" in message and "32000" in message
     run = tmp_path / "sft"
     launch({"kind": "sft", "run_dir": str(run), "params": params, "probe_ids": PROBE,
             "probe_out": str(run / "probe_logits.pt")})
