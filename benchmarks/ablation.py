@@ -47,8 +47,7 @@ ARMS = {"chla": [], "original": ORIGINAL}
 
 def run_arm(out: Path, arm: str) -> Path:
     run_dir = out / arm
-    argv = [str(REPO / ".venv" / "bin" / "chla-submit"), str(REPO / "recipes" / "demo.yaml"),
-            "--run-dir", str(run_dir)]
+    argv = [str(REPO / ".venv" / "bin" / "chla-submit"), str(REPO / "recipes" / "demo.yaml"), "--run-dir", str(run_dir)]
     for setting in ARMS[arm]:
         argv += ["--set", setting]
     print(f"$ {' '.join(argv)}", flush=True)
@@ -67,12 +66,14 @@ def figures(run_dir: Path) -> dict:
         "zh ppl/char base": summary["zh_ppl_per_char"]["base"],
         "zh ppl/char after pretraining": summary["zh_ppl_per_char"]["after_pt"],
         "zh ppl/char after SFT": summary["zh_ppl_per_char"]["after_sft"],
-        "zh after SFT / after pretraining (target <= 1.2)": (summary["zh_ppl_per_char"]["after_sft"]
-                                                             / summary["zh_ppl_per_char"]["after_pt"]),
+        "zh after SFT / after pretraining (target <= 1.2)": (
+            summary["zh_ppl_per_char"]["after_sft"] / summary["zh_ppl_per_char"]["after_pt"]
+        ),
         "en ppl/char base": summary["en_ppl_per_char"]["base"],
         "en ppl/char after SFT": summary["en_ppl_per_char"]["after_sft"],
-        "en at the end / base (target <= 1.5)": (summary["en_ppl_per_char"]["after_sft"]
-                                                 / summary["en_ppl_per_char"]["base"]),
+        "en at the end / base (target <= 1.5)": (
+            summary["en_ppl_per_char"]["after_sft"] / summary["en_ppl_per_char"]["base"]
+        ),
     }
     for name, task in (summary.get("tasks") or {}).items():
         row[f"{name}: {task['metric_label']}"] = task["score"]
@@ -80,8 +81,10 @@ def figures(run_dir: Path) -> dict:
         row["sentiment: accuracy"] = summary["sft_accuracy"]
     row["SFT adapter (MB)"] = adapter.stat().st_size / 1e6
     row["training seconds (all stages)"] = sum(
-        seconds for stage, seconds in summary.get("stage_seconds", {}).items()
-        if stage in ("base_model", "pt_embeddings", "pt_lora", "sft"))
+        seconds
+        for stage, seconds in summary.get("stage_seconds", {}).items()
+        if stage in ("base_model", "pt_embeddings", "pt_lora", "sft")
+    )
     return row
 
 
@@ -108,8 +111,11 @@ def plot(rows: dict[str, dict], runs: dict[str, Path], path: Path) -> None:
     for arm, run_dir in runs.items():
         offset = 0
         for stage in ("pt_embeddings", "pt_lora"):
-            records = [json.loads(line) for line in
-                       (run_dir / stage / "out" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            records = [
+                json.loads(line)
+                for line in (run_dir / stage / "out" / "metrics.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
             evals = [(r["step"] + offset, r["eval_loss"]) for r in records if "eval_loss" in r]
             curves.plot(*zip(*evals), marker="o", color=colours[arm], label=arm if stage == "pt_lora" else None)
             offset = max(step for step, _ in evals)
@@ -119,15 +125,26 @@ def plot(rows: dict[str, dict], runs: dict[str, Path], path: Path) -> None:
     for arm, run_dir in runs.items():
         summary = json.loads((run_dir / "summary.json").read_text())
         for language, style in (("zh", "-"), ("en", "--")):
-            ppl.plot(points, [summary[f"{language}_ppl_per_char"][p] for p in points], style, marker="o",
-                     color=colours[arm], label=f"{arm} {language}")
+            ppl.plot(
+                points,
+                [summary[f"{language}_ppl_per_char"][p] for p in points],
+                style,
+                marker="o",
+                color=colours[arm],
+                label=f"{arm} {language}",
+            )
     ppl.set(title="perplexity per character", yscale="log")
     ppl.legend(fontsize=8)
     scores = [key for key in rows["chla"] if ":" in key]
     width = 0.38
     for index, arm in enumerate(rows):
-        tasks.bar([i + (index - 0.5) * width for i in range(len(scores))], [rows[arm][k] for k in scores],
-                  width, color=colours[arm], label=arm)
+        tasks.bar(
+            [i + (index - 0.5) * width for i in range(len(scores))],
+            [rows[arm][k] for k in scores],
+            width,
+            color=colours[arm],
+            label=arm,
+        )
     tasks.set_xticks(range(len(scores)), [k.replace(": ", "\n") for k in scores], fontsize=8)
     tasks.set(title="held-out task scores", ylim=(0, 1))
     tasks.legend()
@@ -138,8 +155,11 @@ def plot(rows: dict[str, dict], runs: dict[str, Path], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "ablation"), help="directory for both run dirs")
-    parser.add_argument("--chla", help="a finished run of recipes/demo.yaml as shipped, taken as the chla arm "
-                                       "(its run directory is used as it is, nothing is resubmitted)")
+    parser.add_argument(
+        "--chla",
+        help="a finished run of recipes/demo.yaml as shipped, taken as the chla arm "
+        "(its run directory is used as it is, nothing is resubmitted)",
+    )
     args = parser.parse_args()
     print_machine()
     out = Path(args.out).resolve()
@@ -151,8 +171,14 @@ def main() -> None:
     print(text)
     print(f"plot: {out / 'ablation.png'}")
     chla, original = rows["chla"], rows["original"]
-    print("RESULT " + " ".join(f"{key.split(' (')[0].replace(' ', '_')}={chla[key]:.4g}/{original[key]:.4g}"
-                               for key in chla if "target" in key))
+    print(
+        "RESULT "
+        + " ".join(
+            f"{key.split(' (')[0].replace(' ', '_')}={chla[key]:.4g}/{original[key]:.4g}"
+            for key in chla
+            if "target" in key
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,11 +35,16 @@ def hf_greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int
     import torch
 
     with torch.no_grad():
-        output = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)
-    generated = output[0, len(ids):].tolist()
-    return generated[:generated.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in generated else generated
+        output = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    generated = output[0, len(ids) :].tolist()
+    return generated[: generated.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in generated else generated
 
 
 def llama_cpp_greedy(llm, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -56,8 +61,12 @@ def main() -> int:
     parser.add_argument("run_dir", nargs="?", default="runs/demo")
     parser.add_argument("--reviews", type=int, default=100, help="held-out reviews as prompts (default 100)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--paragraphs", type=int, default=20,
-                        help="held-out Chinese paragraphs: their openings continued, their logits compared")
+    parser.add_argument(
+        "--paragraphs",
+        type=int,
+        default=20,
+        help="held-out Chinese paragraphs: their openings continued, their logits compared",
+    )
     args = parser.parse_args()
     print_machine()
     try:
@@ -76,25 +85,43 @@ def main() -> int:
     run = Path(args.run_dir)
     model_dir = run / "merge_sft" / "out"
     demo = run / "assets" / "out"  # the demo's fetch_assets stage: prompts and held-out reviews
-    general = [format_prompt(json.loads(line)["prompt"]) for line in (demo / "prompts.jsonl").read_text().splitlines()
-               if line.strip()]
-    reviews = [format_prompt(r["instruction"], r["input"])
-               for r in json.loads((demo / "sft_test.json").read_text())[:args.reviews]]
-    paragraphs = [line for line in (demo / "zh_heldout.txt").read_text(encoding="utf-8").splitlines()
-                  if line.strip()][:args.paragraphs]
+    general = [
+        format_prompt(json.loads(line)["prompt"])
+        for line in (demo / "prompts.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    reviews = [
+        format_prompt(r["instruction"], r["input"])
+        for r in json.loads((demo / "sft_test.json").read_text())[: args.reviews]
+    ]
+    paragraphs = [line for line in (demo / "zh_heldout.txt").read_text(encoding="utf-8").splitlines() if line.strip()][
+        : args.paragraphs
+    ]
     openings = [paragraph[:24] for paragraph in paragraphs]  # raw text to continue, no template
     print(f"llama-cpp-python {llama_cpp.__version__}; model {model_dir}")
 
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "model-f32.gguf"
         export_gguf(model_dir, gguf, "f32", log=lambda _m: None)
-        llm = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=2, n_batch=512, seed=0, verbose=False,
-                              logits_all=True, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+        llm = llama_cpp.Llama(
+            str(gguf),
+            n_ctx=512,
+            n_threads=2,
+            n_batch=512,
+            seed=0,
+            verbose=False,
+            logits_all=True,
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
+        )
         tokenizer = load_tokenizer(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         print(f"{'prompts':<28} {'count':>5} {'same tokens':>12} {'same greedy':>12} {'hf s':>7} {'llama.cpp s':>12}")
-        for name, prompts in (("demo general prompts", general), ("held-out reviews", reviews),
-                              ("Chinese openings, raw", openings)):
+        for name, prompts in (
+            ("demo general prompts", general),
+            ("held-out reviews", reviews),
+            ("Chinese openings, raw", openings),
+        ):
             same_tokens = same_generation = 0
             hf_seconds = cpp_seconds = 0.0
             for prompt in prompts:
@@ -108,10 +135,14 @@ def main() -> int:
                 cpp_seconds += time.perf_counter() - started
                 same_generation += got == expected
                 if got != expected:
-                    print(f"  differs: {prompt[-40:]!r}: hf {tokenizer.decode(expected)!r} "
-                          f"llama.cpp {tokenizer.decode(got)!r}")
-            print(f"{name:<28} {len(prompts):>5} {same_tokens:>12} {same_generation:>12} "
-                  f"{hf_seconds:>7.1f} {cpp_seconds:>12.1f}")
+                    print(
+                        f"  differs: {prompt[-40:]!r}: hf {tokenizer.decode(expected)!r} "
+                        f"llama.cpp {tokenizer.decode(got)!r}"
+                    )
+            print(
+                f"{name:<28} {len(prompts):>5} {same_tokens:>12} {same_generation:>12} "
+                f"{hf_seconds:>7.1f} {cpp_seconds:>12.1f}"
+            )
         positions = same_top1 = 0
         largest = 0.0
         for paragraph in paragraphs:
@@ -120,12 +151,14 @@ def main() -> int:
                 expected = model(torch.tensor([ids])).logits[0].float().numpy()
             llm.reset()
             llm.eval(ids)
-            got = llm.scores[:len(ids)]
+            got = llm.scores[: len(ids)]
             positions += len(ids)
             same_top1 += int((got.argmax(-1) == expected.argmax(-1)).sum())
             largest = max(largest, float(abs(got - expected).max()))
-        print(f"teacher-forced logits on {len(paragraphs)} held-out paragraphs: top-1 equal at {same_top1:,} of "
-              f"{positions:,} positions, max |logit difference| {largest:.1e}")
+        print(
+            f"teacher-forced logits on {len(paragraphs)} held-out paragraphs: top-1 equal at {same_top1:,} of "
+            f"{positions:,} positions, max |logit difference| {largest:.1e}"
+        )
     return 0
 
 

@@ -57,14 +57,29 @@ from train_throughput import (
     original_trainer,
 )
 
-LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)
+LLAMA_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=2048,
+)
 MICRO_BATCH = 8
 SFT_EXAMPLES = 32
 SFT_ROW = 512
 # Dense bf16 tensor-core peaks (no sparsity), by device-name substring, longest first.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                  "A10G": 70e12, "A10": 125e12, "L4": 121e12}
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "L4": 121e12,
+}
 CONFIGS = {
     "pretrain-chla-fa2": {"kind": "pretrain", "side": "chla", "attention": "flash_attention_2"},
     "pretrain-chla-sdpa": {"kind": "pretrain", "side": "chla", "attention": "sdpa"},
@@ -90,8 +105,15 @@ def planned_memory(layers: int, *, attention: str = "flash_attention_2", checkpo
     """chla plan's estimate for the pretrain configuration on one GPU."""
     from chla_launcher.sizing import ModelShape, TrainingSetup, training_memory
 
-    setup = TrainingSetup(precision="bf16", zero_stage=2, world_size=1, micro_batch=MICRO_BATCH, seq_len=BLOCK,
-                          gradient_checkpointing=checkpointing, attention=attention)
+    setup = TrainingSetup(
+        precision="bf16",
+        zero_stage=2,
+        world_size=1,
+        micro_batch=MICRO_BATCH,
+        seq_len=BLOCK,
+        gradient_checkpointing=checkpointing,
+        attention=attention,
+    )
     return training_memory(ModelShape.from_config(model_config(layers)), original_trainable(), setup)
 
 
@@ -113,11 +135,13 @@ def sft_flops_per_token(layers: int, vocab: int, mean_example: float, label_frac
     from chla_launcher.sizing import ModelShape, flops_per_token
 
     shape = ModelShape.from_config(dict(model_config(layers), vocab_size=vocab))
-    return flops_per_token(shape, original_trainable(), max(1, round(mean_example)),
-                           logits_fraction=label_fraction).total
+    return flops_per_token(
+        shape, original_trainable(), max(1, round(mean_example)), logits_fraction=label_fraction
+    ).total
 
 
 # --- one configuration, in its own process ---------------------------------------------------------
+
 
 def run_config(name: str, layers: int, steps: int, warmup: int) -> dict:
     import torch
@@ -144,11 +168,16 @@ def run_config(name: str, layers: int, steps: int, warmup: int) -> dict:
             seconds = time_original(blocks, layers, steps + warmup, root)
     best = min(seconds[warmup:])
     tokens_per_s = MICRO_BATCH * BLOCK / best
-    return {"name": name, "tokens_per_s": tokens_per_s, "best_step_s": best,
-            "flops_per_token": pretrain_flops_per_token(layers),
-            "peak_bytes": torch.cuda.max_memory_allocated(),
-            "planned_bytes": planned_memory(layers, attention=config["attention"],
-                                            checkpointing=config["side"] == "original").peak}
+    return {
+        "name": name,
+        "tokens_per_s": tokens_per_s,
+        "best_step_s": best,
+        "flops_per_token": pretrain_flops_per_token(layers),
+        "peak_bytes": torch.cuda.max_memory_allocated(),
+        "planned_bytes": planned_memory(
+            layers, attention=config["attention"], checkpointing=config["side"] == "original"
+        ).peak,
+    }
 
 
 def timed(step) -> float:
@@ -181,7 +210,9 @@ def time_original(blocks, layers: int, total_steps: int, root: Path) -> list[flo
             seconds.append(now - self.mark)
             self.mark = now
 
-    original_trainer(blocks, torch.bfloat16, total_steps, root, [StepTimes()], model_config=model_config(layers)).train()
+    original_trainer(
+        blocks, torch.bfloat16, total_steps, root, [StepTimes()], model_config=model_config(layers)
+    ).train()
     return seconds
 
 
@@ -193,19 +224,42 @@ def sft_trainer(config: dict, layers: int, root: Path, *, vocab: int, pad_id: in
     from chla_train import model as models
     from chla_train.trainer import TrainData, Trainer, init_distributed
 
-    params = SftParams(tokenizer="-", train_file="-", init=dict(model_config(layers), vocab_size=vocab),
-                       max_seq_length=SFT_ROW, micro_batch_size=SFT_EXAMPLES, max_steps=10_000, eval_steps=0,
-                       save_steps=0, precision="bf16", pack_batches=pack, attn_implementation=config["attention"],
-                       modules_to_save=list(MODULES_TO_SAVE), lora_target_modules=list(LORA_TARGETS), seed=SEED)
+    params = SftParams(
+        tokenizer="-",
+        train_file="-",
+        init=dict(model_config(layers), vocab_size=vocab),
+        max_seq_length=SFT_ROW,
+        micro_batch_size=SFT_EXAMPLES,
+        max_steps=10_000,
+        eval_steps=0,
+        save_steps=0,
+        precision="bf16",
+        pack_batches=pack,
+        attn_implementation=config["attention"],
+        modules_to_save=list(MODULES_TO_SAVE),
+        lora_target_modules=list(LORA_TARGETS),
+        seed=SEED,
+    )
     ctx = make_context(f"sft-{config['attention']}-{pack}", params, root, kind="sft")
     init_distributed(ctx)
-    model = models.build_base_model(None, params.init, dtype=torch.bfloat16, attn_implementation=config["attention"],
-                                    seed=SEED)
-    model = models.apply_lora(model, r=8, alpha=32, dropout=0.05, target_modules=params.lora_target_modules,
-                              modules_to_save=params.modules_to_save, init_adapter=None, key_prefix="sft", seed=SEED)
+    model = models.build_base_model(
+        None, params.init, dtype=torch.bfloat16, attn_implementation=config["attention"], seed=SEED
+    )
+    model = models.apply_lora(
+        model,
+        r=8,
+        alpha=32,
+        dropout=0.05,
+        target_modules=params.lora_target_modules,
+        modules_to_save=params.modules_to_save,
+        init_adapter=None,
+        key_prefix="sft",
+        seed=SEED,
+    )
     collate = sft_collate(pad_id, pack_batches=pack, row_length=SFT_ROW)
-    data = TrainData(train_set=dataset, train_indices=range(len(dataset)), valid_set=dataset, valid_indices=[],
-                     collate=collate)
+    data = TrainData(
+        train_set=dataset, train_indices=range(len(dataset)), valid_set=dataset, valid_indices=[], collate=collate
+    )
     return Trainer(ctx, model, data, params, dtype=torch.bfloat16), collate
 
 
@@ -214,8 +268,9 @@ def sft_data(root: Path):
     from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
 
     assets = fetch_assets()
-    dataset = load_sft_dataset(assets["sft_train"], assets["base_tokenizer"], max_seq_length=SFT_ROW,
-                               cache_dir=root / "cache")
+    dataset = load_sft_dataset(
+        assets["sft_train"], assets["base_tokenizer"], max_seq_length=SFT_ROW, cache_dir=root / "cache"
+    )
     tokenizer = load_sft_tokenizer(assets["base_tokenizer"])
     return dataset, len(tokenizer), tokenizer.pad_token_id
 
@@ -245,8 +300,12 @@ def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path) -> 
             examples_total += SFT_EXAMPLES
     mean_example = tokens_total / examples_total
     flops = sft_flops_per_token(layers, vocab, mean_example, labels_total / tokens_total)
-    return {"tokens_per_s": max(rates), "flops_per_token": flops, "peak_bytes": torch.cuda.max_memory_allocated(),
-            "mean_example_tokens": mean_example}
+    return {
+        "tokens_per_s": max(rates),
+        "flops_per_token": flops,
+        "peak_bytes": torch.cuda.max_memory_allocated(),
+        "mean_example_tokens": mean_example,
+    }
 
 
 def fa2_packed_vs_padded(layers: int, root: Path) -> dict:
@@ -257,8 +316,9 @@ def fa2_packed_vs_padded(layers: int, root: Path) -> dict:
     from chla_tools.sft_data import collate_sft, collate_sft_packed
 
     dataset, vocab, pad_id = sft_data(root)
-    trainer, _ = sft_trainer(CONFIGS["fa2-packed-vs-padded"], min(layers, 4), root, vocab=vocab, pad_id=pad_id,
-                             dataset=dataset)
+    trainer, _ = sft_trainer(
+        CONFIGS["fa2-packed-vs-padded"], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset
+    )
     trainer.engine.eval()
     examples = [dataset[i] for i in range(SFT_EXAMPLES)]
     padded = collate_sft(examples, pad_id)
@@ -268,31 +328,46 @@ def fa2_packed_vs_padded(layers: int, root: Path) -> dict:
         loss_padded = trainer._forward(padded).item()
         loss_packed = trainer._forward(packed).item()
         module = trainer.engine.module
-        inputs = {"input_ids": torch.from_numpy(leaky["input_ids"]).cuda(),
-                  "position_ids": torch.from_numpy(leaky["position_ids"]).cuda()}
+        inputs = {
+            "input_ids": torch.from_numpy(leaky["input_ids"]).cuda(),
+            "position_ids": torch.from_numpy(leaky["position_ids"]).cuda(),
+        }
         logits = module(**inputs, use_cache=False).logits.float()
         labels = torch.from_numpy(leaky["labels"]).cuda()
-        loss_leaky = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                       labels[:, 1:].reshape(-1), reduction="sum").item()
-    return {"loss_padded": loss_padded, "loss_packed": loss_packed, "loss_leaky": loss_leaky,
-            "packed_rel_diff": abs(loss_packed - loss_padded) / loss_padded,
-            "leaky_rel_diff": abs(loss_leaky - loss_padded) / loss_padded,
-            "rows": int(packed["input_ids"].shape[0]), "examples": SFT_EXAMPLES, "layers": min(layers, 4),
-            "padded_tokens": int(np.asarray(padded["input_ids"]).size)}
+        loss_leaky = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+    return {
+        "loss_padded": loss_padded,
+        "loss_packed": loss_packed,
+        "loss_leaky": loss_leaky,
+        "packed_rel_diff": abs(loss_packed - loss_padded) / loss_padded,
+        "leaky_rel_diff": abs(loss_leaky - loss_padded) / loss_padded,
+        "rows": int(packed["input_ids"].shape[0]),
+        "examples": SFT_EXAMPLES,
+        "layers": min(layers, 4),
+        "padded_tokens": int(np.asarray(padded["input_ids"]).size),
+    }
 
 
 # --- the orchestration -------------------------------------------------------------------------------
 
+
 def report(result: dict, peak: float | None) -> str:
     if "skipped" in result:
-        return f"RESULT {result['name']} not_run=\"{result['skipped']}\""
+        return f'RESULT {result["name"]} not_run="{result["skipped"]}"'
     if "packed_rel_diff" in result:
-        return (f"RESULT fa2_packed_rel_diff={result['packed_rel_diff']:.2e} "
-                f"fa2_leaky_rel_diff={result['leaky_rel_diff']:.2e} loss_padded={result['loss_padded']:.4f} "
-                f"loss_packed={result['loss_packed']:.4f} loss_leaky={result['loss_leaky']:.4f}")
+        return (
+            f"RESULT fa2_packed_rel_diff={result['packed_rel_diff']:.2e} "
+            f"fa2_leaky_rel_diff={result['leaky_rel_diff']:.2e} loss_padded={result['loss_padded']:.4f} "
+            f"loss_packed={result['loss_packed']:.4f} loss_leaky={result['loss_leaky']:.4f}"
+        )
     mfu = f"{result['tokens_per_s'] * result['flops_per_token'] / peak:.3f}" if peak else "n/a"
-    fields = [f"tokens_per_s={result['tokens_per_s']:.0f}", f"mfu={mfu}",
-              f"peak_gib={result['peak_bytes'] / 2**30:.1f}"]
+    fields = [
+        f"tokens_per_s={result['tokens_per_s']:.0f}",
+        f"mfu={mfu}",
+        f"peak_gib={result['peak_bytes'] / 2**30:.1f}",
+    ]
     if "planned_bytes" in result:
         fields.append(f"plan_gib={result['planned_bytes'] / 2**30:.1f}")
     return f"RESULT {result['name']} " + " ".join(fields)
@@ -322,22 +397,39 @@ def main() -> int:
 
     if args.dry_run or not torch.cuda.is_available():
         layers = args.layers or layers_that_fit(80 * 2**30)
-        print(f"{'dry run' if args.dry_run else 'no CUDA device: not run'}; for an 80 GiB GPU: {layers} layers, "
-              f"plan {planned_memory(layers).peak / 2**30:.1f} GiB for chla's pretrain step; pretrain model FLOPs "
-              f"{pretrain_flops_per_token(layers) / 1e9:.2f} G per token; configurations: {', '.join(names)}")
+        print(
+            f"{'dry run' if args.dry_run else 'no CUDA device: not run'}; for an 80 GiB GPU: {layers} layers, "
+            f"plan {planned_memory(layers).peak / 2**30:.1f} GiB for chla's pretrain step; pretrain model FLOPs "
+            f"{pretrain_flops_per_token(layers) / 1e9:.2f} G per token; configurations: {', '.join(names)}"
+        )
         return 0 if args.dry_run else 1
     device = torch.cuda.get_device_name(0)
     total = torch.cuda.get_device_properties(0).total_memory
     layers = args.layers or layers_that_fit(total)
     peak = gpu_peak_flops(device)
-    print(f"{device}, {total / 2**30:.0f} GiB: LLaMA-7B shape with {layers} of 32 layers "
-          f"(bf16 dense peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s)", flush=True)
+    print(
+        f"{device}, {total / 2**30:.0f} GiB: LLaMA-7B shape with {layers} of 32 layers "
+        f"(bf16 dense peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s)",
+        flush=True,
+    )
     lines = []
     with tempfile.TemporaryDirectory(prefix="chla-gpu-") as tmp:
         for name in names:
             result_file = Path(tmp) / f"{name}.json"
-            command = [sys.executable, __file__, "--config", name, "--layers", str(layers), "--steps",
-                       str(args.steps), "--warmup", str(args.warmup), "--result", str(result_file)]
+            command = [
+                sys.executable,
+                __file__,
+                "--config",
+                name,
+                "--layers",
+                str(layers),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--result",
+                str(result_file),
+            ]
             done = subprocess.run(command)
             if done.returncode != 0 or not result_file.exists():
                 lines.append(f"RESULT {name} failed=exit{done.returncode}")

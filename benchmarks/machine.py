@@ -76,8 +76,9 @@ def machine_line() -> str:
         if os.environ.get(name):
             fields[name] = os.environ[name]
     fields.update(library_versions())
-    return "MACHINE " + " ".join(f'{key}="{value}"' if " " in value else f"{key}={value}"
-                                 for key, value in fields.items())
+    return "MACHINE " + " ".join(
+        f'{key}="{value}"' if " " in value else f"{key}={value}" for key, value in fields.items()
+    )
 
 
 def print_machine() -> None:

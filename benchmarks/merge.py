@@ -87,9 +87,17 @@ def write_random_llama(model_dir: Path, layers: int, tokenizer_dir: Path, shard_
 
     from chla_tools.merge import PlannedTensor, _header_bytes, _shard_groups
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=layers,
-                         num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
-                         max_position_embeddings=2048, tie_word_embeddings=False, dtype="float16")
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="float16",
+    )
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
     planned = [PlannedTensor(name, name, shape, "F16") for name, shape in shapes.items()]
@@ -110,7 +118,8 @@ def write_random_llama(model_dir: Path, layers: int, tokenizer_dir: Path, shard_
                 weight_map[item.name] = file_name
     total = sum(item.nbytes for item in planned)
     (model_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     config.save_pretrained(model_dir)
     for name in os.listdir(tokenizer_dir):
         if name.startswith(("tokenizer", "special_tokens")):
@@ -138,8 +147,9 @@ def write_lora_adapter(adapter_dir: Path, model_dir: Path, rank: int = 8) -> Non
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
     adapter_dir.mkdir(parents=True)
     save_file(tensors, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    LoraConfig(r=rank, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM",
-               base_model_name_or_path=str(model_dir)).save_pretrained(str(adapter_dir))
+    LoraConfig(
+        r=rank, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM", base_model_name_or_path=str(model_dir)
+    ).save_pretrained(str(adapter_dir))
 
 
 def drop_page_cache() -> bool:
@@ -162,8 +172,11 @@ def measure(label: str, script: str, base: Path, adapter: Path, out: Path, cold:
     if cold and not drop_page_cache():
         raise SystemExit("dropping the page cache needs root")
     started = time.monotonic()
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", script, str(base), str(adapter), str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-c", script, str(base), str(adapter), str(out)],
+        capture_output=True,
+        text=True,
+    )
     process_wall = time.monotonic() - started
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -171,8 +184,11 @@ def measure(label: str, script: str, base: Path, adapter: Path, out: Path, cold:
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     work = float(re.search(r"^WORK ([\d.]+)$", proc.stdout, re.MULTILINE).group(1))
     result = {"peak_rss": peak_kb * 1024, "work_s": work, "process_s": process_wall}
-    print(f"{label:>10}: peak RSS {result['peak_rss'] / 2**20:8.1f} MiB   work {work:6.2f} s   "
-          f"process {process_wall:6.2f} s", flush=True)
+    print(
+        f"{label:>10}: peak RSS {result['peak_rss'] / 2**20:8.1f} MiB   work {work:6.2f} s   "
+        f"process {process_wall:6.2f} s",
+        flush=True,
+    )
     return result
 
 
@@ -207,7 +223,9 @@ def compare_outputs(chla_out: Path, peft_out: Path) -> tuple[int, int, float]:
     for name in ours:
         mine, reference = tensor(chla_out, ours[name], name), tensor(peft_out, theirs[name], name)
         if mine.dtype != reference.dtype or mine.shape != reference.shape:
-            raise SystemExit(f"{name}: chla {mine.dtype} {tuple(mine.shape)}, peft {reference.dtype} {tuple(reference.shape)}")
+            raise SystemExit(
+                f"{name}: chla {mine.dtype} {tuple(mine.shape)}, peft {reference.dtype} {tuple(reference.shape)}"
+            )
         if not torch.equal(mine, reference):
             differ += 1
             largest = max(largest, (mine.float() - reference.float()).abs().max().item())
@@ -235,9 +253,12 @@ def main() -> None:
         started = time.monotonic()
         model_bytes = write_random_llama(base, args.layers, Path(tokenizer_dir))
         write_lora_adapter(adapter, base)
-        print(f"random LLaMA: {model_bytes / 1e9:.2f} GB ({model_bytes / 2**20:.0f} MiB) in "
-              f"{len(list(base.glob('*.safetensors')))} shards, written in {time.monotonic() - started:.1f} s; "
-              f"adapter {(adapter / 'adapter_model.safetensors').stat().st_size / 2**20:.1f} MiB", flush=True)
+        print(
+            f"random LLaMA: {model_bytes / 1e9:.2f} GB ({model_bytes / 2**20:.0f} MiB) in "
+            f"{len(list(base.glob('*.safetensors')))} shards, written in {time.monotonic() - started:.1f} s; "
+            f"adapter {(adapter / 'adapter_model.safetensors').stat().st_size / 2**20:.1f} MiB",
+            flush=True,
+        )
         can_drop = drop_page_cache()
         states = ["warm", "cold"] if can_drop else ["warm"]
         if not can_drop:
@@ -258,12 +279,16 @@ def main() -> None:
                         shutil.rmtree(root / "copy")
             medians[state] = {method: _median(method_runs) for method, method_runs in runs.items()}
             copy, chla, peft = (medians[state][m] for m in ("copy", "chla", "peft"))
-            print(f"{state}: work chla/copy = {chla['work_s'] / copy['work_s']:.2f}, peft/copy = "
-                  f"{peft['work_s'] / copy['work_s']:.2f}; process wall chla/copy = "
-                  f"{chla['process_s'] / copy['process_s']:.2f}, peft/copy = {peft['process_s'] / copy['process_s']:.2f}")
+            print(
+                f"{state}: work chla/copy = {chla['work_s'] / copy['work_s']:.2f}, peft/copy = "
+                f"{peft['work_s'] / copy['work_s']:.2f}; process wall chla/copy = "
+                f"{chla['process_s'] / copy['process_s']:.2f}, peft/copy = {peft['process_s'] / copy['process_s']:.2f}"
+            )
         count, differ, diff = compare_outputs(root / "chla", root / "peft")
-        print(f"chla vs peft merged weights (fp16): {count - differ}/{count} tensors bitwise equal, "
-              f"max abs diff {diff:.3g}")
+        print(
+            f"chla vs peft merged weights (fp16): {count - differ}/{count} tensors bitwise equal, "
+            f"max abs diff {diff:.3g}"
+        )
         # peak RSS: the largest of every run in every state
         ratio = max(medians[s]["chla"]["peak_rss"] for s in states) / model_bytes
         peft_ratio = max(medians[s]["peft"]["peak_rss"] for s in states) / model_bytes
@@ -271,10 +296,12 @@ def main() -> None:
         peft_walls = {s: medians[s]["peft"]["work_s"] / medians[s]["copy"]["work_s"] for s in states}
         verdict = "meets" if ratio <= 0.35 and max(walls.values()) <= 3 else "MISSES"
         print(f"targets peak_rss_ratio <= 0.35, wall_vs_copy <= 3 (warm and cold): {verdict}")
-        cold_fields = (f" wall_vs_copy_cold={walls['cold']:.2f}" if can_drop else " wall_vs_copy_cold=skipped")
-        peft_cold = (f" peft_wall_vs_copy_cold={peft_walls['cold']:.2f}" if can_drop else "")
-        print(f"RESULT peak_rss_ratio={ratio:.3f} peft_peak_rss_ratio={peft_ratio:.3f} wall_vs_copy={walls['warm']:.2f}"
-              f"{cold_fields} peft_wall_vs_copy={peft_walls['warm']:.2f}{peft_cold}")
+        cold_fields = f" wall_vs_copy_cold={walls['cold']:.2f}" if can_drop else " wall_vs_copy_cold=skipped"
+        peft_cold = f" peft_wall_vs_copy_cold={peft_walls['cold']:.2f}" if can_drop else ""
+        print(
+            f"RESULT peak_rss_ratio={ratio:.3f} peft_peak_rss_ratio={peft_ratio:.3f} wall_vs_copy={walls['warm']:.2f}"
+            f"{cold_fields} peft_wall_vs_copy={peft_walls['warm']:.2f}{peft_cold}"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

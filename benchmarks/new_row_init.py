@@ -49,21 +49,28 @@ def main() -> None:
     stage = recipe.stages[args.stage].params
     base_dir = Path(stage.model)
     assets = run / "assets" / "out"
-    texts = {lang: [line for line in (assets / f"{lang}_heldout.txt").read_text(encoding="utf-8").splitlines()
-                    if line.strip()][:args.max_items] for lang in ("zh", "en")}
+    texts = {
+        lang: [
+            line for line in (assets / f"{lang}_heldout.txt").read_text(encoding="utf-8").splitlines() if line.strip()
+        ][: args.max_items]
+        for lang in ("zh", "en")
+    }
     blocks = BlockDataset(stage.corpus[0].path, stage.block_size)
-    _, valid = split_indices(len(blocks), valid_count=stage.valid_count, valid_fraction=stage.valid_fraction,
-                             seed=stage.seed)
+    _, valid = split_indices(
+        len(blocks), valid_count=stage.valid_count, valid_fraction=stage.valid_fraction, seed=stage.seed
+    )
 
     def ppl_per_char(model, tokenizer) -> dict[str, float]:
-        sums = {lang: perplexity_sums(model, tokenizer, lines, block=256, batch_size=16) for lang, lines in texts.items()}
+        sums = {
+            lang: perplexity_sums(model, tokenizer, lines, block=256, batch_size=16) for lang, lines in texts.items()
+        }
         return {lang: math.exp(s["nll"] / s["characters"]) for lang, s in sums.items()}
 
     @torch.no_grad()
     def valid_loss(model) -> float:
         total, count = 0.0, 0
         for first in range(0, len(valid), 8):
-            batch = collate_blocks([blocks[int(i)] for i in valid[first:first + 8]])
+            batch = collate_blocks([blocks[int(i)] for i in valid[first : first + 8]])
             ids = torch.from_numpy(batch["input_ids"])
             loss = model(input_ids=ids, labels=ids, num_items_in_batch=torch.ones(())).loss
             total += float(loss)
@@ -77,17 +84,27 @@ def main() -> None:
     rows.append(("base model, base tokenizer", None, ppl_per_char(base, base_tokenizer)))
     merged_tokenizer = models.load_tokenizer(stage.tokenizer)
     for init in INITS:
-        model = models.build_base_model(str(base_dir), None, dtype=torch.float32, attn_implementation="sdpa",
-                                        seed=0).eval()
-        models.resize_to_tokenizer(model, len(merged_tokenizer), new_row_init=init, max_vocab_growth=4.0,
-                                   where="benchmark", tokenizer_dir=stage.tokenizer, seed=stage.seed,
-                                   log=lambda _m: None)
+        model = models.build_base_model(
+            str(base_dir), None, dtype=torch.float32, attn_implementation="sdpa", seed=0
+        ).eval()
+        models.resize_to_tokenizer(
+            model,
+            len(merged_tokenizer),
+            new_row_init=init,
+            max_vocab_growth=4.0,
+            where="benchmark",
+            tokenizer_dir=stage.tokenizer,
+            seed=stage.seed,
+            log=lambda _m: None,
+        )
         rows.append((f"resized, {init}", valid_loss(model), ppl_per_char(model, merged_tokenizer)))
     uniform = math.log(len(merged_tokenizer))
 
-    print(f"\nStep 0 of stage 1: {len(valid)} validation blocks of {stage.block_size} tokens from {args.stage}'s "
-          f"split; held-out text: first {args.max_items} paragraphs per language "
-          f"({time.perf_counter() - started:.0f} s)\n")
+    print(
+        f"\nStep 0 of stage 1: {len(valid)} validation blocks of {stage.block_size} tokens from {args.stage}'s "
+        f"split; held-out text: first {args.max_items} paragraphs per language "
+        f"({time.perf_counter() - started:.0f} s)\n"
+    )
     print("| model at step 0 | stage-1 valid loss (nats/token) | zh ppl/char | en ppl/char |")
     print("|---|---:|---:|---:|")
     for name, loss, ppl in rows:
@@ -96,8 +113,10 @@ def main() -> None:
     print(f"| (uniform over {len(merged_tokenizer):,} tokens) | {uniform:.3f} | | |")
     for name, loss, ppl in rows[1:]:
         init = name.split(", ")[1]
-        print(f"RESULT init={init} valid_loss={loss:.4f} zh_ppl_per_char={ppl['zh']:.4g} "
-              f"en_ppl_per_char={ppl['en']:.4g} zh_vs_base={ppl['zh'] / rows[0][2]['zh']:.3g}")
+        print(
+            f"RESULT init={init} valid_loss={loss:.4f} zh_ppl_per_char={ppl['zh']:.4g} "
+            f"en_ppl_per_char={ppl['en']:.4g} zh_vs_base={ppl['zh'] / rows[0][2]['zh']:.3g}"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,15 @@ from pathlib import Path
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 from sharded_loading import memory_now, prepare_inputs
 
-MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=512)
+MODEL = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+)
 CONFIGS = {  # name: (precision, gradient checkpointing)
     "bf16": ("bf16", False),
     "bf16+gc": ("bf16", True),
@@ -46,20 +53,43 @@ MICRO_BATCH, BLOCK = 8, 512
 def stage_params(spec: dict):
     from chla_launcher.kinds.pretrain import PretrainParams
 
-    return PretrainParams(tokenizer=spec["tokenizer"], corpus=spec["corpus"], init=MODEL, mode="lora",
-                          block_size=BLOCK, micro_batch_size=MICRO_BATCH, max_steps=spec["steps"], valid_count=2,
-                          eval_steps=0, save_steps=0, logging_steps=1, zero_stage=2, precision=spec["precision"],
-                          gradient_checkpointing=spec["checkpointing"])
+    return PretrainParams(
+        tokenizer=spec["tokenizer"],
+        corpus=spec["corpus"],
+        init=MODEL,
+        mode="lora",
+        block_size=BLOCK,
+        micro_batch_size=MICRO_BATCH,
+        max_steps=spec["steps"],
+        valid_count=2,
+        eval_steps=0,
+        save_steps=0,
+        logging_steps=1,
+        zero_stage=2,
+        precision=spec["precision"],
+        gradient_checkpointing=spec["checkpointing"],
+    )
 
 
 def estimate(params) -> int:
     from chla_launcher.sizing import ModelShape, Trainable, TrainingSetup, training_memory
 
-    trainable = Trainable(mode="lora", lora_r=params.lora_r, lora_targets=tuple(params.lora_target_modules),
-                          lora_dropout=params.lora_dropout, modules_to_save=tuple(params.modules_to_save))
-    setup = TrainingSetup(precision=params.precision, zero_stage=params.zero_stage, world_size=1,
-                          micro_batch=params.micro_batch_size, seq_len=params.block_size,
-                          gradient_checkpointing=params.gradient_checkpointing, cpu=True)
+    trainable = Trainable(
+        mode="lora",
+        lora_r=params.lora_r,
+        lora_targets=tuple(params.lora_target_modules),
+        lora_dropout=params.lora_dropout,
+        modules_to_save=tuple(params.modules_to_save),
+    )
+    setup = TrainingSetup(
+        precision=params.precision,
+        zero_stage=params.zero_stage,
+        world_size=1,
+        micro_batch=params.micro_batch_size,
+        seq_len=params.block_size,
+        gradient_checkpointing=params.gradient_checkpointing,
+        cpu=True,
+    )
     return training_memory(ModelShape.from_config(MODEL), trainable, setup).peak
 
 
@@ -79,9 +109,19 @@ def worker(spec_file: str) -> None:
     stage_dir = Path(spec["run_dir"]) / "train"
     for sub in ("work", "out"):
         (stage_dir / sub).mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(run_dir=Path(spec["run_dir"]), stage="train", kind="pretrain", params=params,
-                       stage_dir=stage_dir, out_dir=stage_dir / "out", work_dir=stage_dir / "work", task_index=0,
-                       num_tasks=1, dist=DistributedEnv(master_port=int(spec["port"])), fingerprint="bench")
+    ctx = StageContext(
+        run_dir=Path(spec["run_dir"]),
+        stage="train",
+        kind="pretrain",
+        params=params,
+        stage_dir=stage_dir,
+        out_dir=stage_dir / "out",
+        work_dir=stage_dir / "work",
+        task_index=0,
+        num_tasks=1,
+        dist=DistributedEnv(master_port=int(spec["port"])),
+        fingerprint="bench",
+    )
     before = memory_now()
     if spec["measure"] == "tensors":
         import torch
@@ -95,8 +135,9 @@ def worker(spec_file: str) -> None:
     else:
         pretrain.run(ctx)
         measured = memory_now()["peak_rss"] - before["rss"]
-    Path(spec["report"]).write_text(json.dumps({"measured": measured, "baseline": before["rss"],
-                                                "estimate": estimate(params)}))
+    Path(spec["report"]).write_text(
+        json.dumps({"measured": measured, "baseline": before["rss"], "estimate": estimate(params)})
+    )
     sys.stdout.flush()
     os._exit(0)
 
@@ -109,8 +150,12 @@ def run_stage(run_dir: Path, spec: dict, index: int) -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID"):
         env.pop(key, None)
     with open(run_dir / "log.txt", "w") as log:
-        code = subprocess.run([sys.executable, __file__, "--worker", str(run_dir / "spec.json")], env=env,
-                              stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            [sys.executable, __file__, "--worker", str(run_dir / "spec.json")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).returncode
     if code != 0:
         raise SystemExit(f"{run_dir}: the stage exited {code}:\n{(run_dir / 'log.txt').read_text()[-3000:]}")
     return json.loads((run_dir / "report.json").read_text())
@@ -131,15 +176,24 @@ def main() -> int:
         root = Path(tmp)
         paths = prepare_inputs(root)
         for index, (name, (precision, checkpointing)) in enumerate(CONFIGS.items()):
-            tensors = run_stage(root / name / "tensors", dict(paths, precision=precision, checkpointing=checkpointing,
-                                                               steps=args.steps, measure="tensors"), 2 * index)
-            rss = run_stage(root / name / "rss", dict(paths, precision=precision, checkpointing=checkpointing,
-                                                       steps=args.steps, measure="rss"), 2 * index + 1)
+            tensors = run_stage(
+                root / name / "tensors",
+                dict(paths, precision=precision, checkpointing=checkpointing, steps=args.steps, measure="tensors"),
+                2 * index,
+            )
+            rss = run_stage(
+                root / name / "rss",
+                dict(paths, precision=precision, checkpointing=checkpointing, steps=args.steps, measure="rss"),
+                2 * index + 1,
+            )
             error = (tensors["estimate"] - tensors["measured"]) / tensors["measured"]
             errors.append(abs(error))
-            print(f"{name:8s} chla plan's estimate {tensors['estimate'] / 2**20:6.0f} MiB; peak of tensor bytes "
-                  f"{tensors['measured'] / 2**20:6.0f} MiB ({error:+.1%}); peak RSS above the baseline "
-                  f"{rss['measured'] / 2**20:6.0f} MiB (baseline {rss['baseline'] / 2**20:.0f} MiB)", flush=True)
+            print(
+                f"{name:8s} chla plan's estimate {tensors['estimate'] / 2**20:6.0f} MiB; peak of tensor bytes "
+                f"{tensors['measured'] / 2**20:6.0f} MiB ({error:+.1%}); peak RSS above the baseline "
+                f"{rss['measured'] / 2**20:6.0f} MiB (baseline {rss['baseline'] / 2**20:.0f} MiB)",
+                flush=True,
+            )
     print(f"RESULT worst_relative_error={max(errors):.3f}", flush=True)
     return 0
 

@@ -58,8 +58,16 @@ def run_chla(corpus: Path, tokenizer: str, out: Path, cache: Path, workers: int)
     from chla_tools.pretokenize import pretokenize
 
     started = time.perf_counter()
-    result = pretokenize([str(corpus)], tokenizer, out, num_shards=1, workers=workers, cache_dir=cache,
-                         block_size=BLOCK_SIZE, log=lambda message: None)
+    result = pretokenize(
+        [str(corpus)],
+        tokenizer,
+        out,
+        num_shards=1,
+        workers=workers,
+        cache_dir=cache,
+        block_size=BLOCK_SIZE,
+        log=lambda message: None,
+    )
     return time.perf_counter() - started, result
 
 
@@ -79,19 +87,31 @@ def run_original(corpus: Path, tokenizer_dir: str, work: Path, workers: int) -> 
         total_length = len(concatenated[list(examples.keys())[0]])
         if total_length >= BLOCK_SIZE:
             total_length = (total_length // BLOCK_SIZE) * BLOCK_SIZE
-        result = {k: [t[i: i + BLOCK_SIZE] for i in range(0, total_length, BLOCK_SIZE)]
-                  for k, t in concatenated.items()}
+        result = {
+            k: [t[i : i + BLOCK_SIZE] for i in range(0, total_length, BLOCK_SIZE)] for k, t in concatenated.items()
+        }
         result["labels"] = result["input_ids"].copy()
         return result
 
     cache_dir = work / "hf_cache"
     raw = load_dataset("text", data_files=str(corpus), cache_dir=str(cache_dir), keep_in_memory=False)
-    tokenized = raw.map(tokenize_function, batched=True, num_proc=workers, remove_columns="text",
-                        load_from_cache_file=True, keep_in_memory=False,
-                        cache_file_names={k: str(cache_dir / "tokenized.arrow") for k in raw})
-    grouped = tokenized.map(group_texts, batched=True, num_proc=workers, load_from_cache_file=True,
-                            keep_in_memory=False,
-                            cache_file_names={k: str(cache_dir / "grouped.arrow") for k in tokenized})
+    tokenized = raw.map(
+        tokenize_function,
+        batched=True,
+        num_proc=workers,
+        remove_columns="text",
+        load_from_cache_file=True,
+        keep_in_memory=False,
+        cache_file_names={k: str(cache_dir / "tokenized.arrow") for k in raw},
+    )
+    grouped = tokenized.map(
+        group_texts,
+        batched=True,
+        num_proc=workers,
+        load_from_cache_file=True,
+        keep_in_memory=False,
+        cache_file_names={k: str(cache_dir / "grouped.arrow") for k in tokenized},
+    )
     saved = work / "processed"
     grouped["train"].save_to_disk(str(saved))
     seconds = time.perf_counter() - started
@@ -105,8 +125,9 @@ _LINES: list[str] = []
 
 def _encode_slice(bounds: tuple[int, int]) -> int:
     import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor(model_file=_SP_MODEL)
-    ids = sp.encode(_LINES[bounds[0]:bounds[1]], num_threads=1)
+    ids = sp.encode(_LINES[bounds[0] : bounds[1]], num_threads=1)
     return sum(map(len, ids))
 
 
@@ -117,6 +138,7 @@ def run_ceiling(lines: list[str], sp_model: str, workers: int) -> tuple[float, i
     import multiprocessing
 
     import sentencepiece as spm
+
     global _LINES, _SP_MODEL
     _LINES, _SP_MODEL = lines, sp_model
     step = -(-len(lines) // workers)
@@ -129,8 +151,7 @@ def run_ceiling(lines: list[str], sp_model: str, workers: int) -> tuple[float, i
     started = time.perf_counter()
     sp.encode(lines, num_threads=workers)
     threads = time.perf_counter() - started
-    print(f"  ceiling run: {workers} processes {processes:.2f} s, 1 process x {workers} threads "
-          f"{threads:.2f} s")
+    print(f"  ceiling run: {workers} processes {processes:.2f} s, 1 process x {workers} threads {threads:.2f} s")
     return min(processes, threads), tokens
 
 
@@ -146,10 +167,12 @@ def main() -> None:
 
     import datasets  # noqa: F401  (imported up front: see the module docstring)
     import transformers  # noqa: F401
+
     datasets.disable_progress_bars()
 
     if not args.tokenizer or not args.corpus:
         from chla_tools.assets import fetch_assets
+
         assets = fetch_assets()
         args.tokenizer = args.tokenizer or assets["base_tokenizer"]
         args.corpus = args.corpus or assets["zh_train"]
@@ -161,8 +184,10 @@ def main() -> None:
         chars = len(text)
         lines = text.split("\n")[:-1]
         del text
-        print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {chars / 1e6:.2f} M characters, "
-              f"{len(lines):,} lines; tokenizer: {tokenizer}; workers: {args.workers}")
+        print(
+            f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {chars / 1e6:.2f} M characters, "
+            f"{len(lines):,} lines; tokenizer: {tokenizer}; workers: {args.workers}"
+        )
 
         from chla_tools.pretokenize import load_tokenizer_info
 
@@ -181,38 +206,51 @@ def main() -> None:
             shutil.rmtree(work / f"original_{repeat}")
             ceiling_runs.append(run_ceiling(lines, sp_model, args.workers))
         check_s = min(check_runs)
-        print(f"per-tokenizer check (once per tokenizer, cached): {check_s:.2f} s (runs: "
-              f"{', '.join(f'{s:.2f}' for s in check_runs)})")
+        print(
+            f"per-tokenizer check (once per tokenizer, cached): {check_s:.2f} s (runs: "
+            f"{', '.join(f'{s:.2f}' for s in check_runs)})"
+        )
         best = min(range(args.repeats), key=lambda i: cold_runs[i][0])
         cold_s, result = cold_runs[best]
         out, cache = work / f"chla_out_{best}", work / f"chla_cache_{best}"
         from chla_tools.blocks import TokenCorpus
+
         chla_corpus = TokenCorpus(out)
         chla_bytes = sum((out / s["file"]).stat().st_size for s in chla_corpus.manifest["shards"])
         chla_bpt = chla_bytes / chla_corpus.num_tokens
         warm_s, warm = run_chla(corpus, tokenizer, out, cache, args.workers)
         assert warm["pieces_tokenized"] == 0, warm
         encoder = chla_corpus.manifest["tokenizer"]["encoder"]
-        print(f"(a) chla pretokenize ({encoder}): {cold_s:.2f} s (runs: "
-              f"{', '.join(f'{r[0]:.2f}' for r in cold_runs)}), {chars / cold_s / 1e6:.2f} M chars/s, "
-              f"{result['tokens'] / cold_s / 1e6:.2f} M tokens/s, {chla_bpt:.2f} bytes/token on disk; "
-              f"warm re-run {warm_s:.2f} s")
+        print(
+            f"(a) chla pretokenize ({encoder}): {cold_s:.2f} s (runs: "
+            f"{', '.join(f'{r[0]:.2f}' for r in cold_runs)}), {chars / cold_s / 1e6:.2f} M chars/s, "
+            f"{result['tokens'] / cold_s / 1e6:.2f} M tokens/s, {chla_bpt:.2f} bytes/token on disk; "
+            f"warm re-run {warm_s:.2f} s"
+        )
 
         orig_s, orig_tokens, orig_bpt = min(original_runs)
-        print(f"(b) original (datasets .map, num_proc={args.workers}): {orig_s:.2f} s (runs: "
-              f"{', '.join(f'{r[0]:.2f}' for r in original_runs)}), "
-              f"{chars / orig_s / 1e6:.2f} M chars/s, {orig_tokens / orig_s / 1e6:.2f} M tokens/s, "
-              f"{orig_bpt:.2f} bytes/token on disk")
+        print(
+            f"(b) original (datasets .map, num_proc={args.workers}): {orig_s:.2f} s (runs: "
+            f"{', '.join(f'{r[0]:.2f}' for r in original_runs)}), "
+            f"{chars / orig_s / 1e6:.2f} M chars/s, {orig_tokens / orig_s / 1e6:.2f} M tokens/s, "
+            f"{orig_bpt:.2f} bytes/token on disk"
+        )
 
         ceil_s, ceil_tokens = min(ceiling_runs)
-        print(f"(c) raw sentencepiece ceiling: {ceil_s:.2f} s, {chars / ceil_s / 1e6:.2f} M chars/s, "
-              f"{ceil_tokens / ceil_s / 1e6:.2f} M tokens/s")
-        print(f"tokens: chla {result['tokens']:,} (incl. one EOS per document), original "
-              f"{orig_tokens:,} (incl. one BOS per line), sentencepiece {ceil_tokens:,}")
+        print(
+            f"(c) raw sentencepiece ceiling: {ceil_s:.2f} s, {chars / ceil_s / 1e6:.2f} M chars/s, "
+            f"{ceil_tokens / ceil_s / 1e6:.2f} M tokens/s"
+        )
+        print(
+            f"tokens: chla {result['tokens']:,} (incl. one EOS per document), original "
+            f"{orig_tokens:,} (incl. one BOS per line), sentencepiece {ceil_tokens:,}"
+        )
         print(f"first run on a new tokenizer (a) + check: {cold_s + check_s:.2f} s")
-        print(f"RESULT speedup_vs_original={orig_s / cold_s:.2f} speedup_incl_check={orig_s / (cold_s + check_s):.2f} "
-              f"fraction_of_ceiling={ceil_s / cold_s:.2f} bytes_per_token={chla_bpt:.2f} check_s={check_s:.2f} "
-              f"warm_rerun_s={warm_s:.2f}")
+        print(
+            f"RESULT speedup_vs_original={orig_s / cold_s:.2f} speedup_incl_check={orig_s / (cold_s + check_s):.2f} "
+            f"fraction_of_ceiling={ceil_s / cold_s:.2f} bytes_per_token={chla_bpt:.2f} check_s={check_s:.2f} "
+            f"warm_rerun_s={warm_s:.2f}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -54,8 +54,15 @@ from chla_train.trainer import build_optimizer as FUSED_BUILD_OPTIMIZER
 MICRO_BATCH = 16
 MAX_SEQ_LENGTH = 256
 VOCAB = 50702
-MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+MODEL = dict(
+    vocab_size=VOCAB,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+)
 CONFIGS = {  # tag: (batch layout, fused optimizer)
     "padded": ("padded", False),
     "grouped": ("grouped", False),
@@ -79,28 +86,56 @@ def build(tag: str, layout: str, fused: bool, dataset, pad_id: int, root: Path) 
     from chla_train import model as models
     from chla_train import trainer as trainers
 
-    params = SftParams(model="-", tokenizer="-", train_file="-", max_seq_length=MAX_SEQ_LENGTH,
-                       micro_batch_size=MICRO_BATCH, max_steps=1000, learning_rate=1e-3, lora_r=16,
-                       lora_alpha=32, lora_dropout=0.0, zero_stage=0, eval_steps=0, save_steps=0,
-                       group_by_length=layout == "grouped", pack_batches=layout in ("packed", "shared"),
-                       share_prompt_prefix=layout == "shared")
+    params = SftParams(
+        model="-",
+        tokenizer="-",
+        train_file="-",
+        max_seq_length=MAX_SEQ_LENGTH,
+        micro_batch_size=MICRO_BATCH,
+        max_steps=1000,
+        learning_rate=1e-3,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        zero_stage=0,
+        eval_steps=0,
+        save_steps=0,
+        group_by_length=layout == "grouped",
+        pack_batches=layout in ("packed", "shared"),
+        share_prompt_prefix=layout == "shared",
+    )
     ctx = make_context(tag.replace("+", "_"), params, root, kind="sft")
     trainers.init_distributed(ctx)
     model = models.build_base_model(None, MODEL, dtype=torch.float32, attn_implementation="sdpa", seed=0)
-    model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=0.0,
-                              target_modules=params.lora_target_modules, modules_to_save=params.modules_to_save,
-                              init_adapter=None, key_prefix=tag, seed=params.seed)
-    collate = sft_collate(pad_id, pack_batches=params.pack_batches, row_length=MAX_SEQ_LENGTH,
-                          share_prefix=params.share_prompt_prefix)
-    data = trainers.TrainData(train_set=dataset, train_indices=range(len(dataset)), valid_set=dataset,
-                              valid_indices=[], collate=collate)
+    model = models.apply_lora(
+        model,
+        r=params.lora_r,
+        alpha=params.lora_alpha,
+        dropout=0.0,
+        target_modules=params.lora_target_modules,
+        modules_to_save=params.modules_to_save,
+        init_adapter=None,
+        key_prefix=tag,
+        seed=params.seed,
+    )
+    collate = sft_collate(
+        pad_id, pack_batches=params.pack_batches, row_length=MAX_SEQ_LENGTH, share_prefix=params.share_prompt_prefix
+    )
+    data = trainers.TrainData(
+        train_set=dataset, train_indices=range(len(dataset)), valid_set=dataset, valid_indices=[], collate=collate
+    )
     with mock.patch.object(trainers, "build_optimizer", FUSED_BUILD_OPTIMIZER if fused else unfused_adamw):
         trainer = trainers.Trainer(ctx, model, data, params, dtype=models.resolve_dtype("auto"))
     trainer.engine.train()
     # The trainer's own sampler: grouped batches come from the lengths, as in the stage.
     lengths = dataset.lengths if layout == "grouped" else None
-    sampler = ResumableSampler(np.arange(len(dataset)), seed=params.seed, global_batch_size=MICRO_BATCH,
-                               lengths=lengths, length_group=64 * MICRO_BATCH)
+    sampler = ResumableSampler(
+        np.arange(len(dataset)),
+        seed=params.seed,
+        global_batch_size=MICRO_BATCH,
+        lengths=lengths,
+        length_group=64 * MICRO_BATCH,
+    )
     return {"trainer": trainer, "samples": iter(sampler), "seconds": [], "tokens": [], "loss": None}
 
 
@@ -121,11 +156,14 @@ def main() -> int:
     tokenizer_dir = args.tokenizer or assets["base_tokenizer"]
     print(f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads); torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="chla-bench-") as tmp:
-        dataset = load_sft_dataset(assets["sft_train"], tokenizer_dir, max_seq_length=MAX_SEQ_LENGTH,
-                                   cache_dir=Path(tmp) / "cache")
+        dataset = load_sft_dataset(
+            assets["sft_train"], tokenizer_dir, max_seq_length=MAX_SEQ_LENGTH, cache_dir=Path(tmp) / "cache"
+        )
         pad_id = load_sft_tokenizer(tokenizer_dir).pad_token_id
-        print(f"data: {len(dataset)} reviews of {dataset.lengths.mean():.0f} tokens on average "
-              f"({tokenizer_dir})", flush=True)
+        print(
+            f"data: {len(dataset)} reviews of {dataset.lengths.mean():.0f} tokens on average ({tokenizer_dir})",
+            flush=True,
+        )
         runs = {tag: build(tag, layout, fused, dataset, pad_id, Path(tmp)) for tag, (layout, fused) in CONFIGS.items()}
         for step in range(args.steps):
             order = list(runs) if step % 2 == 0 else list(reversed(runs))
@@ -135,20 +173,29 @@ def main() -> int:
                 run["loss"], tokens, _ = run["trainer"].optimizer_step(run["samples"])
                 run["seconds"].append(time.perf_counter() - started)
                 run["tokens"].append(tokens)
-            print(f"step {step + 1}/{args.steps}: " + "  ".join(
-                f"{tag} {runs[tag]['seconds'][-1]:.3f} s" for tag in runs), flush=True)
+            print(
+                f"step {step + 1}/{args.steps}: "
+                + "  ".join(f"{tag} {runs[tag]['seconds'][-1]:.3f} s" for tag in runs),
+                flush=True,
+            )
     results = {}
     for tag, run in runs.items():
         # Median over the timed steps: the batches differ in length from step to step, so the
         # minimum would pick the shortest batch rather than the least disturbed step.
-        seconds = float(np.median(run["seconds"][args.warmup:]))
-        tokens = float(np.sum(run["tokens"][args.warmup:]) / np.sum(run["seconds"][args.warmup:]))
+        seconds = float(np.median(run["seconds"][args.warmup :]))
+        tokens = float(np.sum(run["tokens"][args.warmup :]) / np.sum(run["seconds"][args.warmup :]))
         results[tag] = seconds
-        print(f"{tag:13s} median step {seconds:.3f} s  {MICRO_BATCH / seconds:6.1f} reviews/s  "
-              f"{tokens:7.0f} computed tokens/s", flush=True)
+        print(
+            f"{tag:13s} median step {seconds:.3f} s  {MICRO_BATCH / seconds:6.1f} reviews/s  "
+            f"{tokens:7.0f} computed tokens/s",
+            flush=True,
+        )
     best = results["shared+fused"]
-    print(f"RESULT shared_fused_vs_grouped={results['grouped'] / best:.2f} "
-          f"shared_fused_vs_padded={results['padded'] / best:.2f} examples_per_s={MICRO_BATCH / best:.1f}", flush=True)
+    print(
+        f"RESULT shared_fused_vs_grouped={results['grouped'] / best:.2f} "
+        f"shared_fused_vs_padded={results['padded'] / best:.2f} examples_per_s={MICRO_BATCH / best:.1f}",
+        flush=True,
+    )
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown with live gloo threads
 

@@ -43,8 +43,15 @@ from pathlib import Path
 
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 
-MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
-             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
+MODEL = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5504,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=512,
+)
 WAYS = {"zero3-partitioned": 3, "zero3-whole": 3, "zero2": 2}
 BLOCK = 128
 
@@ -67,13 +74,26 @@ def write_model(directory: Path, dtype_name: str) -> int:
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
     for layer in range(MODEL["num_hidden_layers"]):
         prefix = f"model.layers.{layer}."
-        shapes.update({prefix + name: shape for name, shape in (
-            ("self_attn.q_proj.weight", (h, h)), ("self_attn.k_proj.weight", (h, h)),
-            ("self_attn.v_proj.weight", (h, h)), ("self_attn.o_proj.weight", (h, h)),
-            ("mlp.gate_proj.weight", (i, h)), ("mlp.up_proj.weight", (i, h)), ("mlp.down_proj.weight", (h, i)),
-            ("input_layernorm.weight", (h,)), ("post_attention_layernorm.weight", (h,)))})
-    tensors = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02).to(dtype)
-               for name, shape in shapes.items()}
+        shapes.update(
+            {
+                prefix + name: shape
+                for name, shape in (
+                    ("self_attn.q_proj.weight", (h, h)),
+                    ("self_attn.k_proj.weight", (h, h)),
+                    ("self_attn.v_proj.weight", (h, h)),
+                    ("self_attn.o_proj.weight", (h, h)),
+                    ("mlp.gate_proj.weight", (i, h)),
+                    ("mlp.up_proj.weight", (i, h)),
+                    ("mlp.down_proj.weight", (h, i)),
+                    ("input_layernorm.weight", (h,)),
+                    ("post_attention_layernorm.weight", (h,)),
+                )
+            }
+        )
+    tensors = {
+        name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02).to(dtype)
+        for name, shape in shapes.items()
+    }
     save_file(tensors, str(weights), metadata={"format": "pt"})
     return weights.stat().st_size
 
@@ -87,8 +107,9 @@ def prepare_inputs(root: Path) -> dict[str, str]:
     corpus = root / "corpus"
     if not (corpus / "manifest.json").is_file():
         text = root / "zh.txt"
-        text.write_text("\n".join(Path(assets["zh_train"]).read_text(encoding="utf-8").splitlines()[:300]) + "\n",
-                        encoding="utf-8")
+        text.write_text(
+            "\n".join(Path(assets["zh_train"]).read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8"
+        )
         pretokenize([str(text)], assets["base_tokenizer"], corpus, cache_dir=root / "cache", log=lambda _m: None)
     return {"tokenizer": assets["base_tokenizer"], "corpus": str(corpus)}
 
@@ -155,16 +176,40 @@ def worker(spec_file: str) -> None:
 
     keep_freed_memory()  # as every stage task does
     env = DistributedEnv.from_environment()
-    params = PretrainParams(model=spec["model"], tokenizer=spec["tokenizer"], corpus=spec["corpus"], mode="lora",
-                            modules_to_save=[], lora_dropout=0.0, block_size=BLOCK, micro_batch_size=1,
-                            max_steps=spec["steps"], valid_count=2, eval_steps=0, save_steps=0, logging_steps=1,
-                            zero_stage=spec["zero_stage"], precision=spec["precision"], learning_rate=1e-3)
+    params = PretrainParams(
+        model=spec["model"],
+        tokenizer=spec["tokenizer"],
+        corpus=spec["corpus"],
+        mode="lora",
+        modules_to_save=[],
+        lora_dropout=0.0,
+        block_size=BLOCK,
+        micro_batch_size=1,
+        max_steps=spec["steps"],
+        valid_count=2,
+        eval_steps=0,
+        save_steps=0,
+        logging_steps=1,
+        zero_stage=spec["zero_stage"],
+        precision=spec["precision"],
+        learning_rate=1e-3,
+    )
     stage_dir = Path(spec["run_dir"]) / "train"
     for sub in ("work", "out"):
         (stage_dir / sub).mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(run_dir=Path(spec["run_dir"]), stage="train", kind="pretrain", params=params,
-                       stage_dir=stage_dir, out_dir=stage_dir / "out", work_dir=stage_dir / "work", task_index=0,
-                       num_tasks=1, dist=env, fingerprint="bench")
+    ctx = StageContext(
+        run_dir=Path(spec["run_dir"]),
+        stage="train",
+        kind="pretrain",
+        params=params,
+        stage_dir=stage_dir,
+        out_dir=stage_dir / "out",
+        work_dir=stage_dir / "work",
+        task_index=0,
+        num_tasks=1,
+        dist=env,
+        fingerprint="bench",
+    )
     from chla_train import trainer as trainers
 
     before = memory_now()
@@ -178,8 +223,14 @@ def worker(spec_file: str) -> None:
     with whole if spec["way"] == "zero3-whole" else contextlib.nullcontext():
         pretrain.run(ctx)
     after = memory_now()
-    report = {"rank": env.rank, "baseline_rss": before["rss"], "peak_rss": after["peak_rss"], "pss": after["pss"],
-              "seconds": time.perf_counter() - started, "phases": phases.stop()}
+    report = {
+        "rank": env.rank,
+        "baseline_rss": before["rss"],
+        "peak_rss": after["peak_rss"],
+        "pss": after["pss"],
+        "seconds": time.perf_counter() - started,
+        "phases": phases.stop(),
+    }
     if env.rank == 0:
         lines = (stage_dir / "out" / "metrics.jsonl").read_text().splitlines()
         report["losses"] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
@@ -191,8 +242,15 @@ def worker(spec_file: str) -> None:
 def run_way(way: str, paths: dict[str, str], root: Path, steps: int, precision: str) -> list[dict]:
     run_dir = root / way
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = dict(paths, way=way, zero_stage=WAYS[way], steps=steps, precision=precision, run_dir=str(run_dir),
-                report=str(run_dir / "report.json"))
+    spec = dict(
+        paths,
+        way=way,
+        zero_stage=WAYS[way],
+        steps=steps,
+        precision=precision,
+        run_dir=str(run_dir),
+        report=str(run_dir / "report.json"),
+    )
     spec_file = run_dir / "spec.json"
     spec_file.write_text(json.dumps(spec))
     with socket.socket() as sock:
@@ -200,12 +258,29 @@ def run_way(way: str, paths: dict[str, str], root: Path, steps: int, precision: 
         port = sock.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
         env.pop("SLURM_JOB_ID", None)
         log = open(run_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", str(spec_file)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", str(spec_file)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     for proc, log in procs:
         code = proc.wait()
         log.close()
@@ -232,20 +307,28 @@ def main() -> int:
         model_dir = root / f"model-{args.precision}"
         model_bytes = write_model(model_dir, args.precision)
         paths = dict(prepare_inputs(root), model=str(model_dir))
-        print(f"model: {model_bytes / 1e9:.2f} GB ({args.precision}, {model_dir}); 2 ranks, LoRA, "
-              f"{args.steps} steps of 1 x {BLOCK} tokens", flush=True)
+        print(
+            f"model: {model_bytes / 1e9:.2f} GB ({args.precision}, {model_dir}); 2 ranks, LoRA, "
+            f"{args.steps} steps of 1 x {BLOCK} tokens",
+            flush=True,
+        )
         results = {}
         for way in args.ways.split(","):
             ranks = run_way(way, paths, root / "runs", args.steps, args.precision)
             results[way] = ranks
             for r in ranks:
-                print(f"{way:18s} rank {r['rank']}: baseline RSS {r['baseline_rss'] / 1e9:.2f} GB, peak RSS "
-                      f"{r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / model_bytes:.2f} x model "
-                      f"(above baseline {(r['peak_rss'] - r['baseline_rss']) / model_bytes:.2f} x), "
-                      f"PSS at the end {r['pss'] / 1e9:.2f} GB, {r['seconds']:.0f} s; largest RSS while "
-                      + ", ".join(f"{phase} {rss / 1e9:.2f}" for phase, rss in r["phases"].items()), flush=True)
-            print(f"{way:18s} both ranks' PSS: {sum(r['pss'] for r in ranks) / 1e9:.2f} GB; losses "
-                  f"{ranks[0]['losses']}", flush=True)
+                print(
+                    f"{way:18s} rank {r['rank']}: baseline RSS {r['baseline_rss'] / 1e9:.2f} GB, peak RSS "
+                    f"{r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / model_bytes:.2f} x model "
+                    f"(above baseline {(r['peak_rss'] - r['baseline_rss']) / model_bytes:.2f} x), "
+                    f"PSS at the end {r['pss'] / 1e9:.2f} GB, {r['seconds']:.0f} s; largest RSS while "
+                    + ", ".join(f"{phase} {rss / 1e9:.2f}" for phase, rss in r["phases"].items()),
+                    flush=True,
+                )
+            print(
+                f"{way:18s} both ranks' PSS: {sum(r['pss'] for r in ranks) / 1e9:.2f} GB; losses {ranks[0]['losses']}",
+                flush=True,
+            )
     ratio = lambda way: max(r["peak_rss"] for r in results[way]) / model_bytes  # noqa: E731
     fields = []
     if "zero3-partitioned" in results:

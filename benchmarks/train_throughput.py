@@ -46,8 +46,15 @@ from machine import print_machine  # benchmarks/, on sys.path when run as a scri
 
 BLOCK = 512
 MICRO_BATCHES = 8  # sequences per optimizer step, on both sides
-MODEL = dict(vocab_size=32000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=BLOCK)
+MODEL = dict(
+    vocab_size=32000,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=BLOCK,
+)
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]  # run_pt.sh
 MODULES_TO_SAVE = ["embed_tokens", "lm_head"]
 SEED = 42
@@ -57,14 +64,30 @@ def original_deepspeed_config(bf16: bool) -> dict:
     """scripts/ds_zero2_no_offload.json, with two changes DeepSpeed 0.19 on CPU needs: a bf16
     block (fp16 fails on CPU) and an integer min_loss_scale (0.19 rejects 1e-10)."""
     return {
-        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 100, "initial_scale_power": 16,
-                 "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": "auto",
+            "loss_scale": 0,
+            "loss_scale_window": 100,
+            "initial_scale_power": 16,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "bf16": {"enabled": bf16},
-        "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 1e8,
-                              "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 1e8,
-                              "contiguous_gradients": True},
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
-        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False,
+        "zero_optimization": {
+            "stage": 2,
+            "allgather_partitions": True,
+            "allgather_bucket_size": 1e8,
+            "overlap_comm": True,
+            "reduce_scatter": True,
+            "reduce_bucket_size": 1e8,
+            "contiguous_gradients": True,
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 2000,
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "wall_clock_breakdown": False,
     }
 
 
@@ -73,18 +96,39 @@ def original_training_arguments(output_dir: str, *, bf16: bool, max_steps: int):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=1, gradient_accumulation_steps=MICRO_BATCHES,
-        gradient_checkpointing=True, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05,
-        weight_decay=0.01, bf16=bf16, deepspeed=original_deepspeed_config(bf16), max_steps=max_steps,
-        logging_steps=10, save_strategy="no", report_to=[], seed=SEED, ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        output_dir=output_dir,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=MICRO_BATCHES,
+        gradient_checkpointing=True,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.01,
+        bf16=bf16,
+        deepspeed=original_deepspeed_config(bf16),
+        max_steps=max_steps,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=SEED,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
 
 
 def original_lora_config():
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGETS, inference_mode=False, r=8,
-                      lora_alpha=32, lora_dropout=0.05, modules_to_save=MODULES_TO_SAVE)
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        target_modules=LORA_TARGETS,
+        inference_mode=False,
+        r=8,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        modules_to_save=MODULES_TO_SAVE,
+    )
 
 
 def corpus_blocks(num_blocks: int) -> list[np.ndarray]:
@@ -98,7 +142,7 @@ def corpus_blocks(num_blocks: int) -> list[np.ndarray]:
     text = Path(assets["zh_train"]).read_text(encoding="utf-8")[: num_blocks * BLOCK * 2]
     ids = np.resize(np.array(tokenizer(text).input_ids, dtype=np.int64), num_blocks * BLOCK)
     print(f"data: {num_blocks} blocks of {BLOCK} tokens of zh_train (demo base tokenizer)", flush=True)
-    return [ids[i * BLOCK:(i + 1) * BLOCK] for i in range(num_blocks)]
+    return [ids[i * BLOCK : (i + 1) * BLOCK] for i in range(num_blocks)]
 
 
 def make_context(tag: str, params, root: Path, kind: str = "pretrain"):
@@ -108,9 +152,19 @@ def make_context(tag: str, params, root: Path, kind: str = "pretrain"):
     stage_dir = root / tag
     (stage_dir / "work").mkdir(parents=True)
     (stage_dir / "out").mkdir(parents=True)
-    return StageContext(run_dir=root, stage=tag, kind=kind, params=params, stage_dir=stage_dir,
-                        out_dir=stage_dir / "out", work_dir=stage_dir / "work", task_index=0, num_tasks=1,
-                        dist=DistributedEnv(master_port=29000 + os.getpid() % 1000), fingerprint="bench")
+    return StageContext(
+        run_dir=root,
+        stage=tag,
+        kind=kind,
+        params=params,
+        stage_dir=stage_dir,
+        out_dir=stage_dir / "out",
+        work_dir=stage_dir / "work",
+        task_index=0,
+        num_tasks=1,
+        dist=DistributedEnv(master_port=29000 + os.getpid() % 1000),
+        fingerprint="bench",
+    )
 
 
 def build_chla(blocks, precision: str, root: Path, *, model_config: dict = MODEL, attention: str = "sdpa") -> dict:
@@ -121,23 +175,48 @@ def build_chla(blocks, precision: str, root: Path, *, model_config: dict = MODEL
     from chla_train.stages.pretrain import collate_blocks
     from chla_train.trainer import TrainData, Trainer, init_distributed
 
-    params = PretrainParams(tokenizer="-", corpus="-", init=model_config, mode="lora", block_size=BLOCK,
-                            max_steps=10_000, save_steps=0, eval_steps=0, precision=precision, seed=SEED,
-                            attn_implementation=attention)
+    params = PretrainParams(
+        tokenizer="-",
+        corpus="-",
+        init=model_config,
+        mode="lora",
+        block_size=BLOCK,
+        max_steps=10_000,
+        save_steps=0,
+        eval_steps=0,
+        precision=precision,
+        seed=SEED,
+        attn_implementation=attention,
+    )
     ctx = make_context("chla", params, root)
     init_distributed(ctx)
     dtype = models.resolve_dtype(precision)
-    model = models.build_base_model(None, params.init, dtype=dtype, attn_implementation=params.attn_implementation,
-                                    seed=params.seed)
-    model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
-                              target_modules=params.lora_target_modules, modules_to_save=params.modules_to_save,
-                              init_adapter=None, key_prefix="chla", seed=params.seed)
-    data = TrainData(train_set=blocks, train_indices=range(len(blocks)), valid_set=blocks, valid_indices=[],
-                     collate=collate_blocks)
+    model = models.build_base_model(
+        None, params.init, dtype=dtype, attn_implementation=params.attn_implementation, seed=params.seed
+    )
+    model = models.apply_lora(
+        model,
+        r=params.lora_r,
+        alpha=params.lora_alpha,
+        dropout=params.lora_dropout,
+        target_modules=params.lora_target_modules,
+        modules_to_save=params.modules_to_save,
+        init_adapter=None,
+        key_prefix="chla",
+        seed=params.seed,
+    )
+    data = TrainData(
+        train_set=blocks, train_indices=range(len(blocks)), valid_set=blocks, valid_indices=[], collate=collate_blocks
+    )
     trainer = Trainer(ctx, model, data, params, dtype=dtype)
     trainer.engine.train()
-    return {"trainer": trainer, "samples": iter(ResumableSampler(np.arange(len(blocks)), seed=SEED)),
-            "seconds": [], "tokens": 0, "loss": None}
+    return {
+        "trainer": trainer,
+        "samples": iter(ResumableSampler(np.arange(len(blocks)), seed=SEED)),
+        "seconds": [],
+        "tokens": 0,
+        "loss": None,
+    }
 
 
 def original_trainer(blocks, dtype: torch.dtype, max_steps: int, root: Path, callbacks, *, model_config: dict = MODEL):
@@ -153,8 +232,9 @@ def original_trainer(blocks, dtype: torch.dtype, max_steps: int, root: Path, cal
     model = get_peft_model(model, original_lora_config())
     dataset = [{"input_ids": torch.from_numpy(block), "labels": torch.from_numpy(block)} for block in blocks]
     args = original_training_arguments(str(root / "original"), bf16=dtype == torch.bfloat16, max_steps=max_steps)
-    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-                   callbacks=callbacks)
+    return Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=default_data_collator, callbacks=callbacks
+    )
 
 
 def run_original_with_chla_in_turns(blocks, dtype: torch.dtype, steps: int, chla: dict, root: Path) -> dict:
@@ -176,8 +256,11 @@ def run_original_with_chla_in_turns(blocks, dtype: torch.dtype, steps: int, chla
             started = time.perf_counter()
             chla["loss"], chla["tokens"], _ = chla["trainer"].optimizer_step(chla["samples"])
             chla["seconds"].append(time.perf_counter() - started)
-            print(f"step {state.global_step}/{steps}: original {original['seconds'][-1]:.2f} s  "
-                  f"chla {chla['seconds'][-1]:.2f} s (loss {chla['loss']:.4f})", flush=True)
+            print(
+                f"step {state.global_step}/{steps}: original {original['seconds'][-1]:.2f} s  "
+                f"chla {chla['seconds'][-1]:.2f} s (loss {chla['loss']:.4f})",
+                flush=True,
+            )
             self.mark = time.perf_counter()  # from here: everything HF does for its next step
 
     result = original_trainer(blocks, dtype, steps, root, [TakeTurns()]).train()
@@ -203,8 +286,13 @@ def original_trainable():
     """What trains in run_pt.sh's setup (and chla's pretrain stage 2), for counting."""
     from chla_launcher.sizing import Trainable
 
-    return Trainable(mode="lora", lora_r=8, lora_targets=tuple(LORA_TARGETS), lora_dropout=0.05,
-                     modules_to_save=tuple(MODULES_TO_SAVE))
+    return Trainable(
+        mode="lora",
+        lora_r=8,
+        lora_targets=tuple(LORA_TARGETS),
+        lora_dropout=0.05,
+        modules_to_save=tuple(MODULES_TO_SAVE),
+    )
 
 
 def model_flops_per_token(model_config: dict = MODEL) -> float:
@@ -223,8 +311,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="both sides' precision (default: chla's auto)")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="both sides' precision (default: chla's auto)",
+    )
     args = parser.parse_args()
 
     from chla_train.entry import keep_freed_memory
@@ -244,16 +336,25 @@ def main() -> int:
     tokens = MICRO_BATCHES * BLOCK
     results = {}
     for tag, run in (("original", original), ("chla", chla)):
-        seconds = float(np.min(run["seconds"][args.warmup:]))
+        seconds = float(np.min(run["seconds"][args.warmup :]))
         results[tag] = {"tokens_per_s": tokens / seconds, "mfu": tokens / seconds * flops / peak}
-        print(f"{tag:9s} {precision:9s} {results[tag]['tokens_per_s']:8.1f} tokens/s  best step {seconds:.2f} s  "
-              f"MFU {results[tag]['mfu']:.3f}", flush=True)
-    print(f"model FLOPs {flops / 1e6:.1f} M per token (6N would count {six_n_per_token() / 1e6:.1f} M); "
-          f"measured {precision} matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+        print(
+            f"{tag:9s} {precision:9s} {results[tag]['tokens_per_s']:8.1f} tokens/s  best step {seconds:.2f} s  "
+            f"MFU {results[tag]['mfu']:.3f}",
+            flush=True,
+        )
+    print(
+        f"model FLOPs {flops / 1e6:.1f} M per token (6N would count {six_n_per_token() / 1e6:.1f} M); "
+        f"measured {precision} matmul peak {peak / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
     speedup = results["chla"]["tokens_per_s"] / results["original"]["tokens_per_s"]
-    print(f"RESULT speedup_vs_original={speedup:.2f} tokens_per_s={results['chla']['tokens_per_s']:.1f} "
-          f"original_tokens_per_s={results['original']['tokens_per_s']:.1f} mfu={results['chla']['mfu']:.3f} "
-          f"original_mfu={results['original']['mfu']:.3f} precision={precision}", flush=True)
+    print(
+        f"RESULT speedup_vs_original={speedup:.2f} tokens_per_s={results['chla']['tokens_per_s']:.1f} "
+        f"original_tokens_per_s={results['original']['tokens_per_s']:.1f} mfu={results['chla']['mfu']:.3f} "
+        f"original_mfu={results['original']['mfu']:.3f} precision={precision}",
+        flush=True,
+    )
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown with live gloo threads
 

@@ -40,17 +40,15 @@ def main() -> int:
     timings[f"train ({args.vocab_size} BPE, {trained['chars']:,} chars)"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    merged = merge_tokenizers(assets["base_tokenizer"], work / "zh_spm" / "spm.model",
-                              work / "merged", log=quiet)
+    merged = merge_tokenizers(assets["base_tokenizer"], work / "zh_spm" / "spm.model", work / "merged", log=quiet)
     timings["merge"] = time.perf_counter() - started
 
-    corpora = {"zh_heldout": assets["zh_heldout"], "en_heldout": assets["en_heldout"],
-               "en_text": assets["en_text"]}
+    corpora = {"zh_heldout": assets["zh_heldout"], "en_heldout": assets["en_heldout"], "en_text": assets["en_text"]}
     started = time.perf_counter()
-    report = vocab_report({"llama": assets["base_tokenizer"], "llama+zh": str(work / "merged")},
-                          corpora, work / "report", log=quiet)
-    timings["report (2 tokenizers x 3 corpora, incl. transformers import)"] = (
-        time.perf_counter() - started)
+    report = vocab_report(
+        {"llama": assets["base_tokenizer"], "llama+zh": str(work / "merged")}, corpora, work / "report", log=quiet
+    )
+    timings["report (2 tokenizers x 3 corpora, incl. transformers import)"] = time.perf_counter() - started
 
     print(f"machine: {os.cpu_count()} cores")
     print(f"vocabulary: {merged['arithmetic']}\n")

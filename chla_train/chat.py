@@ -23,8 +23,9 @@ def chat(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_for_inference(args.model, args.adapters, rope_scaling=args.rope_scaling,
-                                          log=lambda m: print(m, file=sys.stderr, flush=True))
+    model, tokenizer = load_for_inference(
+        args.model, args.adapters, rope_scaling=args.rope_scaling, log=lambda m: print(m, file=sys.stderr, flush=True)
+    )
     device = input_device(model)
     sampling = {"do_sample": args.temperature > 0, "repetition_penalty": args.repetition_penalty}
     if args.temperature > 0:
@@ -46,10 +47,15 @@ def chat(args: argparse.Namespace) -> int:
         input_ids = torch.tensor([encode(tokenizer, text)], device=device)
         try:
             with torch.no_grad():
-                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                               max_new_tokens=args.max_new_tokens, streamer=streamer,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                               **sampling)
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=args.max_new_tokens,
+                    streamer=streamer,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    **sampling,
+                )
         except KeyboardInterrupt:
             streamer.end()
             print("[stopped]", flush=True)

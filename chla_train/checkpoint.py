@@ -66,9 +66,11 @@ def rng_states() -> dict[str, Any]:
     (numpy's own state holds an ndarray, which that loader refuses)."""
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state(legacy=True)
     assert isinstance(keys, np.ndarray)  # the legacy state: ("MT19937", keys, position, ...)
-    states = {"python": random.getstate(),
-              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
-              "torch": torch.get_rng_state()}
+    states = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -84,8 +86,9 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(engine, work_dir: Path, step: int, trainer_state: dict[str, Any], *,
-                    rank: int, keep_last: int) -> Path:
+def save_checkpoint(
+    engine, work_dir: Path, step: int, trainer_state: dict[str, Any], *, rank: int, keep_last: int
+) -> Path:
     """Collective: every rank calls it at the same optimizer step."""
     root = checkpoints_root(work_dir)
     final = root / f"step-{step}"
@@ -95,8 +98,7 @@ def save_checkpoint(engine, work_dir: Path, step: int, trainer_state: dict[str, 
         tmp.mkdir(parents=True)
     _barrier()
     # Frozen base weights are not saved: they come from the base model again on resume.
-    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
     torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
@@ -112,8 +114,13 @@ def save_checkpoint(engine, work_dir: Path, step: int, trainer_state: dict[str, 
 def load_checkpoint(engine, checkpoint: Path, *, rank: int) -> dict[str, Any]:
     """Restore engine state and this rank's RNG; returns trainer_state.json."""
     _read_weights_only(engine)
-    load_path, _ = engine.load_checkpoint(str(checkpoint), tag=ENGINE_TAG, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(checkpoint),
+        tag=ENGINE_TAG,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
     rng_file = checkpoint / f"rng_rank{rank}.pt"

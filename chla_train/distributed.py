@@ -97,8 +97,10 @@ def require_port_free(port: int, where: str) -> None:
     """Rank 0 checks, before torch.distributed binds MASTER_PORT, that nothing else holds it: a
     clear error naming the port instead of a rendezvous that times out."""
     if not port_is_free(port):
-        raise ChlaError(f"{where}: MASTER_PORT {port} on {socket.gethostname()} is already in use by "
-                        f"another process; requeue or resubmit the job (a restart moves to another port)")
+        raise ChlaError(
+            f"{where}: MASTER_PORT {port} on {socket.gethostname()} is already in use by "
+            f"another process; requeue or resubmit the job (a restart moves to another port)"
+        )
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,9 @@ def first_host(nodelist: str) -> str:
     if not nodelist:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):

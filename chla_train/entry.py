@@ -65,31 +65,50 @@ def check_fresh(run: RunDir, stage: str, fingerprint: str) -> None:
     if record is not None and record.fingerprint == fingerprint:
         return
     wanted = f"fingerprint {record.fingerprint}" if record is not None else "no such stage"
-    raise StaleJob(f"stage {stage}: STALE: this job was submitted for fingerprint {fingerprint}, but the "
-                   f"run directory's current submission wants {wanted} (a later chla-submit changed "
-                   f"it); not run, nothing written")
+    raise StaleJob(
+        f"stage {stage}: STALE: this job was submitted for fingerprint {fingerprint}, but the "
+        f"run directory's current submission wants {wanted} (a later chla-submit changed "
+        f"it); not run, nothing written"
+    )
 
 
 def _record_stale(run: RunDir, stage: str, error: StaleJob) -> None:
     """state.json says STALE, unless the current submission's attempt runs or has finished the stage
     (chla status then shows that, and the stale job as a note)."""
-    changes: dict[str, Any] = {"stale_job": {"job_id": os.environ.get("SLURM_JOB_ID"), "at": now(),
-                                             "error": str(error)}}
+    changes: dict[str, Any] = {
+        "stale_job": {"job_id": os.environ.get("SLURM_JOB_ID"), "at": now(), "error": str(error)}
+    }
     if run.read_state(stage).get("status") not in (RUNNING, COMPLETED):
         changes.update(status=STALE, error=str(error))
     run.update_state(stage, **changes)
 
 
-def _stage_context(run: RunDir, recipe: ResolvedRecipe, stage_name: str, task_index: int,
-                   fingerprint: str, out_dir: Path, dist: DistributedEnv) -> StageContext:
+def _stage_context(
+    run: RunDir,
+    recipe: ResolvedRecipe,
+    stage_name: str,
+    task_index: int,
+    fingerprint: str,
+    out_dir: Path,
+    dist: DistributedEnv,
+) -> StageContext:
     stage = recipe.stages[stage_name]
     work_dir = run.work_dir(stage_name)
     work_dir.mkdir(parents=True, exist_ok=True)
     return StageContext(
-        run_dir=run.path, stage=stage_name, kind=stage.kind.name, params=stage.params,
-        stage_dir=run.stage_dir(stage_name), out_dir=out_dir, work_dir=work_dir,
-        task_index=task_index, num_tasks=stage.num_tasks, dist=dist, fingerprint=fingerprint,
-        recipe=recipe)
+        run_dir=run.path,
+        stage=stage_name,
+        kind=stage.kind.name,
+        params=stage.params,
+        stage_dir=run.stage_dir(stage_name),
+        out_dir=out_dir,
+        work_dir=work_dir,
+        task_index=task_index,
+        num_tasks=stage.num_tasks,
+        dist=dist,
+        fingerprint=fingerprint,
+        recipe=recipe,
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -115,8 +134,13 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
-    return all([mallopt(m_mmap_threshold, 32 * 2**20),  # the largest glibc accepts
-                mallopt(m_trim_threshold, 2**31 - 1), mallopt(m_top_pad, 2**30)])
+    return all(
+        [
+            mallopt(m_mmap_threshold, 32 * 2**20),  # the largest glibc accepts
+            mallopt(m_trim_threshold, 2**31 - 1),
+            mallopt(m_top_pad, 2**30),
+        ]
+    )
 
 
 def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -> dict[str, Any] | None:
@@ -149,9 +173,20 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
     writes_state = dist.rank == 0
     if writes_state:
         attempts = int(run.read_state(stage_name, state_task).get("attempts", 0)) + 1
-        run.update_state(stage_name, state_task, status=RUNNING, attempts=attempts, started_at=now(),
-                         host=socket.gethostname(), job_id=os.environ.get("SLURM_JOB_ID"),
-                         attempt=token, fingerprint=fingerprint, error=None, stopped_by=None, stale_job=None)
+        run.update_state(
+            stage_name,
+            state_task,
+            status=RUNNING,
+            attempts=attempts,
+            started_at=now(),
+            host=socket.gethostname(),
+            job_id=os.environ.get("SLURM_JOB_ID"),
+            attempt=token,
+            fingerprint=fingerprint,
+            error=None,
+            stopped_by=None,
+            stale_job=None,
+        )
     ctx.log(f"start ({stage.kind.name}, attempt {token}, world size {dist.world_size})")
     started = time.time()
     runner: Callable[[StageContext], Any] = import_entry(stage.kind.entry)
@@ -175,9 +210,14 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
                 barrier.mkdir(parents=True, exist_ok=True)
                 atomic.write_text(barrier / f"{dist.rank}.failed", _one_line(disk_full or error))
             if writes_state:
-                run.update_state(stage_name, state_task, status=FAILED, finished_at=now(),
-                                 elapsed_s=round(time.time() - started, 3),
-                                 error=str(disk_full) if disk_full else _one_line(error))
+                run.update_state(
+                    stage_name,
+                    state_task,
+                    status=FAILED,
+                    finished_at=now(),
+                    elapsed_s=round(time.time() - started, 3),
+                    error=str(disk_full) if disk_full else _one_line(error),
+                )
                 if not is_array:
                     tracking.stage_failed(ctx)
         except OSError:
@@ -204,15 +244,17 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
     elapsed = round(time.time() - started, 3)
     if is_array:
         atomic.write_json(run.task_done(stage_name, task_index), {"fingerprint": fingerprint, "finished_at": now()})
-        run.update_state(stage_name, state_task, status=COMPLETED, finished_at=now(), elapsed_s=elapsed,
-                         metrics=metrics)
+        run.update_state(
+            stage_name, state_task, status=COMPLETED, finished_at=now(), elapsed_s=elapsed, metrics=metrics
+        )
     else:
         atomic.replace_dir(out_dir, run.out_dir(stage_name))
         for stale in run.stage_dir(stage_name).glob("out.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(barrier, ignore_errors=True)
-        run.update_state(stage_name, status=COMPLETED, finished_at=now(), elapsed_s=elapsed,
-                         metrics=metrics, hosts=hosts)
+        run.update_state(
+            stage_name, status=COMPLETED, finished_at=now(), elapsed_s=elapsed, metrics=metrics, hosts=hosts
+        )
         run.mark_done(stage_name, fingerprint)  # last
         tracking.stage_finished(ctx, metrics)
     ctx.log(f"done in {elapsed:.1f}s")
@@ -233,9 +275,11 @@ def disk_full_error(error: BaseException, run_dir: Path, stage: str | None = Non
     except OSError:
         free = "free space unknown"
     prefix = f"stage {stage}: " if stage else ""
-    return ChlaError(f"{prefix}no space left on the file system of {run_dir}{where} ({free}); what the "
-                     f"attempt had half-written is removed: free space there (or move the run directory) "
-                     f"and resubmit")
+    return ChlaError(
+        f"{prefix}no space left on the file system of {run_dir}{where} ({free}); what the "
+        f"attempt had half-written is removed: free space there (or move the run directory) "
+        f"and resubmit"
+    )
 
 
 def _stopped_by_scheduler(ctx: StageContext, error: BaseException) -> bool:
@@ -249,9 +293,17 @@ def _stopped_by_scheduler(ctx: StageContext, error: BaseException) -> bool:
     return ctx.stop_signal == "SIGTERM" and isinstance(error, Exception)
 
 
-def _leave_preempted(ctx: StageContext, stop: StopSignals, error: BaseException, run: RunDir,
-                     state_task: int | None, writes_state: bool, out_dir: Path, is_array: bool,
-                     started: float) -> None:
+def _leave_preempted(
+    ctx: StageContext,
+    stop: StopSignals,
+    error: BaseException,
+    run: RunDir,
+    state_task: int | None,
+    writes_state: bool,
+    out_dir: Path,
+    is_array: bool,
+    started: float,
+) -> None:
     """Record the attempt as stopped (PENDING again, no DONE), drop its private output directory,
     and requeue. Re-raises submitit's SystemExit (the job is requeued already); otherwise does not
     return."""
@@ -259,8 +311,15 @@ def _leave_preempted(ctx: StageContext, stop: StopSignals, error: BaseException,
     if not is_array:
         shutil.rmtree(out_dir, ignore_errors=True)  # half-written: the next attempt starts afresh
     if writes_state:
-        run.update_state(ctx.stage, state_task, status=PENDING, finished_at=now(),
-                         elapsed_s=round(time.time() - started, 3), stopped_by=ctx.stop_signal, error=None)
+        run.update_state(
+            ctx.stage,
+            state_task,
+            status=PENDING,
+            finished_at=now(),
+            elapsed_s=round(time.time() - started, 3),
+            stopped_by=ctx.stop_signal,
+            error=None,
+        )
     if isinstance(error, SystemExit):
         raise error
     stop.leave_for_requeue()
@@ -289,8 +348,11 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
         raise
     recipe = load_frozen(run.path)
     stage = recipe.stages[stage_name]
-    missing = [index for index in range(stage.num_tasks)
-               if (atomic.read_json(run.task_done(stage_name, index), {}) or {}).get("fingerprint") != fingerprint]
+    missing = [
+        index
+        for index in range(stage.num_tasks)
+        if (atomic.read_json(run.task_done(stage_name, index), {}) or {}).get("fingerprint") != fingerprint
+    ]
     if missing:
         raise RuntimeError(f"stage {stage_name}: tasks {missing[:10]} have not finished")
     task_states = [run.read_state(stage_name, i) for i in range(stage.num_tasks)]
@@ -320,8 +382,14 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
         metrics["task_metrics"] = task_metrics
     if parts == staging:
         atomic.replace_dir(staging, run.out_dir(stage_name))  # every part visible at once, and only them
-    run.update_state(stage_name, status=COMPLETED, finished_at=now(), metrics=metrics,
-                     fingerprint=fingerprint, elapsed_s=_span_seconds(task_states))
+    run.update_state(
+        stage_name,
+        status=COMPLETED,
+        finished_at=now(),
+        metrics=metrics,
+        fingerprint=fingerprint,
+        elapsed_s=_span_seconds(task_states),
+    )
     run.mark_done(stage_name, fingerprint)  # last
     if stage.kind.finalize:
         tracking.stage_finished(ctx, metrics)
@@ -342,8 +410,7 @@ class StageJob:
     """What submitit pickles for Slurm. Checkpointable: on preemption or time limit submitit calls
     checkpoint() and requeues the same call; the stage resumes from its own checkpoints."""
 
-    def __call__(self, run_dir: str, stage: str, task_index: int, fingerprint: str,
-                 finalize_only: bool = False) -> Any:
+    def __call__(self, run_dir: str, stage: str, task_index: int, fingerprint: str, finalize_only: bool = False) -> Any:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         try:
             if finalize_only:

@@ -28,8 +28,12 @@ def save_adapter(trainer, tokenizer, out_dir: Path, facts: dict[str, Any]) -> Pa
         # Trainable token rows (vocab_rows: new) hold every row the base lacks, so the resized
         # embedding matrices need not be saved whole (PEFT would, because the vocabulary grew).
         token_rows = getattr(peft_model.peft_config["default"], "trainable_token_indices", None)
-        peft_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True,
-                                   **({"save_embedding_layers": False} if token_rows else {}))
+        peft_model.save_pretrained(
+            str(tmp),
+            state_dict=state_dict,
+            safe_serialization=True,
+            **({"save_embedding_layers": False} if token_rows else {}),
+        )
         _check_not_empty(tmp / "adapter_model.safetensors")
         save_tokenizer(tokenizer, tmp)
         write_text(tmp / "chla_training.json", json.dumps(facts, indent=2) + "\n")
@@ -100,8 +104,13 @@ def _check_not_empty(weights: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as handle:
-        empty = [name for name in handle.keys() if handle.get_slice(name).get_shape() in ([], [0])
-                 or 0 in handle.get_slice(name).get_shape()]
+        empty = [
+            name
+            for name in handle.keys()
+            if handle.get_slice(name).get_shape() in ([], [0]) or 0 in handle.get_slice(name).get_shape()
+        ]
         if not list(handle.keys()) or empty:
-            raise RuntimeError(f"adapter {weights} has empty tensors {empty[:3]}: the weights were not "
-                               "gathered from their ZeRO partitions")
+            raise RuntimeError(
+                f"adapter {weights} has empty tensors {empty[:3]}: the weights were not "
+                "gathered from their ZeRO partitions"
+            )

@@ -63,8 +63,11 @@ class MetricsLog:
         after the checkpoint, so it is logged again."""
         if not self.jsonl.is_file():
             return
-        kept = [line for line in self.jsonl.read_text(encoding="utf-8", errors="replace").splitlines()
-                if (record := parse_record(line)) is not None and record.get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.jsonl.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (record := parse_record(line)) is not None and record.get("step", 0) <= step
+        ]
         atomic.write_text(self.jsonl, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -78,8 +81,9 @@ class MetricsLog:
             step = record["step"]
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}" if not key.startswith("eval") else key.replace("_", "/", 1),
-                                        value, step)
+                    self._tb.add_scalar(
+                        f"train/{key}" if not key.startswith("eval") else key.replace("_", "/", 1), value, step
+                    )
             self._tb.flush()
 
     def close(self) -> None:

@@ -35,22 +35,29 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not path.is_dir():
-        raise ChlaError(f"tokenizer {path}: not a directory; point `tokenizer` at an HF tokenizer "
-                        "directory (tokenizer.model + tokenizer_config.json)")
+        raise ChlaError(
+            f"tokenizer {path}: not a directory; point `tokenizer` at an HF tokenizer "
+            "directory (tokenizer.model + tokenizer_config.json)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types for a broken dir
-        raise ChlaError(f"tokenizer {path}: cannot be loaded ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); it must hold tokenizer.model "
-                        "and tokenizer_config.json") from None
+        raise ChlaError(
+            f"tokenizer {path}: cannot be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); it must hold tokenizer.model "
+            "and tokenizer_config.json"
+        ) from None
     if len(tokenizer) < 16:
-        raise ChlaError(f"tokenizer {path}: only {len(tokenizer)} tokens; the directory is missing "
-                        "tokenizer.model (transformers silently builds a stub tokenizer without it)")
+        raise ChlaError(
+            f"tokenizer {path}: only {len(tokenizer)} tokens; the directory is missing "
+            "tokenizer.model (transformers silently builds a stub tokenizer without it)"
+        )
     return tokenizer
 
 
-def build_base_model(model_dir: str | None, init: dict[str, Any] | None, *, dtype: torch.dtype,
-                     attn_implementation: str, seed: int):
+def build_base_model(
+    model_dir: str | None, init: dict[str, Any] | None, *, dtype: torch.dtype, attn_implementation: str, seed: int
+):
     """An HF causal LM from `model_dir`, or a randomly initialised LLaMA from the `init` config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,8 +66,10 @@ def build_base_model(model_dir: str | None, init: dict[str, Any] | None, *, dtyp
         try:
             config = LlamaConfig(**init)
         except (TypeError, ValueError) as exc:
-            raise ChlaError(f"init: not a valid LlamaConfig ({exc}); use LlamaConfig field names "
-                            "such as hidden_size, num_hidden_layers, vocab_size") from None
+            raise ChlaError(
+                f"init: not a valid LlamaConfig ({exc}); use LlamaConfig field names "
+                "such as hidden_size, num_hidden_layers, vocab_size"
+            ) from None
         config._attn_implementation = attn_implementation
         torch.manual_seed(seed)  # the random init is part of the recipe: same seed, same model
         model = LlamaForCausalLM(config)
@@ -68,11 +77,15 @@ def build_base_model(model_dir: str | None, init: dict[str, Any] | None, *, dtyp
     assert model_dir is not None  # TrainingParams takes exactly one of model, init
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise ChlaError(f"model {path}: no config.json; point `model` at an HF model directory "
-                        "(config.json + *.safetensors) or use `init:` for a random model")
+        raise ChlaError(
+            f"model {path}: no config.json; point `model` at an HF model directory "
+            "(config.json + *.safetensors) or use `init:` for a random model"
+        )
     if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILE_PATTERNS):
-        raise ChlaError(f"model {path}: has config.json but no weights (*.safetensors or "
-                        "pytorch_model*.bin); copy the checkpoint's weight files there")
+        raise ChlaError(
+            f"model {path}: has config.json but no weights (*.safetensors or "
+            "pytorch_model*.bin); copy the checkpoint's weight files there"
+        )
     try:
         if partitioned_loading_active():
             return load_partitioned(path, dtype=dtype, attn_implementation=attn_implementation)
@@ -100,6 +113,7 @@ def usable_attention(requested: str) -> str:
 # each rank reads only its own slice of each tensor from the file: transformers' own ZeRO-3 path
 # loads the whole checkpoint into rank 0's memory first, the 140 GB of a 70B model.
 
+
 def load_whole(path: Path, *, dtype: torch.dtype, attn_implementation: str):
     """The whole model on this rank: memory-mapped on CPU, streamed to the rank's GPU on a GPU."""
     import os
@@ -109,8 +123,9 @@ def load_whole(path: Path, *, dtype: torch.dtype, attn_implementation: str):
     placement = {}
     if torch.cuda.is_available():
         placement["device_map"] = {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))}
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
-                                                **placement)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation=attn_implementation, **placement
+    )
 
 
 @contextmanager
@@ -151,8 +166,10 @@ def safetensors_files(path: Path) -> list[Path]:
         return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ChlaError(f"model {path}: ZeRO-3 loading reads safetensors files, and there are none "
-                        "(only *.bin); convert the checkpoint with save_pretrained(safe_serialization=True)")
+        raise ChlaError(
+            f"model {path}: ZeRO-3 loading reads safetensors files, and there are none "
+            "(only *.bin); convert the checkpoint with save_pretrained(safe_serialization=True)"
+        )
     return files
 
 
@@ -170,17 +187,21 @@ def copy_own_partitions(model, files: list[Path], *, where: str) -> None:
             for name in checkpoint.names:
                 param = parameters.get(name)
                 if param is None:
-                    raise ChlaError(f"{where}: checkpoint tensor {name} has no parameter of that name in "
-                                    f"{type(model).__name__}; load this checkpoint with zero_stage 2")
+                    raise ChlaError(
+                        f"{where}: checkpoint tensor {name} has no parameter of that name in "
+                        f"{type(model).__name__}; load this checkpoint with zero_stage 2"
+                    )
                 missing.discard(name)
                 own = param.ds_tensor
                 start = rank * own.ds_numel
                 stop = min(start + own.ds_numel, param.ds_numel)
                 if start < stop:
-                    checkpoint.read_into(name, start, own[:stop - start])
+                    checkpoint.read_into(name, start, own[: stop - start])
     if missing:
-        raise ChlaError(f"{where}: the checkpoint has no tensor for {sorted(missing)[:3]}; it does not belong "
-                        f"to a {type(model).__name__} of this config")
+        raise ChlaError(
+            f"{where}: the checkpoint has no tensor for {sorted(missing)[:3]}; it does not belong "
+            f"to a {type(model).__name__} of this config"
+        )
 
 
 class SafetensorsRanges:
@@ -188,9 +209,18 @@ class SafetensorsRanges:
     asked for enter this process. (A memory map, safetensors' own way, keeps every page it touched
     in the process's resident memory until it is closed: half the file on each of two ranks.)"""
 
-    DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+    DTYPES = {
+        "BF16": torch.bfloat16,
+        "F16": torch.float16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -211,8 +241,11 @@ class SafetensorsRanges:
         if dtype is None:
             raise ChlaError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which chla cannot load")
         itemsize = torch.empty((), dtype=dtype).element_size()
-        target = out if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous() else \
-            torch.empty(out.numel(), dtype=dtype)
+        target = (
+            out
+            if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+            else torch.empty(out.numel(), dtype=dtype)
+        )
         self.handle.seek(self.data_start + info["data_offsets"][0] + start * itemsize)
         if self.handle.readinto(target.view(torch.uint8).numpy().data) != target.numel() * itemsize:
             raise ChlaError(f"{self.path}: tensor {name} is cut short; the file is incomplete")
@@ -248,18 +281,33 @@ def writable_whole(params: list[torch.Tensor]):
 def base_model_for(params, vocab_size: int, *, dtype: torch.dtype, stage: str, log: Callable[[str], None] = print):
     """The model a training stage starts from (`model` dir or `init` config) with one embedding row
     per tokenizer entry. Returns (model, rows the base had before resizing)."""
-    model = build_base_model(params.model, params.init, dtype=dtype,
-                             attn_implementation=params.attn_implementation, seed=params.seed)
-    base_rows = resize_to_tokenizer(model, vocab_size, new_row_init=params.new_row_init,
-                                    max_vocab_growth=params.max_vocab_growth,
-                                    where=f"{stage}.tokenizer {params.tokenizer}",
-                                    tokenizer_dir=params.tokenizer, seed=params.seed, log=log)
+    model = build_base_model(
+        params.model, params.init, dtype=dtype, attn_implementation=params.attn_implementation, seed=params.seed
+    )
+    base_rows = resize_to_tokenizer(
+        model,
+        vocab_size,
+        new_row_init=params.new_row_init,
+        max_vocab_growth=params.max_vocab_growth,
+        where=f"{stage}.tokenizer {params.tokenizer}",
+        tokenizer_dir=params.tokenizer,
+        seed=params.seed,
+        log=log,
+    )
     return model, base_rows
 
 
-def resize_to_tokenizer(model, vocab_size: int, *, new_row_init: str, max_vocab_growth: float,
-                        where: str, tokenizer_dir: str | Path | None = None, seed: int = 0,
-                        log: Callable[[str], None] = print) -> int:
+def resize_to_tokenizer(
+    model,
+    vocab_size: int,
+    *,
+    new_row_init: str,
+    max_vocab_growth: float,
+    where: str,
+    tokenizer_dir: str | Path | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> int:
     """Give the model one embedding row (and lm_head row) per tokenizer entry, the new rows
     initialised by `new_row_init` (chla_train.new_rows). Returns the number of rows the model had
     before (the base vocabulary)."""
@@ -270,18 +318,29 @@ def resize_to_tokenizer(model, vocab_size: int, *, new_row_init: str, max_vocab_
     if vocab_size == base_rows:
         return base_rows
     if vocab_size < base_rows:
-        raise ChlaError(f"{where}: the tokenizer has {vocab_size} tokens but the model has {base_rows} "
-                        "embedding rows; a merged tokenizer must extend the base one, not shrink it "
-                        "(check that `tokenizer` belongs to this model)")
+        raise ChlaError(
+            f"{where}: the tokenizer has {vocab_size} tokens but the model has {base_rows} "
+            "embedding rows; a merged tokenizer must extend the base one, not shrink it "
+            "(check that `tokenizer` belongs to this model)"
+        )
     if vocab_size > base_rows * max_vocab_growth:
-        raise ChlaError(f"{where}: the tokenizer has {vocab_size} tokens, {vocab_size / base_rows:.1f}x "
-                        f"the model's {base_rows} rows (limit max_vocab_growth={max_vocab_growth}); "
-                        "this is not the merged tokenizer for this model, or raise max_vocab_growth")
+        raise ChlaError(
+            f"{where}: the tokenizer has {vocab_size} tokens, {vocab_size / base_rows:.1f}x "
+            f"the model's {base_rows} rows (limit max_vocab_growth={max_vocab_growth}); "
+            "this is not the merged tokenizer for this model, or raise max_vocab_growth"
+        )
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
     matrices = _output_and_input_matrices(model)
     with writable_whole(matrices):  # whole on every rank, also under ZeRO-3
-        stats = init_new_rows(matrices, base_rows, new_row_init, tokenizer_dir=tokenizer_dir, seed=seed,
-                              std=getattr(model.config, "initializer_range", 0.02), where=where)
+        stats = init_new_rows(
+            matrices,
+            base_rows,
+            new_row_init,
+            tokenizer_dir=tokenizer_dir,
+            seed=seed,
+            std=getattr(model.config, "initializer_range", 0.02),
+            where=where,
+        )
     log(f"vocabulary {base_rows} -> {vocab_size} rows; {stats.describe()}")
     return base_rows
 
@@ -299,6 +358,7 @@ def _output_and_input_matrices(model) -> list[torch.Tensor]:
 # optimizer never sees the base rows: no weight decay, no Adam update with a zero gradient can
 # move them (a gradient mask would not stop decoupled weight decay). The optimizer state is also
 # only new_rows x hidden instead of the whole matrix.
+
 
 class NewRowsEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, base_rows: int) -> None:
@@ -323,12 +383,12 @@ class NewRowsLinear(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Two products, not one with the matrices joined: backward then forms the weight gradient
         # of the new rows only, not of the whole frozen vocabulary.
-        return torch.cat([nn.functional.linear(hidden, self.base_weight),
-                          nn.functional.linear(hidden, self.new_weight)], dim=-1)
+        return torch.cat(
+            [nn.functional.linear(hidden, self.base_weight), nn.functional.linear(hidden, self.new_weight)], dim=-1
+        )
 
 
-def setup_embeddings_training(model, *, base_rows: int, new_rows_only: bool, train_lm_head: bool,
-                              where: str) -> None:
+def setup_embeddings_training(model, *, base_rows: int, new_rows_only: bool, train_lm_head: bool, where: str) -> None:
     """Freeze everything but the input embedding (and lm_head if asked)."""
     if model.config.tie_word_embeddings and train_lm_head:
         raise ChlaError(f"{where}: train_lm_head with tied embeddings makes no sense; unset it")
@@ -337,8 +397,10 @@ def setup_embeddings_training(model, *, base_rows: int, new_rows_only: bool, tra
     vocab = model.get_input_embeddings().weight.shape[0]
     if new_rows_only:
         if vocab == base_rows:
-            raise ChlaError(f"{where}: new_rows_only but the tokenizer adds no rows to the model's "
-                            f"{base_rows}; use the merged tokenizer or unset new_rows_only")
+            raise ChlaError(
+                f"{where}: new_rows_only but the tokenizer adds no rows to the model's "
+                f"{base_rows}; use the merged tokenizer or unset new_rows_only"
+            )
         model.set_input_embeddings(NewRowsEmbedding(model.get_input_embeddings(), base_rows))
         if train_lm_head:
             model.set_output_embeddings(NewRowsLinear(model.get_output_embeddings(), base_rows))
@@ -364,20 +426,32 @@ def merge_new_rows_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
 
 # --- LoRA ---------------------------------------------------------------------------------------
 
+
 def check_module_names(model, names: Iterable[str], *, key: str) -> None:
     """Every target / modules_to_save name must match a module (PEFT only complains when none do)."""
     module_names = [name for name, _ in model.named_modules()]
     for wanted in names:
         if not any(name == wanted or name.endswith(f".{wanted}") for name in module_names):
-            leaves = sorted({name.rsplit(".", 1)[-1] for name in module_names
-                             if name and not name.rsplit(".", 1)[-1].isdigit()})
-            raise ChlaError(f"{key}: no module named {wanted!r} in the model; available names: "
-                            f"{', '.join(leaves)}")
+            leaves = sorted(
+                {name.rsplit(".", 1)[-1] for name in module_names if name and not name.rsplit(".", 1)[-1].isdigit()}
+            )
+            raise ChlaError(f"{key}: no module named {wanted!r} in the model; available names: {', '.join(leaves)}")
 
 
-def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str],
-               modules_to_save: list[str], init_adapter: str | None, key_prefix: str, seed: int,
-               new_token_rows: range | None = None, log: Callable[[str], None] = print):
+def apply_lora(
+    model,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str],
+    modules_to_save: list[str],
+    init_adapter: str | None,
+    key_prefix: str,
+    seed: int,
+    new_token_rows: range | None = None,
+    log: Callable[[str], None] = print,
+):
     """Wrap `model` with a new LoRA adapter (its random A matrices drawn from `seed`), or with the
     trainable adapter in `init_adapter`. With `new_token_rows`, the vocabulary matrices named in
     modules_to_save (embed_tokens, lm_head) train only those rows (chla_train.token_rows)."""
@@ -389,10 +463,15 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
         check_module_names(model, target_modules, key=f"{key_prefix}.lora_target_modules")
         check_module_names(model, modules_to_save, key=f"{key_prefix}.modules_to_save")
         modules_to_save, token_rows = token_rows_config(model, modules_to_save, new_token_rows)
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                            target_modules=list(target_modules),
-                            modules_to_save=list(modules_to_save) or None,
-                            trainable_token_indices=token_rows)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            task_type="CAUSAL_LM",
+            target_modules=list(target_modules),
+            modules_to_save=list(modules_to_save) or None,
+            trainable_token_indices=token_rows,
+        )
         # PEFT draws the A matrices from the global RNG, which nothing has seeded at this point:
         # torch seeds it differently in every process, and what ran before (submitit, say) moves
         # it on. Unseeded, no LoRA stage was reproducible and the local and Slurm runs of one
@@ -409,8 +488,9 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
     config_file = adapter_dir / "adapter_config.json"
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
-        raise ChlaError(f"{where}: not a PEFT adapter directory (needs adapter_config.json and "
-                        "adapter_model.safetensors)")
+        raise ChlaError(
+            f"{where}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)"
+        )
     config = LoraConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = False
     check_module_names(model, _as_list(config.target_modules), key=f"{where} target_modules")
@@ -422,8 +502,13 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
     expected = _peft_saved_shapes(model)
     for name, tensor in list(saved.items()):
         want = expected.get(name)
-        if (want is not None and _is_vocab_matrix(name) and tensor.ndim == 2
-                and tensor.shape[1] == want[1] and tensor.shape[0] < want[0]):
+        if (
+            want is not None
+            and _is_vocab_matrix(name)
+            and tensor.ndim == 2
+            and tensor.shape[1] == want[1]
+            and tensor.shape[0] < want[0]
+        ):
             # The tokenizer grew since the adapter was trained (SFT adds [PAD]: the original's
             # 49953 -> 49954 mismatch). Keep the trained rows, start the new ones at their mean.
             extra = tensor.float().mean(dim=0, keepdim=True).expand(want[0] - tensor.shape[0], -1)
@@ -431,12 +516,16 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
             grown.append(f"{name.rsplit('.', 2)[-2]} {tensor.shape[0]}->{want[0]}")
     for name, tensor in saved.items():
         if name not in expected:
-            raise ChlaError(f"{where}: adapter tensor {name} has no counterpart in this model; the "
-                            "adapter was trained on a different base model")
+            raise ChlaError(
+                f"{where}: adapter tensor {name} has no counterpart in this model; the "
+                "adapter was trained on a different base model"
+            )
         if tuple(tensor.shape) != expected[name]:
-            raise ChlaError(f"{where}: adapter tensor {name} has shape {tuple(tensor.shape)} but this "
-                            f"model needs {expected[name]}; the adapter was trained on a different "
-                            "base model or tokenizer (vocabulary size)")
+            raise ChlaError(
+                f"{where}: adapter tensor {name} has shape {tuple(tensor.shape)} but this "
+                f"model needs {expected[name]}; the adapter was trained on a different "
+                "base model or tokenizer (vocabulary size)"
+            )
     if not saved:
         raise ChlaError(f"{where}: the adapter holds no tensors (an empty adapter); retrain it")
     set_peft_model_state_dict(model, saved)
@@ -452,8 +541,7 @@ def _is_vocab_matrix(name: str) -> bool:
 def _peft_saved_shapes(model) -> dict[str, tuple[int, ...]]:
     from peft import get_peft_model_state_dict
 
-    return {name: tuple(t.shape) for name, t in
-            get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
 def _as_list(value) -> list[str]:

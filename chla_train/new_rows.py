@@ -46,8 +46,16 @@ class NewRowStats:
         return text
 
 
-def init_new_rows(matrices: list[torch.Tensor], base_rows: int, method: str, *,
-                  tokenizer_dir: str | Path | None, seed: int, std: float, where: str) -> NewRowStats:
+def init_new_rows(
+    matrices: list[torch.Tensor],
+    base_rows: int,
+    method: str,
+    *,
+    tokenizer_dir: str | Path | None,
+    seed: int,
+    std: float,
+    where: str,
+) -> NewRowStats:
     """Fill rows [base_rows:] of each matrix (input embedding, then lm_head) in place."""
     if method not in METHODS:
         raise ValueError(f"unknown new_row_init {method!r}")
@@ -86,21 +94,24 @@ def _subtoken_means(base: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor
     return means
 
 
-def subtoken_ids(tokenizer_dir: str | Path | None, base_rows: int, total_rows: int, *,
-                 where: str) -> list[list[int]]:
+def subtoken_ids(tokenizer_dir: str | Path | None, base_rows: int, total_rows: int, *, where: str) -> list[list[int]]:
     """For each id in [base_rows, total_rows): the base tokenizer's piece ids for its text."""
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 
     model_file = Path(tokenizer_dir) / "tokenizer.model" if tokenizer_dir else None
     if model_file is None or not model_file.is_file():
-        raise ChlaError(f"{where}: new_row_init subtoken_mean needs the tokenizer's SentencePiece model "
-                        f"({model_file} not found); use new_row_init: mean for other tokenizers")
+        raise ChlaError(
+            f"{where}: new_row_init subtoken_mean needs the tokenizer's SentencePiece model "
+            f"({model_file} not found); use new_row_init: mean for other tokenizers"
+        )
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_file.read_bytes())
     if len(proto.pieces) < base_rows:
-        raise ChlaError(f"{where}: {model_file} has {len(proto.pieces)} pieces, fewer than the model's "
-                        f"{base_rows} base rows; it is not the merged tokenizer of this model")
+        raise ChlaError(
+            f"{where}: {model_file} has {len(proto.pieces)} pieces, fewer than the model's "
+            f"{base_rows} base rows; it is not the merged tokenizer of this model"
+        )
     texts = [piece.piece for piece in proto.pieces[base_rows:total_rows]]
     texts += _added_token_texts(tokenizer_dir, len(proto.pieces), total_rows)
     del proto.pieces[base_rows:]
@@ -118,4 +129,3 @@ def _added_token_texts(tokenizer_dir, sp_size: int, total_rows: int) -> list[str
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return [str(tokenizer.convert_ids_to_tokens(i) or "") for i in range(sp_size, total_rows)]
-

@@ -34,8 +34,9 @@ from chla_launcher.kinds.sft import NO_SHARED_PREFIX_UNDER_FLASH
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 
-def packed_attention_inputs(batch: dict[str, np.ndarray], implementation: str, *, dtype: torch.dtype,
-                            device: torch.device) -> dict[str, Any]:
+def packed_attention_inputs(
+    batch: dict[str, np.ndarray], implementation: str, *, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
     """The model keyword arguments that delimit the examples of packed rows under `implementation`
     (position_ids always; plus a 4-D mask or the varlen boundaries)."""
     position_ids = torch.from_numpy(batch["position_ids"]).to(device)
@@ -46,8 +47,7 @@ def packed_attention_inputs(batch: dict[str, np.ndarray], implementation: str, *
             raise ChlaError(NO_SHARED_PREFIX_UNDER_FLASH)
         boundaries = torch.from_numpy(batch["cu_seq_lens"]).to(device=device, dtype=torch.int32)
         longest = int(batch["max_seq_len"])  # an int: flash_attn_varlen_func takes no tensor here
-        inputs.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries,
-                      max_length_q=longest, max_length_k=longest)
+        inputs.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=longest, max_length_k=longest)
         return inputs
     if implementation == "sdpa" and shared is None:
         return inputs  # masking_utils builds the block-diagonal mask from the restarts
@@ -58,8 +58,9 @@ def packed_attention_inputs(batch: dict[str, np.ndarray], implementation: str, *
     elif implementation == "sdpa":
         inputs["attention_mask"] = attend
     else:
-        raise ChlaError(f"packed batches support attn_implementation sdpa, eager and flash_attention_2, "
-                        f"not {implementation}")
+        raise ChlaError(
+            f"packed batches support attn_implementation sdpa, eager and flash_attention_2, not {implementation}"
+        )
     return inputs
 
 

@@ -22,12 +22,22 @@ import torch
 
 # oneDNN's ISA names (the values ONEDNN_MAX_CPU_ISA takes), lowest first. Aliases share a rank.
 _ONEDNN_ISA_RANK = {
-    "SSE41": 1, "AVX": 2, "AVX2": 3, "AVX2_VNNI": 4, "AVX2_VNNI_2": 5,
-    "AVX512_CORE": 6, "AVX512_CORE_VNNI": 7, "AVX512_CORE_BF16": 8,
-    "AVX10_1_512": 9, "AVX512_CORE_FP16": 9,
-    "AVX10_1_512_AMX": 10, "AVX512_CORE_AMX": 10,
-    "AVX10_1_512_AMX_FP16": 11, "AVX512_CORE_AMX_FP16": 11,
-    "ALL": 99, "DEFAULT": 99,
+    "SSE41": 1,
+    "AVX": 2,
+    "AVX2": 3,
+    "AVX2_VNNI": 4,
+    "AVX2_VNNI_2": 5,
+    "AVX512_CORE": 6,
+    "AVX512_CORE_VNNI": 7,
+    "AVX512_CORE_BF16": 8,
+    "AVX10_1_512": 9,
+    "AVX512_CORE_FP16": 9,
+    "AVX10_1_512_AMX": 10,
+    "AVX512_CORE_AMX": 10,
+    "AVX10_1_512_AMX_FP16": 11,
+    "AVX512_CORE_AMX_FP16": 11,
+    "ALL": 99,
+    "DEFAULT": 99,
 }
 _ONEDNN_BF16_RANK = _ONEDNN_ISA_RANK["AVX512_CORE_BF16"]
 # torch's dispatch capabilities at which its CPU kernels use AVX-512 (bf16 instructions included).
@@ -37,7 +47,7 @@ _TORCH_AVX512_CAPABILITIES = {"AVX512", "AVX512_BF16", "AMX"}
 @dataclass(frozen=True)
 class Precision:
     dtype: torch.dtype
-    name: str    # "bf16" | "fp32", as a recipe writes it
+    name: str  # "bf16" | "fp32", as a recipe writes it
     reason: str  # one line: why this type (logged and written to state.json)
 
     def record(self) -> dict[str, str]:
@@ -70,12 +80,15 @@ def cpu_bf16_native() -> tuple[bool, str]:
     flags = "+".join(name for name, present in (("avx512_bf16", has_avx512_bf16), ("amx", has_amx)) if present)
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in _TORCH_AVX512_CAPABILITIES:
-        return False, (f"the CPU has {flags} but torch dispatches {capability} kernels "
-                       f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}): fp32")
+        return False, (
+            f"the CPU has {flags} but torch dispatches {capability} kernels "
+            f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}): fp32"
+        )
     onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     if onednn_cap:
         rank = _ONEDNN_ISA_RANK.get(onednn_cap.strip().upper())
         if rank is None or rank < _ONEDNN_BF16_RANK:
-            return False, (f"the CPU has {flags} but ONEDNN_MAX_CPU_ISA={onednn_cap} keeps oneDNN below "
-                           "AVX512_CORE_BF16: fp32")
+            return False, (
+                f"the CPU has {flags} but ONEDNN_MAX_CPU_ISA={onednn_cap} keeps oneDNN below AVX512_CORE_BF16: fp32"
+            )
     return True, f"the CPU computes bf16 natively ({flags}, torch {capability} kernels): bf16"

@@ -47,7 +47,8 @@ class StopSignals:
         # submitit's: pickle the call again, `scontrol requeue`, sys.exit (or, once the job has run
         # out of requeues, raise submitit's UncompletedJobError).
         self.submitit_requeue: Callable[[int, Any], None] | None = (
-            previous if self.on_slurm and callable(previous) else None)
+            previous if self.on_slurm and callable(previous) else None
+        )
         # True while the stage's runner runs: a stop then interrupts a stage that does not checkpoint.
         self.interruptible = False
 
@@ -94,8 +95,7 @@ class StopSignals:
             ctx.log(f"slurmctld did not say why job {job_id} got SIGTERM; waiting for Slurm to end it")
             _wait_to_be_stopped()
         if not preempted:
-            ctx.log(f"job {job_id} got SIGTERM without being preempted (cancelled or at its time "
-                    f"limit): not requeued")
+            ctx.log(f"job {job_id} got SIGTERM without being preempted (cancelled or at its time limit): not requeued")
             return
         try:
             slurm.requeue_job(job_id)

@@ -38,7 +38,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         chunk = max(1, LOGITS_PER_CHUNK.get(hidden.device.type, 2**22) // weight.shape[0])
         for start in range(0, hidden.shape[0], chunk):
-            piece, target = hidden[start:start + chunk], targets[start:start + chunk]
+            piece, target = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (piece @ weight.T).float()
             # log-sum-exp and softmax from one exp pass, in place (the logits are not needed after)
             top = logits.amax(dim=1, keepdim=True)
@@ -56,7 +56,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_logits = torch.div(exps, sums[:, None], out=torch.empty_like(exps, dtype=hidden.dtype))
                 grad_logits[rows, target] = at_target.to(hidden.dtype)
                 if grad_hidden is not None:
-                    torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk])
+                    torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk])
                 if grad_weight is not None:
                     if grad_weight.dtype == grad_logits.dtype:
                         grad_weight.addmm_(grad_logits.T, piece)

@@ -28,19 +28,24 @@ def new_token_rows(params, base_rows: int, vocab_size: int, *, where: str, added
     if params.new_rows_from is None and 0 < vocab_size - base_rows <= added_here:
         # An SFT base that went through the merge already has every merged row: by default only
         # [PAD] would train, and a model whose answers are new tokens then never learns them.
-        raise ChlaError(f"{where}.vocab_rows: new would train only the {vocab_size - base_rows} token(s) this "
-                        f"stage adds ({base_rows}..{vocab_size - 1}: the model already has a row for every other "
-                        "token); set new_rows_from to the first row the vocabulary merge added (the original "
-                        "base model's vocabulary size, 32000 for LLaMA)")
+        raise ChlaError(
+            f"{where}.vocab_rows: new would train only the {vocab_size - base_rows} token(s) this "
+            f"stage adds ({base_rows}..{vocab_size - 1}: the model already has a row for every other "
+            "token); set new_rows_from to the first row the vocabulary merge added (the original "
+            "base model's vocabulary size, 32000 for LLaMA)"
+        )
     first = base_rows if params.new_rows_from is None else params.new_rows_from
     if first > base_rows:
-        raise ChlaError(f"{where}.new_rows_from: {first} is past the model's {base_rows} rows; the rows "
-                        f"{base_rows}..{first - 1} this stage adds would neither train nor be saved")
+        raise ChlaError(
+            f"{where}.new_rows_from: {first} is past the model's {base_rows} rows; the rows "
+            f"{base_rows}..{first - 1} this stage adds would neither train nor be saved"
+        )
     return range(first, vocab_size)
 
 
-def token_rows_config(model, modules_to_save: list[str], rows: range | None
-                      ) -> tuple[list[str], dict[str, list[int]] | None]:
+def token_rows_config(
+    model, modules_to_save: list[str], rows: range | None
+) -> tuple[list[str], dict[str, list[int]] | None]:
     """modules_to_save split into the modules still saved whole and, for the vocabulary matrices
     among them, PEFT's trainable_token_indices (None without `rows`)."""
     if rows is None or len(rows) == 0:
@@ -77,8 +82,7 @@ def output_rows_without_full_gradient(model) -> bool:
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = layer.active_adapters
-        if (layer.disable_adapters or layer.merged or len(active) != 1
-                or active[0] not in layer.trainable_tokens_delta):
+        if layer.disable_adapters or layer.merged or len(active) != 1 or active[0] not in layer.trainable_tokens_delta:
             return peft_forward(x, *args, **kwargs)
         name = active[0]
         key = (name, x.device)

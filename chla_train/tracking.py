@@ -35,8 +35,12 @@ STAGE_FILE = "tracking_runs.json"
 # A tracking server that does not answer must cost a stage seconds, not MLflow's default minutes
 # of retries (7 retries, backoff factor 2, 120 s timeout). Settings in the environment win.
 # Its "View run at" lines would interleave with the stage's log.
-_MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+_MLFLOW_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
 
 _trackers: dict[tuple[str, str], StageTracker | None] = {}
 
@@ -103,8 +107,10 @@ class StageTracker:
                 call(backend)
             except Exception as error:  # noqa: BLE001 - any client error; tracking never fails a stage
                 first = (str(error).strip().splitlines() or [""])[0][:300]
-                self.ctx.log(f"warning: {backend.name} tracking off for this stage ({what} failed: "
-                             f"{type(error).__name__}: {first})")
+                self.ctx.log(
+                    f"warning: {backend.name} tracking off for this stage ({what} failed: "
+                    f"{type(error).__name__}: {first})"
+                )
                 self.backends.remove(backend)
 
     def start(self) -> None:
@@ -112,17 +118,24 @@ class StageTracker:
             return
         self.started = True
         stage = self.ctx.recipe.stages[self.ctx.stage]
-        params = {"kind": stage.kind.name, **flatten(stage.params_raw, "params."),
-                  **flatten(stage.resources.model_dump(mode="json"), "resources."),
-                  "fingerprint": self.ctx.fingerprint, "world_size": self.ctx.dist.world_size}
+        params = {
+            "kind": stage.kind.name,
+            **flatten(stage.params_raw, "params."),
+            **flatten(stage.resources.model_dump(mode="json"), "resources."),
+            "fingerprint": self.ctx.fingerprint,
+            "world_size": self.ctx.dist.world_size,
+        }
         self._each("start", lambda backend: backend.start(params))
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         """One line of metrics.jsonl (its `step` is the x axis)."""
         if not self.started:
             self.start()
-        values = {key: float(value) for key, value in record.items()
-                  if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        values = {
+            key: float(value)
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
         if values:
             self._each("log_metrics", lambda backend: backend.log_metrics(values, int(record["step"])))
 
@@ -132,8 +145,11 @@ class StageTracker:
         self.ended = True
         if not self.started:
             self.start()
-        headline = {key: float(value) for key, value in flatten(metrics).items()
-                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        headline = {
+            key: float(value)
+            for key, value in flatten(metrics).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
         plots = self._plots() if status == "FINISHED" else []
         self._each("finish", lambda backend: backend.finish(headline, plots, status))
         self._mark_chain(status)
@@ -147,8 +163,11 @@ class StageTracker:
             try:
                 from chla_tools.train_report import plot_stage_loss
 
-                plots.append(plot_stage_loss(out / "metrics.jsonl", Path(self.ctx.work_dir) / "tracking" /
-                                             "loss.png", title=self.ctx.stage))
+                plots.append(
+                    plot_stage_loss(
+                        out / "metrics.jsonl", Path(self.ctx.work_dir) / "tracking" / "loss.png", title=self.ctx.stage
+                    )
+                )
             except Exception as error:  # noqa: BLE001 - a plot is not worth a failed stage
                 self.ctx.log(f"warning: loss plot for tracking not drawn ({type(error).__name__}: {error})")
         return plots
@@ -224,15 +243,17 @@ class _MlflowBackend(_Backend):
         self.parent_id = self._parent_run(experiment_id)
         self.run_id = self._stage_run_id()
         if self.run_id is None:
-            run = self.client.create_run(experiment_id, run_name=self.ctx.stage,
-                                         tags={"mlflow.parentRunId": self.parent_id, "chla.stage": self.ctx.stage,
-                                               "chla.kind": params["kind"]})
+            run = self.client.create_run(
+                experiment_id,
+                run_name=self.ctx.stage,
+                tags={"mlflow.parentRunId": self.parent_id, "chla.stage": self.ctx.stage, "chla.kind": params["kind"]},
+            )
             self.run_id = run.info.run_id
             self._remember_stage_run(self.run_id)
             # MLflow keeps parameters immutable: log them once, when the run is made.
             items = [Param(key, str(value)[:6000]) for key, value in params.items()]
             for first in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[first:first + 100])
+                self.client.log_batch(self.run_id, params=items[first : first + 100])
         else:
             self.client.update_run(self.run_id, status="RUNNING")
 
@@ -251,12 +272,19 @@ class _MlflowBackend(_Backend):
             if key not in chain:
                 from mlflow.entities import Param
 
-                run = self.client.create_run(experiment_id, run_name=self.chain["chain"],
-                                             tags={"chla.chain": self.chain["chain"],
-                                                   "chla.run_dir": str(self.ctx.run_dir)})
-                self.client.log_batch(run.info.run_id, params=[
-                    Param("recipe", self.ctx.recipe.name), Param("stages", str(len(self.ctx.recipe.stages))),
-                    Param("executor", self.ctx.recipe.model.executor)])
+                run = self.client.create_run(
+                    experiment_id,
+                    run_name=self.chain["chain"],
+                    tags={"chla.chain": self.chain["chain"], "chla.run_dir": str(self.ctx.run_dir)},
+                )
+                self.client.log_batch(
+                    run.info.run_id,
+                    params=[
+                        Param("recipe", self.ctx.recipe.name),
+                        Param("stages", str(len(self.ctx.recipe.stages))),
+                        Param("executor", self.ctx.recipe.model.executor),
+                    ],
+                )
                 chain[key] = run.info.run_id
                 write_json(path, chain)
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -273,8 +301,9 @@ class _MlflowBackend(_Backend):
             from mlflow.entities import Metric
 
             stamp = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(f"final.{key}", value, stamp, 0)
-                                                        for key, value in metrics.items()])
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(f"final.{key}", value, stamp, 0) for key, value in metrics.items()]
+            )
         for plot in plots:
             self.client.log_artifact(self.run_id, str(plot), artifact_path="plots")
         self.client.set_terminated(self.run_id, status=status)
@@ -302,11 +331,20 @@ class _WandbBackend(_Backend):
         self._remember_stage_run(run_id)
         directory = Path(self.settings.dir or self.ctx.work_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=self.settings.project, entity=self.settings.entity,
-                              group=self.chain["chain"], name=self.ctx.stage, job_type=params["kind"],
-                              config=params, mode=self.settings.mode, dir=str(directory), id=run_id,
-                              resume="allow", reinit="create_new",
-                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        self.run = wandb.init(
+            project=self.settings.project,
+            entity=self.settings.entity,
+            group=self.chain["chain"],
+            name=self.ctx.stage,
+            job_type=params["kind"],
+            config=params,
+            mode=self.settings.mode,
+            dir=str(directory),
+            id=run_id,
+            resume="allow",
+            reinit="create_new",
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)

@@ -107,8 +107,7 @@ def init_distributed(ctx) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(ctx.dist.local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
 def rank_zero_first(ctx, work: Callable[[], T]) -> T:
@@ -148,12 +147,14 @@ def model_loading(ctx, params, *, dtype: torch.dtype):
     init_distributed(ctx)
     hidden_size = json.loads(config_file.read_text())["hidden_size"]
     ctx.log(f"ZeRO-3: {params.model} is loaded partitioned over {ctx.dist.world_size} rank(s)")
-    return partitioned_loading(deepspeed_config(params, dtype=dtype, world_size=ctx.dist.world_size,
-                                                hidden_size=hidden_size))
+    return partitioned_loading(
+        deepspeed_config(params, dtype=dtype, world_size=ctx.dist.world_size, hidden_size=hidden_size)
+    )
 
 
-def deepspeed_config(params, *, dtype: torch.dtype, world_size: int, hidden_size: int,
-                     on_gpu: bool | None = None) -> dict[str, Any]:
+def deepspeed_config(
+    params, *, dtype: torch.dtype, world_size: int, hidden_size: int, on_gpu: bool | None = None
+) -> dict[str, Any]:
     """The DeepSpeed config of a training stage: its ZeRO stage's file, the batch, the precision,
     and on GPUs the communication settings of `gpu_zero_settings`."""
     text = resources.files("chla_train").joinpath(f"deepspeed_configs/zero{params.zero_stage}.json").read_text()
@@ -185,10 +186,14 @@ def gpu_zero_settings(zero_stage: int, hidden_size: int) -> dict[str, Any]:
     if zero_stage == 2:
         return {"overlap_comm": True}
     if zero_stage == 3:
-        return {"overlap_comm": True, "reduce_bucket_size": hidden_size * hidden_size,
-                "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-                "stage3_param_persistence_threshold": 10 * hidden_size,
-                "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
+        return {
+            "overlap_comm": True,
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "stage3_max_live_parameters": 1_000_000_000,
+            "stage3_max_reuse_distance": 1_000_000_000,
+        }
     return {}
 
 
@@ -264,9 +269,13 @@ class Trainer:
         optimizer = build_optimizer(model, params)
         scheduler = build_scheduler(optimizer, params, self.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(params, dtype=dtype, world_size=self.world_size,
-                                    hidden_size=model.config.hidden_size))
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(
+                params, dtype=dtype, world_size=self.world_size, hidden_size=model.config.hidden_size
+            ),
+        )
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -277,11 +286,24 @@ class Trainer:
         train_indices = np.asarray(self.data.train_indices)
         lengths = None if self.data.train_lengths is None else self.data.train_lengths[train_indices]
         # Groups of 64 global batches are sorted by length (HF's group_by_length uses 50).
-        sampler = ResumableSampler(train_indices, seed=params.seed, shuffle=self.data.shuffle, rank=self.rank,
-                                   world_size=self.world_size, global_batch_size=self.global_batch,
-                                   lengths=lengths, length_group=64 * self.global_batch)
-        state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "elapsed_s": 0.0,
-                                 "resumed_from": [], "first_eval_loss": None}
+        sampler = ResumableSampler(
+            train_indices,
+            seed=params.seed,
+            shuffle=self.data.shuffle,
+            rank=self.rank,
+            world_size=self.world_size,
+            global_batch_size=self.global_batch,
+            lengths=lengths,
+            length_group=64 * self.global_batch,
+        )
+        state: dict[str, Any] = {
+            "step": 0,
+            "tokens_seen": 0,
+            "samples_seen": 0,
+            "elapsed_s": 0.0,
+            "resumed_from": [],
+            "first_eval_loss": None,
+        }
         latest = checkpoints.latest_checkpoint(ctx.work_dir)
         if latest is not None and not checkpoints.same_run(latest, ctx.fingerprint):
             # The stage's config changed since these were written (the work dir outlives a
@@ -298,12 +320,15 @@ class Trainer:
             torch.manual_seed(params.seed)  # LoRA dropout masks: same seed, same run
             np.random.seed(params.seed)
         tracker = tracking.stage_tracker(ctx)
-        metrics = MetricsLog(ctx.work_dir, enabled=self.rank == 0, resume_step=state["step"],
-                             sinks=[tracker] if tracker else [])
+        metrics = MetricsLog(
+            ctx.work_dir, enabled=self.rank == 0, resume_step=state["step"], sinks=[tracker] if tracker else []
+        )
         progress = progress_writer(ctx, total=self.total_steps, unit="steps", start_done=state["step"])
-        ctx.log(f"training {self.total_steps} steps; global batch {self.global_batch} = micro-batch "
-                f"{params.micro_batch_size} x accumulation {params.gradient_accumulation_steps} x "
-                f"{self.world_size} rank(s); ZeRO stage {params.zero_stage}")
+        ctx.log(
+            f"training {self.total_steps} steps; global batch {self.global_batch} = micro-batch "
+            f"{params.micro_batch_size} x accumulation {params.gradient_accumulation_steps} x "
+            f"{self.world_size} rank(s); ZeRO stage {params.zero_stage}"
+        )
         if state["step"] == 0 and params.eval_steps and self.has_validation:
             state["first_eval_loss"] = self.evaluate()
             ctx.log(f"step 0: eval loss {state['first_eval_loss']:.4f}")
@@ -334,17 +359,23 @@ class Trainer:
                 train_loss = window["loss"] / window["steps"]
                 seconds = time.perf_counter() - window["start"]
                 record = {
-                    "step": step, "loss": round(train_loss, 6),
-                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm(),
+                    "step": step,
+                    "loss": round(train_loss, 6),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": self._grad_norm(),
                     "tokens_per_s": round(window["tokens"] / seconds, 1),
                     "tokens_per_s_per_device": round(window["tokens"] / seconds / self.world_size, 1),
-                    "tokens_seen": state["tokens_seen"], "samples_seen": state["samples_seen"],
-                    "elapsed_s": round(state["elapsed_s"], 3), "peak_mem_mb": round(peak_memory_mb(), 1),
+                    "tokens_seen": state["tokens_seen"],
+                    "samples_seen": state["samples_seen"],
+                    "elapsed_s": round(state["elapsed_s"], 3),
+                    "peak_mem_mb": round(peak_memory_mb(), 1),
                     "global_batch": self.global_batch,
                 }
                 metrics.write(record)
-                self._log(f"step {step}/{self.total_steps} loss {train_loss:.4f} lr {record['lr']:.2e} "
-                        f"{record['tokens_per_s']:.0f} tok/s")
+                self._log(
+                    f"step {step}/{self.total_steps} loss {train_loss:.4f} lr {record['lr']:.2e} "
+                    f"{record['tokens_per_s']:.0f} tok/s"
+                )
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
                 throughput = record["tokens_per_s"]
             if progress is not None:  # the live bars and `chla status --watch`
@@ -367,23 +398,33 @@ class Trainer:
         if progress is not None:
             progress.close()
         elapsed = state["elapsed_s"]
-        return TrainResult(step=state["step"], tokens_seen=state["tokens_seen"],
-                           samples_seen=state["samples_seen"], train_loss=train_loss, eval_loss=eval_loss,
-                           first_eval_loss=state.get("first_eval_loss"), global_batch=self.global_batch,
-                           elapsed_s=elapsed, tokens_per_s=state["tokens_seen"] / max(elapsed, 1e-9),
-                           resumed_from=state["resumed_from"])
+        return TrainResult(
+            step=state["step"],
+            tokens_seen=state["tokens_seen"],
+            samples_seen=state["samples_seen"],
+            train_loss=train_loss,
+            eval_loss=eval_loss,
+            first_eval_loss=state.get("first_eval_loss"),
+            global_batch=self.global_batch,
+            elapsed_s=elapsed,
+            tokens_per_s=state["tokens_seen"] / max(elapsed, 1e-9),
+            resumed_from=state["resumed_from"],
+        )
 
     def optimizer_step(self, samples) -> tuple[float, int, bool]:
         """One optimizer step over gradient_accumulation_steps micro-batches. Returns the global
         mean token loss, the global number of input tokens, and whether any rank was asked to stop."""
         params = self.params
-        micro_batches = [self.data.collate([self.data.train_set[next(samples)]
-                                            for _ in range(params.micro_batch_size)])
-                         for _ in range(params.gradient_accumulation_steps)]
+        micro_batches = [
+            self.data.collate([self.data.train_set[next(samples)] for _ in range(params.micro_batch_size)])
+            for _ in range(params.gradient_accumulation_steps)
+        ]
         # Collectives run on the device: NCCL (GPU) cannot reduce CPU tensors.
-        local = torch.tensor([sum(label_token_count(b) for b in micro_batches),
-                              sum(input_token_count(b) for b in micro_batches)], dtype=torch.float64,
-                             device=self.device)
+        local = torch.tensor(
+            [sum(label_token_count(b) for b in micro_batches), sum(input_token_count(b) for b in micro_batches)],
+            dtype=torch.float64,
+            device=self.device,
+        )
         dist.all_reduce(local)
         label_tokens, input_tokens = local.tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -425,8 +466,11 @@ class Trainer:
             # form the model's attention backend reads (chla_train.packed_attention); the 2-D mask
             # only counts tokens.
             module = self.engine.module
-            inputs.update(packed_attention_inputs(batch, module.config._attn_implementation,
-                                                  dtype=module.dtype, device=self.device))
+            inputs.update(
+                packed_attention_inputs(
+                    batch, module.config._attn_implementation, dtype=module.dtype, device=self.device
+                )
+            )
         elif mask is not None and not mask.all():  # an all-ones mask only slows SDPA down
             inputs["attention_mask"] = torch.from_numpy(mask).to(self.device)
         # Position t predicts token t + 1.
@@ -464,7 +508,7 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for b in range(num_batches):
             start = (b * self.world_size + self.rank) * per_batch
-            chunk = indices[start:start + per_batch]
+            chunk = indices[start : start + per_batch]
             weight = 1.0 if chunk else 0.0
             batch = self.data.collate([self.data.valid_set[i] for i in (chunk or indices[:1])])
             totals[0] += weight * self._forward(batch).double()
@@ -485,10 +529,21 @@ class Trainer:
         return round(float(norm), 6)
 
     def _save(self, state: dict[str, Any], sampler) -> None:
-        trainer_state = dict(state, sampler=sampler.state_dict(), world_size=self.world_size,
-                             global_batch=self.global_batch, fingerprint=self.ctx.fingerprint)
-        path = checkpoints.save_checkpoint(self.engine, self.ctx.work_dir, state["step"], trainer_state,
-                                           rank=self.rank, keep_last=self.params.keep_last)
+        trainer_state = dict(
+            state,
+            sampler=sampler.state_dict(),
+            world_size=self.world_size,
+            global_batch=self.global_batch,
+            fingerprint=self.ctx.fingerprint,
+        )
+        path = checkpoints.save_checkpoint(
+            self.engine,
+            self.ctx.work_dir,
+            state["step"],
+            trainer_state,
+            rank=self.rank,
+            keep_last=self.params.keep_last,
+        )
         self._log(f"checkpoint {path.name} written")
 
     # --- exporting the result -------------------------------------------------------------------
@@ -518,14 +573,24 @@ def input_token_count(batch: dict[str, np.ndarray]) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].size)
 
 
-def train_summary(facts: dict[str, Any], result: TrainResult, *, trainable: int, total: int,
-                  world_size: int) -> dict[str, Any]:
+def train_summary(
+    facts: dict[str, Any], result: TrainResult, *, trainable: int, total: int, world_size: int
+) -> dict[str, Any]:
     """The train_summary.json of a training stage: its own facts plus the run's figures."""
-    return {**facts, "trainable_params": trainable, "total_params": total, "world_size": world_size,
-            "global_batch": result.global_batch, "samples_seen": result.samples_seen,
-            "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-            "first_eval_loss": result.first_eval_loss, "elapsed_s": round(result.elapsed_s, 2),
-            "tokens_per_s": round(result.tokens_per_s, 1), "resumed_from_steps": result.resumed_from}
+    return {
+        **facts,
+        "trainable_params": trainable,
+        "total_params": total,
+        "world_size": world_size,
+        "global_batch": result.global_batch,
+        "samples_seen": result.samples_seen,
+        "train_loss": result.train_loss,
+        "eval_loss": result.eval_loss,
+        "first_eval_loss": result.first_eval_loss,
+        "elapsed_s": round(result.elapsed_s, 2),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "resumed_from_steps": result.resumed_from,
+    }
 
 
 def shutdown_distributed() -> None:

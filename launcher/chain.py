@@ -62,10 +62,17 @@ class Chain:
             record.setdefault("fingerprint", "")
             record["job_ids"] = [str(job_id) for job_id in record.get("job_ids") or []]
             stages[name] = StageRecord(**record)
-        return cls(name=data.get("name", ""), executor=data.get("executor", "local"),
-                   run_dir=data.get("run_dir", ""), submitted_at=data.get("submitted_at"),
-                   recipe_source=data.get("recipe_source"), pid=data.get("pid"), host=data.get("host"),
-                   finished_at=data.get("finished_at"), stages=stages)
+        return cls(
+            name=data.get("name", ""),
+            executor=data.get("executor", "local"),
+            run_dir=data.get("run_dir", ""),
+            submitted_at=data.get("submitted_at"),
+            recipe_source=data.get("recipe_source"),
+            pid=data.get("pid"),
+            host=data.get("host"),
+            finished_at=data.get("finished_at"),
+            stages=stages,
+        )
 
     def to_json(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items() if value is not None}

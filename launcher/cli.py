@@ -15,16 +15,19 @@ from .errors import ChlaError
 
 
 def _command_modules() -> list[ModuleType]:
-    modules = [importlib.import_module(f"{commands.__name__}.{info.name}")
-               for info in pkgutil.iter_modules(commands.__path__)]
+    modules = [
+        importlib.import_module(f"{commands.__name__}.{info.name}") for info in pkgutil.iter_modules(commands.__path__)
+    ]
     modules = [m for m in modules if hasattr(m, "NAME") and hasattr(m, "run")]
     return sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.NAME))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chla", description="Adapt a LLaMA-family model to Chinese: YAML recipes become chains of "
-                                 "dependent Slurm jobs (or run on this machine).")
+        prog="chla",
+        description="Adapt a LLaMA-family model to Chinese: YAML recipes become chains of "
+        "dependent Slurm jobs (or run on this machine).",
+    )
     parser.add_argument("--version", action="version", version=f"chla {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _command_modules():

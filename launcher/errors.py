@@ -16,8 +16,9 @@ class ChlaError(Exception):
 class RecipeError(ChlaError):
     """A recipe problem located by file, key path and (where YAML knows it) line."""
 
-    def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
-                 line: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, file: str | None = None, key: str | None = None, line: int | None = None
+    ) -> None:
         self.file, self.key, self.line, self.problem = file, key, line, message
         where = ""
         if file:

@@ -111,8 +111,13 @@ def _add_flag(parser: argparse.ArgumentParser, model: type[StageParams], flag: F
         if default is True:
             help_text = f"switch off (on by default): {help_text}"
     elif get_origin(annotation) is list:
-        options.update(nargs="+", action="extend", type=get_args(annotation)[0], required=required,
-                       default=None if required else list(default or []))
+        options.update(
+            nargs="+",
+            action="extend",
+            type=get_args(annotation)[0],
+            required=required,
+            default=None if required else list(default or []),
+        )
     elif get_origin(annotation) is Literal:
         choices = list(get_args(annotation))
         options.update(choices=choices, type=type(choices[0]), required=required, default=default)

@@ -28,7 +28,7 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
         stack.append(node)
         for parent in edges.get(node, []):
             if color.get(parent) == grey:
-                return stack[stack.index(parent):] + [parent]
+                return stack[stack.index(parent) :] + [parent]
             if color.get(parent) == white:
                 found = visit(parent)
                 if found:
@@ -247,8 +247,9 @@ class Plan:
         return [recipe.stages[name] for name in self.run]
 
 
-def plan(recipe: ResolvedRecipe, done: dict[str, str | None], *, only: list[str] | None = None,
-         from_stage: str | None = None) -> Plan:
+def plan(
+    recipe: ResolvedRecipe, done: dict[str, str | None], *, only: list[str] | None = None, from_stage: str | None = None
+) -> Plan:
     """Choose the stages to run.
 
     `done[stage]` is the fingerprint in the stage's DONE marker (None if absent). By default a stage
@@ -276,8 +277,10 @@ def plan(recipe: ResolvedRecipe, done: dict[str, str | None], *, only: list[str]
         if name in selected:
             for parent in recipe.stages[name].after:
                 if parent not in selected and parent not in finished:
-                    raise ChlaError(f"stage {name!r} needs {parent!r}, which has not finished "
-                                    f"with the current recipe; run it too (drop --only/--from)")
+                    raise ChlaError(
+                        f"stage {name!r} needs {parent!r}, which has not finished "
+                        f"with the current recipe; run it too (drop --only/--from)"
+                    )
     run = [name for name in order if name in selected]
     skip = [name for name in order if name not in selected]
     return Plan(order=order, run=run, skip=skip, fingerprints=prints)

@@ -26,9 +26,9 @@ from typing import Any
 from .errors import ChlaError
 from .processes import alive, start_time
 
-WAIT_S = 120.0         # how long a second submit or cancel waits for the holder to finish
-HEARTBEAT_S = 5.0      # lock-file mode: how often the holder refreshes the file
-STALE_AFTER_S = 60.0   # lock-file mode: a file not refreshed for this long has lost its holder
+WAIT_S = 120.0  # how long a second submit or cancel waits for the holder to finish
+HEARTBEAT_S = 5.0  # lock-file mode: how often the holder refreshes the file
+STALE_AFTER_S = 60.0  # lock-file mode: a file not refreshed for this long has lost its holder
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -61,11 +61,15 @@ class RunLock:
                 return
             holder = self.holder()
             if time.monotonic() > deadline:
-                raise ChlaError(f"{self.control.parent} is locked by {describe(holder)}; try again when it "
-                                f"has finished")
+                raise ChlaError(
+                    f"{self.control.parent} is locked by {describe(holder)}; try again when it has finished"
+                )
             if not told:
-                print(f"chla: waiting for {describe(holder)} to finish with {self.control.parent}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"chla: waiting for {describe(holder)} to finish with {self.control.parent}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 told = True
             time.sleep(0.2)
 
@@ -100,8 +104,12 @@ class RunLock:
 
     # ------------------------------------------------------------------------------------------
     def _me(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pids": [[os.getpid(), start_time(os.getpid())]],
-                "purpose": self.purpose, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return {
+            "host": socket.gethostname(),
+            "pids": [[os.getpid(), start_time(os.getpid())]],
+            "purpose": self.purpose,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
 
     def _try_acquire(self) -> bool:
         if not self._no_flock:
@@ -193,8 +201,10 @@ def describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another chla process"
     pids = ", ".join(str(pid) for pid, _ in holder.get("pids") or [])
-    return (f"`chla {holder.get('purpose', '?')}` (host {holder.get('host', '?')}, pid {pids}, "
-            f"since {holder.get('since', '?')})")
+    return (
+        f"`chla {holder.get('purpose', '?')}` (host {holder.get('host', '?')}, pid {pids}, "
+        f"since {holder.get('since', '?')})"
+    )
 
 
 def _read_json(path: Path) -> Any:

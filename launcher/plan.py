@@ -33,10 +33,36 @@ from .sizing import PROJECTIONS, MemoryEstimate, ModelShape, Trainable, Training
 GIB = 2**30
 RUNTIME_RESERVE = 2 * GIB  # per GPU: CUDA context (~0.5 GB), NCCL buffers, allocator fragmentation
 # GPU memory by name, as sites name them in node features (slurm.constraint): longest match first.
-GPU_MEMORY_GIB = {"h200": 141, "gh200": 96, "h100-94": 94, "h100nvl": 94, "h100": 80, "h800": 80, "a100-80": 80,
-                  "a100_80": 80, "a10080": 80, "a100-40": 40, "a100": 40, "a800": 80, "l40s": 48, "l40": 48,
-                  "a6000": 48, "a40": 48, "a30": 24, "a10g": 24, "a10": 24, "l4": 24, "rtx4090": 24,
-                  "4090": 24, "3090": 24, "v100-32": 32, "v100": 16, "t4": 16, "mi300x": 192, "mi250": 128}
+GPU_MEMORY_GIB = {
+    "h200": 141,
+    "gh200": 96,
+    "h100-94": 94,
+    "h100nvl": 94,
+    "h100": 80,
+    "h800": 80,
+    "a100-80": 80,
+    "a100_80": 80,
+    "a10080": 80,
+    "a100-40": 40,
+    "a100": 40,
+    "a800": 80,
+    "l40s": 48,
+    "l40": 48,
+    "a6000": 48,
+    "a40": 48,
+    "a30": 24,
+    "a10g": 24,
+    "a10": 24,
+    "l4": 24,
+    "rtx4090": 24,
+    "4090": 24,
+    "3090": 24,
+    "v100-32": 32,
+    "v100": 16,
+    "t4": 16,
+    "mi300x": 192,
+    "mi250": 128,
+}
 TRAINING_KINDS = ("pretrain", "sft")
 
 
@@ -44,13 +70,13 @@ TRAINING_KINDS = ("pretrain", "sft")
 class StagePlan:
     stage: str
     shape: ModelShape | None
-    source: str                       # where the sizes come from, or why they are unknown
+    source: str  # where the sizes come from, or why they are unknown
     setup: TrainingSetup
     trainable: Trainable | None = None
     total_params: int = 0
     trainable_params: int = 0
     memory: MemoryEstimate | None = None
-    device: str = ""                  # "GPU (80 GiB, from constraint h100)", "CPU (mem 64G / 1 task)"
+    device: str = ""  # "GPU (80 GiB, from constraint h100)", "CPU (mem 64G / 1 task)"
     device_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -80,15 +106,23 @@ def plan_stage(stage: ResolvedStage, sizes: _Sizes, recipe: ResolvedRecipe) -> S
         notes.append(f"precision auto taken as {precision}" + ("" if on_gpu else " (a CPU without native bf16)"))
     sft = isinstance(params, SftParams)
     setup = TrainingSetup(
-        precision=precision, zero_stage=params.zero_stage, world_size=resources.world_size,
+        precision=precision,
+        zero_stage=params.zero_stage,
+        world_size=resources.world_size,
         micro_batch=params.micro_batch_size,
         seq_len=params.max_seq_length if isinstance(params, SftParams) else stage.params_as(PretrainParams).block_size,
         gradient_checkpointing=params.gradient_checkpointing,
-        attention="sdpa" if params.attn_implementation == "flash_attention_2" and not on_gpu else params.attn_implementation,
-        masked=sft and params.attn_implementation != "flash_attention_2", cpu=not on_gpu)
+        attention="sdpa"
+        if params.attn_implementation == "flash_attention_2" and not on_gpu
+        else params.attn_implementation,
+        masked=sft and params.attn_implementation != "flash_attention_2",
+        cpu=not on_gpu,
+    )
     plan = StagePlan(stage=stage.name, shape=shape, source=source, setup=setup, notes=notes)
     if sft:
-        plan.notes.append("SFT: the loss taken at every position (an upper bound: chla computes it at the answers only)")
+        plan.notes.append(
+            "SFT: the loss taken at every position (an upper bound: chla computes it at the answers only)"
+        )
     plan.trainable = _trainable(stage, shape)
     plan.device, plan.device_bytes = _device_budget(stage, recipe)
     if shape is None:
@@ -108,9 +142,13 @@ def _trainable(stage: ResolvedStage, shape: ModelShape | None) -> Trainable:
         return Trainable(mode="embeddings", new_rows=new_rows, train_lm_head=params.train_lm_head)
     if mode == "full":
         return Trainable(mode="full")
-    return Trainable(mode="lora", lora_r=params.lora_r, lora_targets=tuple(t for t in params.lora_target_modules
-                                                                         if t in PROJECTIONS),
-                     lora_dropout=params.lora_dropout, modules_to_save=tuple(params.modules_to_save))
+    return Trainable(
+        mode="lora",
+        lora_r=params.lora_r,
+        lora_targets=tuple(t for t in params.lora_target_modules if t in PROJECTIONS),
+        lora_dropout=params.lora_dropout,
+        modules_to_save=tuple(params.modules_to_save),
+    )
 
 
 def _base_rows_hint(stage: ResolvedStage) -> int:
@@ -134,6 +172,7 @@ def _device_budget(stage: ResolvedStage, recipe: ResolvedRecipe) -> tuple[str, i
 
 
 # --- model sizes, from files and from the stages that will produce them ---------------------------
+
 
 class _Sizes:
     """Model shapes and tokenizer sizes, from files on disk or derived from the upstream stage that
@@ -170,8 +209,10 @@ class _Sizes:
                 return shape, f"{stage.name}'s model ({source})"
             if stage.kind.name == "merge" and rest in ("", "."):
                 return self._merged(stage)
-            return None, (f"{path}: the output of stage {stage.name} ({stage.kind.name}) is not a model whose "
-                          "size chla can derive")
+            return None, (
+                f"{path}: the output of stage {stage.name} ({stage.kind.name}) is not a model whose "
+                "size chla can derive"
+            )
         config = _read_json(Path(path) / "config.json")
         if config is None:
             return None, f"{path}/config.json not found (give the model's config.json to plan it)"
@@ -311,6 +352,7 @@ def _sentencepiece_pieces(path: Path) -> int | None:
 
 # --- output ------------------------------------------------------------------------------------
 
+
 def render(plans: list[StagePlan], out: TextIO) -> None:
     def gib(value: int) -> str:
         return f"{value / GIB:.1f}"
@@ -318,31 +360,43 @@ def render(plans: list[StagePlan], out: TextIO) -> None:
     if not plans:
         print("no training stages (pretrain, sft) in this recipe", file=out)
         return
-    header = (f"{'stage':<12} {'model':<22} {'params':>8} {'trains':>8} {'ZeRO':>4} {'ranks':>5} {'batch':>9} "
-              f"{'weights':>7} {'grads':>6} {'optim':>6} {'act':>6} {'act+gc':>6} {'peak':>6} {'device':>7}  verdict")
+    header = (
+        f"{'stage':<12} {'model':<22} {'params':>8} {'trains':>8} {'ZeRO':>4} {'ranks':>5} {'batch':>9} "
+        f"{'weights':>7} {'grads':>6} {'optim':>6} {'act':>6} {'act+gc':>6} {'peak':>6} {'device':>7}  verdict"
+    )
     print(header, file=out)
     print(" " * 67 + "(GiB per device; act: activations, +gc: with gradient checkpointing)", file=out)
     for plan in plans:
         setup = plan.setup
         batch = f"{setup.micro_batch}x{setup.seq_len}"
         if plan.memory is None or plan.shape is None:
-            print(f"{plan.stage:<12} {'?':<22} {'':>8} {'':>8} {setup.zero_stage:>4} {setup.world_size:>5} "
-                  f"{batch:>9}  unknown: {plan.source}", file=out)
+            print(
+                f"{plan.stage:<12} {'?':<22} {'':>8} {'':>8} {setup.zero_stage:>4} {setup.world_size:>5} "
+                f"{batch:>9}  unknown: {plan.source}",
+                file=out,
+            )
             continue
         shape, memory = plan.shape, plan.memory
         model = f"{shape.num_layers}x{shape.hidden_size} V{shape.vocab_size}"
         device = gib(plan.device_bytes) if plan.device_bytes else "?"
         checkpointed = "on" if setup.gradient_checkpointing else "off"
-        print(f"{plan.stage:<12} {model:<22} {plan.total_params / 1e9:>7.2f}B {_count(plan.trainable_params):>8} "
-              f"{setup.zero_stage:>4} {setup.world_size:>5} {batch:>9} {gib(memory.weights):>7} "
-              f"{gib(memory.gradients):>6} {gib(memory.optimizer):>6} {gib(memory.activations):>6} "
-              f"{gib(memory.activations_checkpointed):>6} {gib(memory.peak):>6} {device:>7}  {plan.verdict} "
-              f"(gc {checkpointed})", file=out)
+        print(
+            f"{plan.stage:<12} {model:<22} {plan.total_params / 1e9:>7.2f}B {_count(plan.trainable_params):>8} "
+            f"{setup.zero_stage:>4} {setup.world_size:>5} {batch:>9} {gib(memory.weights):>7} "
+            f"{gib(memory.gradients):>6} {gib(memory.optimizer):>6} {gib(memory.activations):>6} "
+            f"{gib(memory.activations_checkpointed):>6} {gib(memory.peak):>6} {device:>7}  {plan.verdict} "
+            f"(gc {checkpointed})",
+            file=out,
+        )
     print("", file=out)
     for plan in plans:
         lines = [f"sizes: {plan.source}", f"device: {plan.device}", *plan.notes]
-        if plan.verdict == "does not fit" and plan.memory is not None and not plan.setup.gradient_checkpointing \
-                and plan.memory.peak_with_checkpointing + RUNTIME_RESERVE <= (plan.device_bytes or 0):
+        if (
+            plan.verdict == "does not fit"
+            and plan.memory is not None
+            and not plan.setup.gradient_checkpointing
+            and plan.memory.peak_with_checkpointing + RUNTIME_RESERVE <= (plan.device_bytes or 0)
+        ):
             lines.append("fits with gradient_checkpointing: true")
         print(f"{plan.stage}: " + "; ".join(lines), file=out)
 
@@ -362,8 +416,10 @@ def verdict_lines(plans: list[StagePlan]) -> list[str]:
             lines.append(f"{plan.stage}: memory unknown ({plan.source})")
             continue
         budget = f"{plan.device_bytes / GIB:.1f} GiB" if plan.device_bytes else "an unknown budget"
-        lines.append(f"{plan.stage}: {plan.verdict}: peak {plan.memory.peak / GIB:.1f} GiB per device against "
-                     f"{budget} ({plan.device})")
+        lines.append(
+            f"{plan.stage}: {plan.verdict}: peak {plan.memory.peak / GIB:.1f} GiB per device against "
+            f"{budget} ({plan.device})"
+        )
     return lines
 
 

@@ -52,7 +52,7 @@ class TaskProgress:
         return (self.total - self.done) * seconds / counted
 
     def describe(self) -> str:
-        """"step 120/240 loss 3.2100 4,512 tok/s ETA 0:01:02"."""
+        """ "step 120/240 loss 3.2100 4,512 tok/s ETA 0:01:02"."""
         unit = {"steps": "step", "bytes": "GB"}.get(self.unit, self.unit)
         if self.unit == "bytes":
             text = f"{self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB"
@@ -77,12 +77,21 @@ class ProgressWriter:
     """One task's progress file. `update` is cheap to call every step: it writes at most every
     MIN_INTERVAL_S (and always the last update, on `close`)."""
 
-    def __init__(self, stage_dir: str | Path, stage: str, task: int, *, total: float, unit: str,
-                 start_done: float = 0.0) -> None:
+    def __init__(
+        self, stage_dir: str | Path, stage: str, task: int, *, total: float, unit: str, start_done: float = 0.0
+    ) -> None:
         self.path = Path(stage_dir) / PROGRESS_DIR / f"task-{max(task, 0)}.json"
         now = time.time()
-        self.progress = TaskProgress(stage=stage, task=max(task, 0), done=start_done, total=total, unit=unit,
-                                     started=now, updated=now, start_done=start_done)
+        self.progress = TaskProgress(
+            stage=stage,
+            task=max(task, 0),
+            done=start_done,
+            total=total,
+            unit=unit,
+            started=now,
+            updated=now,
+            start_done=start_done,
+        )
         self._written = 0.0
         if total:  # a writer that learns its total later writes with its first update
             self._flush()
@@ -107,7 +116,9 @@ class ProgressWriter:
             pass  # progress is for eyes; a full or read-only disk must not stop the work
 
 
-def progress_writer(ctx: StageContext[Any], *, total: float, unit: str, start_done: float = 0.0) -> ProgressWriter | None:
+def progress_writer(
+    ctx: StageContext[Any], *, total: float, unit: str, start_done: float = 0.0
+) -> ProgressWriter | None:
     """The writer for a job's task (rank 0 only; None for the other ranks)."""
     if ctx.dist.rank != 0:
         return None
@@ -132,8 +143,9 @@ class ProgressDisplay:
     MIN_INTERVAL_S) and redraws; `close()` leaves the last state on screen. Off a terminal it
     draws nothing: the job logs keep their own periodic lines."""
 
-    def __init__(self, stage_dir: str | Path, stage: str, out: TextIO, *, array: bool = False,
-                 since: float | None = None) -> None:
+    def __init__(
+        self, stage_dir: str | Path, stage: str, out: TextIO, *, array: bool = False, since: float | None = None
+    ) -> None:
         self.stage_dir, self.stage, self.array = Path(stage_dir), stage, array
         self.since = time.time() if since is None else since  # older files are an earlier attempt's
         self._bars: dict[int, Any] = {}
@@ -143,9 +155,14 @@ class ProgressDisplay:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn
 
-            self._progress = Progress(TextColumn("    {task.description}"), BarColumn(bar_width=30),
-                                      TextColumn("{task.fields[detail]}"),
-                                      console=Console(file=out), transient=False, auto_refresh=False)
+            self._progress = Progress(
+                TextColumn("    {task.description}"),
+                BarColumn(bar_width=30),
+                TextColumn("{task.fields[detail]}"),
+                console=Console(file=out),
+                transient=False,
+                auto_refresh=False,
+            )
             self._progress.start()
 
     def refresh(self, force: bool = False) -> None:
@@ -158,8 +175,9 @@ class ProgressDisplay:
             if task.task not in self._bars:
                 name = f"{self.stage} task {task.task}" if self.array else self.stage
                 self._bars[task.task] = self._progress.add_task(name, total=max(task.total, 1), detail="")
-            self._progress.update(self._bars[task.task], completed=task.done, total=max(task.total, 1),
-                                  detail=task.describe())
+            self._progress.update(
+                self._bars[task.task], completed=task.done, total=max(task.total, 1), detail=task.describe()
+            )
         self._progress.refresh()
 
     def close(self) -> None:

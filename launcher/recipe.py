@@ -216,8 +216,10 @@ class RecipeModel(_Strict):
             if not isinstance(name, str) or not _NAME_RE.match(name):
                 raise ValueError(f"stage name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
             if name in RESERVED_NAMES:
-                raise ValueError(f"stage name {name!r} is taken by the run directory's own "
-                                 f"{name} (reserved: {', '.join(sorted(RESERVED_NAMES))})")
+                raise ValueError(
+                    f"stage name {name!r} is taken by the run directory's own "
+                    f"{name} (reserved: {', '.join(sorted(RESERVED_NAMES))})"
+                )
         return stages
 
 
@@ -253,8 +255,9 @@ class ResolvedStage:
     def params_as(self, params_type: type[ParamsT]) -> ParamsT:
         """The stage's params as the kind's own model (for code that reads one kind's fields)."""
         if not isinstance(self.params, params_type):
-            raise TypeError(f"stage {self.name} ({self.kind.name}) has {type(self.params).__name__}, "
-                            f"not {params_type.__name__}")
+            raise TypeError(
+                f"stage {self.name} ({self.kind.name}) has {type(self.params).__name__}, not {params_type.__name__}"
+            )
         return self.params
 
 
@@ -313,11 +316,19 @@ def _compose(text: str, source: str) -> tuple[Any, dict[KeyPath, int]]:
                 for key_node, value_node in node.value:
                     key = loader.construct_object(key_node, deep=True)
                     if not isinstance(key, (str, int, float, bool)) or key is None:
-                        raise RecipeError("mapping keys must be plain scalars", file=source,
-                                          key=_dotted(path), line=key_node.start_mark.line + 1)
+                        raise RecipeError(
+                            "mapping keys must be plain scalars",
+                            file=source,
+                            key=_dotted(path),
+                            line=key_node.start_mark.line + 1,
+                        )
                     if key in result:
-                        raise RecipeError(f"duplicate key {key!r}", file=source,
-                                          key=_dotted(path + (key,)), line=key_node.start_mark.line + 1)
+                        raise RecipeError(
+                            f"duplicate key {key!r}",
+                            file=source,
+                            key=_dotted(path + (key,)),
+                            line=key_node.start_mark.line + 1,
+                        )
                     lines[path + (key,)] = key_node.start_mark.line + 1
                     result[key] = build(value_node, path + (key,))
                 return result
@@ -438,8 +449,9 @@ class _Scope:
             refs.add(parts[1])
             stage_dir = self.run_dir / parts[1]
             return str(stage_dir / "out") if parts[2] == "out" else str(stage_dir)
-        raise KeyError(f"unknown reference ${{{ref}}} (use vars.NAME, stages.NAME.out, stages.NAME.dir, "
-                       "run.dir or run.name)")
+        raise KeyError(
+            f"unknown reference ${{{ref}}} (use vars.NAME, stages.NAME.out, stages.NAME.dir, run.dir or run.name)"
+        )
 
 
 def _interpolate(value: Any, scope: _Scope, refs: set[str], depth: int = 0) -> Any:
@@ -470,9 +482,15 @@ def _interpolate(value: Any, scope: _Scope, refs: set[str], depth: int = 0) -> A
 # Loading
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None, *,
-                run_dir: str | None = None, check_inputs: bool = True,
-                cwd: Path | None = None, interpolate: bool = True) -> ResolvedRecipe:
+def load_recipe(
+    path: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    *,
+    run_dir: str | None = None,
+    check_inputs: bool = True,
+    cwd: Path | None = None,
+    interpolate: bool = True,
+) -> ResolvedRecipe:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -500,14 +518,25 @@ def _raise_validation(error: ValidationError, source: str, lines: dict[KeyPath, 
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required key is missing"
-    elif "input" in first and first["type"] not in {"value_error", "assertion_error"} and not isinstance(first["input"], dict):
+    elif (
+        "input" in first
+        and first["type"] not in {"value_error", "assertion_error"}
+        and not isinstance(first["input"], dict)
+    ):
         message = f"{message} (got {first['input']!r})"
     message = message.removeprefix("Value error, ")
     raise RecipeError(message, file=source, key=_dotted(loc) or None, line=_line_for(lines, loc)) from None
 
 
-def resolve(data: dict[str, Any], source: str, lines: dict[KeyPath, int] | None = None, *,
-            check_inputs: bool = True, cwd: Path | None = None, interpolate: bool = True) -> ResolvedRecipe:
+def resolve(
+    data: dict[str, Any],
+    source: str,
+    lines: dict[KeyPath, int] | None = None,
+    *,
+    check_inputs: bool = True,
+    cwd: Path | None = None,
+    interpolate: bool = True,
+) -> ResolvedRecipe:
     """Validate `data` into a ResolvedRecipe. `interpolate=False` is for a frozen recipe, whose
     references were resolved at submission (a literal "${...}" in it must stay as it is)."""
     lines = lines or {}
@@ -529,18 +558,30 @@ def resolve(data: dict[str, Any], source: str, lines: dict[KeyPath, int] | None 
         kind = kinds.get(spec.kind)
         if kind is None:
             known = ", ".join(sorted(kinds))
-            raise RecipeError(f"unknown stage kind {spec.kind!r} (known: {known})", file=source,
-                              key=_dotted(base + ("kind",)), line=_line_for(lines, base + ("kind",)))
+            raise RecipeError(
+                f"unknown stage kind {spec.kind!r} (known: {known})",
+                file=source,
+                key=_dotted(base + ("kind",)),
+                line=_line_for(lines, base + ("kind",)),
+            )
         refs: set[str] = set()
         try:
             params_raw = _interpolate(spec.params, scope, refs) if interpolate else dict(spec.params)
         except KeyError as error:
-            raise RecipeError(str(error.args[0]), file=source, key=_dotted(base + ("params",)),
-                              line=_line_for(lines, base + ("params",))) from None
+            raise RecipeError(
+                str(error.args[0]),
+                file=source,
+                key=_dotted(base + ("params",)),
+                line=_line_for(lines, base + ("params",)),
+            ) from None
         for after in spec.after:
             if after not in stage_names:
-                raise RecipeError(f"`after` names a missing stage {after!r}", file=source,
-                                  key=_dotted(base + ("after",)), line=_line_for(lines, base + ("after",)))
+                raise RecipeError(
+                    f"`after` names a missing stage {after!r}",
+                    file=source,
+                    key=_dotted(base + ("after",)),
+                    line=_line_for(lines, base + ("after",)),
+                )
         params_raw = _absolutize_inputs(kind, params_raw, cwd)
         try:
             params = kind.params.model_validate(params_raw)
@@ -550,28 +591,48 @@ def resolve(data: dict[str, Any], source: str, lines: dict[KeyPath, int] | None 
         merged.update(spec.resources.model_dump(exclude_none=True))
         resources = Resources.model_validate(merged)
         if resources.world_size > 1 and not kind.distributed:
-            raise RecipeError(f"kind {kind.name!r} runs as one process; nodes x tasks_per_node must be 1 "
-                              f"(got {resources.nodes} x {resources.tasks_per_node})", file=source,
-                              key=_dotted(base + ("resources",)), line=_line_for(lines, base + ("resources",)))
+            raise RecipeError(
+                f"kind {kind.name!r} runs as one process; nodes x tasks_per_node must be 1 "
+                f"(got {resources.nodes} x {resources.tasks_per_node})",
+                file=source,
+                key=_dotted(base + ("resources",)),
+                line=_line_for(lines, base + ("resources",)),
+            )
         if spec.array is not None and not kind.array:
-            raise RecipeError(f"kind {kind.name!r} cannot run as an array", file=source,
-                              key=_dotted(base + ("array",)), line=_line_for(lines, base + ("array",)))
+            raise RecipeError(
+                f"kind {kind.name!r} cannot run as an array",
+                file=source,
+                key=_dotted(base + ("array",)),
+                line=_line_for(lines, base + ("array",)),
+            )
         if spec.array is not None and resources.world_size > 1:
-            raise RecipeError("an array stage runs one process per task; use array or nodes/tasks_per_node, "
-                              "not both", file=source, key=_dotted(base + ("array",)),
-                              line=_line_for(lines, base + ("array",)))
+            raise RecipeError(
+                "an array stage runs one process per task; use array or nodes/tasks_per_node, not both",
+                file=source,
+                key=_dotted(base + ("array",)),
+                line=_line_for(lines, base + ("array",)),
+            )
         if name in refs:
-            raise RecipeError("a stage cannot refer to its own output", file=source,
-                              key=_dotted(base + ("params",)), line=_line_for(lines, base + ("params",)))
+            raise RecipeError(
+                "a stage cannot refer to its own output",
+                file=source,
+                key=_dotted(base + ("params",)),
+                line=_line_for(lines, base + ("params",)),
+            )
         if check_inputs:
             _check_inputs(kind, params, run_dir, source, lines, base)
             expanded = _expand_globs(kind, params_raw, run_dir)
             if expanded != params_raw:
                 params = kind.params.model_validate(expanded)
         resolved = ResolvedStage(
-            name=name, kind=kind, params=params,
+            name=name,
+            kind=kind,
+            params=params,
             params_raw=params.model_dump(mode="json", exclude_unset=False),
-            resources=resources, array=spec.array, after=sorted(set(spec.after) | refs))
+            resources=resources,
+            array=spec.array,
+            after=sorted(set(spec.after) | refs),
+        )
         if spec.sweep is None:
             stages[name] = resolved
         else:
@@ -584,52 +645,85 @@ def resolve(data: dict[str, Any], source: str, lines: dict[KeyPath, int] | None 
         if waits_for_sweep:
             group = sorted(waits_for_sweep)[0]
             key = ("stages", stage.sweep.group if stage.sweep else name)
-            raise RecipeError(f"stage depends on {group!r}, a node-scaling sweep (sweeps are experiments "
-                              "whose outputs nothing consumes)", file=source, key=_dotted(key),
-                              line=_line_for(lines, key))
+            raise RecipeError(
+                f"stage depends on {group!r}, a node-scaling sweep (sweeps are experiments "
+                "whose outputs nothing consumes)",
+                file=source,
+                key=_dotted(key),
+                line=_line_for(lines, key),
+            )
     recipe = ResolvedRecipe(model=model, source=source, run_dir=run_dir, stages=stages, raw=data)
     from .graph import find_cycle  # the graph module imports this one
 
     cycle = find_cycle({name: stage.after for name, stage in stages.items()})
     if cycle:
         first = cycle[0]
-        raise RecipeError("dependency cycle: " + " -> ".join(cycle), file=source,
-                          key=f"stages.{first}", line=_line_for(lines, ("stages", first)))
+        raise RecipeError(
+            "dependency cycle: " + " -> ".join(cycle),
+            file=source,
+            key=f"stages.{first}",
+            line=_line_for(lines, ("stages", first)),
+        )
     return recipe
 
 
-def _expand_sweep(stage: ResolvedStage, sweep: SweepSpec, stage_names: set[str], source: str,
-                  lines: dict[KeyPath, int], base: KeyPath) -> list[ResolvedStage]:
+def _expand_sweep(
+    stage: ResolvedStage, sweep: SweepSpec, stage_names: set[str], source: str, lines: dict[KeyPath, int], base: KeyPath
+) -> list[ResolvedStage]:
     key = base + ("sweep",)
     if not stage.kind.distributed:
-        raise RecipeError(f"kind {stage.kind.name!r} runs as one process; it cannot be swept over nodes",
-                          file=source, key=_dotted(key), line=_line_for(lines, key))
+        raise RecipeError(
+            f"kind {stage.kind.name!r} runs as one process; it cannot be swept over nodes",
+            file=source,
+            key=_dotted(key),
+            line=_line_for(lines, key),
+        )
     if stage.array is not None:
-        raise RecipeError("an array stage cannot be swept over nodes", file=source, key=_dotted(key),
-                          line=_line_for(lines, key))
+        raise RecipeError(
+            "an array stage cannot be swept over nodes", file=source, key=_dotted(key), line=_line_for(lines, key)
+        )
     points = []
     for nodes in sweep.nodes:
         name = f"{stage.name}-n{nodes}"
         if name in stage_names:
-            raise RecipeError(f"the sweep would create stage {name!r}, which the recipe already has",
-                              file=source, key=_dotted(key), line=_line_for(lines, key))
+            raise RecipeError(
+                f"the sweep would create stage {name!r}, which the recipe already has",
+                file=source,
+                key=_dotted(key),
+                line=_line_for(lines, key),
+            )
         params_raw = dict(stage.params_raw)
         if sweep.scaling == "strong":
             param = stage.kind.accumulation_param
             if not param:
-                raise RecipeError(f"kind {stage.kind.name!r} has no batch parameter for strong scaling",
-                                  file=source, key=_dotted(key + ("scaling",)), line=_line_for(lines, key))
+                raise RecipeError(
+                    f"kind {stage.kind.name!r} has no batch parameter for strong scaling",
+                    file=source,
+                    key=_dotted(key + ("scaling",)),
+                    line=_line_for(lines, key),
+                )
             total = int(params_raw[param]) * sweep.nodes[0]
             if total % nodes:
-                raise RecipeError(f"strong scaling: {param}={params_raw[param]} on {sweep.nodes[0]} node(s) "
-                                  f"cannot be split evenly over {nodes} nodes; raise {param}",
-                                  file=source, key=_dotted(base + ("params", param)),
-                                  line=_line_for(lines, base + ("params",)))
+                raise RecipeError(
+                    f"strong scaling: {param}={params_raw[param]} on {sweep.nodes[0]} node(s) "
+                    f"cannot be split evenly over {nodes} nodes; raise {param}",
+                    file=source,
+                    key=_dotted(base + ("params", param)),
+                    line=_line_for(lines, base + ("params",)),
+                )
             params_raw[param] = total // nodes
-        points.append(ResolvedStage(
-            name=name, kind=stage.kind, params=stage.kind.params.model_validate(params_raw),
-            params_raw=params_raw, resources=stage.resources.model_copy(update={"nodes": nodes}),
-            array=None, after=stage.after, sweep=SweepPoint(stage.name, nodes, sweep.scaling)))
+        points.append(
+            ResolvedStage(
+                name=name,
+                kind=stage.kind,
+                params=stage.kind.params.model_validate(params_raw),
+                params_raw=params_raw,
+                resources=stage.resources.model_copy(update={"nodes": nodes}),
+                array=None,
+                after=stage.after,
+                sweep=SweepPoint(stage.name, nodes, sweep.scaling),
+            )
+        )
     return points
 
 
@@ -646,8 +740,9 @@ def _absolute(value: str, cwd: Path) -> str:
     return expanded if os.path.isabs(expanded) else str((cwd / expanded).resolve())
 
 
-def _check_inputs(kind: StageKind, params: BaseModel, run_dir: Path, source: str,
-                  lines: dict[KeyPath, int], base: KeyPath) -> None:
+def _check_inputs(
+    kind: StageKind, params: BaseModel, run_dir: Path, source: str, lines: dict[KeyPath, int], base: KeyPath
+) -> None:
     import glob as globmod
 
     for field_name, marker in input_path_fields(type(params)).items():
@@ -657,11 +752,13 @@ def _check_inputs(kind: StageKind, params: BaseModel, run_dir: Path, source: str
             key_path = base + ("params", field_name) + below
             if marker.glob and any(ch in item for ch in "*?["):
                 if not globmod.glob(item, recursive=True):
-                    raise RecipeError(f"no file matches {item}", file=source, key=_dotted(key_path),
-                                      line=_line_for(lines, key_path))
+                    raise RecipeError(
+                        f"no file matches {item}", file=source, key=_dotted(key_path), line=_line_for(lines, key_path)
+                    )
             elif not os.path.exists(item):
-                raise RecipeError(f"input not found: {item}", file=source, key=_dotted(key_path),
-                                  line=_line_for(lines, key_path))
+                raise RecipeError(
+                    f"input not found: {item}", file=source, key=_dotted(key_path), line=_line_for(lines, key_path)
+                )
 
 
 def _expand_globs(kind: StageKind, params: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -677,8 +774,7 @@ def _expand_globs(kind: StageKind, params: dict[str, Any], run_dir: Path) -> dic
             continue
         files: list[str] = []
         for item in value:
-            if (isinstance(item, str) and any(ch in item for ch in "*?[")
-                    and not Path(item).is_relative_to(run_dir)):
+            if isinstance(item, str) and any(ch in item for ch in "*?[") and not Path(item).is_relative_to(run_dir):
                 matches = sorted(match for match in globmod.glob(item, recursive=True) if os.path.isfile(match))
                 files += matches or [item]  # matches only directories: the stage says so when it runs
             else:
@@ -696,6 +792,8 @@ def load_frozen(run_dir: str | os.PathLike[str]) -> ResolvedRecipe:
 
 
 def dump_frozen(recipe: ResolvedRecipe) -> str:
-    header = (f"# Frozen by chla from {recipe.source}: every reference resolved, every default filled in.\n"
-              "# Jobs read this file; edit the source recipe and resubmit instead of editing it.\n")
+    header = (
+        f"# Frozen by chla from {recipe.source}: every reference resolved, every default filled in.\n"
+        "# Jobs read this file; edit the source recipe and resubmit instead of editing it.\n"
+    )
     return header + yaml.safe_dump(recipe.frozen(), sort_keys=False, allow_unicode=True, width=100)

@@ -76,9 +76,11 @@ class RemoteOptions:
 
 def parse_remote(spec: str) -> RemoteTarget:
     """`[user@]host[:port][:dir]` -> RemoteTarget. See the module docstring for the rules."""
+
     def bad(why: str) -> ChlaError:
-        return ChlaError(f"--remote {spec!r}: {why}; the format is {REMOTE_FORMAT}, "
-                         f"e.g. me@login.cluster:2222:/scratch/me/chla")
+        return ChlaError(
+            f"--remote {spec!r}: {why}; the format is {REMOTE_FORMAT}, e.g. me@login.cluster:2222:/scratch/me/chla"
+        )
 
     rest = spec.strip()
     if not rest:
@@ -87,14 +89,14 @@ def parse_remote(spec: str) -> RemoteTarget:
     at = rest.find("@")
     # `user@` only counts before the host: an '@' after the first ':' belongs to the directory.
     if 0 <= at < min(i for i in (rest.find(":"), rest.find("["), len(rest)) if i >= 0):
-        user, rest = rest[:at], rest[at + 1:]
+        user, rest = rest[:at], rest[at + 1 :]
         if not user:
             raise bad("empty user name before '@'")
     if rest.startswith("["):
         close = rest.find("]")
         if close < 0:
             raise bad("unclosed '[' in the host")
-        host, remainder = rest[1:close], rest[close + 1:]
+        host, remainder = rest[1:close], rest[close + 1 :]
         if remainder and not remainder.startswith(":"):
             raise bad("expected ':' after ']'")
     else:
@@ -139,31 +141,55 @@ def shell_line(*argvs: Sequence[str]) -> str:
 
 def add_remote_arguments(parser: argparse.ArgumentParser, *, snapshot: bool = False) -> None:
     group = parser.add_argument_group("remote (run chla on a login node over SSH)")
-    group.add_argument("--remote", metavar="[USER@]HOST[:PORT][:DIR]",
-                       help="run this command on HOST over SSH, in DIR (default ~/chla-remote); "
-                            "host keys must be in known_hosts")
-    group.add_argument("--known-hosts", action="append", default=[], metavar="FILE",
-                       help="check the host key against FILE only (repeatable; default "
-                            "~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts)")
-    group.add_argument("--identity", "-i", metavar="KEY_FILE",
-                       help="SSH private key to log in with (default: ssh-agent, ~/.ssh/config, ~/.ssh/id_*)")
-    group.add_argument("--remote-chla", metavar="CMD",
-                       help="the chla command on the remote side (default `chla`, or DIR/venv/bin/chla "
-                            "with --snapshot), e.g. /shared/venvs/chla/bin/chla; relative paths are "
-                            "relative to DIR")
+    group.add_argument(
+        "--remote",
+        metavar="[USER@]HOST[:PORT][:DIR]",
+        help="run this command on HOST over SSH, in DIR (default ~/chla-remote); host keys must be in known_hosts",
+    )
+    group.add_argument(
+        "--known-hosts",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="check the host key against FILE only (repeatable; default "
+        "~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts)",
+    )
+    group.add_argument(
+        "--identity",
+        "-i",
+        metavar="KEY_FILE",
+        help="SSH private key to log in with (default: ssh-agent, ~/.ssh/config, ~/.ssh/id_*)",
+    )
+    group.add_argument(
+        "--remote-chla",
+        metavar="CMD",
+        help="the chla command on the remote side (default `chla`, or DIR/venv/bin/chla "
+        "with --snapshot), e.g. /shared/venvs/chla/bin/chla; relative paths are "
+        "relative to DIR",
+    )
     if snapshot:
-        group.add_argument("--snapshot", action="store_true",
-                           help="copy this checkout's code (pyproject, launcher/, tools/, chla_train/) to "
-                                "DIR/snapshots/ and pip-install it into DIR/venv before submitting")
+        group.add_argument(
+            "--snapshot",
+            action="store_true",
+            help="copy this checkout's code (pyproject, launcher/, tools/, chla_train/) to "
+            "DIR/snapshots/ and pip-install it into DIR/venv before submitting",
+        )
 
 
 def options_from_args(args: argparse.Namespace) -> RemoteOptions | None:
     """The remote options of a parsed command line, or None when --remote was not given."""
     snapshot = bool(getattr(args, "snapshot", False))
     if not args.remote:
-        given = [flag for flag, value in (("--known-hosts", args.known_hosts), ("--identity", args.identity),
-                                          ("--remote-chla", args.remote_chla), ("--snapshot", snapshot))
-                 if value]
+        given = [
+            flag
+            for flag, value in (
+                ("--known-hosts", args.known_hosts),
+                ("--identity", args.identity),
+                ("--remote-chla", args.remote_chla),
+                ("--snapshot", snapshot),
+            )
+            if value
+        ]
         if given:
             raise ChlaError(f"{', '.join(given)} only make sense with --remote [user@]host[:port][:dir]")
         return None
@@ -171,13 +197,20 @@ def options_from_args(args: argparse.Namespace) -> RemoteOptions | None:
     if args.remote_chla is not None:
         chla_argv = shlex.split(args.remote_chla)
         if not chla_argv:
-            raise ChlaError("--remote-chla is empty; give the chla command on the remote side, e.g. "
-                            "/shared/venvs/chla/bin/chla")
+            raise ChlaError(
+                "--remote-chla is empty; give the chla command on the remote side, e.g. /shared/venvs/chla/bin/chla"
+            )
     else:
         # chla runs with DIR as its working directory, so the snapshot's venv is ./venv there.
         chla_argv = ["./venv/bin/chla"] if snapshot else ["chla"]
-    return RemoteOptions(target=target, known_hosts=list(args.known_hosts), identity=args.identity,
-                         chla_argv=chla_argv, chla_given=args.remote_chla is not None, snapshot=snapshot)
+    return RemoteOptions(
+        target=target,
+        known_hosts=list(args.known_hosts),
+        identity=args.identity,
+        chla_argv=chla_argv,
+        chla_given=args.remote_chla is not None,
+        snapshot=snapshot,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,8 +239,13 @@ def connect(options: RemoteOptions) -> Any:
         if not Path(options.identity).expanduser().is_file():
             raise ChlaError(f"--identity {options.identity}: no such key file")
         connect_kwargs["key_filename"] = [str(Path(options.identity).expanduser())]
-    connection = Connection(target.host, user=target.user, port=target.port,
-                            connect_timeout=CONNECT_TIMEOUT_S, connect_kwargs=connect_kwargs)
+    connection = Connection(
+        target.host,
+        user=target.user,
+        port=target.port,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        connect_kwargs=connect_kwargs,
+    )
     files = known_hosts_files(options.known_hosts)
     hop = connection
     while isinstance(hop, Connection):  # the target, then any ProxyJump hosts from ~/.ssh/config
@@ -229,16 +267,20 @@ def connect(options: RemoteOptions) -> Any:
         raise ChlaError(
             f"host key for {where} does NOT match the one in known_hosts ({searched}): refusing to connect "
             f"(possible man-in-the-middle); if the key changed legitimately, remove the old entry with "
-            f"ssh-keygen -R '[{connection.host}]:{connection.port}' and check the new fingerprint") from None
+            f"ssh-keygen -R '[{connection.host}]:{connection.port}' and check the new fingerprint"
+        ) from None
     except paramiko.AuthenticationException as error:
-        raise ChlaError(f"SSH login to {connection.user}@{where} failed ({error}); give a key with "
-                        f"--identity KEY_FILE or load it into ssh-agent") from None
+        raise ChlaError(
+            f"SSH login to {connection.user}@{where} failed ({error}); give a key with "
+            f"--identity KEY_FILE or load it into ssh-agent"
+        ) from None
     except paramiko.SSHException as error:
         if "not found in known_hosts" in str(error):
             raise ChlaError(
                 f"unknown host key for {where}: not in {searched}; refusing to connect. Log in once with "
                 f"OpenSSH (ssh -p {connection.port} {connection.host}) and check the fingerprint it shows, "
-                f"or pass --known-hosts FILE") from None
+                f"or pass --known-hosts FILE"
+            ) from None
         raise ChlaError(f"SSH connection to {where} failed: {_one_line(error)}") from None
     except (TimeoutError, OSError, EOFError) as error:
         raise ChlaError(f"cannot reach {where}: {_one_line(error)}") from None
@@ -285,8 +327,9 @@ def remote_submit(options: RemoteOptions, recipe: str | None, forwarded: list[st
     target = options.target
     connection = connect(options)
     try:
-        _run_checked(connection, shell_line(["mkdir", "-p", "--", f"{target.dir}/recipes"]),
-                     f"mkdir {target.dir}/recipes")
+        _run_checked(
+            connection, shell_line(["mkdir", "-p", "--", f"{target.dir}/recipes"]), f"mkdir {target.dir}/recipes"
+        )
         argv = [*options.chla_argv, "submit"]
         if local_recipe is not None:
             uploaded = f"recipes/{local_recipe.name}"
@@ -317,9 +360,11 @@ def source_root() -> Path:
     """The checkout chla runs from (editable install), which is what a snapshot copies."""
     root = Path(__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file() or not (root / "launcher").is_dir():
-        raise ChlaError("--snapshot needs chla installed from a source checkout (pip install -e .); "
-                        f"{root} has no pyproject.toml; install chla on the login node instead and "
-                        "pass --remote-chla")
+        raise ChlaError(
+            "--snapshot needs chla installed from a source checkout (pip install -e .); "
+            f"{root} has no pyproject.toml; install chla on the login node instead and "
+            "pass --remote-chla"
+        )
     return root
 
 
@@ -365,15 +410,33 @@ def install_snapshot(connection: Any, options: RemoteOptions, name: str, data: b
     venv_exists = _run(connection, shell_line(["test", "-x", f"{venv}/bin/python"]), hide=True) == 0
     if not venv_exists:
         print(f"chla: creating {target.host}:{venv}", flush=True)
-        _run_checked(connection, shell_line(["python3", "-m", "venv", "--system-site-packages", venv]),
-                     f"python3 -m venv {venv}")
+        _run_checked(
+            connection, shell_line(["python3", "-m", "venv", "--system-site-packages", venv]), f"python3 -m venv {venv}"
+        )
     print(f"chla: pip install {name} into {target.host}:{venv}", flush=True)
-    code = _run(connection, shell_line([f"{venv}/bin/python", "-m", "pip", "install", "--quiet",
-                                        "--disable-pip-version-check", "-c", f"{unpacked}/constraints.txt",
-                                        f"./{unpacked}" if not unpacked.startswith("/") else unpacked]))
+    code = _run(
+        connection,
+        shell_line(
+            [
+                f"{venv}/bin/python",
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-c",
+                f"{unpacked}/constraints.txt",
+                f"./{unpacked}" if not unpacked.startswith("/") else unpacked,
+            ]
+        ),
+    )
     if code != 0:
-        raise ChlaError(f"pip install of the code snapshot into {target.host}:{venv} failed (exit {code}); "
-                        f"see pip's output above")
+        raise ChlaError(
+            f"pip install of the code snapshot into {target.host}:{venv} failed (exit {code}); see pip's output above"
+        )
     if options.chla_given:
-        print(f"chla: note: --remote-chla {shlex.join(options.chla_argv)} is used, not {venv}/bin/chla",
-              file=sys.stderr, flush=True)
+        print(
+            f"chla: note: --remote-chla {shlex.join(options.chla_argv)} is used, not {venv}/bin/chla",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,19 +1,19 @@
 """The run directory, shared by every executor and by the jobs:
 
-    runs/<name>/
-      recipe.yaml            resolved and frozen
-      chain.json             stage -> job ids, fingerprints, submission time, executor (chla_launcher.chain)
-      summary.json/.md       headline figures, when the chain has a `summarize` stage
-      .chla/                 the run-directory lock and a submission in progress (chla_launcher.lock,
-                             chla_launcher.transaction); tracking.json (chla_train.tracking)
-      <stage>/
-        state.json           status, attempts, timings, headline metrics
-        progress/            what its running tasks have done so far (chla_launcher.progress)
-        logs/                job stdout/stderr (one file per task)
-        out/                 the stage's artifacts
-        work/                what survives retries: checkpoints, caches
-        tasks/               per-task markers of an array stage
-        DONE                 written last, atomically; holds the fingerprint
+runs/<name>/
+  recipe.yaml            resolved and frozen
+  chain.json             stage -> job ids, fingerprints, submission time, executor (chla_launcher.chain)
+  summary.json/.md       headline figures, when the chain has a `summarize` stage
+  .chla/                 the run-directory lock and a submission in progress (chla_launcher.lock,
+                         chla_launcher.transaction); tracking.json (chla_train.tracking)
+  <stage>/
+    state.json           status, attempts, timings, headline metrics
+    progress/            what its running tasks have done so far (chla_launcher.progress)
+    logs/                job stdout/stderr (one file per task)
+    out/                 the stage's artifacts
+    work/                what survives retries: checkpoints, caches
+    tasks/               per-task markers of an array stage
+    DONE                 written last, atomically; holds the fingerprint
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ from .chain import Chain
 # Stage states as chla reports them (Slurm's own states are mapped onto these in slurm.py). STALE: what
 # ran or tried to run in the stage was submitted for an earlier version of the recipe.
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED, STALE, UNKNOWN = (
-    "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "SKIPPED", "STALE", "UNKNOWN")
+    "PENDING",
+    "RUNNING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "SKIPPED",
+    "STALE",
+    "UNKNOWN",
+)
 
 # Names at the top of a run directory that are not stages: a stage may not take one.
 RESERVED_NAMES = frozenset({"recipe.yaml", "chain.json", "summary.json", "summary.md", ".chla"})

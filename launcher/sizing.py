@@ -18,8 +18,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 # LlamaConfig's defaults (transformers 5), for keys an `init:` config leaves out.
-LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "tie_word_embeddings": False}
+LLAMA_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "tie_word_embeddings": False,
+}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 FP32 = 4
@@ -42,11 +48,16 @@ class ModelShape:
         """From an HF config.json (or a LlamaConfig `init:` dict, LlamaConfig's defaults filling in)."""
         merged = {**LLAMA_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
         heads = int(merged["num_attention_heads"])
-        return cls(vocab_size=int(merged["vocab_size"]), hidden_size=int(merged["hidden_size"]),
-                   intermediate_size=int(merged["intermediate_size"]), num_layers=int(merged["num_hidden_layers"]),
-                   num_heads=heads, num_kv_heads=int(merged.get("num_key_value_heads") or heads),
-                   head_dim=int(merged.get("head_dim") or int(merged["hidden_size"]) // heads),
-                   tie_word_embeddings=bool(merged["tie_word_embeddings"]))
+        return cls(
+            vocab_size=int(merged["vocab_size"]),
+            hidden_size=int(merged["hidden_size"]),
+            intermediate_size=int(merged["intermediate_size"]),
+            num_layers=int(merged["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(merged.get("num_key_value_heads") or heads),
+            head_dim=int(merged.get("head_dim") or int(merged["hidden_size"]) // heads),
+            tie_word_embeddings=bool(merged["tie_word_embeddings"]),
+        )
 
     def with_vocab(self, vocab_size: int) -> ModelShape:
         return replace(self, vocab_size=vocab_size)
@@ -55,8 +66,15 @@ class ModelShape:
         """(in, out) features of each linear layer of a decoder layer."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     @property
     def layer_params(self) -> int:
@@ -105,13 +123,15 @@ def parameter_counts(shape: ModelShape, trainable: Trainable) -> tuple[int, int]
         rows = trainable.new_rows if trainable.new_rows is not None else shape.vocab_size
         matrices = 2 if trainable.train_lm_head else 1
         return total, rows * shape.hidden_size * matrices
-    lora = shape.num_layers * sum(trainable.lora_r * (a + b) for name, (a, b) in shape.projections().items()
-                                  if name in trainable.lora_targets)
+    lora = shape.num_layers * sum(
+        trainable.lora_r * (a + b) for name, (a, b) in shape.projections().items() if name in trainable.lora_targets
+    )
     copies = shape.embedding_params * sum(name in trainable.modules_to_save for name in ("embed_tokens", "lm_head"))
     return total + lora + copies, lora + copies
 
 
 # --- FLOPs -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Flops:
@@ -139,8 +159,11 @@ def flops_per_token(shape: ModelShape, trainable: Trainable, seq_len: int, *, lo
     attention_forward = 4 * shape.num_heads * shape.head_dim * keys  # QK^T and AV
     vocab = 2 * shape.hidden_size * shape.vocab_size * logits_fraction
     base = sum(2 * a * b for a, b in shape.projections().values())
-    lora = sum(2 * trainable.lora_r * (a + b) for name, (a, b) in shape.projections().items()
-               if trainable.mode == "lora" and name in trainable.lora_targets)
+    lora = sum(
+        2 * trainable.lora_r * (a + b)
+        for name, (a, b) in shape.projections().items()
+        if trainable.mode == "lora" and name in trainable.lora_targets
+    )
     forward = shape.num_layers * (base + lora + attention_forward) + vocab
 
     trains_in_layers = trainable.mode == "full" or (trainable.mode == "lora" and bool(trainable.lora_targets))
@@ -148,8 +171,9 @@ def flops_per_token(shape: ModelShape, trainable: Trainable, seq_len: int, *, lo
         # The gradient flows from the loss down to the lowest trainable parameter.
         activation_grads = shape.num_layers * (base + lora + 2 * attention_forward) + vocab
         if not trainable.trains_embeddings:  # the first layer's q, k, v read frozen embeddings
-            activation_grads -= sum(2 * a * b for name, (a, b) in shape.projections().items()
-                                    if name in ("q_proj", "k_proj", "v_proj"))
+            activation_grads -= sum(
+                2 * a * b for name, (a, b) in shape.projections().items() if name in ("q_proj", "k_proj", "v_proj")
+            )
     else:
         activation_grads = 0.0  # at most lm_head trains: no gradient enters the layers
     weight_grads: float = shape.num_layers * (base if trainable.mode == "full" else lora)
@@ -159,6 +183,7 @@ def flops_per_token(shape: ModelShape, trainable: Trainable, seq_len: int, *, lo
 
 
 # --- memory per device -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TrainingSetup:
@@ -221,8 +246,9 @@ class MemoryEstimate:
         return self.states + self.activations_checkpointed + self.transient
 
 
-def training_memory(shape: ModelShape, trainable: Trainable, setup: TrainingSetup, *,
-                    chunked_loss: bool | None = None) -> MemoryEstimate:
+def training_memory(
+    shape: ModelShape, trainable: Trainable, setup: TrainingSetup, *, chunked_loss: bool | None = None
+) -> MemoryEstimate:
     """Bytes per device while a stage trains, as DeepSpeed and chla's trainer hold them.
 
     Weights: every parameter in the training dtype, partitioned over the ranks under ZeRO-3 (plus
@@ -254,8 +280,10 @@ def training_memory(shape: ModelShape, trainable: Trainable, setup: TrainingSetu
     tokens = setup.tokens
     labels = int(tokens * setup.label_fraction)
     h, v = shape.hidden_size, shape.vocab_size
-    layers = sum(_layer_saved_bytes(shape, trainable, setup, input_needs_grad=layer > 0 or trainable.trains_embeddings)
-                 for layer in range(shape.num_layers))
+    layers = sum(
+        _layer_saved_bytes(shape, trainable, setup, input_needs_grad=layer > 0 or trainable.trains_embeddings)
+        for layer in range(shape.num_layers)
+    )
     final_norm = FP32 * h + FP32 + (b * h if trainable.mode == "full" else 0)
     projection_input = b * h * labels if trainable.trains_lm_head else 0
     if chunked_loss is None:
@@ -278,14 +306,18 @@ def training_memory(shape: ModelShape, trainable: Trainable, setup: TrainingSetu
     activations = layers * tokens + per_token_final + projection_input + loss_saved
     one_layer = _layer_saved_bytes(shape, trainable, setup, input_needs_grad=True)
     checkpointed = (shape.num_layers * b * h + one_layer) * tokens + per_token_final + projection_input + loss_saved
-    return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
-                          activations_checkpointed=checkpointed,
-                          transient=max(loss_transient, step_gradients),
-                          gradient_checkpointing=setup.gradient_checkpointing)
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activations,
+        activations_checkpointed=checkpointed,
+        transient=max(loss_transient, step_gradients),
+        gradient_checkpointing=setup.gradient_checkpointing,
+    )
 
 
-def _layer_saved_bytes(shape: ModelShape, trainable: Trainable, setup: TrainingSetup, *,
-                       input_needs_grad: bool) -> int:
+def _layer_saved_bytes(shape: ModelShape, trainable: Trainable, setup: TrainingSetup, *, input_needs_grad: bool) -> int:
     """Bytes per token that one transformers LLaMA decoder layer saves for backward.
 
     RMSNorm upcasts its input to fp32 and saves it, with 1/rms (the normalised output only when
@@ -303,9 +335,15 @@ def _layer_saved_bytes(shape: ModelShape, trainable: Trainable, setup: TrainingS
     lora = trainable.mode == "lora"
     dropout = trainable.lora_dropout > 0
     targets = set(trainable.lora_targets) if lora else set()
-    inputs = {"q_proj": ("normed_1", h), "k_proj": ("normed_1", h), "v_proj": ("normed_1", h),
-              "o_proj": ("attention_out", q), "gate_proj": ("normed_2", h), "up_proj": ("normed_2", h),
-              "down_proj": ("product", i)}
+    inputs = {
+        "q_proj": ("normed_1", h),
+        "k_proj": ("normed_1", h),
+        "v_proj": ("normed_1", h),
+        "o_proj": ("attention_out", q),
+        "gate_proj": ("normed_2", h),
+        "up_proj": ("normed_2", h),
+        "down_proj": ("product", i),
+    }
     saved = 0
     shared_inputs: dict[str, int] = {}
     for name, (source, width) in inputs.items():

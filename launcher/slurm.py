@@ -16,14 +16,28 @@ from .rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN
 
 # Slurm job states -> chla's.
 _STATE_MAP = {
-    "PENDING": PENDING, "REQUEUED": PENDING, "REQUEUE_HOLD": PENDING, "REQUEUE_FED": PENDING,
-    "RESV_DEL_HOLD": PENDING, "SUSPENDED": PENDING, "CONFIGURING": RUNNING,
-    "RUNNING": RUNNING, "COMPLETING": RUNNING, "STAGE_OUT": RUNNING, "RESIZING": RUNNING,
-    "SIGNALING": RUNNING, "PREEMPTED": PENDING,
+    "PENDING": PENDING,
+    "REQUEUED": PENDING,
+    "REQUEUE_HOLD": PENDING,
+    "REQUEUE_FED": PENDING,
+    "RESV_DEL_HOLD": PENDING,
+    "SUSPENDED": PENDING,
+    "CONFIGURING": RUNNING,
+    "RUNNING": RUNNING,
+    "COMPLETING": RUNNING,
+    "STAGE_OUT": RUNNING,
+    "RESIZING": RUNNING,
+    "SIGNALING": RUNNING,
+    "PREEMPTED": PENDING,
     "COMPLETED": COMPLETED,
-    "FAILED": FAILED, "TIMEOUT": FAILED, "NODE_FAIL": FAILED, "OUT_OF_MEMORY": FAILED,
-    "BOOT_FAIL": FAILED, "DEADLINE": FAILED,
-    "CANCELLED": CANCELLED, "REVOKED": CANCELLED,
+    "FAILED": FAILED,
+    "TIMEOUT": FAILED,
+    "NODE_FAIL": FAILED,
+    "OUT_OF_MEMORY": FAILED,
+    "BOOT_FAIL": FAILED,
+    "DEADLINE": FAILED,
+    "CANCELLED": CANCELLED,
+    "REVOKED": CANCELLED,
 }
 ACTIVE_STATES = {PENDING, RUNNING}
 
@@ -37,14 +51,14 @@ def chla_state(slurm_state: str) -> str:
 class JobRecord:
     """One allocation as sacct reports it (an array task is one record per task)."""
 
-    job_id: str          # "123", "123_4", or "123_[5-9]" for array tasks not yet started
-    state: str           # chla's state
+    job_id: str  # "123", "123_4", or "123_[5-9]" for array tasks not yet started
+    state: str  # chla's state
     slurm_state: str
     exit_code: str = ""
     elapsed: str = ""
     nodes: str = ""
     reason: str = ""
-    restarts: int = 0    # how often Slurm requeued it (preemption, time limit, node failure)
+    restarts: int = 0  # how often Slurm requeued it (preemption, time limit, node failure)
 
     @property
     def base_id(self) -> str:
@@ -62,8 +76,10 @@ class JobTable:
 
 def require_slurm() -> None:
     if shutil.which("sbatch") is None:
-        raise ChlaError("sbatch not found: submit from a Slurm login node, or use --executor local "
-                        "(or start the local test cluster: bash slurm/localcluster.sh start)")
+        raise ChlaError(
+            "sbatch not found: submit from a Slurm login node, or use --executor local "
+            "(or start the local test cluster: bash slurm/localcluster.sh start)"
+        )
 
 
 def _run(argv: list[str], timeout: float = 60) -> str:
@@ -85,16 +101,33 @@ def query_jobs(job_ids: list[str]) -> JobTable:
     table = JobTable()
     if not job_ids:
         return table
-    out = _run(["sacct", "-X", "-D", "-P", "-n", "-j", ",".join(sorted(set(job_ids))),
-                "--format=JobID,State,ExitCode,Elapsed,NodeList,Reason"])
+    out = _run(
+        [
+            "sacct",
+            "-X",
+            "-D",
+            "-P",
+            "-n",
+            "-j",
+            ",".join(sorted(set(job_ids))),
+            "--format=JobID,State,ExitCode,Elapsed,NodeList,Reason",
+        ]
+    )
     for line in out.splitlines():
         parts = line.split("|")
         if len(parts) < 6:
             continue
         job_id, state, exit_code, elapsed, nodes, reason = parts[:6]
         previous = table.records.get(job_id)
-        record = JobRecord(job_id=job_id, state=chla_state(state), slurm_state=state, exit_code=exit_code,
-                           elapsed=elapsed, nodes=nodes, reason=reason)
+        record = JobRecord(
+            job_id=job_id,
+            state=chla_state(state),
+            slurm_state=state,
+            exit_code=exit_code,
+            elapsed=elapsed,
+            nodes=nodes,
+            reason=reason,
+        )
         if previous is not None:
             # sacct lists the runs of a requeued job oldest first: the last one is current.
             record.restarts = previous.restarts + 1
@@ -127,15 +160,14 @@ def queued_from(folder: str) -> list[str]:
     it could record them are found."""
     out = _run(["squeue", "--me", "-h", "-o", "%F|%o"])
     prefix = folder.rstrip("/") + "/"
-    return sorted({line.partition("|")[0] for line in out.splitlines()
-                   if line.partition("|")[2].startswith(prefix)})
+    return sorted({line.partition("|")[0] for line in out.splitlines() if line.partition("|")[2].startswith(prefix)})
 
 
 def release_jobs(job_ids: list[str]) -> None:
     """Let held jobs start (`sbatch --hold`)."""
     ids = sorted(set(job_ids))
     for start in range(0, len(ids), 500):
-        _run(["scontrol", "release", ",".join(ids[start:start + 500])])
+        _run(["scontrol", "release", ",".join(ids[start : start + 500])])
 
 
 def cancel_jobs(job_ids: list[str]) -> None:
@@ -175,8 +207,9 @@ def max_array_size() -> int:
     return int(match.group(1)) if match else 1001
 
 
-def sbatch_parameters(job_name: str, resources: Resources, settings: SlurmSettings,
-                      dependency: list[str] | None) -> dict[str, Any]:
+def sbatch_parameters(
+    job_name: str, resources: Resources, settings: SlurmSettings, dependency: list[str] | None
+) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one stage. Values reach the batch script only as
     `#SBATCH --key=value` lines, shell-quoted by submitit; newlines are refused by the schema."""
     params: dict[str, Any] = {

@@ -43,8 +43,9 @@ def collect(run: RunDir) -> list[StageStatus]:
     result = []
     for name, stage in recipe.stages.items():
         record = chain.stages.get(name) if chain else None
-        status = StageStatus(stage=name, kind=stage.kind.name, state=UNKNOWN,
-                             job_ids=list(record.job_ids) if record else [])
+        status = StageStatus(
+            stage=name, kind=stage.kind.name, state=UNKNOWN, job_ids=list(record.job_ids) if record else []
+        )
         array = stage.array
         if array:
             status.tasks_total = array
@@ -53,7 +54,11 @@ def collect(run: RunDir) -> list[StageStatus]:
         job = jobs.get(name)
         if job is not None:  # job ids, restarts, elapsed; the state unless DONE says more
             status.state, status.restarts, status.elapsed, status.reason = (
-                job.state, job.restarts, job.elapsed, job.reason)
+                job.state,
+                job.restarts,
+                job.elapsed,
+                job.reason,
+            )
             status.job_ids = job.job_ids or status.job_ids
         else:
             status.state = state.get("status", PENDING)
@@ -97,7 +102,7 @@ def _failure_log(run: RunDir, stage: str, status: StageStatus, lines: int = 8) -
     if marker in text:
         start = text.index(marker)
         head = [line for line in text[:start] if not line.startswith("submitit ")]
-        return str(newest), head[-(lines - 1):] + text[-1:]
+        return str(newest), head[-(lines - 1) :] + text[-1:]
     return str(newest), text[-lines:]
 
 
@@ -128,7 +133,9 @@ def _seconds(value: float) -> str:
     return f"{value // 3600:d}:{value % 3600 // 60:02d}:{value % 60:02d}"
 
 
-def render_status(run: RunDir, out: TextIO = sys.stdout, statuses: list[StageStatus] | None = None) -> list[StageStatus]:
+def render_status(
+    run: RunDir, out: TextIO = sys.stdout, statuses: list[StageStatus] | None = None
+) -> list[StageStatus]:
     from rich.console import Console
     from rich.table import Table
 
@@ -146,8 +153,16 @@ def render_status(run: RunDir, out: TextIO = sys.stdout, statuses: list[StageSta
     for status in statuses:
         tasks = f"{status.tasks_done}/{status.tasks_total}" if status.tasks_total else ""
         style = colors.get(status.state, "")
-        row = [status.stage, status.kind, f"[{style}]{status.state}[/]" if style else status.state,
-               ",".join(status.job_ids), tasks, status.elapsed, str(status.restarts), status.reason]
+        row = [
+            status.stage,
+            status.kind,
+            f"[{style}]{status.state}[/]" if style else status.state,
+            ",".join(status.job_ids),
+            tasks,
+            status.elapsed,
+            str(status.restarts),
+            status.reason,
+        ]
         if "progress" in columns:
             row.append(status.progress)
         table.add_row(*row)

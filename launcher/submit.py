@@ -101,8 +101,10 @@ def _plan(recipe: ResolvedRecipe, run: RunDir, options: SubmitOptions) -> graph.
 
 def _print_plan(recipe: ResolvedRecipe, run: RunDir, plan: graph.Plan, executor: Executor, out: TextIO) -> None:
     """The stages to run and skip, then `chla plan`'s memory verdict on the training stages."""
-    lines = [f"chla: {recipe.name}: {len(plan.run)} stage(s) to run, {len(plan.skip)} already finished "
-             f"({executor.name} executor, run directory {run.path})"]
+    lines = [
+        f"chla: {recipe.name}: {len(plan.run)} stage(s) to run, {len(plan.skip)} already finished "
+        f"({executor.name} executor, run directory {run.path})"
+    ]
     for name in plan.order:
         stage = recipe.stages[name]
         mark = "run " if name in plan.run else "skip"
@@ -127,8 +129,10 @@ def _refuse_or_replace_live(run: RunDir, replace: bool, out: TextIO) -> None:
         return
     described = "; ".join(f"{stage} ({', '.join(ids)})" for stage, ids in live.items())
     if not replace:
-        raise ChlaError(f"{run.path}: the chain submitted at {chain.submitted_at} is still queued or running: "
-                        f"{described}; wait for it, `chla cancel {run.path}`, or submit with --replace")
+        raise ChlaError(
+            f"{run.path}: the chain submitted at {chain.submitted_at} is still queued or running: "
+            f"{described}; wait for it, `chla cancel {run.path}`, or submit with --replace"
+        )
     stopped = previous.cancel(chain, wait_s=REPLACE_WAIT_S)
     print(f"--replace: cancelled the live chain ({', '.join(stopped) or described})", file=out, flush=True)
 
@@ -149,19 +153,29 @@ def _stage_switch(transaction: SubmissionTransaction, recipe: ResolvedRecipe, ru
             transaction.stage_removal(run.work_dir(name))
 
 
-def _new_chain(recipe: ResolvedRecipe, run: RunDir, plan: graph.Plan, executor: Executor,
-               records: dict[str, StageRecord]) -> Chain:
+def _new_chain(
+    recipe: ResolvedRecipe, run: RunDir, plan: graph.Plan, executor: Executor, records: dict[str, StageRecord]
+) -> Chain:
     previous = run.read_chain()
-    chain = Chain(name=recipe.name, executor=executor.name, run_dir=str(run.path), submitted_at=now(),
-                  recipe_source=os.path.abspath(recipe.source), pid=os.getpid(), host=socket.gethostname())
+    chain = Chain(
+        name=recipe.name,
+        executor=executor.name,
+        run_dir=str(run.path),
+        submitted_at=now(),
+        recipe_source=os.path.abspath(recipe.source),
+        pid=os.getpid(),
+        host=socket.gethostname(),
+    )
     for name in plan.order:
         if name in records:
             chain.stages[name] = records[name]
             continue
         earlier = previous.stages.get(name) if previous else None
         chain.stages[name] = StageRecord(
-            fingerprint=plan.fingerprints[name], skipped=True,
+            fingerprint=plan.fingerprints[name],
+            skipped=True,
             job_ids=earlier.job_ids if earlier else [],
             finalize_job_id=earlier.finalize_job_id if earlier else None,
-            submitted_at=earlier.submitted_at if earlier else None)
+            submitted_at=earlier.submitted_at if earlier else None,
+        )
     return chain

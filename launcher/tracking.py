@@ -27,40 +27,68 @@ from .errors import KeyPath, RecipeError
 
 # Keys whose values are credentials. Lower-case names only match whole: `pad_token` and
 # `max_new_tokens` are recipe keys, `HF_TOKEN` (an environment variable's name) is a secret.
-SECRET_NAMES = {"api_key", "apikey", "token", "password", "passwd", "secret", "client_secret",
-                "secret_key", "private_key", "access_token", "auth_token", "refresh_token"}
-SECRET_SUFFIXES = ("_api_key", "_apikey", "_password", "_passwd", "_secret", "_secret_key",
-                   "_private_key", "_access_token", "_auth_token")
+SECRET_NAMES = {
+    "api_key",
+    "apikey",
+    "token",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "secret_key",
+    "private_key",
+    "access_token",
+    "auth_token",
+    "refresh_token",
+}
+SECRET_SUFFIXES = (
+    "_api_key",
+    "_apikey",
+    "_password",
+    "_passwd",
+    "_secret",
+    "_secret_key",
+    "_private_key",
+    "_access_token",
+    "_auth_token",
+)
 _URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@:]+:[^/\s@]+@")
-_CREDENTIALS_HINT = ("credentials come from the environment (WANDB_API_KEY; MLFLOW_TRACKING_TOKEN or "
-                     "MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD), never from the recipe: run "
-                     "directories are readable by the project's group")
+_CREDENTIALS_HINT = (
+    "credentials come from the environment (WANDB_API_KEY; MLFLOW_TRACKING_TOKEN or "
+    "MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD), never from the recipe: run "
+    "directories are readable by the project's group"
+)
 
 
 def looks_like_a_credential(key: str) -> bool:
     normal = key.lower().replace("-", "_")
-    return (normal in SECRET_NAMES or normal.endswith(SECRET_SUFFIXES)
-            or (key.isupper() and normal.endswith("_token")))
+    return normal in SECRET_NAMES or normal.endswith(SECRET_SUFFIXES) or (key.isupper() and normal.endswith("_token"))
 
 
-def refuse_credentials(
-    data: Any, source: str, line_of: Callable[[KeyPath], int | None], path: KeyPath = ()
-) -> None:
+def refuse_credentials(data: Any, source: str, line_of: Callable[[KeyPath], int | None], path: KeyPath = ()) -> None:
     """Raise a RecipeError naming the first key that holds a credential (`line_of(path)` gives
     the YAML line of a key path)."""
     if isinstance(data, dict):
         for key, value in data.items():
             here = path + (key,)
             if isinstance(key, str) and looks_like_a_credential(key) and value not in (None, ""):
-                raise RecipeError(f"{key!r} looks like a credential; {_CREDENTIALS_HINT}", file=source,
-                                  key=".".join(map(str, here)), line=line_of(here))
+                raise RecipeError(
+                    f"{key!r} looks like a credential; {_CREDENTIALS_HINT}",
+                    file=source,
+                    key=".".join(map(str, here)),
+                    line=line_of(here),
+                )
             refuse_credentials(value, source, line_of, here)
     elif isinstance(data, list):
         for index, value in enumerate(data):
             refuse_credentials(value, source, line_of, path + (index,))
     elif isinstance(data, str) and _URL_WITH_PASSWORD.search(data):
-        raise RecipeError(f"a URL with a password in it; {_CREDENTIALS_HINT}", file=source,
-                          key=".".join(map(str, path)) or None, line=line_of(path))
+        raise RecipeError(
+            f"a URL with a password in it; {_CREDENTIALS_HINT}",
+            file=source,
+            key=".".join(map(str, path)) or None,
+            line=line_of(path),
+        )
 
 
 class _Settings(BaseModel):
@@ -83,7 +111,8 @@ class WandbSettings(_Settings):
     project: str
     entity: str | None = None
     mode: Literal["online", "offline"] = Field(
-        "online", description="offline: no network, run files under `dir` (`wandb sync` them later)")
+        "online", description="offline: no network, run files under `dir` (`wandb sync` them later)"
+    )
     dir: str | None = Field(None, description="where W&B writes its files (default: each stage's work dir)")
 
 

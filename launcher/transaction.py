@@ -58,10 +58,14 @@ class SubmissionTransaction:
         self.run, self.executor, self.lock = run, executor, lock
         self.dir = transaction_dir(run)
         self.journal: dict[str, Any] = {
-            "executor": executor.name, "pid": os.getpid(), "started_at": now(),
-            "job_ids": [], "removals": [],
+            "executor": executor.name,
+            "pid": os.getpid(),
+            "started_at": now(),
+            "job_ids": [],
+            "removals": [],
             # Paths this submission creates, removed again by a rollback ("" is the run directory).
-            "created": [""] if new_run else []}
+            "created": [""] if new_run else [],
+        }
         self.committed = False
         self._guardian: subprocess.Popen[bytes] | None = None
         self._handlers: dict[int, Any] = {}
@@ -80,8 +84,7 @@ class SubmissionTransaction:
             if not self.committed:
                 with _interrupts_blocked():
                     # A job whose sbatch was cut short by the signal may appear a moment later.
-                    rollback(self.run, self.executor, self.journal,
-                             rescans_s=(1,) if self.executor.detached else ())
+                    rollback(self.run, self.executor, self.journal, rescans_s=(1,) if self.executor.detached else ())
         finally:
             self._dismiss_guardian()
             for sig, handler in self._handlers.items():
@@ -126,9 +129,12 @@ class SubmissionTransaction:
         lock_fd = self.lock.inheritable_fd()
         self._guardian = subprocess.Popen(
             [sys.executable, "-m", "chla_launcher.transaction", str(self.run.path)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             pass_fds=(lock_fd,) if lock_fd is not None else (),
-            start_new_session=True)  # not reached by the terminal's Ctrl-C or hang-up
+            start_new_session=True,
+        )  # not reached by the terminal's Ctrl-C or hang-up
         self.lock.add_holder(self._guardian.pid)
 
     def _dismiss_guardian(self) -> None:
@@ -162,8 +168,10 @@ def finish_commit(run: RunDir, executor: Executor, journal: dict[str, Any]) -> N
         if target.exists() or target.is_symlink():
             os.replace(target, aside / str(index))
     staged = directory / "staged"
-    files = sorted((p for p in staged.rglob("*") if p.is_file() and not p.name.startswith(".")),
-                   key=lambda p: (p.relative_to(staged) == Path("chain.json"), str(p)))
+    files = sorted(
+        (p for p in staged.rglob("*") if p.is_file() and not p.name.startswith(".")),
+        key=lambda p: (p.relative_to(staged) == Path("chain.json"), str(p)),
+    )
     for source in files:  # chain.json last: readers see the new chain once everything is in place
         target = run.path / source.relative_to(staged)
         target.parent.mkdir(parents=True, exist_ok=True)

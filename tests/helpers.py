@@ -16,13 +16,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def chla(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None,
-         timeout: float = 300) -> subprocess.CompletedProcess:
+def chla(
+    *args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run the real `chla` CLI in a subprocess."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    result = subprocess.run([sys.executable, "-m", "chla_launcher", *args], cwd=cwd, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "chla_launcher", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"chla {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
@@ -33,7 +40,9 @@ def status_json(run_dir: Path) -> dict[str, dict]:
     return {row["stage"]: row for row in json.loads(result.stdout)}
 
 
-def wait_for_chain(run_dir: Path, timeout: float = 180, terminal=("COMPLETED", "FAILED", "CANCELLED")) -> dict[str, dict]:
+def wait_for_chain(
+    run_dir: Path, timeout: float = 180, terminal=("COMPLETED", "FAILED", "CANCELLED")
+) -> dict[str, dict]:
     """Poll `chla status --json` until every stage has ended (sacct lags squeue by a moment)."""
     deadline = time.time() + timeout
     rows: dict[str, dict] = {}

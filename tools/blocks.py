@@ -60,8 +60,10 @@ class TokenCorpus:
         try:
             self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ChlaError(f"{manifest_path} not found: {self.corpus_dir} is not a finished pretokenized "
-                            f"corpus; run the pretokenize stage (or `chla pretokenize`) first") from None
+            raise ChlaError(
+                f"{manifest_path} not found: {self.corpus_dir} is not a finished pretokenized "
+                f"corpus; run the pretokenize stage (or `chla pretokenize`) first"
+            ) from None
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.vocab_size: int = self.manifest["vocab_size"]
         self.eos_id: int | None = self.manifest["eos_id"]
@@ -71,8 +73,9 @@ class TokenCorpus:
             path = self.corpus_dir / shard["file"]
             expected = shard["tokens"] * self.dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
-                raise ChlaError(f"{path}: missing or not {expected} bytes as manifest.json says; "
-                                f"re-run the pretokenize stage")
+                raise ChlaError(
+                    f"{path}: missing or not {expected} bytes as manifest.json says; re-run the pretokenize stage"
+                )
             self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(shard["tokens"],)))
         lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
         # starts[i] = position of shard i's first token in the concatenated stream.
@@ -94,8 +97,8 @@ class TokenCorpus:
         shard = first
         while filled < len(out):
             offset = start + filled - int(self.starts[shard])
-            piece = self.shards[shard][offset: offset + len(out) - filled]
-            out[filled: filled + len(piece)] = piece
+            piece = self.shards[shard][offset : offset + len(out) - filled]
+            out[filled : filled + len(piece)] = piece
             filled += len(piece)
             shard += 1
         return out
@@ -120,8 +123,10 @@ class BlockDataset:
         self.corpus = corpus_dir if isinstance(corpus_dir, TokenCorpus) else TokenCorpus(corpus_dir)
         self.block_size = block_size
         if self.corpus.num_tokens < block_size:
-            raise ChlaError(f"{self.corpus.corpus_dir}: {self.corpus.num_tokens} tokens, fewer than one block "
-                            f"of {block_size}; use more text or a smaller block_size")
+            raise ChlaError(
+                f"{self.corpus.corpus_dir}: {self.corpus.num_tokens} tokens, fewer than one block "
+                f"of {block_size}; use more text or a smaller block_size"
+            )
 
     def __len__(self) -> int:
         return self.corpus.num_tokens // self.block_size
@@ -135,8 +140,9 @@ class BlockDataset:
         return self.corpus.tokens(index * self.block_size, (index + 1) * self.block_size)
 
 
-def split_indices(num_items: int, valid_count: int | None = None, valid_fraction: float | None = None,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    num_items: int, valid_count: int | None = None, valid_fraction: float | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, valid_idx), disjoint, each sorted, chosen by a seeded permutation.
 
     valid_fraction is rounded to the nearest count, at least 1 when the fraction is > 0. Neither
@@ -149,8 +155,10 @@ def split_indices(num_items: int, valid_count: int | None = None, valid_fraction
         valid_count = max(1, round(valid_fraction * num_items)) if valid_fraction > 0 else 0
     valid_count = valid_count or 0
     if valid_count < 0 or (valid_count and valid_count >= num_items):
-        raise ChlaError(f"validation set of {valid_count} items leaves no training items out of {num_items}; "
-                        f"lower valid_count/valid_fraction or use more data")
+        raise ChlaError(
+            f"validation set of {valid_count} items leaves no training items out of {num_items}; "
+            f"lower valid_count/valid_fraction or use more data"
+        )
     order = np.random.default_rng(seed).permutation(num_items)
     return np.sort(order[valid_count:]), np.sort(order[:valid_count])
 
@@ -159,9 +167,18 @@ class ResumableSampler:
     """Endless, epoch-by-epoch seeded stream of items of `indices`, shardable across ranks, whose
     position can be saved and restored (see the module docstring)."""
 
-    def __init__(self, indices, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, global_batch_size: int | None = None,
-                 lengths=None, length_group: int = 0) -> None:
+    def __init__(
+        self,
+        indices,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        global_batch_size: int | None = None,
+        lengths=None,
+        length_group: int = 0,
+    ) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         if len(self.indices) == 0:
             raise ChlaError("the sampler got no items (empty dataset or split)")
@@ -205,10 +222,10 @@ class ResumableSampler:
         rng = np.random.default_rng([self.seed, epoch, 1])
         grouped = permutation.copy()
         for start in range(0, len(grouped), self.length_group):
-            group = grouped[start:start + self.length_group]
+            group = grouped[start : start + self.length_group]
             group = group[np.argsort(-lengths[group], kind="stable")]
-            batches = [group[i:i + batch] for i in range(0, len(group), batch)]
-            grouped[start:start + len(group)] = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+            batches = [group[i : i + batch] for i in range(0, len(group), batch)]
+            grouped[start : start + len(group)] = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
         return grouped
 
     def __iter__(self) -> Iterator[int]:
@@ -234,8 +251,11 @@ class ResumableSampler:
         return self.consumed // self.epoch_length
 
     def state_dict(self) -> dict:
-        return {"epoch": self.consumed // self.epoch_length, "position": self.consumed % self.epoch_length,
-                "seed": self.seed}
+        return {
+            "epoch": self.consumed // self.epoch_length,
+            "position": self.consumed % self.epoch_length,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
@@ -246,6 +266,7 @@ class ResumableSampler:
 @dataclass
 class BlendSource:
     """One part of a blend: `dataset[indices[j]]` are its items, `weight` its share of the stream."""
+
     name: str
     dataset: Any
     indices: np.ndarray

@@ -91,8 +91,10 @@ def load_items(source: Source) -> list:
         return lines
     records = read_json_or_jsonl(source.path)
     if not isinstance(records, list) or not records:
-        raise ChlaError(f"{source.kind} file {source.path} has no items; expected a JSON list or JSON Lines of "
-                        + ("{instruction, input, output} records" if source.kind == "task" else '{"prompt": ...} records'))
+        raise ChlaError(
+            f"{source.kind} file {source.path} has no items; expected a JSON list or JSON Lines of "
+            + ("{instruction, input, output} records" if source.kind == "task" else '{"prompt": ...} records')
+        )
     required = ("instruction", "output") if source.kind == "task" else ()
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
@@ -113,6 +115,7 @@ def shard_of(items: list[T], shard: int, num_shards: int) -> list[tuple[int, T]]
 
 # --- scoring ------------------------------------------------------------------------------------
 
+
 def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_size: int) -> dict:
     """nll / predicted tokens / characters summed over `lines` (see the module docstring)."""
     import torch
@@ -126,11 +129,11 @@ def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_siz
         ids = encode(tokenizer, line)
         tokens += len(ids) - 1
         for start in range(0, max(len(ids) - 1, 1), block - 1):
-            windows.append(ids[start:start + block])
+            windows.append(ids[start : start + block])
     device = input_device(model)
     nll = 0.0
     for first in range(0, len(windows), batch_size):
-        batch = windows[first:first + batch_size]
+        batch = windows[first : first + batch_size]
         width = max(len(w) for w in batch)
         # right padding is harmless here: causal attention never looks at later positions
         input_ids = torch.tensor([w + [0] * (width - len(w)) for w in batch], device=device)
@@ -138,14 +141,14 @@ def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_siz
         labels = input_ids.masked_fill(mask == 0, -100)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                 ignore_index=-100, reduction="none").view(len(batch), -1)
+        losses = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+        ).view(len(batch), -1)
         nll += sum(losses.double().sum(dim=1).tolist())
     return {"nll": nll, "tokens": tokens, "characters": sum(len(line) for line in lines), "lines": len(lines)}
 
 
-def choice_logliks(model, tokenizer, prompts: list[str], choices: list[str], *,
-                   batch_size: int) -> list[list[float]]:
+def choice_logliks(model, tokenizer, prompts: list[str], choices: list[str], *, batch_size: int) -> list[list[float]]:
     """For each prompt, the summed log-probability of each choice's tokens after it (see the
     module docstring). Rows are padded on the left with explicit position ids, so a padded row
     scores as it would alone, longest first (little padding), and only the logits that predict
@@ -161,20 +164,21 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[str], *,
     scores: list[float] = [0.0] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     for first in range(0, len(order), batch_size):
-        batch = [pairs[i] for i in order[first:first + batch_size]]
+        batch = [pairs[i] for i in order[first : first + batch_size]]
         rows = [prompt + choice for prompt, choice in batch]
         width = max(len(row) for row in rows)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows], device=device)
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=keep).logits.float()
+            logits = model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+            ).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # logprobs[:, j] predicts token width - keep + j + 1
-        for row, (index, (_prompt, choice)) in enumerate(zip(order[first:first + batch_size], batch)):
+        for row, (index, (_prompt, choice)) in enumerate(zip(order[first : first + batch_size], batch)):
             offset = keep - 1 - len(choice)
             scores[index] = sum(logprobs[row, offset + k, token].item() for k, token in enumerate(choice))
-    return [scores[i * len(choices):(i + 1) * len(choices)] for i in range(len(prompts))]
+    return [scores[i * len(choices) : (i + 1) * len(choices)] for i in range(len(prompts))]
 
 
 def prompt_text(record, *, template: bool) -> str:
@@ -193,8 +197,9 @@ def longest_first(texts: list[str]) -> list[int]:
     return sorted(range(len(texts)), key=lambda i: -len(texts[i]))
 
 
-def generate_all(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int,
-                 log: Log, label: str) -> list[str]:
+def generate_all(
+    model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, log: Log, label: str
+) -> list[str]:
     """Greedy answers to `prompts`, in their order, generated in batches of similar length."""
     from chla_tools.inference import generate_batch
 
@@ -204,9 +209,10 @@ def generate_all(model, tokenizer, prompts: list[str], *, batch_size: int, max_n
     outputs: list[str] = [""] * len(prompts)
     last = time.monotonic()
     for first in range(0, len(order), batch_size):
-        batch = order[first:first + batch_size]
-        for index, output in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch],
-                                                       max_new_tokens=max_new_tokens)):
+        batch = order[first : first + batch_size]
+        for index, output in zip(
+            batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=max_new_tokens)
+        ):
             outputs[index] = output
         if time.monotonic() - last > 10:
             log(f"{label}: {first + len(batch)}/{len(prompts)} generated")
@@ -216,13 +222,27 @@ def generate_all(model, tokenizer, prompts: list[str], *, batch_size: int, max_n
 
 # --- one shard ----------------------------------------------------------------------------------
 
+
 def _shard_tag(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
 
 
-def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard: int, num_shards: int,
-                   batch_size: int = 8, max_new_tokens: int | None = None, block_size: int | None = None,
-                   template: bool = True, loaded=None, log: Log = print, max_items: int | None = None) -> dict:
+def evaluate_shard(
+    model_dir,
+    adapters,
+    out_dir,
+    *,
+    sources: list[Source],
+    shard: int,
+    num_shards: int,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    block_size: int | None = None,
+    template: bool = True,
+    loaded=None,
+    log: Log = print,
+    max_items: int | None = None,
+) -> dict:
     """Evaluate this shard's items of every source; write out_dir/partials/<shard>.json (+ JSONL)."""
     from chla_tools.inference import load_for_inference
 
@@ -236,31 +256,56 @@ def evaluate_shard(model_dir, adapters, out_dir, *, sources: list[Source], shard
         raise ChlaError(f"block_size {block} is too small; it must be at least 2")
     partials = Path(out_dir) / PARTIALS
     tag = _shard_tag(shard, num_shards)
-    summary: dict[str, Any] = {"shard": shard, "num_shards": num_shards, "model": str(model_dir),
-               "adapters": [str(a) for a in adapters], "block_size": block, "sources": {}}
+    summary: dict[str, Any] = {
+        "shard": shard,
+        "num_shards": num_shards,
+        "model": str(model_dir),
+        "adapters": [str(a) for a in adapters],
+        "block_size": block,
+        "sources": {},
+    }
 
     for source in sources:
         mine = shard_of(items[source.name], shard, num_shards)
         log(f"{source.name}: {len(mine)} of {len(items[source.name])} items in {tag}")
         entry = {"kind": source.kind, "path": str(source.path), "items": len(mine)}
         if source.kind == "ppl":
-            entry.update(perplexity_sums(model, tokenizer, [line for _, line in mine], block=block,
-                                         batch_size=batch_size))
+            entry.update(
+                perplexity_sums(model, tokenizer, [line for _, line in mine], block=block, batch_size=batch_size)
+            )
         elif source.kind == "task":
-            rows, fields = score_task_shard(model, tokenizer, task_of(items[source.name], source.path), mine,
-                                            template=template, batch_size=batch_size,
-                                            max_new_tokens=max_new_tokens, log=log, label=source.name)
+            rows, fields = score_task_shard(
+                model,
+                tokenizer,
+                task_of(items[source.name], source.path),
+                mine,
+                template=template,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                log=log,
+                label=source.name,
+            )
             entry.update(fields)
         else:
             prompts = [prompt_text(record, template=template) for _, record in mine]
-            outputs = generate_all(model, tokenizer, prompts, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, log=log,
-                                   label=source.name)
-            rows = [{"index": index, "generation": output, "prompt": record.get("prompt", record.get("instruction"))}
-                    for (index, record), output in zip(mine, outputs)]
+            outputs = generate_all(
+                model,
+                tokenizer,
+                prompts,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                log=log,
+                label=source.name,
+            )
+            rows = [
+                {"index": index, "generation": output, "prompt": record.get("prompt", record.get("instruction"))}
+                for (index, record), output in zip(mine, outputs)
+            ]
         if source.kind != "ppl":
-            write_text(partials / f"{source.name}.{tag}.jsonl",
-                       "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            write_text(
+                partials / f"{source.name}.{tag}.jsonl",
+                "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
+            )
         summary["sources"][source.name] = entry
     # written last: its presence means the shard is complete
     write_json(partials / f"{tag}.json", summary)
@@ -272,15 +317,31 @@ def _add(total: dict[str, float], counts: Mapping[str, float]) -> None:
         total[key] = total.get(key, 0) + value
 
 
-def score_task_shard(model, tokenizer, task: Task, mine: list[tuple[int, dict]], *, template: bool,
-                     batch_size: int, max_new_tokens: int | None, log: Log, label: str) -> tuple[list[dict], dict]:
+def score_task_shard(
+    model,
+    tokenizer,
+    task: Task,
+    mine: list[tuple[int, dict]],
+    *,
+    template: bool,
+    batch_size: int,
+    max_new_tokens: int | None,
+    log: Log,
+    label: str,
+) -> tuple[list[dict], dict]:
     """Generate this shard's answers, rank the choices of a classification task, and score the
     model and the task's baselines and references: (rows for the predictions file, the shard's
     summed counts per system)."""
     prompts = [prompt_text(record, template=template) for _, record in mine]
-    outputs = generate_all(model, tokenizer, prompts, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens or task.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                           log=log, label=label)
+    outputs = generate_all(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens or task.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        log=log,
+        label=label,
+    )
     answers = {"model": outputs}
     if task.choices:
         scores = choice_logliks(model, tokenizer, prompts, list(task.choices), batch_size=batch_size)
@@ -289,12 +350,15 @@ def score_task_shard(model, tokenizer, task: Task, mine: list[tuple[int, dict]],
     rows = []
     for position, (index, record) in enumerate(mine):
         item = {system: task.score(record, texts[position]) for system, texts in answers.items()}
-        item.update({system: task.score(record, answer)
-                     for system, answer in task.comparison_answers(record).items()})
+        item.update({system: task.score(record, answer) for system, answer in task.comparison_answers(record).items()})
         for system, item_counts in item.items():
             _add(counts.setdefault(system, {}), item_counts)
-        row = {"index": index, "generation": outputs[position], "answer": record["output"],
-               task.metric: task.metrics(item["model"])[task.metric]}
+        row = {
+            "index": index,
+            "generation": outputs[position],
+            "answer": record["output"],
+            task.metric: task.metrics(item["model"])[task.metric],
+        }
         if task.choices:
             row["ranked"] = answers["model_loglik"][position]
         rows.append(row)
@@ -308,23 +372,41 @@ def task_results(task: Task, counts: dict[str, dict[str, float]], labels: Counte
     """The figures of every system for one task file, from its counts summed over all shards."""
     systems = {"model": {"role": "model", "label": "greedy generation", **task.metrics(counts["model"])}}
     if "model_loglik" in counts:
-        systems["model_loglik"] = {"role": "model", "label": "log-likelihood ranking of the choices",
-                                   **task.metrics(counts["model_loglik"])}
+        systems["model_loglik"] = {
+            "role": "model",
+            "label": "log-likelihood ranking of the choices",
+            **task.metrics(counts["model_loglik"]),
+        }
     for system, (role, label) in task.comparisons.items():
         systems[system] = {"role": role, "label": label, **task.metrics(counts[system])}
-    result = {"task": task.name, "metric": task.metric, "metric_label": task.metric_label,
-              "score": systems["model"][task.metric], "systems": systems}
+    result = {
+        "task": task.name,
+        "metric": task.metric,
+        "metric_label": task.metric_label,
+        "score": systems["model"][task.metric],
+        "systems": systems,
+    }
     if isinstance(task, ExactMatch):
         items = counts["model"]["items"]
         majority_label, majority_count = max(labels.items(), key=lambda kv: (kv[1], kv[0]))
-        systems["majority"] = {"role": "baseline", "label": f"majority output ({majority_label})",
-                               "accuracy": majority_count / items}
-        result.update({"correct": counts["model"]["correct"], "accuracy": systems["model"]["accuracy"],
-                       "majority_label": majority_label, "majority_baseline": majority_count / items})
+        systems["majority"] = {
+            "role": "baseline",
+            "label": f"majority output ({majority_label})",
+            "accuracy": majority_count / items,
+        }
+        result.update(
+            {
+                "correct": counts["model"]["correct"],
+                "accuracy": systems["model"]["accuracy"],
+                "majority_label": majority_label,
+                "majority_baseline": majority_count / items,
+            }
+        )
     return result
 
 
 # --- aggregation --------------------------------------------------------------------------------
+
 
 def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
     """Sum every shard's partial results, then divide; write results.json, results.md and
@@ -338,26 +420,40 @@ def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
             raise ChlaError(f"evaluation shard {shard} of {num_shards} has no results ({path}); rerun that task")
         shards.append(json.loads(path.read_text(encoding="utf-8")))
     first = shards[0]
-    results = {"model": first["model"], "adapters": first["adapters"], "num_shards": num_shards,
-               "block_size": first["block_size"], "perplexity": {}, "tasks": {}, "prompts": {}}
+    results = {
+        "model": first["model"],
+        "adapters": first["adapters"],
+        "num_shards": num_shards,
+        "block_size": first["block_size"],
+        "perplexity": {},
+        "tasks": {},
+        "prompts": {},
+    }
     for name, entry in first["sources"].items():
         parts = [s["sources"][name] for s in shards]
         if entry["kind"] == "ppl":
             nll = math.fsum(p["nll"] for p in parts)
             tokens, chars = sum(p["tokens"] for p in parts), sum(p["characters"] for p in parts)
             results["perplexity"][name] = {
-                "path": entry["path"], "lines": sum(p["lines"] for p in parts), "tokens": tokens,
-                "characters": chars, "nll_sum": nll, "tokens_per_char": tokens / chars,
-                "ppl_per_token": math.exp(nll / tokens), "ppl_per_char": math.exp(nll / chars),
-                "bits_per_char": nll / chars / math.log(2)}
+                "path": entry["path"],
+                "lines": sum(p["lines"] for p in parts),
+                "tokens": tokens,
+                "characters": chars,
+                "nll_sum": nll,
+                "tokens_per_char": tokens / chars,
+                "ppl_per_token": math.exp(nll / tokens),
+                "ppl_per_char": math.exp(nll / chars),
+                "bits_per_char": nll / chars / math.log(2),
+            }
             continue
         rows = []
         for shard in range(num_shards):
             path = partials / f"{name}.{_shard_tag(shard, num_shards)}.jsonl"
             rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
         rows.sort(key=lambda row: row["index"])
-        write_text(out_dir / GENERATIONS / f"{name}.jsonl",
-                   "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_text(
+            out_dir / GENERATIONS / f"{name}.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        )
         items = sum(p["items"] for p in parts)
         if entry["kind"] == "task":
             counts: dict[str, dict[str, float]] = {}
@@ -366,16 +462,24 @@ def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
                 for system, system_counts in p["counts"].items():
                     _add(counts.setdefault(system, {}), system_counts)
                 labels.update(p.get("labels", {}))
-            results["tasks"][name] = {"path": entry["path"], "items": items,
-                                      **task_results(task_named(entry["task"]), counts, labels),
-                                      "counts": counts, "predictions": f"{GENERATIONS}/{name}.jsonl"}
+            results["tasks"][name] = {
+                "path": entry["path"],
+                "items": items,
+                **task_results(task_named(entry["task"]), counts, labels),
+                "counts": counts,
+                "predictions": f"{GENERATIONS}/{name}.jsonl",
+            }
         else:
-            results["prompts"][name] = {"path": entry["path"], "items": items,
-                                        "generations": f"{GENERATIONS}/{name}.jsonl"}
+            results["prompts"][name] = {
+                "path": entry["path"],
+                "items": items,
+                "generations": f"{GENERATIONS}/{name}.jsonl",
+            }
     if (out_dir / "lm_eval.json").is_file():  # written by task 0 (chla_tools.lm_eval_backend)
         lm_eval = json.loads((out_dir / "lm_eval.json").read_text(encoding="utf-8"))
-        results["lm_eval"] = {key: lm_eval[key] for key in ("version", "num_fewshot", "limit", "pair_tokenization",
-                                                            "tasks")}
+        results["lm_eval"] = {
+            key: lm_eval[key] for key in ("version", "num_fewshot", "limit", "pair_tokenization", "tasks")
+        }
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "results.md", results_markdown(results))
     log(f"evaluation results: {out_dir / 'results.json'}")
@@ -387,27 +491,45 @@ def results_markdown(results: dict) -> str:
     if results["adapters"]:
         lines += ["Adapters: " + ", ".join(f"`{a}`" for a in results["adapters"]), ""]
     if results["perplexity"]:
-        lines += [f"## Perplexity (windows of {results['block_size']} tokens)", "",
-                  "| text | lines | tokens | characters | tokens/char | ppl per token | ppl per char | bits/char |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## Perplexity (windows of {results['block_size']} tokens)",
+            "",
+            "| text | lines | tokens | characters | tokens/char | ppl per token | ppl per char | bits/char |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, r in results["perplexity"].items():
-            lines.append(f"| {name} | {r['lines']} | {r['tokens']} | {r['characters']} | {r['tokens_per_char']:.3f} "
-                         f"| {r['ppl_per_token']:.3f} | {r['ppl_per_char']:.3f} | {r['bits_per_char']:.3f} |")
+            lines.append(
+                f"| {name} | {r['lines']} | {r['tokens']} | {r['characters']} | {r['tokens_per_char']:.3f} "
+                f"| {r['ppl_per_token']:.3f} | {r['ppl_per_char']:.3f} | {r['bits_per_char']:.3f} |"
+            )
         lines.append("")
     if results["tasks"]:
-        lines += ["## Tasks (answers generated greedily; baselines and references scored the same way)", "",
-                  "| input | items | metric | system | role | score |", "|---|---:|---|---|---|---:|"]
+        lines += [
+            "## Tasks (answers generated greedily; baselines and references scored the same way)",
+            "",
+            "| input | items | metric | system | role | score |",
+            "|---|---:|---|---|---|---:|",
+        ]
         for name, r in results["tasks"].items():
             for system in r["systems"].values():
-                lines.append(f"| {name} | {r['items']} | {r['metric_label']} | {system['label']} | "
-                             f"{system['role']} | {system[r['metric']]:.4f} |")
+                lines.append(
+                    f"| {name} | {r['items']} | {r['metric_label']} | {system['label']} | "
+                    f"{system['role']} | {system[r['metric']]:.4f} |"
+                )
         lines.append("")
     if results.get("lm_eval"):
-        lines += [f"## lm-evaluation-harness {results['lm_eval']['version']}", "",
-                  "| task | samples | metric | value |", "|---|---:|---|---:|"]
+        lines += [
+            f"## lm-evaluation-harness {results['lm_eval']['version']}",
+            "",
+            "| task | samples | metric | value |",
+            "|---|---:|---|---:|",
+        ]
         for name, r in results["lm_eval"]["tasks"].items():
-            lines += [f"| {name} | {r.get('samples')} | {metric} | {value:.4f} |" for metric, value in r.items()
-                      if metric != "samples" and isinstance(value, float)]
+            lines += [
+                f"| {name} | {r.get('samples')} | {metric} | {value:.4f} |"
+                for metric, value in r.items()
+                if metric != "samples" and isinstance(value, float)
+            ]
         lines.append("")
     if results["prompts"]:
         lines += ["## Generations", ""]
@@ -418,9 +540,23 @@ def results_markdown(results: dict) -> str:
 
 # --- CLI and stage entries ----------------------------------------------------------------------
 
-def evaluate(model_dir, adapters, out_dir, *, ppl=(), tasks=(), prompts=(), shards: int = 1,
-             batch_size: int = 8, max_new_tokens: int | None = None, block_size: int | None = None,
-             template: bool = True, max_items: int | None = None, log: Log = print) -> dict:
+
+def evaluate(
+    model_dir,
+    adapters,
+    out_dir,
+    *,
+    ppl=(),
+    tasks=(),
+    prompts=(),
+    shards: int = 1,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    block_size: int | None = None,
+    template: bool = True,
+    max_items: int | None = None,
+    log: Log = print,
+) -> dict:
     """`chla eval`: every shard in this process (the model loaded once), then aggregation; the
     output directory appears complete or not at all."""
     from chla_tools.inference import load_for_inference
@@ -436,9 +572,21 @@ def evaluate(model_dir, adapters, out_dir, *, ppl=(), tasks=(), prompts=(), shar
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         for shard in range(shards):
-            evaluate_shard(model_dir, adapters, tmp, sources=sources, shard=shard, num_shards=shards,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=block_size,
-                           template=template, loaded=loaded, log=log, max_items=max_items)
+            evaluate_shard(
+                model_dir,
+                adapters,
+                tmp,
+                sources=sources,
+                shard=shard,
+                num_shards=shards,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                block_size=block_size,
+                template=template,
+                loaded=loaded,
+                log=log,
+                max_items=max_items,
+            )
         results = aggregate(tmp, shards, log=lambda _m: None)
         replace_dir(tmp, out_dir)
     except BaseException:
@@ -472,12 +620,31 @@ def run(ctx) -> dict:
 
         model, tokenizer = load_for_inference(params.model, params.adapters, log=ctx.log)
         loaded = (model, tokenizer)
-        run_lm_eval(model, tokenizer, params.lm_eval, ctx.out_dir, ctx.work_dir,
-                    batch_size=params.batch_size, template=params.template, log=ctx.log)
-    evaluate_shard(params.model, params.adapters, ctx.out_dir, sources=_sources_of(params), shard=shard,
-                   num_shards=num_shards, batch_size=params.batch_size, max_new_tokens=params.max_new_tokens,
-                   block_size=params.block_size, template=params.template, log=ctx.log,
-                   max_items=params.max_items, loaded=loaded)
+        run_lm_eval(
+            model,
+            tokenizer,
+            params.lm_eval,
+            ctx.out_dir,
+            ctx.work_dir,
+            batch_size=params.batch_size,
+            template=params.template,
+            log=ctx.log,
+        )
+    evaluate_shard(
+        params.model,
+        params.adapters,
+        ctx.out_dir,
+        sources=_sources_of(params),
+        shard=shard,
+        num_shards=num_shards,
+        batch_size=params.batch_size,
+        max_new_tokens=params.max_new_tokens,
+        block_size=params.block_size,
+        template=params.template,
+        log=ctx.log,
+        max_items=params.max_items,
+        loaded=loaded,
+    )
     return {"shard": shard}  # finalize aggregates, after one task or many
 
 
@@ -497,6 +664,11 @@ def _headline(results: dict) -> dict:
     for name, r in results["prompts"].items():
         headline[f"{name}.generations"] = r["items"]
     for name, r in results.get("lm_eval", {}).get("tasks", {}).items():
-        headline.update({f"lm_eval.{name}.{metric}": round(value, 4) for metric, value in r.items()
-                         if metric in ("acc", "acc_norm")})
+        headline.update(
+            {
+                f"lm_eval.{name}.{metric}": round(value, 4)
+                for metric, value in r.items()
+                if metric in ("acc", "acc_norm")
+            }
+        )
     return headline

@@ -33,8 +33,13 @@ from chla_tools.assets import Package, _download, _locked, default_cache_dir
 Log = Callable[[str], None]
 
 LLAMA_CPP = Package(
-    "llama-cpp-python", "0.3.36", "llama_cpp_python-0.3.36.tar.gz",
-    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e", True, "MIT")
+    "llama-cpp-python",
+    "0.3.36",
+    "llama_cpp_python-0.3.36.tar.gz",
+    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+    True,
+    "MIT",
+)
 # What convert_hf_to_gguf.py imports from its own tree.
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -64,15 +69,19 @@ def converter_dir(cache: Path | None = None, offline: bool = False, log: Log = _
             with tarfile.open(sdist) as archive:
                 members = []
                 for member in archive.getmembers():
-                    relative = member.name[len(prefix):] if member.name.startswith(prefix) else ""
-                    if relative and any(relative == part or (part.endswith("/") and relative.startswith(part))
-                                        for part in _CONVERTER_PARTS):
+                    relative = member.name[len(prefix) :] if member.name.startswith(prefix) else ""
+                    if relative and any(
+                        relative == part or (part.endswith("/") and relative.startswith(part))
+                        for part in _CONVERTER_PARTS
+                    ):
                         member.name = relative
                         members.append(member)
                 archive.extractall(tmp, members=members, filter="data")
             if not (tmp / "convert_hf_to_gguf.py").is_file():
-                raise ChlaError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside; "
-                                "delete it so that it is downloaded again")
+                raise ChlaError(
+                    f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside; "
+                    "delete it so that it is downloaded again"
+                )
             os.chmod(tmp, 0o755)
             replace_dir(tmp, target)
         except BaseException:
@@ -93,20 +102,26 @@ def check_vocabulary(model_dir: Path) -> int:
         if key in checkpoint.files:
             rows[f"{key} rows"] = checkpoint.entry(key).shape[0]
     if not (model_dir / "tokenizer.model").is_file():
-        raise ChlaError(f"{model_dir}: no tokenizer.model; GGUF export of a LLaMA needs the "
-                        "SentencePiece model beside the weights (chla's merge and training stages write it)")
+        raise ChlaError(
+            f"{model_dir}: no tokenizer.model; GGUF export of a LLaMA needs the "
+            "SentencePiece model beside the weights (chla's merge and training stages write it)"
+        )
     tokens = tokenizer_size(model_dir)
     named = _tokens_the_converter_names(model_dir)
     differing = {where: count for where, count in rows.items() if count != tokens}
     if differing:
         where, count = next(iter(differing.items()))
-        raise ChlaError(f"{model_dir}: the tokenizer has {tokens} tokens but {where} is {count}; "
-                        "the model and its tokenizer must come from the same stage (e.g. the SFT "
-                        "tokenizer with its [PAD] for the SFT-merged model)")
+        raise ChlaError(
+            f"{model_dir}: the tokenizer has {tokens} tokens but {where} is {count}; "
+            "the model and its tokenizer must come from the same stage (e.g. the SFT "
+            "tokenizer with its [PAD] for the SFT-merged model)"
+        )
     if named != tokens:
-        raise ChlaError(f"{model_dir}: tokenizer.model and tokenizer_config.json's added_tokens_decoder "
-                        f"name {named} of the {tokens} tokens; llama.cpp's converter reads only those. "
-                        "Save the tokenizer with transformers 4, or merge/train with chla, which writes both")
+        raise ChlaError(
+            f"{model_dir}: tokenizer.model and tokenizer_config.json's added_tokens_decoder "
+            f"name {named} of the {tokens} tokens; llama.cpp's converter reads only those. "
+            "Save the tokenizer with transformers 4, or merge/train with chla, which writes both"
+        )
     return tokens
 
 
@@ -115,8 +130,9 @@ def _tokens_the_converter_names(model_dir: Path) -> int:
 
     import sentencepiece
 
-    ids = set(range(sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
-                    .get_piece_size()))
+    ids = set(
+        range(sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model")).get_piece_size())
+    )
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
         ids |= {int(i) for i in json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}}
@@ -125,9 +141,14 @@ def _tokens_the_converter_names(model_dir: Path) -> int:
     return len(ids)
 
 
-def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
-                outtype: str = "f16", cache: Path | None = None, offline: bool = False,
-                log: Log = _print) -> dict[str, Any]:
+def export_gguf(
+    model_dir: str | os.PathLike[str],
+    out_file: str | os.PathLike[str],
+    outtype: str = "f16",
+    cache: Path | None = None,
+    offline: bool = False,
+    log: Log = _print,
+) -> dict[str, Any]:
     """Convert `model_dir` with llama.cpp's converter into `out_file` (atomically)."""
     started = time.monotonic()
     model_dir, out_file = Path(model_dir).resolve(), Path(out_file).resolve()
@@ -140,14 +161,26 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     env = {key: value for key, value in os.environ.items() if key != "NO_LOCAL_GGUF"}
-    log(f"converting {model_dir} to GGUF ({outtype}, vocabulary {vocab_size}) with llama.cpp's "
-        "convert_hf_to_gguf.py")
+    log(f"converting {model_dir} to GGUF ({outtype}, vocabulary {vocab_size}) with llama.cpp's convert_hf_to_gguf.py")
     try:
         # Its log (one line per tensor) is the progress of a long conversion: pass it on.
         process = subprocess.Popen(
-            [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir),
-             "--outfile", str(tmp), "--outtype", outtype, "--model-name", _model_name(model_dir)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                str(converter / "convert_hf_to_gguf.py"),
+                str(model_dir),
+                "--outfile",
+                str(tmp),
+                "--outtype",
+                outtype,
+                "--model-name",
+                _model_name(model_dir),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         last = "no output"
         assert process.stdout is not None  # stdout=PIPE
         try:
@@ -162,8 +195,9 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
                 process.kill()
                 process.wait()
         if process.returncode != 0 or not tmp.is_file():
-            raise ChlaError(f"{model_dir}: llama.cpp's convert_hf_to_gguf.py failed "
-                            f"(exit {process.returncode}): {last}")
+            raise ChlaError(
+                f"{model_dir}: llama.cpp's convert_hf_to_gguf.py failed (exit {process.returncode}): {last}"
+            )
         with open(tmp, "rb") as handle:
             if handle.read(4) != b"GGUF":
                 raise ChlaError(f"{tmp}: the converter wrote no GGUF header")
@@ -174,8 +208,14 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
     size = out_file.stat().st_size
     seconds = time.monotonic() - started
     log(f"wrote {out_file} ({size / 1e6:.1f} MB) in {seconds:.1f} s")
-    return {"file": str(out_file), "bytes": size, "outtype": outtype, "vocab_size": vocab_size,
-            "converter": f"{LLAMA_CPP.name}=={LLAMA_CPP.version}", "seconds": round(seconds, 2)}
+    return {
+        "file": str(out_file),
+        "bytes": size,
+        "outtype": outtype,
+        "vocab_size": vocab_size,
+        "converter": f"{LLAMA_CPP.name}=={LLAMA_CPP.version}",
+        "seconds": round(seconds, 2),
+    }
 
 
 def _model_name(model_dir: Path) -> str:

@@ -78,5 +78,8 @@ def _added_beyond_sentencepiece(directory: Path) -> dict[str, dict]:
 
     pieces = sentencepiece.SentencePieceProcessor(model_file=str(model_file)).get_piece_size()
     added = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []
-    return {str(token["id"]): {key: value for key, value in token.items() if key != "id"}
-            for token in added if token["id"] >= pieces}
+    return {
+        str(token["id"]): {key: value for key, value in token.items() if key != "id"}
+        for token in added
+        if token["id"] >= pieces
+    }

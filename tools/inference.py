@@ -28,8 +28,10 @@ def find_tokenizer_dir(model_dir: Path, adapter_dirs: list[Path]) -> Path:
     for directory in [*reversed(adapter_dirs), model_dir]:
         if _has_tokenizer(directory):
             return directory
-    raise ChlaError(f"no tokenizer in {model_dir} or its adapters; copy the tokenizer files "
-                    "(tokenizer.model / tokenizer.json + tokenizer_config.json) into the model directory")
+    raise ChlaError(
+        f"no tokenizer in {model_dir} or its adapters; copy the tokenizer files "
+        "(tokenizer.model / tokenizer.json + tokenizer_config.json) into the model directory"
+    )
 
 
 def load_tokenizer(tokenizer_dir: Path):
@@ -38,8 +40,9 @@ def load_tokenizer(tokenizer_dir: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a broken dir
-        raise ChlaError(f"tokenizer in {tokenizer_dir} does not load ({type(err).__name__}); "
-                        "fix or replace its files") from None
+        raise ChlaError(
+            f"tokenizer in {tokenizer_dir} does not load ({type(err).__name__}); fix or replace its files"
+        ) from None
     # Batched generation pads on the left, so every prompt ends right where generation starts.
     tokenizer.padding_side = "left"
     if "[PAD]" in tokenizer.get_vocab():
@@ -49,10 +52,16 @@ def load_tokenizer(tokenizer_dir: Path):
     return tokenizer
 
 
-def load_for_inference(model_dir: str | Path, adapter_dirs: Sequence[str | Path] = (), *,
-                       rope_scaling: float | None = None, device: str | None = None,
-                       max_memory: dict[str | int, str] | None = None, offload_folder: str | Path | None = None,
-                       log: Callable[[str], None] = print):
+def load_for_inference(
+    model_dir: str | Path,
+    adapter_dirs: Sequence[str | Path] = (),
+    *,
+    rope_scaling: float | None = None,
+    device: str | None = None,
+    max_memory: dict[str | int, str] | None = None,
+    offload_folder: str | Path | None = None,
+    log: Callable[[str], None] = print,
+):
     """(model, tokenizer) ready for generation, in eval mode. On GPUs the model is spread over all
     of them (`placement`); on a CPU it sits in memory, unless `max_memory` caps what each device
     may hold (then the same placement, with the rest offloaded to `offload_folder`)."""
@@ -71,15 +80,19 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: Sequence[str | Path]
     vocab_rows = next((p.shape[0] for p in planned if p.name == "model.embed_tokens.weight"), None)
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir, adapter_paths))
     if vocab_rows is not None and len(tokenizer) > vocab_rows:
-        raise ChlaError(f"tokenizer has {len(tokenizer)} tokens but the model has {vocab_rows} embedding rows; "
-                        "pass the adapter that added the tokens (--adapter), or the merged model")
+        raise ChlaError(
+            f"tokenizer has {len(tokenizer)} tokens but the model has {vocab_rows} embedding rows; "
+            "pass the adapter that added the tokens (--adapter), or the merged model"
+        )
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 on a GPU; fp32 on a CPU whatever bf16 support it has: evaluation is cheap next to
     # training there, and a model's scores then do not depend on the CPU's bf16 arithmetic.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    log(f"precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}: inference on {device} "
-        f"({'a GPU' if dtype == torch.bfloat16 else 'a CPU: scores independent of its bf16 support'})")
+    log(
+        f"precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}: inference on {device} "
+        f"({'a GPU' if dtype == torch.bfloat16 else 'a CPU: scores independent of its bf16 support'})"
+    )
     spread = placement(device, max_memory, offload_folder)
     config = AutoConfig.from_pretrained(model_dir)
     if rope_scaling is not None:
@@ -88,8 +101,11 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: Sequence[str | Path]
         # transformers 5 keeps RoPE settings in config.rope_parameters ("rope_type", "factor",
         # "rope_theta"); "dynamic" is NTK-aware scaling that only kicks in past
         # max_position_embeddings, like the original project's --alpha.
-        config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "dynamic",
-                                  "factor": float(rope_scaling)}
+        config.rope_parameters = {
+            **(config.rope_parameters or {}),
+            "rope_type": "dynamic",
+            "factor": float(rope_scaling),
+        }
     # Any: a transformers model, then a peft model wrapping it
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **spread)
     if spread:
@@ -113,8 +129,9 @@ def load_for_inference(model_dir: str | Path, adapter_dirs: Sequence[str | Path]
     return model, tokenizer
 
 
-def placement(device: str, max_memory: dict[str | int, str] | None = None,
-              offload_folder: str | Path | None = None) -> dict:
+def placement(
+    device: str, max_memory: dict[str | int, str] | None = None, offload_folder: str | Path | None = None
+) -> dict:
     """from_pretrained's placement arguments. On GPUs, accelerate's device_map "auto": the layers
     spread over every visible GPU in turn, those that do not fit kept in CPU memory and brought to
     a GPU as they run (slow, but a 70B model evaluates on one 80 GB GPU), and the embeddings'
@@ -171,9 +188,14 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     if not settings["do_sample"]:
         settings.pop("temperature", None), settings.pop("top_k", None), settings.pop("top_p", None)
     with torch.no_grad():
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                eos_token_id=tokenizer.eos_token_id, **settings)
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            **settings,
+        )
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in output.cpu()]
 
 

@@ -64,19 +64,28 @@ def write_alpaca_task(path: str | os.PathLike[str], task_dir: Path, *, template:
     name = alpaca_task_name(path)
     records = read_json_or_jsonl(path) if path.is_file() else None
     if not isinstance(records, list) or not records:
-        raise ChlaError(f"lm_eval.alpaca_tasks: {path} has no records; expected a JSON list or JSON Lines "
-                        "of {instruction, input, output}")
+        raise ChlaError(
+            f"lm_eval.alpaca_tasks: {path} has no records; expected a JSON list or JSON Lines "
+            "of {instruction, input, output}"
+        )
     for number, record in enumerate(records, 1):
-        if not (isinstance(record, dict) and isinstance(record.get("instruction"), str)
-                and isinstance(record.get("output"), str)):
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("instruction"), str)
+            and isinstance(record.get("output"), str)
+        ):
             raise ChlaError(f"lm_eval.alpaca_tasks: {path}: record {number} needs string instruction and output")
     choices = sorted({record["output"] for record in records})
     if len(choices) < 2:
-        raise ChlaError(f"lm_eval.alpaca_tasks: {path}: every record has the output {choices[0]!r}; a "
-                        "multiple-choice task needs at least two distinct outputs")
+        raise ChlaError(
+            f"lm_eval.alpaca_tasks: {path}: every record has the output {choices[0]!r}; a "
+            "multiple-choice task needs at least two distinct outputs"
+        )
     if len(choices) > 50:
-        raise ChlaError(f"lm_eval.alpaca_tasks: {path}: {len(choices)} distinct outputs; only labelled "
-                        "files with a few classes make a multiple-choice task")
+        raise ChlaError(
+            f"lm_eval.alpaca_tasks: {path}: {len(choices)} distinct outputs; only labelled "
+            "files with a few classes make a multiple-choice task"
+        )
     docs = []
     for record in records:
         instruction, extra = record["instruction"], record.get("input") or ""
@@ -128,8 +137,17 @@ def _offline() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def run_lm_eval(model, tokenizer, spec, out_dir: str | os.PathLike[str], work_dir: Path, *,
-                batch_size: int, template: bool = True, log: Log = print) -> dict[str, Any]:
+def run_lm_eval(
+    model,
+    tokenizer,
+    spec,
+    out_dir: str | os.PathLike[str],
+    work_dir: Path,
+    *,
+    batch_size: int,
+    template: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
     """Run lm-eval on an already loaded model; `spec` is the stage's LmEvalParams."""
     try:
         import lm_eval
@@ -151,27 +169,51 @@ def run_lm_eval(model, tokenizer, spec, out_dir: str | os.PathLike[str], work_di
             manager = TaskManager(include_path=include)
         unknown = [task for task in tasks if not manager.match_tasks([task])]
         if unknown:
-            raise ChlaError(f"lm_eval.tasks: no lm-eval task named {unknown[0]!r} (neither in lm-eval's "
-                            f"registry nor in {', '.join(include)}); `lm_eval ls tasks` lists them")
-        log(f"lm-eval {lm_eval.__version__}: {', '.join(tasks)} (num_fewshot {spec.num_fewshot}, "
-            f"limit {spec.limit}, {spec.pair_tokenization} pair tokenization)")
+            raise ChlaError(
+                f"lm_eval.tasks: no lm-eval task named {unknown[0]!r} (neither in lm-eval's "
+                f"registry nor in {', '.join(include)}); `lm_eval ls tasks` lists them"
+            )
+        log(
+            f"lm-eval {lm_eval.__version__}: {', '.join(tasks)} (num_fewshot {spec.num_fewshot}, "
+            f"limit {spec.limit}, {spec.pair_tokenization} pair tokenization)"
+        )
         backend = HFLM if spec.pair_tokenization == "joint" else _separate_pairs(HFLM)
-        lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True,
-                     max_length=int(getattr(model.config, "max_position_embeddings", 2048)))
+        lm = backend(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            add_bos_token=True,
+            max_length=int(getattr(model.config, "max_position_embeddings", 2048)),
+        )
         try:
-            output = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=spec.num_fewshot,
-                                             limit=spec.limit, task_manager=manager, log_samples=True,
-                                             bootstrap_iters=1000, random_seed=spec.seed,
-                                             numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
-                                             fewshot_random_seed=spec.seed)
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=spec.num_fewshot,
+                limit=spec.limit,
+                task_manager=manager,
+                log_samples=True,
+                bootstrap_iters=1000,
+                random_seed=spec.seed,
+                numpy_random_seed=spec.seed,
+                torch_random_seed=spec.seed,
+                fewshot_random_seed=spec.seed,
+            )
         except Exception as error:  # a registry task whose data is not in the cache, most often
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ChlaError(f"lm-eval failed on {', '.join(tasks)}: {type(error).__name__}: {first}; a "
-                            "registry task's dataset must be in the HF datasets cache (nothing is "
-                            "downloaded at run time)") from None
+            raise ChlaError(
+                f"lm-eval failed on {', '.join(tasks)}: {type(error).__name__}: {first}; a "
+                "registry task's dataset must be in the HF datasets cache (nothing is "
+                "downloaded at run time)"
+            ) from None
 
-    summary = {"version": lm_eval.__version__, "num_fewshot": spec.num_fewshot, "limit": spec.limit,
-               "pair_tokenization": spec.pair_tokenization, "tasks": {}}
+    summary = {
+        "version": lm_eval.__version__,
+        "num_fewshot": spec.num_fewshot,
+        "limit": spec.limit,
+        "pair_tokenization": spec.pair_tokenization,
+        "tasks": {},
+    }
     for task, metrics in output["results"].items():
         entry = {"samples": output.get("n-samples", {}).get(task, {}).get("effective")}
         for key, value in metrics.items():
@@ -179,14 +221,24 @@ def run_lm_eval(model, tokenizer, spec, out_dir: str | os.PathLike[str], work_di
             if isinstance(value, (int, float)) and filter_name == "none":
                 entry[metric] = value
         summary["tasks"][task] = entry
-        log(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
-                                              if isinstance(v, float)))
+        log(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
     for task, rows in (output.get("samples") or {}).items():
-        lines = [json.dumps({"doc_id": row["doc_id"], "target": row["target"],
-                             "loglikelihoods": [r[0] for r in row["filtered_resps"]],
-                             **{m: row[m] for m in ("acc", "acc_norm") if m in row}},
-                            ensure_ascii=False, default=str) for row in rows]
+        lines = [
+            json.dumps(
+                {
+                    "doc_id": row["doc_id"],
+                    "target": row["target"],
+                    "loglikelihoods": [r[0] for r in row["filtered_resps"]],
+                    **{m: row[m] for m in ("acc", "acc_norm") if m in row},
+                },
+                ensure_ascii=False,
+                default=str,
+            )
+            for row in rows
+        ]
         write_text(out_dir / SAMPLES / f"{task}.jsonl", "".join(line + "\n" for line in lines))
-    write_json(out_dir / "lm_eval.json", {**summary, "configs": output.get("configs", {}),
-                                          "versions": output.get("versions", {})})
+    write_json(
+        out_dir / "lm_eval.json",
+        {**summary, "configs": output.get("configs", {}), "versions": output.get("versions", {})},
+    )
     return summary

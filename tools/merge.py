@@ -75,20 +75,37 @@ def torch_dtype(code: str):
     """The torch dtype of a safetensors dtype code ("F16" -> torch.float16)."""
     import torch
 
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-            "U8": torch.uint8, "BOOL": torch.bool}[code]
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }[code]
+
 
 TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
 _PEFT_PREFIX = "base_model.model."
 _TOKEN_ROWS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[A-Za-z0-9_]+)?$")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$"
+)
 
 Log = Callable[[str], None]
 
@@ -101,8 +118,17 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise ChlaError(f"shard size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
     size = int(number * scale)
     if size <= 0:
         raise ChlaError(f"shard size {text!r} must be positive")
@@ -110,6 +136,7 @@ def parse_size(text: str | int) -> int:
 
 
 # --- reading safetensors without keeping a mapping ------------------------------------------
+
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -150,7 +177,8 @@ class SafetensorsFile:
         if data_start + data_end > size:
             raise ChlaError(
                 f"{path}: truncated safetensors file: its header needs {data_start + data_end} bytes, "
-                f"the file has {size}; re-copy or re-save it")
+                f"the file has {size}; re-copy or re-save it"
+            )
 
     def read(self, name: str) -> torch.Tensor:
         import torch
@@ -186,7 +214,8 @@ class Checkpoint:
         else:
             raise ChlaError(
                 f"base model {model_dir}: no model.safetensors or model.safetensors.index.json; "
-                "re-save it with save_pretrained (safetensors is the default)")
+                "re-save it with save_pretrained (safetensors is the default)"
+            )
         self.files: dict[str, SafetensorsFile] = {}  # tensor name -> its file
         for file_name in file_names:
             shard = SafetensorsFile(model_dir / file_name)
@@ -201,6 +230,7 @@ class Checkpoint:
 
 
 # --- adapters ---------------------------------------------------------------------------------
+
 
 @dataclass
 class LoraPair:
@@ -250,17 +280,21 @@ def load_adapter(adapter_dir: Path) -> Adapter:
         raise ChlaError(f"adapter {adapter_dir}: peft_type {config.get('peft_type')} is not LoRA; only LoRA merges")
     for unsupported in ("use_dora", "lora_bias", "layer_replication", "target_parameters"):
         if config.get(unsupported):
-            raise ChlaError(f"adapter {adapter_dir}: adapter_config.json sets {unsupported}, which chla merge "
-                            "does not support; merge it with peft merge_and_unload instead")
+            raise ChlaError(
+                f"adapter {adapter_dir}: adapter_config.json sets {unsupported}, which chla merge "
+                "does not support; merge it with peft merge_and_unload instead"
+            )
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
-        raise ChlaError(f"adapter {adapter_dir}: no adapter_model.safetensors; re-save it with "
-                        "save_pretrained(safe_serialization=True)")
+        raise ChlaError(
+            f"adapter {adapter_dir}: no adapter_model.safetensors; re-save it with "
+            "save_pretrained(safe_serialization=True)"
+        )
     adapter = Adapter(dir=adapter_dir, file=SafetensorsFile(weights), config=config)
 
     lora_parts: dict[str, dict[str, str]] = {}
     for key in adapter.file.tensors:
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
         match = _LORA_KEY.match(name)
         if match:
             lora_parts.setdefault(match["module"], {})[match["part"]] = key
@@ -282,7 +316,9 @@ def load_adapter(adapter_dir: Path) -> Adapter:
         a_key = parts.get("lora_embedding_A" if embedding else "lora_A")
         b_key = parts.get("lora_embedding_B" if embedding else "lora_B")
         if a_key is None or b_key is None:
-            raise ChlaError(f"adapter {adapter_dir}: {module} has only one of its LoRA A/B tensors; the adapter file is incomplete")
+            raise ChlaError(
+                f"adapter {adapter_dir}: {module} has only one of its LoRA A/B tensors; the adapter file is incomplete"
+            )
         rank = adapter.file.tensors[a_key].shape[0]
         alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -298,12 +334,15 @@ def _token_indices(adapter: Adapter, module: str) -> list[int]:
         return [int(i) for i in configured]
     indices = _pattern_value(configured if isinstance(configured, dict) else {}, module, None)
     if indices is None:
-        raise ChlaError(f"adapter {adapter.dir}: it holds trainable token rows for {module} but "
-                        "adapter_config.json's trainable_token_indices names no such module")
+        raise ChlaError(
+            f"adapter {adapter.dir}: it holds trainable token rows for {module} but "
+            "adapter_config.json's trainable_token_indices names no such module"
+        )
     return [int(i) for i in indices]
 
 
 # --- planning: every shape is checked before a byte is written ---------------------------------
+
 
 @dataclass
 class PlannedTensor:
@@ -334,53 +373,73 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
     touched: set[str] = set()
 
     for adapter in adapters:
-        hint = (f"this adapter was trained on a different base "
-                f"(its base_model_name_or_path: {adapter.config.get('base_model_name_or_path')})")
+        hint = (
+            f"this adapter was trained on a different base "
+            f"(its base_model_name_or_path: {adapter.config.get('base_model_name_or_path')})"
+        )
         for name, key in adapter.replacements.items():
             if name not in shapes:
-                raise ChlaError(f"adapter {adapter.dir}: tensor {key} has no counterpart {name} in base {base.dir}; {hint}")
+                raise ChlaError(
+                    f"adapter {adapter.dir}: tensor {key} has no counterpart {name} in base {base.dir}; {hint}"
+                )
             new, old = adapter.file.tensors[key].shape, shapes[name]
             if new != old:
                 growable = name in vocab_keys and len(new) == 2 and new[1:] == old[1:]
                 if not growable:
-                    raise ChlaError(f"adapter {adapter.dir}: tensor {key} has shape {_fmt(new)} but the model's "
-                                    f"{name} is {_fmt(old)}; {hint}")
+                    raise ChlaError(
+                        f"adapter {adapter.dir}: tensor {key} has shape {_fmt(new)} but the model's "
+                        f"{name} is {_fmt(old)}; {hint}"
+                    )
                 if new[0] < old[0]:
-                    raise ChlaError(f"adapter {adapter.dir}: {key} has {new[0]} rows but the model already has "
-                                    f"{old[0]} (vocabulary would shrink); apply adapters in training order "
-                                    "(pretraining before SFT)")
+                    raise ChlaError(
+                        f"adapter {adapter.dir}: {key} has {new[0]} rows but the model already has "
+                        f"{old[0]} (vocabulary would shrink); apply adapters in training order "
+                        "(pretraining before SFT)"
+                    )
             shapes[name] = new
             touched.add(name)
         for name, lora in adapter.loras.items():
             if name not in shapes:
-                raise ChlaError(f"adapter {adapter.dir}: LoRA tensor {lora.a_key} has no counterpart {name} "
-                                f"in base {base.dir}; {hint}")
+                raise ChlaError(
+                    f"adapter {adapter.dir}: LoRA tensor {lora.a_key} has no counterpart {name} "
+                    f"in base {base.dir}; {hint}"
+                )
             a_shape = adapter.file.tensors[lora.a_key].shape
             b_shape = adapter.file.tensors[lora.b_key].shape
             delta = (a_shape[1], b_shape[0]) if (lora.embedding or lora.fan_in_fan_out) else (b_shape[0], a_shape[1])
             if len(shapes[name]) != 2 or tuple(shapes[name]) != delta or a_shape[0] != b_shape[1]:
-                raise ChlaError(f"adapter {adapter.dir}: LoRA tensors {lora.a_key} {_fmt(a_shape)} and "
-                                f"{lora.b_key} {_fmt(b_shape)} do not fit the model's {name} "
-                                f"{_fmt(shapes[name])}; {hint}")
+                raise ChlaError(
+                    f"adapter {adapter.dir}: LoRA tensors {lora.a_key} {_fmt(a_shape)} and "
+                    f"{lora.b_key} {_fmt(b_shape)} do not fit the model's {name} "
+                    f"{_fmt(shapes[name])}; {hint}"
+                )
             touched.add(name)
         for name, rows in adapter.token_rows.items():
             if name not in shapes:
-                raise ChlaError(f"adapter {adapter.dir}: token rows {rows.key} have no counterpart {name} "
-                                f"in base {base.dir}; {hint}")
+                raise ChlaError(
+                    f"adapter {adapter.dir}: token rows {rows.key} have no counterpart {name} "
+                    f"in base {base.dir}; {hint}"
+                )
             delta_shape, old = adapter.file.tensors[rows.key].shape, shapes[name]
             if len(old) != 2 or tuple(delta_shape) != (len(rows.indices), old[1]):
-                raise ChlaError(f"adapter {adapter.dir}: {rows.key} has shape {_fmt(delta_shape)} for "
-                                f"{len(rows.indices)} token indices of {name} {_fmt(old)}; {hint}")
+                raise ChlaError(
+                    f"adapter {adapter.dir}: {rows.key} has shape {_fmt(delta_shape)} for "
+                    f"{len(rows.indices)} token indices of {name} {_fmt(old)}; {hint}"
+                )
             if any(name in other.loras for other in adapters):
-                raise ChlaError(f"adapter {adapter.dir}: {name} has both LoRA matrices and trainable token "
-                                "rows among the adapters, which chla merge does not combine; merge with "
-                                "peft merge_and_unload instead")
+                raise ChlaError(
+                    f"adapter {adapter.dir}: {name} has both LoRA matrices and trainable token "
+                    "rows among the adapters, which chla merge does not combine; merge with "
+                    "peft merge_and_unload instead"
+                )
             grown = max(rows.indices) + 1
             missing = sorted(set(range(old[0], grown)) - set(rows.indices))
             if missing:
-                raise ChlaError(f"adapter {adapter.dir}: its token rows grow {name} from {old[0]} to {grown} "
-                                f"rows but do not hold rows {missing[0]}..{missing[-1]}; the adapter was "
-                                "trained on a larger base")
+                raise ChlaError(
+                    f"adapter {adapter.dir}: its token rows grow {name} from {old[0]} to {grown} "
+                    f"rows but do not hold rows {missing[0]}..{missing[-1]}; the adapter was "
+                    "trained on a larger base"
+                )
             shapes[name] = (max(old[0], grown), old[1])
             touched.add(name)
 
@@ -388,9 +447,11 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
     if keep_tied:
         shapes.pop(LM_HEAD_KEY, None)
     if EMBED_KEY in shapes and LM_HEAD_KEY in shapes and shapes[EMBED_KEY][0] != shapes[LM_HEAD_KEY][0]:
-        raise ChlaError(f"after the adapters, {EMBED_KEY} has {shapes[EMBED_KEY][0]} rows but {LM_HEAD_KEY} has "
-                        f"{shapes[LM_HEAD_KEY][0]}; an adapter that grows the vocabulary must save both "
-                        "(modules_to_save: [embed_tokens, lm_head])")
+        raise ChlaError(
+            f"after the adapters, {EMBED_KEY} has {shapes[EMBED_KEY][0]} rows but {LM_HEAD_KEY} has "
+            f"{shapes[LM_HEAD_KEY][0]}; an adapter that grows the vocabulary must save both "
+            "(modules_to_save: [embed_tokens, lm_head])"
+        )
     planned = []
     for name, shape in shapes.items():
         source_dtype = base.entry(sources[name]).dtype
@@ -411,6 +472,7 @@ _BLOCK_ELEMENTS = 128 * 1024
 class LoraDelta:
     """delta = (left @ right) * scale in fp32, with `left` having the weight's rows (B for a
     Linear, A^T for an embedding or a fan_in_fan_out layer, as peft transposes B @ A there)."""
+
     left: torch.Tensor
     right: torch.Tensor
     scale: float
@@ -454,12 +516,12 @@ def apply_loras(rows: torch.Tensor, first_row: int, deltas: list[LoraDelta], scr
     step = max(1, _BLOCK_ELEMENTS // max(1, columns))
     scratch.grow(step * columns)
     for start in range(0, rows.shape[0], step):
-        block = rows[start:start + step]
+        block = rows[start : start + step]
         shape = tuple(block.shape)
-        delta = scratch.delta[:block.numel()].view(shape)
-        wide = block if block.dtype == torch.float32 else scratch.wide[:block.numel()].view(shape)
+        delta = scratch.delta[: block.numel()].view(shape)
+        wide = block if block.dtype == torch.float32 else scratch.wide[: block.numel()].view(shape)
         for lora in deltas:
-            torch.mm(lora.left[first_row + start:first_row + start + shape[0]], lora.right, out=delta)
+            torch.mm(lora.left[first_row + start : first_row + start + shape[0]], lora.right, out=delta)
             delta.mul_(lora.scale)
             if wide is block:
                 block.add_(delta)
@@ -474,6 +536,7 @@ class TensorSource:
     """Where an output tensor's bytes start from (the base's tensor, or the last replacement of
     it), and the LoRA deltas, then the token rows, written over it after that, in order (the
     planner refuses a tensor with both)."""
+
     file: SafetensorsFile
     key: str
     loras: list[tuple[Adapter, LoraPair]]
@@ -498,6 +561,7 @@ def tensor_source(item: PlannedTensor, base: Checkpoint, adapters: list[Adapter]
 @dataclass
 class RowPatch:
     """Rows written over a matrix: row indices[i] becomes values[i] (already in its dtype)."""
+
     indices: torch.Tensor
     values: torch.Tensor
 
@@ -516,8 +580,9 @@ def apply_row_patches(rows: torch.Tensor, first_row: int, patches: list[RowPatch
             rows[patch.indices[inside] - first_row] = patch.values[inside]
 
 
-def merged_tensor(item: PlannedTensor, base: Checkpoint, adapters: list[Adapter],
-                  scratch: Scratch | None = None) -> torch.Tensor:
+def merged_tensor(
+    item: PlannedTensor, base: Checkpoint, adapters: list[Adapter], scratch: Scratch | None = None
+) -> torch.Tensor:
     """One output tensor, whole in memory: the base's, then every adapter in order. Used where
     the dtype changes; same-dtype tensors are streamed in row chunks by `merge_adapters`."""
     import torch
@@ -609,8 +674,9 @@ def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_offset: int, dst_offs
         try:
             got = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
         except OSError:  # e.g. across file systems on old kernels: copy through a buffer
-            got = _copy_through_buffer(src_fd, dst_fd, min(nbytes - done, _CHUNK_BYTES),
-                                       src_offset + done, dst_offset + done, what)
+            got = _copy_through_buffer(
+                src_fd, dst_fd, min(nbytes - done, _CHUNK_BYTES), src_offset + done, dst_offset + done, what
+            )
         if not got:
             raise ChlaError(f"{what}: file ended early (truncated while merging?); re-copy it")
         done += got
@@ -626,6 +692,7 @@ def _copy_through_buffer(src_fd: int, dst_fd: int, nbytes: int, src_offset: int,
 @dataclass
 class Chunk:
     """Rows [first_row, first_row + rows) of a streamed tensor."""
+
     item: PlannedTensor
     source: TensorSource
     deltas: list[LoraDelta]
@@ -641,8 +708,14 @@ class Chunk:
         return self.rows * self.row_bytes
 
 
-def _chunks(item: PlannedTensor, source: TensorSource, deltas: list[LoraDelta], patches: list[RowPatch],
-            out_fd: int, out_offset: int):
+def _chunks(
+    item: PlannedTensor,
+    source: TensorSource,
+    deltas: list[LoraDelta],
+    patches: list[RowPatch],
+    out_fd: int,
+    out_offset: int,
+):
     rows = item.shape[0]
     row_bytes = item.nbytes // max(1, rows)
     step = max(1, _CHUNK_BYTES // max(1, row_bytes))
@@ -666,17 +739,27 @@ def _header_bytes(group: list[PlannedTensor]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for item in group:
-        header[item.name] = {"dtype": item.dtype, "shape": list(item.shape),
-                             "data_offsets": [offset, offset + item.nbytes]}
+        header[item.name] = {
+            "dtype": item.dtype,
+            "shape": list(item.shape),
+            "data_offsets": [offset, offset + item.nbytes],
+        }
         offset += item.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTensor]], base: Checkpoint,
-                  adapters: list[Adapter], total_bytes: int, log: Log,
-                  report: Callable[[int], None] | None = None) -> dict[str, str]:
+def _write_shards(
+    tmp_dir: Path,
+    names: list[str],
+    groups: list[list[PlannedTensor]],
+    base: Checkpoint,
+    adapters: list[Adapter],
+    total_bytes: int,
+    log: Log,
+    report: Callable[[int], None] | None = None,
+) -> dict[str, str]:
     """Write every output shard into tmp_dir; returns the weight map (tensor name -> file name).
 
     Each tensor goes one of three ways. Bytes no adapter changes are copied file to file inside
@@ -712,13 +795,22 @@ def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTens
                 entry = source.file.tensors[source.key]
                 unchanged_layout = entry.dtype == item.dtype and tuple(entry.shape) == item.shape
                 # token rows may grow a matrix: its rows stream, the grown ones come from the adapter
-                row_layout = (entry.dtype == item.dtype and len(item.shape) == 2
-                              and tuple(entry.shape[1:]) == item.shape[1:] and entry.shape[0] <= item.shape[0])
+                row_layout = (
+                    entry.dtype == item.dtype
+                    and len(item.shape) == 2
+                    and tuple(entry.shape[1:]) == item.shape[1:]
+                    and entry.shape[0] <= item.shape[0]
+                )
                 if unchanged_layout and not source.loras and not source.token_rows:
                     src_fd = in_fd(source.file.path)
                     last = raw_copies[-1] if raw_copies else None
-                    if (last and last[0] == src_fd and last[1] == out_fd and last[3] + last[2] == entry.start
-                            and last[4] + last[2] == offset):
+                    if (
+                        last
+                        and last[0] == src_fd
+                        and last[1] == out_fd
+                        and last[3] + last[2] == entry.start
+                        and last[4] + last[2] == offset
+                    ):
                         last[2] += item.nbytes  # neighbours in both files: one copy
                     else:
                         raw_copies.append([src_fd, out_fd, item.nbytes, entry.start, offset, str(source.file.path)])
@@ -735,8 +827,10 @@ def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTens
             _copy_range(src_fd, out_fd, nbytes, src_offset, out_offset, what)
             flusher.start(out_fd, out_offset, nbytes)
 
-        with ThreadPoolExecutor(1, thread_name_prefix="chla-merge-copy") as copier, \
-                ThreadPoolExecutor(2, thread_name_prefix="chla-merge-io") as io_pool:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="chla-merge-copy") as copier,
+            ThreadPoolExecutor(2, thread_name_prefix="chla-merge-io") as io_pool,
+        ):
             copies = [copier.submit(copy, *job) for job in raw_copies]
             import torch  # the copies run meanwhile
 
@@ -751,8 +845,10 @@ def _write_shards(tmp_dir: Path, names: list[str], groups: list[list[PlannedTens
                 for item, out_fd, offset in whole:
                     tensor = merged_tensor(item, base, adapters, scratch)
                     if tuple(tensor.shape) != item.shape or tensor.dtype != torch_dtype(item.dtype):
-                        raise RuntimeError(f"bug: {item.name} came out {tensor.dtype} {tuple(tensor.shape)}, "
-                                           f"planned {item.dtype} {item.shape}")
+                        raise RuntimeError(
+                            f"bug: {item.name} came out {tensor.dtype} {tuple(tensor.shape)}, "
+                            f"planned {item.dtype} {item.shape}"
+                        )
                     _pwrite_all(out_fd, tensor.reshape(-1).view(torch.uint8).numpy().data, offset)
                     flusher.start(out_fd, offset, item.nbytes)
                     progress.add(item.nbytes)
@@ -782,11 +878,11 @@ class _Progress:
             self.last = time.monotonic()
 
 
-def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flusher, scratch: Scratch,
-                   progress: _Progress) -> None:
+def _stream_chunks(
+    streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flusher, scratch: Scratch, progress: _Progress
+) -> None:
     """Read, merge and write every chunk of the streamed tensors, pipelined over a ring of buffers."""
     import torch
-
 
     def chunk_list():
         for item, source, out_fd, offset in streamed:
@@ -804,15 +900,16 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
         src = chunk.source
         entry = src.file.tensors[src.key]
         stored = max(0, min(chunk.rows, entry.shape[0] - chunk.first_row)) * chunk.row_bytes
-        view = buffers[slot].numpy().data[:chunk.nbytes]
-        _pread_into(fd, view[:stored], entry.start + chunk.first_row * chunk.row_bytes,
-                    f"{src.file.path} (tensor {src.key})")
+        view = buffers[slot].numpy().data[: chunk.nbytes]
+        _pread_into(
+            fd, view[:stored], entry.start + chunk.first_row * chunk.row_bytes, f"{src.file.path} (tensor {src.key})"
+        )
         if stored < chunk.nbytes:  # rows the token rows grow the matrix by: every one is patched
-            buffers[slot][stored:chunk.nbytes].zero_()
+            buffers[slot][stored : chunk.nbytes].zero_()
 
     def write(chunk: Chunk, slot: int) -> None:
         offset = chunk.out_offset + chunk.first_row * chunk.row_bytes
-        _pwrite_all(chunk.out_fd, buffers[slot].numpy().data[:chunk.nbytes], offset)
+        _pwrite_all(chunk.out_fd, buffers[slot].numpy().data[: chunk.nbytes], offset)
         flusher.start(chunk.out_fd, offset, chunk.nbytes)
 
     def start_read() -> bool:
@@ -837,7 +934,7 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
         chunk, slot, pending = reads.popleft()
         pending.result()
         start_read()
-        rows = buffers[slot][:chunk.nbytes].view(torch_dtype(chunk.item.dtype)).view(chunk.rows, *chunk.item.shape[1:])
+        rows = buffers[slot][: chunk.nbytes].view(torch_dtype(chunk.item.dtype)).view(chunk.rows, *chunk.item.shape[1:])
         apply_loras(rows, chunk.first_row, chunk.deltas, scratch)
         apply_row_patches(rows, chunk.first_row, chunk.patches)
         writes[slot] = io_pool.submit(write, chunk, slot)
@@ -847,9 +944,15 @@ def _stream_chunks(streamed, in_fd, io_pool: ThreadPoolExecutor, flusher: Flushe
             last_write.result()
 
 
-def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                   shard_size: str | int = "5GB", dtype: str | None = None, log: Log = print,
-                   progress: Callable[..., None] | None = None) -> dict:
+def merge_adapters(
+    base_dir: str | os.PathLike,
+    adapter_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    shard_size: str | int = "5GB",
+    dtype: str | None = None,
+    log: Log = print,
+    progress: Callable[..., None] | None = None,
+) -> dict:
     """Merge `adapter_dirs` (in order) into the model at `base_dir`; write an HF model to `out_dir`.
 
     Returns a summary (tensors, bytes, shards, vocab size, seconds). `progress(done, total=...)` is
@@ -869,36 +972,47 @@ def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.
     if tokenizer_dir is None and _has_tokenizer(base_dir):
         tokenizer_dir = base_dir
     if tokenizer_dir is None:
-        raise ChlaError(f"no tokenizer in base {base_dir} or in any adapter; copy the tokenizer files "
-                        "(tokenizer.model, tokenizer_config.json, ...) into the last adapter's directory")
+        raise ChlaError(
+            f"no tokenizer in base {base_dir} or in any adapter; copy the tokenizer files "
+            "(tokenizer.model, tokenizer_config.json, ...) into the last adapter's directory"
+        )
 
     vocab_rows = next((p.shape[0] for p in planned if p.name == EMBED_KEY), base.config.get("vocab_size"))
     _check_tokenizer(tokenizer_dir, vocab_rows)
 
     groups = _shard_groups(planned, shard_bytes)
     total_bytes = sum(item.nbytes for item in planned)
-    log(f"merge: {len(adapters)} adapter(s) into {base_dir}: {len(planned)} tensors, "
-        f"{total_bytes / 1e9:.2f} GB in {len(groups)} shard(s), vocabulary {vocab_rows}")
+    log(
+        f"merge: {len(adapters)} adapter(s) into {base_dir}: {len(planned)} tensors, "
+        f"{total_bytes / 1e9:.2f} GB in {len(groups)} shard(s), vocabulary {vocab_rows}"
+    )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        names = (["model.safetensors"] if len(groups) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+        names = (
+            ["model.safetensors"]
+            if len(groups) == 1
+            else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        )
         report = (lambda done: progress(done, total=total_bytes)) if progress else None
         weight_map = _write_shards(tmp_dir, names, groups, base, adapters, total_bytes, log, report)
         if progress is not None:
             progress(total_bytes, total=total_bytes)
         if len(groups) > 1:
-            _write_json(tmp_dir / "model.safetensors.index.json",
-                        {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+            _write_json(
+                tmp_dir / "model.safetensors.index.json",
+                {"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+            )
 
         config = dict(base.config)
         config["vocab_size"] = vocab_rows
         if config.get("tie_word_embeddings") and not keep_tied:
             config["tie_word_embeddings"] = False
         if out_dtype is not None:
-            config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = _CONFIG_DTYPE[out_dtype]
+            config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = _CONFIG_DTYPE[
+                out_dtype
+            ]
         _write_json(tmp_dir / "config.json", config)
         if (base_dir / "generation_config.json").is_file():
             shutil.copy2(base_dir / "generation_config.json", tmp_dir / "generation_config.json")
@@ -906,22 +1020,37 @@ def merge_adapters(base_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.
             if (tokenizer_dir / file_name).is_file():
                 shutil.copy2(tokenizer_dir / file_name, tmp_dir / file_name)
         make_portable(tmp_dir)  # an adapter saved by transformers 5 elsewhere loads in 4 too
-        _write_json(tmp_dir / "chla_merge.json", {
-            "base": str(base_dir), "adapters": [str(a.dir) for a in adapters],
-            "tokenizer_from": str(tokenizer_dir), "dtype": dtype, "shard_size": shard_bytes})
+        _write_json(
+            tmp_dir / "chla_merge.json",
+            {
+                "base": str(base_dir),
+                "adapters": [str(a.dir) for a in adapters],
+                "tokenizer_from": str(tokenizer_dir),
+                "dtype": dtype,
+                "shard_size": shard_bytes,
+            },
+        )
         replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     seconds = time.monotonic() - started
     log(f"merge: wrote {out_dir} ({total_bytes / 1e9:.2f} GB, {len(groups)} shard(s)) in {seconds:.1f} s")
-    return {"tensors": len(planned), "bytes": total_bytes, "shards": len(groups), "vocab_size": vocab_rows,
-            "tied_embeddings": keep_tied, "tokenizer_from": str(tokenizer_dir), "seconds": round(seconds, 2)}
+    return {
+        "tensors": len(planned),
+        "bytes": total_bytes,
+        "shards": len(groups),
+        "vocab_size": vocab_rows,
+        "tied_embeddings": keep_tied,
+        "tokenizer_from": str(tokenizer_dir),
+        "seconds": round(seconds, 2),
+    }
 
 
 def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer_config.json").is_file() and (
-        (directory / "tokenizer.model").is_file() or (directory / "tokenizer.json").is_file())
+        (directory / "tokenizer.model").is_file() or (directory / "tokenizer.json").is_file()
+    )
 
 
 def tokenizer_size(tokenizer_dir: Path) -> int:
@@ -935,7 +1064,9 @@ def tokenizer_size(tokenizer_dir: Path) -> int:
             return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
         import sentencepiece
 
-        ids = set(range(sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).vocab_size()))
+        ids = set(
+            range(sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).vocab_size())
+        )
         decoder = _read_json(tokenizer_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
         ids.update(int(i) for i in decoder)
         if (tokenizer_dir / "added_tokens.json").is_file():
@@ -944,16 +1075,20 @@ def tokenizer_size(tokenizer_dir: Path) -> int:
     except ChlaError:
         raise
     except Exception as err:  # noqa: BLE001 - a corrupt file can fail in many ways
-        raise ChlaError(f"tokenizer in {tokenizer_dir} does not load ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); fix or replace its files") from None
+        raise ChlaError(
+            f"tokenizer in {tokenizer_dir} does not load ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); fix or replace its files"
+        ) from None
 
 
 def _check_tokenizer(tokenizer_dir: Path, vocab_rows: int | None) -> None:
     size = tokenizer_size(tokenizer_dir)
     if vocab_rows is not None and size > vocab_rows:
-        raise ChlaError(f"tokenizer in {tokenizer_dir} has {size} tokens but the merged model has "
-                        f"{vocab_rows} embedding rows; the adapter that added tokens must save embed_tokens "
-                        "and lm_head (modules_to_save)")
+        raise ChlaError(
+            f"tokenizer in {tokenizer_dir} has {size} tokens but the merged model has "
+            f"{vocab_rows} embedding rows; the adapter that added tokens must save embed_tokens "
+            "and lm_head (modules_to_save)"
+        )
 
 
 def _read_json(path: Path) -> dict:
@@ -970,11 +1105,20 @@ def _write_json(path: Path, obj) -> None:
 
 # --- stage runner ------------------------------------------------------------------------------
 
-def merge_with_params(params: MergeParams, out_dir: str | os.PathLike, log: Log = print,
-                      progress: Callable[..., None] | None = None) -> dict:
+
+def merge_with_params(
+    params: MergeParams, out_dir: str | os.PathLike, log: Log = print, progress: Callable[..., None] | None = None
+) -> dict:
     """`merge_adapters` as the stage kind's params describe it (`chla merge` and the stage)."""
-    return merge_adapters(params.base, params.adapters, out_dir, shard_size=params.shard_size, dtype=params.dtype,
-                          log=log, progress=progress)
+    return merge_adapters(
+        params.base,
+        params.adapters,
+        out_dir,
+        shard_size=params.shard_size,
+        dtype=params.dtype,
+        log=log,
+        progress=progress,
+    )
 
 
 def run(ctx: StageContext[MergeParams]) -> dict:

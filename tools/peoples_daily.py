@@ -65,8 +65,9 @@ def split_sentences(words: list[Word]) -> list[list[Word]]:
     for index, word in enumerate(words):
         current.append(word)
         following = words[index + 1].text if index + 1 < len(words) else ""
-        ended = word.text[-1] in SENTENCE_ENDS or (word.text in CLOSERS and len(current) > 1
-                                                   and current[-2].text[-1] in SENTENCE_ENDS)
+        ended = word.text[-1] in SENTENCE_ENDS or (
+            word.text in CLOSERS and len(current) > 1 and current[-2].text[-1] in SENTENCE_ENDS
+        )
         if ended and following not in CLOSERS:
             sentences.append(current)
             current = []
@@ -90,8 +91,7 @@ def people_in_run(names: list[str]) -> list[str]:
 def _is_complete(person: list[str], following: str) -> bool:
     if len(person) == 1:
         return len(person[0]) >= 3
-    double_surname = (len(person) == 2 and len(person[0]) == 1 and len(person[1]) == 1
-                      and len(following) >= 2)
+    double_surname = len(person) == 2 and len(person[0]) == 1 and len(person[1]) == 1 and len(following) >= 2
     return not double_surname
 
 

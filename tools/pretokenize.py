@@ -71,8 +71,7 @@ FORMAT_VERSION = "chla-pretokenized-v1"
 MANIFEST = "manifest.json"
 TEXT_SUFFIXES = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "json"}
 # Where a too-long document may be cut (besides before a space): after these (UTF-8).
-_CUT_MARKS = (b"\n", b"\t", "。".encode(), "，".encode(), "！".encode(), "？".encode(),
-              "；".encode(), "、".encode())
+_CUT_MARKS = (b"\n", b"\t", "。".encode(), "，".encode(), "！".encode(), "？".encode(), "；".encode(), "、".encode())
 _HASH_BLOCK = 1 << 22
 
 
@@ -89,12 +88,12 @@ def default_cache_dir() -> Path:
 class PretokenizeOptions:
     """Everything that changes the produced ids (all of it goes into the cache key)."""
 
-    text_format: str = "auto"          # auto (by suffix) | txt | jsonl | json
-    txt_documents: str = "line"        # line | paragraph (blank-line separated)
+    text_format: str = "auto"  # auto (by suffix) | txt | jsonl | json
+    txt_documents: str = "line"  # line | paragraph (blank-line separated)
     text_key: str = "text"
     append_eos: bool = True
     prepend_bos: bool = False
-    encoder: str = "auto"              # auto | sentencepiece | hf
+    encoder: str = "auto"  # auto | sentencepiece | hf
     # Documents longer than this many bytes are encoded in chunks (bounded memory).
     chunk_bytes: int = 1 << 20
 
@@ -113,6 +112,7 @@ class Layout:
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
+
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
     """Globs -> sorted unique files. A pattern matching nothing is an error (a typo would
@@ -134,14 +134,16 @@ def file_format(path: Path, options: PretokenizeOptions) -> str:
         return options.text_format
     fmt = TEXT_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise ChlaError(f"pretokenize: {path}: unknown input type {path.suffix!r}; use .txt, .jsonl or "
-                        f".json, or set text_format")
+        raise ChlaError(
+            f"pretokenize: {path}: unknown input type {path.suffix!r}; use .txt, .jsonl or .json, or set text_format"
+        )
     return fmt
 
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer identity and encoder choice
 # --------------------------------------------------------------------------------------------
+
 
 def hash_file(path: Path, start: int = 0, end: int | None = None) -> str:
     digest = _blake()
@@ -161,8 +163,10 @@ def hash_file(path: Path, start: int = 0, end: int | None = None) -> str:
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
     """Hash of every file of the tokenizer directory (names and contents)."""
     if not tokenizer_dir.is_dir():
-        raise ChlaError(f"pretokenize: tokenizer {tokenizer_dir} is not a directory; pass an HF "
-                        f"tokenizer directory (tokenizer.model / tokenizer.json + tokenizer_config.json)")
+        raise ChlaError(
+            f"pretokenize: tokenizer {tokenizer_dir} is not a directory; pass an HF "
+            f"tokenizer directory (tokenizer.model / tokenizer.json + tokenizer_config.json)"
+        )
     digest = _blake()
     for path in sorted(p for p in tokenizer_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
         digest.update(path.name.encode() + b"\0" + hash_file(path).encode() + b"\n")
@@ -178,9 +182,12 @@ _PROBES = [
     "这款手机的屏幕很清晰，电池也耐用，就是价格有点贵！",
     "The quick brown fox jumps over the lazy dog. It's 3:45pm, isn't it?",
     "混合 mixed text 与 English words 和数字 12345 以及 emoji 😀 and ÄÖÜ ß.",
-    "Tabs\tand\nnewlines, (brackets) [1] {x: y} <tag> & \"quotes\" — dash… ellipsis",
+    'Tabs\tand\nnewlines, (brackets) [1] {x: y} <tag> & "quotes" — dash… ellipsis',
     "日本語のテキストと한국어 텍스트, Ελληνικά, русский текст.",
-    "trailing spaces  ", "a", "。", "１２３ＡＢＣ　全角空格",
+    "trailing spaces  ",
+    "a",
+    "。",
+    "１２３ＡＢＣ　全角空格",
 ]
 _SPACE_PROBES = ["  leading spaces", "hello  world", "double  space   triple", "x    y"]
 
@@ -189,10 +196,10 @@ _SPACE_PROBES = ["  leading spaces", "hello  world", "double  space   triple", "
 class TokenizerInfo:
     path: str
     fingerprint: str
-    vocab_size: int           # len(HF tokenizer): base vocabulary plus added tokens
+    vocab_size: int  # len(HF tokenizer): base vocabulary plus added tokens
     eos_id: int | None
     bos_id: int | None
-    sp_model: str | None      # tokenizer.model usable for the fast path, else None
+    sp_model: str | None  # tokenizer.model usable for the fast path, else None
     encoder_check: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -202,22 +209,31 @@ class TokenizerInfo:
 
 def _load_hf_tokenizer(tokenizer_dir: Path):
     from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as exc:  # the library raises many types for a bad directory
-        raise ChlaError(f"pretokenize: cannot load tokenizer from {tokenizer_dir}: {exc}; pass an HF "
-                        f"tokenizer directory") from exc
+        raise ChlaError(
+            f"pretokenize: cannot load tokenizer from {tokenizer_dir}: {exc}; pass an HF tokenizer directory"
+        ) from exc
 
 
 def _inspect_tokenizer(tokenizer_dir: Path, fingerprint: str) -> TokenizerInfo:
     tokenizer = _load_hf_tokenizer(tokenizer_dir)
-    info = TokenizerInfo(path=str(tokenizer_dir), fingerprint=fingerprint, vocab_size=len(tokenizer),
-                         eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id, sp_model=None)
+    info = TokenizerInfo(
+        path=str(tokenizer_dir),
+        fingerprint=fingerprint,
+        vocab_size=len(tokenizer),
+        eos_id=tokenizer.eos_token_id,
+        bos_id=tokenizer.bos_token_id,
+        sp_model=None,
+    )
     sp_path = tokenizer_dir / "tokenizer.model"
     if not sp_path.is_file():
         info.encoder_check = {"sentencepiece": False, "reason": "no tokenizer.model"}
         return info
     import sentencepiece as spm
+
     try:
         sp = spm.SentencePieceProcessor(model_file=str(sp_path))
     except Exception as exc:
@@ -265,8 +281,9 @@ def choose_encoder(info: TokenizerInfo, options: PretokenizeOptions) -> str:
         return "hf"
     if options.encoder == "sentencepiece":
         if not (Path(info.path) / "tokenizer.model").is_file():
-            raise ChlaError(f"pretokenize: encoder: sentencepiece but {info.path} has no tokenizer.model; "
-                            f"use encoder: auto or hf")
+            raise ChlaError(
+                f"pretokenize: encoder: sentencepiece but {info.path} has no tokenizer.model; use encoder: auto or hf"
+            )
         return "sentencepiece"
     return "sentencepiece" if info.sp_model else "hf"
 
@@ -274,6 +291,7 @@ def choose_encoder(info: TokenizerInfo, options: PretokenizeOptions) -> str:
 # --------------------------------------------------------------------------------------------
 # Finding document boundaries without reading whole files
 # --------------------------------------------------------------------------------------------
+
 
 def _is_blank(line: bytes) -> bool:
     return not line.strip()
@@ -309,7 +327,7 @@ def next_document_start(handle, pos: int, end: int, fmt: str, txt_documents: str
         before = handle.read(line_start - back)
         previous_newline = before.rfind(b"\n", 0, len(before) - 1)
         if previous_newline >= 0 or back == 0:
-            if _is_blank(before[previous_newline + 1:]):
+            if _is_blank(before[previous_newline + 1 :]):
                 return line_start
         line_start = _line_start_at_or_after(handle, line_start + 1, end)
     return line_start
@@ -339,6 +357,7 @@ def _chunk_cut(data: bytes) -> int:
 # --------------------------------------------------------------------------------------------
 # Planning: pieces (cache units, shards) and their assignment to tasks
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -382,8 +401,9 @@ def assign_pieces(pieces: list[Piece], num_tasks: int) -> list[list[Piece]]:
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 
 
-def _items_for_range(path: str, fmt: str, txt_documents: str, start: int, end: int,
-                     batch_bytes: int, chunk_bytes: int) -> Iterator[tuple]:
+def _items_for_range(
+    path: str, fmt: str, txt_documents: str, start: int, end: int, batch_bytes: int, chunk_bytes: int
+) -> Iterator[tuple]:
     """Work items for the worker processes, in stream order:
     ("docs", path, fmt, a, b) holds whole documents; ("chunk", path, fmt, a, b, first, last) is a
     part of one document longer than chunk_bytes (cut at whitespace/punctuation)."""
@@ -432,9 +452,10 @@ def _items_for_range(path: str, fmt: str, txt_documents: str, start: int, end: i
 # Worker processes
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class EncoderSpec:
-    encoder: str                  # sentencepiece | hf
+    encoder: str  # sentencepiece | hf
     tokenizer_dir: str
     sp_model: str | None
     options: PretokenizeOptions
@@ -451,6 +472,7 @@ class _Encoder:
         if spec.encoder == "sentencepiece":
             import sentencepiece as spm
             from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
             model_bytes = Path(spec.sp_model or Path(spec.tokenizer_dir) / "tokenizer.model").read_bytes()
             sp = spm.SentencePieceProcessor(model_proto=model_bytes)
             self.encode = lambda texts: sp.encode(texts, num_threads=1)
@@ -476,23 +498,30 @@ class _Encoder:
             try:
                 from tokenizers import Tokenizer
                 from tokenizers.pre_tokenizers import Metaspace
+
                 if isinstance(backend.pre_tokenizer, Metaspace):
                     continued = Tokenizer.from_str(backend.to_str())
-                    continued.pre_tokenizer = Metaspace(replacement="▁", prepend_scheme="never",
-                                                        split=backend.pre_tokenizer.split)
+                    continued.pre_tokenizer = Metaspace(
+                        replacement="▁", prepend_scheme="never", split=backend.pre_tokenizer.split
+                    )
             except Exception:
                 continued = backend
-            self.encode_continued = lambda texts: [e.ids for e in continued.encode_batch(texts, add_special_tokens=False)]
+            self.encode_continued = lambda texts: [
+                e.ids for e in continued.encode_batch(texts, add_special_tokens=False)
+            ]
 
     def encode_documents(self, docs: list[str]) -> np.ndarray:
         """Documents -> one flat id array (EOS after each, BOS before each if asked)."""
-        if self._separator is not None and not self.spec.options.prepend_bos and not any(
-                _SEPARATOR in doc for doc in docs):
+        if (
+            self._separator is not None
+            and not self.spec.options.prepend_bos
+            and not any(_SEPARATOR in doc for doc in docs)
+        ):
             # Documents joined in groups as "doc1\x00 doc2\x00 doc3": with an identity normalizer
             # "\x00" is a byte-fallback piece no merge can cross, and " " gives each document the
             # dummy prefix, so the ids equal per-document encoding (checked at start). Fewer,
             # longer strings cut SentencePiece's per-call cost and the flattening.
-            groups = [_JOIN.join(docs[i:i + _GROUP]) for i in range(0, len(docs), _GROUP)]
+            groups = [_JOIN.join(docs[i : i + _GROUP]) for i in range(0, len(docs), _GROUP)]
             encoded = self.encode(groups)
             separator = self._separator
             for ids in encoded:
@@ -510,6 +539,7 @@ class _Encoder:
     def _joined_encoding_is_exact(self, sp) -> int | None:
         """The separator id if joined encoding equals per-document encoding on the probes."""
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
         proto = model_pb2.ModelProto()
         proto.ParseFromString(sp.serialized_model_proto())
         spec = proto.normalizer_spec
@@ -553,8 +583,14 @@ def _init_worker(spec: EncoderSpec) -> None:
 
 
 def _new_bad() -> dict[str, int]:
-    return {"invalid_utf8_documents": 0, "invalid_json": 0, "not_an_object": 0,
-            "missing_text_key": 0, "non_string_text": 0, "empty_documents": 0}
+    return {
+        "invalid_utf8_documents": 0,
+        "invalid_json": 0,
+        "not_an_object": 0,
+        "missing_text_key": 0,
+        "non_string_text": 0,
+        "empty_documents": 0,
+    }
 
 
 def _decode(raw: bytes, bad: dict[str, int], where: dict) -> list[str]:
@@ -590,8 +626,9 @@ def _record_text(record: Any, key: str, bad: dict[str, int], where: dict, locati
     return text
 
 
-def documents_of(raw: bytes, fmt: str, options: PretokenizeOptions, bad: dict[str, int],
-                 where: dict, path: str) -> list[str]:
+def documents_of(
+    raw: bytes, fmt: str, options: PretokenizeOptions, bad: dict[str, int], where: dict, path: str
+) -> list[str]:
     """Split a byte range holding whole documents into document texts."""
     if fmt == "json":
         try:
@@ -599,8 +636,10 @@ def documents_of(raw: bytes, fmt: str, options: PretokenizeOptions, bad: dict[st
         except (UnicodeDecodeError, ValueError) as exc:
             raise ChlaError(f"pretokenize: {path}: not valid UTF-8 JSON ({exc}); fix the file or use JSONL") from None
         if not isinstance(records, list):
-            raise ChlaError(f"pretokenize: {path}: top level is a JSON {type(records).__name__}, expected a "
-                            f"list of objects with key {options.text_key!r}")
+            raise ChlaError(
+                f"pretokenize: {path}: top level is a JSON {type(records).__name__}, expected a "
+                f"list of objects with key {options.text_key!r}"
+            )
         docs = []
         for index, record in enumerate(records):
             text = _record_text(record, options.text_key, bad, where, f"record {index}")
@@ -668,11 +707,23 @@ def encode_item(item: tuple) -> tuple[bytes, int, dict, dict]:
 # One task
 # --------------------------------------------------------------------------------------------
 
-def _cache_key(info: TokenizerInfo, options: PretokenizeOptions, encoder: str, fmt: str,
-               size: int, content_hash: str) -> str:
-    payload = json.dumps({"v": FORMAT_VERSION, "tokenizer": info.fingerprint, "encoder": encoder,
-                          "dtype": info.dtype.str, "format": fmt, "options": options.key_fields(),
-                          "size": size, "blake2b": content_hash}, sort_keys=True)
+
+def _cache_key(
+    info: TokenizerInfo, options: PretokenizeOptions, encoder: str, fmt: str, size: int, content_hash: str
+) -> str:
+    payload = json.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "tokenizer": info.fingerprint,
+            "encoder": encoder,
+            "dtype": info.dtype.str,
+            "format": fmt,
+            "options": options.key_fields(),
+            "size": size,
+            "blake2b": content_hash,
+        },
+        sort_keys=True,
+    )
     return hashlib.blake2b(payload.encode(), digest_size=20).hexdigest()
 
 
@@ -711,7 +762,7 @@ def _remove_dead_tmp(directory: Path, prefix: str) -> None:
     """Remove temporary files of killed writers on this host (named .<prefix>.<host>.<pid>.tmp)."""
     host = socket.gethostname()
     for tmp in directory.glob(f".{prefix}.*.tmp"):
-        parts = tmp.name[len(prefix) + 2:-4].rsplit(".", 1)
+        parts = tmp.name[len(prefix) + 2 : -4].rsplit(".", 1)
         if len(parts) != 2 or parts[0] != host or not parts[1].isdigit():
             continue
         try:
@@ -732,11 +783,13 @@ class _WorkerPool:
     def map_ordered(self, items: Iterator[tuple]) -> Iterator[tuple]:
         if self.pool is None:
             import multiprocessing
+
             # SentencePiece workers touch nothing of the parent but files, so fork (fast start) is
             # safe; HF tokenizers hold thread pools that do not survive a fork, so spawn for them.
             method = "fork" if self.spec.encoder == "sentencepiece" and os.name == "posix" else "spawn"
             self.pool = multiprocessing.get_context(method).Pool(
-                self.workers, initializer=_init_worker, initargs=(self.spec,))
+                self.workers, initializer=_init_worker, initargs=(self.spec,)
+            )
         window: deque = deque()
         for item in items:
             window.append(self.pool.apply_async(encode_item, (item,)))
@@ -756,11 +809,20 @@ class _WorkerPool:
             self.pool.join()
 
 
-def run_task(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, task_index: int = 0,
-             num_tasks: int = 1, options: PretokenizeOptions = PretokenizeOptions(),
-             layout: Layout = Layout(), cache_dir: str | Path | None = None, workers: int | None = None,
-             block_size: int | None = None, log: Callable[[str], None] = print,
-             progress: Callable[..., None] | None = None) -> dict[str, Any]:
+def run_task(
+    inputs: list[str],
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    options: PretokenizeOptions = PretokenizeOptions(),
+    layout: Layout = Layout(),
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    block_size: int | None = None,
+    log: Callable[[str], None] = print,
+    progress: Callable[..., None] | None = None,
+) -> dict[str, Any]:
     """Tokenize this task's share of the pieces (from the cache where possible) and publish them
     as shards in out_dir, plus tasks/task-T-of-N.json for finalize. `progress(done, total=...)`
     is told after every piece."""
@@ -777,8 +839,7 @@ def run_task(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
     encoder = choose_encoder(info, options)
     pieces = assign_pieces(plan_pieces(files, options, layout), num_tasks)[task_index]
     workers = workers or len(os.sched_getaffinity(0))
-    spec = EncoderSpec(encoder, str(info.path), info.sp_model, options, info.eos_id, info.bos_id,
-                       info.dtype.str)
+    spec = EncoderSpec(encoder, str(info.path), info.sp_model, options, info.eos_id, info.bos_id, info.dtype.str)
     pool = _WorkerPool(spec, workers)
     shards, tokenized, reused, text_bytes = [], 0, 0, 0
     try:
@@ -789,9 +850,14 @@ def run_task(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
                 start = next_document_start(handle, piece.nominal_start, size, piece.fmt, options.txt_documents)
                 if end < size:
                     end = next_document_start(handle, end, size, piece.fmt, options.txt_documents)
-            record: dict[str, Any] = {"file": piece.name + ".bin", "source_index": piece.file_index,
-                                      "source": piece.path, "piece": piece.piece_index,
-                                      "byte_range": [start, end], "task": task_index}
+            record: dict[str, Any] = {
+                "file": piece.name + ".bin",
+                "source_index": piece.file_index,
+                "source": piece.path,
+                "piece": piece.piece_index,
+                "byte_range": [start, end],
+                "task": task_index,
+            }
             if end <= start:  # a document that began in an earlier piece covers this one
                 record.update(tokens=0, documents=0, blake2b=None, encoder=encoder, bad=_new_bad())
                 shards.append(record)
@@ -807,9 +873,15 @@ def run_task(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
                 reused += 1
             _link_or_copy(cache_dir / f"{key}.bin", out_dir / f"{piece.name}.bin")
             _link_or_copy(cache_dir / f"{key}.json", out_dir / f"{piece.name}.json")
-            record.update(tokens=counts["tokens"], documents=counts["documents"], blake2b=content_hash,
-                          encoder=counts["encoder"], bad=counts["bad"], bad_where=counts.get("bad_where", {}),
-                          cache_key=key)
+            record.update(
+                tokens=counts["tokens"],
+                documents=counts["documents"],
+                blake2b=content_hash,
+                encoder=counts["encoder"],
+                bad=counts["bad"],
+                bad_where=counts.get("bad_where", {}),
+                cache_key=key,
+            )
             shards.append(record)
             if progress is not None:
                 progress(number + 1, total=len(pieces))
@@ -819,26 +891,53 @@ def run_task(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
         pool.close(finished=False)
         raise
     pool.close(finished=True)
-    summary = {"task": task_index, "num_tasks": num_tasks, "tokenizer": asdict(info), "encoder": encoder,
-               "options": options.key_fields(), "layout": asdict(layout), "block_size": block_size,
-               "inputs": [str(f) for f in files], "shards": shards,
-               "pieces_tokenized": tokenized, "pieces_cached": reused}
+    summary = {
+        "task": task_index,
+        "num_tasks": num_tasks,
+        "tokenizer": asdict(info),
+        "encoder": encoder,
+        "options": options.key_fields(),
+        "layout": asdict(layout),
+        "block_size": block_size,
+        "inputs": [str(f) for f in files],
+        "shards": shards,
+        "pieces_tokenized": tokenized,
+        "pieces_cached": reused,
+    }
     write_json(out_dir / "tasks" / f"task-{task_index:05d}-of-{num_tasks:05d}.json", summary)
     seconds = time.perf_counter() - started
     tokens = sum(s["tokens"] for s in shards)
-    log(f"task {task_index}/{num_tasks}: {len(shards)} pieces, {tokenized} tokenized, {reused} from cache, "
-        f"{tokens:,} tokens in {seconds:.1f} s")
-    return {"pieces": len(shards), "pieces_tokenized": tokenized, "pieces_cached": reused,
-            "tokens": tokens, "text_bytes_tokenized": text_bytes, "seconds": round(seconds, 3)}
+    log(
+        f"task {task_index}/{num_tasks}: {len(shards)} pieces, {tokenized} tokenized, {reused} from cache, "
+        f"{tokens:,} tokens in {seconds:.1f} s"
+    )
+    return {
+        "pieces": len(shards),
+        "pieces_tokenized": tokenized,
+        "pieces_cached": reused,
+        "tokens": tokens,
+        "text_bytes_tokenized": text_bytes,
+        "seconds": round(seconds, 3),
+    }
 
 
-def _tokenize_piece(piece: Piece, start: int, end: int, key: str, cache_dir: Path, pool: _WorkerPool,
-                    spec: EncoderSpec, layout: Layout, log: Callable[[str], None]) -> dict:
+def _tokenize_piece(
+    piece: Piece,
+    start: int,
+    end: int,
+    key: str,
+    cache_dir: Path,
+    pool: _WorkerPool,
+    spec: EncoderSpec,
+    layout: Layout,
+    log: Callable[[str], None],
+) -> dict:
     _remove_dead_tmp(cache_dir, f"{key}.bin")
     tmp = cache_dir / f".{key}.bin.{socket.gethostname()}.{os.getpid()}.tmp"
     bad, where, tokens, documents = _new_bad(), dict[str, str](), 0, 0
-    items = _items_for_range(piece.path, piece.fmt, spec.options.txt_documents, start, end,
-                             layout.batch_bytes, spec.options.chunk_bytes)
+    items = _items_for_range(
+        piece.path, piece.fmt, spec.options.txt_documents, start, end, layout.batch_bytes, spec.options.chunk_bytes
+    )
     try:
         with open(tmp, "wb") as out:
             for ids, docs, item_bad, item_where in pool.map_ordered(items):
@@ -851,19 +950,29 @@ def _tokenize_piece(piece: Piece, start: int, end: int, key: str, cache_dir: Pat
                     where.setdefault(name, location)
             out.flush()
             os.fsync(out.fileno())
-        if documents == 0 and any(bad[k] for k in ("invalid_json", "not_an_object", "missing_text_key",
-                                                   "non_string_text")):
+        if documents == 0 and any(
+            bad[k] for k in ("invalid_json", "not_an_object", "missing_text_key", "non_string_text")
+        ):
             first = next(f"{k}: {where[k]}" for k in where)
-            raise ChlaError(f"pretokenize: {piece.path} (bytes {start}-{end}): no usable record "
-                            f"({first}); check text_key (now {spec.options.text_key!r}) and the format")
+            raise ChlaError(
+                f"pretokenize: {piece.path} (bytes {start}-{end}): no usable record "
+                f"({first}); check text_key (now {spec.options.text_key!r}) and the format"
+            )
         os.replace(tmp, cache_dir / f"{key}.bin")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     located = {name: f"{piece.path}: {location}" for name, location in where.items()}
-    counts = {"key": key, "tokens": tokens, "documents": documents, "encoder": spec.encoder,
-              "dtype": spec.dtype, "bad": bad, "bad_where": located,
-              "source": {"path": piece.path, "byte_range": [start, end]}}
+    counts = {
+        "key": key,
+        "tokens": tokens,
+        "documents": documents,
+        "encoder": spec.encoder,
+        "dtype": spec.dtype,
+        "bad": bad,
+        "bad_where": located,
+        "source": {"path": piece.path, "byte_range": [start, end]},
+    }
     write_json(cache_dir / f"{key}.json", counts)  # last: the commit marker of the entry
     for name, location in located.items():
         log(f"warning: {name} in {location} (counted in the manifest)")
@@ -874,14 +983,17 @@ def _tokenize_piece(piece: Piece, start: int, end: int, key: str, cache_dir: Pat
 # Finalize: the manifest, written last
 # --------------------------------------------------------------------------------------------
 
+
 def finalize_corpus(out_dir: str | Path, num_tasks: int, log: Callable[[str], None] = print) -> dict:
     out_dir = Path(out_dir)
     records = []
     for task in range(num_tasks):
         record = read_json(out_dir / "tasks" / f"task-{task:05d}-of-{num_tasks:05d}.json")
         if record is None:
-            raise ChlaError(f"pretokenize: task {task} of {num_tasks} has not finished in {out_dir}; "
-                            f"run the missing task, then finalize")
+            raise ChlaError(
+                f"pretokenize: task {task} of {num_tasks} has not finished in {out_dir}; "
+                f"run the missing task, then finalize"
+            )
         records.append(record)
     head = records[0]
     info = head["tokenizer"]
@@ -891,8 +1003,10 @@ def finalize_corpus(out_dir: str | Path, num_tasks: int, log: Callable[[str], No
         if shard["tokens"]:
             size = (out_dir / shard["file"]).stat().st_size
             if size != shard["tokens"] * dtype.itemsize:
-                raise ChlaError(f"pretokenize: {out_dir / shard['file']} has {size} bytes, expected "
-                                f"{shard['tokens'] * dtype.itemsize}; re-run the pretokenize stage")
+                raise ChlaError(
+                    f"pretokenize: {out_dir / shard['file']} has {size} bytes, expected "
+                    f"{shard['tokens'] * dtype.itemsize}; re-run the pretokenize stage"
+                )
     shards = [s for s in shards if s["tokens"]] + [s for s in shards if not s["tokens"]]
     shards.sort(key=lambda s: (s["source_index"], s["piece"]))
     sources = []
@@ -911,31 +1025,63 @@ def finalize_corpus(out_dir: str | Path, num_tasks: int, log: Callable[[str], No
                 bad_total[name] += count
         size = os.path.getsize(path)
         empty_files += size == 0
-        sources.append({"path": path, "size": size, "hash": f"blake2b-pieces:{tree.hexdigest()}",
-                        "documents": sum(s["documents"] for s in own), "tokens": sum(s["tokens"] for s in own),
-                        "bad": {k: v for k, v in bad.items() if v},
-                        "bad_where": {k: v for s in own for k, v in s.get("bad_where", {}).items()}})
+        sources.append(
+            {
+                "path": path,
+                "size": size,
+                "hash": f"blake2b-pieces:{tree.hexdigest()}",
+                "documents": sum(s["documents"] for s in own),
+                "tokens": sum(s["tokens"] for s in own),
+                "bad": {k: v for k, v in bad.items() if v},
+                "bad_where": {k: v for s in own for k, v in s.get("bad_where", {}).items()},
+            }
+        )
     published = [s for s in shards if s["tokens"]]
     total_tokens = sum(s["tokens"] for s in published)
     if total_tokens == 0:
-        raise ChlaError(f"pretokenize: the inputs ({len(sources)} files, {empty_files} empty) hold no text; "
-                        f"check --input and text_key")
+        raise ChlaError(
+            f"pretokenize: the inputs ({len(sources)} files, {empty_files} empty) hold no text; "
+            f"check --input and text_key"
+        )
     manifest = {
         "format": FORMAT_VERSION,
-        "dtype": dtype.name, "byteorder": "little",
-        "vocab_size": info["vocab_size"], "eos_id": info["eos_id"], "bos_id": info["bos_id"],
+        "dtype": dtype.name,
+        "byteorder": "little",
+        "vocab_size": info["vocab_size"],
+        "eos_id": info["eos_id"],
+        "bos_id": info["bos_id"],
         "block_size": head.get("block_size"),
-        "tokenizer": {"path": info["path"], "fingerprint": info["fingerprint"],
-                      "encoder": head["encoder"], "encoder_check": info["encoder_check"]},
-        "options": head["options"], "layout": head["layout"], "num_tasks": num_tasks,
+        "tokenizer": {
+            "path": info["path"],
+            "fingerprint": info["fingerprint"],
+            "encoder": head["encoder"],
+            "encoder_check": info["encoder_check"],
+        },
+        "options": head["options"],
+        "layout": head["layout"],
+        "num_tasks": num_tasks,
         "sources": sources,
-        "shards": [{"file": s["file"], "tokens": s["tokens"], "documents": s["documents"],
-                    "source_index": s["source_index"], "byte_range": s["byte_range"], "task": s["task"],
-                    "encoder": s["encoder"]} for s in published],
-        "totals": {"files": len(sources), "empty_files": empty_files,
-                   "bytes": sum(s["size"] for s in sources), "documents": sum(s["documents"] for s in sources),
-                   "tokens": total_tokens, "shards": len(published),
-                   "bad": bad_total},
+        "shards": [
+            {
+                "file": s["file"],
+                "tokens": s["tokens"],
+                "documents": s["documents"],
+                "source_index": s["source_index"],
+                "byte_range": s["byte_range"],
+                "task": s["task"],
+                "encoder": s["encoder"],
+            }
+            for s in published
+        ],
+        "totals": {
+            "files": len(sources),
+            "empty_files": empty_files,
+            "bytes": sum(s["size"] for s in sources),
+            "documents": sum(s["documents"] for s in sources),
+            "tokens": total_tokens,
+            "shards": len(published),
+            "bad": bad_total,
+        },
     }
     # Shards of earlier runs that this corpus no longer has, and leftovers of killed writers.
     keep = {s["file"] for s in published} | {s["file"][:-4] + ".json" for s in published}
@@ -943,44 +1089,75 @@ def finalize_corpus(out_dir: str | Path, num_tasks: int, log: Callable[[str], No
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
     write_json(out_dir / MANIFEST, manifest)
-    log(f"manifest: {len(published)} shards, {total_tokens:,} tokens, {manifest['totals']['documents']:,} "
-        f"documents, dtype {dtype.name}")
+    log(
+        f"manifest: {len(published)} shards, {total_tokens:,} tokens, {manifest['totals']['documents']:,} "
+        f"documents, dtype {dtype.name}"
+    )
     return manifest
 
 
-def pretokenize(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, num_shards: int = 1,
-                workers: int | None = None, options: PretokenizeOptions = PretokenizeOptions(),
-                layout: Layout = Layout(), cache_dir: str | Path | None = None,
-                block_size: int | None = None, log: Callable[[str], None] = print) -> dict:
+def pretokenize(
+    inputs: list[str],
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    num_shards: int = 1,
+    workers: int | None = None,
+    options: PretokenizeOptions = PretokenizeOptions(),
+    layout: Layout = Layout(),
+    cache_dir: str | Path | None = None,
+    block_size: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """All tasks one after the other on this machine (each on all cores), then the manifest."""
     totals = {"pieces_tokenized": 0, "pieces_cached": 0}
     for task in range(num_shards):
-        result = run_task(inputs, tokenizer_dir, out_dir, task, num_shards, options, layout, cache_dir,
-                          workers, block_size, log)
+        result = run_task(
+            inputs, tokenizer_dir, out_dir, task, num_shards, options, layout, cache_dir, workers, block_size, log
+        )
         totals["pieces_tokenized"] += result["pieces_tokenized"]
         totals["pieces_cached"] += result["pieces_cached"]
     manifest = finalize_corpus(out_dir, num_shards, log)
-    return {**totals, "tokens": manifest["totals"]["tokens"], "documents": manifest["totals"]["documents"],
-            "shards": manifest["totals"]["shards"]}
+    return {
+        **totals,
+        "tokens": manifest["totals"]["tokens"],
+        "documents": manifest["totals"]["documents"],
+        "shards": manifest["totals"]["shards"],
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Stage runners (kind `pretokenize`)
 # --------------------------------------------------------------------------------------------
 
-def pretokenize_with_params(params: PretokenizeParams, out_dir: str | Path, num_shards: int = 1,
-                            log: Callable[[str], None] = print) -> dict:
+
+def pretokenize_with_params(
+    params: PretokenizeParams, out_dir: str | Path, num_shards: int = 1, log: Callable[[str], None] = print
+) -> dict:
     """`pretokenize` as the stage kind's params describe it (`chla pretokenize`)."""
     options, layout = _from_params(params)
-    return pretokenize(list(params.inputs), params.tokenizer, out_dir, num_shards=num_shards,
-                       workers=params.workers, options=options, layout=layout, cache_dir=params.cache_dir,
-                       block_size=params.block_size, log=log)
+    return pretokenize(
+        list(params.inputs),
+        params.tokenizer,
+        out_dir,
+        num_shards=num_shards,
+        workers=params.workers,
+        options=options,
+        layout=layout,
+        cache_dir=params.cache_dir,
+        block_size=params.block_size,
+        log=log,
+    )
 
 
 def _from_params(params: PretokenizeParams) -> tuple[PretokenizeOptions, Layout]:
-    options = PretokenizeOptions(text_format=params.text_format, txt_documents=params.txt_documents,
-                                 text_key=params.text_key, append_eos=params.append_eos,
-                                 prepend_bos=params.prepend_bos, encoder=params.encoder)
+    options = PretokenizeOptions(
+        text_format=params.text_format,
+        txt_documents=params.txt_documents,
+        text_key=params.text_key,
+        append_eos=params.append_eos,
+        prepend_bos=params.prepend_bos,
+        encoder=params.encoder,
+    )
     return options, Layout(piece_bytes=int(params.piece_mb * (1 << 20)))
 
 
@@ -990,9 +1167,20 @@ def run(ctx) -> dict:
     num_tasks = max(1, ctx.num_tasks)
     task_index = max(0, ctx.task_index)
     progress = progress_writer(ctx, total=0, unit="pieces")
-    result = run_task(list(params.inputs), params.tokenizer, ctx.out_dir, task_index, num_tasks, options,
-                      layout, params.cache_dir, params.workers, params.block_size, ctx.log,
-                      progress=progress.update if progress else None)
+    result = run_task(
+        list(params.inputs),
+        params.tokenizer,
+        ctx.out_dir,
+        task_index,
+        num_tasks,
+        options,
+        layout,
+        params.cache_dir,
+        params.workers,
+        params.block_size,
+        ctx.log,
+        progress=progress.update if progress else None,
+    )
     if progress is not None:
         progress.close()
     if num_tasks == 1:  # no separate finalize step runs for a single task
@@ -1004,5 +1192,10 @@ def run(ctx) -> dict:
 def finalize(ctx) -> dict:
     manifest = finalize_corpus(ctx.out_dir, max(1, ctx.num_tasks), ctx.log)
     totals = manifest["totals"]
-    return {"tokens": totals["tokens"], "documents": totals["documents"], "shards": totals["shards"],
-            "bad_input": sum(totals["bad"].values()), "dtype": manifest["dtype"]}
+    return {
+        "tokens": totals["tokens"],
+        "documents": totals["documents"],
+        "shards": totals["shards"],
+        "bad_input": sum(totals["bad"].values()),
+        "dtype": manifest["dtype"],
+    }

@@ -26,16 +26,20 @@ from chla_launcher.errors import ChlaError
 def _metrics(stage_dir: Path) -> list[dict[str, Any]]:
     for candidate in (stage_dir / "out" / "metrics.jsonl", stage_dir / "work" / "metrics.jsonl"):
         if candidate.is_file():
-            return [json.loads(line) for line in candidate.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and "loss" in json.loads(line)]
+            return [
+                json.loads(line)
+                for line in candidate.read_text(encoding="utf-8").splitlines()
+                if line.strip() and "loss" in json.loads(line)
+            ]
     return []
 
 
 def _point(run_dir: Path, stage) -> dict[str, Any]:
     records = _metrics(run_dir / stage.name)
     if len(records) < 3:
-        raise ChlaError(f"{run_dir / stage.name}: fewer than 3 logged steps; run the sweep stages to the end "
-                        "with logging_steps: 1")
+        raise ChlaError(
+            f"{run_dir / stage.name}: fewer than 3 logged steps; run the sweep stages to the end with logging_steps: 1"
+        )
     times, tokens = [], []
     for before, after in zip(records[1:], records[2:]):
         steps = after["step"] - before["step"]
@@ -48,10 +52,14 @@ def _point(run_dir: Path, stage) -> dict[str, Any]:
     step_time = statistics.median(times)
     tokens_per_step = statistics.median(tokens)
     return {
-        "stage": stage.name, "nodes": stage.sweep.nodes, "devices": devices,
+        "stage": stage.name,
+        "nodes": stage.sweep.nodes,
+        "devices": devices,
         "device_kind": "GPU" if resources.gpus_per_node else "rank",
-        "global_batch": records[-1].get("global_batch"), "steps_measured": len(times),
-        "median_step_s": step_time, "tokens_per_step": tokens_per_step,
+        "global_batch": records[-1].get("global_batch"),
+        "steps_measured": len(times),
+        "median_step_s": step_time,
+        "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_step / step_time,
         "tokens_per_s_per_device": tokens_per_step / step_time / devices,
         "hosts": state.get("hosts", []),
@@ -68,8 +76,9 @@ def scaling_report(run_dir: str | Path, out: str | Path | None = None) -> dict[s
         if stage.sweep is not None:
             groups.setdefault(stage.sweep.group, []).append(stage)
     if not groups:
-        raise ChlaError(f"{run_dir}: the recipe has no node-scaling sweep (add `sweep: {{nodes: [1, 2]}}` "
-                        "to a training stage)")
+        raise ChlaError(
+            f"{run_dir}: the recipe has no node-scaling sweep (add `sweep: {{nodes: [1, 2]}}` to a training stage)"
+        )
     out_dir = Path(out) if out else run_dir / "reports"
     report: dict[str, Any] = {"run": str(run_dir), "sweeps": {}}
     for group, stages in groups.items():
@@ -83,13 +92,21 @@ def scaling_report(run_dir: str | Path, out: str | Path | None = None) -> dict[s
         shared = [p for p in points if p["nodes"] > 1 and len(set(p["hosts"])) < p["nodes"]]
         note = ""
         if shared:
-            note = ("The nodes of this sweep share a host (" + ", ".join(sorted({h for p in shared for h in p["hosts"]}))
-                    + "): these figures are a smoke test of the mechanism, not a measurement of scaling.")
+            note = (
+                "The nodes of this sweep share a host ("
+                + ", ".join(sorted({h for p in shared for h in p["hosts"]}))
+                + "): these figures are a smoke test of the mechanism, not a measurement of scaling."
+            )
         report["sweeps"][group] = {
             "scaling": scaling,
-            "scaling_meaning": ("weak: each rank keeps its batch, the global batch grows with the nodes"
-                                if scaling == "weak" else "strong: the global batch is fixed"),
-            "note": note, "points": points}
+            "scaling_meaning": (
+                "weak: each rank keeps its batch, the global batch grows with the nodes"
+                if scaling == "weak"
+                else "strong: the global batch is fixed"
+            ),
+            "note": note,
+            "points": points,
+        }
         _plot(group, points, scaling, note, out_dir / f"scaling-{group}.png")
         report["sweeps"][group]["plot"] = str(out_dir / f"scaling-{group}.png")
     write_json(out_dir / "scaling.json", report)
@@ -104,12 +121,17 @@ def markdown(report: dict[str, Any]) -> str:
         if sweep["note"]:
             lines += [f"**{sweep['note']}**", ""]
         kind = sweep["points"][0]["device_kind"]
-        lines += [f"| nodes | {kind}s | global batch | median step (s) | tokens/s | tokens/s per {kind} "
-                  "| speedup | ideal | efficiency |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"| nodes | {kind}s | global batch | median step (s) | tokens/s | tokens/s per {kind} "
+            "| speedup | ideal | efficiency |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for p in sweep["points"]:
-            lines.append(f"| {p['nodes']} | {p['devices']} | {p['global_batch']} | {p['median_step_s']:.3f} | "
-                         f"{p['tokens_per_s']:.0f} | {p['tokens_per_s_per_device']:.0f} | {p['speedup']:.2f} | "
-                         f"{p['ideal_speedup']:.0f} | {100 * p['efficiency']:.0f}% |")
+            lines.append(
+                f"| {p['nodes']} | {p['devices']} | {p['global_batch']} | {p['median_step_s']:.3f} | "
+                f"{p['tokens_per_s']:.0f} | {p['tokens_per_s_per_device']:.0f} | {p['speedup']:.2f} | "
+                f"{p['ideal_speedup']:.0f} | {100 * p['efficiency']:.0f}% |"
+            )
         lines += ["", f"Plot: {sweep['plot']}", ""]
     return "\n".join(lines)
 

@@ -55,6 +55,7 @@ def format_prompt(instruction: str, input: str = "", template: str | None = None
 def load_sft_tokenizer(tokenizer_dir: str | Path):
     """The HF tokenizer with a pad token: "[PAD]" added when it has none (vocabulary base + 1)."""
     from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as exc:  # many exception types for a bad directory
@@ -69,6 +70,7 @@ def load_sft_tokenizer(tokenizer_dir: str | Path):
 # --------------------------------------------------------------------------------------------
 # Reading records
 # --------------------------------------------------------------------------------------------
+
 
 def _read_records(path: Path) -> list[Any]:
     try:
@@ -94,8 +96,10 @@ def _read_records(path: Path) -> list[Any]:
     except json.JSONDecodeError as exc:
         raise ChlaError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); fix the file") from None
     if not isinstance(records, list):
-        raise ChlaError(f"{path}: top level is a JSON {type(records).__name__}, expected a list of "
-                        f"{{instruction, input, output}} records")
+        raise ChlaError(
+            f"{path}: top level is a JSON {type(records).__name__}, expected a list of "
+            f"{{instruction, input, output}} records"
+        )
     return records
 
 
@@ -118,15 +122,16 @@ def _check_record(record: Any, path: Path, index: int) -> str | None:
 # The dataset
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class SFTDataset:
     """Examples as flat id/label arrays plus offsets (memory-mapped from the cache)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
-    offsets: np.ndarray           # example i is [offsets[i], offsets[i+1])
+    offsets: np.ndarray  # example i is [offsets[i], offsets[i+1])
     pad_id: int
-    vocab_size: int               # len(tokenizer) including the added [PAD]
+    vocab_size: int  # len(tokenizer) including the added [PAD]
     stats: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -144,8 +149,10 @@ class SFTDataset:
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} out of range ({len(self)} examples)")
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        return {"input_ids": np.asarray(self.input_ids[start:stop], dtype=np.int64),
-                "labels": np.asarray(self.labels[start:stop], dtype=np.int64)}
+        return {
+            "input_ids": np.asarray(self.input_ids[start:stop], dtype=np.int64),
+            "labels": np.asarray(self.labels[start:stop], dtype=np.int64),
+        }
 
 
 def _fingerprint_dir(directory: Path) -> str:
@@ -160,9 +167,15 @@ def default_cache_dir() -> Path:
     return Path(root) / "sft"
 
 
-def load_sft_dataset(path: str | Path, tokenizer_dir: str | Path, max_seq_length: int = 512,
-                     template: str | None = None, on_bad_record: str = "error",
-                     cache_dir: str | Path | None = None, packing: bool = False) -> SFTDataset:
+def load_sft_dataset(
+    path: str | Path,
+    tokenizer_dir: str | Path,
+    max_seq_length: int = 512,
+    template: str | None = None,
+    on_bad_record: str = "error",
+    cache_dir: str | Path | None = None,
+    packing: bool = False,
+) -> SFTDataset:
     """Tokenize (or load from the cache) an Alpaca JSON/JSONL file. See the module docstring."""
     path, tokenizer_dir = Path(path).resolve(), Path(tokenizer_dir).resolve()
     template = template or PROMPT_TEMPLATE
@@ -176,28 +189,45 @@ def load_sft_dataset(path: str | Path, tokenizer_dir: str | Path, max_seq_length
         raise ChlaError(f"SFT data {path} not found; check the path")
     if not tokenizer_dir.is_dir():
         raise ChlaError(f"tokenizer {tokenizer_dir} is not a directory; pass an HF tokenizer directory")
-    key_fields = {"v": CACHE_VERSION, "tokenizer": _fingerprint_dir(tokenizer_dir),
-                  "data": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(),
-                  "size": path.stat().st_size, "suffix": path.suffix.lower(),
-                  "max_seq_length": max_seq_length, "template": template,
-                  "on_bad_record": on_bad_record, "packing": packing}
+    key_fields = {
+        "v": CACHE_VERSION,
+        "tokenizer": _fingerprint_dir(tokenizer_dir),
+        "data": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(),
+        "size": path.stat().st_size,
+        "suffix": path.suffix.lower(),
+        "max_seq_length": max_seq_length,
+        "template": template,
+        "on_bad_record": on_bad_record,
+        "packing": packing,
+    }
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=20).hexdigest()
     entry = Path(cache_dir or default_cache_dir()) / key
     if not (entry / "stats.json").is_file():
         _build_entry(path, tokenizer_dir, max_seq_length, template, on_bad_record, packing, entry)
     meta = read_json(entry / "stats.json")
-    return SFTDataset(input_ids=np.load(entry / "input_ids.npy", mmap_mode="r"),
-                      labels=np.load(entry / "labels.npy", mmap_mode="r"),
-                      offsets=np.load(entry / "offsets.npy"), pad_id=meta["pad_id"],
-                      vocab_size=meta["vocab_size"], stats=meta["stats"])
+    return SFTDataset(
+        input_ids=np.load(entry / "input_ids.npy", mmap_mode="r"),
+        labels=np.load(entry / "labels.npy", mmap_mode="r"),
+        offsets=np.load(entry / "offsets.npy"),
+        pad_id=meta["pad_id"],
+        vocab_size=meta["vocab_size"],
+        stats=meta["stats"],
+    )
 
 
-def _build_entry(path: Path, tokenizer_dir: Path, max_seq_length: int, template: str,
-                 on_bad_record: str, packing: bool, entry: Path) -> None:
+def _build_entry(
+    path: Path, tokenizer_dir: Path, max_seq_length: int, template: str, on_bad_record: str, packing: bool, entry: Path
+) -> None:
     tokenizer = load_sft_tokenizer(tokenizer_dir)
     records = _read_records(path)
-    stats = {"records": len(records), "skipped": 0, "truncated": 0, "no_target": 0, "examples": 0,
-             "packed_sequences": 0}
+    stats = {
+        "records": len(records),
+        "skipped": 0,
+        "truncated": 0,
+        "no_target": 0,
+        "examples": 0,
+        "packed_sequences": 0,
+    }
     good = []
     for index, record in enumerate(records):
         problem = _check_record(record, path, index)
@@ -238,9 +268,16 @@ def _build_entry(path: Path, tokenizer_dir: Path, max_seq_length: int, template:
         np.save(tmp / "input_ids.npy", flat_ids)
         np.save(tmp / "labels.npy", flat_labels)
         np.save(tmp / "offsets.npy", offsets)
-        write_json(tmp / "stats.json", {"source": str(path), "tokenizer": str(tokenizer_dir),
-                                        "pad_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer),
-                                        "stats": stats})
+        write_json(
+            tmp / "stats.json",
+            {
+                "source": str(path),
+                "tokenizer": str(tokenizer_dir),
+                "pad_id": tokenizer.pad_token_id,
+                "vocab_size": len(tokenizer),
+                "stats": stats,
+            },
+        )
         replace_dir(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -289,8 +326,9 @@ def sft_collate(pad_id: int, *, pack_batches: bool = False, row_length: int = 0,
     return partial(collate_sft, pad_id=pad_id)
 
 
-def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_length: int,
-                       share_prefix: bool = False) -> dict[str, np.ndarray]:
+def collate_sft_packed(
+    batch: list[dict[str, np.ndarray]], pad_id: int, row_length: int, share_prefix: bool = False
+) -> dict[str, np.ndarray]:
     """The examples of one micro-batch packed into as few rows of at most `row_length` tokens as
     first-fit-decreasing finds, each example still attending only to itself.
 
@@ -326,8 +364,8 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
     capacity = row_length - prefix
     if max(sizes) > capacity:
         raise ValueError(f"an example of {max(lengths)} tokens does not fit a row of {row_length}")
-    rows: list[list[int]] = []     # example indices per row
-    free: list[int] = []           # tokens left per row
+    rows: list[list[int]] = []  # example indices per row
+    free: list[int] = []  # tokens left per row
     for index in sorted(range(len(batch)), key=lambda i: -sizes[i]):
         row = next((r for r, left in enumerate(free) if left >= sizes[index]), None)
         if row is None:
@@ -367,8 +405,12 @@ def collate_sft_packed(batch: list[dict[str, np.ndarray]], pad_id: int, row_leng
             segment_starts.append(row * width + start)
         if share_prefix:
             attend[row, start:, start:] = np.tri(width - start, dtype=bool)  # no query row without a key
-    packed: dict[str, np.ndarray] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                                     "attention_mask": attention_mask}
+    packed: dict[str, np.ndarray] = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+    }
     if share_prefix:
         packed["packed_attention_mask"] = attend
     else:

@@ -33,9 +33,11 @@ class ReplayBlocks:
     def __init__(self, corpus_dir: str, block_size: int, vocab_size: int) -> None:
         self.blocks = BlockDataset(corpus_dir, block_size)
         if self.blocks.corpus.vocab_size > vocab_size:
-            raise ChlaError(f"replay_corpus {corpus_dir}: pre-tokenized with a {self.blocks.corpus.vocab_size}-token "
-                            f"vocabulary, larger than the tokenizer's {vocab_size}; pre-tokenize it with a "
-                            "tokenizer this model knows")
+            raise ChlaError(
+                f"replay_corpus {corpus_dir}: pre-tokenized with a {self.blocks.corpus.vocab_size}-token "
+                f"vocabulary, larger than the tokenizer's {vocab_size}; pre-tokenize it with a "
+                "tokenizer this model knows"
+            )
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -113,7 +115,7 @@ def _pad_columns(key: str, value: np.ndarray, width: int, pad_id: int) -> np.nda
         return np.concatenate([value, np.arange(missing)[None].repeat(rows, 0).astype(value.dtype)], axis=1)
     if key == "packed_attention_mask":
         grown = np.zeros((rows, width, width), dtype=value.dtype)
-        grown[:, :value.shape[1], :value.shape[1]] = value
-        grown[:, value.shape[1]:, value.shape[1]:] = np.tri(missing, dtype=bool)
+        grown[:, : value.shape[1], : value.shape[1]] = value
+        grown[:, value.shape[1] :, value.shape[1] :] = np.tri(missing, dtype=bool)
         return grown
     raise ValueError(f"collate_with_replay: unknown batch key {key!r}")

@@ -24,8 +24,10 @@ def _vocab_figures(report_path: Path, params) -> dict[str, Any]:
     base = by.get((params.base_tokenizer, params.zh_corpus))
     merged = by.get((params.merged_tokenizer, params.zh_corpus))
     if not base or not merged:
-        raise ChlaError(f"summarize: {report_path} has no {params.zh_corpus!r} rows for tokenizers "
-                        f"{params.base_tokenizer!r} and {params.merged_tokenizer!r}")
+        raise ChlaError(
+            f"summarize: {report_path} has no {params.zh_corpus!r} rows for tokenizers "
+            f"{params.base_tokenizer!r} and {params.merged_tokenizer!r}"
+        )
     return {
         "tokens_per_char_base": base["tokens_per_char"],
         "tokens_per_char_merged": merged["tokens_per_char"],
@@ -69,17 +71,23 @@ def run(ctx) -> dict[str, Any]:
             summary["predictions"] = str(Path(params.task_results) / task["predictions"])
         summary["tasks"] = {name: _task_row(task, Path(params.task_results)) for name, task in evaluated.items()}
         if results["task"].get("lm_eval"):  # lm-evaluation-harness on the same model (evaluate.lm_eval)
-            summary["lm_eval"] = {name: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "samples")}
-                                  for name, r in results["task"]["lm_eval"]["tasks"].items()}
+            summary["lm_eval"] = {
+                name: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "samples")}
+                for name, r in results["task"]["lm_eval"]["tasks"].items()
+            }
     if results:
         sources = {**params.evaluations, "task": params.task_results}
-        generations = {point: str(Path(sources[point]) / r["prompts"][name]["generations"])
-                       for point, r in results.items() for name in r.get("prompts", {})}
+        generations = {
+            point: str(Path(sources[point]) / r["prompts"][name]["generations"])
+            for point, r in results.items()
+            for name in r.get("prompts", {})
+        }
         if generations:
             summary["generations"] = generations
             summary["prompt_generations"] = {
-                point: [{"prompt": row["prompt"], "generation": row["generation"]}
-                        for row in _read_jsonl(Path(path))] for point, path in generations.items()}
+                point: [{"prompt": row["prompt"], "generation": row["generation"]} for row in _read_jsonl(Path(path))]
+                for point, path in generations.items()
+            }
 
     try:
         from chla_tools.train_report import train_report
@@ -103,11 +111,17 @@ def run(ctx) -> dict[str, Any]:
 def _task_row(task: dict[str, Any], directory: Path) -> dict[str, Any]:
     """One task's line of the summary: the model's headline figure and every other system's."""
     metric = task["metric"]
-    return {"task": task["task"], "items": task["items"], "metric": metric, "metric_label": task["metric_label"],
-            "score": task["score"],
-            "systems": {name: {"role": s["role"], "label": s["label"], metric: s[metric]}
-                        for name, s in task["systems"].items()},
-            "predictions": str(directory / task["predictions"])}
+    return {
+        "task": task["task"],
+        "items": task["items"],
+        "metric": metric,
+        "metric_label": task["metric_label"],
+        "score": task["score"],
+        "systems": {
+            name: {"role": s["role"], "label": s["label"], metric: s[metric]} for name, s in task["systems"].items()
+        },
+        "predictions": str(directory / task["predictions"]),
+    }
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -145,22 +159,27 @@ def _scores_of(task: dict[str, Any], role: str) -> str:
 def _tasks_table(tasks: dict[str, Any]) -> list[str]:
     lines = ["| task (held-out items) | metric | model | baselines | references |", "|---|---|---|---|---|"]
     for name, task in tasks.items():
-        lines.append(f"| {name} ({task['items']}) | {task['metric_label']} | {_scores_of(task, 'model')} | "
-                     f"{_scores_of(task, 'baseline')} | {_scores_of(task, 'reference')} |")
+        lines.append(
+            f"| {name} ({task['items']}) | {task['metric_label']} | {_scores_of(task, 'model')} | "
+            f"{_scores_of(task, 'baseline')} | {_scores_of(task, 'reference')} |"
+        )
     return lines + [""]
 
 
 def _markdown(summary: dict[str, Any]) -> str:
     lines = [f"# {summary['run']}: summary", ""]
     if "tokens_per_char_base" in summary:
-        lines += ["| tokenizer | tokens/char (held-out Chinese) |", "|---|---:|",
-                  f"| base | {summary['tokens_per_char_base']:.3f} |",
-                  f"| merged | {summary['tokens_per_char_merged']:.3f} "
-                  f"({-100 * summary['tokens_per_char_reduction']:+.1f}%) |", ""]
+        lines += [
+            "| tokenizer | tokens/char (held-out Chinese) |",
+            "|---|---:|",
+            f"| base | {summary['tokens_per_char_base']:.3f} |",
+            f"| merged | {summary['tokens_per_char_merged']:.3f} "
+            f"({-100 * summary['tokens_per_char_reduction']:+.1f}%) |",
+            "",
+        ]
     if summary.get("zh_ppl_per_char") or summary.get("en_ppl_per_char"):
         points = list(dict.fromkeys([*summary.get("zh_ppl_per_char", {}), *summary.get("en_ppl_per_char", {})]))
-        lines += ["| perplexity per character | " + " | ".join(points) + " |",
-                  "|---|" + "---:|" * len(points)]
+        lines += ["| perplexity per character | " + " | ".join(points) + " |", "|---|" + "---:|" * len(points)]
         for label, key in (("Chinese (held out)", "zh_ppl_per_char"), ("English (held out)", "en_ppl_per_char")):
             values = summary.get(key, {})
             lines.append(f"| {label} | " + " | ".join(_fmt(values.get(p, "")) for p in points) + " |")

@@ -74,9 +74,10 @@ class CorpusSplit:
 
 
 def split_corpus(people: list[list[Word]], sanguo: list[str]) -> CorpusSplit:
-    numbered = [(paragraph_part(i), source, paragraph)
-                for i, (source, paragraph) in enumerate([("people", p) for p in people]
-                                                         + [("sanguo", p) for p in sanguo])]
+    numbered = [
+        (paragraph_part(i), source, paragraph)
+        for i, (source, paragraph) in enumerate([("people", p) for p in people] + [("sanguo", p) for p in sanguo])
+    ]
     split = CorpusSplit()
 
     def text(source, paragraph):
@@ -103,8 +104,9 @@ def _seeded_sample(items: list, cap: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def tagging_sentences(paragraphs: list[list[Word]], exclude: AbstractSet[str] = frozenset(),
-                      train_text: str = "") -> list[list[Word]]:
+def tagging_sentences(
+    paragraphs: list[list[Word]], exclude: AbstractSet[str] = frozenset(), train_text: str = ""
+) -> list[list[Word]]:
     """The sentences of 5..60 characters, each text once, none in `exclude` or in `train_text`."""
     low, high = SENTENCE_CHARS
     seen, kept = set(exclude), []
@@ -128,7 +130,7 @@ def continuation_pairs(paragraphs: list[str], train_text: str = "") -> list[tupl
             if not low <= len(target) <= high or (train_text and target in train_text):
                 continue
             start = k
-            while start > 0 and sum(map(len, sentences[start - 1:k])) <= PASSAGE_CHARS:
+            while start > 0 and sum(map(len, sentences[start - 1 : k])) <= PASSAGE_CHARS:
                 start -= 1
             if start < k:
                 pairs.append(("".join(sentences[start:k]), target))
@@ -141,18 +143,26 @@ def sentiment_records(neg_raw: bytes, pos_raw: bytes) -> tuple[dict[str, list[di
 
     negative, positive = unique_lines(neg_raw), unique_lines(pos_raw)
     conflicting = negative & positive
-    labelled = sorted([(text, "负面") for text in negative - conflicting]
-                      + [(text, "正面") for text in positive - conflicting])
+    labelled = sorted(
+        [(text, "负面") for text in negative - conflicting] + [(text, "正面") for text in positive - conflicting]
+    )
     random.Random(SEED).shuffle(labelled)
     n_train = int(len(labelled) * SENTIMENT_FRACTIONS[0])
     n_valid = int(len(labelled) * SENTIMENT_FRACTIONS[1])
-    splits = {"train": labelled[:n_train], "valid": labelled[n_train:n_train + n_valid],
-              "test": labelled[n_train + n_valid:]}
+    splits = {
+        "train": labelled[:n_train],
+        "valid": labelled[n_train : n_train + n_valid],
+        "test": labelled[n_train + n_valid :],
+    }
     task = TASKS["sentiment"]
     records = {name: [task.record(text, label) for text, label in items] for name, items in splits.items()}
-    counts = {"unique_negative": len(negative), "unique_positive": len(positive),
-              "dropped_in_both": len(conflicting), "fractions": list(SENTIMENT_FRACTIONS),
-              "labels": {name: dict(Counter(label for _, label in items)) for name, items in splits.items()}}
+    counts = {
+        "unique_negative": len(negative),
+        "unique_positive": len(positive),
+        "dropped_in_both": len(conflicting),
+        "fractions": list(SENTIMENT_FRACTIONS),
+        "labels": {name: dict(Counter(label for _, label in items)) for name, items in splits.items()},
+    }
     return records, counts
 
 
@@ -165,17 +175,21 @@ def build_tasks(split: CorpusSplit, neg_raw: bytes, pos_raw: bytes) -> tuple[dic
 
     test = tagging_sentences(split.people["test"], train_text=train_text)
     valid = tagging_sentences(split.people["valid"], exclude={text_of(s) for s in test}, train_text=train_text)
-    sentences = {"train": tagging_sentences(split.people["train"]),
-                 "valid": _seeded_sample(valid, SENTENCE_CAPS["valid"], SEED + 1),
-                 "test": _seeded_sample(test, SENTENCE_CAPS["test"], SEED)}
+    sentences = {
+        "train": tagging_sentences(split.people["train"]),
+        "valid": _seeded_sample(valid, SENTENCE_CAPS["valid"], SEED + 1),
+        "test": _seeded_sample(test, SENTENCE_CAPS["test"], SEED),
+    }
     segmentation, entity_task = TASKS["segmentation"], TASKS["entities"]
     assert isinstance(segmentation, Segmentation) and isinstance(entity_task, Entities)
     tasks["segmentation"] = {
         part: [segmentation.record(text_of(s), segmentation.format_answer([w.text for w in s])) for s in items]
-        for part, items in sentences.items()}
+        for part, items in sentences.items()
+    }
     tasks["entities"] = {
         part: [entity_task.record(text_of(s), entity_task.format_answer(entities(s))) for s in items]
-        for part, items in sentences.items()}
+        for part, items in sentences.items()
+    }
     tagging_candidates = {"test": len(test), "valid": len(valid)}
     counts["segmentation"] = {"candidates": tagging_candidates}
     counts["entities"] = {"candidates": tagging_candidates}
@@ -183,15 +197,18 @@ def build_tasks(split: CorpusSplit, neg_raw: bytes, pos_raw: bytes) -> tuple[dic
         mentions = [m for s in items for m in set(entities(s))]
         counts["entities"][f"{part}_entities"] = {kind: sum(m[0] == kind for m in mentions) for kind in ENTITY_TYPES}
 
-    pairs = {"train": continuation_pairs(split.sanguo["train"]),
-             "valid": continuation_pairs(split.sanguo["valid"], train_text),
-             "test": continuation_pairs(split.sanguo["test"], train_text)}
+    pairs = {
+        "train": continuation_pairs(split.sanguo["train"]),
+        "valid": continuation_pairs(split.sanguo["valid"], train_text),
+        "test": continuation_pairs(split.sanguo["test"], train_text),
+    }
     counts["continuation"] = {"candidates": {part: len(pairs[part]) for part in ("valid", "test")}}
     pairs["valid"] = _seeded_sample(pairs["valid"], PASSAGE_CAPS["valid"], SEED + 1)
     pairs["test"] = _seeded_sample(pairs["test"], PASSAGE_CAPS["test"], SEED)
     continuation = TASKS["continuation"]
-    tasks["continuation"] = {part: [continuation.record(passage, target) for passage, target in items]
-                             for part, items in pairs.items()}
+    tasks["continuation"] = {
+        part: [continuation.record(passage, target) for passage, target in items] for part, items in pairs.items()
+    }
 
     for offset, name in enumerate(tasks):
         random.Random(SEED + 10 + offset).shuffle(tasks[name]["train"])
@@ -203,8 +220,11 @@ def sft_mix(tasks: dict[str, dict[str, list[dict]]]) -> tuple[list[dict], list[d
     """(train mix, valid mix): the first SFT_MIX_PER_TASK records of each task's (shuffled) train
     set and a seeded sample of SFT_VALID_PER_TASK of each valid set, each mix shuffled."""
     train = [r for parts in tasks.values() for r in parts["train"][:SFT_MIX_PER_TASK]]
-    valid = [r for offset, parts in enumerate(tasks.values())
-             for r in _seeded_sample(parts["valid"], SFT_VALID_PER_TASK, SEED + 20 + offset)]
+    valid = [
+        r
+        for offset, parts in enumerate(tasks.values())
+        for r in _seeded_sample(parts["valid"], SFT_VALID_PER_TASK, SEED + 20 + offset)
+    ]
     random.Random(SEED).shuffle(train)
     random.Random(SEED + 1).shuffle(valid)
     return train, valid

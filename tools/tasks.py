@@ -117,8 +117,10 @@ class Segmentation(Task):
     instruction = "请对下面的句子分词，词与词之间用一个空格隔开。"
     metric, metric_label = "f1", "word F1"
     max_new_tokens = 128  # the longest test answer is 85 tokens with the demo's merged tokenizer
-    comparisons = {"every_character": ("baseline", "every character a word"),
-                   "jieba": ("reference", "jieba (dictionary segmenter)")}
+    comparisons = {
+        "every_character": ("baseline", "every character a word"),
+        "jieba": ("reference", "jieba (dictionary segmenter)"),
+    }
 
     @staticmethod
     def format_answer(words: list[str]) -> str:
@@ -146,8 +148,7 @@ class Entities(Task):
     instruction = "找出下面句子中的人名、地名和机构名。"
     metric, metric_label = "f1", "entity F1"
     max_new_tokens = 48  # longest test answer: 35 tokens
-    comparisons = {"no_entities": ("baseline", "no entities"),
-                   "jieba": ("reference", "jieba POS tags (nr/ns/nt)")}
+    comparisons = {"no_entities": ("baseline", "no entities"), "jieba": ("reference", "jieba POS tags (nr/ns/nt)")}
 
     @staticmethod
     def format_answer(mentions: list[tuple[str, str]]) -> str:
@@ -169,23 +170,24 @@ class Entities(Task):
         return found
 
     def comparison_answers(self, record: dict) -> dict[str, str]:
-        return {"no_entities": self.format_answer([]),
-                "jieba": self.format_answer(jieba_entities(record["input"]))}
+        return {"no_entities": self.format_answer([]), "jieba": self.format_answer(jieba_entities(record["input"]))}
 
     def score(self, record: dict, answer: str) -> Mapping[str, float]:
         gold, predicted = self.parse(record["output"]), self.parse(answer)
         counts = set_counts(gold, predicted)
         for kind in ENTITY_TYPES:
-            for key, value in set_counts({e for e in gold if e[0] == kind},
-                                         {e for e in predicted if e[0] == kind}).items():
+            for key, value in set_counts(
+                {e for e in gold if e[0] == kind}, {e for e in predicted if e[0] == kind}
+            ).items():
                 counts[f"{kind}.{key}"] = value
         return counts
 
     def metrics(self, counts: Mapping[str, float]) -> dict[str, float]:
         figures = prf(counts["correct"], counts["predicted"], counts["gold"])
         for kind in ENTITY_TYPES:
-            figures[f"{kind}.f1"] = prf(counts[f"{kind}.correct"], counts[f"{kind}.predicted"],
-                                        counts[f"{kind}.gold"])["f1"]
+            figures[f"{kind}.f1"] = prf(counts[f"{kind}.correct"], counts[f"{kind}.predicted"], counts[f"{kind}.gold"])[
+                "f1"
+            ]
         return figures
 
 
@@ -228,11 +230,15 @@ def task_of(records: list[dict], path) -> Task:
         name = record.get("task")
         if name not in TASKS:
             known = ", ".join(TASKS)
-            raise ChlaError(f"{path}: record {number} has task {name!r}; use one of {known}, "
-                            "or leave `task` out of every record for exact-match scoring")
+            raise ChlaError(
+                f"{path}: record {number} has task {name!r}; use one of {known}, "
+                "or leave `task` out of every record for exact-match scoring"
+            )
         if name != records[0]["task"]:
-            raise ChlaError(f"{path}: record {number} is task {name!r} but record 1 is "
-                            f"{records[0]['task']!r}; put each task in a file of its own")
+            raise ChlaError(
+                f"{path}: record {number} is task {name!r} but record 1 is "
+                f"{records[0]['task']!r}; put each task in a file of its own"
+            )
     return TASKS[records[0]["task"]]
 
 
@@ -261,7 +267,7 @@ def _jieba():
 def _in_original(sentence: str, words: list[str]) -> list[str]:
     originals, start = [], 0
     for word in words:
-        originals.append(sentence[start:start + len(word)])
+        originals.append(sentence[start : start + len(word)])
         start += len(word)
     return originals
 
@@ -275,5 +281,4 @@ def jieba_entities(sentence: str) -> list[tuple[str, str]]:
     _, tagger = _jieba()
     pairs = tagger.lcut(sentence.translate(_FULL_WIDTH), HMM=True)
     words = _in_original(sentence, [pair.word for pair in pairs])
-    return [(_JIEBA_ENTITY[pair.flag[:2]], word) for pair, word in zip(pairs, words)
-            if pair.flag[:2] in _JIEBA_ENTITY]
+    return [(_JIEBA_ENTITY[pair.flag[:2]], word) for pair, word in zip(pairs, words) if pair.flag[:2] in _JIEBA_ENTITY]

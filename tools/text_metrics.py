@@ -69,8 +69,11 @@ def segmentation_counts(gold_words: list[str], predicted_words: list[str]) -> di
         for start, end in predicted_spans:
             mapped = [to_gold.get(i) for i in range(start, end)]
             first = mapped[0]
-            if first is not None and mapped == list(range(first, first + end - start)) \
-                    and (first, first + end - start) in gold_spans:
+            if (
+                first is not None
+                and mapped == list(range(first, first + end - start))
+                and (first, first + end - start) in gold_spans
+            ):
                 correct += 1
     return {"gold": len(gold_words), "predicted": len(predicted_words), "correct": correct}
 

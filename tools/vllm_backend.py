@@ -26,21 +26,30 @@ from typing import Any
 from chla_launcher.errors import ChlaError
 
 # The original project's generation settings (scripts/inference/inference_hf.py).
-ORIGINAL_GENERATION = {"temperature": 0.2, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1,
-                       "max_new_tokens": 400}
+ORIGINAL_GENERATION = {"temperature": 0.2, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 400}
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def sampling_params_kwargs(*, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                           top_p: float | None = None, repetition_penalty: float = 1.0,
-                           seed: int | None = None) -> dict[str, Any]:
+def sampling_params_kwargs(
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+) -> dict[str, Any]:
     """vllm.SamplingParams(**this) for chla's generation settings."""
     if max_new_tokens < 1:
         raise ChlaError(f"max_new_tokens {max_new_tokens}: must be at least 1")
     if temperature < 0:
         raise ChlaError(f"temperature {temperature}: must be 0 (greedy) or more")
-    kwargs: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": float(temperature),
-                              "repetition_penalty": float(repetition_penalty), "skip_special_tokens": True}
+    kwargs: dict[str, Any] = {
+        "max_tokens": max_new_tokens,
+        "temperature": float(temperature),
+        "repetition_penalty": float(repetition_penalty),
+        "skip_special_tokens": True,
+    }
     if temperature > 0:  # HF ignores top_k/top_p when greedy; vLLM would still apply them
         kwargs["top_k"] = -1 if top_k in (None, 0) else int(top_k)  # vLLM: -1 = every token
         kwargs["top_p"] = 1.0 if top_p is None else float(top_p)
@@ -49,18 +58,29 @@ def sampling_params_kwargs(*, max_new_tokens: int, temperature: float = 0.0, top
     return kwargs
 
 
-def llm_kwargs(model_dir: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
-               gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-               seed: int = 0) -> dict[str, Any]:
+def llm_kwargs(
+    model_dir: str,
+    *,
+    dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """vllm.LLM(**this) for a merged chla model directory."""
     if dtype not in _DTYPES:
         raise ChlaError(f"vllm dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
     if tensor_parallel_size < 1:
         raise ChlaError(f"tensor_parallel_size {tensor_parallel_size}: must be at least 1")
-    kwargs: dict[str, Any] = {"model": str(model_dir), "tokenizer": str(model_dir), "dtype": _DTYPES[dtype],
-                              "tensor_parallel_size": tensor_parallel_size,
-                              "gpu_memory_utilization": gpu_memory_utilization, "seed": seed,
-                              "trust_remote_code": False}
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "tokenizer": str(model_dir),
+        "dtype": _DTYPES[dtype],
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "seed": seed,
+        "trust_remote_code": False,
+    }
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     return kwargs
@@ -77,16 +97,28 @@ class VllmGenerator:
     @classmethod
     def load(cls, model_dir: str, adapters: list[str], settings, tokenizer) -> VllmGenerator:
         if adapters:
-            raise ChlaError(f"backend vllm generates with a merged model; merge the adapters {adapters} "
-                            "into the base first (a `merge` stage) and evaluate its output")
+            raise ChlaError(
+                f"backend vllm generates with a merged model; merge the adapters {adapters} "
+                "into the base first (a `merge` stage) and evaluate its output"
+            )
         try:
             from vllm import LLM
         except ImportError:
-            raise ChlaError("backend vllm: vLLM is not installed here (it needs a CUDA GPU node); "
-                            "install it there, or use backend: hf") from None
-        return cls(LLM(**llm_kwargs(model_dir, dtype=settings.dtype,
-                                    tensor_parallel_size=settings.tensor_parallel_size,
-                                    gpu_memory_utilization=settings.gpu_memory_utilization)), tokenizer)
+            raise ChlaError(
+                "backend vllm: vLLM is not installed here (it needs a CUDA GPU node); "
+                "install it there, or use backend: hf"
+            ) from None
+        return cls(
+            LLM(
+                **llm_kwargs(
+                    model_dir,
+                    dtype=settings.dtype,
+                    tensor_parallel_size=settings.tensor_parallel_size,
+                    gpu_memory_utilization=settings.gpu_memory_utilization,
+                )
+            ),
+            tokenizer,
+        )
 
     def generate_texts(self, prompts: list[str], *, max_new_tokens: int, **sampling) -> list[str]:
         from vllm import SamplingParams

@@ -62,6 +62,7 @@ def _print(message: str) -> None:
 
 # --- corpora ----------------------------------------------------------------------------------
 
+
 @dataclass
 class CorpusStats:
     lines: int = 0
@@ -83,7 +84,8 @@ def iter_corpus_lines(path: str | os.PathLike[str]) -> Iterator[str]:
                 raise ChlaError(
                     f"{path}:{number}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column "
                     f"{error.start + 1}); convert the file, e.g. `iconv -f GB18030 -t UTF-8`, "
-                    "or remove the line") from None
+                    "or remove the line"
+                ) from None
             if number == 1:
                 text = text.removeprefix("\ufeff")
             text = text.rstrip("\r\n")
@@ -102,8 +104,10 @@ def check_corpora(paths: Sequence[str | os.PathLike[str]]) -> CorpusStats:
             stats.lines += 1
             stats.chars += len(line)
         if stats.lines == 0:
-            raise ChlaError(f"{path}: corpus file is empty (no non-blank lines); "
-                            "pass a file with text, one sentence or paragraph a line")
+            raise ChlaError(
+                f"{path}: corpus file is empty (no non-blank lines); "
+                "pass a file with text, one sentence or paragraph a line"
+            )
         total.lines += stats.lines
         total.chars += stats.chars
     return total
@@ -111,11 +115,19 @@ def check_corpora(paths: Sequence[str | os.PathLike[str]]) -> CorpusStats:
 
 # --- train_spm --------------------------------------------------------------------------------
 
-def train_spm(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-              vocab_size: int = 20000, model_type: str = "bpe",
-              character_coverage: float = 0.9995, threads: int | None = None,
-              input_sentence_size: int = 2_000_000, max_sentence_length: int = 16384,
-              seed: int = 0, log: Log = _print) -> dict[str, Any]:
+
+def train_spm(
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    vocab_size: int = 20000,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    threads: int | None = None,
+    input_sentence_size: int = 2_000_000,
+    max_sentence_length: int = 16384,
+    seed: int = 0,
+    log: Log = _print,
+) -> dict[str, Any]:
     """Train a SentencePiece model on `inputs`; write out_dir/spm.model and out_dir/spm.vocab.
 
     Defaults follow the Chinese-LLaMA-Alpaca 20K Chinese model: BPE, character coverage 0.9995,
@@ -137,8 +149,10 @@ def train_spm(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLi
     started = time.monotonic()
     stats = check_corpora(paths)
     threads = threads or os.cpu_count() or 1
-    log(f"training a {vocab_size}-piece {model_type} SentencePiece model on {len(paths)} file(s): "
-        f"{stats.lines:,} lines, {stats.chars:,} characters, {threads} threads")
+    log(
+        f"training a {vocab_size}-piece {model_type} SentencePiece model on {len(paths)} file(s): "
+        f"{stats.lines:,} lines, {stats.chars:,} characters, {threads} threads"
+    )
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -148,13 +162,20 @@ def train_spm(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLi
     try:
         try:
             spm.SentencePieceTrainer.train(
-                input=[str(p) for p in paths], model_prefix=str(tmp / "spm"),
-                vocab_size=vocab_size, model_type=model_type,
-                character_coverage=character_coverage, num_threads=threads,
-                input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-                max_sentence_length=max_sentence_length, split_digits=True,
-                byte_fallback=False, normalization_rule_name="identity",
-                minloglevel=2)
+                input=[str(p) for p in paths],
+                model_prefix=str(tmp / "spm"),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                num_threads=threads,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                max_sentence_length=max_sentence_length,
+                split_digits=True,
+                byte_fallback=False,
+                normalization_rule_name="identity",
+                minloglevel=2,
+            )
         except RuntimeError as error:
             raise ChlaError(_explain_trainer_error(str(error), vocab_size, paths)) from None
         replace_dir(tmp, out_dir)
@@ -164,24 +185,34 @@ def train_spm(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLi
     seconds = time.monotonic() - started
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "spm.model"))
     log(f"wrote {out_dir / 'spm.model'}: {sp.get_piece_size():,} pieces in {seconds:.1f} s")
-    return {"vocab_size": sp.get_piece_size(), "model_type": model_type, "lines": stats.lines,
-            "chars": stats.chars, "seconds": round(seconds, 2)}
+    return {
+        "vocab_size": sp.get_piece_size(),
+        "model_type": model_type,
+        "lines": stats.lines,
+        "chars": stats.chars,
+        "seconds": round(seconds, 2),
+    }
 
 
 def _explain_trainer_error(message: str, vocab_size: int, paths: list[Path]) -> str:
     first = message.strip().splitlines()[-1] if message.strip() else "unknown error"
     where = paths[0] if len(paths) == 1 else f"{len(paths)} input files"
     if "smaller than required_chars" in message:
-        return (f"{where}: a {vocab_size}-piece vocabulary cannot hold the characters the corpus "
-                f"needs (SentencePiece: {first.split('] ')[-1].split(' Increase')[0]}); raise "
-                "--vocab-size or lower --character-coverage")
+        return (
+            f"{where}: a {vocab_size}-piece vocabulary cannot hold the characters the corpus "
+            f"needs (SentencePiece: {first.split('] ')[-1].split(' Increase')[0]}); raise "
+            "--vocab-size or lower --character-coverage"
+        )
     if "Vocabulary size" in message or "vocab_size" in message:
-        return (f"{where}: the corpus cannot support a {vocab_size}-piece vocabulary "
-                f"(SentencePiece: {first.split('] ')[-1]}); lower --vocab-size or add text")
+        return (
+            f"{where}: the corpus cannot support a {vocab_size}-piece vocabulary "
+            f"(SentencePiece: {first.split('] ')[-1]}); lower --vocab-size or add text"
+        )
     return f"{where}: SentencePiece training failed: {first}"
 
 
 # --- SentencePiece models and HF tokenizer directories ----------------------------------------
+
 
 def _model_pb2():
     from sentencepiece import sentencepiece_model_pb2
@@ -204,8 +235,10 @@ def load_sp_proto(path: str | os.PathLike[str], *, role: str = "tokenizer"):
         hint = ""
         if data[:200].count(b" ") and all(line.count(b" ") == 1 for line in data.splitlines()[:5]):
             hint = " (it looks like a tiktoken vocabulary, as Llama 3 ships)"
-        raise ChlaError(f"{path}: {role} is not a SentencePiece model{hint}; chla vocab merge "
-                        "extends SentencePiece BPE tokenizers (LLaMA 1/2, Mistral v1) only")
+        raise ChlaError(
+            f"{path}: {role} is not a SentencePiece model{hint}; chla vocab merge "
+            "extends SentencePiece BPE tokenizers (LLaMA 1/2, Mistral v1) only"
+        )
     return proto
 
 
@@ -220,11 +253,15 @@ def resolve_sp_model(base: str | os.PathLike[str], *, role: str = "base tokenize
         if candidate.is_file():
             return candidate
     if (base / "tokenizer.json").is_file() or (base / "tokenizer" / "tokenizer.json").is_file():
-        raise ChlaError(f"{base}: {role} has only a tokenizer.json (a byte-level BPE / tiktoken "
-                        "vocabulary such as Llama 3's), not a SentencePiece tokenizer.model; "
-                        "vocabulary merging needs a SentencePiece base (LLaMA 1/2, Mistral v1)")
-    raise ChlaError(f"{base}: no tokenizer in this directory (no tokenizer.model); "
-                    "pass the directory of an HF tokenizer or model, or the .model file")
+        raise ChlaError(
+            f"{base}: {role} has only a tokenizer.json (a byte-level BPE / tiktoken "
+            "vocabulary such as Llama 3's), not a SentencePiece tokenizer.model; "
+            "vocabulary merging needs a SentencePiece base (LLaMA 1/2, Mistral v1)"
+        )
+    raise ChlaError(
+        f"{base}: no tokenizer in this directory (no tokenizer.model); "
+        "pass the directory of an HF tokenizer or model, or the .model file"
+    )
 
 
 def _mergeable(piece) -> bool:
@@ -252,9 +289,16 @@ def build_fast_tokenizer(proto):
                 ranked.append((-piece.score, piece_id, cut, left, right))
     ranked.sort()
     unk = pieces[proto.trainer_spec.unk_id].piece
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
-                              fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback,
-                              dropout=None))
+    tokenizer = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=[(left, right) for *_, left, right in ranked],
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=proto.trainer_spec.byte_fallback,
+            dropout=None,
+        )
+    )
     # SentencePiece's add_dummy_prefix always prepends "▁"; Metaspace does not when the text
     # already starts with a space, so use plain normalizers instead.
     steps = []
@@ -272,13 +316,14 @@ def build_fast_tokenizer(proto):
     bos = pieces[proto.trainer_spec.bos_id].piece if proto.trainer_spec.bos_id >= 0 else None
     if bos is not None:
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, proto.trainer_spec.bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, proto.trainer_spec.bos_id)]
+        )
     return tokenizer
 
 
-def write_hf_tokenizer(model: bytes | str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                       pad_token: str | None = None) -> Path:
+def write_hf_tokenizer(
+    model: bytes | str | os.PathLike[str], out_dir: str | os.PathLike[str], pad_token: str | None = None
+) -> Path:
     """Write an HF tokenizer directory for a SentencePiece model (bytes or a .model path):
     tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json.
 
@@ -295,8 +340,11 @@ def write_hf_tokenizer(model: bytes | str | os.PathLike[str], out_dir: str | os.
     build_fast_tokenizer(proto).save(str(out_dir / "tokenizer.json"))
     spec = proto.trainer_spec
     pieces = proto.pieces
-    special = {"bos_token": pieces[spec.bos_id].piece, "eos_token": pieces[spec.eos_id].piece,
-               "unk_token": pieces[spec.unk_id].piece}
+    special = {
+        "bos_token": pieces[spec.bos_id].piece,
+        "eos_token": pieces[spec.eos_id].piece,
+        "unk_token": pieces[spec.unk_id].piece,
+    }
     if pad_token is not None:
         special["pad_token"] = pad_token
     config = {
@@ -308,18 +356,22 @@ def write_hf_tokenizer(model: bytes | str | os.PathLike[str], out_dir: str | os.
         "model_max_length": 1_000_000_000,
         "padding_side": "right",
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False)
-                                                   + "\n", encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     (out_dir / "special_tokens_map.json").write_text(
-        json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return out_dir
 
 
 # --- merge_tokenizers -------------------------------------------------------------------------
 
+
 def _scores_below(lowest: float, count: int) -> list[float]:
     """`count` strictly decreasing float32 values below `lowest` (the step grows with the
     magnitude: near LLaMA's -1e9 whitespace scores float32 can only tell values 64 apart)."""
+
     def float32(value: float) -> float:
         return struct.unpack("f", struct.pack("f", value))[0]
 
@@ -338,9 +390,14 @@ SCORES_BELOW_BASE = "below_base"
 SCORES_ORIGINAL = "original"
 
 
-def merge_tokenizers(base: str | os.PathLike[str], add_model: str | os.PathLike[str],
-                     out_dir: str | os.PathLike[str], pad_token: bool = False,
-                     scores: str = SCORES_BELOW_BASE, log: Log = _print) -> dict[str, Any]:
+def merge_tokenizers(
+    base: str | os.PathLike[str],
+    add_model: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    pad_token: bool = False,
+    scores: str = SCORES_BELOW_BASE,
+    log: Log = _print,
+) -> dict[str, Any]:
     """Append the pieces of `add_model` that the base lacks to the base SentencePiece model.
 
     Writes out_dir/merged.model, out_dir/tokenizer/ (HF tokenizer dir) and out_dir/merge.json.
@@ -364,14 +421,15 @@ def merge_tokenizers(base: str | os.PathLike[str], add_model: str | os.PathLike[
     if add_path.is_dir():
         add_path = resolve_sp_model(add_path, role="added SentencePiece model")
     if not add_path.exists():
-        raise ChlaError(f"{add_path}: SentencePiece model to add not found; "
-                        "train one with `chla vocab train`")
+        raise ChlaError(f"{add_path}: SentencePiece model to add not found; train one with `chla vocab train`")
     merged = load_sp_proto(base_path, role="base tokenizer")
     added = load_sp_proto(add_path, role="added model")
     if merged.trainer_spec.model_type != _model_pb2().TrainerSpec.BPE:
-        raise ChlaError(f"{base_path}: base tokenizer is a SentencePiece "
-                        f"{_model_pb2().TrainerSpec.ModelType.Name(merged.trainer_spec.model_type)}"
-                        " model; merging appends BPE pieces and needs a BPE base (LLaMA 1/2)")
+        raise ChlaError(
+            f"{base_path}: base tokenizer is a SentencePiece "
+            f"{_model_pb2().TrainerSpec.ModelType.Name(merged.trainer_spec.model_type)}"
+            " model; merging appends BPE pieces and needs a BPE base (LLaMA 1/2)"
+        )
     if pad_token and any(p.piece == PAD_TOKEN for p in merged.pieces):
         raise ChlaError(f"{base_path}: base already has a {PAD_TOKEN} piece; drop --pad-token")
 
@@ -397,8 +455,7 @@ def merge_tokenizers(base: str | os.PathLike[str], add_model: str | os.PathLike[
             merged.pieces.append(piece_class(piece=text, score=score, type=NORMAL))
     merged_size = len(merged.pieces)
     if pad_token:
-        merged.pieces.append(_model_pb2().ModelProto.SentencePiece(piece=PAD_TOKEN, score=0.0,
-                                                                   type=CONTROL))
+        merged.pieces.append(_model_pb2().ModelProto.SentencePiece(piece=PAD_TOKEN, score=0.0, type=CONTROL))
     data = merged.SerializeToString()
 
     out_dir = Path(out_dir)
@@ -408,13 +465,20 @@ def merge_tokenizers(base: str | os.PathLike[str], add_model: str | os.PathLike[
         (tmp / "merged.model").write_bytes(data)
         write_hf_tokenizer(data, tmp / "tokenizer", pad_token=PAD_TOKEN if pad_token else None)
         checked, agreeing = _check_fast_matches_sentencepiece(
-            tmp / "tokenizer", new_pieces, log, exact=scores == SCORES_BELOW_BASE)
+            tmp / "tokenizer", new_pieces, log, exact=scores == SCORES_BELOW_BASE
+        )
         summary = {
-            "base": str(base_path), "added_model": str(add_path), "base_size": base_size,
-            "added_model_size": len(added.pieces), "new_pieces": len(new_pieces),
-            "merged_size": merged_size, "pad_token": PAD_TOKEN if pad_token else None,
-            "final_size": len(merged.pieces), "scores": scores,
-            "fast_slow_checked_strings": checked, "fast_slow_agreeing_strings": agreeing,
+            "base": str(base_path),
+            "added_model": str(add_path),
+            "base_size": base_size,
+            "added_model_size": len(added.pieces),
+            "new_pieces": len(new_pieces),
+            "merged_size": merged_size,
+            "pad_token": PAD_TOKEN if pad_token else None,
+            "final_size": len(merged.pieces),
+            "scores": scores,
+            "fast_slow_checked_strings": checked,
+            "fast_slow_agreeing_strings": agreeing,
         }
         write_json(tmp / "merge.json", summary)
         replace_dir(tmp, out_dir)
@@ -432,8 +496,9 @@ def merge_tokenizers(base: str | os.PathLike[str], add_model: str | os.PathLike[
     return summary
 
 
-def _check_fast_matches_sentencepiece(tokenizer_dir: Path, new_pieces: list[str], log: Log,
-                                      exact: bool = True) -> tuple[int, int]:
+def _check_fast_matches_sentencepiece(
+    tokenizer_dir: Path, new_pieces: list[str], log: Log, exact: bool = True
+) -> tuple[int, int]:
     """Encode the text of every new piece (alone and in runs) both ways. With `exact`, any
     difference is a bug in build_fast_tokenizer, not a user error; otherwise (scores: original)
     the agreement is only reported. Returns (strings checked, strings that agree)."""
@@ -443,23 +508,27 @@ def _check_fast_matches_sentencepiece(tokenizer_dir: Path, new_pieces: list[str]
     fast = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     slow = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
     texts = [p.replace("▁", " ") for p in new_pieces]
-    texts += ["".join(texts[i:i + 16]) for i in range(0, len(texts), 16)]
+    texts += ["".join(texts[i : i + 16]) for i in range(0, len(texts), 16)]
     fast_ids = [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
     slow_ids = slow.encode(texts)
     bad = [t for t, f, s in zip(texts, fast_ids, slow_ids) if f != s]
     if bad and exact:
-        raise RuntimeError(f"fast tokenizer disagrees with SentencePiece on {len(bad)} of "
-                           f"{len(texts)} strings, e.g. {bad[0]!r}")
+        raise RuntimeError(
+            f"fast tokenizer disagrees with SentencePiece on {len(bad)} of {len(texts)} strings, e.g. {bad[0]!r}"
+        )
     if bad:
-        log(f"scores: original: fast tokenizer == SentencePiece on {len(texts) - len(bad):,} of "
+        log(
+            f"scores: original: fast tokenizer == SentencePiece on {len(texts) - len(bad):,} of "
             f"{len(texts):,} probe strings (pieces with equal scores: SentencePiece merges the "
-            "leftmost pair first, the fast tokenizer the higher-ranked one)")
+            "leftmost pair first, the fast tokenizer the higher-ranked one)"
+        )
     else:
         log(f"fast tokenizer == SentencePiece on {len(texts):,} probe strings")
     return len(texts), len(texts) - len(bad)
 
 
 # --- vocab_report -----------------------------------------------------------------------------
+
 
 def parse_named(items: list[str], what: str) -> dict[str, str]:
     named = {}
@@ -479,8 +548,10 @@ def load_tokenizer_pair(tokenizer_dir: str | os.PathLike[str]):
     from transformers import AutoTokenizer
 
     model_path = resolve_sp_model(tokenizer_dir, role="tokenizer")
-    return (AutoTokenizer.from_pretrained(str(model_path.parent)),
-            spm.SentencePieceProcessor(model_file=str(model_path)))
+    return (
+        AutoTokenizer.from_pretrained(str(model_path.parent)),
+        spm.SentencePieceProcessor(model_file=str(model_path)),
+    )
 
 
 def measure(fast, slow, corpus: str | os.PathLike[str]) -> dict:
@@ -511,15 +582,24 @@ def measure(fast, slow, corpus: str | os.PathLike[str]) -> dict:
         flush()
     if lines == 0:
         raise ChlaError(f"{corpus}: corpus file is empty (no non-blank lines)")
-    return {"chars": chars, "bytes": nbytes, "tokens": tokens, "lines": lines,
-            "tokens_per_char": tokens / chars, "bytes_per_token": nbytes / tokens,
-            "byte_fallback_rate": byte_tokens / tokens, "unk_rate": unk_tokens / tokens,
-            "fast_slow_agreement": agree / lines, "lines_agree": agree,
-            "vocab_size": len(fast)}
+    return {
+        "chars": chars,
+        "bytes": nbytes,
+        "tokens": tokens,
+        "lines": lines,
+        "tokens_per_char": tokens / chars,
+        "bytes_per_token": nbytes / tokens,
+        "byte_fallback_rate": byte_tokens / tokens,
+        "unk_rate": unk_tokens / tokens,
+        "fast_slow_agreement": agree / lines,
+        "lines_agree": agree,
+        "vocab_size": len(fast),
+    }
 
 
-def vocab_report(tokenizers: dict[str, str], corpora: dict[str, str],
-                 out_dir: str | os.PathLike[str], log: Log = _print) -> dict[str, Any]:
+def vocab_report(
+    tokenizers: dict[str, str], corpora: dict[str, str], out_dir: str | os.PathLike[str], log: Log = _print
+) -> dict[str, Any]:
     """Measure every tokenizer on every corpus; write report.json, report.md and report.png."""
     if not tokenizers:
         raise ChlaError("no tokenizers given; pass --tokenizer NAME=DIR at least once")
@@ -532,24 +612,25 @@ def vocab_report(tokenizers: dict[str, str], corpora: dict[str, str],
             raise ChlaError(f"{path}: corpus {name} not found; check the path")
 
     started = time.monotonic()
-    report: dict[str, Any] = {"tokenizers": {}, "corpora": {n: str(p) for n, p in corpora.items()},
-                              "results": []}
+    report: dict[str, Any] = {"tokenizers": {}, "corpora": {n: str(p) for n, p in corpora.items()}, "results": []}
     first = next(iter(tokenizers))
     baseline: dict[str, int] = {}
     for tok_name, tok_dir in tokenizers.items():
         fast, slow = load_tokenizer_pair(tok_dir)
         for corpus_name, corpus in corpora.items():
             stats = measure(fast, slow, corpus)
-            report["tokenizers"][tok_name] = {"vocab_size": stats.pop("vocab_size"),
-                                              "path": str(tok_dir)}
+            report["tokenizers"][tok_name] = {"vocab_size": stats.pop("vocab_size"), "path": str(tok_dir)}
             if tok_name == first:
                 baseline[corpus_name] = stats["tokens"]
             change = stats["tokens"] / baseline[corpus_name] - 1
-            report["results"].append({"tokenizer": tok_name, "corpus": corpus_name, **stats,
-                                      "tokens_change_vs_first": change})
-            log(f"{tok_name} on {corpus_name}: {stats['tokens_per_char']:.3f} tokens/char "
+            report["results"].append(
+                {"tokenizer": tok_name, "corpus": corpus_name, **stats, "tokens_change_vs_first": change}
+            )
+            log(
+                f"{tok_name} on {corpus_name}: {stats['tokens_per_char']:.3f} tokens/char "
                 f"({change:+.1%} tokens vs {first}), fast/slow agree on "
-                f"{stats['lines_agree']}/{stats['lines']} lines")
+                f"{stats['lines_agree']}/{stats['lines']} lines"
+            )
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -562,21 +643,24 @@ def vocab_report(tokenizers: dict[str, str], corpora: dict[str, str],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {out_dir}/report.json, report.md, report.png "
-        f"({time.monotonic() - started:.1f} s)")
+    log(f"wrote {out_dir}/report.json, report.md, report.png ({time.monotonic() - started:.1f} s)")
     return report
 
 
 def render_markdown(report: dict, first: str) -> str:
-    rows = ["| tokenizer | vocab | corpus | chars | tokens | tokens/char | bytes/token | "
-            f"byte-fallback | unk | fast=slow | tokens vs {first} |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| tokenizer | vocab | corpus | chars | tokens | tokens/char | bytes/token | "
+        f"byte-fallback | unk | fast=slow | tokens vs {first} |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["results"]:
         vocab = report["tokenizers"][r["tokenizer"]]["vocab_size"]
-        rows.append(f"| {r['tokenizer']} | {vocab:,} | {r['corpus']} | {r['chars']:,} | "
-                    f"{r['tokens']:,} | {r['tokens_per_char']:.3f} | {r['bytes_per_token']:.2f} | "
-                    f"{r['byte_fallback_rate']:.1%} | {r['unk_rate']:.2%} | "
-                    f"{r['fast_slow_agreement']:.2%} | {r['tokens_change_vs_first']:+.1%} |")
+        rows.append(
+            f"| {r['tokenizer']} | {vocab:,} | {r['corpus']} | {r['chars']:,} | "
+            f"{r['tokens']:,} | {r['tokens_per_char']:.3f} | {r['bytes_per_token']:.2f} | "
+            f"{r['byte_fallback_rate']:.1%} | {r['unk_rate']:.2%} | "
+            f"{r['fast_slow_agreement']:.2%} | {r['tokens_change_vs_first']:+.1%} |"
+        )
     return "# Vocabulary efficiency\n\n" + "\n".join(rows) + "\n"
 
 
@@ -598,8 +682,7 @@ def plot_report(report: dict, first: str, path: Path) -> None:
         xs = [c + (t - (len(tok_names) - 1) / 2) * width for c in range(len(corpus_names))]
         values = [by_key[(tok, c)]["tokens_per_char"] for c in corpus_names]
         vocab = report["tokenizers"][tok]["vocab_size"]
-        ax.bar(xs, values, width * 0.92, label=f"{tok} ({vocab:,} pieces)",
-               color=colors[t % len(colors)])
+        ax.bar(xs, values, width * 0.92, label=f"{tok} ({vocab:,} pieces)", color=colors[t % len(colors)])
         for x, corpus, value in zip(xs, corpus_names, values):
             change = by_key[(tok, corpus)]["tokens_change_vs_first"]
             label = f"{value:.2f}" if tok == first else f"{value:.2f}\n{change:+.0%}"
@@ -607,8 +690,7 @@ def plot_report(report: dict, first: str, path: Path) -> None:
     ax.set_xticks(range(len(corpus_names)), corpus_names, fontsize=11)
     ax.set_ylabel("tokens per character (lower is better)")
     ax.set_ylim(0, top * 1.3)
-    ax.set_title(f"Tokens per character by corpus (bar labels: value, change vs. {first})",
-                 fontsize=11)
+    ax.set_title(f"Tokens per character by corpus (bar labels: value, change vs. {first})", fontsize=11)
     ax.legend(loc="upper right", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -619,16 +701,24 @@ def plot_report(report: dict, first: str, path: Path) -> None:
 
 # --- stage runners (see chla_launcher/kinds/{train_spm,merge_tokenizer,vocab_report}.py) -------
 
+
 def train_spm_with_params(p: TrainSpmParams, out_dir: str | Path, log: Log = _print) -> dict:
     """`train_spm` as the stage kind's params describe it (`chla vocab train` and the stage)."""
-    return train_spm(p.inputs, out_dir, vocab_size=p.vocab_size, model_type=p.model_type,
-                     character_coverage=p.character_coverage, threads=p.threads,
-                     input_sentence_size=p.input_sentence_size,
-                     max_sentence_length=p.max_sentence_length, seed=p.seed, log=log)
+    return train_spm(
+        p.inputs,
+        out_dir,
+        vocab_size=p.vocab_size,
+        model_type=p.model_type,
+        character_coverage=p.character_coverage,
+        threads=p.threads,
+        input_sentence_size=p.input_sentence_size,
+        max_sentence_length=p.max_sentence_length,
+        seed=p.seed,
+        log=log,
+    )
 
 
-def merge_tokenizers_with_params(p: MergeTokenizerParams, out_dir: str | Path,
-                                 log: Log = _print) -> dict:
+def merge_tokenizers_with_params(p: MergeTokenizerParams, out_dir: str | Path, log: Log = _print) -> dict:
     """`merge_tokenizers` as the stage kind's params describe it (`chla vocab merge` and the stage)."""
     return merge_tokenizers(p.base, p.add, out_dir, pad_token=p.pad_token, scores=p.scores, log=log)
 
@@ -639,12 +729,12 @@ def run_train_spm(ctx: StageContext[TrainSpmParams]) -> dict:
 
 def run_merge_tokenizer(ctx: StageContext[MergeTokenizerParams]) -> dict:
     summary = merge_tokenizers_with_params(ctx.params, ctx.out_dir, log=ctx.log)
-    return {k: summary[k] for k in ("base_size", "new_pieces", "merged_size", "final_size",
-                                    "arithmetic")}
+    return {k: summary[k] for k in ("base_size", "new_pieces", "merged_size", "final_size", "arithmetic")}
 
 
 def run_vocab_report(ctx) -> dict:
     p = ctx.params
     report = vocab_report(dict(p.tokenizers), dict(p.corpora), ctx.out_dir, log=ctx.log)
-    return {f"{r['tokenizer']}/{r['corpus']}/tokens_per_char": round(r["tokens_per_char"], 4)
-            for r in report["results"]}
+    return {
+        f"{r['tokenizer']}/{r['corpus']}/tokens_per_char": round(r["tokens_per_char"], 4) for r in report["results"]
+    }

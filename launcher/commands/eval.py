@@ -13,13 +13,17 @@ HELP = "evaluate a model: perplexity per token/char, task scores beside baseline
 ORDER = 64
 
 # lm_eval and vllm are nested settings (a recipe's), and backend vllm needs a GPU node's vLLM.
-FLAGS = ParamFlags(EvaluateParams, (
-    Flag("model", metavar="DIR"),
-    Flag("adapters", name="--adapter", metavar="DIR"),
-    Flag("ppl", metavar="FILE"),
-    Flag("tasks", name="--task", metavar="FILE"),
-    Flag("prompts", metavar="FILE"),
-), exclude=frozenset({"lm_eval", "backend", "vllm"}))
+FLAGS = ParamFlags(
+    EvaluateParams,
+    (
+        Flag("model", metavar="DIR"),
+        Flag("adapters", name="--adapter", metavar="DIR"),
+        Flag("ppl", metavar="FILE"),
+        Flag("tasks", name="--task", metavar="FILE"),
+        Flag("prompts", metavar="FILE"),
+    ),
+    exclude=frozenset({"lm_eval", "backend", "vllm"}),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +39,18 @@ def run(args: argparse.Namespace) -> int:
     if not (args.ppl or args.tasks or args.prompts):
         raise ChlaError("nothing to evaluate: give at least one --ppl, --task or --prompts file")
     params = FLAGS.params(args)
-    evaluate(params.model, params.adapters, args.out, ppl=params.ppl, tasks=params.tasks, prompts=params.prompts,
-             shards=args.shards, batch_size=params.batch_size, max_new_tokens=params.max_new_tokens,
-             block_size=params.block_size, template=params.template, max_items=params.max_items)
+    evaluate(
+        params.model,
+        params.adapters,
+        args.out,
+        ppl=params.ppl,
+        tasks=params.tasks,
+        prompts=params.prompts,
+        shards=args.shards,
+        batch_size=params.batch_size,
+        max_new_tokens=params.max_new_tokens,
+        block_size=params.block_size,
+        template=params.template,
+        max_items=params.max_items,
+    )
     return 0

@@ -6,15 +6,23 @@ import argparse
 import sys
 
 NAME = "plan"
-HELP = ("memory per device of every training stage (weights, gradients, optimizer states, activations) "
-        "against its GPUs, from config.json sizes; loads no model")
+HELP = (
+    "memory per device of every training stage (weights, gradients, optimizer states, activations) "
+    "against its GPUs, from config.json sizes; loads no model"
+)
 ORDER = 15
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override any recipe key, as for chla submit (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override any recipe key, as for chla submit (repeatable)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ ORDER = 80
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (runs/<name>)")
-    parser.add_argument("--out", metavar="PNG", default=None,
-                        help="output image (default RUN_DIR/reports/train_loss.png)")
+    parser.add_argument(
+        "--out", metavar="PNG", default=None, help="output image (default RUN_DIR/reports/train_loss.png)"
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -27,8 +28,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_scaling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory of a recipe with a `sweep:`")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="output directory (default RUN_DIR/reports): scaling.md, scaling.json, scaling-<stage>.png")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="output directory (default RUN_DIR/reports): scaling.md, scaling.json, scaling-<stage>.png",
+    )
 
 
 def _run_scaling(args: argparse.Namespace) -> int:
@@ -41,8 +46,11 @@ def _run_scaling(args: argparse.Namespace) -> int:
 # name -> (help, add_arguments, run). Add a report by adding an entry.
 REPORTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("loss curves of every training stage of a run in one PNG", _add_train, _run_train),
-    "scaling": ("throughput, speedup and efficiency of a node-scaling sweep (table and PNG)",
-                _add_scaling, _run_scaling),
+    "scaling": (
+        "throughput, speedup and efficiency of a node-scaling sweep (table and PNG)",
+        _add_scaling,
+        _run_scaling,
+    ),
 }
 
 

@@ -14,8 +14,14 @@ ORDER = 20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="the run directory (runs/<name>)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS",
-                        help="refresh until every stage has ended (default every 5 s)")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const=5.0,
+        type=float,
+        metavar="SECONDS",
+        help="refresh until every stage has ended (default every 5 s)",
+    )
     add_remote_arguments(parser)
 
 

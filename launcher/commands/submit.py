@@ -13,27 +13,45 @@ ORDER = 10
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override any recipe key, e.g. --set stages.pt.resources.nodes=4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override any recipe key, e.g. --set stages.pt.resources.nodes=4 (repeatable)",
+    )
     from chla_launcher.executors import executor_names
 
     parser.add_argument("--executor", choices=executor_names(), help="override the recipe's executor")
     parser.add_argument("--run-dir", help="run directory (default: the recipe's run_dir, else runs/<name>)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="re-run the failed or unfinished stages of RUN_DIR and their dependents; uses "
-                             "RUN_DIR's frozen recipe unless a recipe file is given")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="re-run the failed or unfinished stages of RUN_DIR and their dependents; uses "
+        "RUN_DIR's frozen recipe unless a recipe file is given",
+    )
     parser.add_argument("--only", help="comma-separated stages to run (their inputs must be finished)")
-    parser.add_argument("--from", dest="from_stage", metavar="STAGE",
-                        help="run STAGE and everything after it, even if finished")
-    parser.add_argument("--replace", action="store_true",
-                        help="if the run directory's chain is still queued or running, cancel it first "
-                             "(without it, such a submission is refused)")
-    parser.add_argument("--strict", action="store_true",
-                        help="refuse to queue anything when a training stage will not fit in its devices' "
-                             "memory (chla plan); without it, a warning")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan and every sbatch script exactly as it would be submitted; "
-                             "submit and write nothing")
+    parser.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="run STAGE and everything after it, even if finished"
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="if the run directory's chain is still queued or running, cancel it first "
+        "(without it, such a submission is refused)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse to queue anything when a training stage will not fit in its devices' "
+        "memory (chla plan); without it, a warning",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and every sbatch script exactly as it would be submitted; submit and write nothing",
+    )
     add_remote_arguments(parser, snapshot=True)
 
 
@@ -46,10 +64,18 @@ def run(args: argparse.Namespace) -> int:
     from chla_launcher.submit import SubmitOptions, submit
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    options = SubmitOptions(recipe=args.recipe, overrides=args.overrides, executor=args.executor,
-                            run_dir=args.run_dir, resume=args.resume, only=only,
-                            from_stage=args.from_stage, dry_run=args.dry_run, replace=args.replace,
-                            strict=args.strict)
+    options = SubmitOptions(
+        recipe=args.recipe,
+        overrides=args.overrides,
+        executor=args.executor,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        only=only,
+        from_stage=args.from_stage,
+        dry_run=args.dry_run,
+        replace=args.replace,
+        strict=args.strict,
+    )
     return submit(options)
 
 
@@ -61,8 +87,13 @@ def _run_remote(args: argparse.Namespace, remote: RemoteOptions) -> int:
     forwarded: list[str] = []
     for override in args.overrides:
         forwarded += ["--set", override]
-    for flag, value in (("--executor", args.executor), ("--run-dir", args.run_dir), ("--resume", args.resume),
-                        ("--only", args.only), ("--from", args.from_stage)):
+    for flag, value in (
+        ("--executor", args.executor),
+        ("--run-dir", args.run_dir),
+        ("--resume", args.resume),
+        ("--only", args.only),
+        ("--from", args.from_stage),
+    ):
         if value is not None:
             forwarded += [flag, value]
     for flag, value in (("--dry-run", args.dry_run), ("--replace", args.replace), ("--strict", args.strict)):

@@ -55,9 +55,7 @@ class Executor(ABC):
         """Print what submit() would queue, exactly; queue and write nothing."""
 
     @abstractmethod
-    def submit(
-        self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction
-    ) -> dict[str, StageRecord]:
+    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction) -> dict[str, StageRecord]:
         """Queue every stage of plan.run so that none starts before release(), calling
         transaction.record_jobs() with each job id as soon as it exists; the stages' records of
         the chain to commit."""

@@ -64,9 +64,7 @@ class LocalExecutor(Executor):
     def dry_run(self, recipe: ResolvedRecipe, plan: Plan) -> None:
         pass  # the plan printed by submit is all a local run does
 
-    def submit(
-        self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction
-    ) -> dict[str, StageRecord]:
+    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction) -> dict[str, StageRecord]:
         # Nothing to queue: this process runs the chain once it is committed.
         return {name: StageRecord(fingerprint=plan.fingerprints[name], submitted_at=now()) for name in plan.run}
 
@@ -87,12 +85,14 @@ class LocalExecutor(Executor):
     # --- a committed chain --------------------------------------------------------------------
     def live(self, chain: Chain) -> dict[str, list[str]]:
         live: dict[str, list[str]] = {}
-        runner_alive = chain.pid is not None and chain.finished_at is None and (
-            not chain.on_this_host or _is_chla(chain.pid))
+        runner_alive = (
+            chain.pid is not None and chain.finished_at is None and (not chain.on_this_host or _is_chla(chain.pid))
+        )
         if runner_alive:
             where = f"pid {chain.pid}" + ("" if chain.on_this_host else f" on {chain.host}")
-            unfinished = [name for name in chain.submitted()
-                          if self.run.read_state(name).get("status") in (PENDING, RUNNING)]
+            unfinished = [
+                name for name in chain.submitted() if self.run.read_state(name).get("status") in (PENDING, RUNNING)
+            ]
             for name in unfinished or list(chain.submitted())[-1:]:
                 live[name] = [where]
         for pid, stage in processes.stage_tasks(self.run.path):
@@ -105,8 +105,9 @@ class LocalExecutor(Executor):
         stopped = []
         if chain.pid is not None and chain.finished_at is None:
             if not chain.on_this_host:
-                raise ChlaError(f"{self.run.path}: the local run is on host {chain.host} (pid {chain.pid}); "
-                                f"cancel it there")
+                raise ChlaError(
+                    f"{self.run.path}: the local run is on host {chain.host} (pid {chain.pid}); cancel it there"
+                )
             if _is_chla(chain.pid):
                 os.kill(chain.pid, signal.SIGTERM)
                 stopped.append(f"pid {chain.pid}")
@@ -128,8 +129,9 @@ class LocalExecutor(Executor):
         for name in chain.submitted():
             state = self.run.read_state(name)
             # Locally a requeue is a new attempt of the same task.
-            result[name] = JobStatus(state=state.get("status", PENDING),
-                                     restarts=max(0, int(state.get("attempts", 1) or 1) - 1))
+            result[name] = JobStatus(
+                state=state.get("status", PENDING), restarts=max(0, int(state.get("attempts", 1) or 1) - 1)
+            )
         return result
 
     def log_files(self, chain: Chain, stage: str, task: int, rank: int) -> list[Path]:
@@ -141,8 +143,9 @@ class LocalExecutor(Executor):
     def execute(self, recipe: ResolvedRecipe, plan: Plan) -> int:
         """Run the plan; returns 0 if every stage finished, 1 otherwise."""
         self.recipe = recipe
-        previous = {sig: signal.signal(sig, self._on_terminate)
-                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        previous = {
+            sig: signal.signal(sig, self._on_terminate) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
         failed: set[str] = set()
         try:
             for name in plan.run:
@@ -169,8 +172,10 @@ class LocalExecutor(Executor):
                         state = self.run.update_state(name, status=CANCELLED, error="cancelled", finished_at=now())
                     elif state.get("status") not in (FAILED, CANCELLED):
                         state = self.run.update_state(name, status=FAILED, finished_at=now())
-                    self._say(f"[{position}/{len(plan.run)}] {name}: FAILED after {elapsed:.1f}s"
-                              + (f" ({state['error']})" if state.get("error") else ""))
+                    self._say(
+                        f"[{position}/{len(plan.run)}] {name}: FAILED after {elapsed:.1f}s"
+                        + (f" ({state['error']})" if state.get("error") else "")
+                    )
                     self._print_log_tail(name)
         finally:
             _terminate(self._live)  # an exception of our own must not orphan a task either
@@ -181,8 +186,9 @@ class LocalExecutor(Executor):
     # ------------------------------------------------------------------------------------------
     def _run_stage(self, stage: ResolvedStage, fingerprint: str) -> bool:
         # Live bars of what the stage's tasks report (training steps, pieces, merged bytes).
-        self._display = ProgressDisplay(self.run.stage_dir(stage.name), stage.name, self.out,
-                                        array=stage.array is not None)
+        self._display = ProgressDisplay(
+            self.run.stage_dir(stage.name), stage.name, self.out, array=stage.array is not None
+        )
         try:
             if stage.array is not None:
                 parallel = max(1, min(stage.array, self.cores // max(1, stage.resources.cpus_per_task)))
@@ -202,8 +208,10 @@ class LocalExecutor(Executor):
         while (pending or running) and not self._cancelled:
             while pending and len(running) < parallel and ok:
                 index = pending.pop(0)
-                running[index] = (self._spawn(stage, fingerprint, index, rank=0, world=1, port=0,
-                                              attempt=f"{index}-0"), 0)
+                running[index] = (
+                    self._spawn(stage, fingerprint, index, rank=0, world=1, port=0, attempt=f"{index}-0"),
+                    0,
+                )
             time.sleep(0.05)
             if self._display is not None:
                 self._display.refresh()
@@ -216,8 +224,12 @@ class LocalExecutor(Executor):
                 _reap_group(process)
                 if code == REQUEUE_EXIT_CODE and requeues < MAX_LOCAL_REQUEUES:
                     self._say(f"    {stage.name} task {index}: requeued")
-                    running[index] = (self._spawn(stage, fingerprint, index, rank=0, world=1, port=0,
-                                                  attempt=f"{index}-{requeues + 1}"), requeues + 1)
+                    running[index] = (
+                        self._spawn(
+                            stage, fingerprint, index, rank=0, world=1, port=0, attempt=f"{index}-{requeues + 1}"
+                        ),
+                        requeues + 1,
+                    )
                 elif code != 0:
                     ok = False
             if not ok:
@@ -226,16 +238,19 @@ class LocalExecutor(Executor):
             return False
         return ok
 
-    def _run_process_group(self, stage: ResolvedStage, fingerprint: str, task: int,
-                           finalize: bool = False) -> bool:
+    def _run_process_group(self, stage: ResolvedStage, fingerprint: str, task: int, finalize: bool = False) -> bool:
         """One task as world_size processes (1 unless the stage is distributed), requeued as a whole."""
         world = 1 if finalize else stage.resources.world_size
         for requeues in range(MAX_LOCAL_REQUEUES + 1):
             # Outside the ephemeral range (a port from bind(0) can be taken before rank 0 binds it).
             port = free_master_port(os.getpid(), requeues) if world > 1 else 0
             attempt = f"{'finalize' if finalize else task}-{requeues}"
-            ranks = [self._spawn(stage, fingerprint, task, rank=rank, world=world, port=port,
-                                 attempt=attempt, finalize=finalize) for rank in range(world)]
+            ranks = [
+                self._spawn(
+                    stage, fingerprint, task, rank=rank, world=world, port=port, attempt=attempt, finalize=finalize
+                )
+                for rank in range(world)
+            ]
             codes = self._wait_all(ranks)
             if self._cancelled:
                 return False
@@ -265,16 +280,29 @@ class LocalExecutor(Executor):
             if self._display is not None:
                 self._display.refresh()
 
-    def _spawn(self, stage: ResolvedStage, fingerprint: str, task: int, *, rank: int, world: int,
-               port: int, attempt: str, finalize: bool = False) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self,
+        stage: ResolvedStage,
+        fingerprint: str,
+        task: int,
+        *,
+        rank: int,
+        world: int,
+        port: int,
+        attempt: str,
+        finalize: bool = False,
+    ) -> subprocess.Popen[bytes]:
         tasks_per_node = stage.resources.tasks_per_node if world > 1 else 1
         env = dict(os.environ)
         env.update(
-            RANK=str(rank), WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank % tasks_per_node), LOCAL_WORLD_SIZE=str(tasks_per_node),
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank % tasks_per_node),
+            LOCAL_WORLD_SIZE=str(tasks_per_node),
             GROUP_RANK=str(rank // tasks_per_node),
             CHLA_NUM_NODES=str(max(1, world // tasks_per_node)),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or 29500),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port or 29500),
             CHLA_ATTEMPT=f"local-{os.getpid()}-{attempt}",
             PYTHONUNBUFFERED="1",
         )
@@ -283,8 +311,7 @@ class LocalExecutor(Executor):
         env.setdefault("OMP_NUM_THREADS", str(stage.resources.cpus_per_task))
         for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID"):
             env.pop(name, None)  # a local run inside a Slurm allocation is still a local run
-        argv = [sys.executable, "-m", "chla_train.entry", str(self.run.path), stage.name,
-                "--fingerprint", fingerprint]
+        argv = [sys.executable, "-m", "chla_train.entry", str(self.run.path), stage.name, "--fingerprint", fingerprint]
         argv += ["--finalize"] if finalize else ["--task", str(task)]
         logs = self.run.logs_dir(stage.name)
         logs.mkdir(parents=True, exist_ok=True)
@@ -295,9 +322,15 @@ class LocalExecutor(Executor):
             log.flush()
             # A session of its own: the terminal's Ctrl-C reaches this process, which stops tasks in
             # order; the group lets _terminate reach whatever the task started.
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       cwd=self.run.stage_dir(stage.name), start_new_session=True,
-                                       preexec_fn=self._die_with_us)
+            process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.run.stage_dir(stage.name),
+                start_new_session=True,
+                preexec_fn=self._die_with_us,
+            )
         self._live.append(process)
         return process
 

@@ -44,16 +44,17 @@ class SlurmExecutor(Executor):
         self._say("\n# Batch scripts exactly as they would be submitted (job ids of parents shown as <stage>):")
         for name in plan.run:
             stage = recipe.stages[name]
-            dependency = [f"<{parent}:finalize>" if recipe.stages[parent].array is not None else f"<{parent}>"
-                          for parent in stage.after if parent in plan.run]
+            dependency = [
+                f"<{parent}:finalize>" if recipe.stages[parent].array is not None else f"<{parent}>"
+                for parent in stage.after
+                if parent in plan.run
+            ]
             self._print_script(recipe, stage, self._submitit(recipe, stage, dependency))
             if stage.array is not None:
                 self._say(f"# --- {name}: finalize (after every task) ---")
                 self._say(self._script(self._submitit(recipe, stage, [f"<{name}>"], finalize=True), None))
 
-    def submit(
-        self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction
-    ) -> dict[str, StageRecord]:
+    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction) -> dict[str, StageRecord]:
         from chla_train.entry import StageJob  # light: the job entry imports no torch
 
         slurm.require_slurm()
@@ -63,8 +64,7 @@ class SlurmExecutor(Executor):
         for name in plan.run:
             stage = recipe.stages[name]
             fingerprint = plan.fingerprints[name]
-            dependency = [job_id for parent in stage.after if parent in records
-                          for job_id in records[parent].final_ids]
+            dependency = [job_id for parent in stage.after if parent in records for job_id in records[parent].final_ids]
             record = StageRecord(fingerprint=fingerprint, submitted_at=now())
             records[name] = record
             executor = self._submitit(recipe, stage, dependency)
@@ -77,8 +77,9 @@ class SlurmExecutor(Executor):
                     for start in range(0, stage.array, chunk):
                         indices = list(range(start, min(stage.array, start + chunk)))
                         executor.update_parameters(array_parallelism=min(len(indices), 1000))
-                        jobs = executor.map_array(job, [run_dir] * len(indices), [name] * len(indices),
-                                                  indices, [fingerprint] * len(indices))
+                        jobs = executor.map_array(
+                            job, [run_dir] * len(indices), [name] * len(indices), indices, [fingerprint] * len(indices)
+                        )
                         record.job_ids.append(jobs[0].job_id.split("_")[0])
                         transaction.record_jobs(record.job_ids[-1:])
                     finalize = self._submitit(recipe, stage, record.job_ids, finalize=True)
@@ -86,13 +87,17 @@ class SlurmExecutor(Executor):
                     transaction.record_jobs([record.finalize_job_id])
             except submitit.core.utils.FailedJobError as error:
                 lines = str(error).strip().splitlines()
-                raise ChlaError(f"sbatch refused stage {name}: {lines[-1] if lines else error!r}; the "
-                                f"submission was rolled back") from None
+                raise ChlaError(
+                    f"sbatch refused stage {name}: {lines[-1] if lines else error!r}; the submission was rolled back"
+                ) from None
             except OSError as error:
                 raise ChlaError(f"submitting stage {name} failed: {error}; the submission was rolled back") from None
             deps = f" after {', '.join(dependency)}" if dependency else ""
-            self._say(f"queued {name}: job {', '.join(record.job_ids)}"
-                      + (f" (+ finalize {record.finalize_job_id})" if record.finalize_job_id else "") + deps)
+            self._say(
+                f"queued {name}: job {', '.join(record.job_ids)}"
+                + (f" (+ finalize {record.finalize_job_id})" if record.finalize_job_id else "")
+                + deps
+            )
         return records
 
     def release(self, chain: Chain) -> None:
@@ -114,8 +119,7 @@ class SlurmExecutor(Executor):
             for job_id in record.all_job_ids:
                 records = table.for_job(job_id)
                 # sacct lags the queue by seconds: a job it does not list yet may well be queued.
-                if (job_id in queued or not records
-                        or any(r.state in slurm.ACTIVE_STATES for r in records)):
+                if job_id in queued or not records or any(r.state in slurm.ACTIVE_STATES for r in records):
                     live.setdefault(name, []).append(job_id)
         return live
 
@@ -127,8 +131,9 @@ class SlurmExecutor(Executor):
         deadline = time.monotonic() + wait_s
         while wait_s and slurm.queued_jobs(ids):
             if time.monotonic() > deadline:
-                raise ChlaError(f"jobs {', '.join(slurm.queued_jobs(ids))} are still queued {wait_s:.0f}s "
-                                f"after scancel")
+                raise ChlaError(
+                    f"jobs {', '.join(slurm.queued_jobs(ids))} are still queued {wait_s:.0f}s after scancel"
+                )
             time.sleep(0.5)
         return ids
 
@@ -173,25 +178,28 @@ class SlurmExecutor(Executor):
             return []
         found: list[Path] = []
         for job_id in record.job_ids:
-            found += logs.glob(f"{job_id}_{rank}_log.*")          # plain job: task is always 0
-            found += logs.glob(f"{job_id}_{task}_{rank}_log.*")   # array job
+            found += logs.glob(f"{job_id}_{rank}_log.*")  # plain job: task is always 0
+            found += logs.glob(f"{job_id}_{task}_{rank}_log.*")  # array job
         if task == -1 and record.finalize_job_id:
             found += logs.glob(f"{record.finalize_job_id}_0_log.*")
         return sorted(set(found), key=lambda p: (p.stat().st_mtime, p.name))
 
     # ------------------------------------------------------------------------------------------
-    def _submitit(self, recipe: ResolvedRecipe, stage: ResolvedStage, dependency: list[str], *,
-                  finalize: bool = False) -> _SubmititExecutor:
+    def _submitit(
+        self, recipe: ResolvedRecipe, stage: ResolvedStage, dependency: list[str], *, finalize: bool = False
+    ) -> _SubmititExecutor:
         settings = recipe.model.slurm
         resources = stage.resources
         if finalize:
             # Aggregation is light: one task, one CPU, the stage's time limit.
-            resources = Resources(nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0,
-                                  mem="2G", time=stage.resources.time)
+            resources = Resources(
+                nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0, mem="2G", time=stage.resources.time
+            )
         # submitit puts `python` on the srun line as it is: a path with a space must be quoted.
         python = shlex.quote(settings.python) if settings.python else None
-        executor = _SubmititExecutor(folder=self.run.logs_dir(stage.name), python=python,
-                                     max_num_timeout=settings.max_requeues)
+        executor = _SubmititExecutor(
+            folder=self.run.logs_dir(stage.name), python=python, max_num_timeout=settings.max_requeues
+        )
         name = f"chla/{recipe.name}/{stage.name}"
         executor.update_parameters(**slurm.sbatch_parameters(name, resources, settings, dependency))
         return executor
@@ -205,8 +213,11 @@ class SlurmExecutor(Executor):
             executor.parameters.pop("map_count", None)
 
     def _print_script(self, recipe: ResolvedRecipe, stage: ResolvedStage, executor: _SubmititExecutor) -> None:
-        shape = (f"array of {stage.array}" if stage.array is not None
-                 else f"{stage.resources.nodes} node(s) x {stage.resources.tasks_per_node} task(s)")
+        shape = (
+            f"array of {stage.array}"
+            if stage.array is not None
+            else f"{stage.resources.nodes} node(s) x {stage.resources.tasks_per_node} task(s)"
+        )
         self._say(f"# --- {stage.name} ({stage.kind.name}, {shape}) ---")
         if stage.array is None:
             self._say(self._script(executor, None))

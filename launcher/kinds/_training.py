@@ -17,10 +17,13 @@ LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down
 
 class BlendPart(StageParams):
     """One part of a weighted blend of data sets (corpora, instruction files)."""
+
     path: Annotated[str, InputPath()] = Field(description="the data set (a file or directory)")
     weight: float = Field(gt=0, description="its share of the training samples (weights are normalised)")
-    name: str | None = Field(default=None, description="name in logs and counts (default: the stage "
-                             "that wrote it, or the file or directory name)")
+    name: str | None = Field(
+        default=None,
+        description="name in logs and counts (default: the stage that wrote it, or the file or directory name)",
+    )
 
 
 def one_part_per_path(value: Any) -> Any:
@@ -32,15 +35,20 @@ class TrainingParams(StageParams):
     # Inputs
     tokenizer: Annotated[str, InputPath()] = Field(description="HF tokenizer dir (the merged one)")
     model: Annotated[str | None, InputPath()] = Field(
-        default=None, description="HF model directory (config.json + safetensors) to start from")
+        default=None, description="HF model directory (config.json + safetensors) to start from"
+    )
     init: dict[str, Any] | None = Field(
-        default=None, description="LlamaConfig fields for a randomly initialised model (instead of `model`)")
+        default=None, description="LlamaConfig fields for a randomly initialised model (instead of `model`)"
+    )
     new_row_init: Literal["subtoken_mean", "mean", "random"] = Field(
-        default="subtoken_mean", description="embedding and lm_head rows added for new tokens: the mean "
+        default="subtoken_mean",
+        description="embedding and lm_head rows added for new tokens: the mean "
         "of the base rows of the token's pieces under the base tokenizer (subtoken_mean), the mean of "
-        "all base rows, or N(0, initializer_range) from the recipe's seed")
-    max_vocab_growth: float = Field(default=4.0, gt=1.0, description="refuse tokenizers with more than "
-                                    "this many times the model's embedding rows")
+        "all base rows, or N(0, initializer_range) from the recipe's seed",
+    )
+    max_vocab_growth: float = Field(
+        default=4.0, gt=1.0, description="refuse tokenizers with more than this many times the model's embedding rows"
+    )
 
     # LoRA (mode lora, and sft)
     lora_r: int = Field(default=8, gt=0)
@@ -49,20 +57,28 @@ class TrainingParams(StageParams):
     lora_target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LORA_TARGETS), min_length=1)
     modules_to_save: list[str] = Field(default_factory=lambda: ["embed_tokens", "lm_head"])
     vocab_rows: Literal["all", "new"] = Field(
-        default="all", description="rows of the vocabulary matrices in modules_to_save (embed_tokens, lm_head) "
+        default="all",
+        description="rows of the vocabulary matrices in modules_to_save (embed_tokens, lm_head) "
         "that LoRA stages train: all (full copies in the adapter, as the original) or new (PEFT trainable "
-        "token rows from new_rows_from on; the adapter holds only those rows)")
+        "token rows from new_rows_from on; the adapter holds only those rows)",
+    )
     new_rows_from: int | None = Field(
-        default=None, ge=0, description="vocab_rows new: the first row that trains (default: the rows the "
-        "model had before this stage's tokenizer; 32000 for a LLaMA base trains every Chinese row)")
+        default=None,
+        ge=0,
+        description="vocab_rows new: the first row that trains (default: the rows the "
+        "model had before this stage's tokenizer; 32000 for a LLaMA base trains every Chinese row)",
+    )
     init_adapter: Annotated[str | None, InputPath()] = Field(
-        default=None, description="continue training this PEFT adapter (its LoRA settings win)")
+        default=None, description="continue training this PEFT adapter (its LoRA settings win)"
+    )
 
     # Optimisation
     learning_rate: float = Field(default=2e-4, gt=0)
     embedding_learning_rate: float | None = Field(
-        default=None, gt=0, description="learning rate of the trainable parts of embed_tokens and lm_head "
-        "(default: learning_rate)")
+        default=None,
+        gt=0,
+        description="learning rate of the trainable parts of embed_tokens and lm_head (default: learning_rate)",
+    )
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_ratio: float = Field(default=0.05, ge=0, le=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -82,15 +98,19 @@ class TrainingParams(StageParams):
     # Runtime
     zero_stage: Literal[0, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage; 0 = plain data parallel")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bf16 on GPUs with bf16 and on CPUs whose torch and oneDNN may use "
-        "avx512_bf16/AMX, else fp32 (emulated bf16 is slower; fp16 fails under DeepSpeed on CPU)")
+        default="auto",
+        description="auto: bf16 on GPUs with bf16 and on CPUs whose torch and oneDNN may use "
+        "avx512_bf16/AMX, else fp32 (emulated bf16 is slower; fp16 fails under DeepSpeed on CPU)",
+    )
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        default="sdpa", description="flash_attention_2 falls back to sdpa without a GPU and flash-attn")
+        default="sdpa", description="flash_attention_2 falls back to sdpa without a GPU and flash-attn"
+    )
 
     @model_validator(mode="after")
     def _one_base_model(self) -> TrainingParams:
         if (self.model is None) == (self.init is None):
-            raise ValueError("give exactly one of `model` (an HF model directory) or `init` "
-                             "(a LlamaConfig for a random model)")
+            raise ValueError(
+                "give exactly one of `model` (an HF model directory) or `init` (a LlamaConfig for a random model)"
+            )
         return self

@@ -44,5 +44,6 @@ class CommandParams(StageParams):
         return env
 
 
-KIND = StageKind("command", CommandParams, "chla_train.stages.command:run", array=True, distributed=True,
-                 needs_training_stack=False)
+KIND = StageKind(
+    "command", CommandParams, "chla_train.stages.command:run", array=True, distributed=True, needs_training_stack=False
+)

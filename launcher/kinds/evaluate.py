@@ -21,21 +21,29 @@ from . import InputPath, StageKind, StageParams
 class LmEvalParams(StageParams):
     """lm-evaluation-harness on the stage's model (chla_tools.lm_eval_backend); run by task 0."""
 
-    tasks: list[str] = Field(default_factory=list, description="lm-eval task names (ceval-valid, cmmlu, "
-                             "mmlu, ...; their data must be in the HF datasets cache) or include_path tasks")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task names (ceval-valid, cmmlu, "
+        "mmlu, ...; their data must be in the HF datasets cache) or include_path tasks",
+    )
     # Paths one level down are not the launcher's InputPath fields: they are made absolute here,
     # where the recipe is validated (the directory chla is started from), and checked by the job.
     include_path: list[str] = Field(
-        default_factory=list, description="directories of lm-eval task YAMLs (lm-eval's --include_path)")
+        default_factory=list, description="directories of lm-eval task YAMLs (lm-eval's --include_path)"
+    )
     alpaca_tasks: list[str] = Field(
-        default_factory=list, description="Alpaca-format labelled files, each run as a multiple-choice "
-        "task chla_<file stem> (choices: the file's distinct outputs)")
+        default_factory=list,
+        description="Alpaca-format labelled files, each run as a multiple-choice "
+        "task chla_<file stem> (choices: the file's distinct outputs)",
+    )
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per item (default: the task's)")
     limit: int | float | None = Field(None, gt=0, description="items per task: a count, or a fraction if below 1")
     seed: int = Field(1234, description="lm-eval's seeds (few-shot sampling)")
     pair_tokenization: Literal["joint", "separate"] = Field(
-        "joint", description="joint: lm-eval's own (context + answer encoded as one string; comparable "
-        "with published scores); separate: prompt and answer encoded each on its own, as chla's SFT trains")
+        "joint",
+        description="joint: lm-eval's own (context + answer encoded as one string; comparable "
+        "with published scores); separate: prompt and answer encoded each on its own, as chla's SFT trains",
+    )
 
     @field_validator("include_path", "alpaca_tasks")
     @classmethod
@@ -62,23 +70,33 @@ class EvaluateParams(StageParams):
 
     model: Annotated[str, InputPath()] = Field(description="HF model directory (merged, or the base)")
     adapters: Annotated[list[str], InputPath()] = Field(
-        default_factory=list, description="peft LoRA adapters applied on top, in training order")
+        default_factory=list, description="peft LoRA adapters applied on top, in training order"
+    )
     ppl: Annotated[list[str], InputPath()] = Field(
-        default_factory=list, description="held-out text files (one paragraph a line) for perplexity")
+        default_factory=list, description="held-out text files (one paragraph a line) for perplexity"
+    )
     tasks: Annotated[list[str], InputPath()] = Field(
-        default_factory=list, description="Alpaca-format labelled files, scored by their records' `task` "
-        "(sentiment, segmentation, entities, continuation) beside its baselines, else by exact match")
+        default_factory=list,
+        description="Alpaca-format labelled files, scored by their records' `task` "
+        "(sentiment, segmentation, entities, continuation) beside its baselines, else by exact match",
+    )
     prompts: Annotated[list[str], InputPath()] = Field(
-        default_factory=list, description='JSONL {"prompt": ...} (or Alpaca) files to generate for')
+        default_factory=list, description='JSONL {"prompt": ...} (or Alpaca) files to generate for'
+    )
     batch_size: int = Field(8, ge=1, description="sequences per forward pass / generate call")
-    max_new_tokens: int | None = Field(None, ge=1, description="generation length for every input; default: "
-                                       "each task's own (chla_tools.tasks), 64 for prompts and untyped files")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="generation length for every input; default: "
+        "each task's own (chla_tools.tasks), 64 for prompts and untyped files",
+    )
     block_size: int | None = Field(None, ge=2, description="perplexity window; default max_position_embeddings")
     template: bool = Field(True, description="wrap instructions and prompts in the Alpaca template")
     max_items: int | None = Field(None, ge=1, description="evaluate only the first N lines/records of every input")
     lm_eval: LmEvalParams | None = Field(None, description="also run lm-evaluation-harness on the model")
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="generation for tasks and prompts: transformers, or vLLM on a GPU node (merged model)")
+        "hf", description="generation for tasks and prompts: transformers, or vLLM on a GPU node (merged model)"
+    )
     vllm: VllmParams = Field(default_factory=VllmParams)
 
     @model_validator(mode="after")
@@ -86,10 +104,13 @@ class EvaluateParams(StageParams):
         if not (self.ppl or self.tasks or self.prompts or self.lm_eval):
             raise ValueError("give at least one of ppl, tasks, prompts, lm_eval")
         if self.backend == "vllm" and (self.ppl or self.lm_eval or self.adapters):
-            raise ValueError("backend vllm only generates (tasks, prompts) with a merged model; evaluate "
-                             "ppl and lm_eval, or a model with adapters, with backend hf")
+            raise ValueError(
+                "backend vllm only generates (tasks, prompts) with a merged model; evaluate "
+                "ppl and lm_eval, or a model with adapters, with backend hf"
+            )
         return self
 
 
-KIND = StageKind("evaluate", EvaluateParams, "chla_tools.evaluate:run", finalize="chla_tools.evaluate:finalize",
-                 array=True)
+KIND = StageKind(
+    "evaluate", EvaluateParams, "chla_tools.evaluate:run", finalize="chla_tools.evaluate:finalize", array=True
+)

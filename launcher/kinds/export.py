@@ -20,10 +20,12 @@ class ExportParams(StageParams):
     """convert an HF model to GGUF with llama.cpp's own converter (vocabulary checked first)"""
 
     model: Annotated[str, InputPath()] = Field(
-        description="HF model directory (a merge stage's out, with the tokenizer beside the weights)")
+        description="HF model directory (a merge stage's out, with the tokenizer beside the weights)"
+    )
     format: Literal["gguf"] = Field("gguf", description="gguf: llama.cpp's file format")
     outtype: Literal["f32", "f16", "q8_0"] = Field(
-        "f16", description="tensor type in the file (q8_0: 8-bit, about half of f16)")
+        "f16", description="tensor type in the file (q8_0: 8-bit, about half of f16)"
+    )
     file_name: str = Field("model.gguf", description="name of the file in the stage's out directory")
 
     @field_validator("file_name")

@@ -20,10 +20,12 @@ class MergeParams(StageParams):
 
     base: Annotated[str, InputPath()] = Field(description="HF model directory (safetensors)")
     adapters: Annotated[list[str], InputPath()] = Field(
-        min_length=1, description="peft LoRA adapter directories, applied in this order")
+        min_length=1, description="peft LoRA adapter directories, applied in this order"
+    )
     shard_size: str = Field("5GB", description="largest output shard, e.g. 5GB, 500MB, 2GiB")
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
-        None, description="output dtype of floating tensors; default: keep the base's")
+        None, description="output dtype of floating tensors; default: keep the base's"
+    )
 
     @field_validator("shard_size")
     @classmethod

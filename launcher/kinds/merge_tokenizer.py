@@ -22,14 +22,19 @@ class MergeTokenizerParams(StageParams):
     """merge a SentencePiece model into a base tokenizer (out/tokenizer, out/merged.model)"""
 
     base: Annotated[str, InputPath()] = Field(
-        description="base tokenizer: HF directory with tokenizer.model, or the .model file")
+        description="base tokenizer: HF directory with tokenizer.model, or the .model file"
+    )
     add: Annotated[str, InputPath()] = Field(
-        description="SentencePiece model whose pieces are added (e.g. a train_spm stage's spm.model)")
+        description="SentencePiece model whose pieces are added (e.g. a train_spm stage's spm.model)"
+    )
     pad_token: bool = Field(False, description="append one [PAD] control piece (SFT variant)")
     scores: Literal["below_base", "original"] = Field(
-        "below_base", description="new pieces' scores: below every base piece (the HF tokenizer "
-        "then equals SentencePiece), or 0 as the original merge_tokenizers.py (same .model, byte for byte)")
+        "below_base",
+        description="new pieces' scores: below every base piece (the HF tokenizer "
+        "then equals SentencePiece), or 0 as the original merge_tokenizers.py (same .model, byte for byte)",
+    )
 
 
-KIND = StageKind("merge_tokenizer", MergeTokenizerParams, "chla_tools.vocab:run_merge_tokenizer",
-                 needs_training_stack=False)
+KIND = StageKind(
+    "merge_tokenizer", MergeTokenizerParams, "chla_tools.vocab:run_merge_tokenizer", needs_training_stack=False
+)

@@ -22,8 +22,10 @@ class PretrainParams(TrainingParams):
 
     mode: Literal["embeddings", "lora", "full"] = "lora"
     corpus: Annotated[list[BlendPart], InputPath()] = Field(
-        min_length=1, description="pre-tokenized corpus directory, or a blend [{path, weight}, ...] drawn by "
-        "weight in a fixed, resumable order (each corpus holds out its own validation blocks)")
+        min_length=1,
+        description="pre-tokenized corpus directory, or a blend [{path, weight}, ...] drawn by "
+        "weight in a fixed, resumable order (each corpus holds out its own validation blocks)",
+    )
     block_size: int = Field(default=512, gt=1)
     valid_count: int | None = Field(default=None, ge=0, description="blocks held out for validation")
     valid_fraction: float | None = Field(default=None, ge=0, lt=1)
@@ -41,5 +43,10 @@ class PretrainParams(TrainingParams):
         return self
 
 
-KIND = StageKind("pretrain", PretrainParams, "chla_train.stages.pretrain:run", distributed=True,
-                 accumulation_param="gradient_accumulation_steps")
+KIND = StageKind(
+    "pretrain",
+    PretrainParams,
+    "chla_train.stages.pretrain:run",
+    distributed=True,
+    accumulation_param="gradient_accumulation_steps",
+)

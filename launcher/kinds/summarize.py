@@ -26,8 +26,11 @@ class SummarizeParams(StageParams):
     en_ppl: str = Field("ppl-en_heldout", description="evaluation name of the English perplexity")
     # an evaluate stage's out directory holding the labelled tasks (and prompt generations)
     task_results: str | None = None
-    task: str | None = Field("task-sentiment_test", description="evaluation name of the task whose accuracy "
-                             "is the headline sft_accuracy (none: no headline accuracy)")
+    task: str | None = Field(
+        "task-sentiment_test",
+        description="evaluation name of the task whose accuracy "
+        "is the headline sft_accuracy (none: no headline accuracy)",
+    )
 
 
 KIND = StageKind("summarize", SummarizeParams, "chla_tools.summary:run", needs_training_stack=False)

@@ -53,7 +53,8 @@ def test_layers_that_fit_follow_the_memory_model():
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu.py"])
 def test_dry_run_needs_no_gpu(script):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--dry-run"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--dry-run"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("MACHINE ") and "32 layers" in result.stdout

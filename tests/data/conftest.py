@@ -33,7 +33,14 @@ def sp_reference(demo_assets):
 
 def stage_context(params, out_dir: Path, task_index: int, num_tasks: int):
     """What the job entry hands a runner (only the fields the pretokenize runner reads)."""
-    return types.SimpleNamespace(params=params, out_dir=Path(out_dir), work_dir=Path(out_dir).parent / "work",
-                                 stage_dir=Path(out_dir).parent, task_index=task_index, num_tasks=num_tasks,
-                                 dist=types.SimpleNamespace(rank=0), log=lambda message: None,
-                                 stage="pretokenize")
+    return types.SimpleNamespace(
+        params=params,
+        out_dir=Path(out_dir),
+        work_dir=Path(out_dir).parent / "work",
+        stage_dir=Path(out_dir).parent,
+        task_index=task_index,
+        num_tasks=num_tasks,
+        dist=types.SimpleNamespace(rank=0),
+        log=lambda message: None,
+        stage="pretokenize",
+    )

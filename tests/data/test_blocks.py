@@ -15,8 +15,15 @@ def corpus_dir(tmp_path_factory, zh_lines, demo_assets):
     root = tmp_path_factory.mktemp("blocks")
     for name, part in (("a.txt", zh_lines[:300]), ("b.txt", zh_lines[300:500])):
         (root / name).write_text("\n".join(part) + "\n", encoding="utf-8")
-    pt.pretokenize([str(root / "*.txt")], demo_assets["base_tokenizer"], root / "out", workers=1,
-                   layout=pt.Layout(piece_bytes=16 << 10), cache_dir=root / "cache", log=lambda m: None)
+    pt.pretokenize(
+        [str(root / "*.txt")],
+        demo_assets["base_tokenizer"],
+        root / "out",
+        workers=1,
+        layout=pt.Layout(piece_bytes=16 << 10),
+        cache_dir=root / "cache",
+        log=lambda m: None,
+    )
     return root / "out"
 
 
@@ -34,7 +41,7 @@ def test_corpus_and_blocks_follow_group_texts(corpus_dir, zh_lines, sp_reference
     for index in (0, 1, len(blocks) // 2, len(blocks) - 1):
         block = blocks[index]
         assert block.dtype == np.int64 and len(block) == block_size
-        assert np.array_equal(block, expected[index * block_size:(index + 1) * block_size])
+        assert np.array_equal(block, expected[index * block_size : (index + 1) * block_size])
     with pytest.raises(IndexError):
         blocks[len(blocks)]
     with pytest.raises(ChlaError, match="fewer than one block"):
@@ -113,8 +120,9 @@ def test_length_grouped_batches_pad_less_and_resume_exactly():
         return sum(max(length_of[int(i)] for i in batch) * global_batch for batch in batches)
 
     plain = ResumableSampler(indices, seed=5, global_batch_size=global_batch).take(len(indices))
-    grouped_sampler = ResumableSampler(indices, seed=5, global_batch_size=global_batch, lengths=lengths,
-                                       length_group=8 * global_batch)
+    grouped_sampler = ResumableSampler(
+        indices, seed=5, global_batch_size=global_batch, lengths=lengths, length_group=8 * global_batch
+    )
     grouped = grouped_sampler.take(len(indices))
     assert sorted(grouped) == sorted(indices)  # still every item once per epoch
     assert padded_tokens(grouped) < 0.7 * padded_tokens(plain)
@@ -124,27 +132,42 @@ def test_length_grouped_batches_pad_less_and_resume_exactly():
     # A new epoch is a new grouping; resuming mid-epoch continues exactly; two ranks share batches.
     second_epoch = grouped_sampler.take(len(indices))
     assert not np.array_equal(second_epoch, grouped)
-    first = ResumableSampler(indices, seed=5, global_batch_size=global_batch, lengths=lengths,
-                             length_group=8 * global_batch)
+    first = ResumableSampler(
+        indices, seed=5, global_batch_size=global_batch, lengths=lengths, length_group=8 * global_batch
+    )
     head = first.take(700)
-    resumed = ResumableSampler(indices, seed=5, global_batch_size=global_batch, lengths=lengths,
-                               length_group=8 * global_batch)
+    resumed = ResumableSampler(
+        indices, seed=5, global_batch_size=global_batch, lengths=lengths, length_group=8 * global_batch
+    )
     resumed.load_state_dict(first.state_dict())
     assert np.array_equal(np.concatenate([head, resumed.take(580)]), np.concatenate([grouped, second_epoch]))
-    ranks = [ResumableSampler(indices, seed=5, rank=r, world_size=2, global_batch_size=global_batch,
-                              lengths=lengths, length_group=8 * global_batch) for r in range(2)]
+    ranks = [
+        ResumableSampler(
+            indices,
+            seed=5,
+            rank=r,
+            world_size=2,
+            global_batch_size=global_batch,
+            lengths=lengths,
+            length_group=8 * global_batch,
+        )
+        for r in range(2)
+    ]
     together = np.concatenate([rank.take(global_batch // 2) for rank in ranks])
     assert sorted(together) == sorted(grouped[:global_batch])
 
 
 # --- weighted blends ---------------------------------------------------------------------------
 
+
 def _blend(weights, num_samples, seed=5, sizes=(40, 13, 7)):
     from chla_tools.blocks import BlendSource, WeightedBlend
 
     # item values say where they come from: source s, item i -> 1000 * s + i
-    sources = [BlendSource(f"s{s}", np.arange(size) + 1000 * s, np.arange(size), w)
-               for s, (size, w) in enumerate(zip(sizes, weights))]
+    sources = [
+        BlendSource(f"s{s}", np.arange(size) + 1000 * s, np.arange(size), w)
+        for s, (size, w) in enumerate(zip(sizes, weights))
+    ]
     return WeightedBlend(sources, num_samples, seed=seed)
 
 
@@ -173,8 +196,10 @@ def test_resumed_blend_yields_exactly_the_remaining_samples():
 
     for world_size in (1, 2):
         blend = _blend(weights, total)
-        ranks = [ResumableSampler(np.arange(total), shuffle=False, rank=r, world_size=world_size,
-                                  global_batch_size=8) for r in range(world_size)]
+        ranks = [
+            ResumableSampler(np.arange(total), shuffle=False, rank=r, world_size=world_size, global_batch_size=8)
+            for r in range(world_size)
+        ]
         seen = []
         for _ in range(11):  # 11 global batches of 8, then the job is preempted
             for rank in ranks:
@@ -183,8 +208,10 @@ def test_resumed_blend_yields_exactly_the_remaining_samples():
         assert all(rank.state_dict() == state for rank in ranks)
 
         rebuilt = _blend(weights, total)
-        resumed = [ResumableSampler(np.arange(total), shuffle=False, rank=r, world_size=world_size,
-                                    global_batch_size=8) for r in range(world_size)]
+        resumed = [
+            ResumableSampler(np.arange(total), shuffle=False, rank=r, world_size=world_size, global_batch_size=8)
+            for r in range(world_size)
+        ]
         for rank in resumed:
             rank.load_state_dict(state)
         rest = []
@@ -192,7 +219,7 @@ def test_resumed_blend_yields_exactly_the_remaining_samples():
             for rank in resumed:
                 rest += [rebuilt[int(k)] for k in rank.take(8 // world_size)]
         assert sorted(seen + rest) == sorted(stream)
-        assert sorted(rest) == sorted(stream[len(seen):])  # exactly the unread samples
+        assert sorted(rest) == sorted(stream[len(seen) :])  # exactly the unread samples
         if world_size == 1:
             assert seen + rest == stream
         # Control: resuming from another saved position reads other samples.

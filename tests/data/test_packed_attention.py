@@ -37,15 +37,25 @@ def case(demo_assets, tmp_path_factory):
     dataset = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=256, cache_dir=root / "cache")
     examples = [dataset[i] for i in range(len(dataset))]
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=dataset.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=dataset.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).eval()
     return types.SimpleNamespace(
-        examples=examples, model=model,
+        examples=examples,
+        model=model,
         padded=collate_sft(examples, dataset.pad_id),
         packed=collate_sft_packed(examples, dataset.pad_id, row_length=256),
-        shared=collate_sft_packed(examples, dataset.pad_id, row_length=256, share_prefix=True))
+        shared=collate_sft_packed(examples, dataset.pad_id, row_length=256, share_prefix=True),
+    )
 
 
 def trainer_loss(model, batch, implementation: str) -> float:
@@ -61,8 +71,13 @@ def plain_call_loss(model, batch, implementation: str, **inputs) -> float:
     model.config._attn_implementation = implementation
     one = torch.ones(())
     with torch.no_grad():
-        return model(input_ids=torch.from_numpy(batch["input_ids"]), labels=torch.from_numpy(batch["labels"]),
-                     num_items_in_batch=one, use_cache=False, **inputs).loss.item()
+        return model(
+            input_ids=torch.from_numpy(batch["input_ids"]),
+            labels=torch.from_numpy(batch["labels"]),
+            num_items_in_batch=one,
+            use_cache=False,
+            **inputs,
+        ).loss.item()
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -79,9 +94,13 @@ def test_packed_rows_give_the_padded_loss(case, implementation):
     assert abs(trainer_loss(case.model, leaky, implementation) - padded) > 1e-4 * padded
     # The shared-prefix rows' boolean mask handed to the model as is (what the trainer did before):
     # sdpa reads it right, eager adds 1/0 to the scores and masks nothing.
-    as_is = plain_call_loss(case.model, case.shared, implementation,
-                            position_ids=torch.from_numpy(case.shared["position_ids"]),
-                            attention_mask=torch.from_numpy(case.shared["packed_attention_mask"])[:, None])
+    as_is = plain_call_loss(
+        case.model,
+        case.shared,
+        implementation,
+        position_ids=torch.from_numpy(case.shared["position_ids"]),
+        attention_mask=torch.from_numpy(case.shared["packed_attention_mask"])[:, None],
+    )
     if implementation == "sdpa":
         assert as_is == pytest.approx(padded, rel=1e-5)
     else:
@@ -100,19 +119,42 @@ class ReferenceFlashKernels:
     def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
         self.dense_calls += 1
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale,
-            enable_gqa=True)
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=causal,
+            scale=softmax_scale,
+            enable_gqa=True,
+        )
         return out.transpose(1, 2)
 
-    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                               dropout_p=0.0, softmax_scale=None, causal=False):
+    def flash_attn_varlen_func(
+        self,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+    ):
         self.varlen_calls.append((cu_seqlens_q.clone(), cu_seqlens_k.clone(), max_seqlen_q, max_seqlen_k))
         out = torch.empty_like(q)
-        for (qs, qe), (ks, ke) in zip(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()),
-                                      zip(cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist())):
+        for (qs, qe), (ks, ke) in zip(
+            zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()),
+            zip(cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist()),
+        ):
             segment = torch.nn.functional.scaled_dot_product_attention(
-                q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
-                is_causal=causal, scale=softmax_scale, enable_gqa=True)
+                q[qs:qe].transpose(0, 1),
+                k[ks:ke].transpose(0, 1),
+                v[ks:ke].transpose(0, 1),
+                is_causal=causal,
+                scale=softmax_scale,
+                enable_gqa=True,
+            )
             out[qs:qe] = segment.transpose(0, 1)
         return out
 
@@ -122,9 +164,17 @@ def flash_kernels(monkeypatch):
     import transformers.modeling_flash_attention_utils as flash_utils
 
     kernels = ReferenceFlashKernels()
-    monkeypatch.setattr(flash_utils, "_lazy_imports", lambda *args, **kwargs: (
-        kernels.flash_attn_func, kernels.flash_attn_varlen_func, None, flash_utils._pad_input,
-        flash_utils._unpad_input))
+    monkeypatch.setattr(
+        flash_utils,
+        "_lazy_imports",
+        lambda *args, **kwargs: (
+            kernels.flash_attn_func,
+            kernels.flash_attn_varlen_func,
+            None,
+            flash_utils._pad_input,
+            flash_utils._unpad_input,
+        ),
+    )
     monkeypatch.setattr(flash_utils, "_loaded_implementation", None)
     return kernels
 
@@ -158,8 +208,9 @@ def test_flash_attention_gets_each_examples_boundaries(case, flash_kernels):
     # Control: the same rows with only the restarting position ids, as transformers reads them for
     # FlashAttention: several rows are "not packed", so the dense kernel attends across examples.
     flash_kernels.varlen_calls.clear()
-    leaky = plain_call_loss(case.model, case.packed, "flash_attention_2",
-                            position_ids=torch.from_numpy(case.packed["position_ids"]))
+    leaky = plain_call_loss(
+        case.model, case.packed, "flash_attention_2", position_ids=torch.from_numpy(case.packed["position_ids"])
+    )
     assert flash_kernels.dense_calls == layers and not flash_kernels.varlen_calls
     assert abs(leaky - padded) > 1e-4 * padded
 
@@ -172,8 +223,13 @@ def test_shared_prefix_is_refused_under_flash_attention(case):
     from chla_train.packed_attention import packed_attention_inputs
 
     with pytest.raises(ValidationError, match="contiguous segment"):
-        SftParams(tokenizer="t", train_file="f", init={}, pack_batches=True, share_prompt_prefix=True,
-                  attn_implementation="flash_attention_2")
+        SftParams(
+            tokenizer="t",
+            train_file="f",
+            init={},
+            pack_batches=True,
+            share_prompt_prefix=True,
+            attn_implementation="flash_attention_2",
+        )
     with pytest.raises(ChlaError, match="contiguous segment"):
         packed_attention_inputs(case.shared, "flash_attention_2", dtype=torch.float32, device=torch.device("cpu"))
-

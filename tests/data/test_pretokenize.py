@@ -33,8 +33,11 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 def corpus(tmp_path, zh_lines) -> list[Path]:
     inputs = tmp_path / "in"
     inputs.mkdir()
-    return [write_lines(inputs / "a.txt", zh_lines[:900]), write_lines(inputs / "b.txt", zh_lines[900:1400]),
-            write_lines(inputs / "c.txt", zh_lines[1400:1500])]
+    return [
+        write_lines(inputs / "a.txt", zh_lines[:900]),
+        write_lines(inputs / "b.txt", zh_lines[900:1400]),
+        write_lines(inputs / "c.txt", zh_lines[1400:1500]),
+    ]
 
 
 def stream(out_dir: Path) -> np.ndarray:
@@ -42,9 +45,16 @@ def stream(out_dir: Path) -> np.ndarray:
 
 
 def test_ids_equal_sentencepiece_and_manifest(tmp_path, corpus, zh_lines, sp_reference, demo_assets):
-    result = pt.pretokenize([str(tmp_path / "in" / "*.txt")], demo_assets["base_tokenizer"], tmp_path / "out",
-                            workers=2, layout=SMALL, cache_dir=tmp_path / "cache", block_size=512,
-                            log=lambda m: None)
+    result = pt.pretokenize(
+        [str(tmp_path / "in" / "*.txt")],
+        demo_assets["base_tokenizer"],
+        tmp_path / "out",
+        workers=2,
+        layout=SMALL,
+        cache_dir=tmp_path / "cache",
+        block_size=512,
+        log=lambda m: None,
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     expected = sp_reference(zh_lines[:1500])
     assert stream(tmp_path / "out").tolist() == expected
@@ -63,12 +73,25 @@ def test_ids_equal_sentencepiece_and_manifest(tmp_path, corpus, zh_lines, sp_ref
 
 def test_one_task_and_four_tasks_give_the_same_stream(tmp_path, corpus, demo_assets):
     inputs = [str(tmp_path / "in" / "*.txt")]
-    pt.pretokenize(inputs, demo_assets["base_tokenizer"], tmp_path / "one", num_shards=1, workers=2,
-                   layout=SMALL, cache_dir=tmp_path / "cache1", log=lambda m: None)
+    pt.pretokenize(
+        inputs,
+        demo_assets["base_tokenizer"],
+        tmp_path / "one",
+        num_shards=1,
+        workers=2,
+        layout=SMALL,
+        cache_dir=tmp_path / "cache1",
+        log=lambda m: None,
+    )
     # Four separate invocations of the stage runner (as four array tasks), then finalize; own cache,
     # so the four tasks really tokenize.
-    params = PretokenizeParams(tokenizer=demo_assets["base_tokenizer"], inputs=inputs, workers=1,
-                               cache_dir=str(tmp_path / "cache4"), piece_mb=64 / 1024)
+    params = PretokenizeParams(
+        tokenizer=demo_assets["base_tokenizer"],
+        inputs=inputs,
+        workers=1,
+        cache_dir=str(tmp_path / "cache4"),
+        piece_mb=64 / 1024,
+    )
     results = [pt.run(stage_context(params, tmp_path / "four", task, 4)) for task in range(4)]
     assert sum(r["pieces_tokenized"] for r in results) == sum(r["pieces"] for r in results)
     assert sum(1 for r in results if r["tokens"]) >= 3  # the work really was spread
@@ -80,8 +103,14 @@ def test_one_task_and_four_tasks_give_the_same_stream(tmp_path, corpus, demo_ass
 
 
 def test_cache_reuses_unchanged_and_retokenizes_only_changes(tmp_path, corpus, zh_lines, sp_reference, demo_assets):
-    args = dict(tokenizer_dir=demo_assets["base_tokenizer"], out_dir=tmp_path / "out", workers=1, layout=SMALL,
-                cache_dir=tmp_path / "cache", log=lambda m: None)
+    args = dict(
+        tokenizer_dir=demo_assets["base_tokenizer"],
+        out_dir=tmp_path / "out",
+        workers=1,
+        layout=SMALL,
+        cache_dir=tmp_path / "cache",
+        log=lambda m: None,
+    )
     inputs = [str(tmp_path / "in" / "*.txt")]
     first = pt.pretokenize(inputs, **args)
     again = pt.pretokenize(inputs, **args)
@@ -134,8 +163,10 @@ def test_sigkill_mid_write_leaves_no_partial_shard_and_rerun_fills_in(tmp_path, 
     out, cache = tmp_path / "out", tmp_path / "cache"
     # The tokenizer check (cached per tokenizer) first, so the child starts tokenizing at once.
     pt.load_tokenizer_info(demo_assets["base_tokenizer"], cache)
-    process = subprocess.Popen([sys.executable, str(script), demo_assets["base_tokenizer"], str(corpus), str(out),
-                                str(cache)], start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script), demo_assets["base_tokenizer"], str(corpus), str(out), str(cache)],
+        start_new_session=True,
+    )
     killed_mid_write = False
     deadline = time.monotonic() + 60
     while process.poll() is None and time.monotonic() < deadline:
@@ -152,8 +183,15 @@ def test_sigkill_mid_write_leaves_no_partial_shard_and_rerun_fills_in(tmp_path, 
     assert 1 <= committed < 8
     assert not (out / "manifest.json").exists()
 
-    result = pt.pretokenize([str(corpus)], demo_assets["base_tokenizer"], out, workers=1,
-                            layout=pt.Layout(piece_bytes=256 << 10), cache_dir=cache, log=lambda m: None)
+    result = pt.pretokenize(
+        [str(corpus)],
+        demo_assets["base_tokenizer"],
+        out,
+        workers=1,
+        layout=pt.Layout(piece_bytes=256 << 10),
+        cache_dir=cache,
+        log=lambda m: None,
+    )
     assert result["pieces_cached"] == committed
     assert result["pieces_tokenized"] == result["shards"] - committed
     assert not list(out.glob(".*.tmp"))
@@ -167,47 +205,84 @@ def test_long_line_is_encoded_in_chunks(tmp_path, zh_lines, sp_reference, demo_a
     corpus = write_lines(tmp_path / "long.txt", zh_lines[400:420] + [long_line] + zh_lines[420:430])
     items = list(pt._items_for_range(str(corpus), "txt", "line", 0, corpus.stat().st_size, 4096, 8192))
     assert sum(1 for item in items if item[0] == "chunk") > 10
-    pt.pretokenize([str(corpus)], demo_assets["base_tokenizer"], tmp_path / "out", workers=2,
-                   options=pt.PretokenizeOptions(chunk_bytes=8192), layout=pt.Layout(batch_bytes=4096),
-                   cache_dir=tmp_path / "cache", log=lambda m: None)
+    pt.pretokenize(
+        [str(corpus)],
+        demo_assets["base_tokenizer"],
+        tmp_path / "out",
+        workers=2,
+        options=pt.PretokenizeOptions(chunk_bytes=8192),
+        layout=pt.Layout(batch_bytes=4096),
+        cache_dir=tmp_path / "cache",
+        log=lambda m: None,
+    )
     expected = sp_reference(zh_lines[400:420] + [long_line] + zh_lines[420:430])
     assert stream(tmp_path / "out").tolist() == expected
 
     # English: cuts fall before a space, so every chunk starts a word as in the whole line.
     english = " ".join(Path(demo_assets["en_text"]).read_text(encoding="utf-8").split())[:60000]
     corpus = write_lines(tmp_path / "long_en.txt", [english])
-    pt.pretokenize([str(corpus)], demo_assets["base_tokenizer"], tmp_path / "out_en", workers=2,
-                   options=pt.PretokenizeOptions(chunk_bytes=4096), layout=pt.Layout(batch_bytes=2048),
-                   cache_dir=tmp_path / "cache", log=lambda m: None)
+    pt.pretokenize(
+        [str(corpus)],
+        demo_assets["base_tokenizer"],
+        tmp_path / "out_en",
+        workers=2,
+        options=pt.PretokenizeOptions(chunk_bytes=4096),
+        layout=pt.Layout(batch_bytes=2048),
+        cache_dir=tmp_path / "cache",
+        log=lambda m: None,
+    )
     assert stream(tmp_path / "out_en").tolist() == sp_reference([english])
 
 
 def test_paragraph_documents_and_json_inputs(tmp_path, zh_lines, sp_reference, demo_assets):
-    paragraphs = ["\n".join(zh_lines[i:i + 3]) for i in range(0, 600, 3)]
+    paragraphs = ["\n".join(zh_lines[i : i + 3]) for i in range(0, 600, 3)]
     txt = tmp_path / "para.txt"
     txt.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
-    pt.pretokenize([str(txt)], demo_assets["base_tokenizer"], tmp_path / "p", workers=2,
-                   options=pt.PretokenizeOptions(txt_documents="paragraph"), layout=SMALL,
-                   cache_dir=tmp_path / "cache", log=lambda m: None)
+    pt.pretokenize(
+        [str(txt)],
+        demo_assets["base_tokenizer"],
+        tmp_path / "p",
+        workers=2,
+        options=pt.PretokenizeOptions(txt_documents="paragraph"),
+        layout=SMALL,
+        cache_dir=tmp_path / "cache",
+        log=lambda m: None,
+    )
     assert stream(tmp_path / "p").tolist() == sp_reference(paragraphs)
 
     docs = zh_lines[:300]
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps({"content": d, "id": i}, ensure_ascii=False) + "\n"
-                             for i, d in enumerate(docs)), encoding="utf-8")
+    jsonl.write_text(
+        "".join(json.dumps({"content": d, "id": i}, ensure_ascii=False) + "\n" for i, d in enumerate(docs)),
+        encoding="utf-8",
+    )
     array = tmp_path / "docs.json"
     array.write_text(json.dumps([{"content": d} for d in docs], ensure_ascii=False), encoding="utf-8")
-    pt.pretokenize([str(jsonl), str(array)], demo_assets["base_tokenizer"], tmp_path / "j", workers=2,
-                   options=pt.PretokenizeOptions(text_key="content"), layout=SMALL,
-                   cache_dir=tmp_path / "cache", log=lambda m: None)
+    pt.pretokenize(
+        [str(jsonl), str(array)],
+        demo_assets["base_tokenizer"],
+        tmp_path / "j",
+        workers=2,
+        options=pt.PretokenizeOptions(text_key="content"),
+        layout=SMALL,
+        cache_dir=tmp_path / "cache",
+        log=lambda m: None,
+    )
     assert stream(tmp_path / "j").tolist() == sp_reference(docs) * 2
 
 
 @pytest.mark.slow
 def test_hf_encoder_gives_the_same_ids_on_chinese(tmp_path, zh_lines, sp_reference, demo_assets):
     corpus = write_lines(tmp_path / "a.txt", zh_lines[:200])
-    pt.pretokenize([str(corpus)], demo_assets["base_tokenizer"], tmp_path / "out", workers=1,
-                   options=pt.PretokenizeOptions(encoder="hf"), cache_dir=tmp_path / "cache", log=lambda m: None)
+    pt.pretokenize(
+        [str(corpus)],
+        demo_assets["base_tokenizer"],
+        tmp_path / "out",
+        workers=1,
+        options=pt.PretokenizeOptions(encoder="hf"),
+        cache_dir=tmp_path / "cache",
+        log=lambda m: None,
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {s["encoder"] for s in manifest["shards"]} == {"hf"}
     assert stream(tmp_path / "out").tolist() == sp_reference(zh_lines[:200])

@@ -21,8 +21,10 @@ from chla_tools.sft_data import (
 
 # The original project's Alpaca training prompt, verbatim (Chinese-LLaMA-Alpaca,
 # scripts/training/build_dataset.py: PROMPT_TEMPLATE).
-ORIGINAL = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-            "request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
+ORIGINAL = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response: "
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_prompt_is_masked_and_target_is_output_plus_eos(tmp_path, records, token
         assert example["input_ids"].dtype == np.int64 and example["labels"].dtype == np.int64
         assert example["input_ids"].tolist() == prompt_ids + target_ids
         assert example["labels"].tolist() == [IGNORE_INDEX] * len(prompt_ids) + target_ids
-        assert tokenizer.decode(example["labels"][len(prompt_ids):-1]) == record["output"]
+        assert tokenizer.decode(example["labels"][len(prompt_ids) : -1]) == record["output"]
 
 
 def test_pad_token_makes_vocab_base_plus_one_and_collate_pads_right(tmp_path, records, tokenizer, demo_assets):
@@ -96,11 +98,14 @@ def test_truncation_packing_and_cache(tmp_path, records, demo_assets):
         assert short[position]["input_ids"].tolist() == full[index]["input_ids"][:limit].tolist()
         assert short[position]["labels"].tolist() == full[index]["labels"][:limit].tolist()
 
-    packed = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=1024, packing=True,
-                              cache_dir=tmp_path / "c")
+    packed = load_sft_dataset(
+        path, demo_assets["base_tokenizer"], max_seq_length=1024, packing=True, cache_dir=tmp_path / "c"
+    )
     assert len(packed) < len(full) and all(len(packed[i]["input_ids"]) <= 1024 for i in range(len(packed)))
-    assert np.array_equal(np.concatenate([packed[i]["labels"] for i in range(len(packed))]),
-                          np.concatenate([full[i]["labels"] for i in range(len(full))]))
+    assert np.array_equal(
+        np.concatenate([packed[i]["labels"] for i in range(len(packed))]),
+        np.concatenate([full[i]["labels"] for i in range(len(full))]),
+    )
 
     entries = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert len(entries) == 3  # one per option set
@@ -143,10 +148,11 @@ def test_packed_batches_hold_every_example_once(tmp_path, records, demo_assets):
 
     # The shared prompt prefix (template + the task's one instruction) computed once per row.
     prefix = shared_prompt_prefix(examples)
-    instruction = len(load_sft_tokenizer(demo_assets["base_tokenizer"])(
-        format_prompt(records[0]["instruction"]))["input_ids"])
+    instruction = len(
+        load_sft_tokenizer(demo_assets["base_tokenizer"])(format_prompt(records[0]["instruction"]))["input_ids"]
+    )
     assert instruction - 8 <= prefix < instruction  # the template's end follows the review, not shared
-    assert all((e["labels"][:prefix + 1] == IGNORE_INDEX).all() for e in examples)
+    assert all((e["labels"][: prefix + 1] == IGNORE_INDEX).all() for e in examples)
     shared = collate_sft_packed(examples, dataset.pad_id, row_length=256, share_prefix=True)
     assert int(shared["attention_mask"].sum()) == sum(lengths) - (len(examples) - shared["input_ids"].shape[0]) * prefix
     assert label_token_count(shared) == label_token_count(padded)
@@ -157,4 +163,3 @@ def test_packed_batches_hold_every_example_once(tmp_path, records, demo_assets):
     # Examples that start differently share nothing.
     other = dict(examples[1], input_ids=np.concatenate([[7], examples[1]["input_ids"][1:]]))
     assert shared_prompt_prefix([examples[0], other]) == 0
-

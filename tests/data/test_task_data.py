@@ -47,8 +47,13 @@ def test_split_rule_by_paragraph_index():
 
 @pytest.fixture(scope="module")
 def task_files(demo_assets) -> dict[str, dict[str, list[dict]]]:
-    return {task: {part: json.loads(Path(demo_assets[f"{task}_{part}"]).read_text(encoding="utf-8"))
-                   for part in ("train", "valid", "test")} for task in TASK_NAMES}
+    return {
+        task: {
+            part: json.loads(Path(demo_assets[f"{task}_{part}"]).read_text(encoding="utf-8"))
+            for part in ("train", "valid", "test")
+        }
+        for task in TASK_NAMES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +66,11 @@ def test_held_out_examples_are_never_trained_on(demo_assets, task_files):
     zh_train = Path(demo_assets["zh_train"]).read_text(encoding="utf-8")
     zh_heldout = Path(demo_assets["zh_heldout"]).read_text(encoding="utf-8").splitlines()
     sft_train = json.loads(Path(demo_assets["sft_train"]).read_text(encoding="utf-8"))
-    trained = "\n".join({r["input"] for r in sft_train}
-                        | {r["input"] for parts in task_files.values() for r in parts["train"]}
-                        | {r["output"] for r in task_files["continuation"]["train"]})
+    trained = "\n".join(
+        {r["input"] for r in sft_train}
+        | {r["input"] for parts in task_files.values() for r in parts["train"]}
+        | {r["output"] for r in task_files["continuation"]["train"]}
+    )
     tagging_test = {r["input"] for r in task_files["segmentation"]["test"]}
     tagging_valid = {r["input"] for r in task_files["segmentation"]["valid"]}
     assert tagging_test == {r["input"] for r in task_files["entities"]["test"]}
@@ -96,8 +103,9 @@ def test_records_are_alpaca_with_a_task_and_parse_back(task_files, demo_assets):
     for record in task_files["entities"]["test"]:
         assert record["output"].startswith("人名：") and record["output"].count("；") == 2
         assert all(name in record["input"] for _, name in Entities.parse(record["output"]))
-    people = {name for r in task_files["entities"]["train"] for kind, name in Entities.parse(r["output"])
-              if kind == "人名"}
+    people = {
+        name for r in task_files["entities"]["train"] for kind, name in Entities.parse(r["output"]) if kind == "人名"
+    }
     assert "江泽民" in people and "泽民" not in people and "江泽民李鹏" not in people
     assert all(5 <= len(r["input"]) <= 60 for r in task_files["segmentation"]["test"])
     assert all(len(r["output"]) <= 60 and len(r["input"]) <= 100 for r in task_files["continuation"]["test"])

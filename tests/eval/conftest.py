@@ -19,9 +19,18 @@ NEW_WORDS = ["长江", "英雄", "天下", "人民", "报道", "丰收", "评论
 def tiny_config(vocab_size: int, **overrides):
     from transformers import LlamaConfig
 
-    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
-                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    settings = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     settings.update(overrides)
     return LlamaConfig(**settings)
 
@@ -50,8 +59,9 @@ def make_base(directory: Path, tokenizer_dir: str, seed: int = 0, **config_overr
     return directory
 
 
-def make_adapter(directory: Path, base_dir: Path, tokenizer, seed: int, *, modules_to_save=None,
-                 lora_kwargs=None, save_kwargs=None) -> Path:
+def make_adapter(
+    directory: Path, base_dir: Path, tokenizer, seed: int, *, modules_to_save=None, lora_kwargs=None, save_kwargs=None
+) -> Path:
     """A LoRA adapter over `base_dir` resized to len(tokenizer); tokenizer saved beside it."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -60,8 +70,14 @@ def make_adapter(directory: Path, base_dir: Path, tokenizer, seed: int, *, modul
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    settings = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                    modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+    settings = dict(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
     settings.update(lora_kwargs or {})
     config = LoraConfig(**settings)
     peft_model = get_peft_model(model, config)
@@ -85,16 +101,21 @@ def tiny_chain(tmp_path_factory, tokenizer_dir):
     base = make_base(root / "base", tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.add_tokens(NEW_WORDS)
-    pretrain = make_adapter(root / "pretrain_lora", base, tokenizer, seed=1,
-                            modules_to_save=["embed_tokens", "lm_head"])
+    pretrain = make_adapter(
+        root / "pretrain_lora", base, tokenizer, seed=1, modules_to_save=["embed_tokens", "lm_head"]
+    )
     # the SFT adapter trains on the pretraining-merged model, one token larger
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     merged_once = root / "merged_pretrain"
     _stock_merge(base, [pretrain], merged_once)
-    sft = make_adapter(root / "sft_lora", merged_once, tokenizer, seed=2,
-                       modules_to_save=["embed_tokens", "lm_head"])
-    return {"root": root, "base": base, "pretrain": pretrain, "sft": sft,
-            "sizes": (len(AutoTokenizer.from_pretrained(base)), len(tokenizer) - 1, len(tokenizer))}
+    sft = make_adapter(root / "sft_lora", merged_once, tokenizer, seed=2, modules_to_save=["embed_tokens", "lm_head"])
+    return {
+        "root": root,
+        "base": base,
+        "pretrain": pretrain,
+        "sft": sft,
+        "sizes": (len(AutoTokenizer.from_pretrained(base)), len(tokenizer) - 1, len(tokenizer)),
+    }
 
 
 def _stock_merge(base_dir: Path, adapter_dirs: list[Path], out_dir: Path | None = None):

@@ -33,8 +33,7 @@ def merged_model(tiny_chain, tmp_path_factory) -> Path:
 def _spawn(args: list[str]):
     command = _chat_command() + args
     env = dict(os.environ, PYTHONUNBUFFERED="1", TERM="dumb")
-    return pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=120,
-                         dimensions=(40, 200))
+    return pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
 
 
 @pytest.mark.slow
@@ -42,8 +41,9 @@ def test_chat_streams_an_answer_and_exits_on_eof(merged_model):
     question = "介绍一下长江"
     max_new = 24
     model, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
-    expected = generate_batch(model, tokenizer, [format_prompt(question)], max_new_tokens=max_new,
-                              repetition_penalty=1.1)[0]
+    expected = generate_batch(
+        model, tokenizer, [format_prompt(question)], max_new_tokens=max_new, repetition_penalty=1.1
+    )[0]
 
     chat = _spawn([str(merged_model), "--temperature", "0", "--max-new-tokens", str(max_new)])
     chat.expect_exact(">>> ")
@@ -67,8 +67,19 @@ def test_chat_streams_an_answer_and_exits_on_eof(merged_model):
 
 @pytest.mark.slow
 def test_chat_exits_cleanly_on_ctrl_c_with_adapters_unmerged(tiny_chain):
-    chat = _spawn([str(tiny_chain["base"]), "--adapter", str(tiny_chain["pretrain"]),
-                   "--adapter", str(tiny_chain["sft"]), "--max-new-tokens", "4", "--seed", "0"])
+    chat = _spawn(
+        [
+            str(tiny_chain["base"]),
+            "--adapter",
+            str(tiny_chain["pretrain"]),
+            "--adapter",
+            str(tiny_chain["sft"]),
+            "--max-new-tokens",
+            "4",
+            "--seed",
+            "0",
+        ]
+    )
     chat.expect_exact(">>> ")
     chat.sendline("你好")
     chat.expect_exact(">>> ")  # a sampled answer, then the prompt again

@@ -39,15 +39,22 @@ def eval_inputs(demo_assets, tmp_path_factory) -> dict:
         records = json.loads(Path(demo_assets[f"{task}_test"]).read_text(encoding="utf-8"))[:count]
         (root / f"{task}.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
         tasks.append(str(root / f"{task}.json"))
-    untyped = [{key: value for key, value in record.items() if key != "task"}
-               for record in json.loads(Path(tasks[0]).read_text(encoding="utf-8"))]
+    untyped = [
+        {key: value for key, value in record.items() if key != "task"}
+        for record in json.loads(Path(tasks[0]).read_text(encoding="utf-8"))
+    ]
     (root / "plain.json").write_text(json.dumps(untyped, ensure_ascii=False), encoding="utf-8")
     tasks.append(str(root / "plain.json"))
     prompts = ["介绍一下长江。", "天下大势是什么意思？", "写一首关于秋天的诗", "你好", "What is 1+1?"]
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n"
-                                                for p in prompts), encoding="utf-8")
-    return {"ppl": [str(root / "heldout.txt")], "tasks": tasks, "prompts": [str(root / "prompts.jsonl")],
-            "n_lines": len(lines)}
+    (root / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8"
+    )
+    return {
+        "ppl": [str(root / "heldout.txt")],
+        "tasks": tasks,
+        "prompts": [str(root / "prompts.jsonl")],
+        "n_lines": len(lines),
+    }
 
 
 def rounded(value):
@@ -58,14 +65,22 @@ def rounded(value):
 
 
 def _ctx(params, out_dir: Path, task_index: int, num_tasks: int):
-    return SimpleNamespace(params=params, out_dir=out_dir, task_index=task_index, num_tasks=num_tasks,
-                           log=lambda _m: None)
+    return SimpleNamespace(
+        params=params, out_dir=out_dir, task_index=task_index, num_tasks=num_tasks, log=lambda _m: None
+    )
 
 
 @pytest.mark.slow
 def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
-    params = EvaluateParams(model=str(merged_model), ppl=eval_inputs["ppl"], tasks=eval_inputs["tasks"],
-                            prompts=eval_inputs["prompts"], batch_size=3, max_new_tokens=6, block_size=32)
+    params = EvaluateParams(
+        model=str(merged_model),
+        ppl=eval_inputs["ppl"],
+        tasks=eval_inputs["tasks"],
+        prompts=eval_inputs["prompts"],
+        batch_size=3,
+        max_new_tokens=6,
+        block_size=32,
+    )
     one, four = tmp_path / "one", tmp_path / "four"
     evaluation.run(_ctx(params, one, 0, 1))
     headline = evaluation.finalize(_ctx(params, one, -1, 1))  # the job entry finalizes a single task too
@@ -75,7 +90,7 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
 
     single = json.loads((one / "results.json").read_text())
     sharded = json.loads((four / "results.json").read_text())
-    (ppl_name, ppl_one), = single["perplexity"].items()
+    ((ppl_name, ppl_one),) = single["perplexity"].items()
     ppl_four = sharded["perplexity"][ppl_name]
     assert ppl_one["lines"] == eval_inputs["n_lines"] and ppl_one["tokens"] > 32  # several windows
     for key in ("lines", "tokens", "characters"):
@@ -85,8 +100,13 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
     assert ppl_one["ppl_per_char"] == pytest.approx(math.exp(ppl_one["nll_sum"] / ppl_one["characters"]))
     assert headline[f"{ppl_name}.ppl_per_char"] == round(ppl_one["ppl_per_char"], 4)
 
-    assert list(single["tasks"]) == ["task-sentiment", "task-segmentation", "task-entities",
-                                     "task-continuation", "task-plain"]
+    assert list(single["tasks"]) == [
+        "task-sentiment",
+        "task-segmentation",
+        "task-entities",
+        "task-continuation",
+        "task-plain",
+    ]
     for name, task in single["tasks"].items():
         for key in ("items", "task", "score", "systems", "counts"):  # sums of floats, in another order
             assert rounded(task[key]) == rounded(sharded["tasks"][name][key]), (name, key)
@@ -96,22 +116,38 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
     typed, plain = single["tasks"]["task-sentiment"], single["tasks"]["task-plain"]
     for key in ("correct", "accuracy", "majority_label", "majority_baseline"):
         assert typed[key] == plain[key]
-    assert set(typed["systems"]) == {"model", "model_loglik", "majority"} and set(plain["systems"]) == {"model", "majority"}
+    assert set(typed["systems"]) == {"model", "model_loglik", "majority"} and set(plain["systems"]) == {
+        "model",
+        "majority",
+    }
     assert set(single["tasks"]["task-segmentation"]["systems"]) == {"model", "every_character", "jieba"}
     assert single["tasks"]["task-segmentation"]["systems"]["jieba"]["f1"] > 0.5
-    assert headline["task-segmentation.jieba.f1"] == round(single["tasks"]["task-segmentation"]["systems"]["jieba"]["f1"], 4)
+    assert headline["task-segmentation.jieba.f1"] == round(
+        single["tasks"]["task-segmentation"]["systems"]["jieba"]["f1"], 4
+    )
     assert "| task-entities | 5 | entity F1 | no entities | baseline | 0.0000 |" in (one / "results.md").read_text()
     for name in [*single["tasks"], *single["prompts"]]:
-        assert (one / "generations" / f"{name}.jsonl").read_text() == \
-               (four / "generations" / f"{name}.jsonl").read_text()
+        assert (one / "generations" / f"{name}.jsonl").read_text() == (
+            four / "generations" / f"{name}.jsonl"
+        ).read_text()
     assert "ppl per char" in (four / "results.md").read_text()
     assert len(list((four / "partials").glob("shard-*-of-00004.json"))) == 4
 
     # `chla eval --shards 4` runs the same shards in one process, the model loaded once
     cli = tmp_path / "cli"
-    evaluation.evaluate(merged_model, [], cli, ppl=eval_inputs["ppl"], tasks=eval_inputs["tasks"],
-                        prompts=eval_inputs["prompts"], shards=4, batch_size=3, max_new_tokens=6,
-                        block_size=32, log=lambda _m: None)
+    evaluation.evaluate(
+        merged_model,
+        [],
+        cli,
+        ppl=eval_inputs["ppl"],
+        tasks=eval_inputs["tasks"],
+        prompts=eval_inputs["prompts"],
+        shards=4,
+        batch_size=3,
+        max_new_tokens=6,
+        block_size=32,
+        log=lambda _m: None,
+    )
     from_cli = json.loads((cli / "results.json").read_text())
     assert from_cli["tasks"] == sharded["tasks"] and from_cli["perplexity"] == sharded["perplexity"]
 
@@ -120,7 +156,13 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
 def test_batched_greedy_equals_one_at_a_time(merged_model):
     model, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token == "[PAD]"
-    prompts = ["话说天下大势，分久必合，合久必分。", "你好", "滚滚长江东逝水", "人民日报报道，今年粮食生产获得丰收。周末", "a"]
+    prompts = [
+        "话说天下大势，分久必合，合久必分。",
+        "你好",
+        "滚滚长江东逝水",
+        "人民日报报道，今年粮食生产获得丰收。周末",
+        "a",
+    ]
     batched = generate_batch(model, tokenizer, prompts, max_new_tokens=8)
     alone = [generate_batch(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
     assert batched == alone
@@ -129,8 +171,10 @@ def test_batched_greedy_equals_one_at_a_time(merged_model):
 
 def test_choice_log_likelihoods_batched_equal_one_sequence_at_a_time(merged_model):
     model, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
-    prompts = [evaluation.prompt_text({"instruction": "判断情感", "input": text}, template=True)
-               for text in ("很好", "这本书写得非常糟糕，不推荐购买。", "一般")]
+    prompts = [
+        evaluation.prompt_text({"instruction": "判断情感", "input": text}, template=True)
+        for text in ("很好", "这本书写得非常糟糕，不推荐购买。", "一般")
+    ]
     choices = ["正面", "负面"]
     batched = evaluation.choice_logliks(model, tokenizer, prompts, choices, batch_size=4)
     for prompt, scores in zip(prompts, batched):
@@ -148,11 +192,15 @@ def test_choice_log_likelihoods_batched_equal_one_sequence_at_a_time(merged_mode
 @pytest.mark.slow
 def test_unmerged_adapters_score_like_the_merged_model(tiny_chain, merged_model, eval_inputs):
     lines = Path(eval_inputs["ppl"][0]).read_text(encoding="utf-8").splitlines()[:4]
-    merged = evaluation.perplexity_sums(*load_for_inference(merged_model, log=lambda _m: None), lines,
-                                        block=64, batch_size=4)
+    merged = evaluation.perplexity_sums(
+        *load_for_inference(merged_model, log=lambda _m: None), lines, block=64, batch_size=4
+    )
     stacked = evaluation.perplexity_sums(
         *load_for_inference(tiny_chain["base"], [tiny_chain["pretrain"], tiny_chain["sft"]], log=lambda _m: None),
-        lines, block=64, batch_size=4)
+        lines,
+        block=64,
+        batch_size=4,
+    )
     assert merged["tokens"] == stacked["tokens"]
     assert math.isclose(merged["nll"], stacked["nll"], rel_tol=1e-5)
 

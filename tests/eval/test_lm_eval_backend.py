@@ -33,9 +33,9 @@ def own_loglikelihood(model, tokenizer, prompt: str, choice: str, pair_tokenizat
     if pair_tokenization == "joint":
         # lm-eval's rule: the prompt's trailing space moves into the answer, the pair is encoded
         # whole and the answer's tokens are those past the prompt's
-        context, continuation = prompt.rstrip(), prompt[len(prompt.rstrip()):] + choice
+        context, continuation = prompt.rstrip(), prompt[len(prompt.rstrip()) :] + choice
         whole, head = tokenizer(context + continuation)["input_ids"], tokenizer(context)["input_ids"]
-        assert whole[:len(head)] == head
+        assert whole[: len(head)] == head
     else:  # as SFT builds its examples
         head = tokenizer(prompt)["input_ids"]
         whole = head + tokenizer(choice, add_special_tokens=False)["input_ids"]
@@ -53,13 +53,18 @@ def test_lm_eval_scores_the_alpaca_task_as_chla_would(tiny_chain, reviews, tmp_p
 
     model, tokenizer = load_for_inference(tiny_chain["base"], [], log=lambda _m: None)
     spec = LmEvalParams(alpaca_tasks=[str(reviews)], limit=8, pair_tokenization=pair_tokenization)
-    summary = run_lm_eval(model, tokenizer, spec, tmp_path / "out", tmp_path / "work", batch_size=4,
-                          log=lambda _m: None)
+    summary = run_lm_eval(
+        model, tokenizer, spec, tmp_path / "out", tmp_path / "work", batch_size=4, log=lambda _m: None
+    )
 
     task = summary["tasks"]["chla_reviews"]
     assert task["samples"] == 8
-    rows = [json.loads(line) for line in (tmp_path / "out" / "lm_eval_samples" / "chla_reviews.jsonl")
-            .read_text(encoding="utf-8").splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "lm_eval_samples" / "chla_reviews.jsonl")
+        .read_text(encoding="utf-8")
+        .splitlines()
+    ]
     records = json.loads(reviews.read_text(encoding="utf-8"))
     choices = sorted({record["output"] for record in records})
     assert choices == ["正面", "负面"]

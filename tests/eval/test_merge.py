@@ -27,14 +27,16 @@ def test_two_adapters_match_stock_peft_merge(tiny_chain, stock_merge, tmp_path):
 
     out = tmp_path / "merged"
     # a small shard size forces several shards and the index
-    summary = merge_adapters(tiny_chain["base"], [tiny_chain["pretrain"], tiny_chain["sft"]], out,
-                             shard_size="2MB", log=lambda _m: None)
+    summary = merge_adapters(
+        tiny_chain["base"], [tiny_chain["pretrain"], tiny_chain["sft"]], out, shard_size="2MB", log=lambda _m: None
+    )
     base_vocab, pretrain_vocab, sft_vocab = tiny_chain["sizes"]
     assert base_vocab < pretrain_vocab < sft_vocab
     assert summary["vocab_size"] == sft_vocab and summary["shards"] > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"].values()) == {f"model-{i:05d}-of-{summary['shards']:05d}.safetensors"
-                                                 for i in range(1, summary["shards"] + 1)}
+    assert set(index["weight_map"].values()) == {
+        f"model-{i:05d}-of-{summary['shards']:05d}.safetensors" for i in range(1, summary["shards"] + 1)
+    }
     assert json.loads((out / "config.json").read_text())["vocab_size"] == sft_vocab
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
 
@@ -74,22 +76,36 @@ def test_rslora_and_tied_embeddings_match_peft(tmp_path, tokenizer_dir, stock_me
 
     base = make_base(tmp_path / "tied_base", tokenizer_dir, seed=3, tie_word_embeddings=True)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    adapter = make_adapter(tmp_path / "rs", base, tokenizer, seed=4, modules_to_save=["lm_head"],
-                           lora_kwargs={"use_rslora": True, "r": 8, "lora_alpha": 16})
+    adapter = make_adapter(
+        tmp_path / "rs",
+        base,
+        tokenizer,
+        seed=4,
+        modules_to_save=["lm_head"],
+        lora_kwargs={"use_rslora": True, "r": 8, "lora_alpha": 16},
+    )
     out = tmp_path / "merged"
     summary = merge_adapters(base, [adapter], out, log=lambda _m: None)
     assert summary["tied_embeddings"] is False
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
     ids = torch.tensor([[1, 5, 900, 31999, 42]])
-    diff = (_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
-            - _logits(stock_merge(base, [adapter]), ids)).abs().max().item()
+    diff = (
+        (
+            _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
+            - _logits(stock_merge(base, [adapter]), ids)
+        )
+        .abs()
+        .max()
+        .item()
+    )
     assert diff <= 1e-5
 
 
 @pytest.mark.parametrize("dtype, whole_matrices", [(None, False), ("bf16", True)])
-def test_trainable_token_rows_match_peft_and_grow_the_vocabulary(tiny_chain, tmp_path, monkeypatch, dtype,
-                                                                 whole_matrices):
+def test_trainable_token_rows_match_peft_and_grow_the_vocabulary(
+    tiny_chain, tmp_path, monkeypatch, dtype, whole_matrices
+):
     """An SFT-style adapter that trains only the new vocabulary rows (LoraConfig
     trainable_token_indices), one of them the [PAD] row it adds: chla merge writes the same rows
     as stock peft (streamed in several chunks, or whole when the dtype changes). Saved as chla
@@ -106,9 +122,14 @@ def test_trainable_token_rows_match_peft_and_grow_the_vocabulary(tiny_chain, tmp
     merge_adapters(tiny_chain["base"], [tiny_chain["pretrain"]], pretrained, log=lambda _m: None)
     tokenizer = AutoTokenizer.from_pretrained(tiny_chain["sft"])
     rows = list(range(base_vocab, sft_vocab))
-    adapter = make_adapter(tmp_path / "rows", pretrained, tokenizer, seed=5,
-                           lora_kwargs={"trainable_token_indices": {"embed_tokens": rows, "lm_head": rows}},
-                           save_kwargs={} if whole_matrices else {"save_embedding_layers": False})
+    adapter = make_adapter(
+        tmp_path / "rows",
+        pretrained,
+        tokenizer,
+        seed=5,
+        lora_kwargs={"trainable_token_indices": {"embed_tokens": rows, "lm_head": rows}},
+        save_kwargs={} if whole_matrices else {"save_embedding_layers": False},
+    )
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
         shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
     assert shapes["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] == [len(rows), 64]
@@ -140,9 +161,14 @@ def test_token_rows_that_do_not_cover_the_growth_are_refused(tiny_chain, tmp_pat
     pretrained = tmp_path / "pretrained"
     merge_adapters(tiny_chain["base"], [tiny_chain["pretrain"]], pretrained, log=lambda _m: None)
     tokenizer = AutoTokenizer.from_pretrained(tiny_chain["sft"])
-    adapter = make_adapter(tmp_path / "rows", pretrained, tokenizer, seed=6,
-                           lora_kwargs={"trainable_token_indices": [sft_vocab - 1]},
-                           save_kwargs={"save_embedding_layers": False})
+    adapter = make_adapter(
+        tmp_path / "rows",
+        pretrained,
+        tokenizer,
+        seed=6,
+        lora_kwargs={"trainable_token_indices": [sft_vocab - 1]},
+        save_kwargs={"save_embedding_layers": False},
+    )
     # the adapter was trained on a model that had every row but the last; this base lacks more
     out = tmp_path / "merged"
     with pytest.raises(ChlaError, match=f"grow .* from {base_vocab} to {sft_vocab}"):
@@ -157,6 +183,7 @@ def test_parse_size():
 
 
 # --- bad input: one clear line, nothing half-written -----------------------------------------
+
 
 def _assert_untouched(out: Path) -> None:
     assert not out.exists()
@@ -220,10 +247,10 @@ def test_cli_errors_are_one_line_with_exit_status_2(tiny_chain, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     runs = {
-        "truncated": command + ["merge", "--base", str(base), "--adapter", str(tiny_chain["pretrain"]),
-                                "--out", str(tmp_path / "merged")],
-        "no items": command + ["eval", "--model", str(tiny_chain["base"]), "--task", str(empty),
-                               "--out", str(tmp_path / "results")],
+        "truncated": command
+        + ["merge", "--base", str(base), "--adapter", str(tiny_chain["pretrain"]), "--out", str(tmp_path / "merged")],
+        "no items": command
+        + ["eval", "--model", str(tiny_chain["base"]), "--task", str(empty), "--out", str(tmp_path / "results")],
     }
     for expected, argv in runs.items():
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

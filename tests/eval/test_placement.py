@@ -23,13 +23,18 @@ def test_spread_model_generates_and_scores_as_the_whole_one(merged_model, eval_i
     whole, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
     layer_bytes = sum(p.numel() * 4 for p in whole.model.layers[0].parameters())
     embed_bytes = whole.get_input_embeddings().weight.numel() * 4
-    spread, _ = load_for_inference(merged_model, max_memory={"cpu": 2 * embed_bytes + layer_bytes}, log=lambda _m: None,
-                                   offload_folder=tmp_path / "offload")
+    spread, _ = load_for_inference(
+        merged_model,
+        max_memory={"cpu": 2 * embed_bytes + layer_bytes},
+        log=lambda _m: None,
+        offload_folder=tmp_path / "offload",
+    )
     devices = set(spread.hf_device_map.values())
     assert devices == {"cpu", "disk"}, spread.hf_device_map  # some layers live on disk
     assert str(input_device(spread)) == "cpu"
-    assert generate_batch(spread, tokenizer, PROMPTS, max_new_tokens=6) == \
-        generate_batch(whole, tokenizer, PROMPTS, max_new_tokens=6)
+    assert generate_batch(spread, tokenizer, PROMPTS, max_new_tokens=6) == generate_batch(
+        whole, tokenizer, PROMPTS, max_new_tokens=6
+    )
     lines = Path(eval_inputs["ppl"][0]).read_text(encoding="utf-8").splitlines()[:3]
     a = evaluation.perplexity_sums(whole, tokenizer, lines, block=64, batch_size=2)
     b = evaluation.perplexity_sums(spread, tokenizer, lines, block=64, batch_size=2)

@@ -45,7 +45,9 @@ def test_lcs_alignment_is_a_longest_common_subsequence():
     pairs = lcs_alignment("ABCBDAB", "BDCABA")
     assert len(pairs) == 4  # the textbook example: LCS length 4
     assert all("ABCBDAB"[i] == "BDCABA"[j] for i, j in pairs)
-    assert [i for i, _ in pairs] == sorted({i for i, _ in pairs}) and [j for _, j in pairs] == sorted({j for _, j in pairs})
+    assert [i for i, _ in pairs] == sorted({i for i, _ in pairs}) and [j for _, j in pairs] == sorted(
+        {j for _, j in pairs}
+    )
     assert lcs_alignment("", "abc") == [] and len(lcs_alignment("abc", "abc")) == 3
 
 
@@ -53,8 +55,9 @@ def test_entity_f1_exact_type_and_text():
     entities = TASKS["entities"]
     record = {"output": "人名：江泽民；地名：北京、上海；机构名：无"}
     partly = entities.score(record, "人名：江泽民；地名：北京；机构名：新华社")
-    assert entities.metrics(partly) == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3,
-                                                      "人名.f1": 1.0, "地名.f1": 2 / 3, "机构名.f1": 0.0})
+    assert entities.metrics(partly) == pytest.approx(
+        {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "人名.f1": 1.0, "地名.f1": 2 / 3, "机构名.f1": 0.0}
+    )
     # the right name under the wrong type is wrong; the control, under its type, is right
     assert entities.score(record, "人名：无；地名：江泽民；机构名：无")["correct"] == 0
     assert entities.score(record, "人名：江泽民；地名：无；机构名：无")["correct"] == 1
@@ -106,7 +109,11 @@ def test_baselines_answer_in_the_task_format():
 
 
 def test_sentences_of_text_keep_closing_quotes():
-    assert split_text_sentences("玄德曰：“此天助我也！”遂引兵去。余下") == ["玄德曰：“此天助我也！”", "遂引兵去。", "余下"]
+    assert split_text_sentences("玄德曰：“此天助我也！”遂引兵去。余下") == [
+        "玄德曰：“此天助我也！”",
+        "遂引兵去。",
+        "余下",
+    ]
     assert split_text_sentences("何故？！真乃神人也。") == ["何故？！", "真乃神人也。"]
 
 

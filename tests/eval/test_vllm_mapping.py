@@ -12,8 +12,15 @@ from chla_tools.vllm_backend import ORIGINAL_GENERATION, llm_kwargs, sampling_pa
 
 def test_the_original_projects_sampling_settings():
     kwargs = sampling_params_kwargs(**ORIGINAL_GENERATION, seed=7)
-    assert kwargs == {"max_tokens": 400, "temperature": 0.2, "top_k": 40, "top_p": 0.9,
-                      "repetition_penalty": 1.1, "seed": 7, "skip_special_tokens": True}
+    assert kwargs == {
+        "max_tokens": 400,
+        "temperature": 0.2,
+        "top_k": 40,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "seed": 7,
+        "skip_special_tokens": True,
+    }
 
 
 def test_greedy_drops_the_sampling_filters():
@@ -29,8 +36,14 @@ def test_no_top_k_is_vllms_minus_one():
 
 def test_llm_arguments():
     assert llm_kwargs("/models/merged", dtype="bf16", tensor_parallel_size=4, gpu_memory_utilization=0.8) == {
-        "model": "/models/merged", "tokenizer": "/models/merged", "dtype": "bfloat16",
-        "tensor_parallel_size": 4, "gpu_memory_utilization": 0.8, "seed": 0, "trust_remote_code": False}
+        "model": "/models/merged",
+        "tokenizer": "/models/merged",
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 4,
+        "gpu_memory_utilization": 0.8,
+        "seed": 0,
+        "trust_remote_code": False,
+    }
     assert llm_kwargs("/m")["dtype"] == "auto"
 
 
@@ -41,10 +54,15 @@ def test_bad_sampling_settings_are_one_line(bad):
 
 
 def test_recipe_settings_and_what_vllm_cannot_do():
-    params = EvaluateParams.model_validate({"model": "/m", "tasks": ["/t.json"], "backend": "vllm",
-                                            "vllm": {"dtype": "fp16", "tensor_parallel_size": 2}})
-    assert llm_kwargs(params.model, dtype=params.vllm.dtype,
-                      tensor_parallel_size=params.vllm.tensor_parallel_size)["dtype"] == "float16"
+    params = EvaluateParams.model_validate(
+        {"model": "/m", "tasks": ["/t.json"], "backend": "vllm", "vllm": {"dtype": "fp16", "tensor_parallel_size": 2}}
+    )
+    assert (
+        llm_kwargs(params.model, dtype=params.vllm.dtype, tensor_parallel_size=params.vllm.tensor_parallel_size)[
+            "dtype"
+        ]
+        == "float16"
+    )
     for unsupported in ({"ppl": ["/p.txt"]}, {"adapters": ["/a"]}):
         with pytest.raises(ValueError, match="backend vllm only generates"):
             EvaluateParams.model_validate({"model": "/m", "tasks": ["/t.json"], "backend": "vllm", **unsupported})
@@ -56,6 +74,7 @@ def test_without_vllm_installed_the_stage_says_so(tmp_path):
     pytest.importorskip("torch")
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vLLM is installed here")
     except ImportError:
         pass

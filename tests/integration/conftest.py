@@ -35,8 +35,18 @@ SHRINK = {
 def submit_demo(tmp_path: Path, executor: str) -> Path:
     run_dir = tmp_path / executor
     overrides = [arg for key, value in SHRINK.items() for arg in ("--set", f"{key}={value}")]
-    chla("submit", str(DEMO), "--executor", executor, "--run-dir", str(run_dir), *overrides,
-         cwd=tmp_path, check=True, timeout=900)
+    chla(
+        "submit",
+        str(DEMO),
+        "--executor",
+        executor,
+        "--run-dir",
+        str(run_dir),
+        *overrides,
+        cwd=tmp_path,
+        check=True,
+        timeout=900,
+    )
     return run_dir
 
 

@@ -24,10 +24,21 @@ from ..helpers import REPO
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TRANSFORMERS4 = REPO / ".venv" / "transformers4"
-TEXTS = ["白日依山尽，黄河入海流。欲穷千里目，更上一层楼。", "The primary use of LLaMA is research.",
-         "这本书很好看，推荐给大家！", "  两个空格开头 and trailing  "]
-FOLDERS = ["merge_pt/out", "merge_sft/out", "pt_lora/out/adapter", "sft/out/adapter",
-           "pt_embeddings/out/model", "vocab/out/tokenizer", "vocab_sft/out/tokenizer"]
+TEXTS = [
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    "The primary use of LLaMA is research.",
+    "这本书很好看，推荐给大家！",
+    "  两个空格开头 and trailing  ",
+]
+FOLDERS = [
+    "merge_pt/out",
+    "merge_sft/out",
+    "pt_lora/out/adapter",
+    "sft/out/adapter",
+    "pt_embeddings/out/model",
+    "vocab/out/tokenizer",
+    "vocab_sft/out/tokenizer",
+]
 
 
 def load_with(python_path: Path | None, folders: list[Path], tmp_path: Path, name: str) -> dict:
@@ -38,8 +49,19 @@ def load_with(python_path: Path | None, folders: list[Path], tmp_path: Path, nam
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if python_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(python_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("transformers4_load.py")), str(out),
-                             str(texts), *map(str, folders)], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("transformers4_load.py")),
+            str(out),
+            str(texts),
+            *map(str, folders),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     import torch
 
@@ -66,16 +88,17 @@ def test_exported_folders_load_in_transformers_4_and_5_with_equal_logits(demo_ru
         assert "error" not in old, (folder, old.get("error"))
         assert old["tokenizer_class"] == "PreTrainedTokenizerFast", folder
         assert (old["vocab"], old["ids"]) == (new["vocab"], new["ids"]), folder
-        assert [old[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")] == \
-               [new[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")], folder
-        assert ("logits" in old) == ("logits" in new) == (folder.endswith(("merge_pt/out", "merge_sft/out",
-                                                                           "model")))
+        assert [old[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")] == [
+            new[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        ], folder
+        assert ("logits" in old) == ("logits" in new) == (folder.endswith(("merge_pt/out", "merge_sft/out", "model")))
         for a, b in zip(old.get("logits", []), new.get("logits", [])):
             assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4, folder
     assert v5["folders"][str(run / "merge_sft" / "out")]["vocab"] == sft_vocab_size(run)
 
 
 # --- GGUF ---------------------------------------------------------------------------------
+
 
 def gguf_reader(path: Path):
     """llama.cpp's own gguf-py (from the converter's tree, as the export used it)."""
@@ -90,12 +113,22 @@ def gguf_reader(path: Path):
 
 
 def hf_to_gguf_name(name: str) -> str:
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
-             "model.norm.weight": "output_norm.weight"}
+    parts = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "lm_head.weight": "output.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
     if name in fixed:
         return fixed[name]
     _, _, layer, rest = name.split(".", 3)
@@ -141,8 +174,15 @@ def test_gguf_of_the_final_model_holds_its_vocabulary_and_tensors(demo_runs):
     assert fields["llama.vocab_size"] == vocab == config["vocab_size"] == len(fields["tokenizer.ggml.tokens"])
     assert fields["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     assert fields["tokenizer.ggml.tokens"][vocab - 1] == tokenizer["pad_token"] == "[PAD]"
-    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
-            fields["tokenizer.ggml.padding_token_id"]) == (sp.bos_id(), sp.eos_id(), vocab - 1) == (1, 2, vocab - 1)
+    assert (
+        (
+            fields["tokenizer.ggml.bos_token_id"],
+            fields["tokenizer.ggml.eos_token_id"],
+            fields["tokenizer.ggml.padding_token_id"],
+        )
+        == (sp.bos_id(), sp.eos_id(), vocab - 1)
+        == (1, 2, vocab - 1)
+    )
     assert fields["llama.block_count"] == config["num_hidden_layers"]
     assert fields["llama.embedding_length"] == config["hidden_size"]
 
@@ -169,18 +209,27 @@ def test_gguf_of_the_final_model_holds_its_vocabulary_and_tensors(demo_runs):
 
 # --- lm-evaluation-harness ----------------------------------------------------------------
 
+
 def test_lm_eval_results_are_in_results_json_and_the_summary(demo_runs):
     run = demo_runs["local"]
     results = json.loads((run / "eval_task" / "out" / "results.json").read_text())
     task = results["lm_eval"]["tasks"]["chla_sentiment_test"]
     assert task["samples"] == 40 and results["lm_eval"]["limit"] == 40
-    rows = sorted((json.loads(line) for line in
-                   (run / "eval_task" / "out" / "lm_eval_samples" / "chla_sentiment_test.jsonl").read_text().splitlines()),
-                  key=lambda row: row["doc_id"])
+    rows = sorted(
+        (
+            json.loads(line)
+            for line in (run / "eval_task" / "out" / "lm_eval_samples" / "chla_sentiment_test.jsonl")
+            .read_text()
+            .splitlines()
+        ),
+        key=lambda row: row["doc_id"],
+    )
     assert len(rows) == 40 and task["acc"] == pytest.approx(sum(row["acc"] for row in rows) / 40)
     # the same 40 reviews chla's own evaluator scored, with the same labels
-    chla_rows = [json.loads(line) for line in
-                 (run / "eval_task" / "out" / "generations" / "task-sentiment_test.jsonl").read_text().splitlines()]
+    chla_rows = [
+        json.loads(line)
+        for line in (run / "eval_task" / "out" / "generations" / "task-sentiment_test.jsonl").read_text().splitlines()
+    ]
     labels = ["正面", "负面"]
     assert [labels[row["target"]] for row in rows] == [row["answer"] for row in chla_rows]
     summary = json.loads((run / "summary.json").read_text())

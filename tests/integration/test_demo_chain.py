@@ -20,8 +20,17 @@ from .conftest import DEMO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-REQUIRED = ("tokens_per_char_base", "tokens_per_char_merged", "zh_ppl_per_char", "en_ppl_per_char",
-            "sft_accuracy", "majority_baseline", "tasks", "prompt_generations", "plots")
+REQUIRED = (
+    "tokens_per_char_base",
+    "tokens_per_char_merged",
+    "zh_ppl_per_char",
+    "en_ppl_per_char",
+    "sft_accuracy",
+    "majority_baseline",
+    "tasks",
+    "prompt_generations",
+    "plots",
+)
 TASKS = ("task-sentiment_test", "task-segmentation_test", "task-entities_test", "task-continuation_test")
 
 
@@ -49,7 +58,7 @@ def test_demo_chain_on_slurm_matches_the_local_run(demo_runs):
                 final = chain[parent].get("finalize_job_id")
                 wanted |= {final} if final else set(chain[parent]["job_ids"])
             deps = script.split("--dependency=")[1].splitlines()[0].strip("'")
-            assert deps.startswith("afterok:") and set(deps[len("afterok:"):].split(":")) == wanted, name
+            assert deps.startswith("afterok:") and set(deps[len("afterok:") :].split(":")) == wanted, name
         else:
             assert "--dependency" not in script, name
         assert bool(recipe[name].get("array")) == ("--array=" in script), name

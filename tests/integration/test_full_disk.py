@@ -20,11 +20,14 @@ def small_disk(tmp_path):
     """A 32 MiB tmpfs, unmounted afterwards."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
-        pytest.skip(f"a tmpfs cannot be mounted here ({result.stderr.strip() or result.returncode}); "
-                    f"the full-disk tests need root and mount")
+        pytest.skip(
+            f"a tmpfs cannot be mounted here ({result.stderr.strip() or result.returncode}); "
+            f"the full-disk tests need root and mount"
+        )
     try:
         yield mount
     finally:
@@ -67,8 +70,14 @@ def test_full_disk_during_pretokenize(small_disk, tmp_path, demo_assets):
     text = Path(demo_assets["zh_train"]).read_text(encoding="utf-8")[:600_000]
     corpus = tmp_path / "zh.txt"
     corpus.write_text(text, encoding="utf-8")
-    stage = {"kind": "pretokenize", "params": {"tokenizer": demo_assets["base_tokenizer"], "inputs": [str(corpus)],
-                                                "cache_dir": str(small_disk / "cache")}}
+    stage = {
+        "kind": "pretokenize",
+        "params": {
+            "tokenizer": demo_assets["base_tokenizer"],
+            "inputs": [str(corpus)],
+            "cache_dir": str(small_disk / "cache"),
+        },
+    }
     run_dir = small_disk / "run"
     filler = fill(small_disk, 400_000)  # the tokens need about 1.3 MB
     check_failed_cleanly(submit_local(tmp_path, stage, run_dir), small_disk, run_dir)
@@ -77,8 +86,13 @@ def test_full_disk_during_pretokenize(small_disk, tmp_path, demo_assets):
     result = submit_local(tmp_path, stage, run_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (run_dir / "s" / "DONE").exists()
-    reference = pretokenize([str(corpus)], demo_assets["base_tokenizer"], tmp_path / "reference",
-                            cache_dir=tmp_path / "cache", log=lambda _: None)
+    reference = pretokenize(
+        [str(corpus)],
+        demo_assets["base_tokenizer"],
+        tmp_path / "reference",
+        cache_dir=tmp_path / "cache",
+        log=lambda _: None,
+    )
     manifest = json.loads((run_dir / "s" / "out" / "manifest.json").read_text())
     assert manifest["totals"]["tokens"] == reference["tokens"] > 600_000
 

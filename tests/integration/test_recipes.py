@@ -21,12 +21,34 @@ def user_paths(tmp_path: Path, demo_assets) -> dict[str, str]:
         (tmp_path / name).write_text("x\n")
         files[name] = str(tmp_path / name)
     return {
-        "full": ["--set", f"vars.base_model={demo_assets['base_tokenizer']}", "--set", f"vars.zh_corpus=[{files['zh.txt']}]",
-                 "--set", f"vars.sft_train={files['sft.json']}", "--set", f"vars.eval_text={files['heldout.txt']}",
-                 "--set", f"vars.eval_task={files['task.json']}"],
-        "preprocess": ["--set", f"vars.tokenizer={demo_assets['base_tokenizer']}", "--set", f"vars.corpus={files['zh.txt']}"],
-        "eval": ["--set", f"vars.model={demo_assets['base_tokenizer']}", "--set", f"vars.text={files['heldout.txt']}",
-                 "--set", f"vars.task={files['task.json']}", "--set", f"vars.prompts={files['prompts.jsonl']}"],
+        "full": [
+            "--set",
+            f"vars.base_model={demo_assets['base_tokenizer']}",
+            "--set",
+            f"vars.zh_corpus=[{files['zh.txt']}]",
+            "--set",
+            f"vars.sft_train={files['sft.json']}",
+            "--set",
+            f"vars.eval_text={files['heldout.txt']}",
+            "--set",
+            f"vars.eval_task={files['task.json']}",
+        ],
+        "preprocess": [
+            "--set",
+            f"vars.tokenizer={demo_assets['base_tokenizer']}",
+            "--set",
+            f"vars.corpus={files['zh.txt']}",
+        ],
+        "eval": [
+            "--set",
+            f"vars.model={demo_assets['base_tokenizer']}",
+            "--set",
+            f"vars.text={files['heldout.txt']}",
+            "--set",
+            f"vars.task={files['task.json']}",
+            "--set",
+            f"vars.prompts={files['prompts.jsonl']}",
+        ],
         "demo": ["--executor", "slurm"],
         "scaling": ["--executor", "slurm"],
     }
@@ -40,8 +62,14 @@ def scripts_of(dry_run_output: str) -> list[str]:
 @pytest.mark.slurm
 @pytest.mark.parametrize("name", ["demo", "full", "scaling", "preprocess", "eval"])
 def test_dry_run_prints_scripts_slurm_accepts(tmp_path, name, demo_assets, slurm_cluster):
-    result = chla("submit", str(RECIPES / f"{name}.yaml"), "--dry-run", *user_paths(tmp_path, demo_assets)[name],
-                  cwd=tmp_path, check=True)
+    result = chla(
+        "submit",
+        str(RECIPES / f"{name}.yaml"),
+        "--dry-run",
+        *user_paths(tmp_path, demo_assets)[name],
+        cwd=tmp_path,
+        check=True,
+    )
     assert not (tmp_path / "runs").exists()
     scripts = scripts_of(result.stdout)
     assert scripts, result.stdout
@@ -54,8 +82,18 @@ def test_dry_run_prints_scripts_slurm_accepts(tmp_path, name, demo_assets, slurm
         assert "#SBATCH --hold\n" in script
         path.write_text(re.sub(r"#SBATCH --dependency='[^']*'\n|#SBATCH --hold\n", "", script))
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-        site = ["--partition=debug", "--gpus-per-node=0", "--mem=1G", "--nodes=1", "--ntasks-per-node=1",
-                "--cpus-per-task=1"] if name in ("full", "preprocess", "eval") else []
+        site = (
+            [
+                "--partition=debug",
+                "--gpus-per-node=0",
+                "--mem=1G",
+                "--nodes=1",
+                "--ntasks-per-node=1",
+                "--cpus-per-task=1",
+            ]
+            if name in ("full", "preprocess", "eval")
+            else []
+        )
         accepted = subprocess.run(["sbatch", "--test-only", *site, str(path)], capture_output=True, text=True)
         assert accepted.returncode == 0, (accepted.stderr, script)
         assert "to start at" in accepted.stderr

@@ -39,8 +39,8 @@ def test_pretokenize_4_tasks_on_slurm_equals_1_task_locally(tmp_path, slurm_clus
                 kind: pretokenize
                 array: {shards}
                 params:
-                  tokenizer: {demo_assets['base_tokenizer']}
-                  inputs: [{demo_assets['zh_heldout']}, {demo_assets['en_heldout']}, {demo_assets['en_text']}]
+                  tokenizer: {demo_assets["base_tokenizer"]}
+                  inputs: [{demo_assets["zh_heldout"]}, {demo_assets["en_heldout"]}, {demo_assets["en_text"]}]
                   cache_dir: {cache}
                   piece_mb: 0.05
                   workers: 1
@@ -56,8 +56,9 @@ def test_pretokenize_4_tasks_on_slurm_equals_1_task_locally(tmp_path, slurm_clus
     sharded = TokenCorpus(slurm_run / "tok" / "out")
     single = TokenCorpus(local_run / "tok" / "out")
     assert sharded.num_tokens == single.num_tokens > 100_000
-    assert np.array_equal(np.asarray(sharded.tokens(0, sharded.num_tokens)),
-                          np.asarray(single.tokens(0, single.num_tokens)))
+    assert np.array_equal(
+        np.asarray(sharded.tokens(0, sharded.num_tokens)), np.asarray(single.tokens(0, single.num_tokens))
+    )
 
 
 def test_evaluate_4_shards_on_slurm_equals_1_shard_locally(tmp_path, slurm_cluster, demo_assets):
@@ -79,9 +80,9 @@ def test_evaluate_4_shards_on_slurm_equals_1_shard_locally(tmp_path, slurm_clust
                 array: {shards}
                 params:
                   model: {model}
-                  ppl: [{tmp_path / 'heldout.txt'}]
-                  tasks: [{tmp_path / 'task.json'}]
-                  prompts: [{demo_assets['prompts']}]
+                  ppl: [{tmp_path / "heldout.txt"}]
+                  tasks: [{tmp_path / "task.json"}]
+                  prompts: [{demo_assets["prompts"]}]
                   max_new_tokens: 6
                   batch_size: 4
                   block_size: 128

@@ -26,10 +26,20 @@ from ..helpers import chla
 
 pytestmark = pytest.mark.slow
 
-SECRETS = {"WANDB_API_KEY": "wandb-sentinel-0123456789abcdef0123456789abcdef01234567",
-           "MLFLOW_TRACKING_TOKEN": "mlflow-sentinel-token-8c1d", "MLFLOW_TRACKING_PASSWORD": "mlflow-sentinel-pw-42"}
-TINY = {"vocab_size": 32000, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}
+SECRETS = {
+    "WANDB_API_KEY": "wandb-sentinel-0123456789abcdef0123456789abcdef01234567",
+    "MLFLOW_TRACKING_TOKEN": "mlflow-sentinel-token-8c1d",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-sentinel-pw-42",
+}
+TINY = {
+    "vocab_size": 32000,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 
 
 def free_port() -> int:
@@ -44,9 +54,24 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "w")
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -78,7 +103,8 @@ def recipe(tmp_path: Path, demo_assets, tracking: str) -> Path:
     english = Path(demo_assets["en_text"]).read_text(encoding="utf-8").splitlines()[:300]
     (tmp_path / "en.txt").write_text("\n".join(english) + "\n", encoding="utf-8")
     path = tmp_path / "tracked.yaml"
-    path.write_text(f"""\
+    path.write_text(
+        f"""\
 name: tracked
 resources: {{cpus_per_task: 2}}
 tracking:
@@ -102,7 +128,9 @@ stages:
       valid_count: 4
       save_steps: 0
       zero_stage: 0
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -120,8 +148,8 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
         if 32768 - position % 32768 < 7:  # block trailer: padding
             position += 32768 - position % 32768
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        payload = data[position + 7:position + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        payload = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind == 0 and length == 0:
             continue
@@ -131,19 +159,29 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
             record.ParseFromString(pending)
             pending = b""
             if record.WhichOneof("record_type") == "history":
-                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item}
+                items = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
                 rows.setdefault(int(items["_step"]), {}).update(items)
     return rows
 
 
 def test_a_tracked_chain_in_mlflow_and_wandb(mlflow_server, demo_assets, tmp_path):
-    tracking = (f"  mlflow: {{tracking_uri: '{mlflow_server}', experiment: chla-test}}\n"
-                "  wandb: {project: chla-test, mode: offline}")
+    tracking = (
+        f"  mlflow: {{tracking_uri: '{mlflow_server}', experiment: chla-test}}\n"
+        "  wandb: {project: chla-test, mode: offline}"
+    )
     path = recipe(tmp_path, demo_assets, tracking)
     run_dir = tmp_path / "run"
-    result = chla("submit", str(path), "--run-dir", str(run_dir), cwd=tmp_path, timeout=600,
-                  env={**SECRETS, "WANDB_SILENT": "true"})
+    result = chla(
+        "submit",
+        str(path),
+        "--run-dir",
+        str(run_dir),
+        cwd=tmp_path,
+        timeout=600,
+        env={**SECRETS, "WANDB_SILENT": "true"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (run_dir / "train" / "logs" / "local_0_0.log").read_text()
     assert "tracking off" not in log, log
@@ -153,13 +191,16 @@ def test_a_tracked_chain_in_mlflow_and_wandb(mlflow_server, demo_assets, tmp_pat
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
 
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="chla-test")["experiment"]
-    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                               "max_results": 50})["runs"]
+    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 50})[
+        "runs"
+    ]
     tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
     parents = [run for run, tag in zip(runs, tags) if "chla.chain" in tag]
     assert len(parents) == 1
     parent_id = parents[0]["info"]["run_id"]
-    children = {tag["mlflow.runName"]: run for run, tag in zip(runs, tags) if tag.get("mlflow.parentRunId") == parent_id}
+    children = {
+        tag["mlflow.runName"]: run for run, tag in zip(runs, tags) if tag.get("mlflow.parentRunId") == parent_id
+    }
     assert set(children) == {"tokens", "train"}
     assert parents[0]["info"]["status"] == "FINISHED"
     train = children["train"]
@@ -170,12 +211,15 @@ def test_a_tracked_chain_in_mlflow_and_wandb(mlflow_server, demo_assets, tmp_pat
 
     history = rest(mlflow_server, "metrics/get-history", run_id=train["info"]["run_id"], metric_key="loss")["metrics"]
     assert {h["step"]: h["value"] for h in history} == pytest.approx(losses)
-    evals = rest(mlflow_server, "metrics/get-history", run_id=train["info"]["run_id"], metric_key="eval_loss")["metrics"]
+    evals = rest(mlflow_server, "metrics/get-history", run_id=train["info"]["run_id"], metric_key="eval_loss")[
+        "metrics"
+    ]
     assert sorted(h["step"] for h in evals) == [0, 3, 6]
     files = rest(mlflow_server, "artifacts/list", run_id=train["info"]["run_id"], path="plots")["files"]
     assert [f["path"] for f in files] == ["plots/loss.png"]
-    artifact = (f"{mlflow_server}/get-artifact?"
-                + urllib.parse.urlencode({"path": "plots/loss.png", "run_uuid": train["info"]["run_id"]}))
+    artifact = f"{mlflow_server}/get-artifact?" + urllib.parse.urlencode(
+        {"path": "plots/loss.png", "run_uuid": train["info"]["run_id"]}
+    )
     with urllib.request.urlopen(artifact, timeout=30) as response:
         assert response.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -195,8 +239,17 @@ def test_a_tracked_chain_in_mlflow_and_wandb(mlflow_server, demo_assets, tmp_pat
 def test_a_tracking_server_that_does_not_answer_costs_one_warning(demo_assets, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     path = recipe(tmp_path, demo_assets, f"  mlflow: {{tracking_uri: '{dead}'}}")
-    result = chla("submit", str(path), "--run-dir", str(tmp_path / "run"), "--only", "tokens", cwd=tmp_path,
-                  timeout=300, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    result = chla(
+        "submit",
+        str(path),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--only",
+        "tokens",
+        cwd=tmp_path,
+        timeout=300,
+        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "run" / "tokens" / "logs" / "local_0_0.log").read_text()
     warnings = [line for line in log.splitlines() if "tracking off" in line]

@@ -24,9 +24,14 @@ def load(folder: str, texts: list[str]) -> dict:
     except Exception as error:  # the test asserts on the message
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
     ids = [tokenizer(text)["input_ids"] for text in texts]
-    result = {"tokenizer_class": type(tokenizer).__name__, "vocab": len(tokenizer), "ids": ids,
-              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-              "pad_token_id": tokenizer.pad_token_id}
+    result = {
+        "tokenizer_class": type(tokenizer).__name__,
+        "vocab": len(tokenizer),
+        "ids": ids,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return result  # a tokenizer or adapter folder
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
@@ -38,8 +43,9 @@ def load(folder: str, texts: list[str]) -> dict:
 def main() -> None:
     out, texts_file, *folders = sys.argv[1:]
     texts = json.loads(open(texts_file, encoding="utf-8").read())
-    torch.save({"transformers": transformers.__version__,
-                "folders": {folder: load(folder, texts) for folder in folders}}, out)
+    torch.save(
+        {"transformers": transformers.__version__, "folders": {folder: load(folder, texts) for folder in folders}}, out
+    )
 
 
 if __name__ == "__main__":

@@ -82,25 +82,31 @@ def test_fan_in_chain_with_array(tmp_path, executor, cluster_if_slurm):
         assert "JobState=PENDING" in shown or "JobState=RUNNING" in shown or "JobState=COMPLETED" in shown
         script = (run_dir / "join" / "logs" / f"{join}_submission.sh").read_text()
         deps = script.split("--dependency=")[1].splitlines()[0].strip("'")
-        assert deps.startswith("afterok:") and set(deps[len("afterok:"):].split(":")) == {shard_final, side}
+        assert deps.startswith("afterok:") and set(deps[len("afterok:") :].split(":")) == {shard_final, side}
         assert "#SBATCH --kill-on-invalid-dep=yes" in script
-        shard_script = (run_dir / "shard" / "logs" / f"{chain['stages']['shard']['job_ids'][0]}_submission.sh").read_text()
+        shard_script = (
+            run_dir / "shard" / "logs" / f"{chain['stages']['shard']['job_ids'][0]}_submission.sh"
+        ).read_text()
         assert "#SBATCH --array=0-3%4" in shard_script
         assert f"afterok:{chain['stages']['prep']['job_ids'][0]}" in shard_script
         assert "queued join" in result.stdout
     rows = finish(tmp_path, executor, "fanin")
     assert {name: row["state"] for name, row in rows.items()} == dict.fromkeys(
-        ["prep", "shard", "side", "join"], "COMPLETED")
+        ["prep", "shard", "side", "join"], "COMPLETED"
+    )
     assert rows["shard"]["tasks_done"] == 4
     assert (run_dir / "join" / "out" / "all.txt").read_text() == "seed:0/4;seed:1/4;seed:2/4;seed:3/4;side"
     for stage in ("prep", "shard", "side", "join"):
-        assert json.loads((run_dir / stage / "DONE").read_text())["fingerprint"] == chain["stages"][stage]["fingerprint"]
+        assert (
+            json.loads((run_dir / stage / "DONE").read_text())["fingerprint"] == chain["stages"][stage]["fingerprint"]
+        )
     if executor == "slurm":
         ids = [i for rec in chain["stages"].values() for i in rec["job_ids"]]
 
         def completed_in_sacct() -> bool:  # sacct lags the queue by a few seconds
-            acct = subprocess.run(["sacct", "-X", "-P", "-n", "-j", ",".join(ids), "--format=JobID,State"],
-                                  capture_output=True, text=True).stdout
+            acct = subprocess.run(
+                ["sacct", "-X", "-P", "-n", "-j", ",".join(ids), "--format=JobID,State"], capture_output=True, text=True
+            ).stdout
             return acct.count("COMPLETED") >= 7  # prep, 4 shard tasks, side, join
 
         wait_until(completed_in_sacct, 60, "sacct to list every job")
@@ -155,13 +161,21 @@ def test_failure_cancels_dependents_and_resume_reruns_only_them(tmp_path, execut
         assert broken_job in rows["broken"]["job_ids"]
         assert broken_job in rows["broken"]["reason"] and "FAILED" in rows["broken"]["reason"]
         assert broken_job in table.stdout
-    untouched = {p: p.stat().st_mtime_ns for p in [run_dir / "first" / "out" / "first.txt",
-                                                     run_dir / "independent" / "out" / "ind.txt",
-                                                     run_dir / "first" / "DONE"]}
+    untouched = {
+        p: p.stat().st_mtime_ns
+        for p in [
+            run_dir / "first" / "out" / "first.txt",
+            run_dir / "independent" / "out" / "ind.txt",
+            run_dir / "first" / "DONE",
+        ]
+    }
 
-    recipe.write_text(recipe.read_text().replace(
-        "\"import sys; sys.stderr.write('boom: the flux capacitor is missing\\\\n'); sys.exit(3)\"",
-        "\"import os; open(os.environ['CHLA_OUT_DIR'] + '/fixed.txt', 'w').write('ok')\""))
+    recipe.write_text(
+        recipe.read_text().replace(
+            "\"import sys; sys.stderr.write('boom: the flux capacitor is missing\\\\n'); sys.exit(3)\"",
+            "\"import os; open(os.environ['CHLA_OUT_DIR'] + '/fixed.txt', 'w').write('ok')\"",
+        )
+    )
     resumed = chla("submit", "r.yaml", "--resume", str(run_dir), "--executor", executor, cwd=tmp_path, check=True)
     assert "2 stage(s) to run, 2 already finished" in resumed.stdout
     rows = finish(tmp_path, executor, "failing")
@@ -204,14 +218,24 @@ def test_two_node_stage_all_reduce(tmp_path, executor, cluster_if_slurm):
     if executor == "slurm":
         assert [r["node"] for r in ranks] == ["node1", "node2"]
         assert ranks[0]["master"] == "node1"
-        job_id = json.loads((tmp_path / "runs" / "twonodes" / "chain.json").read_text())["stages"]["allreduce"]["job_ids"][0]
+        job_id = json.loads((tmp_path / "runs" / "twonodes" / "chain.json").read_text())["stages"]["allreduce"][
+            "job_ids"
+        ][0]
         from chla_train.distributed import master_port
 
         assert int(ranks[0]["port"]) == master_port(int(job_id), 0)
 
 
-NASTY = ["; touch {pwn}/semicolon", "$(touch {pwn}/dollar)", "`touch {pwn}/backtick`",
-         "it's \"quoted\"", "two\nlines", "| touch {pwn}/pipe &", "$${{HOME}}", "*"]
+NASTY = [
+    "; touch {pwn}/semicolon",
+    "$(touch {pwn}/dollar)",
+    "`touch {pwn}/backtick`",
+    'it\'s "quoted"',
+    "two\nlines",
+    "| touch {pwn}/pipe &",
+    "$${{HOME}}",
+    "*",
+]
 
 
 @pytest.mark.slow
@@ -223,10 +247,21 @@ def test_shell_metacharacters_arrive_intact(tmp_path, executor, cluster_if_slurm
     recipe = {
         "name": "nasty",
         "slurm": {"sbatch": {"comment": f"$(touch {pwn}/comment); `touch {pwn}/c2`"}},
-        "stages": {"echo": {"kind": "command", "params": {
-            "argv": [PY, "-c", "import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': os.environ['NASTY']}, "
-                               "open(os.environ['CHLA_OUT_DIR'] + '/seen.json', 'w'))", *values],
-            "env": {"NASTY": values[1] + values[0]}}}},
+        "stages": {
+            "echo": {
+                "kind": "command",
+                "params": {
+                    "argv": [
+                        PY,
+                        "-c",
+                        "import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': os.environ['NASTY']}, "
+                        "open(os.environ['CHLA_OUT_DIR'] + '/seen.json', 'w'))",
+                        *values,
+                    ],
+                    "env": {"NASTY": values[1] + values[0]},
+                },
+            }
+        },
     }
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
     submit(tmp_path, executor, "--set", f"stages.echo.params.env.EXTRA=$(touch {pwn}/set)")
@@ -256,19 +291,41 @@ stages:
 def preempt_on_slurm(job_id: str) -> str:
     """Preempt a running job as a cluster does: a job in the higher-priority partition `urgent` that
     needs every CPU of the job's node (slurm/localcluster.sh: PreemptMode=REQUEUE, GraceTime)."""
-    node = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    cpus = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%c"], capture_output=True, text=True,
-                          check=True).stdout.split()[0]
-    return subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", node, "-N1", "-n1", "-c", cpus,
-                           "--mem=100M", "-o", "/dev/null", "--wrap", "sleep 1"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    node = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    cpus = subprocess.run(
+        ["sinfo", "-h", "-n", node, "-o", "%c"], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    return subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "urgent",
+            "-w",
+            node,
+            "-N1",
+            "-n1",
+            "-c",
+            cpus,
+            "--mem=100M",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def sacct_runs(job_id: str) -> list[str]:
     """Partition|State of every run of a job, oldest first (sacct -D: one row per requeue)."""
-    out = subprocess.run(["sacct", "-X", "-D", "-P", "-n", "-j", job_id, "--format=Partition,State"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["sacct", "-X", "-D", "-P", "-n", "-j", job_id, "--format=Partition,State"], capture_output=True, text=True
+    ).stdout
     return out.split()
 
 
@@ -290,8 +347,13 @@ def test_preempted_stage_is_requeued_and_chain_completes(tmp_path, executor, clu
     run_dir = tmp_path / "runs" / "preempt"
     attempts = run_dir / "long" / "work" / "attempts"
     if executor == "local":
-        process = subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "local"],
-                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            [PY, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "local"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         entry_pid = int(wait_until(lambda: attempts.exists() and attempts.read_text().split(), 60, "first attempt")[0])
         os.kill(entry_pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
@@ -388,11 +450,22 @@ def test_logs_and_cancel_whole_chain_on_slurm(tmp_path, slurm_cluster):
 @pytest.mark.slow
 def test_cancel_local_run(tmp_path):
     write_recipe(tmp_path, SLEEPY)
-    process = subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml"], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [PY, "-m", "chla_launcher", "submit", "r.yaml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run_dir = tmp_path / "runs" / "sleepy"
-    wait_until(lambda: (run_dir / "nap" / "logs" / "local_0_0.log").exists()
-              and "napping" in (run_dir / "nap" / "logs" / "local_0_0.log").read_text(), 60, "nap to start")
+    wait_until(
+        lambda: (
+            (run_dir / "nap" / "logs" / "local_0_0.log").exists()
+            and "napping" in (run_dir / "nap" / "logs" / "local_0_0.log").read_text()
+        ),
+        60,
+        "nap to start",
+    )
     assert "napping" in chla("logs", str(run_dir), "nap", check=True).stdout
     chla("cancel", str(run_dir), check=True)
     output, _ = process.communicate(timeout=60)

@@ -47,8 +47,14 @@ def copy_packages(dest: Path) -> Path:
 
 def fingerprints_with(packages: Path, recipe: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(packages)}  # ahead of the editable install
-    out = subprocess.run([sys.executable, "-c", FINGERPRINTS, str(recipe)], env=env, cwd=recipe.parent,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", FINGERPRINTS, str(recipe)],
+        env=env,
+        cwd=recipe.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -70,18 +76,20 @@ def test_editing_the_trainer_changes_only_the_stages_that_run_it(tmp_path):
     (tmp_path / "sft.json").write_text("[]")
     init = "{hidden_size: 16, num_hidden_layers: 1}"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: fp
         stages:
           spm: {{kind: train_spm, params: {{inputs: [{text}]}}}}
           merged_tok: {{kind: merge_tokenizer, params: {{base: {tok}, add: "${{stages.spm.out}}/spm.model"}}}}
           corpus: {{kind: pretokenize, params: {{tokenizer: "${{stages.merged_tok.out}}/tokenizer", inputs: [{text}]}}}}
           pt: {{kind: pretrain, params: {{tokenizer: "${{stages.merged_tok.out}}/tokenizer", corpus: "${{stages.corpus.out}}", init: {init}}}}}
-          sft: {{kind: sft, params: {{tokenizer: {tok}, train_file: {tmp_path / 'sft.json'}, init: {init}}}}}
+          sft: {{kind: sft, params: {{tokenizer: {tok}, train_file: {tmp_path / "sft.json"}, init: {init}}}}}
           merged: {{kind: merge, params: {{base: {model}, adapters: ["${{stages.pt.out}}/adapter"]}}}}
           ev: {{kind: evaluate, params: {{model: {model}, ppl: [{text}]}}}}
           cmd: {{kind: command, params: {{argv: [echo]}}}}
-    """))
+    """)
+    )
     original = copy_packages(tmp_path / "original")
     edited = copy_packages(tmp_path / "edited")
     edit_one_function(edited / "chla_train" / "trainer.py")
@@ -111,7 +119,8 @@ def test_input_directory_and_glob_contents_are_fingerprinted(tmp_path, demo_asse
     texts.mkdir()
     (data / "inner.txt").write_text("inside a directory input\n")
     (texts / "a.txt").write_text("第一个文件。\n")
-    (tmp_path / "r.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "r.yaml").write_text(
+        textwrap.dedent(f"""\
         name: inputs
         stages:
           reads_dir:
@@ -123,11 +132,12 @@ def test_input_directory_and_glob_contents_are_fingerprinted(tmp_path, demo_asse
             params: {{argv: [echo, after]}}
           corpus:
             kind: pretokenize
-            params: {{tokenizer: {demo_assets['base_tokenizer']}, inputs: ["{texts}/*.txt"], workers: 1}}
+            params: {{tokenizer: {demo_assets["base_tokenizer"]}, inputs: ["{texts}/*.txt"], workers: 1}}
           independent:
             kind: command
             params: {{argv: [echo, alone]}}
-    """))
+    """)
+    )
     chla("submit", "r.yaml", cwd=tmp_path, check=True)
     run_dir = tmp_path / "runs" / "inputs"
     assert set(plan_of(tmp_path).values()) == {"skip"}

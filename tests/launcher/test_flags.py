@@ -46,7 +46,8 @@ def test_a_new_params_field_becomes_a_flag_with_its_type_default_and_help():
 
 def test_renamed_and_negated_flags_map_back_to_their_fields():
     args = _parser(pretokenize_command.FLAGS).parse_args(
-        ["--tokenizer", "t", "--input", "a", "--input", "b", "--no-eos", "--bos", "--format", "jsonl"])
+        ["--tokenizer", "t", "--input", "a", "--input", "b", "--no-eos", "--bos", "--format", "jsonl"]
+    )
     params = pretokenize_command.FLAGS.params(args)
     assert params.inputs == ["a", "b"] and params.text_format == "jsonl"
     assert params.append_eos is False and params.prepend_bos is True
@@ -72,8 +73,13 @@ def test_a_misnamed_or_unsupported_field_is_a_programming_error():
 
 def test_every_command_built_from_params_parses_its_help():
     parser = build_parser()
-    for argv in (["pretokenize", "--help"], ["merge", "--help"], ["eval", "--help"], ["vocab", "train", "--help"],
-                 ["vocab", "merge", "--help"]):
+    for argv in (
+        ["pretokenize", "--help"],
+        ["merge", "--help"],
+        ["eval", "--help"],
+        ["vocab", "train", "--help"],
+        ["vocab", "merge", "--help"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(argv)
         assert exit_info.value.code == 0

@@ -18,8 +18,20 @@ def _takes_one_context(function) -> bool:
 
 
 def test_the_registry_holds_every_kind_the_recipes_use():
-    assert {"train_spm", "merge_tokenizer", "vocab_report", "pretokenize", "pretrain", "sft", "merge",
-            "evaluate", "export", "command", "summarize", "fetch_assets"} <= set(KINDS)
+    assert {
+        "train_spm",
+        "merge_tokenizer",
+        "vocab_report",
+        "pretokenize",
+        "pretrain",
+        "sft",
+        "merge",
+        "evaluate",
+        "export",
+        "command",
+        "summarize",
+        "fetch_assets",
+    } <= set(KINDS)
 
 
 @pytest.mark.parametrize("name", KINDS)

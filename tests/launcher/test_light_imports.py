@@ -13,7 +13,8 @@ from .conftest import chla
 
 HEAVY = ["torch", "transformers", "peft", "deepspeed", "datasets", "sentencepiece", "numpy", "safetensors"]
 
-PROBE = textwrap.dedent("""
+PROBE = (
+    textwrap.dedent("""
     import json, sys
     from chla_launcher.cli import main
     try:
@@ -22,18 +23,21 @@ PROBE = textwrap.dedent("""
         pass
     heavy = %r
     print("HEAVY=" + json.dumps(sorted(m for m in heavy if m in sys.modules)))
-""") % HEAVY
+""")
+    % HEAVY
+)
 
 
 def heavy_modules(*args: str, cwd: Path) -> list[str]:
     result = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, capture_output=True, text=True)
     line = [text for text in result.stdout.splitlines() if text.startswith("HEAVY=")]
     assert line, result.stdout + result.stderr
-    return json.loads(line[-1][len("HEAVY="):])
+    return json.loads(line[-1][len("HEAVY=") :])
 
 
 def test_help_status_and_dry_run_import_no_training_stack(tmp_path: Path):
-    (tmp_path / "r.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "r.yaml").write_text(
+        textwrap.dedent(f"""\
         name: light
         stages:
           a:
@@ -43,7 +47,8 @@ def test_help_status_and_dry_run_import_no_training_stack(tmp_path: Path):
             kind: command
             array: 3
             params: {{argv: [echo, "${{stages.a.out}}"]}}
-    """))
+    """)
+    )
     assert heavy_modules("--help", cwd=tmp_path) == []
     assert heavy_modules("submit", "r.yaml", "--executor", "slurm", "--dry-run", cwd=tmp_path) == []
     assert not (tmp_path / "runs").exists()

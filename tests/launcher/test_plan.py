@@ -16,9 +16,18 @@ from .conftest import chla
 from .test_light_imports import heavy_modules
 
 # LLaMA-7B's published shape (config.json of the original checkpoints).
-LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
-            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-            "num_key_value_heads": 32, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+LLAMA_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
 
 
 def llama_7b_without_weights(tmp_path: Path, demo_assets) -> Path:
@@ -30,15 +39,19 @@ def llama_7b_without_weights(tmp_path: Path, demo_assets) -> Path:
 
 
 def rows(output: str) -> dict[str, list[str]]:
-    return {line.split()[0]: line.split() for line in output.splitlines()
-            if line.split() and line.split()[0] in ("pt1", "pt2", "sft")}
+    return {
+        line.split()[0]: line.split()
+        for line in output.splitlines()
+        if line.split() and line.split()[0] in ("pt1", "pt2", "sft")
+    }
 
 
 @pytest.mark.slow
 def test_full_recipe_plan(tmp_path, demo_assets):
     model = llama_7b_without_weights(tmp_path, demo_assets)
-    result = chla("plan", str(REPO / "recipes" / "full.yaml"), "--set", f"vars.base_model={model}", cwd=tmp_path,
-                  check=True)
+    result = chla(
+        "plan", str(REPO / "recipes" / "full.yaml"), "--set", f"vars.base_model={model}", cwd=tmp_path, check=True
+    )
     table = rows(result.stdout)
     assert set(table) == {"pt1", "pt2", "sft"}, result.stdout
     # The vocabulary the merged tokenizer can reach: 32,000 + the 20,000 pieces of the spm stage
@@ -50,18 +63,33 @@ def test_full_recipe_plan(tmp_path, demo_assets):
     assert all(row[-3:] == ["fits", "(gc", "off)"] for row in table.values()), result.stdout
     assert "GPU (80G, gpu_mem)" in result.stdout
     # With 24 GB GPUs, stage 2 does not fit without gradient checkpointing, and the plan says so.
-    small = chla("plan", str(REPO / "recipes" / "full.yaml"), "--set", f"vars.base_model={model}",
-                 "--set", "stages.pt2.resources.gpu_mem=24G", cwd=tmp_path, check=True).stdout
-    assert " ".join(rows(small)["pt2"][-5:]) == "does not fit (gc off)" and "pt2: " in small and "fits with gradient_checkpointing: true" in small
-    assert heavy_modules("plan", str(REPO / "recipes" / "full.yaml"), "--set", f"vars.base_model={model}",
-                         cwd=tmp_path) == []
+    small = chla(
+        "plan",
+        str(REPO / "recipes" / "full.yaml"),
+        "--set",
+        f"vars.base_model={model}",
+        "--set",
+        "stages.pt2.resources.gpu_mem=24G",
+        cwd=tmp_path,
+        check=True,
+    ).stdout
+    assert (
+        " ".join(rows(small)["pt2"][-5:]) == "does not fit (gc off)"
+        and "pt2: " in small
+        and "fits with gradient_checkpointing: true" in small
+    )
+    assert (
+        heavy_modules("plan", str(REPO / "recipes" / "full.yaml"), "--set", f"vars.base_model={model}", cwd=tmp_path)
+        == []
+    )
 
 
 def test_submit_warns_and_strict_refuses(tmp_path, demo_assets):
     model = llama_7b_without_weights(tmp_path, demo_assets)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (tmp_path / "r.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "r.yaml").write_text(
+        textwrap.dedent(f"""\
         name: big
         executor: slurm
         slurm: {{constraint: "a10"}}
@@ -70,7 +98,8 @@ def test_submit_warns_and_strict_refuses(tmp_path, demo_assets):
             kind: pretrain
             resources: {{gpus_per_node: 1}}
             params: {{model: {model}, tokenizer: {model}, corpus: {corpus}, micro_batch_size: 8}}
-    """))
+    """)
+    )
     warned = chla("submit", "r.yaml", "--dry-run", cwd=tmp_path, check=True).stdout
     assert "pt: does not fit: peak" in warned and "24.0 GiB (GPU (24 GiB, a10 in slurm.constraint))" in warned
     assert "warning: stage(s) pt will not fit" in warned

@@ -44,8 +44,11 @@ def _free_port() -> int:
 
 
 def _keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "chla-test", "-f", str(path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "chla-test", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
     return path.with_suffix(".pub").read_text().strip()
 
 
@@ -96,8 +99,9 @@ SetEnv PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation directory
     log = base / "sshd.log"
     with open(log, "wb") as log_file:
-        process = subprocess.Popen([SSHD, "-D", "-e", "-p", str(port), "-f", str(config)],
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-p", str(port), "-f", str(config)], stdout=log_file, stderr=subprocess.STDOUT
+        )
     try:
         _wait_for_banner(port, process, log)
         key_type, key = host_pub.split()[:2]
@@ -114,9 +118,16 @@ SetEnv PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0
 
 
 def remote_args(sshd: Sshd, remote_dir: Path, known_hosts: Path | None = None) -> list[str]:
-    return ["--remote", f"{getpass.getuser()}@127.0.0.1:{sshd.port}:{remote_dir}",
-            "--known-hosts", str(known_hosts or sshd.known_hosts), "--identity", str(sshd.client_key),
-            "--remote-chla", str(REMOTE_CHLA)]
+    return [
+        "--remote",
+        f"{getpass.getuser()}@127.0.0.1:{sshd.port}:{remote_dir}",
+        "--known-hosts",
+        str(known_hosts or sshd.known_hosts),
+        "--identity",
+        str(sshd.client_key),
+        "--remote-chla",
+        str(REMOTE_CHLA),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,8 +146,19 @@ def test_parse_remote_format():
             parse_remote(bad)
 
 
-NASTY = ["; touch {pwn}/semicolon", "$(touch {pwn}/dollar)", "`touch {pwn}/backtick`",
-         "it's \"quoted\"", "two\nlines", "| touch {pwn}/pipe &", "${{HOME}}", "*", "\\", "-x", ""]
+NASTY = [
+    "; touch {pwn}/semicolon",
+    "$(touch {pwn}/dollar)",
+    "`touch {pwn}/backtick`",
+    'it\'s "quoted"',
+    "two\nlines",
+    "| touch {pwn}/pipe &",
+    "${{HOME}}",
+    "*",
+    "\\",
+    "-x",
+    "",
+]
 
 
 def test_shell_line_round_trips_every_word(tmp_path):
@@ -144,15 +166,22 @@ def test_shell_line_round_trips_every_word(tmp_path):
     pwn.mkdir()
     words = [v.format(pwn=pwn) for v in NASTY]
     line = shell_line(["cd", str(tmp_path)], [PY, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))", *words])
-    assert shlex.split(line.split(" && ", 1)[1]) == [PY, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))", *words]
+    assert shlex.split(line.split(" && ", 1)[1]) == [
+        PY,
+        "-c",
+        "import json, sys; print(json.dumps(sys.argv[1:]))",
+        *words,
+    ]
     out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == words
     assert list(pwn.iterdir()) == []
 
 
 def test_help_imports_no_ssh_stack():
-    probe = ("import sys\nfrom chla_launcher.cli import main\ntry:\n    main(['submit', '--help'])\n"
-             "except SystemExit:\n    pass\nprint(sorted(m for m in ('fabric', 'paramiko', 'invoke') if m in sys.modules))")
+    probe = (
+        "import sys\nfrom chla_launcher.cli import main\ntry:\n    main(['submit', '--help'])\n"
+        "except SystemExit:\n    pass\nprint(sorted(m for m in ('fabric', 'paramiko', 'invoke') if m in sys.modules))"
+    )
     result = subprocess.run([PY, "-c", probe], capture_output=True, text=True, check=True)
     assert "--remote" in result.stdout and result.stdout.strip().endswith("[]")
 
@@ -202,19 +231,40 @@ def test_remote_submit_status_logs_with_nasty_values(sshd, slurm_cluster, tmp_pa
     pwn = tmp_path / "pwned"
     pwn.mkdir()
     values = [v.format(pwn=pwn) for v in NASTY]
-    recipe = {"name": "remote-nasty", "stages": {"echo": {"kind": "command", "params": {
-        "argv": [PY, "-c", "import json, os, sys; print('hello from the remote stage'); "
-                           "json.dump({'argv': sys.argv[1:], 'env': os.environ['NASTY'], 'extra': os.environ['EXTRA'], "
-                           "'plain': os.environ['PLAIN']}, open(os.environ['CHLA_OUT_DIR'] + '/seen.json', 'w'))",
-                 *[v.replace("${", "$${") for v in values]],  # $${...} is a literal ${...} in a recipe
-        "env": {"NASTY": values[1] + values[0]}}}}}
+    recipe = {
+        "name": "remote-nasty",
+        "stages": {
+            "echo": {
+                "kind": "command",
+                "params": {
+                    "argv": [
+                        PY,
+                        "-c",
+                        "import json, os, sys; print('hello from the remote stage'); "
+                        "json.dump({'argv': sys.argv[1:], 'env': os.environ['NASTY'], 'extra': os.environ['EXTRA'], "
+                        "'plain': os.environ['PLAIN']}, open(os.environ['CHLA_OUT_DIR'] + '/seen.json', 'w'))",
+                        *[v.replace("${", "$${") for v in values],
+                    ],  # $${...} is a literal ${...} in a recipe
+                    "env": {"NASTY": values[1] + values[0]},
+                },
+            }
+        },
+    }
     local_recipe = tmp_path / "it's a recipe; $(touch pwned-name).yaml"
     local_recipe.write_text(json.dumps(recipe))  # JSON is YAML
-    extra = f"`touch {pwn}/set1` $(touch {pwn}/set2); it's \"x\"\n| touch {pwn}/set3 &"
-    result = chla("submit", local_recipe.name, "--executor", "slurm",
-                  "--set", f"stages.echo.params.env.EXTRA={_yaml_double_quoted(extra)}",
-                  "--set", f"stages.echo.params.env.PLAIN=$(touch {pwn}/set4)",
-                  *remote_args(sshd, remote_dir), cwd=tmp_path)
+    extra = f'`touch {pwn}/set1` $(touch {pwn}/set2); it\'s "x"\n| touch {pwn}/set3 &'
+    result = chla(
+        "submit",
+        local_recipe.name,
+        "--executor",
+        "slurm",
+        "--set",
+        f"stages.echo.params.env.EXTRA={_yaml_double_quoted(extra)}",
+        "--set",
+        f"stages.echo.params.env.PLAIN=$(touch {pwn}/set4)",
+        *remote_args(sshd, remote_dir),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "uploaded" in result.stdout and "queued echo" in result.stdout  # the remote chla's own output
     assert (remote_dir / "recipes" / local_recipe.name).read_text() == local_recipe.read_text()
@@ -237,8 +287,6 @@ def test_remote_submit_status_logs_with_nasty_values(sshd, slurm_cluster, tmp_pa
     # The remote chla's errors come back with its exit status.
     missing = chla("status", "runs/no-such-run", *remote_args(sshd, remote_dir), cwd=tmp_path)
     assert missing.returncode == 2 and "not a chla run directory" in missing.stderr
-
-
 
 
 @pytest.mark.slurm
@@ -289,7 +337,11 @@ stages:
     assert "copied code snapshot chla-" in result.stdout and "1 stage(s) to run" in result.stdout
     snapshot = next((remote_dir / "snapshots").glob("chla-*/launcher/remote.py"))
     assert snapshot.read_text() == (Path(__file__).parents[2] / "launcher" / "remote.py").read_text()
-    installed = subprocess.run([str(venv / "bin" / "python"), "-c", "import chla_launcher; print(chla_launcher.__file__)"],
-                               capture_output=True, text=True, check=True).stdout
+    installed = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import chla_launcher; print(chla_launcher.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert installed.startswith(str(site))  # the snapshot, not the test venv's editable checkout
     assert (remote_dir / "runs" / "snap" / "where" / "DONE").is_file()

@@ -31,6 +31,7 @@ def write_recipe(tmp_path: Path, text: str) -> None:
 
 # --- the lock ---------------------------------------------------------------------------------
 
+
 def test_flock_lets_one_holder_in(tmp_path):
     from chla_launcher.lock import RunLock
 
@@ -60,8 +61,9 @@ def test_lock_file_where_flock_is_refused_and_stale_holders_are_taken_over(tmp_p
     # A holder that died without releasing: its process is gone.
     gone = subprocess.Popen(["true"])
     gone.wait()
-    held.write_text(json.dumps({"host": os.uname().nodename, "pids": [[gone.pid, None]], "purpose": "submit",
-                                "since": "then"}))
+    held.write_text(
+        json.dumps({"host": os.uname().nodename, "pids": [[gone.pid, None]], "purpose": "submit", "since": "then"})
+    )
     with RunLock(tmp_path, "cancel", wait_s=2):
         assert json.loads(held.read_text())["purpose"] == "cancel"
     # A holder on another host that stopped refreshing the file.
@@ -92,8 +94,14 @@ def start_local(tmp_path):
     started: list[subprocess.Popen] = []
 
     def start(*extra: str) -> subprocess.Popen:
-        started.append(subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml", *extra], cwd=tmp_path,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        started.append(
+            subprocess.Popen(
+                [PY, "-m", "chla_launcher", "submit", "r.yaml", *extra],
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         return started[-1]
 
     yield start
@@ -189,25 +197,39 @@ def test_from_starts_a_finished_stage_afresh(tmp_path):
 
 def test_run_files_are_readable_as_the_umask_allows(tmp_path):
     write_recipe(tmp_path, RESUMABLE)
-    subprocess.run([PY, "-m", "chla_launcher", "submit", "r.yaml"], cwd=tmp_path, check=True,
-                   capture_output=True, preexec_fn=lambda: os.umask(0o027))
+    subprocess.run(
+        [PY, "-m", "chla_launcher", "submit", "r.yaml"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        preexec_fn=lambda: os.umask(0o027),
+    )
     run_dir = tmp_path / "runs" / "resumable"
-    files = [run_dir / "recipe.yaml", run_dir / "chain.json", run_dir / "work" / "state.json",
-             run_dir / "work" / "DONE", run_dir / "work" / "out" / "resumed"]
+    files = [
+        run_dir / "recipe.yaml",
+        run_dir / "chain.json",
+        run_dir / "work" / "state.json",
+        run_dir / "work" / "DONE",
+        run_dir / "work" / "out" / "resumed",
+    ]
     assert {str(p.relative_to(run_dir)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
-        str(p.relative_to(run_dir)): "0o640" for p in files}
+        str(p.relative_to(run_dir)): "0o640" for p in files
+    }
     assert oct(stat.S_IMODE((run_dir / "work" / "out").stat().st_mode)) == "0o750"
 
 
 def test_resume_keeps_a_literal_dollar_brace(tmp_path):
-    write_recipe(tmp_path, f"""\
+    write_recipe(
+        tmp_path,
+        f"""\
         name: literal
         stages:
           say:
             kind: command
             params:
               argv: [{PY}, -c, "import os, sys; open(os.environ['CHLA_OUT_DIR'] + '/arg', 'w').write(sys.argv[1])", "$${{HOME}}"]
-    """)
+    """,
+    )
     chla("submit", "r.yaml", cwd=tmp_path, check=True)
     run_dir = tmp_path / "runs" / "literal"
     arg = run_dir / "say" / "out" / "arg"

@@ -33,7 +33,8 @@ def test_srun_step_gets_the_stages_cpus(tmp_path, slurm_cluster):
     seen = json.loads((run_dir / "probe" / "out" / "env.json").read_text())
     assert seen["SRUN_CPUS_PER_TASK"] == "2" and seen["SLURM_STEP_ID"] == "0"
     job_id = json.loads((run_dir / "chain.json").read_text())["stages"]["probe"]["job_ids"][0]
-    steps = subprocess.run(["sacct", "-j", job_id, "-P", "-n", "--format=JobID,AllocCPUS"], capture_output=True,
-                           text=True, check=True).stdout.split()
+    steps = subprocess.run(
+        ["sacct", "-j", job_id, "-P", "-n", "--format=JobID,AllocCPUS"], capture_output=True, text=True, check=True
+    ).stdout.split()
     allocated = dict(line.split("|") for line in steps)
     assert allocated[f"{job_id}.0"] == "2", allocated  # the task's step, not 1

@@ -29,8 +29,9 @@ stages:
 
 
 def _sacct_states(job_id: str) -> list[str]:
-    out = subprocess.run(["sacct", "-X", "-D", "-P", "-n", "-j", job_id, "--format=State"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["sacct", "-X", "-D", "-P", "-n", "-j", job_id, "--format=State"], capture_output=True, text=True
+    ).stdout
     return out.split()
 
 
@@ -58,14 +59,19 @@ def test_job_of_an_earlier_submission_refuses_to_run(tmp_path, executor, cluster
         job = v1["job_ids"][0]
         subprocess.run(["scontrol", "requeue", job], check=True)
         deadline = time.time() + 120
-        while (len(_sacct_states(job)) < 2 or _sacct_states(job)[-1] in ("PENDING", "RUNNING", "REQUEUED")) \
-                and time.time() < deadline:
+        while (
+            len(_sacct_states(job)) < 2 or _sacct_states(job)[-1] in ("PENDING", "RUNNING", "REQUEUED")
+        ) and time.time() < deadline:
             time.sleep(1)
         assert _sacct_states(job)[-1] == "FAILED", _sacct_states(job)
         log = "\n".join(p.read_text() for p in (work / "logs").glob(f"{job}_*.err"))
     else:
-        job = subprocess.run([PY, "-m", "chla_train.entry", str(run_dir), "work", "--task", "0",
-                              "--fingerprint", v1["fingerprint"]], capture_output=True, text=True, timeout=120)
+        job = subprocess.run(
+            [PY, "-m", "chla_train.entry", str(run_dir), "work", "--task", "0", "--fingerprint", v1["fingerprint"]],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert job.returncode != 0
         log = job.stderr
     stale_lines = [line for line in log.splitlines() if line.startswith("chla: ") and "STALE" in line]

@@ -25,15 +25,18 @@ PY = sys.executable
 
 def queued_under(run_dir: Path) -> set[str]:
     """Base ids of this user's queued jobs whose batch script lies in `run_dir`."""
-    out = subprocess.run(["squeue", "--me", "-h", "-o", "%F|%o"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(["squeue", "--me", "-h", "-o", "%F|%o"], capture_output=True, text=True, check=True).stdout
     return {line.split("|")[0] for line in out.splitlines() if line.split("|", 1)[1].startswith(f"{run_dir}/")}
 
 
 def chain_ids(run_dir: Path) -> set[str]:
     chain = json.loads((run_dir / "chain.json").read_text())
-    return {i for rec in chain["stages"].values() if not rec.get("skipped")
-            for i in rec["job_ids"] + ([rec["finalize_job_id"]] if rec.get("finalize_job_id") else [])}
+    return {
+        i
+        for rec in chain["stages"].values()
+        if not rec.get("skipped")
+        for i in rec["job_ids"] + ([rec["finalize_job_id"]] if rec.get("finalize_job_id") else [])
+    }
 
 
 SLEEPER = f"""\
@@ -52,8 +55,10 @@ def test_concurrent_submits_queue_one_chain_and_replace_takes_over(tmp_path, slu
     (tmp_path / "r.yaml").write_text(SLEEPER)
     run_dir = tmp_path / "runs" / "busy"
     argv = [PY, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "slurm"]
-    both = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    both = [
+        subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=120), *p.communicate()) for p in both]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
@@ -112,8 +117,13 @@ def default_interrupt() -> None:
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     """What a failed submission must leave exactly as it was."""
-    files = [run_dir / "recipe.yaml", run_dir / "chain.json", *run_dir.glob("*/state.json"),
-             *run_dir.glob("*/DONE"), *run_dir.glob("*/tasks/*")]
+    files = [
+        run_dir / "recipe.yaml",
+        run_dir / "chain.json",
+        *run_dir.glob("*/state.json"),
+        *run_dir.glob("*/DONE"),
+        *run_dir.glob("*/tasks/*"),
+    ]
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in files if p.is_file()}
 
 
@@ -142,15 +152,26 @@ def test_failed_or_interrupted_submission_leaves_run_dir_as_it_was(tmp_path, slu
     (fake / "sbatch").write_text(SLOW_SBATCH)
     (fake / "sbatch").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
-    faults = [("Ctrl-C", signal.SIGINT, True), ("SIGTERM", signal.SIGTERM, True),
-              ("SIGHUP", signal.SIGHUP, True), ("kill -9", signal.SIGKILL, False)]
+    faults = [
+        ("Ctrl-C", signal.SIGINT, True),
+        ("SIGTERM", signal.SIGTERM, True),
+        ("SIGHUP", signal.SIGHUP, True),
+        ("kill -9", signal.SIGKILL, False),
+    ]
     for what, signum, whole_group in faults:
         for name in ("count", "paused"):
             (fake / name).unlink(missing_ok=True)
         (fake / "pause_at").write_text("3")  # s1, s2 queued; s3 queued but its id not read yet
-        process = subprocess.Popen([PY, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "slurm"],
-                                   cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True, preexec_fn=default_interrupt)
+        process = subprocess.Popen(
+            [PY, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "slurm"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=default_interrupt,
+        )
         wait_until(lambda: (fake / "paused").exists(), 60, f"the third sbatch ({what})")
         assert len(queued_under(run_dir)) == 3, what
         if whole_group:  # as a terminal does: the whole foreground group
@@ -178,14 +199,16 @@ def test_python_path_with_a_space_reaches_srun_quoted(tmp_path, slurm_cluster):
     venv = Path(sys.executable).parent.parent
     spaced = tmp_path / "my venv"
     spaced.symlink_to(venv)  # pyvenv.cfg is found beside bin/ through the link
-    (tmp_path / "r.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "r.yaml").write_text(
+        textwrap.dedent(f"""\
         name: spaced
         slurm: {{python: "{spaced}/bin/python"}}
         stages:
           hello:
             kind: command
             params: {{argv: ["{spaced}/bin/python", -c, "import os, sys; open(os.environ['CHLA_OUT_DIR'] + '/x', 'w').write(sys.prefix)"]}}
-    """))
+    """)
+    )
     dry = chla("submit", "r.yaml", "--executor", "slurm", "--dry-run", cwd=tmp_path, check=True).stdout
     assert f"'{spaced}/bin/python' -u -m submitit.core._submit" in dry
     chla("submit", "r.yaml", "--executor", "slurm", cwd=tmp_path, check=True)

@@ -18,7 +18,8 @@ PY = sys.executable
 
 def recipe(tmp_path: Path, sweep: str, extra: str = "") -> Path:
     path = tmp_path / "r.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: sw
         stages:
           prep:
@@ -29,7 +30,9 @@ def recipe(tmp_path: Path, sweep: str, extra: str = "") -> Path:
             sweep: {sweep}
             params:
               argv: [{PY}, -c, "import os; open(os.environ['CHLA_OUT_DIR'] + '/w' + os.environ['RANK'], 'w').write(os.environ['WORLD_SIZE'] + ' ${{stages.prep.out}}')"]
-        """) + extra)
+        """)
+        + extra
+    )
     return path
 
 
@@ -52,16 +55,21 @@ def test_sweep_expands_runs_and_freezes_as_one_stage(tmp_path):
 
 
 def test_nothing_may_depend_on_a_sweep(tmp_path):
-    path = recipe(tmp_path, "{nodes: [1, 2]}",
-                  '  report:\n    kind: command\n    params: {argv: [cat, "${stages.bench.out}/w0"]}\n')
+    path = recipe(
+        tmp_path,
+        "{nodes: [1, 2]}",
+        '  report:\n    kind: command\n    params: {argv: [cat, "${stages.bench.out}/w0"]}\n',
+    )
     with pytest.raises(RecipeError, match="r.yaml:.*stages.report.*node-scaling sweep"):
         load_recipe(path, cwd=tmp_path)
 
 
 def test_sweep_of_a_single_process_kind_is_refused(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("name: x\nstages:\n  a:\n    kind: train_spm\n    sweep: {nodes: [1, 2]}\n"
-                    "    params: {input: [/etc/hostname], vocab_size: 100}\n")
+    path.write_text(
+        "name: x\nstages:\n  a:\n    kind: train_spm\n    sweep: {nodes: [1, 2]}\n"
+        "    params: {input: [/etc/hostname], vocab_size: 100}\n"
+    )
     with pytest.raises(RecipeError):
         load_recipe(path, cwd=tmp_path)
 

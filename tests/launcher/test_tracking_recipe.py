@@ -21,23 +21,50 @@ stages:
 """
 
 CREDENTIALS = [
-    ("wandb-api-key", "name: x\ntracking:\n  wandb: {project: p, api_key: abc123}\n" + STAGE, [],
-     ["r.yaml:3:", "tracking.wandb.api_key", "looks like a credential", "WANDB_API_KEY"]),
-    ("mlflow-token", "name: x\ntracking:\n  mlflow: {tracking_uri: 'http://h:5000', token: t0k}\n" + STAGE, [],
-     ["r.yaml:3:", "tracking.mlflow.token"]),
-    ("password-in-vars", "name: x\nvars:\n  db_password: hunter2\n" + STAGE, [],
-     ["r.yaml:3:", "vars.db_password"]),
-    ("env-style-token", "name: x\nstages:\n  hello:\n    kind: command\n    params:\n      argv: [echo]\n"
-                        "      env: {HF_TOKEN: hf_abc}\n", [],
-     ["r.yaml:7:", "stages.hello.params.env.HF_TOKEN"]),
-    ("url-with-password", "name: x\ntracking:\n  mlflow: {tracking_uri: 'https://me:s3cret@mlflow.example'}\n"
-                          + STAGE, [], ["r.yaml:3:", "tracking.mlflow.tracking_uri", "URL with a password"]),
-    ("set-secret", "name: x\n" + STAGE, ["--set", "tracking.wandb.api_key=abc"],
-     ["r.yaml", "tracking.wandb.api_key", "looks like a credential"]),
-    ("bad-tracking-uri", "name: x\ntracking:\n  mlflow: {tracking_uri: 'mlflow.example'}\n" + STAGE, [],
-     ["r.yaml:3:", "tracking.mlflow.tracking_uri", "not a tracking URI"]),
-    ("unknown-tracking-key", "name: x\ntracking:\n  neptune: {project: p}\n" + STAGE, [],
-     ["r.yaml:3:", "tracking.neptune", "unknown key"]),
+    (
+        "wandb-api-key",
+        "name: x\ntracking:\n  wandb: {project: p, api_key: abc123}\n" + STAGE,
+        [],
+        ["r.yaml:3:", "tracking.wandb.api_key", "looks like a credential", "WANDB_API_KEY"],
+    ),
+    (
+        "mlflow-token",
+        "name: x\ntracking:\n  mlflow: {tracking_uri: 'http://h:5000', token: t0k}\n" + STAGE,
+        [],
+        ["r.yaml:3:", "tracking.mlflow.token"],
+    ),
+    ("password-in-vars", "name: x\nvars:\n  db_password: hunter2\n" + STAGE, [], ["r.yaml:3:", "vars.db_password"]),
+    (
+        "env-style-token",
+        "name: x\nstages:\n  hello:\n    kind: command\n    params:\n      argv: [echo]\n"
+        "      env: {HF_TOKEN: hf_abc}\n",
+        [],
+        ["r.yaml:7:", "stages.hello.params.env.HF_TOKEN"],
+    ),
+    (
+        "url-with-password",
+        "name: x\ntracking:\n  mlflow: {tracking_uri: 'https://me:s3cret@mlflow.example'}\n" + STAGE,
+        [],
+        ["r.yaml:3:", "tracking.mlflow.tracking_uri", "URL with a password"],
+    ),
+    (
+        "set-secret",
+        "name: x\n" + STAGE,
+        ["--set", "tracking.wandb.api_key=abc"],
+        ["r.yaml", "tracking.wandb.api_key", "looks like a credential"],
+    ),
+    (
+        "bad-tracking-uri",
+        "name: x\ntracking:\n  mlflow: {tracking_uri: 'mlflow.example'}\n" + STAGE,
+        [],
+        ["r.yaml:3:", "tracking.mlflow.tracking_uri", "not a tracking URI"],
+    ),
+    (
+        "unknown-tracking-key",
+        "name: x\ntracking:\n  neptune: {project: p}\n" + STAGE,
+        [],
+        ["r.yaml:3:", "tracking.neptune", "unknown key"],
+    ),
 ]
 
 
@@ -55,13 +82,16 @@ def test_credentials_and_bad_tracking_are_refused(tmp_path: Path, case_id, text,
 
 def test_recipe_keys_that_only_contain_token_are_not_credentials(tmp_path: Path):
     """pad_token, max_new_tokens and friends are recipe keys, not secrets (the control)."""
-    (tmp_path / "r.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "r.yaml").write_text(
+        textwrap.dedent("""\
         name: x
         vars: {pad_token: true, max_new_tokens: 8, tokens_per_char: 1.0}
         tracking:
           mlflow: {tracking_uri: 'http://127.0.0.1:5000', experiment: e}
           wandb: {project: p, mode: offline}
-        """) + STAGE)
+        """)
+        + STAGE
+    )
     result = chla("submit", "r.yaml", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
@@ -70,8 +100,11 @@ def test_tracking_block_is_frozen_into_the_run(tmp_path: Path):
     from chla_launcher.recipe import dump_frozen, load_recipe
 
     (tmp_path / "r.yaml").write_text("name: x\n" + STAGE)
-    recipe = load_recipe(tmp_path / "r.yaml", ["tracking.wandb.project=demo", "tracking.wandb.mode=offline"],
-                         cwd=tmp_path)
+    recipe = load_recipe(
+        tmp_path / "r.yaml", ["tracking.wandb.project=demo", "tracking.wandb.mode=offline"], cwd=tmp_path
+    )
     frozen = yaml.safe_load(dump_frozen(recipe))
-    assert frozen["tracking"] == {"mlflow": None,
-                                  "wandb": {"project": "demo", "entity": None, "mode": "offline", "dir": None}}
+    assert frozen["tracking"] == {
+        "mlflow": None,
+        "wandb": {"project": "demo", "entity": None, "mode": "offline", "dir": None},
+    }

@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 # A <1M-parameter LLaMA apart from its 32,000-row vocabulary (process start dominates).
-TINY_LLAMA = {"vocab_size": 32000, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}
+TINY_LLAMA = {
+    "vocab_size": 32000,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +37,16 @@ def train_assets(demo_assets, tmp_path_factory) -> dict[str, str]:
     corpus = root / "corpus"
     pretokenize([str(zh_small)], merged, corpus, cache_dir=root / "cache", log=quiet)
     sft_train, sft_valid = root / "sft_train.json", root / "sft_valid.json"
-    sft_train.write_text(json.dumps(json.loads(Path(demo_assets["sft_train"]).read_text())[:400],
-                                    ensure_ascii=False), encoding="utf-8")
-    sft_valid.write_text(json.dumps(json.loads(Path(demo_assets["sft_valid"]).read_text())[:48],
-                                    ensure_ascii=False), encoding="utf-8")
-    return {"base_tokenizer": demo_assets["base_tokenizer"], "merged_tokenizer": str(merged),
-            "corpus": str(corpus), "sft_train": str(sft_train), "sft_valid": str(sft_valid)}
+    sft_train.write_text(
+        json.dumps(json.loads(Path(demo_assets["sft_train"]).read_text())[:400], ensure_ascii=False), encoding="utf-8"
+    )
+    sft_valid.write_text(
+        json.dumps(json.loads(Path(demo_assets["sft_valid"]).read_text())[:48], ensure_ascii=False), encoding="utf-8"
+    )
+    return {
+        "base_tokenizer": demo_assets["base_tokenizer"],
+        "merged_tokenizer": str(merged),
+        "corpus": str(corpus),
+        "sft_train": str(sft_train),
+        "sft_valid": str(sft_valid),
+    }

@@ -19,8 +19,15 @@ from chla_train.context import StageContext
 from chla_train.distributed import DistributedEnv
 
 
-def make_context(kind: str, params: dict[str, Any], run_dir: Path, *, stage: str = "train",
-                 out_dir: Path | None = None, dist_env: DistributedEnv | None = None) -> StageContext:
+def make_context(
+    kind: str,
+    params: dict[str, Any],
+    run_dir: Path,
+    *,
+    stage: str = "train",
+    out_dir: Path | None = None,
+    dist_env: DistributedEnv | None = None,
+) -> StageContext:
     run_dir = Path(run_dir)
     stage_dir = run_dir / stage
     work_dir = stage_dir / "work"
@@ -28,9 +35,19 @@ def make_context(kind: str, params: dict[str, Any], run_dir: Path, *, stage: str
     for path in (work_dir, out_dir):
         path.mkdir(parents=True, exist_ok=True)
     model = get_kind(kind).params.model_validate(params)
-    ctx = StageContext(run_dir=run_dir, stage=stage, kind=kind, params=model, stage_dir=stage_dir,
-                       out_dir=out_dir, work_dir=work_dir, task_index=0, num_tasks=1,
-                       dist=dist_env or DistributedEnv(), fingerprint="test")
+    ctx = StageContext(
+        run_dir=run_dir,
+        stage=stage,
+        kind=kind,
+        params=model,
+        stage_dir=stage_dir,
+        out_dir=out_dir,
+        work_dir=work_dir,
+        task_index=0,
+        num_tasks=1,
+        dist=dist_env or DistributedEnv(),
+        fingerprint="test",
+    )
     return ctx
 
 
@@ -69,8 +86,14 @@ def main(spec_file: str) -> int:
     if spec.get("probe_ids"):
         _probe_logits_after_training(spec["probe_ids"], Path(spec["probe_out"]))
     attempt_out = Path(spec["run_dir"]) / spec.get("stage", "train") / f"attempt-{os.getpid()}"
-    ctx = make_context(spec["kind"], spec["params"], Path(spec["run_dir"]), stage=spec.get("stage", "train"),
-                       out_dir=attempt_out, dist_env=dist_env)
+    ctx = make_context(
+        spec["kind"],
+        spec["params"],
+        Path(spec["run_dir"]),
+        stage=spec.get("stage", "train"),
+        out_dir=attempt_out,
+        dist_env=dist_env,
+    )
     result = run_stage(ctx)
     if dist_env.rank == 0:
         final = ctx.stage_dir / "out"

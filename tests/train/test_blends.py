@@ -23,8 +23,9 @@ def en_corpus(demo_assets, tmp_path_factory) -> str:
     lines = Path(demo_assets["en_text"]).read_text(encoding="utf-8").splitlines()
     text = root / "en.txt"
     text.write_text("\n".join(line for line in lines[:1200] if line.strip()) + "\n", encoding="utf-8")
-    pretokenize([str(text)], demo_assets["base_tokenizer"], root / "corpus", cache_dir=root / "cache",
-                log=lambda *_: None)
+    pretokenize(
+        [str(text)], demo_assets["base_tokenizer"], root / "corpus", cache_dir=root / "cache", log=lambda *_: None
+    )
     return str(root / "corpus")
 
 
@@ -32,10 +33,20 @@ def en_corpus(demo_assets, tmp_path_factory) -> str:
 def test_blended_pretraining_counts_samples_and_resumes_exactly(train_assets, en_corpus, tmp_path):
     from safetensors.torch import load_file
 
-    blend = [{"path": train_assets["corpus"], "weight": 0.8, "name": "zh"},
-             {"path": en_corpus, "weight": 0.2, "name": "en"}]
-    params = pretrain_params(train_assets, corpus=blend, mode="embeddings", new_rows_only=True,
-                             train_lm_head=True, max_steps=30, eval_steps=0, micro_batch_size=5)
+    blend = [
+        {"path": train_assets["corpus"], "weight": 0.8, "name": "zh"},
+        {"path": en_corpus, "weight": 0.2, "name": "en"},
+    ]
+    params = pretrain_params(
+        train_assets,
+        corpus=blend,
+        mode="embeddings",
+        new_rows_only=True,
+        train_lm_head=True,
+        max_steps=30,
+        eval_steps=0,
+        micro_batch_size=5,
+    )
     straight = tmp_path / "straight" / "runs" / "t"
     runner = submit_local(tmp_path / "straight", params)
     assert runner.wait(timeout=300) == 0, runner.stdout.read()

@@ -35,7 +35,7 @@ def descendants(pids: list[int]) -> list[int]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
             children.setdefault(ppid, []).append(int(entry.name))
     found, todo = [], list(pids)
     while todo:
@@ -48,14 +48,21 @@ def descendants(pids: list[int]) -> list[int]:
 @pytest.mark.slow
 def test_hangup_ends_the_local_run_and_resubmit_resumes_from_the_checkpoint(train_assets, tmp_path):
     params = pretrain_params(train_assets, max_steps=200, save_steps=10, eval_steps=0, logging_steps=10)
-    (tmp_path / "r.yaml").write_text(json.dumps({"name": "hup", "stages": {"train": {"kind": "pretrain",
-                                                                                   "params": params}}}))
+    (tmp_path / "r.yaml").write_text(
+        json.dumps({"name": "hup", "stages": {"train": {"kind": "pretrain", "params": params}}})
+    )
     run_dir = tmp_path / "runs" / "hup"
     checkpoints = run_dir / "train" / "work" / "checkpoints"
     # A session of its own, like a login shell's: the hang-up reaches chla-submit, the tasks (in
     # sessions of their own) only through it.
-    submit = subprocess.Popen([sys.executable, "-m", "chla_launcher", "submit", "r.yaml"], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "chla_launcher", "submit", "r.yaml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not (checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())):

@@ -24,7 +24,7 @@ BATCH, SEQ = 2, 32
 
 CASES = [  # dtype, mode, LoRA dropout, modules_to_save, attention, masked, kv heads
     (torch.bfloat16, "lora", 0.05, ("embed_tokens", "lm_head"), "sdpa", False, 4),
-    (torch.bfloat16, "lora", 0.05, (), "sdpa", False, 4),           # the first layer's input needs no grad
+    (torch.bfloat16, "lora", 0.05, (), "sdpa", False, 4),  # the first layer's input needs no grad
     (torch.float32, "lora", 0.0, ("embed_tokens", "lm_head"), "sdpa", False, 4),
     (torch.bfloat16, "lora", 0.05, ("embed_tokens", "lm_head"), "eager", False, 4),
     (torch.bfloat16, "lora", 0.05, ("embed_tokens", "lm_head"), "sdpa", True, 2),  # padding mask, GQA
@@ -33,9 +33,16 @@ CASES = [  # dtype, mode, LoRA dropout, modules_to_save, attention, masked, kv h
 
 
 def config(attention: str, kv_heads: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                       attn_implementation=attention)
+    return LlamaConfig(
+        vocab_size=500,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        attn_implementation=attention,
+    )
 
 
 @pytest.mark.parametrize("dtype, mode, dropout, modules_to_save, attention, masked, kv_heads", CASES)
@@ -43,8 +50,17 @@ def test_activation_bytes_are_what_autograd_saves(dtype, mode, dropout, modules_
     torch.manual_seed(0)
     model = LlamaForCausalLM(config(attention, kv_heads))
     if mode == "lora":
-        model = apply_lora(model, r=4, alpha=8, dropout=dropout, target_modules=list(PROJECTIONS),
-                           modules_to_save=list(modules_to_save), init_adapter=None, key_prefix="t", seed=1)
+        model = apply_lora(
+            model,
+            r=4,
+            alpha=8,
+            dropout=dropout,
+            target_modules=list(PROJECTIONS),
+            modules_to_save=list(modules_to_save),
+            init_adapter=None,
+            key_prefix="t",
+            seed=1,
+        )
     model = model.to(dtype).train()  # as DeepSpeed casts it: adapters in the training dtype too
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     per_layer: list[dict[int, int]] = []
@@ -76,17 +92,27 @@ def test_activation_bytes_are_what_autograd_saves(dtype, mode, dropout, modules_
     measured = [sum(n for ptr, n in saved.items() if ptr not in shared) / (BATCH * SEQ) for saved in per_layer]
 
     shape = ModelShape.from_config(model.config.to_dict())
-    trainable = Trainable(mode=mode, lora_r=4, lora_targets=PROJECTIONS, lora_dropout=dropout,
-                          modules_to_save=modules_to_save)
-    setup = TrainingSetup(precision="bf16" if dtype == torch.bfloat16 else "fp32", micro_batch=BATCH, seq_len=SEQ,
-                          attention=attention, masked=masked, cpu=True)
-    estimate = [_layer_saved_bytes(shape, trainable, setup, input_needs_grad=index > 0 or trainable.trains_embeddings)
-                for index in range(2)]
+    trainable = Trainable(
+        mode=mode, lora_r=4, lora_targets=PROJECTIONS, lora_dropout=dropout, modules_to_save=modules_to_save
+    )
+    setup = TrainingSetup(
+        precision="bf16" if dtype == torch.bfloat16 else "fp32",
+        micro_batch=BATCH,
+        seq_len=SEQ,
+        attention=attention,
+        masked=masked,
+        cpu=True,
+    )
+    estimate = [
+        _layer_saved_bytes(shape, trainable, setup, input_needs_grad=index > 0 or trainable.trains_embeddings)
+        for index in range(2)
+    ]
     assert estimate == measured
     # Control: the same model counted as fp32 where it runs in bf16 gives other bytes.
     if dtype == torch.bfloat16:
-        other = TrainingSetup(precision="fp32", micro_batch=BATCH, seq_len=SEQ, attention=attention, masked=masked,
-                              cpu=True)
+        other = TrainingSetup(
+            precision="fp32", micro_batch=BATCH, seq_len=SEQ, attention=attention, masked=masked, cpu=True
+        )
         assert _layer_saved_bytes(shape, trainable, other, input_needs_grad=True) != measured[1]
 
 
@@ -94,8 +120,17 @@ def test_parameter_counts_are_those_of_the_built_models():
     torch.manual_seed(0)
     shape = ModelShape.from_config(config("sdpa", 2).to_dict())
     lora = Trainable(mode="lora", lora_r=4, lora_targets=PROJECTIONS, modules_to_save=("embed_tokens", "lm_head"))
-    model = apply_lora(LlamaForCausalLM(config("sdpa", 2)), r=4, alpha=8, dropout=0.0, target_modules=list(PROJECTIONS),
-                       modules_to_save=["embed_tokens", "lm_head"], init_adapter=None, key_prefix="t", seed=1)
+    model = apply_lora(
+        LlamaForCausalLM(config("sdpa", 2)),
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=list(PROJECTIONS),
+        modules_to_save=["embed_tokens", "lm_head"],
+        init_adapter=None,
+        key_prefix="t",
+        seed=1,
+    )
     trained, total = count_parameters(model)
     assert parameter_counts(shape, lora) == (total, trained)
     embeddings = LlamaForCausalLM(config("sdpa", 2))
@@ -106,8 +141,15 @@ def test_parameter_counts_are_those_of_the_built_models():
 
 
 def test_lora_flops_count_what_is_computed():
-    shape = ModelShape.from_config({"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-                                    "num_hidden_layers": 32, "num_attention_heads": 32})
+    shape = ModelShape.from_config(
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+        }
+    )
     lora = Trainable(mode="lora", lora_r=8, lora_targets=PROJECTIONS, modules_to_save=("embed_tokens", "lm_head"))
     full = Trainable(mode="full")
     n = shape.total_params

@@ -19,8 +19,17 @@ def test_kinds_are_registered_with_original_defaults():
     pretrain, sft = get_kind("pretrain"), get_kind("sft")
     assert pretrain.distributed and sft.distributed
     p = pretrain.params(tokenizer="/t", corpus="/c", init={"hidden_size": 16})
-    assert (p.learning_rate, p.lora_r, p.lora_alpha, p.lora_dropout, p.block_size, p.warmup_ratio,
-            p.weight_decay, p.lr_scheduler, p.zero_stage) == (2e-4, 8, 32, 0.05, 512, 0.05, 0.01, "cosine", 2)
+    assert (
+        p.learning_rate,
+        p.lora_r,
+        p.lora_alpha,
+        p.lora_dropout,
+        p.block_size,
+        p.warmup_ratio,
+        p.weight_decay,
+        p.lr_scheduler,
+        p.zero_stage,
+    ) == (2e-4, 8, 32, 0.05, 512, 0.05, 0.01, "cosine", 2)
     assert p.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
     assert p.modules_to_save == ["embed_tokens", "lm_head"]
     s = sft.params(tokenizer="/t", model="/m", train_file="/f")
@@ -29,24 +38,33 @@ def test_kinds_are_registered_with_original_defaults():
     assert {"tokenizer", "model", "train_file", "valid_file", "init_adapter"} <= set(input_path_fields(sft.params))
 
 
-@pytest.mark.parametrize("bad", [
-    {},                                                            # neither model nor init
-    {"model": "/m", "init": {"hidden_size": 8}},                   # both
-    {"init": {}, "mode": "lora", "new_rows_only": True},           # embeddings-only option
-    {"init": {}, "zero_stage": 1},                                 # 0, 2 or 3
-    {"init": {}, "precision": "fp16"},                             # fails on CPU: not offered
-    {"init": {}, "lora_targets": ["q_proj"]},                      # unknown key
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},  # neither model nor init
+        {"model": "/m", "init": {"hidden_size": 8}},  # both
+        {"init": {}, "mode": "lora", "new_rows_only": True},  # embeddings-only option
+        {"init": {}, "zero_stage": 1},  # 0, 2 or 3
+        {"init": {}, "precision": "fp16"},  # fails on CPU: not offered
+        {"init": {}, "lora_targets": ["q_proj"]},  # unknown key
+    ],
+)
 def test_bad_params_are_rejected(bad):
     with pytest.raises(ValidationError):
         get_kind("pretrain").params(tokenizer="/t", corpus="/c", **bad)
 
 
-@pytest.mark.parametrize("bad", [
-    {"share_prompt_prefix": True},                                 # needs pack_batches
-    {"share_prompt_prefix": True, "pack_batches": True,
-     "attn_implementation": "flash_attention_2"},                  # FA2 takes no 4-D mask
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"share_prompt_prefix": True},  # needs pack_batches
+        {
+            "share_prompt_prefix": True,
+            "pack_batches": True,
+            "attn_implementation": "flash_attention_2",
+        },  # FA2 takes no 4-D mask
+    ],
+)
 def test_bad_sft_params_are_rejected(bad):
     with pytest.raises(ValidationError):
         get_kind("sft").params(tokenizer="/t", model="/m", train_file="/f", **bad)
@@ -59,8 +77,7 @@ def test_optimizer_is_fused():
     from chla_train.trainer import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    params = get_kind("sft").params(tokenizer="/t", model="/m", train_file="/f", learning_rate=1e-3,
-                                    weight_decay=0.1)
+    params = get_kind("sft").params(tokenizer="/t", model="/m", train_file="/f", learning_rate=1e-3, weight_decay=0.1)
     optimizer = build_optimizer(model, params)
     assert optimizer.defaults["fused"] is True
     assert [(len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups] == [(1, 0.1), (3, 0.0)]
@@ -71,14 +88,17 @@ def test_job_entry_keeps_freed_memory_unless_the_user_tuned_malloc():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     tuned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert tuned.stdout.strip() == "True"  # glibc (Debian/Ubuntu): mallopt accepted every setting
-    own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**env, "MALLOC_TOP_PAD_": "0"})
+    own = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**env, "MALLOC_TOP_PAD_": "0"}
+    )
     assert own.stdout.strip() == "False"
 
 
 def test_launcher_kinds_do_not_import_torch():
-    code = ("import sys, chla_launcher.kinds.pretrain, chla_launcher.kinds.sft; "
-            "print(any(m in sys.modules for m in ('torch', 'transformers', 'numpy')))")
+    code = (
+        "import sys, chla_launcher.kinds.pretrain, chla_launcher.kinds.sft; "
+        "print(any(m in sys.modules for m in ('torch', 'transformers', 'numpy')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -88,8 +108,15 @@ def test_deepspeed_config_and_schedule():
 
     from chla_train.trainer import build_scheduler, deepspeed_config
 
-    params = get_kind("pretrain").params(tokenizer="/t", corpus="/c", init={}, micro_batch_size=2,
-                                         gradient_accumulation_steps=3, zero_stage=3, max_steps=100)
+    params = get_kind("pretrain").params(
+        tokenizer="/t",
+        corpus="/c",
+        init={},
+        micro_batch_size=2,
+        gradient_accumulation_steps=3,
+        zero_stage=3,
+        max_steps=100,
+    )
     config = deepspeed_config(params, dtype=torch.bfloat16, world_size=4, hidden_size=4096, on_gpu=False)
     assert config["train_batch_size"] == 24 and config["zero_optimization"]["stage"] == 3
     assert config["bf16"] == {"enabled": True} and "fp16" not in config
@@ -99,8 +126,9 @@ def test_deepspeed_config_and_schedule():
     assert gpu["zero_optimization"]["overlap_comm"] is True
     assert gpu["zero_optimization"]["reduce_bucket_size"] == 4096**2
     assert gpu["zero_optimization"]["stage3_param_persistence_threshold"] == 40960
-    zero2 = deepspeed_config(params.model_copy(update={"zero_stage": 2}), dtype=torch.bfloat16, world_size=4,
-                             hidden_size=4096, on_gpu=True)["zero_optimization"]
+    zero2 = deepspeed_config(
+        params.model_copy(update={"zero_stage": 2}), dtype=torch.bfloat16, world_size=4, hidden_size=4096, on_gpu=True
+    )["zero_optimization"]
     assert zero2["overlap_comm"] is True and zero2["reduce_bucket_size"] == 2e8
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -129,7 +157,7 @@ def test_report_train_draws_every_training_stage(tmp_path):
     run = tmp_path / "run"
     _write_metrics(run / "pt1" / "out" / "metrics.jsonl", [3.0, 2.5, 2.0], [(3, 2.2)])
     _write_metrics(run / "sft" / "work" / "metrics.jsonl", [1.5, 1.2], [])  # still running
-    (run / "vocab" / "out").mkdir(parents=True)                              # not a training stage
+    (run / "vocab" / "out").mkdir(parents=True)  # not a training stage
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)
     assert report.run(parser.parse_args(["train", str(run)])) == 0
@@ -164,15 +192,31 @@ def test_new_lora_adapter_depends_on_the_seed_not_on_the_global_rng():
 
     from chla_train.model import apply_lora
 
-    config = LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
 
     def lora_a(seed: int, draws_before: int) -> torch.Tensor:
         torch.manual_seed(0)
         base = LlamaForCausalLM(config)
         torch.rand(draws_before)  # whatever the process did before
-        model = apply_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], modules_to_save=[],
-                           init_adapter=None, key_prefix="pt", seed=seed, log=lambda _: None)
+        model = apply_lora(
+            base,
+            r=4,
+            alpha=8,
+            dropout=0.0,
+            target_modules=["q_proj"],
+            modules_to_save=[],
+            init_adapter=None,
+            key_prefix="pt",
+            seed=seed,
+            log=lambda _: None,
+        )
         return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
 
     assert torch.equal(lora_a(42, 0), lora_a(42, 1000))
@@ -193,20 +237,37 @@ def test_init_adapter_continues_across_an_added_pad_row(tmp_path):
 
     from chla_train.model import apply_lora
 
-    config = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=2)
+    config = dict(
+        vocab_size=100,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
-    trained = get_peft_model(LlamaForCausalLM(LlamaConfig(**config)),
-                             LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"],
-                                        task_type="CAUSAL_LM"))
+    trained = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(**config)),
+        LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM"),
+    )
     trained.save_pretrained(tmp_path / "adapter")
     saved_rows = trained.base_model.model.model.embed_tokens.modules_to_save["default"].weight.detach().clone()
 
     base = LlamaForCausalLM(LlamaConfig(**config))
     base.resize_token_embeddings(101, mean_resizing=False)
     messages = []
-    model = apply_lora(base, r=8, alpha=32, dropout=0.0, target_modules=["q_proj"], modules_to_save=[],
-                       init_adapter=str(tmp_path / "adapter"), key_prefix="sft", seed=0, log=messages.append)
+    model = apply_lora(
+        base,
+        r=8,
+        alpha=32,
+        dropout=0.0,
+        target_modules=["q_proj"],
+        modules_to_save=[],
+        init_adapter=str(tmp_path / "adapter"),
+        key_prefix="sft",
+        seed=0,
+        log=messages.append,
+    )
     rows = model.base_model.model.model.embed_tokens.modules_to_save["default"].weight.detach()
     assert rows.shape == (101, 8)
     assert torch.equal(rows[:100], saved_rows)

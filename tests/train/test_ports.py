@@ -50,10 +50,17 @@ def test_jobs_that_can_share_a_node_never_share_a_port():
 
 
 def test_a_requeued_job_gets_a_fresh_port_and_every_rank_the_same():
-    env = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "node1"}
-    first = {DistributedEnv._from_slurm(dict(env, SLURM_PROCID=str(r), SLURM_NODEID=str(r // 2))).master_port
-             for r in range(4)}
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NODELIST": "node1",
+    }
+    first = {
+        DistributedEnv._from_slurm(dict(env, SLURM_PROCID=str(r), SLURM_NODEID=str(r // 2))).master_port
+        for r in range(4)
+    }
     assert len(first) == 1
     again = DistributedEnv._from_slurm(dict(env, SLURM_PROCID="0", SLURM_RESTART_COUNT="1")).master_port
     assert again not in first
@@ -82,11 +89,15 @@ def test_concurrent_jobs_on_the_real_cluster_get_distinct_ports(tmp_path, slurm_
 
     from ..helpers import chla, wait_for_chain
 
-    probe = ("import json, os, time; time.sleep(2); json.dump({k: os.environ.get(k) for k in "
-             "('MASTER_PORT', 'SLURM_JOB_ID', 'SLURMD_NODENAME')}, "
-             "open(os.environ['CHLA_OUT_DIR'] + '/port-' + os.environ['CHLA_TASK_INDEX'] + '.json', 'w'))")
-    recipe = {"name": "ports", "stages": {"probe": {"kind": "command", "array": 4,
-                                                     "params": {"argv": [sys.executable, "-c", probe]}}}}
+    probe = (
+        "import json, os, time; time.sleep(2); json.dump({k: os.environ.get(k) for k in "
+        "('MASTER_PORT', 'SLURM_JOB_ID', 'SLURMD_NODENAME')}, "
+        "open(os.environ['CHLA_OUT_DIR'] + '/port-' + os.environ['CHLA_TASK_INDEX'] + '.json', 'w'))"
+    )
+    recipe = {
+        "name": "ports",
+        "stages": {"probe": {"kind": "command", "array": 4, "params": {"argv": [sys.executable, "-c", probe]}}},
+    }
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     chla("submit", "r.yaml", "--executor", "slurm", cwd=tmp_path, check=True)
     run_dir = tmp_path / "runs" / "ports"

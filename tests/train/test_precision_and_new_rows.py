@@ -13,15 +13,18 @@ import torch
 
 from .conftest import TINY_LLAMA
 
-CHOICE = ("import json; from chla_train.precision import choose_precision as c; "
-          "p = c('auto'); print(json.dumps([p.name, p.reason]))")
+CHOICE = (
+    "import json; from chla_train.precision import choose_precision as c; "
+    "p = c('auto'); print(json.dumps([p.name, p.reason]))"
+)
 
 
 def _auto_precision(**env: str) -> tuple[str, str]:
     """What `precision: auto` picks in a fresh process (torch reads ATEN_CPU_CAPABILITY once)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
-    out = subprocess.run([sys.executable, "-c", CHOICE], env={**clean, **env}, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", CHOICE], env={**clean, **env}, capture_output=True, text=True, check=True
+    ).stdout
     return tuple(json.loads(out))
 
 
@@ -52,11 +55,20 @@ def _resized(tokenizer_dir: str, method: str, seed: int = 7):
 
     tokenizer = models.load_tokenizer(tokenizer_dir)
     model = models.build_base_model(None, TINY_LLAMA, dtype=torch.float32, attn_implementation="sdpa", seed=1)
-    base = {"embed": model.get_input_embeddings().weight.detach().clone(),
-            "head": model.get_output_embeddings().weight.detach().clone()}
-    base_rows = models.resize_to_tokenizer(model, len(tokenizer), new_row_init=method, max_vocab_growth=4,
-                                           where="test", tokenizer_dir=tokenizer_dir, seed=seed,
-                                           log=lambda _: None)
+    base = {
+        "embed": model.get_input_embeddings().weight.detach().clone(),
+        "head": model.get_output_embeddings().weight.detach().clone(),
+    }
+    base_rows = models.resize_to_tokenizer(
+        model,
+        len(tokenizer),
+        new_row_init=method,
+        max_vocab_growth=4,
+        where="test",
+        tokenizer_dir=tokenizer_dir,
+        seed=seed,
+        log=lambda _: None,
+    )
     return model, base, base_rows
 
 

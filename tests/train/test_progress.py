@@ -39,20 +39,31 @@ def recipe(work: Path, train_assets, demo_assets, **params) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     english = Path(demo_assets["en_text"]).read_text(encoding="utf-8").splitlines()[:200]
     (work / "en.txt").write_text("\n".join(english) + "\n", encoding="utf-8")
-    stages = {"tokens": {"kind": "pretokenize", "params": {"tokenizer": train_assets["merged_tokenizer"],
-                                                             "inputs": [str(work / "en.txt")]}},
-              "train": {"kind": "pretrain", "params": pretrain_params(train_assets, **params)}}
+    stages = {
+        "tokens": {
+            "kind": "pretokenize",
+            "params": {"tokenizer": train_assets["merged_tokenizer"], "inputs": [str(work / "en.txt")]},
+        },
+        "train": {"kind": "pretrain", "params": pretrain_params(train_assets, **params)},
+    }
     path = work / "r.yaml"
-    path.write_text(json.dumps({"name": "p", "resources": {"cpus_per_task": 1, "mem": "3G", "time": "00:20:00"},
-                                "stages": stages}))
+    path.write_text(
+        json.dumps({"name": "p", "resources": {"cpus_per_task": 1, "mem": "3G", "time": "00:20:00"}, "stages": stages})
+    )
     return path
 
 
 @pytest.mark.slow
 def test_local_run_draws_live_bars_on_a_terminal(train_assets, demo_assets, tmp_path):
     path = recipe(tmp_path, train_assets, demo_assets, max_steps=60, logging_steps=10, eval_steps=0)
-    run = pexpect.spawn(sys.executable, ["-m", "chla_launcher", "submit", str(path)], cwd=str(tmp_path),
-                        encoding="utf-8", timeout=300, dimensions=(40, 200))
+    run = pexpect.spawn(
+        sys.executable,
+        ["-m", "chla_launcher", "submit", str(path)],
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        timeout=300,
+        dimensions=(40, 200),
+    )
     run.expect(pexpect.EOF)
     run.close()
     screen = run.before

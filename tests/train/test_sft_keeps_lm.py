@@ -21,8 +21,9 @@ def test_embedding_learning_rate_gets_its_own_param_groups():
     from chla_train.trainer import build_optimizer
 
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
-    params = get_kind("sft").params(tokenizer="/t", model="/m", train_file="/f", learning_rate=1e-3,
-                                    embedding_learning_rate=1e-5, weight_decay=0.1)
+    params = get_kind("sft").params(
+        tokenizer="/t", model="/m", train_file="/f", learning_rate=1e-3, embedding_learning_rate=1e-5, weight_decay=0.1
+    )
     groups = build_optimizer(model, params).param_groups
     vocabulary = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.1), (1e-3, 0.0), (1e-5, 0.1)]
@@ -49,8 +50,10 @@ def test_trainable_output_rows_give_peft_logits_and_gradients():
 
     def adapted(seed_delta: float):
         torch.manual_seed(1)  # the same LoRA A matrices
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(
-            r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": rows, "lm_head": rows}))
+        model = get_peft_model(
+            copy.deepcopy(base),
+            LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": rows, "lm_head": rows}),
+        )
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "trainable_tokens_delta" in name:
@@ -75,8 +78,9 @@ def test_replay_rows_sit_beside_the_packed_instruction_rows():
     from chla_tools.sft_replay import collate_with_replay
 
     prompt = [1, 50, 51, 52, 53]
-    examples = [{"input_ids": np.array(prompt + [60 + i, 2]), "labels": np.array([-100] * 5 + [60 + i, 2])}
-                for i in range(3)]
+    examples = [
+        {"input_ids": np.array(prompt + [60 + i, 2]), "labels": np.array([-100] * 5 + [60 + i, 2])} for i in range(3)
+    ]
     replay = [{"input_ids": np.arange(100, 108), "labels": np.arange(100, 108), "replay": True}]
 
     def packed(batch):
@@ -86,8 +90,8 @@ def test_replay_rows_sit_beside_the_packed_instruction_rows():
     alone = packed(examples)
     rows = alone["input_ids"].shape[0]
     # The instruction rows are exactly what they are without replay (the shared prefix intact)...
-    assert np.array_equal(batch["input_ids"][:rows, :alone["input_ids"].shape[1]], alone["input_ids"])
-    assert np.array_equal(batch["labels"][:rows, :alone["labels"].shape[1]], alone["labels"])
+    assert np.array_equal(batch["input_ids"][:rows, : alone["input_ids"].shape[1]], alone["input_ids"])
+    assert np.array_equal(batch["labels"][:rows, : alone["labels"].shape[1]], alone["labels"])
     # ...and the replay block is one more row: every token a label, attending only to itself.
     assert np.array_equal(batch["input_ids"][rows, :8], np.arange(100, 108))
     assert np.array_equal(batch["labels"][rows, :8], np.arange(100, 108))
@@ -111,21 +115,45 @@ def test_sft_on_new_rows_with_replay_keeps_base_rows_and_merges(train_assets, tm
     model.save_pretrained(base_dir)
     AutoTokenizer.from_pretrained(train_assets["merged_tokenizer"]).save_pretrained(base_dir)
 
-    params = {"tokenizer": train_assets["merged_tokenizer"], "model": str(base_dir),
-              "train_file": train_assets["sft_train"], "valid_file": train_assets["sft_valid"],
-              "max_seq_length": 128, "micro_batch_size": 8, "max_steps": 6, "eval_steps": 6,
-              "logging_steps": 2, "save_steps": 0, "precision": "fp32", "learning_rate": 1e-2, "seed": 3,
-              "pack_batches": True, "share_prompt_prefix": True,
-              "vocab_rows": "new", "new_rows_from": base_rows, "embedding_learning_rate": 1e-3,
-              "replay_corpus": train_assets["corpus"], "replay_weight": 0.25, "replay_block_size": 32}
+    params = {
+        "tokenizer": train_assets["merged_tokenizer"],
+        "model": str(base_dir),
+        "train_file": train_assets["sft_train"],
+        "valid_file": train_assets["sft_valid"],
+        "max_seq_length": 128,
+        "micro_batch_size": 8,
+        "max_steps": 6,
+        "eval_steps": 6,
+        "logging_steps": 2,
+        "save_steps": 0,
+        "precision": "fp32",
+        "learning_rate": 1e-2,
+        "seed": 3,
+        "pack_batches": True,
+        "share_prompt_prefix": True,
+        "vocab_rows": "new",
+        "new_rows_from": base_rows,
+        "embedding_learning_rate": 1e-3,
+        "replay_corpus": train_assets["corpus"],
+        "replay_weight": 0.25,
+        "replay_block_size": 32,
+    }
     # Without new_rows_from, only the [PAD] row this stage adds would train: refused in one line
     # (the run below, with new_rows_from, is the control).
-    message = _run_expecting_error("sft", {k: v for k, v in params.items() if k != "new_rows_from"},
-                                   tmp_path / "pad_only")
+    message = _run_expecting_error(
+        "sft", {k: v for k, v in params.items() if k != "new_rows_from"}, tmp_path / "pad_only"
+    )
     assert "new_rows_from" in message and "32000" in message
     run = tmp_path / "sft"
-    launch({"kind": "sft", "run_dir": str(run), "params": params, "probe_ids": PROBE,
-            "probe_out": str(run / "probe_logits.pt")})
+    launch(
+        {
+            "kind": "sft",
+            "run_dir": str(run),
+            "params": params,
+            "probe_ids": PROBE,
+            "probe_out": str(run / "probe_logits.pt"),
+        }
+    )
     record = summary(run)
     assert record["blend_samples"] == {"sft_train": 36, "replay:corpus": 12}  # 6 x 8, a quarter replay
 
@@ -144,8 +172,9 @@ def test_sft_on_new_rows_with_replay_keeps_base_rows_and_merges(train_assets, tm
     resized.resize_token_embeddings(vocab)
     peft_model = PeftModel.from_pretrained(resized, str(adapter)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_ids=torch.tensor(PROBE)).logits,
-                                   torch.load(run / "probe_logits.pt"), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            peft_model(input_ids=torch.tensor(PROBE)).logits, torch.load(run / "probe_logits.pt"), rtol=0, atol=1e-5
+        )
     # chla's streaming merge gives what peft's merge_and_unload gives; the base rows did not move.
     merged_dir = tmp_path / "merged"
     merge_adapters(base_dir, [adapter], merged_dir, log=lambda _m: None)
@@ -156,8 +185,10 @@ def test_sft_on_new_rows_with_replay_keeps_base_rows_and_merges(train_assets, tm
         assert (merged(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() < 1e-5
     # the merged tokenizer's new rows ([PAD] is after them)
     new = slice(base_rows, model.get_input_embeddings().weight.shape[0])
-    for ours, before, moved in ((merged.get_input_embeddings().weight, model.get_input_embeddings().weight, 0.0),
-                                (merged.get_output_embeddings().weight, model.get_output_embeddings().weight, 0.9)):
+    for ours, before, moved in (
+        (merged.get_input_embeddings().weight, model.get_input_embeddings().weight, 0.0),
+        (merged.get_output_embeddings().weight, model.get_output_embeddings().weight, 0.9),
+    ):
         assert torch.equal(ours[:base_rows], before[:base_rows])
         # every lm_head row gets a gradient; an input row only when its token occurs
         assert (ours[new] != before[new]).any(dim=1).float().mean() > moved

@@ -22,8 +22,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 def submit(work: Path, params: dict, executor: str, nodes: int = 1) -> Path:
     work.mkdir(parents=True, exist_ok=True)
-    recipe = {"name": "t", "resources": {"cpus_per_task": 1, "mem": "3G", "time": "00:20:00"},
-              "stages": {"train": {"kind": "pretrain", "resources": {"nodes": nodes}, "params": params}}}
+    recipe = {
+        "name": "t",
+        "resources": {"cpus_per_task": 1, "mem": "3G", "time": "00:20:00"},
+        "stages": {"train": {"kind": "pretrain", "resources": {"nodes": nodes}, "params": params}},
+    }
     (work / "r.yaml").write_text(json.dumps(recipe))
     chla("submit", "r.yaml", "--executor", executor, cwd=work, check=True, timeout=600)
     return work / "runs" / "t"
@@ -81,8 +84,9 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 
 def _grace_time(partition: str) -> int:
-    shown = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True,
-                           check=True).stdout
+    shown = subprocess.run(
+        ["scontrol", "show", "partition", partition], capture_output=True, text=True, check=True
+    ).stdout
     return int(re.search(r"GraceTime=(\d+)", shown).group(1))
 
 
@@ -92,8 +96,17 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
     from ..launcher.test_chains import preempt_on_slurm, sacct_runs
 
     assert _grace_time("debug") >= 30
-    params = pretrain_params(train_assets, mode="lora", micro_batch_size=2, max_steps=300, save_steps=0,
-                             lora_dropout=0.05, learning_rate=2e-3, eval_steps=0, logging_steps=1)
+    params = pretrain_params(
+        train_assets,
+        mode="lora",
+        micro_batch_size=2,
+        max_steps=300,
+        save_steps=0,
+        lora_dropout=0.05,
+        learning_rate=2e-3,
+        eval_steps=0,
+        logging_steps=1,
+    )
     preempted = submit(tmp_path / "slurm", params, "slurm")
     run_dir = preempted
     job = json.loads((run_dir / "chain.json").read_text())["stages"]["train"]["job_ids"][0]
@@ -101,8 +114,14 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
     reached, urgent = [], []
     for attempt in range(1, 3):
         # Preempt once this attempt has trained a few steps past where the previous one stopped.
-        _wait(lambda attempt=attempt: json.loads(state_file.read_text()).get("attempts") == attempt
-              and _logged_step(run_dir) > max(reached, default=0) + 2, 240, "training steps")
+        _wait(
+            lambda attempt=attempt: (
+                json.loads(state_file.read_text()).get("attempts") == attempt
+                and _logged_step(run_dir) > max(reached, default=0) + 2
+            ),
+            240,
+            "training steps",
+        )
         urgent.append(preempt_on_slurm(job))
         _wait(lambda: json.loads(state_file.read_text()).get("stopped_by") == "SIGTERM", 120, "the checkpoint")
         reached.append(_logged_step(run_dir))  # the last step this attempt trained
@@ -123,8 +142,11 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after two preemptions"
-    assert json.loads((straight / "train" / "out" / "train_summary.json").read_text())["tokens_seen"] == \
-        summary["tokens_seen"] == 300 * 2 * 64
+    assert (
+        json.loads((straight / "train" / "out" / "train_summary.json").read_text())["tokens_seen"]
+        == summary["tokens_seen"]
+        == 300 * 2 * 64
+    )
     # Every step trained once, with the same loss: no sample lost or repeated.
     assert [(r["step"], r["loss"]) for r in losses(run_dir)] == [(r["step"], r["loss"]) for r in losses(straight)]
     assert [r["step"] for r in losses(run_dir)] == list(range(1, 301))

@@ -57,10 +57,26 @@ def test_trainer_loss_and_adapter_gradients_match_transformers(labels_kind, monk
     from chla_train.model import apply_lora
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    model = apply_lora(LlamaForCausalLM(config), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
-                       modules_to_save=["embed_tokens", "lm_head"], init_adapter=None, key_prefix="t", seed=1)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    model = apply_lora(
+        LlamaForCausalLM(config),
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],
+        init_adapter=None,
+        key_prefix="t",
+        seed=1,
+    )
     for name, param in model.named_parameters():  # LoRA B starts at 0: give it gradients that show
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
@@ -73,13 +89,21 @@ def test_trainer_loss_and_adapter_gradients_match_transformers(labels_kind, monk
     trainer = trainer_stub(model)
     chunked_calls = []
     forward = ChunkedLinearCrossEntropy.forward
-    monkeypatch.setattr(ChunkedLinearCrossEntropy, "forward",
-                        staticmethod(lambda *args: chunked_calls.append(1) or forward(*args)))
+    monkeypatch.setattr(
+        ChunkedLinearCrossEntropy, "forward", staticmethod(lambda *args: chunked_calls.append(1) or forward(*args))
+    )
 
     gradients = []
-    for compute in (lambda: Trainer._forward(trainer, batch),
-                    lambda: model(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
-                                  num_items_in_batch=torch.ones(())).loss):
+    for compute in (
+        lambda: Trainer._forward(trainer, batch),
+        lambda: (
+            model(
+                input_ids=torch.from_numpy(input_ids),
+                labels=torch.from_numpy(labels),
+                num_items_in_batch=torch.ones(()),
+            ).loss
+        ),
+    ):
         model.zero_grad()
         loss = compute()
         loss.backward()
@@ -90,4 +114,3 @@ def test_trainer_loss_and_adapter_gradients_match_transformers(labels_kind, monk
     assert grads.keys() == reference_grads.keys() and any("lm_head" in name for name in grads)
     for name in grads:
         assert torch.allclose(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6), name
-

@@ -22,10 +22,21 @@ PROBE = [[1, 400, 31000, 32100, 5, 77, 33000, 12], [1, 9, 8, 7, 6, 5, 4, 3]]
 
 
 def pretrain_params(assets, **overrides):
-    params = {"tokenizer": assets["merged_tokenizer"], "corpus": assets["corpus"], "init": TINY_LLAMA,
-              "block_size": 64, "valid_count": 16, "micro_batch_size": 4, "max_steps": 8,
-              "save_steps": 0, "eval_steps": 4, "logging_steps": 1, "precision": "fp32",
-              "learning_rate": 1e-2, "seed": 7}
+    params = {
+        "tokenizer": assets["merged_tokenizer"],
+        "corpus": assets["corpus"],
+        "init": TINY_LLAMA,
+        "block_size": 64,
+        "valid_count": 16,
+        "micro_batch_size": 4,
+        "max_steps": 8,
+        "save_steps": 0,
+        "eval_steps": 4,
+        "logging_steps": 1,
+        "precision": "fp32",
+        "learning_rate": 1e-2,
+        "seed": 7,
+    }
     params.update(overrides)
     return params
 
@@ -36,8 +47,15 @@ def reference_model(tokenizer_dir: str, init=TINY_LLAMA, seed: int = 7):
 
     tokenizer = models.load_tokenizer(tokenizer_dir)
     model = models.build_base_model(None, init, dtype=torch.float32, attn_implementation="sdpa", seed=seed)
-    base_rows = models.resize_to_tokenizer(model, len(tokenizer), new_row_init="subtoken_mean", max_vocab_growth=4,
-                                           where="test", tokenizer_dir=tokenizer_dir, seed=seed)
+    base_rows = models.resize_to_tokenizer(
+        model,
+        len(tokenizer),
+        new_row_init="subtoken_mean",
+        max_vocab_growth=4,
+        where="test",
+        tokenizer_dir=tokenizer_dir,
+        seed=seed,
+    )
     return model, base_rows
 
 
@@ -51,12 +69,12 @@ def summary(run_dir: Path) -> dict:
 
 # --- must-show 1 -------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_embeddings_new_rows_only_leaves_base_rows_bitwise_unchanged(train_assets, tmp_path):
     from safetensors.torch import load_file
 
-    params = pretrain_params(train_assets, mode="embeddings", new_rows_only=True, train_lm_head=True,
-                             weight_decay=0.1)
+    params = pretrain_params(train_assets, mode="embeddings", new_rows_only=True, train_lm_head=True, weight_decay=0.1)
     launch({"kind": "pretrain", "run_dir": str(tmp_path), "params": params})
 
     before, base_rows = reference_model(train_assets["merged_tokenizer"])
@@ -84,16 +102,31 @@ def test_embeddings_new_rows_only_leaves_base_rows_bitwise_unchanged(train_asset
 
 # --- must-show 2 -------------------------------------------------------------------------------
 
+
 def _lora_run(assets, run_dir: Path, world_size: int, zero_stage: int = 2, model_dir: Path | None = None):
     # Same global batch (4): 1 rank x 4 sequences, or 2 ranks x 2. Dropout off: masks are drawn
     # per rank, so with dropout the two runs would differ by design, not by a bug.
-    params = pretrain_params(assets, mode="lora", micro_batch_size=4 // world_size, lora_dropout=0.0,
-                             zero_stage=zero_stage, learning_rate=2e-3)
+    params = pretrain_params(
+        assets,
+        mode="lora",
+        micro_batch_size=4 // world_size,
+        lora_dropout=0.0,
+        zero_stage=zero_stage,
+        learning_rate=2e-3,
+    )
     if model_dir is not None:  # the same model, saved: loaded from its files instead of built
         params.pop("init")
         params["model"] = str(model_dir)
-    launch({"kind": "pretrain", "run_dir": str(run_dir), "params": params, "probe_ids": PROBE,
-            "probe_out": str(run_dir / "probe_logits.pt")}, world_size=world_size)
+    launch(
+        {
+            "kind": "pretrain",
+            "run_dir": str(run_dir),
+            "params": params,
+            "probe_ids": PROBE,
+            "probe_out": str(run_dir / "probe_logits.pt"),
+        },
+        world_size=world_size,
+    )
 
 
 def _check_adapter_reloads(assets, run_dir: Path) -> None:
@@ -145,8 +178,9 @@ def test_zero3_adapter_is_complete_and_reloads(train_assets, tmp_path):
     from chla_train import model as models
 
     checkpoint = tmp_path / "base"
-    models.build_base_model(None, TINY_LLAMA, dtype=torch.float32, attn_implementation="sdpa",
-                            seed=7).save_pretrained(checkpoint)
+    models.build_base_model(None, TINY_LLAMA, dtype=torch.float32, attn_implementation="sdpa", seed=7).save_pretrained(
+        checkpoint
+    )
     _lora_run(train_assets, tmp_path, 2, zero_stage=3, model_dir=checkpoint)
     _check_adapter_reloads(train_assets, tmp_path)
     logs = "".join(p.read_text() for p in tmp_path.glob("spec-*-rank*.log"))
@@ -155,14 +189,23 @@ def test_zero3_adapter_is_complete_and_reloads(train_assets, tmp_path):
 
 # --- must-show 3 -------------------------------------------------------------------------------
 
+
 def submit_local(work: Path, params: dict, *, ranks: int = 1) -> subprocess.Popen:
     """`chla-submit` of a one-stage pretrain recipe with the local executor, in the background."""
     work.mkdir(parents=True, exist_ok=True)
-    recipe = {"name": "t", "resources": {"cpus_per_task": 1},
-              "stages": {"train": {"kind": "pretrain", "resources": {"tasks_per_node": ranks}, "params": params}}}
+    recipe = {
+        "name": "t",
+        "resources": {"cpus_per_task": 1},
+        "stages": {"train": {"kind": "pretrain", "resources": {"tasks_per_node": ranks}, "params": params}},
+    }
     (work / "r.yaml").write_text(json.dumps(recipe))
-    return subprocess.Popen([sys.executable, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "local"],
-                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "chla_launcher", "submit", "r.yaml", "--executor", "local"],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def logged_steps(work_dir: Path) -> list[int]:
@@ -207,8 +250,16 @@ def test_twice_preempted_run_ends_bitwise_equal_to_uninterrupted(train_assets, t
     from safetensors.torch import load_file
 
     # LoRA dropout on, so the restored RNG state matters.
-    params = pretrain_params(train_assets, mode="lora", micro_batch_size=1, max_steps=40, save_steps=0,
-                             lora_dropout=0.05, learning_rate=2e-3, eval_steps=10)
+    params = pretrain_params(
+        train_assets,
+        mode="lora",
+        micro_batch_size=1,
+        max_steps=40,
+        save_steps=0,
+        lora_dropout=0.05,
+        learning_rate=2e-3,
+        eval_steps=10,
+    )
     straight = submit_local(tmp_path / "straight", params, ranks=2)
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
@@ -243,6 +294,7 @@ def test_twice_preempted_run_ends_bitwise_equal_to_uninterrupted(train_assets, t
     assert s_b["resumed_from_steps"] == reached, (s_b["resumed_from_steps"], reached)
     assert s_a["tokens_seen"] == s_b["tokens_seen"] == 40 * 2 * 64
     assert s_a["samples_seen"] == s_b["samples_seen"] == 80
+
     # Every step once, each with the same loss: the same samples, none lost or repeated.
     def curve(run: Path) -> list[tuple]:
         return [tuple(r.get(k) for k in ("step", "loss", "lr", "grad_norm", "eval_loss")) for r in metrics(run)]
@@ -265,15 +317,27 @@ def test_twice_preempted_run_ends_bitwise_equal_to_uninterrupted(train_assets, t
 
 # --- must-show 4 -------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_sft_lowers_validation_loss_and_adapter_reloads_with_pad(train_assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    params = {"tokenizer": train_assets["base_tokenizer"], "init": TINY_LLAMA,
-              "train_file": train_assets["sft_train"], "valid_file": train_assets["sft_valid"],
-              "max_seq_length": 128, "micro_batch_size": 4, "max_steps": 20, "eval_steps": 20,
-              "logging_steps": 5, "save_steps": 0, "precision": "fp32", "learning_rate": 1e-2, "seed": 3}
+    params = {
+        "tokenizer": train_assets["base_tokenizer"],
+        "init": TINY_LLAMA,
+        "train_file": train_assets["sft_train"],
+        "valid_file": train_assets["sft_valid"],
+        "max_seq_length": 128,
+        "micro_batch_size": 4,
+        "max_steps": 20,
+        "eval_steps": 20,
+        "logging_steps": 5,
+        "save_steps": 0,
+        "precision": "fp32",
+        "learning_rate": 1e-2,
+        "seed": 3,
+    }
     launch({"kind": "sft", "run_dir": str(tmp_path), "params": params})
     record = summary(tmp_path)
     assert record["eval_loss"] < record["first_eval_loss"] - 0.5, record
@@ -287,6 +351,7 @@ def test_sft_lowers_validation_loss_and_adapter_reloads_with_pad(train_assets, t
 
 
 # --- must-show 6 -------------------------------------------------------------------------------
+
 
 def _run_expecting_error(kind: str, params: dict, tmp_path: Path) -> str:
     import torch.distributed as dist
@@ -307,13 +372,15 @@ def _run_expecting_error(kind: str, params: dict, tmp_path: Path) -> str:
 
 def test_bad_inputs_fail_with_one_line_before_training(train_assets, tmp_path):
     # A tokenizer far larger than the model: 33,220 tokens for a 1,000-row model.
-    message = _run_expecting_error("pretrain", pretrain_params(train_assets, init=dict(TINY_LLAMA, vocab_size=1000)),
-                                   tmp_path / "big")
+    message = _run_expecting_error(
+        "pretrain", pretrain_params(train_assets, init=dict(TINY_LLAMA, vocab_size=1000)), tmp_path / "big"
+    )
     assert "33217" in message and "max_vocab_growth" in message
 
     # A LoRA target that the model does not have.
     message = _run_expecting_error(
-        "pretrain", pretrain_params(train_assets, lora_target_modules=["q_proj", "query_key_value"]), tmp_path / "t")
+        "pretrain", pretrain_params(train_assets, lora_target_modules=["q_proj", "query_key_value"]), tmp_path / "t"
+    )
     assert "query_key_value" in message and "lora_target_modules" in message
 
     # A base directory with config.json but no weights.
@@ -330,11 +397,14 @@ def test_bad_inputs_fail_with_one_line_before_training(train_assets, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    other = get_peft_model(LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, hidden_size=8))),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    other = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, hidden_size=8))),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     other.save_pretrained(tmp_path / "other-adapter")
-    message = _run_expecting_error("pretrain", pretrain_params(train_assets, init_adapter=str(tmp_path / "other-adapter")),
-                                   tmp_path / "a")
+    message = _run_expecting_error(
+        "pretrain", pretrain_params(train_assets, init_adapter=str(tmp_path / "other-adapter")), tmp_path / "a"
+    )
     assert "different base" in message and "init_adapter" in message
 
 
@@ -357,8 +427,11 @@ def test_only_checkpoints_of_the_same_fingerprint_are_resumed(tmp_path):
     does not say which (written before checkpoints carried it), is never resumed."""
     from chla_train.checkpoint import same_run
 
-    for name, state in (("mine", {"step": 4, "fingerprint": "abc"}), ("other", {"step": 4, "fingerprint": "xyz"}),
-                        ("unlabelled", {"step": 4})):
+    for name, state in (
+        ("mine", {"step": 4, "fingerprint": "abc"}),
+        ("other", {"step": 4, "fingerprint": "xyz"}),
+        ("unlabelled", {"step": 4}),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer_state.json").write_text(json.dumps(state))
     assert same_run(tmp_path / "mine", "abc")

@@ -47,6 +47,5 @@ def merged_pad(demo_assets, zh_spm, vocab_dir) -> dict:
     from chla_tools.vocab import merge_tokenizers
 
     out = vocab_dir / "merged_pad"
-    summary = merge_tokenizers(demo_assets["base_tokenizer"], zh_spm, out, pad_token=True,
-                               log=lambda m: None)
+    summary = merge_tokenizers(demo_assets["base_tokenizer"], zh_spm, out, pad_token=True, log=lambda m: None)
     return {"dir": out, **summary}

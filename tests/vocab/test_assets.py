@@ -43,16 +43,17 @@ def test_chinese_corpus_has_no_pos_tags_and_a_fixed_heldout_split(demo_assets):
 
 
 def test_sentiment_splits_are_clean(demo_assets):
-    splits = {name: json.loads(Path(demo_assets[f"sentiment_{name}"]).read_text(encoding="utf-8"))
-              for name in ("train", "valid", "test")}
+    splits = {
+        name: json.loads(Path(demo_assets[f"sentiment_{name}"]).read_text(encoding="utf-8"))
+        for name in ("train", "valid", "test")
+    }
     texts = {name: [r["input"] for r in records] for name, records in splits.items()}
     everything = [t for ts in texts.values() for t in ts]
     assert len(everything) == len(set(everything))  # deduplicated, no text in two splits
     assert 0.75 < len(texts["train"]) / len(everything) < 0.85
     for records in splits.values():
         assert {r["output"] for r in records} == {"正面", "负面"}
-        assert all(set(r) == {"task", "instruction", "input", "output"} and r["instruction"]
-                   for r in records)
+        assert all(set(r) == {"task", "instruction", "input", "output"} and r["instruction"] for r in records)
     manifest = json.loads((Path(demo_assets["sft_train"]).parent / "manifest.json").read_text())
     assert manifest["counts"]["tasks"]["sentiment"]["dropped_in_both"] > 0
     assert manifest["counts"]["tasks"]["sentiment"]["train"] == len(texts["train"])

@@ -46,13 +46,25 @@ def small_models(tmp_path_factory, demo_assets) -> dict[str, Path]:
     base_dir = root / "base"
     base_dir.mkdir()
     # LLaMA's trainer settings, small: BPE, byte fallback, digits split, no normalisation.
-    spm.SentencePieceTrainer.train(input=str(root / "en.txt"), model_prefix=str(base_dir / "tokenizer"),
-                                   vocab_size=600, model_type="bpe", byte_fallback=True, split_digits=True,
-                                   character_coverage=1.0, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(root / "en.txt"),
+        model_prefix=str(base_dir / "tokenizer"),
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
     train_spm([root / "zh.txt"], root / "zh", vocab_size=2000, character_coverage=0.98, log=lambda _m: None)
-    return {"root": root, "base": base_dir / "tokenizer.model", "add": root / "zh" / "spm.model",
-            "probe": root / "zh_probe.txt"}
+    return {
+        "root": root,
+        "base": base_dir / "tokenizer.model",
+        "add": root / "zh" / "spm.model",
+        "probe": root / "zh_probe.txt",
+    }
 
 
 def test_scores_original_is_byte_identical_to_the_original_algorithm(small_models, tmp_path):
@@ -60,8 +72,9 @@ def test_scores_original_is_byte_identical_to_the_original_algorithm(small_model
 
     quiet = lambda _m: None  # noqa: E731
     reference = original_merge(small_models["base"], small_models["add"])
-    original = merge_tokenizers(small_models["base"], small_models["add"], tmp_path / "original",
-                                scores="original", log=quiet)
+    original = merge_tokenizers(
+        small_models["base"], small_models["add"], tmp_path / "original", scores="original", log=quiet
+    )
     chla = merge_tokenizers(small_models["base"], small_models["add"], tmp_path / "chla", log=quiet)
 
     written = (tmp_path / "original" / "merged.model").read_bytes()
@@ -89,9 +102,12 @@ def test_vocab_report_gives_the_fast_slow_agreement_of_each(small_models, tmp_pa
     quiet = lambda _m: None  # noqa: E731
     for name, scores in (("original", "original"), ("chla", "below_base")):
         merge_tokenizers(small_models["base"], small_models["add"], tmp_path / name, scores=scores, log=quiet)
-    report = vocab_report({"chla": str(tmp_path / "chla" / "tokenizer"),
-                           "original": str(tmp_path / "original" / "tokenizer")},
-                          {"zh": str(small_models["probe"])}, tmp_path / "report", log=quiet)
+    report = vocab_report(
+        {"chla": str(tmp_path / "chla" / "tokenizer"), "original": str(tmp_path / "original" / "tokenizer")},
+        {"zh": str(small_models["probe"])},
+        tmp_path / "report",
+        log=quiet,
+    )
     agreement = {row["tokenizer"]: row["fast_slow_agreement"] for row in report["results"]}
     assert agreement["chla"] == 1.0
     assert agreement["original"] < 1.0

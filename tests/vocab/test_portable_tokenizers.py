@@ -23,11 +23,25 @@ def test_a_tokenizer_saved_by_transformers_5_is_made_portable(demo_assets, tmp_p
 
     config = json.loads((saved / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == PORTABLE_CLASS and "backend" not in config
-    assert config["added_tokens_decoder"] == {"32000": {"content": "[PAD]", "single_word": False, "lstrip": False,
-                                                        "rstrip": False, "normalized": False, "special": True}}
+    assert config["added_tokens_decoder"] == {
+        "32000": {
+            "content": "[PAD]",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    }
     assert json.loads((saved / "special_tokens_map.json").read_text()) == {
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "[PAD]"}
-    assert (saved / "tokenizer.model").read_bytes() == (Path(demo_assets["base_tokenizer"]) / "tokenizer.model").read_bytes()
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "[PAD]",
+    }
+    assert (saved / "tokenizer.model").read_bytes() == (
+        Path(demo_assets["base_tokenizer"]) / "tokenizer.model"
+    ).read_bytes()
     reloaded = AutoTokenizer.from_pretrained(saved)
     assert len(reloaded) == len(tokenizer) == 32001 and reloaded.pad_token_id == 32000
     assert reloaded(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]

@@ -18,10 +18,17 @@ def _lines(path: str) -> list[str]:
 def report(demo_assets, merged, vocab_dir) -> dict:
     from chla_tools.vocab import vocab_report
 
-    corpora = {"zh_heldout": demo_assets["zh_heldout"], "en_heldout": demo_assets["en_heldout"],
-               "en_text": demo_assets["en_text"]}
-    return vocab_report({"base": demo_assets["base_tokenizer"], "merged": str(merged["dir"])},
-                        corpora, vocab_dir / "report", log=lambda m: None)
+    corpora = {
+        "zh_heldout": demo_assets["zh_heldout"],
+        "en_heldout": demo_assets["en_heldout"],
+        "en_text": demo_assets["en_text"],
+    }
+    return vocab_report(
+        {"base": demo_assets["base_tokenizer"], "merged": str(merged["dir"])},
+        corpora,
+        vocab_dir / "report",
+        log=lambda m: None,
+    )
 
 
 def _result(report: dict, tokenizer: str, corpus: str) -> dict:
@@ -73,8 +80,17 @@ def test_report_files(report, vocab_dir):
     out = vocab_dir / "report"
     on_disk = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert on_disk["tokenizers"]["base"]["vocab_size"] == 32000
-    keys = {"tokenizer", "corpus", "chars", "tokens", "tokens_per_char", "bytes_per_token",
-            "byte_fallback_rate", "unk_rate", "fast_slow_agreement"}
+    keys = {
+        "tokenizer",
+        "corpus",
+        "chars",
+        "tokens",
+        "tokens_per_char",
+        "bytes_per_token",
+        "byte_fallback_rate",
+        "unk_rate",
+        "fast_slow_agreement",
+    }
     assert all(keys <= set(row) for row in on_disk["results"])
     assert len(on_disk["results"]) == 6
     table = (out / "report.md").read_text(encoding="utf-8")
@@ -126,11 +142,20 @@ def test_sft_variant_adds_exactly_one_pad_token(merged, merged_pad, demo_assets)
 
 
 def test_cli_merge_prints_the_arithmetic(capsys, demo_assets, zh_spm, tmp_path):
-    code, out, err = run_chla(capsys, "vocab", "merge", "--base", demo_assets["base_tokenizer"],
-                              "--add", zh_spm, "--out", tmp_path / "m", "--pad-token")
+    code, out, err = run_chla(
+        capsys,
+        "vocab",
+        "merge",
+        "--base",
+        demo_assets["base_tokenizer"],
+        "--add",
+        zh_spm,
+        "--out",
+        tmp_path / "m",
+        "--pad-token",
+    )
     assert code == 0, err
     assert "32000 + " in out and "; + [PAD] = " in out
     summary = json.loads((tmp_path / "m" / "merge.json").read_text())
     assert f"= {summary['merged_size']}; + [PAD] = {summary['merged_size'] + 1}" in out
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["merge.json", "merged.model",
-                                                                   "tokenizer"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["merge.json", "merged.model", "tokenizer"]
