@@ -85,6 +85,7 @@ def build(tag: str, layout: str, fused: bool, dataset, pad_id: int, root: Path) 
     from chla_tools.sft_data import sft_collate
     from chla_train import model as models
     from chla_train import trainer as trainers
+    from chla_train.precision import choose_precision
 
     params = SftParams(
         model="-",
@@ -125,7 +126,7 @@ def build(tag: str, layout: str, fused: bool, dataset, pad_id: int, root: Path) 
         train_set=dataset, train_indices=range(len(dataset)), valid_set=dataset, valid_indices=[], collate=collate
     )
     with mock.patch.object(trainers, "build_optimizer", FUSED_BUILD_OPTIMIZER if fused else unfused_adamw):
-        trainer = trainers.Trainer(ctx, model, data, params, dtype=models.resolve_dtype("auto"))
+        trainer = trainers.Trainer(ctx, model, data, params, dtype=choose_precision("auto").dtype)
     trainer.engine.train()
     # The trainer's own sampler: grouped batches come from the lengths, as in the stage.
     lengths = dataset.lengths if layout == "grouped" else None

@@ -172,6 +172,7 @@ def build_chla(blocks, precision: str, root: Path, *, model_config: dict = MODEL
     from chla_launcher.kinds.pretrain import PretrainParams
     from chla_tools.blocks import ResumableSampler
     from chla_train import model as models
+    from chla_train.precision import choose_precision
     from chla_train.stages.pretrain import collate_blocks
     from chla_train.trainer import TrainData, Trainer, init_distributed
 
@@ -190,7 +191,7 @@ def build_chla(blocks, precision: str, root: Path, *, model_config: dict = MODEL
     )
     ctx = make_context("chla", params, root)
     init_distributed(ctx)
-    dtype = models.resolve_dtype(precision)
+    dtype = choose_precision(precision).dtype
     model = models.build_base_model(
         None, params.init, dtype=dtype, attn_implementation=params.attn_implementation, seed=params.seed
     )
@@ -320,11 +321,11 @@ def main() -> int:
     args = parser.parse_args()
 
     from chla_train.entry import keep_freed_memory
-    from chla_train.model import resolve_dtype
+    from chla_train.precision import choose_precision
 
     print_machine()
     keep_freed_memory()  # as every stage task does
-    dtype = resolve_dtype(args.precision)
+    dtype = choose_precision(args.precision).dtype
     precision = str(dtype).replace("torch.", "")
     total = args.warmup + args.steps
     blocks = corpus_blocks(MICRO_BATCHES * (total + 1))

@@ -22,14 +22,6 @@ from chla_launcher.errors import ChlaError
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 
-def resolve_dtype(precision: str) -> torch.dtype:
-    """The compute dtype of `precision` (auto | bf16 | fp32); the rule and its reasons are in
-    chla_train.precision."""
-    from chla_train.precision import choose_precision
-
-    return choose_precision(precision).dtype
-
-
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
