@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README and CI): starts the real local Slurm cluster if it is not up, runs the
-# whole suite against it, and stops the cluster again if this script started it.
+# whole suite (or the tests named in its arguments) against it, and stops the cluster again if this script started it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=0
@@ -12,4 +12,6 @@ cleanup() { [ "$started" = 1 ] && bash slurm/localcluster.sh stop || true; }
 trap cleanup EXIT
 # Slurm tests fail (instead of skipping) when the cluster is missing.
 export CHLA_REQUIRE_SLURM=1
-.venv/bin/python -m pytest -q --durations=15 tests "$@"
+# With no path among the arguments pytest runs its testpaths (the whole suite, tests/); with paths,
+# only those.
+.venv/bin/python -m pytest -q --durations=15 "$@"
