@@ -52,8 +52,8 @@ class PretokenizeParams(StageParams):
 KIND = StageKind(
     "pretokenize",
     PretokenizeParams,
-    "chla_tools.pretokenize:run",
-    finalize="chla_tools.pretokenize:finalize",
+    "chla_train.stages.pretokenize:run",
+    finalize="chla_train.stages.pretokenize:finalize",
     array=True,
     needs_training_stack=False,
 )

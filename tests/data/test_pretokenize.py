@@ -3,6 +3,7 @@ SIGKILL mid-write, long lines, paragraphs and JSON inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 from chla_launcher.kinds.pretokenize import PretokenizeParams
 from chla_tools import pretokenize as pt
 from chla_tools.blocks import TokenCorpus
+from chla_train.stages import pretokenize as pretokenize_stage
 
 from .conftest import stage_context
 
@@ -92,11 +94,11 @@ def test_one_task_and_four_tasks_give_the_same_stream(tmp_path, corpus, demo_ass
         cache_dir=str(tmp_path / "cache4"),
         piece_mb=64 / 1024,
     )
-    results = [pt.run(stage_context(params, tmp_path / "four", task, 4)) for task in range(4)]
+    results = [pretokenize_stage.run(stage_context(params, tmp_path / "four", task, 4)) for task in range(4)]
     assert sum(r["pieces_tokenized"] for r in results) == sum(r["pieces"] for r in results)
     assert sum(1 for r in results if r["tokens"]) >= 3  # the work really was spread
     assert not (tmp_path / "four" / "manifest.json").exists()  # only finalize writes it
-    metrics = pt.finalize(stage_context(params, tmp_path / "four", -1, 4))
+    metrics = pretokenize_stage.finalize(stage_context(params, tmp_path / "four", -1, 4))
     one, four = stream(tmp_path / "one"), stream(tmp_path / "four")
     assert metrics["tokens"] == len(one) == len(four)
     assert np.array_equal(one, four)
@@ -129,6 +131,18 @@ def test_cache_reuses_unchanged_and_retokenizes_only_changes(tmp_path, corpus, z
     bos = pt.pretokenize(inputs, **{**args, "options": pt.PretokenizeOptions(prepend_bos=True)})
     assert bos["pieces_tokenized"] == bos["shards"]
     assert stream(tmp_path / "out")[0] == 1
+
+
+def test_every_params_field_is_an_option_or_changes_no_id():
+    """The cache key holds the options: a `pretokenize` params field that changes the ids must be
+    an option (taken from the params by name), or a changed value would reuse ids made without it."""
+    options = {field.name for field in dataclasses.fields(pt.PretokenizeOptions)}
+    assert set(PretokenizeParams.model_fields) - pt.NOT_OPTIONS <= options
+    assert not pt.NOT_OPTIONS & options
+    params = PretokenizeParams(tokenizer="tok", inputs=["a.txt"], text_key="body", prepend_bos=True, piece_mb=0.5)
+    assert pt.PretokenizeOptions.from_params(params) == pt.PretokenizeOptions(text_key="body", prepend_bos=True)
+    assert pt.PretokenizeOptions.from_params(params) != pt.PretokenizeOptions()  # the control
+    assert pt.Layout.from_params(params) == pt.Layout(piece_bytes=512 << 10)
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -203,7 +217,7 @@ def test_long_line_is_encoded_in_chunks(tmp_path, zh_lines, sp_reference, demo_a
     memory); the ids equal encoding the whole line at once."""
     long_line = "".join(zh_lines[:400])  # ~140 KB, one document
     corpus = write_lines(tmp_path / "long.txt", zh_lines[400:420] + [long_line] + zh_lines[420:430])
-    items = list(pt._items_for_range(str(corpus), "txt", "line", 0, corpus.stat().st_size, 4096, 8192))
+    items = list(pt.work_items(str(corpus), "txt", "line", 0, corpus.stat().st_size, 4096, 8192))
     assert sum(1 for item in items if item[0] == "chunk") > 10
     pt.pretokenize(
         [str(corpus)],
