@@ -85,7 +85,7 @@ def write_random_llama(model_dir: Path, layers: int, tokenizer_dir: Path, shard_
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chla_tools.merge import PlannedTensor, _header_bytes, _shard_groups
+    from chla_tools.merge import PlannedTensor, header_bytes, shard_groups
 
     config = LlamaConfig(
         hidden_size=2048,
@@ -101,14 +101,14 @@ def write_random_llama(model_dir: Path, layers: int, tokenizer_dir: Path, shard_
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
     planned = [PlannedTensor(name, name, shape, "F16") for name, shape in shapes.items()]
-    groups = _shard_groups(planned, shard_bytes)
+    groups = shard_groups(planned, shard_bytes)
     generator = torch.Generator().manual_seed(0)
     weight_map = {}
     model_dir.mkdir(parents=True)
     for number, group in enumerate(groups, 1):
         file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         with open(model_dir / file_name, "wb") as handle:
-            handle.write(_header_bytes(group))
+            handle.write(header_bytes(group))
             for item in group:
                 if item.name.endswith("norm.weight"):
                     tensor = torch.ones(item.shape, dtype=torch.float16)

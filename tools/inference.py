@@ -23,10 +23,10 @@ from chla_tools.sft_data import PROMPT_TEMPLATE, format_prompt  # noqa: E402,F40
 
 def find_tokenizer_dir(model_dir: Path, adapter_dirs: list[Path]) -> Path:
     """The tokenizer of the last adapter that has one, else the model's (as `chla merge` does)."""
-    from chla_tools.merge import _has_tokenizer
+    from chla_tools.merge import has_tokenizer
 
     for directory in [*reversed(adapter_dirs), model_dir]:
-        if _has_tokenizer(directory):
+        if has_tokenizer(directory):
             return directory
     raise ChlaError(
         f"no tokenizer in {model_dir} or its adapters; copy the tokenizer files "

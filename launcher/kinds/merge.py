@@ -35,4 +35,4 @@ class MergeParams(StageParams):
         return value
 
 
-KIND = StageKind("merge", MergeParams, "chla_tools.merge:run")
+KIND = StageKind("merge", MergeParams, "chla_train.stages.merge:run")

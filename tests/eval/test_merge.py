@@ -115,7 +115,7 @@ def test_trainable_token_rows_match_peft_and_grow_the_vocabulary(
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import chla_tools.merge as merge_module
+    import chla_tools.merge.shards as merge_module
 
     base_vocab, pretrain_vocab, sft_vocab = tiny_chain["sizes"]
     pretrained = tmp_path / "pretrained"
