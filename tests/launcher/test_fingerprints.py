@@ -105,6 +105,41 @@ def test_editing_the_trainer_changes_only_the_stages_that_run_it(tmp_path):
     assert fingerprints_with(original, recipe) == before
 
 
+def test_a_runner_fingerprints_the_tool_modules_it_reaches_through_a_package(tmp_path):
+    """The pretokenize and merge runners (chla_train.stages) import their tool packages, whose
+    modules are reached only through the package's __init__: editing one of those deep modules
+    changes its kind's code, and not the code of kinds that do not import it."""
+    text = tmp_path / "a.txt"
+    text.write_text("一\n")
+    (tmp_path / "tok").mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        textwrap.dedent(f"""\
+        name: fp
+        stages:
+          corpus: {{kind: pretokenize, params: {{tokenizer: {tmp_path / "tok"}, inputs: [{text}]}}}}
+          cmd: {{kind: command, params: {{argv: [echo]}}}}
+    """)
+    )
+    original = fingerprints_with(copy_packages(tmp_path / "original"), recipe)
+    changed_kinds = {}
+    for name, module in (("pretokenize", "chla_tools/pretokenize/documents.py"), ("merge", "chla_tools/merge/lora.py")):
+        edited = copy_packages(tmp_path / name)
+        edit_one_function(edited / module)
+        after = fingerprints_with(edited, recipe)
+        changed_kinds[name] = {kind for kind in original["code"] if original["code"][kind] != after["code"][kind]}
+        stages = {stage for stage in original["stages"] if original["stages"][stage] != after["stages"][stage]}
+        assert stages == ({"corpus"} if name == "pretokenize" else set()), name
+    assert changed_kinds["pretokenize"] == {"pretokenize"}
+    # evaluate and export read checkpoints and adapters with chla_tools.merge too
+    assert "merge" in changed_kinds["merge"] and not changed_kinds["merge"] & {
+        "pretokenize",
+        "pretrain",
+        "sft",
+        "command",
+    }
+
+
 def plan_of(tmp_path: Path) -> dict[str, str]:
     """stage -> "run" or "skip", from a dry run."""
     out = chla("submit", "r.yaml", "--dry-run", cwd=tmp_path, check=True).stdout
