@@ -1,10 +1,15 @@
 """`chla plan`'s memory estimate against the measured peak of the same stage, on CPU.
 
 The real `pretrain` stage (chla_train.stages.pretrain.run, one rank, DeepSpeed ZeRO-2, the job
-entry's malloc setting) trains a small LLaMA (hidden 256, 4 layers, intermediate 688, the demo
-tokenizer's 32,000-token vocabulary) with LoRA r 8 on every projection plus embed_tokens and
-lm_head, micro-batch 8 x 512, on the demo's Chinese text, for a few steps, in a subprocess per
-configuration and measurement.
+entry's malloc setting) trains a small LLaMA on the demo's Chinese text for a few steps, in a
+subprocess per configuration and measurement, in two shapes:
+
+  small  hidden 256, 4 layers, intermediate 688, the demo tokenizer's 32,000-token vocabulary;
+         LoRA r 8 on every projection plus embed_tokens and lm_head (PEFT's trainable copies),
+         micro-batch 8 x 512; in fp32, bf16, and bf16 with gradient checkpointing
+  wide   hidden 512, 2 layers, intermediate 1376, the same vocabulary; LoRA r 8 on every
+         projection only (the embeddings frozen: the first layer's input needs no gradient, no
+         vocabulary-sized gradient), micro-batch 4 x 512, bf16
 
 Compared: chla_launcher.sizing.training_memory's peak for the stage, counted for a CPU (dropout
 masks in the training dtype), which is what `chla plan` prints for a CPU stage; against the peak
@@ -33,7 +38,7 @@ from pathlib import Path
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 from sharded_loading import memory_now, prepare_inputs
 
-MODEL = dict(
+SMALL = dict(
     vocab_size=32000,
     hidden_size=256,
     intermediate_size=688,
@@ -42,12 +47,17 @@ MODEL = dict(
     num_key_value_heads=4,
     max_position_embeddings=512,
 )
-CONFIGS = {  # name: (precision, gradient checkpointing)
-    "bf16": ("bf16", False),
-    "bf16+gc": ("bf16", True),
-    "fp32": ("fp32", False),
+WIDE = dict(
+    SMALL, hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8
+)
+VOCABULARY = ["embed_tokens", "lm_head"]
+CONFIGS = {  # name: (model, modules_to_save, micro-batch, precision, gradient checkpointing)
+    "small bf16": (SMALL, VOCABULARY, 8, "bf16", False),
+    "small bf16+gc": (SMALL, VOCABULARY, 8, "bf16", True),
+    "small fp32": (SMALL, VOCABULARY, 8, "fp32", False),
+    "wide bf16": (WIDE, [], 4, "bf16", False),
 }
-MICRO_BATCH, BLOCK = 8, 512
+BLOCK = 512
 
 
 def stage_params(spec: dict):
@@ -56,10 +66,11 @@ def stage_params(spec: dict):
     return PretrainParams(
         tokenizer=spec["tokenizer"],
         corpus=spec["corpus"],
-        init=MODEL,
+        init=spec["model"],
         mode="lora",
+        modules_to_save=spec["modules_to_save"],
         block_size=BLOCK,
-        micro_batch_size=MICRO_BATCH,
+        micro_batch_size=spec["micro_batch"],
         max_steps=spec["steps"],
         valid_count=2,
         eval_steps=0,
@@ -71,7 +82,7 @@ def stage_params(spec: dict):
     )
 
 
-def estimate(params) -> int:
+def estimate(params, model: dict) -> int:
     from chla_launcher.sizing import ModelShape, Trainable, TrainingSetup, training_memory
 
     trainable = Trainable(
@@ -90,7 +101,7 @@ def estimate(params) -> int:
         gradient_checkpointing=params.gradient_checkpointing,
         cpu=True,
     )
-    return training_memory(ModelShape.from_config(MODEL), trainable, setup).peak
+    return training_memory(ModelShape.from_config(model), trainable, setup).peak
 
 
 def worker(spec_file: str) -> None:
@@ -136,7 +147,7 @@ def worker(spec_file: str) -> None:
         pretrain.run(ctx)
         measured = memory_now()["peak_rss"] - before["rss"]
     Path(spec["report"]).write_text(
-        json.dumps({"measured": measured, "baseline": before["rss"], "estimate": estimate(params)})
+        json.dumps({"measured": measured, "baseline": before["rss"], "estimate": estimate(params, spec["model"])})
     )
     sys.stdout.flush()
     os._exit(0)
@@ -175,21 +186,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="chla-plan-memory-") as tmp:
         root = Path(tmp)
         paths = prepare_inputs(root)
-        for index, (name, (precision, checkpointing)) in enumerate(CONFIGS.items()):
-            tensors = run_stage(
-                root / name / "tensors",
-                dict(paths, precision=precision, checkpointing=checkpointing, steps=args.steps, measure="tensors"),
-                2 * index,
+        for index, (name, (model, modules_to_save, micro_batch, precision, checkpointing)) in enumerate(
+            CONFIGS.items()
+        ):
+            spec = dict(
+                paths,
+                model=model,
+                modules_to_save=modules_to_save,
+                micro_batch=micro_batch,
+                precision=precision,
+                checkpointing=checkpointing,
+                steps=args.steps,
             )
-            rss = run_stage(
-                root / name / "rss",
-                dict(paths, precision=precision, checkpointing=checkpointing, steps=args.steps, measure="rss"),
-                2 * index + 1,
-            )
+            folder = root / name.replace(" ", "-")
+            tensors = run_stage(folder / "tensors", dict(spec, measure="tensors"), 2 * index)
+            rss = run_stage(folder / "rss", dict(spec, measure="rss"), 2 * index + 1)
             error = (tensors["estimate"] - tensors["measured"]) / tensors["measured"]
             errors.append(abs(error))
             print(
-                f"{name:8s} chla plan's estimate {tensors['estimate'] / 2**20:6.0f} MiB; peak of tensor bytes "
+                f"{name:13s} chla plan's estimate {tensors['estimate'] / 2**20:6.0f} MiB; peak of tensor bytes "
                 f"{tensors['measured'] / 2**20:6.0f} MiB ({error:+.1%}); peak RSS above the baseline "
                 f"{rss['measured'] / 2**20:6.0f} MiB (baseline {rss['baseline'] / 2**20:.0f} MiB)",
                 flush=True,

@@ -216,57 +216,83 @@ class TrainingSetup:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device. `activations` are what autograd keeps for backward over a micro-batch
-    (with gradient checkpointing: the layers' inputs plus one layer recomputed); `transient` is the
-    largest short-lived working set on top (the loss, or the optimizer step's fp32 gradients)."""
+    """Bytes per device. `weights`, `optimizer` and `gradients` are held through the whole step
+    (`gradients` also counts the reduction buffers that live only while backward runs, for the
+    table); `activations` are what autograd keeps for backward over a micro-batch (with gradient
+    checkpointing: the layers' inputs plus one layer recomputed).
+
+    The peak is the largest of three moments, because what is short-lived in one phase is gone in
+    the next: the end of the forward pass (all activations, the loss's working set), the start of
+    backward (all activations, the gradient buffers DeepSpeed allocates then, the first gradient),
+    the optimizer step (the activations freed, the gradients flattened and cast to fp32)."""
 
     weights: int
     gradients: int
     optimizer: int
     activations: int
     activations_checkpointed: int
-    transient: int
     gradient_checkpointing: bool
+    # The part of `gradients` not held through the forward pass (ZeRO-2: the reduce buckets, there
+    # from the first gradient to the end of backward, and the gradient partition, from backward to
+    # the step) and, of it, the buckets.
+    short_lived_gradients: int = 0
+    reduce_buckets: int = 0
+    forward_transient: int = 0  # the loss computed in the forward pass (chla's chunked loss)
+    backward_transient: int = 0  # the loss's backward and the first gradient, before it enters a bucket
+    step_transient: int = 0  # the optimizer step: gradients flattened and cast to fp32
 
     @property
     def states(self) -> int:
         return self.weights + self.gradients + self.optimizer
 
+    def _peak(self, activations: int) -> int:
+        held = self.weights + self.optimizer + self.gradients - self.short_lived_gradients
+        return held + max(
+            activations + self.forward_transient,
+            activations + self.reduce_buckets + self.backward_transient,
+            self.step_transient,
+        )
+
     @property
     def peak(self) -> int:
-        used = self.activations_checkpointed if self.gradient_checkpointing else self.activations
-        return self.states + used + self.transient
+        return self._peak(self.activations_checkpointed if self.gradient_checkpointing else self.activations)
 
     @property
     def peak_without_checkpointing(self) -> int:
-        return self.states + self.activations + self.transient
+        return self._peak(self.activations)
 
     @property
     def peak_with_checkpointing(self) -> int:
-        return self.states + self.activations_checkpointed + self.transient
+        return self._peak(self.activations_checkpointed)
 
 
 def training_memory(
     shape: ModelShape, trainable: Trainable, setup: TrainingSetup, *, chunked_loss: bool | None = None
 ) -> MemoryEstimate:
-    """Bytes per device while a stage trains, as DeepSpeed and chla's trainer hold them.
+    """Bytes per device while a stage trains, as DeepSpeed and chla's trainer allocate them.
 
     Weights: every parameter in the training dtype, partitioned over the ranks under ZeRO-3 (plus
     the parameters gathered while in use). Gradients: the trainable parameters' in the training
-    dtype (partitioned from ZeRO-2 on), plus DeepSpeed's reduce buckets. Optimizer: AdamW's two fp32
-    moments, plus an fp32 master copy of the trainable parameters whenever DeepSpeed keeps one (bf16,
-    or any ZeRO stage), partitioned from ZeRO-2 on. Activations: `_layer_saved_bytes` per layer and
-    token, the final norm, the loss's saved state. Transient: the larger of the loss's working set
-    and the optimizer step's fp32 gradients. `chunked_loss`: chla's chunked vocabulary projection
-    (its trainer uses it except under ZeRO-3), else transformers' loss over fp32 logits."""
+    dtype (partitioned from ZeRO-2 on) and DeepSpeed's reduce buckets: ZeRO-3 allocates its bucket
+    and its gradient partitions when it starts and keeps them; ZeRO-2 allocates its bucket when the
+    first gradient arrives in backward and frees it at the end of backward, its partition of the
+    gradients living on until the step. Optimizer: AdamW's two fp32 moments, plus an fp32 master
+    copy of the trainable parameters whenever DeepSpeed keeps one (bf16, or any ZeRO stage),
+    partitioned from ZeRO-2 on. Activations: `_layer_saved_bytes` per layer and token, the final
+    norm, the loss's saved state. `chunked_loss`: chla's chunked vocabulary projection (its trainer
+    uses it except under ZeRO-3, where it computes its gradients in forward), else transformers'
+    loss over fp32 logits (its working set in backward)."""
     b, world = setup.dtype_bytes, setup.world_size
     total, trained = parameter_counts(shape, trainable)
     shards_from_2 = world if setup.zero_stage >= 2 else 1
     weights = b * total // (world if setup.zero_stage == 3 else 1)
     gradients = b * trained // shards_from_2
+    reduce_buckets = short_lived_gradients = 0
     if setup.zero_stage == 2:
         # DeepSpeed's contiguous gradient bucket, allocated whole; two of them with overlap_comm (GPUs)
-        gradients += b * setup.reduce_bucket_size * (1 if setup.cpu else 2)
+        reduce_buckets = b * setup.reduce_bucket_size * (1 if setup.cpu else 2)
+        short_lived_gradients = gradients + reduce_buckets
+        gradients += reduce_buckets
     elif setup.zero_stage == 3:
         gradients += b * (setup.reduce_bucket_size if setup.cpu else shape.hidden_size**2)
         # Parameters gathered while in use: one module at a time on CPUs (chla's zero3.json), up to
@@ -275,7 +301,10 @@ def training_memory(
         weights += b * (largest_module if setup.cpu else min(total, 10**9))
     keeps_master = b == 2 or setup.zero_stage >= 2
     optimizer = (8 + 4 * keeps_master) * trained // shards_from_2
-    step_gradients = 4 * trained // shards_from_2 if keeps_master else 0
+    # The step flattens the partition's gradients (a copy in the training dtype) and casts it to
+    # fp32; under ZeRO-2 the partition itself exists only from backward to here.
+    step_transient = (b + 4) * trained // shards_from_2 if keeps_master else 0
+    step_transient += short_lived_gradients - reduce_buckets
 
     tokens = setup.tokens
     labels = int(tokens * setup.label_fraction)
@@ -288,20 +317,25 @@ def training_memory(
     projection_input = b * h * labels if trainable.trains_lm_head else 0
     if chunked_loss is None:
         chunked_loss = setup.zero_stage != 3
+    # The largest gradient autograd hands DeepSpeed at once, before DeepSpeed copies it into a bucket.
+    first_gradient = b * (shape.embedding_params if trainable.trains_lm_head else 0)
     if chunked_loss:
         # Saved: the gradient for the hidden states and, when lm_head trains, for its weight (fp32).
         loss_saved = b * h * labels + (FP32 * v * h if trainable.trains_lm_head else 0)
         # One chunk's fp32 logits (softmax in place) and their gradient in the training dtype, and
         # the chunk's weight gradient before it is added to the fp32 sum.
         chunk_logits = 2**24 if setup.cpu else 2**27  # chla_train.token_loss.LOGITS_PER_CHUNK
-        loss_transient = (FP32 + b) * min(labels, max(1, chunk_logits // v)) * v
+        forward_transient = (FP32 + b) * min(labels, max(1, chunk_logits // v)) * v
         if trainable.trains_lm_head:
-            loss_transient += (FP32 + b) * v * h
+            forward_transient += (FP32 + b) * v * h
+        # Backward scales the saved gradients by the incoming one: new tensors in the training dtype.
+        backward_transient = b * h * labels + first_gradient
     else:
         # log_softmax keeps its fp32 output; its backward holds that, the incoming and the
         # outgoing fp32 gradient at once, then the cast back to the training dtype.
         loss_saved = FP32 * v * labels
-        loss_transient = (2 * FP32 + b) * v * labels
+        forward_transient = 0
+        backward_transient = (2 * FP32 + b) * v * labels
     per_token_final = final_norm * tokens
     activations = layers * tokens + per_token_final + projection_input + loss_saved
     one_layer = _layer_saved_bytes(shape, trainable, setup, input_needs_grad=True)
@@ -312,8 +346,12 @@ def training_memory(
         optimizer=optimizer,
         activations=activations,
         activations_checkpointed=checkpointed,
-        transient=max(loss_transient, step_gradients),
         gradient_checkpointing=setup.gradient_checkpointing,
+        short_lived_gradients=short_lived_gradients,
+        reduce_buckets=reduce_buckets,
+        forward_transient=forward_transient,
+        backward_transient=backward_transient,
+        step_transient=step_transient,
     )
 
 
