@@ -139,8 +139,15 @@ def model_loading(ctx, params, *, dtype: torch.dtype):
     all of it. Otherwise, and for an `init:` model (built whole, so that every ZeRO stage starts
     from the same random weights) or embeddings mode (which splits whole embedding matrices),
     each rank builds it whole and DeepSpeed partitions it when training starts."""
-    from chla_train.model import partitioned_loading
+    from chla_train.entry import return_freed_memory
+    from chla_train.model import gather_in_place_over_gloo, partitioned_loading
 
+    if params.zero_stage == 3:
+        # A rank holds its partition and, for a moment, the layer it computes, gathered once (not
+        # staged twice by gloo); what it frees goes back to the kernel instead of staying kept
+        # for reuse (chla_train.entry).
+        return_freed_memory()
+        gather_in_place_over_gloo()
     config_file = Path(params.model or "-") / "config.json"
     if params.zero_stage != 3 or getattr(params, "mode", None) == "embeddings" or not config_file.is_file():
         return contextlib.nullcontext()

@@ -94,6 +94,26 @@ def test_job_entry_keeps_freed_memory_unless_the_user_tuned_malloc():
     assert own.stdout.strip() == "False"
 
 
+def test_zero3_stages_hand_freed_memory_back():
+    # 256 MiB of 1 MiB blocks on the heap, freed: kept resident under keep_freed_memory (the
+    # control), handed back by return_freed_memory (and no longer kept for what comes after).
+    code = (
+        "import sys; from chla_train.entry import keep_freed_memory, return_freed_memory\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+        "def churn():\n"
+        "    blocks = [b'x' * (1 << 20) for _ in range(256)]\n"
+        "    del blocks\n"
+        "keep_freed_memory(); start = rss(); churn(); kept = rss() - start\n"
+        "handed = return_freed_memory(); after = rss() - start; churn(); again = rss() - start\n"
+        "print(kept, handed, after, again)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    kept, handed, after, again = result.stdout.split()
+    assert int(kept) > 200 and handed == "True", result.stdout
+    assert int(after) < 50 and int(again) < 50, result.stdout
+
+
 def test_launcher_kinds_do_not_import_torch():
     code = (
         "import sys, chla_launcher.kinds.pretrain, chla_launcher.kinds.sft; "
