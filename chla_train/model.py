@@ -150,10 +150,11 @@ def gather_in_place_over_gloo() -> None:
         return
 
     def allgather_fn(output_tensor, input_tensor, group=None, async_op=False, **kwargs):
-        if dist.get_backend(group) != "gloo" or not output_tensor.is_contiguous():
-            return allgather(output_tensor, input_tensor, group=group, async_op=async_op, **kwargs)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        places = output_tensor.view(-1).chunk(world)  # DeepSpeed pads partitions to equal sizes
+        equal_places = output_tensor.numel() == world * input_tensor.numel()  # DeepSpeed pads partitions
+        if dist.get_backend(group) != "gloo" or not output_tensor.is_contiguous() or not equal_places:
+            return allgather(output_tensor, input_tensor, group=group, async_op=async_op, **kwargs)
+        places = output_tensor.view(-1).chunk(world)
         places[rank].copy_(input_tensor.view(-1))
         works = [
             dist.broadcast(
