@@ -114,6 +114,39 @@ def test_zero3_stages_hand_freed_memory_back():
     assert int(after) < 50 and int(again) < 50, result.stdout
 
 
+GATHER_RANK = """
+import sys, torch, torch.distributed as dist, deepspeed.comm
+from chla_train.model import gather_in_place_over_gloo
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+part = torch.arange(6, dtype=torch.bfloat16) + 10 * rank  # rank 0: 0..5, rank 1: 10..15
+reference = torch.empty(12, dtype=torch.bfloat16)
+dist.all_gather_into_tensor(reference, part)
+gather_in_place_over_gloo()
+gather_in_place_over_gloo()  # installed once, whatever the number of stages that ask
+gathered = torch.full((12,), -1.0, dtype=torch.bfloat16)
+deepspeed.comm.allgather_fn(gathered, part, async_op=True).wait()
+swapped = torch.cat([reference[6:], reference[:6]])  # the control: ranks' places exchanged
+print(torch.equal(gathered, reference), torch.equal(gathered, swapped), deepspeed.comm.allgather_fn.__module__)
+"""
+
+
+@pytest.mark.slow
+def test_zero3_gathering_over_gloo_puts_every_partition_in_its_place(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(GATHER_RANK)
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500))
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script)], env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, text=True
+        )
+        for rank in range(2)
+    ]
+    outputs = [rank.communicate(timeout=120)[0].splitlines()[-1].split() for rank in ranks]  # after DeepSpeed's log
+    assert all(rank.returncode == 0 for rank in ranks)
+    assert outputs == [["True", "False", "chla_train.model"]] * 2
+
+
 def test_launcher_kinds_do_not_import_torch():
     code = (
         "import sys, chla_launcher.kinds.pretrain, chla_launcher.kinds.sft; "
