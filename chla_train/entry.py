@@ -148,9 +148,8 @@ def return_freed_memory() -> bool:
     handed back to the kernel (malloc_trim). For a stage whose ranks hold only a partition of the
     model (ZeRO-3): it gathers each layer's weights whole just before using them and frees them
     right after, and kept for reuse, those freed buffers (each below the 32 MiB mmap threshold, so
-    on the heap, fragmented by the partitions between them) stayed resident: on two ranks of a
-    model of 232 MB, 0.27 GB more at the peak (benchmarks/sharded_loading.py measures the stage).
-    Settings a user made with the MALLOC_*_ environment variables win, as in keep_freed_memory."""
+    on the heap, fragmented by the partitions between them) stayed resident, and raised the peak
+    RSS well above the partition (benchmarks/sharded_loading.py measures the stage). Settings a user made with the MALLOC_*_ environment variables win, as in keep_freed_memory."""
     import ctypes
 
     if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")):
