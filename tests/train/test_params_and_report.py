@@ -115,7 +115,7 @@ def test_zero3_stages_hand_freed_memory_back():
 
 
 GATHER_RANK = """
-import sys, torch, torch.distributed as dist, deepspeed.comm
+import os, sys, torch, torch.distributed as dist, deepspeed.comm
 from chla_train.model import gather_in_place_over_gloo
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -128,6 +128,9 @@ gathered = torch.full((12,), -1.0, dtype=torch.bfloat16)
 deepspeed.comm.allgather_fn(gathered, part, async_op=True).wait()
 swapped = torch.cat([reference[6:], reference[:6]])  # the control: ranks' places exchanged
 print(torch.equal(gathered, reference), torch.equal(gathered, swapped), deepspeed.comm.allgather_fn.__module__)
+sys.stdout.flush()
+dist.destroy_process_group()
+os._exit(0)  # gloo can abort at interpreter exit after the work is done
 """
 
 
@@ -138,12 +141,17 @@ def test_zero3_gathering_over_gloo_puts_every_partition_in_its_place(tmp_path):
     env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500))
     ranks = [
         subprocess.Popen(
-            [sys.executable, str(script)], env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, text=True
+            [sys.executable, str(script)],
+            env=dict(env, RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for rank in range(2)
     ]
-    outputs = [rank.communicate(timeout=120)[0].splitlines()[-1].split() for rank in ranks]  # after DeepSpeed's log
-    assert all(rank.returncode == 0 for rank in ranks)
+    results = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), [stderr[-2000:] for _, stderr in results]
+    outputs = [stdout.splitlines()[-1].split() for stdout, _ in results]  # the last line: after DeepSpeed's log
     assert outputs == [["True", "False", "chla_train.model"]] * 2
 
 
