@@ -149,7 +149,8 @@ def return_freed_memory() -> bool:
     model (ZeRO-3): it gathers each layer's weights whole just before using them and frees them
     right after, and kept for reuse, those freed buffers (each below the 32 MiB mmap threshold, so
     on the heap, fragmented by the partitions between them) stayed resident, and raised the peak
-    RSS well above the partition (benchmarks/sharded_loading.py measures the stage). Settings a user made with the MALLOC_*_ environment variables win, as in keep_freed_memory."""
+    RSS well above the partition (benchmarks/sharded_loading.py measures the stage). Settings a
+    user made with the MALLOC_*_ environment variables win, as in keep_freed_memory."""
     import ctypes
 
     if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")):
