@@ -77,6 +77,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from chla_launcher.kinds.export import ExportParams
     from chla_tools.gguf_export import export_gguf
     from chla_tools.inference import encode, load_tokenizer
     from chla_tools.sft_data import format_prompt
@@ -102,7 +103,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "model-f32.gguf"
-        export_gguf(model_dir, gguf, "f32", log=lambda _m: None)
+        export_gguf(ExportParams(model=str(model_dir), outtype="f32"), gguf, log=lambda _m: None)
         llm = llama_cpp.Llama(
             str(gguf),
             n_ctx=512,

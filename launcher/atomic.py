@@ -100,6 +100,21 @@ def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
         return default
 
 
+@contextmanager
+def new_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `target`; on success it replaces `target`
+    (replace_dir). On an exception it is removed and `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Move a finished directory `src` to `dst`, replacing an older `dst` as atomically as POSIX
     allows: the old directory is first renamed aside, so `dst` is never a mix of both."""

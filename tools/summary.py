@@ -1,5 +1,6 @@
-"""The `summarize` stage: collect a chain's headline figures into summary.json (see the kind's
-docstring in chla_launcher.kinds.summarize for what is read from where)."""
+"""A chain's headline figures, read from its stages' outputs, and their Markdown (the `summarize`
+stage, chla_train.stages.summarize; the kind's docstring in chla_launcher.kinds.summarize says what
+is read from where)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.atomic import write_json, write_text
 from chla_launcher.errors import ChlaError
+from chla_launcher.kinds.summarize import SummarizeParams
 
 
 def _load(path: Path, what: str) -> dict[str, Any]:
@@ -18,7 +19,7 @@ def _load(path: Path, what: str) -> dict[str, Any]:
         raise ChlaError(f"summarize: {what} not found: {path}") from None
 
 
-def _vocab_figures(report_path: Path, params) -> dict[str, Any]:
+def _vocab_figures(report_path: Path, params: SummarizeParams) -> dict[str, Any]:
     report = _load(report_path, "vocab report")
     by = {(r["tokenizer"], r["corpus"]): r for r in report["results"]}
     base = by.get((params.base_tokenizer, params.zh_corpus))
@@ -38,9 +39,10 @@ def _vocab_figures(report_path: Path, params) -> dict[str, Any]:
     }
 
 
-def run(ctx) -> dict[str, Any]:
-    params = ctx.params
-    summary: dict[str, Any] = {"run": ctx.run_dir.name, "plots": {}}
+def chain_figures(params: SummarizeParams) -> dict[str, Any]:
+    """The figures of the stages `params` names: tokens per character, perplexity per character at
+    each point, the task table (with the headline accuracy) and the prompts' answers."""
+    summary: dict[str, Any] = {"plots": {}}
     if params.vocab_report:
         report = Path(params.vocab_report)
         summary.update(_vocab_figures(report, params))
@@ -76,7 +78,7 @@ def run(ctx) -> dict[str, Any]:
                 for name, r in results["task"]["lm_eval"]["tasks"].items()
             }
     if results:
-        sources = {**params.evaluations, "task": params.task_results}
+        sources = {**params.evaluations, **({"task": params.task_results} if params.task_results else {})}
         generations = {
             point: str(Path(sources[point]) / r["prompts"][name]["generations"])
             for point, r in results.items()
@@ -88,24 +90,7 @@ def run(ctx) -> dict[str, Any]:
                 point: [{"prompt": row["prompt"], "generation": row["generation"]} for row in _read_jsonl(Path(path))]
                 for point, path in generations.items()
             }
-
-    try:
-        from chla_tools.train_report import train_report
-
-        train_report(ctx.run_dir, ctx.out_dir / "train_loss.png")
-        # Where it will be once this stage's out/ is in place.
-        summary["plots"]["training_loss"] = str(ctx.stage_out(ctx.stage) / "train_loss.png")
-    except ChlaError:
-        pass  # no training stage in this chain
-    summary["stage_seconds"] = _stage_seconds(ctx.run_dir, ctx.stage)
-
-    write_json(ctx.out_dir / "summary.json", summary)
-    write_text(ctx.out_dir / "summary.md", _markdown(summary))
-    # The run's headline files, beside recipe.yaml; chla-submit prints summary.md at the end.
-    write_json(ctx.run_dir / "summary.json", summary)
-    write_text(ctx.run_dir / "summary.md", _markdown(summary))
-    print(_markdown(summary), flush=True)
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    return summary
 
 
 def _task_row(task: dict[str, Any], directory: Path) -> dict[str, Any]:
@@ -128,7 +113,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _stage_seconds(run_dir: Path, this_stage: str) -> dict[str, float]:
+def stage_seconds(run_dir: Path, this_stage: str) -> dict[str, float]:
     seconds = {}
     for state_file in sorted(run_dir.glob("*/state.json")):
         stage = state_file.parent.name
@@ -166,7 +151,7 @@ def _tasks_table(tasks: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _markdown(summary: dict[str, Any]) -> str:
+def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# {summary['run']}: summary", ""]
     if "tokens_per_char_base" in summary:
         lines += [

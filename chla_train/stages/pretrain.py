@@ -14,7 +14,9 @@ import numpy as np
 
 from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
+from chla_launcher.kinds.pretrain import PretrainParams
 from chla_train import model as models
+from chla_train.context import StageContext
 from chla_train.export import save_adapter, save_model
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
@@ -97,7 +99,7 @@ def collate_blocks(blocks: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": input_ids, "labels": input_ids}
 
 
-def run(ctx) -> dict[str, Any]:
+def run(ctx: StageContext[PretrainParams]) -> dict[str, Any]:
     params = ctx.params
     ctx.enable_cooperative_preemption()
     precision = choose_precision(params.precision)

@@ -16,7 +16,9 @@ import numpy as np
 
 from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
+from chla_launcher.kinds.sft import SftParams
 from chla_train import model as models
+from chla_train.context import StageContext
 from chla_train.export import save_adapter
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
@@ -32,7 +34,7 @@ from chla_train.trainer import (
 )
 
 
-def run(ctx) -> dict[str, Any]:
+def run(ctx: StageContext[SftParams]) -> dict[str, Any]:
     from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
 
     params = ctx.params

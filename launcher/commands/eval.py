@@ -38,19 +38,5 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.ppl or args.tasks or args.prompts):
         raise ChlaError("nothing to evaluate: give at least one --ppl, --task or --prompts file")
-    params = FLAGS.params(args)
-    evaluate(
-        params.model,
-        params.adapters,
-        args.out,
-        ppl=params.ppl,
-        tasks=params.tasks,
-        prompts=params.prompts,
-        shards=args.shards,
-        batch_size=params.batch_size,
-        max_new_tokens=params.max_new_tokens,
-        block_size=params.block_size,
-        template=params.template,
-        max_items=params.max_items,
-    )
+    evaluate(FLAGS.params(args), args.out, shards=args.shards)
     return 0

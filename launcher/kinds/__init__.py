@@ -3,8 +3,8 @@ launcher never imports the training stack) and traits.
 
 Each module in this package describes one kind: its params model (whose docstring is the kind's
 description) and `KIND = StageKind(name, params, entry, ...)`; the registry
-collects them, so adding a kind is adding one module here and one runner in chla_train/stages/ or
-chla_tools/.
+collects them, so adding a kind is adding one module here and its runner,
+chla_train/stages/<kind>.py.
 """
 
 from __future__ import annotations

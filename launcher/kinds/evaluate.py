@@ -112,5 +112,9 @@ class EvaluateParams(StageParams):
 
 
 KIND = StageKind(
-    "evaluate", EvaluateParams, "chla_tools.evaluate:run", finalize="chla_tools.evaluate:finalize", array=True
+    "evaluate",
+    EvaluateParams,
+    "chla_train.stages.evaluate:run",
+    finalize="chla_train.stages.evaluate:finalize",
+    array=True,
 )

@@ -36,4 +36,4 @@ class ExportParams(StageParams):
         return value
 
 
-KIND = StageKind("export", ExportParams, "chla_tools.gguf_export:run")
+KIND = StageKind("export", ExportParams, "chla_train.stages.export:run")

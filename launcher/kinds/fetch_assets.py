@@ -17,4 +17,4 @@ class FetchAssetsParams(StageParams):
     offline: bool = Field(False, description="fail instead of downloading when the cache is incomplete")
 
 
-KIND = StageKind("fetch_assets", FetchAssetsParams, "chla_tools.assets:run_fetch_assets", needs_training_stack=False)
+KIND = StageKind("fetch_assets", FetchAssetsParams, "chla_train.stages.fetch_assets:run", needs_training_stack=False)

@@ -33,4 +33,4 @@ class SummarizeParams(StageParams):
     )
 
 
-KIND = StageKind("summarize", SummarizeParams, "chla_tools.summary:run", needs_training_stack=False)
+KIND = StageKind("summarize", SummarizeParams, "chla_train.stages.summarize:run", needs_training_stack=False)

@@ -16,6 +16,7 @@ from chla_launcher.kinds.evaluate import EvaluateParams  # noqa: E402
 from chla_tools import evaluate as evaluation  # noqa: E402
 from chla_tools.inference import encode, generate_batch, load_for_inference  # noqa: E402
 from chla_tools.merge import merge_adapters  # noqa: E402
+from chla_train.stages import evaluate as evaluate_stage  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +83,11 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
         block_size=32,
     )
     one, four = tmp_path / "one", tmp_path / "four"
-    evaluation.run(_ctx(params, one, 0, 1))
-    headline = evaluation.finalize(_ctx(params, one, -1, 1))  # the job entry finalizes a single task too
+    evaluate_stage.run(_ctx(params, one, 0, 1))
+    headline = evaluate_stage.finalize(_ctx(params, one, -1, 1))  # the job entry finalizes a single task too
     for task in range(4):
-        evaluation.run(_ctx(params, four, task, 4))
-    evaluation.finalize(_ctx(params, four, -1, 4))
+        evaluate_stage.run(_ctx(params, four, task, 4))
+    evaluate_stage.finalize(_ctx(params, four, -1, 4))
 
     single = json.loads((one / "results.json").read_text())
     sharded = json.loads((four / "results.json").read_text())
@@ -135,19 +136,7 @@ def test_four_shards_equal_one_shard(merged_model, eval_inputs, tmp_path):
 
     # `chla eval --shards 4` runs the same shards in one process, the model loaded once
     cli = tmp_path / "cli"
-    evaluation.evaluate(
-        merged_model,
-        [],
-        cli,
-        ppl=eval_inputs["ppl"],
-        tasks=eval_inputs["tasks"],
-        prompts=eval_inputs["prompts"],
-        shards=4,
-        batch_size=3,
-        max_new_tokens=6,
-        block_size=32,
-        log=lambda _m: None,
-    )
+    evaluation.evaluate(params, cli, shards=4, log=lambda _m: None)
     from_cli = json.loads((cli / "results.json").read_text())
     assert from_cli["tasks"] == sharded["tasks"] and from_cli["perplexity"] == sharded["perplexity"]
 
@@ -210,7 +199,7 @@ def test_empty_task_file_is_refused_before_anything_is_written(merged_model, tmp
     empty.write_text("[]\n")
     out = tmp_path / "out"
     with pytest.raises(ChlaError, match="no items") as caught:
-        evaluation.evaluate(merged_model, [], out, tasks=[str(empty)], log=lambda _m: None)
+        evaluation.evaluate(EvaluateParams(model=str(merged_model), tasks=[str(empty)]), out, log=lambda _m: None)
     assert str(empty) in str(caught.value) and "\n" not in str(caught.value)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -221,5 +210,7 @@ def test_missing_tokenizer_is_refused(merged_model, eval_inputs, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(merged_model, bare, ignore=shutil.ignore_patterns("tokenizer*"))
     with pytest.raises(ChlaError, match="no tokenizer"):
-        evaluation.evaluate(bare, [], tmp_path / "out", ppl=eval_inputs["ppl"], log=lambda _m: None)
+        evaluation.evaluate(
+            EvaluateParams(model=str(bare), ppl=eval_inputs["ppl"]), tmp_path / "out", log=lambda _m: None
+        )
     assert not (tmp_path / "out").exists()

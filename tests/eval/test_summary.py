@@ -12,9 +12,9 @@ import pytest
 
 from chla_launcher.errors import ChlaError
 from chla_launcher.kinds.summarize import SummarizeParams
-from chla_tools import summary
 from chla_tools.evaluate import task_results
 from chla_tools.tasks import TASKS
+from chla_train.stages import summarize
 
 
 def write_results(directory: Path, tasks: dict = None, prompts: list[tuple[str, str]] = ()) -> str:
@@ -67,7 +67,7 @@ def run_summary(tmp_path: Path, **params) -> dict:
         stage="summary",
         stage_out=lambda stage: tmp_path / stage / "out",
     )
-    summary.run(ctx)
+    summarize.run(ctx)
     return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 

@@ -62,6 +62,20 @@ def test_a_value_the_model_refuses_is_one_error_naming_the_flag(capsys):
     assert code == 2 and capsys.readouterr().err.strip() == "chla: --piece-mb: Input should be greater than 0"
 
 
+def test_a_positional_field_is_an_argument_without_a_flag():
+    from chla_launcher.commands import export as export_command
+
+    parser = _parser(export_command.FLAGS)
+    params = export_command.FLAGS.params(parser.parse_args(["models/m", "--outtype", "q8_0"]))
+    assert (params.model, params.outtype) == ("models/m", "q8_0")
+    assert export_command.FLAGS.params(parser.parse_args(["models/m"])).outtype == "f16"  # the model's default
+    assert "MODEL_DIR" in parser.format_usage() and "--model" not in parser.format_help()
+    with pytest.raises(SystemExit):  # control: the argument is required
+        parser.parse_args(["--outtype", "f16"])
+    with pytest.raises(TypeError, match="positional"):  # only a required str can be positional
+        _parser(ParamFlags(PretokenizeParams, (Flag("workers", positional=True),)))
+
+
 def test_a_misnamed_or_unsupported_field_is_a_programming_error():
     with pytest.raises(TypeError, match="no field"):
         ParamFlags(PretokenizeParams, (Flag("input"),)).offered()
@@ -79,6 +93,8 @@ def test_every_command_built_from_params_parses_its_help():
         ["eval", "--help"],
         ["vocab", "train", "--help"],
         ["vocab", "merge", "--help"],
+        ["export", "gguf", "--help"],
+        ["assets", "fetch", "--help"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(argv)
