@@ -57,15 +57,8 @@ from train_throughput import (
     original_trainer,
 )
 
-LLAMA_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=2048,
-)
+from chla_train.model_config import LLAMA_7B
+
 MICRO_BATCH = 8
 SFT_EXAMPLES = 32
 SFT_ROW = 512
@@ -245,17 +238,7 @@ def sft_trainer(config: dict, layers: int, root: Path, *, vocab: int, pad_id: in
     model = models.build_base_model(
         None, params.init, dtype=torch.bfloat16, attn_implementation=config["attention"], seed=SEED
     )
-    model = models.apply_lora(
-        model,
-        r=8,
-        alpha=32,
-        dropout=0.05,
-        target_modules=params.lora_target_modules,
-        modules_to_save=params.modules_to_save,
-        init_adapter=None,
-        key_prefix="sft",
-        seed=SEED,
-    )
+    model = models.apply_stage_lora(model, params, stage="sft")  # the kind's defaults: r 8, alpha 32, dropout 0.05
     collate = sft_collate(pad_id, pack_batches=pack, row_length=SFT_ROW)
     data = TrainData(
         train_set=dataset, train_indices=range(len(dataset)), valid_set=dataset, valid_indices=[], collate=collate

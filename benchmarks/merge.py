@@ -86,17 +86,12 @@ def write_random_llama(model_dir: Path, layers: int, tokenizer_dir: Path, shard_
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chla_tools.merge import PlannedTensor, header_bytes, shard_groups
+    from chla_train.model_config import llama_config
 
     config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5504,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        dtype="float16",
+        **llama_config(
+            hidden=2048, intermediate=5504, layers=layers, heads=16, tie_word_embeddings=False, dtype="float16"
+        )
     )
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}

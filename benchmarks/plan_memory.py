@@ -38,18 +38,10 @@ from pathlib import Path
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 from sharded_loading import memory_now, prepare_inputs
 
-SMALL = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=512,
-)
-WIDE = dict(
-    SMALL, hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8
-)
+from chla_train.model_config import llama_config
+
+SMALL = llama_config(hidden=256, intermediate=688, layers=4, heads=4, positions=512)
+WIDE = llama_config(hidden=512, intermediate=1376, layers=2, heads=8, positions=512)
 VOCABULARY = ["embed_tokens", "lm_head"]
 CONFIGS = {  # name: (model, modules_to_save, micro-batch, precision, gradient checkpointing)
     "small bf16": (SMALL, VOCABULARY, 8, "bf16", False),

@@ -49,20 +49,13 @@ import torch
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 from train_throughput import make_context
 
+from chla_train.model_config import llama_config
 from chla_train.trainer import build_optimizer as FUSED_BUILD_OPTIMIZER
 
 MICRO_BATCH = 16
 MAX_SEQ_LENGTH = 256
 VOCAB = 50702
-MODEL = dict(
-    vocab_size=VOCAB,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=512,
-)
+MODEL = llama_config(vocab=VOCAB, hidden=256, intermediate=688, layers=4, heads=4, positions=512)
 CONFIGS = {  # tag: (batch layout, fused optimizer)
     "padded": ("padded", False),
     "grouped": ("grouped", False),
@@ -108,17 +101,7 @@ def build(tag: str, layout: str, fused: bool, dataset, pad_id: int, root: Path) 
     ctx = make_context(tag.replace("+", "_"), params, root, kind="sft")
     trainers.init_distributed(ctx)
     model = models.build_base_model(None, MODEL, dtype=torch.float32, attn_implementation="sdpa", seed=0)
-    model = models.apply_lora(
-        model,
-        r=params.lora_r,
-        alpha=params.lora_alpha,
-        dropout=0.0,
-        target_modules=params.lora_target_modules,
-        modules_to_save=params.modules_to_save,
-        init_adapter=None,
-        key_prefix=tag,
-        seed=params.seed,
-    )
+    model = models.apply_stage_lora(model, params, stage=tag)
     collate = sft_collate(
         pad_id, pack_batches=params.pack_batches, row_length=MAX_SEQ_LENGTH, share_prefix=params.share_prompt_prefix
     )

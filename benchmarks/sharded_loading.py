@@ -56,15 +56,9 @@ from pathlib import Path
 
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 
-MODEL = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5504,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    max_position_embeddings=512,
-)
+from chla_train.model_config import llama_config
+
+MODEL = llama_config(hidden=2048, intermediate=5504, layers=16, heads=16, positions=512)
 WAYS = {"zero3-partitioned": 3, "zero3-whole": 3, "zero2": 2}
 BLOCK = 128
 

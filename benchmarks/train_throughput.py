@@ -44,17 +44,11 @@ import numpy as np
 import torch
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 
+from chla_train.model_config import llama_config
+
 BLOCK = 512
 MICRO_BATCHES = 8  # sequences per optimizer step, on both sides
-MODEL = dict(
-    vocab_size=32000,
-    hidden_size=128,
-    intermediate_size=344,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=BLOCK,
-)
+MODEL = llama_config(hidden=128, intermediate=344, layers=4, heads=4, positions=BLOCK)
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]  # run_pt.sh
 MODULES_TO_SAVE = ["embed_tokens", "lm_head"]
 SEED = 42
@@ -195,17 +189,7 @@ def build_chla(blocks, precision: str, root: Path, *, model_config: dict = MODEL
     model = models.build_base_model(
         None, params.init, dtype=dtype, attn_implementation=params.attn_implementation, seed=params.seed
     )
-    model = models.apply_lora(
-        model,
-        r=params.lora_r,
-        alpha=params.lora_alpha,
-        dropout=params.lora_dropout,
-        target_modules=params.lora_target_modules,
-        modules_to_save=params.modules_to_save,
-        init_adapter=None,
-        key_prefix="chla",
-        seed=params.seed,
-    )
+    model = models.apply_stage_lora(model, params, stage="chla")
     data = TrainData(
         train_set=blocks, train_indices=range(len(blocks)), valid_set=blocks, valid_indices=[], collate=collate_blocks
     )

@@ -595,6 +595,26 @@ def apply_lora(
     return model
 
 
+def apply_stage_lora(
+    model, params, *, stage: str, new_token_rows: range | None = None, log: Callable[[str], None] = print
+):
+    """apply_lora with a training stage's LoRA settings (its params' lora_*, modules_to_save,
+    init_adapter and seed), its errors naming the stage's keys."""
+    return apply_lora(
+        model,
+        r=params.lora_r,
+        alpha=params.lora_alpha,
+        dropout=params.lora_dropout,
+        target_modules=params.lora_target_modules,
+        modules_to_save=params.modules_to_save,
+        init_adapter=params.init_adapter,
+        key_prefix=stage,
+        seed=params.seed,
+        new_token_rows=new_token_rows,
+        log=log,
+    )
+
+
 def _is_vocab_matrix(name: str) -> bool:
     return name.endswith(("embed_tokens.weight", "lm_head.weight"))
 

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from chla_train.model_config import llama_config
+
 REPO = Path(__file__).resolve().parents[1]
+# A <1M-parameter LLaMA apart from its 32,000-row vocabulary (process start dominates): a training
+# stage's `init:` in the tests that train.
+TINY_LLAMA = llama_config(hidden=16, intermediate=32, layers=2, heads=2, positions=512)
 
 
 def chla(

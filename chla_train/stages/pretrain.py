@@ -123,19 +123,8 @@ def run(ctx: StageContext[PretrainParams]) -> dict[str, Any]:
                 where=ctx.stage,
             )
         elif params.mode == "lora":
-            model = models.apply_lora(
-                model,
-                r=params.lora_r,
-                alpha=params.lora_alpha,
-                dropout=params.lora_dropout,
-                target_modules=params.lora_target_modules,
-                modules_to_save=params.modules_to_save,
-                init_adapter=params.init_adapter,
-                key_prefix=ctx.stage,
-                seed=params.seed,
-                new_token_rows=new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage),
-                log=ctx.log,
-            )
+            rows = new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage)
+            model = models.apply_stage_lora(model, params, stage=ctx.stage, new_token_rows=rows, log=ctx.log)
     trainable, total = models.count_parameters(model)
     ctx.log(
         f"mode {params.mode}: {trainable:,} of {total:,} parameters train; vocabulary "

@@ -71,21 +71,9 @@ def run(ctx: StageContext[SftParams]) -> dict[str, Any]:
     with model_loading(ctx, params, dtype=dtype):
         model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage, log=ctx.log)
         model.config.pad_token_id = tokenizer.pad_token_id
-        model = models.apply_lora(
-            model,
-            r=params.lora_r,
-            alpha=params.lora_alpha,
-            dropout=params.lora_dropout,
-            target_modules=params.lora_target_modules,
-            modules_to_save=params.modules_to_save,
-            init_adapter=params.init_adapter,
-            key_prefix=ctx.stage,
-            seed=params.seed,
-            log=ctx.log,
-            new_token_rows=new_token_rows(
-                params, base_rows, len(tokenizer), where=ctx.stage, added_here=len(tokenizer) - base_vocab
-            ),
-        )
+        added_here = len(tokenizer) - base_vocab  # the [PAD] row, if this stage added it
+        rows = new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage, added_here=added_here)
+        model = models.apply_stage_lora(model, params, stage=ctx.stage, new_token_rows=rows, log=ctx.log)
     trainable, total = models.count_parameters(model)
     ctx.log(f"LoRA: {trainable:,} of {total:,} parameters train; vocabulary {base_rows} -> {len(tokenizer)}")
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from chla_tools.sft_data import collate_sft, collate_sft_packed, load_sft_dataset
+from chla_train.model_config import llama_config
 from chla_train.trainer import Trainer
 
 from ..helpers import trainer_stub
@@ -37,17 +38,10 @@ def case(demo_assets, tmp_path_factory):
     dataset = load_sft_dataset(path, demo_assets["base_tokenizer"], max_seq_length=256, cache_dir=root / "cache")
     examples = [dataset[i] for i in range(len(dataset))]
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=dataset.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        attn_implementation="sdpa",
+    shape = llama_config(
+        vocab=dataset.vocab_size, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, positions=512
     )
+    config = LlamaConfig(**shape, initializer_range=0.3, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).eval()
     return types.SimpleNamespace(
         examples=examples,

@@ -19,14 +19,16 @@ NEW_WORDS = ["长江", "英雄", "天下", "人民", "报道", "丰收", "评论
 def tiny_config(vocab_size: int, **overrides):
     from transformers import LlamaConfig
 
-    settings = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=256,
+    from chla_train.model_config import llama_config
+
+    settings = llama_config(
+        vocab=vocab_size,
+        hidden=64,
+        intermediate=128,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        positions=256,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,

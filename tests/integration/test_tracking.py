@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import chla
+from ..helpers import TINY_LLAMA, chla
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,6 @@ SECRETS = {
     "WANDB_API_KEY": "wandb-sentinel-0123456789abcdef0123456789abcdef01234567",
     "MLFLOW_TRACKING_TOKEN": "mlflow-sentinel-token-8c1d",
     "MLFLOW_TRACKING_PASSWORD": "mlflow-sentinel-pw-42",
-}
-TINY = {
-    "vocab_size": 32000,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
 }
 
 
@@ -117,7 +108,7 @@ stages:
     kind: pretrain
     params:
       mode: full
-      init: {json.dumps(TINY)}
+      init: {json.dumps(TINY_LLAMA)}
       tokenizer: {demo_assets["base_tokenizer"]}
       corpus: ${{stages.tokens.out}}
       block_size: 64

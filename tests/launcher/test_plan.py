@@ -11,21 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from chla_train.model_config import LLAMA_7B
+
 from ..helpers import REPO
 from .conftest import chla
 from .test_light_imports import heavy_modules
 
 # LLaMA-7B's published shape (config.json of the original checkpoints).
-LLAMA_7B = {
+LLAMA_7B_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 2048,
+    **LLAMA_7B,
     "tie_word_embeddings": False,
 }
 
@@ -34,7 +30,7 @@ def llama_7b_without_weights(tmp_path: Path, demo_assets) -> Path:
     """What `chla plan` needs of a base model: its config.json and tokenizer (LLaMA's 32,000 pieces)."""
     model = tmp_path / "llama-7b"
     shutil.copytree(demo_assets["base_tokenizer"], model)
-    (model / "config.json").write_text(json.dumps(LLAMA_7B))
+    (model / "config.json").write_text(json.dumps(LLAMA_7B_CONFIG))
     return model
 
 

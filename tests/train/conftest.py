@@ -9,17 +9,6 @@ from pathlib import Path
 
 import pytest
 
-# A <1M-parameter LLaMA apart from its 32,000-row vocabulary (process start dominates).
-TINY_LLAMA = {
-    "vocab_size": 32000,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
-
 
 @pytest.fixture(scope="session")
 def train_assets(demo_assets, tmp_path_factory) -> dict[str, str]:

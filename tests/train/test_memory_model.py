@@ -19,6 +19,7 @@ from chla_launcher.sizing import (
     parameter_counts,
 )
 from chla_train.model import apply_lora, count_parameters, setup_embeddings_training
+from chla_train.model_config import LLAMA_7B, llama_config
 
 BATCH, SEQ = 2, 32
 
@@ -33,16 +34,8 @@ CASES = [  # dtype, mode, LoRA dropout, modules_to_save, attention, masked, kv h
 
 
 def config(attention: str, kv_heads: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=500,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=128,
-        attn_implementation=attention,
-    )
+    shape = llama_config(vocab=500, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=kv_heads, positions=128)
+    return LlamaConfig(**shape, attn_implementation=attention)
 
 
 @pytest.mark.parametrize("dtype, mode, dropout, modules_to_save, attention, masked, kv_heads", CASES)
@@ -141,15 +134,7 @@ def test_parameter_counts_are_those_of_the_built_models():
 
 
 def test_lora_flops_count_what_is_computed():
-    shape = ModelShape.from_config(
-        {
-            "vocab_size": 32000,
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-        }
-    )
+    shape = ModelShape.from_config(LLAMA_7B)
     lora = Trainable(mode="lora", lora_r=8, lora_targets=PROJECTIONS, modules_to_save=("embed_tokens", "lm_head"))
     full = Trainable(mode="full")
     n = shape.total_params

@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from chla_launcher.kinds import get_kind, input_path_fields
+from chla_train.model_config import llama_config
 
 
 def test_kinds_are_registered_with_original_defaults():
@@ -253,14 +254,7 @@ def test_new_lora_adapter_depends_on_the_seed_not_on_the_global_rng():
 
     from chla_train.model import apply_lora
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
+    config = LlamaConfig(**llama_config(vocab=64, hidden=8, intermediate=16, layers=1, heads=2))
 
     def lora_a(seed: int, draws_before: int) -> torch.Tensor:
         torch.manual_seed(0)
@@ -298,14 +292,7 @@ def test_init_adapter_continues_across_an_added_pad_row(tmp_path):
 
     from chla_train.model import apply_lora
 
-    config = dict(
-        vocab_size=100,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
+    config = llama_config(vocab=100, hidden=8, intermediate=16, layers=1, heads=2)
     torch.manual_seed(0)
     trained = get_peft_model(
         LlamaForCausalLM(LlamaConfig(**config)),

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from .conftest import TINY_LLAMA
+from ..helpers import TINY_LLAMA
 
 CHOICE = (
     "import json; from chla_train.precision import choose_precision as c; "

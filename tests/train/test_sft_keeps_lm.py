@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import TINY_LLAMA
+from ..helpers import TINY_LLAMA
 from .launch import launch
 from .test_training import PROBE, _run_expecting_error, reference_model, summary
 

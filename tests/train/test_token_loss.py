@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import chla_train.token_loss as token_loss
+from chla_train.model_config import llama_config
 from chla_train.token_loss import ChunkedLinearCrossEntropy
 from chla_train.trainer import Trainer
 
@@ -57,15 +58,7 @@ def test_trainer_loss_and_adapter_gradients_match_transformers(labels_kind, monk
     from chla_train.model import apply_lora
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig(**llama_config(vocab=300, hidden=32, intermediate=64, layers=2, heads=4, positions=64))
     model = apply_lora(
         LlamaForCausalLM(config),
         r=4,

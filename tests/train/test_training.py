@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import TINY_LLAMA
+from ..helpers import TINY_LLAMA
 from .launch import launch
 
 PROBE = [[1, 400, 31000, 32100, 5, 77, 33000, 12], [1, 9, 8, 7, 6, 5, 4, 3]]
