@@ -109,22 +109,8 @@ def worker(spec_file: str) -> None:
 
     keep_freed_memory()
     params = stage_params(spec)
-    stage_dir = Path(spec["run_dir"]) / "train"
-    for sub in ("work", "out"):
-        (stage_dir / sub).mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(
-        run_dir=Path(spec["run_dir"]),
-        stage="train",
-        kind="pretrain",
-        params=params,
-        stage_dir=stage_dir,
-        out_dir=stage_dir / "out",
-        work_dir=stage_dir / "work",
-        task_index=0,
-        num_tasks=1,
-        dist=DistributedEnv(master_port=int(spec["port"])),
-        fingerprint="bench",
-    )
+    dist = DistributedEnv(master_port=int(spec["port"]))
+    ctx = StageContext.standalone(Path(spec["run_dir"]), "train", "pretrain", params, dist=dist, fingerprint="bench")
     before = memory_now()
     if spec["measure"] == "tensors":
         import torch

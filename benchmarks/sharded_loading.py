@@ -201,22 +201,7 @@ def worker(spec_file: str) -> None:
         precision=spec["precision"],
         learning_rate=1e-3,
     )
-    stage_dir = Path(spec["run_dir"]) / "train"
-    for sub in ("work", "out"):
-        (stage_dir / sub).mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(
-        run_dir=Path(spec["run_dir"]),
-        stage="train",
-        kind="pretrain",
-        params=params,
-        stage_dir=stage_dir,
-        out_dir=stage_dir / "out",
-        work_dir=stage_dir / "work",
-        task_index=0,
-        num_tasks=1,
-        dist=env,
-        fingerprint="bench",
-    )
+    ctx = StageContext.standalone(Path(spec["run_dir"]), "train", "pretrain", params, dist=env, fingerprint="bench")
     from chla_train import trainer as trainers
 
     before = memory_now()
@@ -239,7 +224,7 @@ def worker(spec_file: str) -> None:
         "phases": phases.stop(),
     }
     if env.rank == 0:
-        lines = (stage_dir / "out" / "metrics.jsonl").read_text().splitlines()
+        lines = (ctx.out_dir / "metrics.jsonl").read_text().splitlines()
         report["losses"] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
     Path(spec["report"]).with_suffix(f".rank{env.rank}.json").write_text(json.dumps(report))
     sys.stdout.flush()

@@ -143,22 +143,8 @@ def make_context(tag: str, params, root: Path, kind: str = "pretrain"):
     from chla_train.context import StageContext
     from chla_train.distributed import DistributedEnv
 
-    stage_dir = root / tag
-    (stage_dir / "work").mkdir(parents=True)
-    (stage_dir / "out").mkdir(parents=True)
-    return StageContext(
-        run_dir=root,
-        stage=tag,
-        kind=kind,
-        params=params,
-        stage_dir=stage_dir,
-        out_dir=stage_dir / "out",
-        work_dir=stage_dir / "work",
-        task_index=0,
-        num_tasks=1,
-        dist=DistributedEnv(master_port=29000 + os.getpid() % 1000),
-        fingerprint="bench",
-    )
+    dist = DistributedEnv(master_port=29000 + os.getpid() % 1000)
+    return StageContext.standalone(root, tag, kind, params, dist=dist, fingerprint="bench")
 
 
 def build_chla(blocks, precision: str, root: Path, *, model_config: dict = MODEL, attention: str = "sdpa") -> dict:

@@ -52,6 +52,39 @@ class StageContext(Generic[ParamsT]):
     _preempt_requested: bool = field(default=False, repr=False)
     _cooperative: bool = field(default=False, repr=False)
 
+    @classmethod
+    def standalone(
+        cls,
+        run_dir: Path,
+        stage: str,
+        kind: str,
+        params: ParamsT,
+        *,
+        out_dir: Path | None = None,
+        dist: DistributedEnv | None = None,
+        fingerprint: str = "standalone",
+    ) -> StageContext[ParamsT]:
+        """A context for calling a runner directly, outside a job (benchmarks, tests): the one task
+        of a stage in run_dir/<stage>/, with its work/ and out/ (or `out_dir`) made; one rank
+        unless `dist` says otherwise."""
+        stage_dir = Path(run_dir) / stage
+        out_dir = Path(out_dir) if out_dir else stage_dir / "out"
+        for path in (stage_dir / "work", out_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        return cls(
+            run_dir=Path(run_dir),
+            stage=stage,
+            kind=kind,
+            params=params,
+            stage_dir=stage_dir,
+            out_dir=out_dir,
+            work_dir=stage_dir / "work",
+            task_index=0,
+            num_tasks=1,
+            dist=dist or DistributedEnv(),
+            fingerprint=fingerprint,
+        )
+
     @property
     def is_array_task(self) -> bool:
         return self.num_tasks > 1

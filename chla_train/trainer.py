@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
 from chla_launcher.progress import progress_writer
 from chla_train import checkpoint as checkpoints
@@ -598,6 +599,19 @@ def train_summary(
         "tokens_per_s": round(result.tokens_per_s, 1),
         "resumed_from_steps": result.resumed_from,
     }
+
+
+# The figures of train_summary.json a training stage returns to its job (state.json, chla status).
+HEADLINE = ("step", "tokens_seen", "train_loss", "eval_loss", "first_eval_loss", "precision", "precision_reason")
+
+
+def save_train_summary(ctx, summary: dict[str, Any], headline: Sequence[str] = HEADLINE) -> dict[str, Any]:
+    """The last step of a training stage: write out/train_summary.json (rank 0), tear the process
+    group down and return the `headline` figures of the summary."""
+    if ctx.dist.is_main:
+        write_json(ctx.out_dir / "train_summary.json", summary)
+    shutdown_distributed()
+    return {key: summary[key] for key in headline}
 
 
 def shutdown_distributed() -> None:

@@ -79,6 +79,14 @@ class ParamFlags(Generic[ParamsT]):
             raise ChlaError(f"{where}: {message}" if where else message) from None
 
 
+def add_override_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--set KEY.PATH=VALUE` (repeatable; dest `overrides`): the recipe override flag of every
+    command that reads a recipe (submit, plan)."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=help_text
+    )
+
+
 def _plain(annotation: Any) -> Any:
     """The annotation without Annotated and `| None`."""
     while True:

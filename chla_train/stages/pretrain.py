@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
 from chla_launcher.kinds.pretrain import PretrainParams
 from chla_train import model as models
@@ -21,11 +20,12 @@ from chla_train.export import save_adapter, save_model
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
 from chla_train.trainer import (
+    HEADLINE,
     TrainData,
     Trainer,
     init_distributed,
     model_loading,
-    shutdown_distributed,
+    save_train_summary,
     total_steps,
     train_summary,
 )
@@ -155,20 +155,4 @@ def run(ctx: StageContext[PretrainParams]) -> dict[str, Any]:
         save_model(trainer, tokenizer, ctx.out_dir, facts)
     trainer.finish()
     summary = train_summary(facts, result, trainable=trainable, total=total, world_size=ctx.dist.world_size)
-    if ctx.dist.is_main:
-        write_json(ctx.out_dir / "train_summary.json", summary)
-    shutdown_distributed()
-    return {
-        k: summary[k]
-        for k in (
-            "step",
-            "tokens_seen",
-            "train_loss",
-            "eval_loss",
-            "first_eval_loss",
-            "tokens_per_s",
-            "precision",
-            "precision_reason",
-            *corpus_facts,
-        )
-    }
+    return save_train_summary(ctx, summary, (*HEADLINE, "tokens_per_s", *corpus_facts))

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from chla_launcher.atomic import write_json
 from chla_launcher.errors import ChlaError
 from chla_launcher.kinds.sft import SftParams
 from chla_train import model as models
@@ -23,12 +22,13 @@ from chla_train.export import save_adapter
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
 from chla_train.trainer import (
+    HEADLINE,
     TrainData,
     Trainer,
     init_distributed,
     model_loading,
     rank_zero_first,
-    shutdown_distributed,
+    save_train_summary,
     total_steps,
     train_summary,
 )
@@ -99,22 +99,7 @@ def run(ctx: StageContext[SftParams]) -> dict[str, Any]:
     trainer.finish()
     summary = train_summary(facts, result, trainable=trainable, total=total, world_size=ctx.dist.world_size)
     summary["data_stats"] = _jsonable(data_stats)
-    if ctx.dist.is_main:
-        write_json(ctx.out_dir / "train_summary.json", summary)
-    shutdown_distributed()
-    return {
-        k: summary[k]
-        for k in (
-            "step",
-            "tokens_seen",
-            "train_loss",
-            "eval_loss",
-            "first_eval_loss",
-            "precision",
-            "precision_reason",
-            *blend_facts,
-        )
-    }
+    return save_train_summary(ctx, summary, (*HEADLINE, *blend_facts))
 
 
 def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[TrainData, dict, Any]:

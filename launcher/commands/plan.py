@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..flags import add_override_flag
+
 NAME = "plan"
 HELP = (
     "memory per device of every training stage (weights, gradients, optimizer states, activations) "
@@ -15,14 +17,7 @@ ORDER = 15
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override any recipe key, as for chla submit (repeatable)",
-    )
+    add_override_flag(parser, "override any recipe key, as for chla submit (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:

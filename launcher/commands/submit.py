@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from chla_launcher.flags import add_override_flag
 from chla_launcher.remote import RemoteOptions, add_remote_arguments
 
 NAME = "submit"
@@ -13,14 +14,7 @@ ORDER = 10
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override any recipe key, e.g. --set stages.pt.resources.nodes=4 (repeatable)",
-    )
+    add_override_flag(parser, "override any recipe key, e.g. --set stages.pt.resources.nodes=4 (repeatable)")
     from chla_launcher.executors import executor_names
 
     parser.add_argument("--executor", choices=executor_names(), help="override the recipe's executor")

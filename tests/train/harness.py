@@ -28,27 +28,8 @@ def make_context(
     out_dir: Path | None = None,
     dist_env: DistributedEnv | None = None,
 ) -> StageContext:
-    run_dir = Path(run_dir)
-    stage_dir = run_dir / stage
-    work_dir = stage_dir / "work"
-    out_dir = Path(out_dir) if out_dir else stage_dir / "out"
-    for path in (work_dir, out_dir):
-        path.mkdir(parents=True, exist_ok=True)
     model = get_kind(kind).params.model_validate(params)
-    ctx = StageContext(
-        run_dir=run_dir,
-        stage=stage,
-        kind=kind,
-        params=model,
-        stage_dir=stage_dir,
-        out_dir=out_dir,
-        work_dir=work_dir,
-        task_index=0,
-        num_tasks=1,
-        dist=dist_env or DistributedEnv(),
-        fingerprint="test",
-    )
-    return ctx
+    return StageContext.standalone(run_dir, stage, kind, model, out_dir=out_dir, dist=dist_env, fingerprint="test")
 
 
 def run_stage(ctx: StageContext) -> Any:
