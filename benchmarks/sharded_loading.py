@@ -56,6 +56,7 @@ from pathlib import Path
 
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 
+from chla_train.distributed import DistributedEnv
 from chla_train.model_config import llama_config
 
 MODEL = llama_config(hidden=2048, intermediate=5504, layers=16, heads=16, positions=512)
@@ -177,7 +178,6 @@ def worker(spec_file: str) -> None:
 
     from chla_launcher.kinds.pretrain import PretrainParams
     from chla_train.context import StageContext
-    from chla_train.distributed import DistributedEnv
     from chla_train.entry import keep_freed_memory
     from chla_train.stages import pretrain
 
@@ -250,16 +250,7 @@ def run_way(way: str, paths: dict[str, str], root: Path, steps: int, precision: 
         port = sock.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
+        env = {**os.environ, **DistributedEnv.on_this_machine(rank, 2, port).variables(), "OMP_NUM_THREADS": "1"}
         env.pop("SLURM_JOB_ID", None)
         log = open(run_dir / f"rank{rank}.log", "w")
         procs.append(

@@ -118,17 +118,28 @@ class DistributedEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def export(self) -> None:
-        """Set the variables torch.distributed's env:// rendezvous reads."""
-        os.environ.update(
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK=str(self.local_rank),
-            LOCAL_WORLD_SIZE=str(self.local_world_size),
-            GROUP_RANK=str(self.node_rank),
-            MASTER_ADDR=self.master_addr,
-            MASTER_PORT=str(self.master_port),
+    @classmethod
+    def on_this_machine(cls, rank: int, world_size: int, master_port: int) -> DistributedEnv:
+        """Rank `rank` of `world_size` processes started on this machine (benchmarks, tests)."""
+        return cls(
+            rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size, master_port=master_port
         )
+
+    def variables(self) -> dict[str, str]:
+        """The variables torch.distributed's env:// rendezvous reads, for this rank's process."""
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+    def export(self) -> None:
+        """Set them in this process."""
+        os.environ.update(self.variables())
 
     @classmethod
     def from_environment(cls) -> DistributedEnv:

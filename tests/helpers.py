@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 # A <1M-parameter LLaMA apart from its 32,000-row vocabulary (process start dominates): a training
 # stage's `init:` in the tests that train.
 TINY_LLAMA = llama_config(hidden=16, intermediate=32, layers=2, heads=2, positions=512)
+# Words a shell would act on ({pwn}: a directory the test watches for files they would create):
+# an argv or environment value must arrive as written, through every executor and ssh.
+SHELL_WORDS = [
+    "; touch {pwn}/semicolon",
+    "$(touch {pwn}/dollar)",
+    "`touch {pwn}/backtick`",
+    'it\'s "quoted"',
+    "two\nlines",
+    "| touch {pwn}/pipe &",
+    "*",
+]
 
 
 def chla(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import SHELL_WORDS
 from .conftest import chla, status_json, wait_for_chain, wait_until
 
 PY = sys.executable
@@ -226,16 +227,7 @@ def test_two_node_stage_all_reduce(tmp_path, executor, cluster_if_slurm):
         assert int(ranks[0]["port"]) == master_port(int(job_id), 0)
 
 
-NASTY = [
-    "; touch {pwn}/semicolon",
-    "$(touch {pwn}/dollar)",
-    "`touch {pwn}/backtick`",
-    'it\'s "quoted"',
-    "two\nlines",
-    "| touch {pwn}/pipe &",
-    "$${{HOME}}",
-    "*",
-]
+NASTY = [*SHELL_WORDS, "$${{HOME}}"]  # $$: a literal $ in a recipe
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import yaml
 from chla_launcher.errors import ChlaError
 from chla_launcher.remote import RemoteTarget, parse_remote, shell_line
 
+from ..helpers import SHELL_WORDS
 from .conftest import chla, status_json, wait_for_chain
 from .test_chains import SLEEPY
 
@@ -146,19 +147,7 @@ def test_parse_remote_format():
             parse_remote(bad)
 
 
-NASTY = [
-    "; touch {pwn}/semicolon",
-    "$(touch {pwn}/dollar)",
-    "`touch {pwn}/backtick`",
-    'it\'s "quoted"',
-    "two\nlines",
-    "| touch {pwn}/pipe &",
-    "${{HOME}}",
-    "*",
-    "\\",
-    "-x",
-    "",
-]
+NASTY = [*SHELL_WORDS, "${{HOME}}", "\\", "-x", ""]
 
 
 def test_shell_line_round_trips_every_word(tmp_path):

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chla_train.distributed import DistributedEnv
+
 HARNESS = Path(__file__).with_name("harness.py")
 
 
@@ -29,16 +31,8 @@ def launch(spec: dict[str, Any], *, world_size: int = 1, timeout: float = 240) -
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(world_size),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1" if world_size > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-        )
+        env = {**os.environ, **DistributedEnv.on_this_machine(rank, world_size, port).variables()}
+        env["OMP_NUM_THREADS"] = "1" if world_size > 1 else os.environ.get("OMP_NUM_THREADS", "2")
         env.pop("SLURM_JOB_ID", None)
         log = open(run_dir / f"{spec_file.stem}-rank{rank}.log", "w")
         procs.append(

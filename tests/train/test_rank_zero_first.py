@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from chla_train.distributed import DistributedEnv
+
 from .launch import free_port
 
 SCRIPT = textwrap.dedent("""
@@ -51,16 +53,7 @@ def run_two_ranks(tmp_path, mode: str) -> list[subprocess.CompletedProcess]:
     port = free_port()
     procs = []
     for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
+        env = {**os.environ, **DistributedEnv.on_this_machine(rank, 2, port).variables(), "OMP_NUM_THREADS": "1"}
         env.pop("SLURM_JOB_ID", None)
         procs.append(
             subprocess.Popen(
