@@ -19,9 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 # A <1M-parameter LLaMA apart from its 32,000-row vocabulary (process start dominates): a training
 # stage's `init:` in the tests that train.
 TINY_LLAMA = llama_config(hidden=16, intermediate=32, layers=2, heads=2, positions=512)
+
+
+def one_command_recipe(name: str, script: str, args: list[str], env: dict[str, str]) -> dict:
+    """A recipe (as a dict; JSON is YAML) whose one stage `echo` runs `python -c script *args`
+    with `env`."""
+    argv = [sys.executable, "-c", script, *args]
+    return {"name": name, "stages": {"echo": {"kind": "command", "params": {"argv": argv, "env": env}}}}
+
+
 # Words a shell would act on ({pwn}: a directory the test watches for files they would create):
 # an argv or environment value must arrive as written, through every executor and ssh.
-SHELL_WORDS = [
+_SHELL_WORDS = [
     "; touch {pwn}/semicolon",
     "$(touch {pwn}/dollar)",
     "`touch {pwn}/backtick`",
@@ -30,6 +39,14 @@ SHELL_WORDS = [
     "| touch {pwn}/pipe &",
     "*",
 ]
+
+
+def shell_words(tmp_path: Path, more: list[str]) -> tuple[Path, list[str]]:
+    """The words a shell would act on, and `more`, aimed at a new empty directory under tmp_path
+    (returned: it must still be empty at the end)."""
+    pwn = tmp_path / "pwned"
+    pwn.mkdir()
+    return pwn, [word.format(pwn=pwn) for word in [*_SHELL_WORDS, *more]]
 
 
 def chla(

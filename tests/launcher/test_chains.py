@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import SHELL_WORDS
+from ..helpers import one_command_recipe, shell_words
 from .conftest import chla, status_json, wait_for_chain, wait_until
 
 PY = sys.executable
@@ -227,34 +227,16 @@ def test_two_node_stage_all_reduce(tmp_path, executor, cluster_if_slurm):
         assert int(ranks[0]["port"]) == master_port(int(job_id), 0)
 
 
-NASTY = [*SHELL_WORDS, "$${{HOME}}"]  # $$: a literal $ in a recipe
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_shell_metacharacters_arrive_intact(tmp_path, executor, cluster_if_slurm):
-    pwn = tmp_path / "pwned"
-    pwn.mkdir()
-    values = [v.format(pwn=pwn) for v in NASTY]
-    recipe = {
-        "name": "nasty",
-        "slurm": {"sbatch": {"comment": f"$(touch {pwn}/comment); `touch {pwn}/c2`"}},
-        "stages": {
-            "echo": {
-                "kind": "command",
-                "params": {
-                    "argv": [
-                        PY,
-                        "-c",
-                        "import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': os.environ['NASTY']}, "
-                        "open(os.environ['CHLA_OUT_DIR'] + '/seen.json', 'w'))",
-                        *values,
-                    ],
-                    "env": {"NASTY": values[1] + values[0]},
-                },
-            }
-        },
-    }
+    pwn, values = shell_words(tmp_path, ["$${{HOME}}"])  # $$: a literal $ in a recipe
+    script = (
+        "import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': os.environ['NASTY']}, "
+        "open(os.environ['CHLA_OUT_DIR'] + '/seen.json', 'w'))"
+    )
+    recipe = one_command_recipe("nasty", script, values, {"NASTY": values[1] + values[0]})
+    recipe["slurm"] = {"sbatch": {"comment": f"$(touch {pwn}/comment); `touch {pwn}/c2`"}}
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
     submit(tmp_path, executor, "--set", f"stages.echo.params.env.EXTRA=$(touch {pwn}/set)")
     rows = finish(tmp_path, executor, "nasty")

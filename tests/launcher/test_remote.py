@@ -21,7 +21,7 @@ import yaml
 from chla_launcher.errors import ChlaError
 from chla_launcher.remote import RemoteTarget, parse_remote, shell_line
 
-from ..helpers import SHELL_WORDS
+from ..helpers import one_command_recipe, shell_words
 from .conftest import chla, status_json, wait_for_chain
 from .test_chains import SLEEPY
 
@@ -147,13 +147,12 @@ def test_parse_remote_format():
             parse_remote(bad)
 
 
-NASTY = [*SHELL_WORDS, "${{HOME}}", "\\", "-x", ""]
+# And the words ssh's quoting must keep.
+MORE_WORDS = ["${{HOME}}", "\\", "-x", ""]
 
 
 def test_shell_line_round_trips_every_word(tmp_path):
-    pwn = tmp_path / "pwned"
-    pwn.mkdir()
-    words = [v.format(pwn=pwn) for v in NASTY]
+    pwn, words = shell_words(tmp_path, MORE_WORDS)
     line = shell_line(["cd", str(tmp_path)], [PY, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))", *words])
     assert shlex.split(line.split(" && ", 1)[1]) == [
         PY,
@@ -217,28 +216,14 @@ def _yaml_double_quoted(value: str) -> str:
 @pytest.mark.slurm
 def test_remote_submit_status_logs_with_nasty_values(sshd, slurm_cluster, tmp_path):
     remote_dir = tmp_path / "remote dir; $(touch x)"  # the directory name itself needs quoting
-    pwn = tmp_path / "pwned"
-    pwn.mkdir()
-    values = [v.format(pwn=pwn) for v in NASTY]
-    recipe = {
-        "name": "remote-nasty",
-        "stages": {
-            "echo": {
-                "kind": "command",
-                "params": {
-                    "argv": [
-                        PY,
-                        "-c",
-                        "import json, os, sys; print('hello from the remote stage'); "
-                        "json.dump({'argv': sys.argv[1:], 'env': os.environ['NASTY'], 'extra': os.environ['EXTRA'], "
-                        "'plain': os.environ['PLAIN']}, open(os.environ['CHLA_OUT_DIR'] + '/seen.json', 'w'))",
-                        *[v.replace("${", "$${") for v in values],
-                    ],  # $${...} is a literal ${...} in a recipe
-                    "env": {"NASTY": values[1] + values[0]},
-                },
-            }
-        },
-    }
+    pwn, values = shell_words(tmp_path, MORE_WORDS)
+    script = (
+        "import json, os, sys; print('hello from the remote stage'); "
+        "json.dump({'argv': sys.argv[1:], 'env': os.environ['NASTY'], 'extra': os.environ['EXTRA'], "
+        "'plain': os.environ['PLAIN']}, open(os.environ['CHLA_OUT_DIR'] + '/seen.json', 'w'))"
+    )
+    literal = [v.replace("${", "$${") for v in values]  # $${...} is a literal ${...} in a recipe
+    recipe = one_command_recipe("remote-nasty", script, literal, {"NASTY": values[1] + values[0]})
     local_recipe = tmp_path / "it's a recipe; $(touch pwned-name).yaml"
     local_recipe.write_text(json.dumps(recipe))  # JSON is YAML
     extra = f'`touch {pwn}/set1` $(touch {pwn}/set2); it\'s "x"\n| touch {pwn}/set3 &'
