@@ -22,7 +22,8 @@ def tiny_config(vocab_size: int, **overrides):
     from chla_train.model_config import llama_config
 
     settings = llama_config(vocab=vocab_size, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, positions=256)
-    settings.update(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **overrides)
+    settings.update(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    settings.update(overrides)
     return LlamaConfig(**settings)
 
 
