@@ -23,6 +23,9 @@ def main() -> int:
     args = parser.parse_args()
     print_machine()
 
+    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.kinds.train_spm import TrainSpmParams
+    from chla_launcher.kinds.vocab_report import VocabReportParams
     from chla_tools.assets import fetch_assets
     from chla_tools.vocab import merge_tokenizers, render_markdown, train_spm, vocab_report
 
@@ -35,19 +38,21 @@ def main() -> int:
     assets = fetch_assets(log=quiet)
     timings["fetch (cached)"] = time.perf_counter() - started
 
+    train = TrainSpmParams(inputs=[assets["zh_train"]], vocab_size=args.vocab_size)
     started = time.perf_counter()
-    trained = train_spm([assets["zh_train"]], work / "zh_spm", vocab_size=args.vocab_size, log=quiet)
+    trained = train_spm(train, work / "zh_spm", log=quiet)
     timings[f"train ({args.vocab_size} BPE, {trained['chars']:,} chars)"] = time.perf_counter() - started
 
+    merge = MergeTokenizerParams(base=assets["base_tokenizer"], add=str(work / "zh_spm" / "spm.model"))
     started = time.perf_counter()
-    merged = merge_tokenizers(assets["base_tokenizer"], work / "zh_spm" / "spm.model", work / "merged", log=quiet)
+    merged = merge_tokenizers(merge, work / "merged", log=quiet)
     timings["merge"] = time.perf_counter() - started
 
     corpora = {"zh_heldout": assets["zh_heldout"], "en_heldout": assets["en_heldout"], "en_text": assets["en_text"]}
+    tokenizers = {"llama": assets["base_tokenizer"], "llama+zh": str(work / "merged")}
+    measured = VocabReportParams(tokenizers=tokenizers, corpora=corpora)
     started = time.perf_counter()
-    report = vocab_report(
-        {"llama": assets["base_tokenizer"], "llama+zh": str(work / "merged")}, corpora, work / "report", log=quiet
-    )
+    report = vocab_report(measured, work / "report", log=quiet)
     timings["report (2 tokenizers x 3 corpora, incl. transformers import)"] = time.perf_counter() - started
 
     print(f"machine: {os.cpu_count()} cores")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
+from ..errors import ChlaError
 from ..flags import Flag, ParamFlags
 from ..kinds.merge_tokenizer import MergeTokenizerParams
 from ..kinds.train_spm import TrainSpmParams
+from ..kinds.vocab_report import VocabReportParams
 
 NAME = "vocab"
 HELP = "extend a tokenizer: train a SentencePiece model, merge it into a base, report efficiency"
@@ -29,45 +32,56 @@ MERGE_FLAGS = ParamFlags(MergeTokenizerParams, (Flag("base", metavar="TOKENIZER"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vocab_command", metavar="ACTION", required=True)
+    train = "train a SentencePiece model with the original project's settings (BPE, coverage 0.9995, digits split)"
+    _add_action(sub, "train", "train a SentencePiece model (writes DIR/spm.model)", train, TRAIN_FLAGS.add_to)
+    merge = "append the new pieces of --add to --base (base ids unchanged); writes DIR/merged.model and DIR/tokenizer/"
+    _add_action(sub, "merge", "merge a SentencePiece model into a base tokenizer", merge, MERGE_FLAGS.add_to)
+    report = "write report.json, report.md and report.png; the first --tokenizer is the baseline"
+    _add_action(sub, "report", "tokens/char etc. per tokenizer x corpus", report, _add_report_flags)
 
-    train = sub.add_parser(
-        "train",
-        help="train a SentencePiece model (writes DIR/spm.model)",
-        description="train a SentencePiece model with the original project's "
-        "settings (BPE, coverage 0.9995, digits split)",
-    )
-    TRAIN_FLAGS.add_to(train)
-    train.add_argument("--out", required=True, metavar="DIR")
 
-    merge = sub.add_parser(
-        "merge",
-        help="merge a SentencePiece model into a base tokenizer",
-        description="append the new pieces of --add to --base (base ids "
-        "unchanged); writes DIR/merged.model and DIR/tokenizer/",
-    )
-    MERGE_FLAGS.add_to(merge)
-    merge.add_argument("--out", required=True, metavar="DIR")
+def _add_action(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    description: str,
+    add_flags: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    action = sub.add_parser(name, help=help_text, description=description)
+    add_flags(action)
+    action.add_argument("--out", required=True, metavar="DIR")
 
-    report = sub.add_parser(
-        "report",
-        help="tokens/char etc. per tokenizer x corpus",
-        description="write report.json, report.md and report.png; the first --tokenizer is the baseline",
-    )
-    report.add_argument("--tokenizer", nargs="+", action="extend", required=True, metavar="NAME=DIR")
-    report.add_argument("--corpus", nargs="+", action="extend", required=True, metavar="NAME=FILE")
-    report.add_argument("--out", required=True, metavar="DIR")
+
+def _add_report_flags(parser: argparse.ArgumentParser) -> None:
+    # The vocab_report kind's params are mappings, given here as NAME=PATH pairs.
+    parser.add_argument("--tokenizer", nargs="+", action="extend", required=True, metavar="NAME=DIR")
+    parser.add_argument("--corpus", nargs="+", action="extend", required=True, metavar="NAME=FILE")
+
+
+def parse_named(items: list[str], flag: str) -> dict[str, str]:
+    """`--tokenizer NAME=DIR ...` (or `--corpus`) -> {name: path}, in the order given."""
+    named: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ChlaError(f"--{flag} {item!r}: expected NAME=PATH")
+        if name in named:
+            raise ChlaError(f"--{flag} {name}: given twice; names must be unique")
+        named[name] = path
+    return named
 
 
 def run(args: argparse.Namespace) -> int:
     from chla_tools import vocab
 
     if args.vocab_command == "train":
-        vocab.train_spm_with_params(TRAIN_FLAGS.params(args), args.out)
+        vocab.train_spm(TRAIN_FLAGS.params(args), args.out)
     elif args.vocab_command == "merge":
-        vocab.merge_tokenizers_with_params(MERGE_FLAGS.params(args), args.out)
+        vocab.merge_tokenizers(MERGE_FLAGS.params(args), args.out)
     else:
-        report = vocab.vocab_report(
-            vocab.parse_named(args.tokenizer, "tokenizer"), vocab.parse_named(args.corpus, "corpus"), args.out
+        params = VocabReportParams(
+            tokenizers=parse_named(args.tokenizer, "tokenizer"), corpora=parse_named(args.corpus, "corpus")
         )
+        report = vocab.vocab_report(params, args.out)
         print(vocab.render_markdown(report, next(iter(report["tokenizers"]))), end="")
     return 0

@@ -36,5 +36,5 @@ class MergeTokenizerParams(StageParams):
 
 
 KIND = StageKind(
-    "merge_tokenizer", MergeTokenizerParams, "chla_tools.vocab:run_merge_tokenizer", needs_training_stack=False
+    "merge_tokenizer", MergeTokenizerParams, "chla_train.stages.merge_tokenizer:run", needs_training_stack=False
 )

@@ -29,4 +29,4 @@ class TrainSpmParams(StageParams):
     seed: int = Field(0, description="seed of the line sampling")
 
 
-KIND = StageKind("train_spm", TrainSpmParams, "chla_tools.vocab:run_train_spm", needs_training_stack=False)
+KIND = StageKind("train_spm", TrainSpmParams, "chla_train.stages.train_spm:run", needs_training_stack=False)

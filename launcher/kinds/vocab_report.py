@@ -28,4 +28,4 @@ class VocabReportParams(StageParams):
         return named
 
 
-KIND = StageKind("vocab_report", VocabReportParams, "chla_tools.vocab:run_vocab_report")
+KIND = StageKind("vocab_report", VocabReportParams, "chla_train.stages.vocab_report:run")

@@ -12,6 +12,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def train_assets(demo_assets, tmp_path_factory) -> dict[str, str]:
+    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.kinds.train_spm import TrainSpmParams
     from chla_tools.pretokenize import pretokenize
     from chla_tools.vocab import merge_tokenizers, train_spm
 
@@ -20,8 +22,9 @@ def train_assets(demo_assets, tmp_path_factory) -> dict[str, str]:
     zh_small = root / "zh_small.txt"
     zh_small.write_text("\n".join(lines[:600]) + "\n", encoding="utf-8")
     quiet = lambda *_: None  # noqa: E731
-    train_spm([str(zh_small)], root / "spm", vocab_size=2400, log=quiet)
-    merge_tokenizers(demo_assets["base_tokenizer"], root / "spm" / "spm.model", root / "merged", log=quiet)
+    train_spm(TrainSpmParams(inputs=[str(zh_small)], vocab_size=2400), root / "spm", log=quiet)
+    added = str(root / "spm" / "spm.model")
+    merge_tokenizers(MergeTokenizerParams(base=demo_assets["base_tokenizer"], add=added), root / "merged", log=quiet)
     merged = root / "merged" / "tokenizer"
     corpus = root / "corpus"
     pretokenize([str(zh_small)], merged, corpus, cache_dir=root / "cache", log=quiet)

@@ -26,26 +26,31 @@ def vocab_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def zh_spm(demo_assets, vocab_dir) -> Path:
     """The 20k-piece Chinese BPE model trained on zh_train (a few seconds)."""
+    from chla_launcher.kinds.train_spm import TrainSpmParams
     from chla_tools.vocab import train_spm
 
     out = vocab_dir / "zh20k"
-    train_spm([demo_assets["zh_train"]], out, vocab_size=20000, log=lambda m: None)
+    train_spm(TrainSpmParams(inputs=[demo_assets["zh_train"]], vocab_size=20000), out, log=lambda m: None)
     return out / "spm.model"
 
 
 @pytest.fixture(scope="session")
 def merged(demo_assets, zh_spm, vocab_dir) -> dict:
+    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
     from chla_tools.vocab import merge_tokenizers
 
     out = vocab_dir / "merged"
-    summary = merge_tokenizers(demo_assets["base_tokenizer"], zh_spm, out, log=lambda m: None)
+    params = MergeTokenizerParams(base=demo_assets["base_tokenizer"], add=str(zh_spm))
+    summary = merge_tokenizers(params, out, log=lambda m: None)
     return {"dir": out, **summary}
 
 
 @pytest.fixture(scope="session")
 def merged_pad(demo_assets, zh_spm, vocab_dir) -> dict:
+    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
     from chla_tools.vocab import merge_tokenizers
 
     out = vocab_dir / "merged_pad"
-    summary = merge_tokenizers(demo_assets["base_tokenizer"], zh_spm, out, pad_token=True, log=lambda m: None)
+    params = MergeTokenizerParams(base=demo_assets["base_tokenizer"], add=str(zh_spm), pad_token=True)
+    summary = merge_tokenizers(params, out, log=lambda m: None)
     return {"dir": out, **summary}

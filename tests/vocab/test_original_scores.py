@@ -35,6 +35,7 @@ def original_merge(base_model: Path, chinese_model: Path) -> bytes:
 def small_models(tmp_path_factory, demo_assets) -> dict[str, Path]:
     import sentencepiece as spm
 
+    from chla_launcher.kinds.train_spm import TrainSpmParams
     from chla_tools.vocab import train_spm
 
     root = tmp_path_factory.mktemp("original_scores")
@@ -58,7 +59,8 @@ def small_models(tmp_path_factory, demo_assets) -> dict[str, Path]:
         remove_extra_whitespaces=False,
         minloglevel=2,
     )
-    train_spm([root / "zh.txt"], root / "zh", vocab_size=2000, character_coverage=0.98, log=lambda _m: None)
+    params = TrainSpmParams(inputs=[str(root / "zh.txt")], vocab_size=2000, character_coverage=0.98)
+    train_spm(params, root / "zh", log=lambda _m: None)
     return {
         "root": root,
         "base": base_dir / "tokenizer.model",
@@ -67,15 +69,20 @@ def small_models(tmp_path_factory, demo_assets) -> dict[str, Path]:
     }
 
 
+def merge_params(small_models: dict[str, Path], **params):
+    """The merge_tokenizer params that add the small Chinese model to the small base."""
+    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+
+    return MergeTokenizerParams(base=str(small_models["base"]), add=str(small_models["add"]), **params)
+
+
 def test_scores_original_is_byte_identical_to_the_original_algorithm(small_models, tmp_path):
     from chla_tools.vocab import merge_tokenizers
 
     quiet = lambda _m: None  # noqa: E731
     reference = original_merge(small_models["base"], small_models["add"])
-    original = merge_tokenizers(
-        small_models["base"], small_models["add"], tmp_path / "original", scores="original", log=quiet
-    )
-    chla = merge_tokenizers(small_models["base"], small_models["add"], tmp_path / "chla", log=quiet)
+    original = merge_tokenizers(merge_params(small_models, scores="original"), tmp_path / "original", log=quiet)
+    chla = merge_tokenizers(merge_params(small_models), tmp_path / "chla", log=quiet)
 
     written = (tmp_path / "original" / "merged.model").read_bytes()
     assert written == reference
@@ -97,17 +104,17 @@ def test_scores_original_is_byte_identical_to_the_original_algorithm(small_model
 def test_vocab_report_gives_the_fast_slow_agreement_of_each(small_models, tmp_path):
     """The HF tokenizer of `scores: original` loads, but, with all new pieces tied at score 0,
     disagrees with SentencePiece on some Chinese lines; chla's scores agree on every line."""
+    from chla_launcher.kinds.vocab_report import VocabReportParams
     from chla_tools.vocab import merge_tokenizers, vocab_report
 
     quiet = lambda _m: None  # noqa: E731
     for name, scores in (("original", "original"), ("chla", "below_base")):
-        merge_tokenizers(small_models["base"], small_models["add"], tmp_path / name, scores=scores, log=quiet)
-    report = vocab_report(
-        {"chla": str(tmp_path / "chla" / "tokenizer"), "original": str(tmp_path / "original" / "tokenizer")},
-        {"zh": str(small_models["probe"])},
-        tmp_path / "report",
-        log=quiet,
+        merge_tokenizers(merge_params(small_models, scores=scores), tmp_path / name, log=quiet)
+    params = VocabReportParams(
+        tokenizers={"chla": str(tmp_path / "chla" / "tokenizer"), "original": str(tmp_path / "original" / "tokenizer")},
+        corpora={"zh": str(small_models["probe"])},
     )
+    report = vocab_report(params, tmp_path / "report", log=quiet)
     agreement = {row["tokenizer"]: row["fast_slow_agreement"] for row in report["results"]}
     assert agreement["chla"] == 1.0
     assert agreement["original"] < 1.0

@@ -46,16 +46,16 @@ def _ctx(kind: str, out_dir: Path, **params) -> SimpleNamespace:
 
 
 def test_runners_write_into_out_dir(tmp_path, demo_assets, zh_spm):
-    from chla_tools.vocab import run_merge_tokenizer, run_train_spm, run_vocab_report
+    from chla_train.stages import merge_tokenizer, train_spm, vocab_report
 
     ctx = _ctx("train_spm", tmp_path / "train", inputs=[demo_assets["zh_heldout"]], vocab_size=4000, threads=1)
-    assert run_train_spm(ctx)["vocab_size"] == 4000
+    assert train_spm.run(ctx)["vocab_size"] == 4000
     assert (tmp_path / "train" / "spm.model").is_file()
 
     ctx = _ctx(
         "merge_tokenizer", tmp_path / "merge", base=demo_assets["base_tokenizer"], add=str(zh_spm), pad_token=True
     )
-    metrics = run_merge_tokenizer(ctx)
+    metrics = merge_tokenizer.run(ctx)
     assert metrics["final_size"] == metrics["merged_size"] + 1
     assert any("32000 + " in m for m in ctx.messages)
     assert (tmp_path / "merge" / "tokenizer" / "tokenizer.json").is_file()
@@ -66,6 +66,6 @@ def test_runners_write_into_out_dir(tmp_path, demo_assets, zh_spm):
         tokenizers={"base": demo_assets["base_tokenizer"], "zh": str(tmp_path / "merge")},
         corpora={"zh": demo_assets["zh_heldout"]},
     )
-    metrics = run_vocab_report(ctx)
+    metrics = vocab_report.run(ctx)
     assert metrics["zh/zh/tokens_per_char"] < 0.65 * metrics["base/zh/tokens_per_char"]
     assert (tmp_path / "report" / "report.png").is_file()

@@ -16,6 +16,7 @@ def _lines(path: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def report(demo_assets, merged, vocab_dir) -> dict:
+    from chla_launcher.kinds.vocab_report import VocabReportParams
     from chla_tools.vocab import vocab_report
 
     corpora = {
@@ -23,12 +24,10 @@ def report(demo_assets, merged, vocab_dir) -> dict:
         "en_heldout": demo_assets["en_heldout"],
         "en_text": demo_assets["en_text"],
     }
-    return vocab_report(
-        {"base": demo_assets["base_tokenizer"], "merged": str(merged["dir"])},
-        corpora,
-        vocab_dir / "report",
-        log=lambda m: None,
+    params = VocabReportParams(
+        tokenizers={"base": demo_assets["base_tokenizer"], "merged": str(merged["dir"])}, corpora=corpora
     )
+    return vocab_report(params, vocab_dir / "report", log=lambda m: None)
 
 
 def _result(report: dict, tokenizer: str, corpus: str) -> dict:
