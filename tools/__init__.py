@@ -1,1 +1,2 @@
-"""chla_tools: offline helpers that are also stage kinds (demo assets, vocabulary extension, ...)."""
+"""chla_tools: the library behind the stage runners (chla_train/stages) and the `chla` commands:
+demo assets, vocabulary extension, pre-tokenization, merging, evaluation, export, reports."""

@@ -4,7 +4,8 @@ launcher never imports the training stack) and traits.
 Each module in this package describes one kind: its params model (whose docstring is the kind's
 description) and `KIND = StageKind(name, params, entry, ...)`; the registry
 collects them, so adding a kind is adding one module here and its runner,
-chla_train/stages/<kind>.py.
+`chla_train/stages/<kind>.py` (`run`, and `finalize` for an array kind; tests/launcher/test_kinds.py
+holds every kind to that).
 """
 
 from __future__ import annotations

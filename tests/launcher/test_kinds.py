@@ -4,10 +4,13 @@ that exists and takes the stage context: a renamed runner fails here, not in a j
 from __future__ import annotations
 
 import inspect
+import typing
 
 import pytest
 
 from chla_launcher.kinds import import_entry, registry
+from chla_launcher.kinds.merge import MergeParams
+from chla_train.context import StageContext
 
 KINDS = sorted(registry())
 
@@ -45,6 +48,25 @@ def test_entry_and_finalize_resolve(name):
         assert callable(finalize) and _takes_one_context(finalize), kind.finalize
     # finalize is what runs once after an array's tasks
     assert kind.array or kind.finalize is None, name
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_every_runner_lives_in_the_stage_module_named_like_its_kind(name):
+    """One predictable place: chla_train/stages/<kind>.py, `run` (and `finalize`), typed with the
+    kind's own params model."""
+    kind = registry()[name]
+    assert kind.entry == f"chla_train.stages.{name}:run"
+    assert kind.finalize in (None, f"chla_train.stages.{name}:finalize")
+    context = inspect.signature(import_entry(kind.entry), eval_str=True).parameters["ctx"].annotation
+    assert typing.get_args(context) == (kind.params,), (name, context)
+
+
+def test_a_runner_typed_with_another_kinds_params_is_caught():
+    def run(ctx: StageContext[MergeParams]) -> dict:
+        return {}
+
+    context = inspect.signature(run, eval_str=True).parameters["ctx"].annotation
+    assert typing.get_args(context) != (registry()["pretokenize"].params,)
 
 
 def test_a_misspelt_entry_does_not_resolve():
