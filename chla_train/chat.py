@@ -19,7 +19,7 @@ def chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from chla_tools.inference import encode, format_prompt, input_device, load_for_inference
+    from chla_tools.inference import encode_prompt, format_prompt, input_device, load_for_inference
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -44,7 +44,7 @@ def chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         text = format_prompt(line) if args.template else line
-        input_ids = torch.tensor([encode(tokenizer, text)], device=device)
+        input_ids = torch.tensor([encode_prompt(tokenizer, text)], device=device)
         try:
             with torch.no_grad():
                 model.generate(

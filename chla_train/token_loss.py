@@ -28,10 +28,17 @@ LOGITS_PER_CHUNK = {"cpu": 2**24, "cuda": 2**27}
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden[i] @ weight.T, targets[i]); hidden [n, h], weight [vocab, h], targets [n]."""
+    """sum_i w_i CE(hidden[i] @ weight.T, targets[i]); hidden [n, h], weight [vocab, h], targets
+    [n], target_weights [n] (fp32; None: every w_i is 1)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        target_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
@@ -39,21 +46,26 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk = max(1, LOGITS_PER_CHUNK.get(hidden.device.type, 2**22) // weight.shape[0])
         for start in range(0, hidden.shape[0], chunk):
             piece, target = hidden[start : start + chunk], targets[start : start + chunk]
+            scale = None if target_weights is None else target_weights[start : start + chunk]
             logits = (piece @ weight.T).float()
             # log-sum-exp and softmax from one exp pass, in place (the logits are not needed after)
             top = logits.amax(dim=1, keepdim=True)
             target_logits = logits.gather(1, target[:, None]).squeeze(1)
             exps = logits.sub_(top).exp_()
             sums = exps.sum(dim=1)
-            loss += (sums.log() + top.squeeze(1) - target_logits).sum()
+            losses = sums.log() + top.squeeze(1) - target_logits
+            loss += (losses if scale is None else losses * scale).sum()
             if want_hidden or want_weight:
                 # d loss / d logits = softmax - one-hot: computed in fp32, then in the model's dtype
                 rows = torch.arange(len(target), device=exps.device)
                 at_target = exps[rows, target] / sums - 1.0
+                divisor = sums if scale is None else sums / scale  # a row's gradient scales with its weight
                 if hidden.dtype == torch.float32:
-                    grad_logits = exps.div_(sums[:, None])
+                    grad_logits = exps.div_(divisor[:, None])
                 else:  # the division writes the cast result: one pass instead of two
-                    grad_logits = torch.div(exps, sums[:, None], out=torch.empty_like(exps, dtype=hidden.dtype))
+                    grad_logits = torch.div(exps, divisor[:, None], out=torch.empty_like(exps, dtype=hidden.dtype))
+                if scale is not None:
+                    at_target = at_target * scale
                 grad_logits[rows, target] = at_target.to(hidden.dtype)
                 if grad_hidden is not None:
                     torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk])
@@ -73,7 +85,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None
 
 
 def projection_weight(module: nn.Module) -> torch.Tensor | None:

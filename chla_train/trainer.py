@@ -429,7 +429,7 @@ class Trainer:
         ]
         # Collectives run on the device: NCCL (GPU) cannot reduce CPU tensors.
         local = torch.tensor(
-            [sum(label_token_count(b) for b in micro_batches), sum(input_token_count(b) for b in micro_batches)],
+            [sum(label_weight_sum(b) for b in micro_batches), sum(input_token_count(b) for b in micro_batches)],
             dtype=torch.float64,
             device=self.device,
         )
@@ -439,7 +439,7 @@ class Trainer:
         for batch in micro_batches:
             token_loss_sum = self._forward(batch)
             # DeepSpeed averages gradients over ranks, so scale by world_size / global label tokens
-            # to get the gradient of the global token mean.
+            # (or the global sum of the label weights) to get the gradient of the global mean.
             self.engine.backward(token_loss_sum * (self.world_size / label_tokens), scale_wrt_gas=False)
             self.engine.step()
             loss_sum += token_loss_sum.detach().double()
@@ -454,8 +454,9 @@ class Trainer:
         dist.all_reduce(flag)
         return flag.item() > 0
 
-    def _forward(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
-        """Sum of token cross-entropies of one micro-batch.
+    def _forward(self, batch: dict[str, np.ndarray], *, weighted: bool = True) -> torch.Tensor:
+        """Sum of token cross-entropies of one micro-batch, each times its label weight when the
+        batch has `label_weights` and `weighted` (chla_tools.sft_data.weigh_examples).
 
         The vocabulary projection is computed only at the positions that predict a label (SFT:
         the answer, ~50 of ~1,600 tokens in a batch of reviews; with a 50K vocabulary that
@@ -484,6 +485,9 @@ class Trainer:
         # Position t predicts token t + 1.
         rows, columns = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
         targets = labels[rows, columns + 1]
+        scale = None
+        if weighted and "label_weights" in batch:
+            scale = torch.from_numpy(batch["label_weights"]).to(self.device, torch.float32)[rows, columns + 1]
         layer = computing_layer(self.engine.module.get_output_embeddings())
         chunked = projection_weight(layer) is not None and not self.engine.zero_optimization_partition_weights()
         losses = []
@@ -491,7 +495,7 @@ class Trainer:
         def label_positions_only(module, args):
             hidden = args[0][rows, columns]
             if chunked:
-                losses.append(ChunkedLinearCrossEntropy.apply(hidden, projection_weight(module), targets))
+                losses.append(ChunkedLinearCrossEntropy.apply(hidden, projection_weight(module), targets, scale))
                 hidden = hidden[:0]
             return (hidden.unsqueeze(0),) + tuple(args[1:])
 
@@ -502,7 +506,8 @@ class Trainer:
             hook.remove()
         if chunked:
             return losses[0]
-        return torch.nn.functional.cross_entropy(logits[0].float(), targets, reduction="sum")
+        token_losses = torch.nn.functional.cross_entropy(logits[0].float(), targets, reduction="none")
+        return (token_losses if scale is None else token_losses * scale).sum()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -519,7 +524,7 @@ class Trainer:
             chunk = indices[start : start + per_batch]
             weight = 1.0 if chunk else 0.0
             batch = self.data.collate([self.data.valid_set[i] for i in (chunk or indices[:1])])
-            totals[0] += weight * self._forward(batch).double()
+            totals[0] += weight * self._forward(batch, weighted=False).double()
             totals[1] += weight * label_token_count(batch)
         self.engine.train()
         dist.all_reduce(totals)
@@ -574,6 +579,14 @@ class Trainer:
 def label_token_count(batch: dict[str, np.ndarray]) -> int:
     """Positions that contribute to the causal-LM loss (HF shifts labels left by one)."""
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def label_weight_sum(batch: dict[str, np.ndarray]) -> float:
+    """What a micro-batch's loss sum is divided by: its label tokens, or with `label_weights`
+    the sum of the weights of those tokens (one per example: the mean over examples)."""
+    if "label_weights" not in batch:
+        return float(label_token_count(batch))
+    return float(batch["label_weights"][:, 1:][batch["labels"][:, 1:] != -100].sum())
 
 
 def input_token_count(batch: dict[str, np.ndarray]) -> int:

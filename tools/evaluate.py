@@ -16,8 +16,9 @@ Three kinds of input, any number of each:
   whitespace -> one space, ends stripped), beside the majority-output baseline of the file.
   Classification tasks (sentiment) are also scored by ranking their choices by the model's
   log-likelihood, as lm-evaluation-harness scores multiple choice: the summed log-probability
-  of each choice's tokens after the prompt (the choice tokenized on its own, as SFT tokenizes
-  targets; no EOS), the highest wins. Greedy generation stays the headline (`score`).
+  of each choice's tokens after the prompt (the choice tokenized as the prompt's continuation,
+  as SFT tokenizes targets: chla_tools.sft_data.encode_pairs; no EOS), the highest wins.
+  Greedy generation stays the headline (`score`).
 - prompts (`prompts`): JSONL {"prompt": ...} (or Alpaca records) -> greedy generations, JSONL.
 Generation length: `max_new_tokens` when given, else the task's own (chla_tools.tasks), else 64.
 
@@ -153,11 +154,14 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[str], *, 
     choice tokens are computed."""
     import torch
 
-    from chla_tools.inference import encode
+    from chla_tools.sft_data import encode_pairs
 
-    choice_ids = [tokenizer(choice, add_special_tokens=False).input_ids for choice in choices]
-    pairs = [(encode(tokenizer, prompt), ids) for prompt in prompts for ids in choice_ids]
-    keep = max(len(ids) for ids in choice_ids) + 1
+    pairs = [
+        (head, answer)
+        for prompt in prompts
+        for head, answer, _joined in encode_pairs(tokenizer, [prompt] * len(choices), list(choices))
+    ]
+    keep = max(len(answer) for _head, answer in pairs) + 1
     device = next(model.parameters()).device
     scores: list[float] = [0.0] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))

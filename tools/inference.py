@@ -18,7 +18,7 @@ from typing import Any
 from chla_launcher.errors import ChlaError
 
 # The recipe's Alpaca template, exactly as SFT training formats prompts.
-from chla_tools.sft_data import PROMPT_TEMPLATE, format_prompt  # noqa: E402,F401
+from chla_tools.sft_data import PROMPT_TEMPLATE, encode_prompt, format_prompt  # noqa: E402,F401
 
 
 def find_tokenizer_dir(model_dir: Path, adapter_dirs: list[Path]) -> Path:
@@ -178,7 +178,8 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     """Greedy (default) or sampled continuations of `prompts`, batched with left padding."""
     import torch
 
-    encoded = [encode(tokenizer, prompt) for prompt in prompts]
+    # as SFT encodes a prompt: without its trailing whitespace, which the answer starts with
+    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])

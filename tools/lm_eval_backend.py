@@ -13,13 +13,12 @@ on three kinds of task:
 
 How a (context, answer) pair becomes tokens (`pair_tokenization`): lm-eval's own way ("joint")
 encodes context + answer as one string and takes the tokens past the context's, after moving the
-context's trailing spaces into the answer; that is what published lm-eval scores use. chla's SFT
-(like the original project's) encodes the prompt and the answer separately, and SentencePiece's
-dummy prefix makes the boundary differ: the Alpaca prompt ends in "▁" and the answer starts with
-its own "▁", where the joint string has a single "▁正". A model tuned on the separate form, scored
-on the joint one, is scored on a sequence it never saw (the demo's SFT model: 0.480 joint against
-0.80 separate, below the 0.52 majority baseline). "separate" keeps lm-eval's HF backend and only
-encodes each part on its own, as lm-eval already does for seq2seq models.
+context's trailing spaces into the answer; that is what published lm-eval scores use, and how
+chla's SFT encodes its examples (chla_tools.sft_data.encode_pairs). "separate" encodes each part on
+its own, as the original project's SFT did (and as lm-eval already does for seq2seq models), for a
+model tuned that way: SentencePiece's dummy prefix makes that boundary differ (the Alpaca prompt
+ends in "▁" and the answer starts with its own "▁", where the joint string has a single "▁正"),
+and a model tuned on one form, scored on the other, is scored on a sequence it never saw.
 
 Nothing is fetched at run time: HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set while lm-eval runs,
 so a registry task's data must already be in the HF datasets cache of the nodes (load the task
@@ -103,7 +102,8 @@ def write_alpaca_task(path: str | os.PathLike[str], task_dir: Path, *, template:
         "doc_to_text": "prompt",
         "doc_to_choice": "choices",
         "doc_to_target": "label",
-        # The prompt ends where the answer starts ("### Response: "), as in SFT.
+        # The prompt ends where the answer starts ("### Response: "; its trailing space moves into
+        # the answer under the joint pair tokenization, as in SFT).
         "target_delimiter": "",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0, "source": str(path)},

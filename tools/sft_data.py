@@ -3,10 +3,18 @@
 As the original project's build_instruction_dataset:
 - prompt = PROMPT_TEMPLATE with {instruction}; a non-empty `input` is appended to the instruction
   after a newline; the prompt is tokenized with the tokenizer's special tokens (BOS);
-- target = output + EOS (tokenized without special tokens, then the EOS id);
+- target = output + EOS;
 - labels are -100 on the prompt, the target ids elsewhere; input_ids and labels are cut to
   max_seq_length (which may cut the target).
-Differences, on purpose: an example whose prompt fills max_seq_length (no target token left) is
+Differences, on purpose: the output is tokenized as the continuation of the prompt, where the
+original tokenizes it on its own (`encode_pair`, lm-evaluation-harness's rule). SentencePiece
+gives text on its own a dummy "▁" prefix, so the original trains on "Response:", "▁", "▁正",
+"面" while a model generating after that prompt has to produce the same "▁正" after a "▁" that
+the joint text never has; the demo's greedy answers began with a lone "▁" and never completed
+a label. Here the prompt's trailing whitespace moves into the answer, the pair is encoded as one
+string and the answer is the tokens past the prompt's ("Response:", "▁正", "面"), and generation
+encodes the prompt the same way (`encode_prompt`), so training and generation see the same
+token boundary. An example whose prompt fills max_seq_length (no target token left) is
 dropped and counted (`stats["no_target"]`): its loss would be 0/0; a record with a missing key or
 a non-string value is an error naming file and record, or skipped and counted with
 on_bad_record="skip"; optional packing of several examples into one sequence (`packing`: they
@@ -41,7 +49,7 @@ PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n{instruction}\n\n### Response: "
 )
-CACHE_VERSION = "chla-sft-v1"
+CACHE_VERSION = "chla-sft-v2"  # v2: the answer is encoded as the prompt's continuation
 
 
 def format_prompt(instruction: str, input: str = "", template: str | None = None) -> str:  # noqa: A002
@@ -50,6 +58,43 @@ def format_prompt(instruction: str, input: str = "", template: str | None = None
         instruction = f"{instruction}\n{input}"
     # str.replace, not str.format: a template may contain other braces (JSON examples, code).
     return (template or PROMPT_TEMPLATE).replace("{instruction}", instruction)
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """The prompt without its trailing whitespace, and that whitespace (which starts the answer)."""
+    context = prompt.rstrip()
+    return context, prompt[len(context) :]
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids a model continues from: BOS (exactly one, whatever the tokenizer's add_bos
+    setting) and the prompt without its trailing whitespace, as SFT encodes it (`encode_pairs`)."""
+    return _with_bos(tokenizer, [split_prompt(prompt)[0]])[0]
+
+
+def _with_bos(tokenizer, texts: list[str]) -> list[list[int]]:
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return [bos + ids for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+
+
+def encode_pairs(tokenizer, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int], bool]]:
+    """(prompt ids, answer ids, joined) of each pair: the prompt as `encode_prompt` encodes it and
+    the answer as its continuation, the tokens of prompt + answer (encoded as one string) past the
+    prompt's. When the pair's tokens do not start with the prompt's (a token spans the boundary,
+    which the prompt's trailing whitespace moved into the answer makes rare), the answer is
+    encoded on its own and `joined` is False."""
+    if not prompts:
+        return []
+    heads = _with_bos(tokenizer, [split_prompt(prompt)[0] for prompt in prompts])
+    wholes = _with_bos(tokenizer, [prompt + answer for prompt, answer in zip(prompts, answers)])
+    pairs = []
+    for prompt, answer, head, whole in zip(prompts, answers, heads, wholes):
+        if whole[: len(head)] == head:
+            pairs.append((head, whole[len(head) :], True))
+        else:
+            lead = split_prompt(prompt)[1]
+            pairs.append((head, tokenizer(lead + answer, add_special_tokens=False).input_ids, False))
+    return pairs
 
 
 def load_sft_tokenizer(tokenizer_dir: str | Path):
@@ -225,6 +270,7 @@ def _build_entry(
         "skipped": 0,
         "truncated": 0,
         "no_target": 0,
+        "split_boundary": 0,
         "examples": 0,
         "packed_sequences": 0,
     }
@@ -238,10 +284,9 @@ def _build_entry(
         else:
             raise ChlaError(f"{problem}; fix it or set on_bad_record: skip")
     prompts = [format_prompt(r["instruction"], r.get("input") or "", template) for r in good]
-    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
-    output_ids = tokenizer([r["output"] for r in good], add_special_tokens=False)["input_ids"] if good else []
     examples = []
-    for source, target in zip(prompt_ids, output_ids):
+    for source, target, joined in encode_pairs(tokenizer, prompts, [r["output"] for r in good]):
+        stats["split_boundary"] += not joined
         target = target + [tokenizer.eos_token_id]
         ids = (source + target)[:max_seq_length]
         labels = ([IGNORE_INDEX] * len(source) + target)[:max_seq_length]
@@ -310,20 +355,56 @@ def collate_sft(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np
     input_ids = np.full((len(batch), longest), pad_id, dtype=np.int64)
     labels = np.full((len(batch), longest), IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
+    weights = np.zeros((len(batch), longest), dtype=np.float32) if "label_weights" in batch[0] else None
     for row, example in enumerate(batch):
         length = len(example["input_ids"])
         input_ids[row, :length] = example["input_ids"]
         labels[row, :length] = example["labels"]
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if weights is not None:
+            weights[row, :length] = example["label_weights"]
+    padded = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if weights is not None:
+        padded["label_weights"] = weights
+    return padded
 
 
-def sft_collate(pad_id: int, *, pack_batches: bool = False, row_length: int = 0, share_prefix: bool = False):
+def sft_collate(
+    pad_id: int,
+    *,
+    pack_batches: bool = False,
+    row_length: int = 0,
+    share_prefix: bool = False,
+    example_mean: bool = False,
+):
     """The collate function of an `sft` stage's params: padded batches, or packed rows
-    (`pack_batches`, rows of `row_length` = max_seq_length, optionally with the shared prefix)."""
+    (`pack_batches`, rows of `row_length` = max_seq_length, optionally with the shared prefix);
+    with `example_mean`, each example's label tokens weighted to count as one example together
+    (`weigh_examples`)."""
     if pack_batches:
-        return partial(collate_sft_packed, pad_id=pad_id, row_length=row_length, share_prefix=share_prefix)
-    return partial(collate_sft, pad_id=pad_id)
+        collate = partial(collate_sft_packed, pad_id=pad_id, row_length=row_length, share_prefix=share_prefix)
+    else:
+        collate = partial(collate_sft, pad_id=pad_id)
+    return weigh_examples(collate) if example_mean else collate
+
+
+def example_label_weights(labels: np.ndarray) -> np.ndarray:
+    """1/n on each of an example's n predicted label tokens (its first position predicts nothing
+    of its own), 0 elsewhere: the batch's loss is then the mean over examples of each example's
+    mean token loss, where the token mean lets a 40-token answer weigh 20 times a 2-token label."""
+    labelled = np.asarray(labels) != IGNORE_INDEX
+    predicted = int(labelled[1:].sum())
+    return labelled.astype(np.float32) / max(predicted, 1)
+
+
+def weigh_examples(collate):
+    """`collate`, with `label_weights` (example_label_weights of each example) placed like its
+    labels: the trainer divides the weighted loss sum by the sum of the weights."""
+
+    def weighed(batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return collate([{**example, "label_weights": example_label_weights(example["labels"])} for example in batch])
+
+    return weighed
 
 
 def collate_sft_packed(
@@ -379,6 +460,7 @@ def collate_sft_packed(
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((len(rows), width), dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    weights = np.zeros((len(rows), width), dtype=np.float32) if "label_weights" in batch[0] else None
     # which key each query attends to, when a prefix is shared (else empty: varlen boundaries say it)
     attend = np.zeros((len(rows), width, width) if share_prefix else (0, 0, 0), dtype=bool)
     segment_starts: list[int] = []
@@ -394,6 +476,8 @@ def collate_sft_packed(
             stop = start + sizes[index]
             input_ids[row, start:stop] = batch[index]["input_ids"][prefix:]
             labels[row, start:stop] = batch[index]["labels"][prefix:]
+            if weights is not None:
+                weights[row, start:stop] = batch[index]["label_weights"][prefix:]
             position_ids[row, start:stop] = np.arange(prefix, lengths[index])
             attention_mask[row, start:stop] = 1
             if share_prefix:
@@ -411,6 +495,8 @@ def collate_sft_packed(
         "position_ids": position_ids,
         "attention_mask": attention_mask,
     }
+    if weights is not None:
+        packed["label_weights"] = weights
     if share_prefix:
         packed["packed_attention_mask"] = attend
     else:

@@ -47,8 +47,11 @@ class ReplayBlocks:
         return {"input_ids": block, "labels": block, "replay": True}
 
 
-def collate_with_replay(collate_examples: Callable[[list[dict]], Batch], pad_id: int) -> Callable[[list[dict]], Batch]:
-    """A collate function for batches that mix instruction examples and replay blocks."""
+def collate_with_replay(
+    collate_examples: Callable[[list[dict]], Batch], pad_id: int, *, weighted: bool = False
+) -> Callable[[list[dict]], Batch]:
+    """A collate function for batches that mix instruction examples and replay blocks;
+    `weighted`: collate_examples gives `label_weights`, and each replay block weighs as one example."""
 
     def collate(batch: list[dict]) -> Batch:
         replay = [item for item in batch if item.get("replay")]
@@ -57,14 +60,25 @@ def collate_with_replay(collate_examples: Callable[[list[dict]], Batch], pad_id:
             return collate_examples(examples)
         replay_rows = np.stack([item["input_ids"] for item in replay]).astype(np.int64)
         if not examples:
-            return _replay_only(replay_rows)
+            return _replay_only(replay_rows, weighted)
         return _stack_rows(collate_examples(examples), replay_rows, pad_id)
 
     return collate
 
 
-def _replay_only(rows: np.ndarray) -> Batch:
-    return {"input_ids": rows, "labels": rows.copy(), "attention_mask": np.ones_like(rows)}
+def _replay_only(rows: np.ndarray, weighted: bool) -> Batch:
+    batch = {"input_ids": rows, "labels": rows.copy(), "attention_mask": np.ones_like(rows)}
+    if weighted:
+        batch["label_weights"] = _block_weights(rows.shape, rows.shape[1])
+    return batch
+
+
+def _block_weights(shape: tuple[int, int], length: int) -> np.ndarray:
+    """A replay block weighs as one example (chla_tools.sft_data.example_label_weights): 1/(length
+    - 1) on its tokens, of which all but the first are predicted."""
+    weights = np.zeros(shape, dtype=np.float32)
+    weights[:, :length] = 1.0 / max(length - 1, 1)
+    return weights
 
 
 def _stack_rows(main: Batch, replay: np.ndarray, pad_id: int) -> Batch:
@@ -85,6 +99,8 @@ def _stack_rows(main: Batch, replay: np.ndarray, pad_id: int) -> Batch:
             extra[:, :length] = 1
         elif key == "position_ids":
             extra = np.concatenate([np.arange(length), np.arange(width - length)])[None].repeat(count, 0)
+        elif key == "label_weights":
+            extra = _block_weights((count, width), length)
         elif key == "packed_attention_mask":
             extra = np.zeros((count, width, width), dtype=value.dtype)
             extra[:, :length, :length] = np.tri(length, dtype=bool)
@@ -109,7 +125,7 @@ def _pad_columns(key: str, value: np.ndarray, width: int, pad_id: int) -> np.nda
         return np.concatenate([value, np.full((rows, missing), pad_id, dtype=value.dtype)], axis=1)
     if key == "labels":
         return np.concatenate([value, np.full((rows, missing), IGNORE_INDEX, dtype=value.dtype)], axis=1)
-    if key == "attention_mask":
+    if key in ("attention_mask", "label_weights"):
         return np.concatenate([value, np.zeros((rows, missing), dtype=value.dtype)], axis=1)
     if key == "position_ids":  # the added tail is a segment of its own
         return np.concatenate([value, np.arange(missing)[None].repeat(rows, 0).astype(value.dtype)], axis=1)

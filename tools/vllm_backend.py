@@ -123,8 +123,8 @@ class VllmGenerator:
     def generate_texts(self, prompts: list[str], *, max_new_tokens: int, **sampling) -> list[str]:
         from vllm import SamplingParams
 
-        from chla_tools.inference import encode
+        from chla_tools.inference import encode_prompt
 
         params = SamplingParams(**sampling_params_kwargs(max_new_tokens=max_new_tokens, **sampling))
-        requests = [{"prompt_token_ids": encode(self.tokenizer, prompt)} for prompt in prompts]
+        requests = [{"prompt_token_ids": encode_prompt(self.tokenizer, prompt)} for prompt in prompts]
         return [result.outputs[0].text for result in self.llm.generate(requests, params, use_tqdm=False)]

@@ -132,6 +132,7 @@ def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[
         pack_batches=params.pack_batches,
         row_length=params.max_seq_length,
         share_prefix=params.share_prompt_prefix,
+        example_mean=params.loss_mean == "example",
     )
     if valid_set is None:
         valid_set = parts[0].dataset if len(parts) == 1 else ItemList(valid_picks)
@@ -182,7 +183,7 @@ def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[
         )
     )
     if params.replay_corpus:
-        collate = collate_with_replay(collate, tokenizer.pad_token_id)
+        collate = collate_with_replay(collate, tokenizer.pad_token_id, weighted=params.loss_mean == "example")
     return (
         TrainData(
             train_set=blend,

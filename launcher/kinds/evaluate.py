@@ -42,7 +42,8 @@ class LmEvalParams(StageParams):
     pair_tokenization: Literal["joint", "separate"] = Field(
         "joint",
         description="joint: lm-eval's own (context + answer encoded as one string; comparable "
-        "with published scores); separate: prompt and answer encoded each on its own, as chla's SFT trains",
+        "with published scores; as chla's SFT encodes its examples); separate: prompt and answer "
+        "encoded each on its own, as the original project's SFT did",
     )
 
     @field_validator("include_path", "alpaca_tasks")

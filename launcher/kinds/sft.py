@@ -63,6 +63,12 @@ class SftParams(TrainingParams):
         "replay_block_size tokens weighs as much as that many answer tokens)",
     )
     replay_block_size: int = Field(default=128, gt=1, description="tokens per replay block")
+    loss_mean: Literal["token", "example"] = Field(
+        default="token",
+        description="token: the loss is the mean over the batch's answer tokens (the original's), "
+        "so long answers outweigh short ones; example: the mean over examples of each example's "
+        "token mean (a replay block counts as one example)",
+    )
     group_by_length: bool = Field(
         default=False, description="batch examples of similar length (less padding; HF's group_by_length)"
     )

@@ -13,6 +13,7 @@ from chla_tools.sft_data import (
     PROMPT_TEMPLATE,
     collate_sft,
     collate_sft_packed,
+    encode_prompt,
     format_prompt,
     load_sft_dataset,
     load_sft_tokenizer,
@@ -54,13 +55,24 @@ def test_prompt_is_masked_and_target_is_output_plus_eos(tmp_path, records, token
     for index in (0, 7, len(records) - 1):
         record, example = records[index], dataset[index]
         prompt = format_prompt(record["instruction"], record["input"])
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        target_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        # The answer is the prompt's continuation: prompt + output encoded as one string, the
+        # answer's tokens those past the prompt's, the prompt's trailing space carried by the
+        # answer's first token; a model generating after the prompt sees the same boundary.
+        prompt_ids = tokenizer(prompt.rstrip())["input_ids"]
+        whole = tokenizer(prompt + record["output"])["input_ids"]
+        assert whole[: len(prompt_ids)] == prompt_ids
+        target_ids = whole[len(prompt_ids) :] + [tokenizer.eos_token_id]
         assert prompt_ids[0] == tokenizer.bos_token_id
         assert example["input_ids"].dtype == np.int64 and example["labels"].dtype == np.int64
         assert example["input_ids"].tolist() == prompt_ids + target_ids
         assert example["labels"].tolist() == [IGNORE_INDEX] * len(prompt_ids) + target_ids
-        assert tokenizer.decode(example["labels"][len(prompt_ids) : -1]) == record["output"]
+        assert tokenizer.decode(example["labels"][len(prompt_ids) : -1]).strip() == record["output"]
+        assert example["input_ids"][: len(prompt_ids)].tolist() == encode_prompt(tokenizer, prompt)
+        # control: the original's way, prompt and output encoded each on its own, differs at the
+        # boundary (a lone "▁" ends the prompt, and the output starts with its own "▁")
+        separate = tokenizer(prompt)["input_ids"] + tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        assert separate != whole and tokenizer.convert_ids_to_tokens(separate[len(prompt_ids)]) == "▁"
+    assert dataset.stats["split_boundary"] == 0
 
 
 def test_pad_token_makes_vocab_base_plus_one_and_collate_pads_right(tmp_path, records, tokenizer, demo_assets):
@@ -163,3 +175,47 @@ def test_packed_batches_hold_every_example_once(tmp_path, records, demo_assets):
     # Examples that start differently share nothing.
     other = dict(examples[1], input_ids=np.concatenate([[7], examples[1]["input_ids"][1:]]))
     assert shared_prompt_prefix([examples[0], other]) == 0
+
+
+def test_a_token_across_the_prompt_boundary_falls_back_to_encoding_the_answer_alone(tmp_path, demo_assets):
+    """A template that ends inside a word ("say hel" + the output "lo" is "▁hell", "o"): the
+    pair's tokens do not start with the prompt's, so the answer is encoded on its own, counted."""
+    tokenizer = load_sft_tokenizer(demo_assets["base_tokenizer"])
+    path = tmp_path / "train.json"
+    records = [{"instruction": "say", "input": "", "output": "lo"}, {"instruction": "say", "input": "", "output": "!"}]
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    dataset = load_sft_dataset(
+        path, demo_assets["base_tokenizer"], template="{instruction} hel", cache_dir=tmp_path / "cache"
+    )
+    head = encode_prompt(tokenizer, "say hel")
+    assert tokenizer("say hello")["input_ids"][: len(head)] != head  # the premise
+    assert dataset.stats["split_boundary"] == 1
+    answer = tokenizer("lo", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert dataset[0]["input_ids"].tolist() == head + answer
+    assert dataset[0]["labels"].tolist() == [IGNORE_INDEX] * len(head) + answer
+    # control: "!" starts a piece of its own, so that pair is split where the prompt ends
+    assert dataset[1]["input_ids"].tolist() == tokenizer("say hel!")["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_example_mean_weighs_every_example_and_replay_block_as_one(tmp_path, records, demo_assets):
+    from chla_tools.sft_data import sft_collate
+    from chla_tools.sft_replay import collate_with_replay
+    from chla_train.trainer import label_token_count, label_weight_sum
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    dataset = load_sft_dataset(path, demo_assets["base_tokenizer"], cache_dir=tmp_path / "cache")
+    items = [dataset[i] for i in range(6)]
+    padded = sft_collate(dataset.pad_id, example_mean=True)(items)
+    packed = sft_collate(dataset.pad_id, pack_batches=True, row_length=512, share_prefix=True, example_mean=True)(items)
+    for batch in (padded, packed):
+        assert label_weight_sum(batch) == pytest.approx(6)
+        assert not batch["label_weights"][batch["labels"] == IGNORE_INDEX].any()
+    assert padded["label_weights"][:, 1:].sum(axis=1) == pytest.approx(np.ones(6))
+    blocks = [{"input_ids": np.arange(100, 110), "labels": np.arange(100, 110), "replay": True}] * 2
+    mixed = collate_with_replay(sft_collate(dataset.pad_id, example_mean=True), dataset.pad_id, weighted=True)
+    assert label_weight_sum(mixed(items + blocks)) == pytest.approx(8)
+    assert label_weight_sum(mixed(blocks)) == pytest.approx(2)
+    # control: the token mean divides by the label tokens, more than the examples here
+    plain = sft_collate(dataset.pad_id)(items)
+    assert "label_weights" not in plain and label_weight_sum(plain) == label_token_count(plain) > 6

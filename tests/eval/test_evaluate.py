@@ -168,8 +168,12 @@ def test_choice_log_likelihoods_batched_equal_one_sequence_at_a_time(merged_mode
     batched = evaluation.choice_logliks(model, tokenizer, prompts, choices, batch_size=4)
     for prompt, scores in zip(prompts, batched):
         for choice, score in zip(choices, scores):
-            prompt_ids = encode(tokenizer, prompt)
-            choice_ids = tokenizer(choice, add_special_tokens=False).input_ids
+            # the choice as the prompt's continuation (as SFT trains): the pair encoded whole,
+            # the prompt without its trailing space, which the choice's first token carries
+            prompt_ids = encode(tokenizer, prompt.rstrip())
+            whole = encode(tokenizer, prompt + choice)
+            assert whole[: len(prompt_ids)] == prompt_ids and prompt != prompt.rstrip()
+            choice_ids = whole[len(prompt_ids) :]
             ids = torch.tensor([prompt_ids + choice_ids])
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]

@@ -5,8 +5,9 @@ fetched: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE are set while it runs).
 lm-eval's per-item log-likelihoods are checked against a second computation written here with
 plain transformers: the choice's tokens after the Alpaca prompt, summed log-softmax; the tokens
 split as lm-eval documents it (context and context+choice encoded whole, the choice's tokens are
-the difference) or encoded separately, as SFT trains (pair_tokenization: separate). The whole
-stage path (results.json, summary) runs in the demo chain test."""
+the difference; chla's SFT encodes its examples so) or encoded separately, as the original
+project's SFT did (pair_tokenization: separate). The whole stage path (results.json, summary)
+runs in the demo chain test."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def own_loglikelihood(model, tokenizer, prompt: str, choice: str, pair_tokenizat
         context, continuation = prompt.rstrip(), prompt[len(prompt.rstrip()) :] + choice
         whole, head = tokenizer(context + continuation)["input_ids"], tokenizer(context)["input_ids"]
         assert whole[: len(head)] == head
-    else:  # as SFT builds its examples
+    else:  # as the original project's SFT built its examples
         head = tokenizer(prompt)["input_ids"]
         whole = head + tokenizer(choice, add_special_tokens=False)["input_ids"]
     with torch.no_grad():

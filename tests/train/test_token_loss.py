@@ -107,3 +107,31 @@ def test_trainer_loss_and_adapter_gradients_match_transformers(labels_kind, monk
     assert grads.keys() == reference_grads.keys() and any("lm_head" in name for name in grads)
     for name in grads:
         assert torch.allclose(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_chunked_loss_and_gradients_match_the_weighted_reference(monkeypatch, dtype):
+    """Per-target weights (SFT's loss_mean: example): sum_i w_i CE_i, and its gradients."""
+    monkeypatch.setitem(token_loss.LOGITS_PER_CHUNK, "cpu", 3 * 500)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(20, 16, generator=generator).to(dtype)
+    weight = (torch.randn(500, 16, generator=generator) * 0.5).to(dtype)
+    targets = torch.randint(0, 500, (20,), generator=generator)
+    scale = torch.rand(20, generator=generator) + 0.05
+
+    def reference(h, w, t, s):
+        return (torch.nn.functional.cross_entropy((h @ w.T).float(), t, reduction="none") * s).sum()
+
+    results = []
+    for compute in (ChunkedLinearCrossEntropy.apply, reference):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = compute(h, w, targets, scale)
+        (loss * 0.37).backward()
+        results.append((loss.detach(), h.grad.float(), w.grad.float()))
+    (chunked_loss, chunked_dh, chunked_dw), (loss, dh, dw) = results
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert chunked_loss.item() == pytest.approx(loss.item(), rel=1e-6 if dtype == torch.float32 else 1e-3)
+    assert torch.allclose(chunked_dh, dh, rtol=tolerance, atol=tolerance * dh.abs().max().item())
+    assert torch.allclose(chunked_dw, dw, rtol=tolerance, atol=tolerance * dw.abs().max().item())
+    # Control: the unweighted loss differs
+    assert ChunkedLinearCrossEntropy.apply(hidden, weight, targets).item() != pytest.approx(loss.item(), rel=1e-3)
