@@ -135,3 +135,46 @@ def test_weighted_chunked_loss_and_gradients_match_the_weighted_reference(monkey
     assert torch.allclose(chunked_dw, dw, rtol=tolerance, atol=tolerance * dw.abs().max().item())
     # Control: the unweighted loss differs
     assert ChunkedLinearCrossEntropy.apply(hidden, weight, targets).item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_trainer_example_mean_is_the_mean_of_each_examples_token_mean():
+    """loss_mean: example through the trainer: with each row's label_weights (one example a row),
+    the weighted sum over the batch divided by label_weight_sum is the mean of the rows' own
+    token means, as transformers computes each row's loss alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chla_tools.sft_data import example_label_weights
+    from chla_train.trainer import label_token_count, label_weight_sum
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config)
+    input_ids = np.random.default_rng(0).integers(0, 300, size=(3, 24))
+    labels = input_ids.copy()
+    for row, prompt in enumerate((20, 8, 15)):  # answers of 4, 16 and 9 tokens
+        labels[row, :prompt] = -100
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "label_weights": np.stack([example_label_weights(row) for row in labels]),
+    }
+    trainer = trainer_stub(model)
+    with torch.no_grad():
+        weighted = Trainer._forward(trainer, batch).item() / label_weight_sum(batch)
+        token_mean = Trainer._forward(trainer, batch, weighted=False).item() / label_token_count(batch)
+        rows = [
+            model(input_ids=torch.from_numpy(input_ids[r : r + 1]), labels=torch.from_numpy(labels[r : r + 1])).loss
+            for r in range(3)
+        ]
+    assert label_weight_sum(batch) == pytest.approx(3)
+    assert weighted == pytest.approx(float(sum(rows)) / 3, rel=1e-5)
+    # control: the token mean weighs the 16-token answer 4 times the 4-token one
+    assert token_mean != pytest.approx(weighted, rel=1e-3)
