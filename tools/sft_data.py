@@ -363,7 +363,7 @@ def collate_sft(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np
         attention_mask[row, :length] = 1
         if weights is not None:
             weights[row, :length] = example["label_weights"]
-    padded = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    padded: dict[str, np.ndarray] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if weights is not None:
         padded["label_weights"] = weights
     return padded
