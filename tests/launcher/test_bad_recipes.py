@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import chla_in_process
 from .conftest import chla
 
 GOOD_STAGE = """\
@@ -182,7 +183,7 @@ def test_bad_recipe_is_one_line_exit_2_nothing_written(tmp_path: Path, case_id, 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(textwrap.dedent(text))
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = chla("submit", "r.yaml", "--executor", executor, *extra, cwd=tmp_path)
+    result = chla_in_process("submit", "r.yaml", "--executor", executor, *extra, cwd=tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ..helpers import chla_in_process
 from .conftest import chla
 
 STAGE = """\
@@ -71,7 +72,7 @@ CREDENTIALS = [
 @pytest.mark.parametrize("case_id, text, extra, expected", CREDENTIALS, ids=[c[0] for c in CREDENTIALS])
 def test_credentials_and_bad_tracking_are_refused(tmp_path: Path, case_id, text, extra, expected):
     (tmp_path / "r.yaml").write_text(textwrap.dedent(text))
-    result = chla("submit", "r.yaml", *extra, cwd=tmp_path)
+    result = chla_in_process("submit", "r.yaml", *extra, cwd=tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("chla: "), result.stderr
