@@ -185,6 +185,7 @@ stages:
 """
 
 
+@pytest.mark.slow  # runs a chain (twice)
 def test_from_starts_a_finished_stage_afresh(tmp_path):
     write_recipe(tmp_path, RESUMABLE)
     chla("submit", "r.yaml", cwd=tmp_path, check=True)
@@ -218,6 +219,7 @@ def test_run_files_are_readable_as_the_umask_allows(tmp_path):
     assert oct(stat.S_IMODE((run_dir / "work" / "out").stat().st_mode)) == "0o750"
 
 
+@pytest.mark.slow  # runs a chain (twice)
 def test_resume_keeps_a_literal_dollar_brace(tmp_path):
     write_recipe(
         tmp_path,

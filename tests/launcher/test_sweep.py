@@ -36,6 +36,7 @@ def recipe(tmp_path: Path, sweep: str, extra: str = "") -> Path:
     return path
 
 
+@pytest.mark.slow  # runs a chain
 def test_sweep_expands_runs_and_freezes_as_one_stage(tmp_path):
     path = recipe(tmp_path, "{nodes: [2, 1]}")
     resolved = load_recipe(path, cwd=tmp_path)
