@@ -17,7 +17,11 @@ What the original did, and what chla does instead (the --set lines):
 - embed_tokens and lm_head trained whole in SFT, at the LoRA learning rate, saved whole in the
   adapter; chla: only the new rows, at a learning rate of their own (stage 2 trains them whole in
   both arms: it is where the rows the base vocabulary had for Chinese adapt);
-- SFT on the instructions alone; chla: pretraining text replayed in the batches.
+- SFT on the instructions alone; chla: pretraining text replayed in the batches;
+- SFT's loss the mean over every answer token of the batch (transformers' default), so long answers
+  outweigh short ones; chla's demo: the mean over examples of each example's token mean.
+Both arms encode an example's prompt and answer as one text (the answer is the tokens after the
+prompt's), chla's only encoding.
 The learning rates of LoRA itself are the demo's in both arms (the original's 2e-4 / 1e-4 were
 set for 7B models and tens of thousands of steps).
 """
@@ -41,6 +45,7 @@ ORIGINAL = [
     "stages.sft.params.vocab_rows=all",
     "stages.sft.params.embedding_learning_rate=null",
     "stages.sft.params.replay_corpus=null",
+    "stages.sft.params.loss_mean=token",
 ]
 ARMS = {"chla": [], "original": ORIGINAL}
 
