@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,26 @@ def _chat_command() -> list[str]:
     if chla.exists():
         return [str(chla), "chat"]
     return [sys.executable, "-m", "chla_train.chat"]
+
+
+# x86_64 numbers of the system calls a process waiting for terminal input sits in
+READING_SYSCALLS = {"0", "7", "23", "270", "271"}  # read, poll, select, pselect6, ppoll
+
+
+def _wait_until_waiting_for_input(pid: int) -> None:
+    """Return once the process's main thread sits in a system call that waits for input. Python's
+    readline prints the prompt, then waits in select(); a Ctrl-C arriving in between is noted but
+    does not interrupt the select that starts after it, so input() goes on waiting (a person
+    cannot press a key that fast; a test under load can)."""
+    if platform.machine() != "x86_64":
+        time.sleep(2)
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if Path(f"/proc/{pid}/syscall").read_text().split()[0] in READING_SYSCALLS:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"chla chat (pid {pid}) never waited for input")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +105,7 @@ def test_chat_exits_cleanly_on_ctrl_c_with_adapters_unmerged(tiny_chain):
     chat.expect_exact(">>> ")
     chat.sendline("你好")
     chat.expect_exact(">>> ")  # a sampled answer, then the prompt again
+    _wait_until_waiting_for_input(chat.pid)
     chat.sendintr()
     chat.expect(pexpect.EOF)
     chat.close()

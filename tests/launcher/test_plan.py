@@ -74,10 +74,9 @@ def test_full_recipe_plan(tmp_path, demo_assets):
         and "pt2: " in small
         and "fits with gradient_checkpointing: true" in small
     )
-    assert (
-        heavy_modules("plan", str(REPO / "recipes" / "full.yaml"), "--set", f"vars.base_model={model}", cwd=tmp_path)
-        == []
-    )
+    assert heavy_modules(
+        ["plan", str(REPO / "recipes" / "full.yaml"), "--set", f"vars.base_model={model}"], cwd=tmp_path
+    ) == [[]]
 
 
 def test_submit_warns_and_strict_refuses(tmp_path, demo_assets):
