@@ -8,6 +8,7 @@ prompt or Ctrl-D (end of input) ends the session with status 0.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from chla_launcher.errors import ChlaError
@@ -33,6 +34,10 @@ def chat(args: argparse.Namespace) -> int:
     # TextStreamer prints each piece as soon as it decodes to complete characters (CJK at once,
     # other scripts at word ends), flushing stdout.
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    # Ctrl-C leaves (at the prompt) or stops an answer, even when chat was started from a process
+    # that ignores SIGINT (nohup, a background job of a script): Python then installs no
+    # KeyboardInterrupt handler of its own, and Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print("chla chat: type a request and press Enter; Ctrl-D or Ctrl-C to leave.", file=sys.stderr, flush=True)
 
     while True:

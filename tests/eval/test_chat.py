@@ -30,10 +30,10 @@ READING_SYSCALLS = {"0", "7", "23", "270", "271"}  # read, poll, select, pselect
 
 
 def _wait_until_waiting_for_input(pid: int) -> None:
-    """Return once the process's main thread sits in a system call that waits for input. Python's
-    readline prints the prompt, then waits in select(); a Ctrl-C arriving in between is noted but
-    does not interrupt the select that starts after it, so input() goes on waiting (a person
-    cannot press a key that fast; a test under load can)."""
+    """Return once the process's main thread sits in a system call that waits for input. input()
+    prints the prompt, then waits in read() (select() with readline); a Ctrl-C arriving in between
+    is noted but does not interrupt the wait that starts after it, so input() goes on waiting (a
+    person cannot press a key that fast; a test under load can)."""
     if platform.machine() != "x86_64":
         time.sleep(2)
         return
