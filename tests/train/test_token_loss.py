@@ -147,15 +147,7 @@ def test_trainer_example_mean_is_the_mean_of_each_examples_token_mean():
     from chla_train.trainer import label_token_count, label_weight_sum
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig(**llama_config(vocab=300, hidden=32, intermediate=64, layers=2, heads=4, positions=64))
     model = LlamaForCausalLM(config)
     input_ids = np.random.default_rng(0).integers(0, 300, size=(3, 24))
     labels = input_ids.copy()
