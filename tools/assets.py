@@ -57,7 +57,7 @@ from chla_tools.tasks import TASKS
 TASK_NAMES = tuple(TASKS)
 
 # Bump when the extracted files change, so old caches are rebuilt.
-ASSETS_VERSION = 2
+ASSETS_VERSION = 3  # 3: the sentiment labels 积极/消极 (were 正面/负面)
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def sentiment_records(neg_raw: bytes, pos_raw: bytes) -> tuple[dict[str, list[di
     negative, positive = unique_lines(neg_raw), unique_lines(pos_raw)
     conflicting = negative & positive
     labelled = sorted(
-        [(text, "负面") for text in negative - conflicting] + [(text, "正面") for text in positive - conflicting]
+        [(text, "消极") for text in negative - conflicting] + [(text, "积极") for text in positive - conflicting]
     )
     random.Random(SEED).shuffle(labelled)
     n_train = int(len(labelled) * SENTIMENT_FRACTIONS[0])

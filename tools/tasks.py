@@ -4,9 +4,9 @@ answer is scored, beside the trivial baselines and references it is compared wit
 A task record is an Alpaca record with one more key, `task` (a name below), which the evaluator
 reads to pick the scorer; a file whose records have no `task` is scored by exact match.
 
-- sentiment: a review -> "正面" or "负面". Accuracy of the normalised answer (exact match). Also
-  scored by ranking the two labels by the model's log-likelihood (chla_tools.evaluate).
-  Baseline: the test file's majority label.
+- sentiment: a review -> "积极" or "消极" (positive, negative). Accuracy of the normalised
+  answer (exact match). Also scored by ranking the two labels by the model's log-likelihood
+  (chla_tools.evaluate). Baseline: the test file's majority label.
 - segmentation: a sentence -> its words separated by single spaces (the icwb2 format). Word F1
   over character spans (chla_tools.text_metrics). Baseline: every character a word. Reference:
   jieba's default dictionary segmenter (HMM on).
@@ -106,10 +106,16 @@ class ExactMatch(Task):
 
 class Sentiment(ExactMatch):
     name = "sentiment"
-    instruction = "判断下面这条商品或图书评论的情感倾向，只回答“正面”或“负面”。"
+    instruction = "判断下面这条商品或图书评论的情感倾向，只回答“积极”或“消极”。"
     metric_label = "accuracy"
     max_new_tokens = 4
-    choices = ("正面", "负面")
+    # 积极/消极 rather than 正面/负面: after "Response:" the demo's merged tokenizer splits both
+    # labels alike, "▁" then one piece the merge added, so the label is one choice between two
+    # rows that SFT trains (vocab_rows: new). 正面/负面 split unlike ("▁正" "面" against "▁"
+    # "负面"): the choice fell between a new row and "▁", a base row shared with every space in
+    # the other tasks' answers, and on the validation split the log-likelihood ranking was no
+    # better than the majority label (0.46 against 0.62 with these labels, same SFT).
+    choices = ("积极", "消极")
 
 
 class Segmentation(Task):

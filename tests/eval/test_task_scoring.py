@@ -90,9 +90,9 @@ def test_rouge_l_on_characters():
 
 def test_sentiment_is_exact_match_and_the_majority_is_left_to_aggregation():
     sentiment = TASKS["sentiment"]
-    assert sentiment.score({"output": "正面"}, " 正面 ") == {"items": 1, "correct": 1}
-    assert sentiment.score({"output": "正面"}, "负面") == {"items": 1, "correct": 0}
-    assert sentiment.choices == ("正面", "负面") and sentiment.comparison_answers({"input": "好"}) == {}
+    assert sentiment.score({"output": "积极"}, " 积极 ") == {"items": 1, "correct": 1}
+    assert sentiment.score({"output": "积极"}, "消极") == {"items": 1, "correct": 0}
+    assert sentiment.choices == ("积极", "消极") and sentiment.comparison_answers({"input": "好"}) == {}
 
 
 def test_baselines_answer_in_the_task_format():

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chla_tools.tasks import TASKS
+
 from ..helpers import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -230,7 +232,7 @@ def test_lm_eval_results_are_in_results_json_and_the_summary(demo_runs):
         json.loads(line)
         for line in (run / "eval_task" / "out" / "generations" / "task-sentiment_test.jsonl").read_text().splitlines()
     ]
-    labels = ["正面", "负面"]
+    labels = sorted(TASKS["sentiment"].choices)  # lm-eval numbers the sorted outputs
     assert [labels[row["target"]] for row in rows] == [row["answer"] for row in chla_rows]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["lm_eval"]["chla_sentiment_test"] == {"acc": task["acc"], "samples": 40}

@@ -52,7 +52,7 @@ def test_sentiment_splits_are_clean(demo_assets):
     assert len(everything) == len(set(everything))  # deduplicated, no text in two splits
     assert 0.75 < len(texts["train"]) / len(everything) < 0.85
     for records in splits.values():
-        assert {r["output"] for r in records} == {"正面", "负面"}
+        assert {r["output"] for r in records} == {"积极", "消极"}
         assert all(set(r) == {"task", "instruction", "input", "output"} and r["instruction"] for r in records)
     manifest = json.loads((Path(demo_assets["sft_train"]).parent / "manifest.json").read_text())
     assert manifest["counts"]["tasks"]["sentiment"]["dropped_in_both"] > 0
