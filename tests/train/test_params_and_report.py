@@ -156,6 +156,60 @@ def test_zero3_gathering_over_gloo_puts_every_partition_in_its_place(tmp_path):
     assert outputs == [["True", "False", "chla_train.model"]] * 2
 
 
+ADAPTER_DTYPE_RANK = """
+import json, os, sys, torch
+from pathlib import Path
+from chla_launcher.kinds.pretrain import PretrainParams
+from chla_train import model as models
+from chla_train.context import StageContext
+from chla_train.trainer import Trainer, TrainData, model_loading
+root = Path(sys.argv[1])
+params = PretrainParams(
+    model=str(root / "base"), tokenizer=str(root), corpus=str(root), mode="lora", zero_stage=3, precision="bf16",
+    max_steps=1, micro_batch_size=1,
+)
+ctx = StageContext.standalone(root / "run", "train", "pretrain", params)
+with model_loading(ctx, params, dtype=torch.bfloat16):
+    model = models.build_base_model(params.model, None, dtype=torch.bfloat16, attn_implementation="sdpa", seed=7)
+    model = models.apply_stage_lora(model, params, stage="train", log=lambda _m: None)
+trainable = lambda: sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})  # noqa: E731
+before = trainable()
+Trainer(ctx, model, TrainData([], [0], [], [], collate=None), params, dtype=torch.bfloat16)
+frozen = [p for p in model.parameters() if not p.requires_grad]
+partitioned = all(hasattr(p, "ds_id") and p.dtype == torch.bfloat16 for p in frozen)
+print(json.dumps({"before": before, "after": trainable(), "partitioned": partitioned}))
+sys.stdout.flush()
+os._exit(0)  # gloo can abort at interpreter exit after the work is done
+"""
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_model_trains_its_adapters_in_bf16(tmp_path):
+    """A model built under zero.Init: DeepSpeed casts none of its parameters to bf16, so the
+    adapters PEFT added after loading stayed fp32 (the control: `before`), beside bf16 copies of
+    the embeddings (ZeRO-3's optimizer then refused to start), while those of a model loaded
+    whole trained in bf16. The trainer casts them, and leaves the base's partitions as they are."""
+    import torch
+
+    from chla_train import model as models
+
+    from ..helpers import TINY_LLAMA
+
+    base = models.build_base_model(None, TINY_LLAMA, dtype=torch.bfloat16, attn_implementation="sdpa", seed=7)
+    base.save_pretrained(tmp_path / "base")
+    script = tmp_path / "rank.py"
+    script.write_text(ADAPTER_DTYPE_RANK)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout.splitlines()[-1])  # the last line: after DeepSpeed's log
+    # Before: the copies of embed_tokens and lm_head that train (modules_to_save, made from the
+    # partitioned bf16 modules) and the fp32 adapters.
+    assert outcome == {"before": ["torch.bfloat16", "torch.float32"], "after": ["torch.bfloat16"], "partitioned": True}
+
+
 def test_launcher_kinds_do_not_import_torch():
     code = (
         "import sys, chla_launcher.kinds.pretrain, chla_launcher.kinds.sft; "
