@@ -150,7 +150,9 @@ def plot(rows: dict[str, dict], runs: dict[str, Path], path: Path) -> None:
             color=colours[arm],
             label=arm,
         )
-    tasks.set_xticks(range(len(scores)), [k.replace(": ", "\n") for k in scores], fontsize=8)
+    # "task-sentiment_test: accuracy" -> "sentiment\naccuracy": the full names overlap
+    names = [k.removeprefix("task-").replace("_test: ", "\n").replace(": ", "\n") for k in scores]
+    tasks.set_xticks(range(len(scores)), names, fontsize=8)
     tasks.set(title="held-out task scores", ylim=(0, 1))
     tasks.legend()
     figure.tight_layout()
