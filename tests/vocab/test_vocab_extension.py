@@ -140,6 +140,29 @@ def test_sft_variant_adds_exactly_one_pad_token(merged, merged_pad, demo_assets)
     assert len(batch[0]) == len(batch[1]) and padded.pad_token_id in batch[0] + batch[1]
 
 
+def test_sentiment_labels_split_alike_into_one_new_piece(merged_pad):
+    """After the template's "Response:" the demo's SFT tokenizer splits each sentiment label into
+    "▁" and one piece the merge added, so the label is decided by one row that SFT trains
+    (`vocab_rows: new`); the control, the labels used before, splits unlike."""
+    from transformers import AutoTokenizer
+
+    from chla_tools.sft_data import encode_pairs, format_prompt
+    from chla_tools.tasks import TASKS
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_pad["dir"] / "tokenizer")
+    prompt = format_prompt(TASKS["sentiment"].instruction, "这本书写得很好。")
+
+    def answer_tokens(label: str) -> list[str]:
+        ((_prompt, answer, joined),) = encode_pairs(tokenizer, [prompt], [label])
+        assert joined
+        return tokenizer.convert_ids_to_tokens(answer)
+
+    for label in TASKS["sentiment"].choices:
+        tokens = answer_tokens(label)
+        assert tokens == ["▁", label] and tokenizer.convert_tokens_to_ids(label) >= 32000
+    assert answer_tokens("正面") == ["▁正", "面"] and answer_tokens("负面") == ["▁", "负面"]
+
+
 def test_cli_merge_prints_the_arithmetic(capsys, demo_assets, zh_spm, tmp_path):
     code, out, err = run_chla(
         capsys,
