@@ -156,10 +156,12 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[str], *, 
 
     from chla_tools.sft_data import encode_pairs
 
+    # Every (prompt, choice) pair in one tokenizer call, prompt by prompt.
     pairs = [
         (head, answer)
-        for prompt in prompts
-        for head, answer, _joined in encode_pairs(tokenizer, [prompt] * len(choices), list(choices))
+        for head, answer, _joined in encode_pairs(
+            tokenizer, [prompt for prompt in prompts for _ in choices], list(choices) * len(prompts)
+        )
     ]
     keep = max(len(answer) for _head, answer in pairs) + 1
     device = next(model.parameters()).device

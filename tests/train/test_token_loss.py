@@ -23,6 +23,28 @@ def reference_loss(hidden, weight, targets):
     return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
 
 
+def gradient_tolerance(dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+def assert_chunked_matches(reference, hidden, weight, *args):
+    """ChunkedLinearCrossEntropy and `reference` on copies of `hidden` and `weight` (and `args`),
+    each loss scaled as the trainer scales the sum before backward: the same loss and gradients.
+    Returns the reference's loss, its gradient of `hidden` and the chunked one, for the controls."""
+    results = []
+    for compute in (ChunkedLinearCrossEntropy.apply, reference):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = compute(h, w, *args)
+        (loss * 0.37).backward()
+        results.append((loss.detach(), h.grad.float(), w.grad.float()))
+    (chunked_loss, chunked_dh, chunked_dw), (loss, dh, dw) = results
+    tolerance = gradient_tolerance(hidden.dtype)
+    assert chunked_loss.item() == pytest.approx(loss.item(), rel=1e-6 if hidden.dtype == torch.float32 else 1e-3)
+    assert torch.allclose(chunked_dh, dh, rtol=tolerance, atol=tolerance * dh.abs().max().item())
+    assert torch.allclose(chunked_dw, dw, rtol=tolerance, atol=tolerance * dw.abs().max().item())
+    return loss, dh, chunked_dh
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_loss_and_gradients_match_transformers(monkeypatch, dtype):
     monkeypatch.setitem(token_loss.LOGITS_PER_CHUNK, "cpu", 3 * 500)  # 3 positions a chunk: 7 chunks
@@ -30,17 +52,8 @@ def test_chunked_loss_and_gradients_match_transformers(monkeypatch, dtype):
     hidden = torch.randn(20, 16, generator=generator).to(dtype)
     weight = (torch.randn(500, 16, generator=generator) * 0.5).to(dtype)
     targets = torch.randint(0, 500, (20,), generator=generator)
-    results = []
-    for compute in (lambda h, w, t: ChunkedLinearCrossEntropy.apply(h, w, t), reference_loss):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = compute(h, w, targets)
-        (loss * 0.37).backward()  # the trainer scales the sum before backward
-        results.append((loss.detach(), h.grad.float(), w.grad.float()))
-    (chunked_loss, chunked_dh, chunked_dw), (loss, dh, dw) = results
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    assert chunked_loss.item() == pytest.approx(loss.item(), rel=1e-6 if dtype == torch.float32 else 1e-3)
-    assert torch.allclose(chunked_dh, dh, rtol=tolerance, atol=tolerance * dh.abs().max().item())
-    assert torch.allclose(chunked_dw, dw, rtol=tolerance, atol=tolerance * dw.abs().max().item())
+    _loss, dh, chunked_dh = assert_chunked_matches(reference_loss, hidden, weight, targets)
+    tolerance = gradient_tolerance(dtype)
     # Control: one target moved gives another gradient.
     moved = targets.clone()
     moved[5] = (moved[5] + 1) % 500
@@ -122,17 +135,7 @@ def test_weighted_chunked_loss_and_gradients_match_the_weighted_reference(monkey
     def reference(h, w, t, s):
         return (torch.nn.functional.cross_entropy((h @ w.T).float(), t, reduction="none") * s).sum()
 
-    results = []
-    for compute in (ChunkedLinearCrossEntropy.apply, reference):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = compute(h, w, targets, scale)
-        (loss * 0.37).backward()
-        results.append((loss.detach(), h.grad.float(), w.grad.float()))
-    (chunked_loss, chunked_dh, chunked_dw), (loss, dh, dw) = results
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    assert chunked_loss.item() == pytest.approx(loss.item(), rel=1e-6 if dtype == torch.float32 else 1e-3)
-    assert torch.allclose(chunked_dh, dh, rtol=tolerance, atol=tolerance * dh.abs().max().item())
-    assert torch.allclose(chunked_dw, dw, rtol=tolerance, atol=tolerance * dw.abs().max().item())
+    loss, _dh, _chunked_dh = assert_chunked_matches(reference, hidden, weight, targets, scale)
     # Control: the unweighted loss differs
     assert ChunkedLinearCrossEntropy.apply(hidden, weight, targets).item() != pytest.approx(loss.item(), rel=1e-3)
 
