@@ -21,6 +21,11 @@ steps; its figure is its best step.
   fa2-packed-vs-padded the sft loss of one micro-batch padded, packed (varlen boundaries), and
                        packed with only restarting position ids (the leak transformers leaves when
                        a batch has several rows): packed must equal padded, the leak must not
+  varlen-packed-vs-padded the same check where flash-attn is not installed: the varlen arguments
+                       chla builds for flash_attention_2, given to PyTorch's own FlashAttention
+                       varlen kernel (torch.nn.attention.varlen) through an attention function
+                       registered with transformers; without boundaries it attends over each whole
+                       row, as flash_attention_2 does with several rows
 
 MFU: model FLOPs per token (chla_launcher.sizing.flops_per_token: the frozen base needs no weight
 gradients, LoRA's own matmuls count, the vocabulary projection only where logits are computed:
@@ -80,6 +85,7 @@ CONFIGS = {
     "sft-chla-packed-fa2": {"kind": "sft", "side": "chla", "attention": "flash_attention_2"},
     "sft-chla-packed-sdpa": {"kind": "sft", "side": "chla", "attention": "sdpa"},
     "fa2-packed-vs-padded": {"kind": "check", "side": "chla", "attention": "flash_attention_2"},
+    "varlen-packed-vs-padded": {"kind": "varlen-check", "side": "chla", "attention": "sdpa"},
 }
 
 
@@ -151,6 +157,8 @@ def run_config(name: str, layers: int, steps: int, warmup: int) -> dict:
         root = Path(tmp)
         if config["kind"] == "check":
             return dict(fa2_packed_vs_padded(layers, root), name=name)
+        if config["kind"] == "varlen-check":
+            return dict(varlen_packed_vs_padded(layers, root), name=name)
         if config["kind"] == "sft":
             return dict(time_sft(config, layers, steps, warmup, root), name=name)
         blocks = corpus_blocks(MICRO_BATCH * (steps + warmup + 1))
@@ -333,6 +341,84 @@ def fa2_packed_vs_padded(layers: int, root: Path) -> dict:
     }
 
 
+def torch_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function over PyTorch's FlashAttention varlen kernel, reading the
+    same keyword arguments as transformers' flash_attention_2 (cu_seq_lens_q/k, max_length_q/k):
+    the rows flattened into one sequence, each segment causal on its own. Without them each row is
+    one segment (flash_attention_2's behaviour with several rows)."""
+    import inspect
+
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    rows, heads, width, head_dim = query.shape
+    flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], head_dim) for t in (query, key, value)]
+    starts = kwargs.get("cu_seq_lens_q")
+    longest = kwargs.get("max_length_q")
+    if starts is None:
+        starts = torch.arange(0, (rows + 1) * width, width, dtype=torch.int32, device=query.device)
+        longest = width
+    causal = (
+        {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
+    )
+    out = varlen_attn(*flat, starts, starts, longest, longest, scale=scaling, **causal)
+    return out.reshape(rows, width, heads, head_dim), None
+
+
+def varlen_packed_vs_padded(layers: int, root: Path) -> dict:
+    """fa2_packed_vs_padded with PyTorch's FlashAttention varlen kernel standing in for flash-attn:
+    the padded loss under sdpa; the packed rows with chla's flash_attention_2 inputs, and without
+    their boundaries (the leak), under the varlen kernel."""
+    import numpy as np
+    import torch
+    from transformers import AttentionInterface
+
+    from chla_tools.sft_data import collate_sft, collate_sft_packed
+    from chla_train.packed_attention import packed_attention_inputs
+
+    AttentionInterface.register("chla_torch_varlen", torch_varlen_attention)
+    dataset, vocab, pad_id = sft_data(root)
+    trainer, _ = sft_trainer(
+        CONFIGS["varlen-packed-vs-padded"], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset
+    )
+    trainer.engine.eval()
+    module = trainer.engine.module
+    examples = [dataset[i] for i in range(SFT_EXAMPLES)]
+    padded = collate_sft(examples, pad_id)
+    packed = collate_sft_packed(examples, pad_id, row_length=SFT_ROW)
+
+    def summed_loss(batch: dict, inputs: dict) -> float:
+        logits = module(input_ids=torch.from_numpy(batch["input_ids"]).cuda(), use_cache=False, **inputs).logits
+        labels = torch.from_numpy(batch["labels"]).cuda()
+        return torch.nn.functional.cross_entropy(
+            logits.float()[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+
+    with torch.no_grad():
+        loss_padded = trainer._forward(padded).item()
+        varlen = packed_attention_inputs(packed, "flash_attention_2", dtype=module.dtype, device=torch.device("cuda"))
+        module.set_attn_implementation("chla_torch_varlen")
+        loss_packed = summed_loss(packed, varlen)
+        loss_leaky = summed_loss(packed, {"position_ids": varlen["position_ids"]})
+        # the padded rows under the same kernel (each row one segment; its padding comes last)
+        loss_padded_varlen = summed_loss(padded, {})
+    return {
+        "loss_padded": loss_padded,
+        "loss_padded_varlen": loss_padded_varlen,
+        "packed_rel_diff_same_kernel": abs(loss_packed - loss_padded_varlen) / loss_padded_varlen,
+        "loss_packed": loss_packed,
+        "loss_leaky": loss_leaky,
+        "packed_rel_diff": abs(loss_packed - loss_padded) / loss_padded,
+        "leaky_rel_diff": abs(loss_leaky - loss_padded) / loss_padded,
+        "rows": int(packed["input_ids"].shape[0]),
+        "segments": len(varlen["cu_seq_lens_q"]) - 1,
+        "examples": SFT_EXAMPLES,
+        "layers": min(layers, 4),
+        "padded_tokens": int(np.asarray(padded["input_ids"]).size),
+        "kernel": "torch.nn.attention.varlen",
+    }
+
+
 # --- the orchestration -------------------------------------------------------------------------------
 
 
@@ -340,10 +426,17 @@ def report(result: dict, peak: float | None) -> str:
     if "skipped" in result:
         return f'RESULT {result["name"]} not_run="{result["skipped"]}"'
     if "packed_rel_diff" in result:
+        label = "varlen" if result.get("kernel") else "fa2"
         return (
-            f"RESULT fa2_packed_rel_diff={result['packed_rel_diff']:.2e} "
-            f"fa2_leaky_rel_diff={result['leaky_rel_diff']:.2e} loss_padded={result['loss_padded']:.4f} "
+            f"RESULT {label}_packed_rel_diff={result['packed_rel_diff']:.2e} "
+            f"{label}_leaky_rel_diff={result['leaky_rel_diff']:.2e} loss_padded={result['loss_padded']:.4f} "
             f"loss_packed={result['loss_packed']:.4f} loss_leaky={result['loss_leaky']:.4f}"
+            + (
+                f" padded_same_kernel={result['loss_padded_varlen']:.4f}"
+                f" packed_rel_diff_same_kernel={result['packed_rel_diff_same_kernel']:.2e}"
+                if "loss_padded_varlen" in result
+                else ""
+            )
         )
     mfu = f"{result['tokens_per_s'] * result['flops_per_token'] / peak:.3f}" if peak else "n/a"
     fields = [

@@ -1,6 +1,7 @@
 """What the benchmarks compute before they time anything, checked on CPU: the original project's
 HF Trainer arguments and LoRA setup, the FLOP counts behind the MFU figures, benchmarks/gpu.py's
-choice of layers and its dry run (the GPU runs themselves need a CUDA machine)."""
+choice of layers and its dry run, and the attention function its varlen check hands PyTorch's
+FlashAttention varlen kernel (that kernel needs a CUDA machine: here a reference stands in)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,65 @@ def test_dry_run_needs_no_gpu(script):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("MACHINE ") and "32 layers" in result.stdout
+
+
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch.nn.attention.varlen.varlen_attn's contract (tokens x heads x dim, causal within each
+    segment when window_size is (-1, 0)), computed segment by segment with sdpa on CPU."""
+    import torch
+
+    assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k)
+    out = torch.empty_like(query)
+    bounds = cu_seq_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        segment = [t[start:end].transpose(0, 1) for t in (query, key, value)]
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            *segment, is_causal=True, scale=scale
+        ).transpose(0, 1)
+    return out
+
+
+def test_varlen_check_attends_within_each_example(monkeypatch):
+    """The attention function of gpu.py's varlen-packed-vs-padded check, given chla's
+    flash_attention_2 inputs for two packed rows, gives each example the logits it gets alone;
+    without the boundaries (the control: flash_attention_2's behaviour with several rows) the
+    later examples of a row see the earlier ones."""
+    import numpy as np
+    import torch
+    import torch.nn.attention.varlen
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+    from chla_train.packed_attention import packed_attention_inputs
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", reference_varlen_attn)
+    AttentionInterface.register("chla_torch_varlen", gpu.torch_varlen_attention)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=100, initializer_range=1.0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("chla_torch_varlen")
+    examples = [(0, 0, 4), (0, 4, 7), (0, 7, 8), (1, 0, 5), (1, 5, 8)]  # (row, start, end)
+    position_ids = np.zeros((2, 8), dtype=np.int64)
+    for row, start, end in examples:
+        position_ids[row, start:end] = np.arange(end - start)
+    batch = {
+        "position_ids": position_ids,
+        "cu_seq_lens": np.array([0, 4, 7, 8, 13, 16], dtype=np.int32),
+        "max_seq_len": np.array(5),
+    }
+    inputs = packed_attention_inputs(batch, "flash_attention_2", dtype=torch.float32, device=torch.device("cpu"))
+    ids = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        packed = model(input_ids=ids, use_cache=False, **inputs).logits
+        leaky = model(input_ids=ids, use_cache=False, position_ids=inputs["position_ids"]).logits
+        alone = [model(input_ids=ids[row : row + 1, start:end], use_cache=False).logits for row, start, end in examples]
+    packed_error = max(
+        (one - packed[row : row + 1, start:end]).abs().max().item() for one, (row, start, end) in zip(alone, examples)
+    )
+    leaky_error = max(
+        (one - leaky[row : row + 1, start:end]).abs().max().item() for one, (row, start, end) in zip(alone, examples)
+    )
+    assert packed_error < 1e-4
+    assert leaky_error > 1.0  # the control: examples after the first of a row attend across
