@@ -4,17 +4,18 @@ and its dependencies inferred; then sweeps expanded and cycles refused."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
 from ..errors import KeyPath, RecipeError
-from ..kinds import registry
+from ..kinds import StageKind, registry
 from .inputs import absolutize_inputs, check_inputs_exist, expand_globs
 from .interpolation import Scope, interpolate_references
 from .resolved import ResolvedRecipe, ResolvedStage
-from .schema import RecipeModel, Resources
+from .schema import RecipeModel, Resources, StageSpec
 from .sweep import expand_sweep
 from .yaml_lines import SourceMap, dotted
 
@@ -58,67 +59,118 @@ def resolve(
 
     run_dir = Path(model.run_dir or f"runs/{model.name}")
     run_dir = (cwd / run_dir).resolve() if not run_dir.is_absolute() else run_dir
-    stage_names = set(model.stages)
-    scope = Scope(run_dir, model.name, stage_names, model.vars)
-    kinds = registry()
-
+    context = _Context(
+        model=model,
+        where=where,
+        scope=Scope(run_dir, model.name, set(model.stages), model.vars),
+        kinds=registry(),
+        cwd=cwd,
+        run_dir=run_dir,
+        check_inputs=check_inputs,
+        interpolate=interpolate,
+    )
     stages: dict[str, ResolvedStage] = {}
     for name, spec in model.stages.items():
-        base = ("stages", name)
-        kind = kinds.get(spec.kind)
-        if kind is None:
-            raise where.error(f"unknown stage kind {spec.kind!r} (known: {', '.join(sorted(kinds))})", base + ("kind",))
-        refs: set[str] = set()
-        try:
-            params_raw = interpolate_references(spec.params, scope, refs) if interpolate else dict(spec.params)
-        except KeyError as error:
-            raise where.error(str(error.args[0]), base + ("params",)) from None
-        for after in spec.after:
-            if after not in stage_names:
-                raise where.error(f"`after` names a missing stage {after!r}", base + ("after",))
-        params_raw = absolutize_inputs(kind, params_raw, cwd)
-        try:
-            params = kind.params.model_validate(params_raw)
-        except ValidationError as error:
-            raise_validation(error, where, prefix=base + ("params",))
-        merged = model.resources.model_dump()
-        merged.update(spec.resources.model_dump(exclude_none=True))
-        resources = Resources.model_validate(merged)
-        if resources.world_size > 1 and not kind.distributed:
-            raise where.error(
-                f"kind {kind.name!r} runs as one process; nodes x tasks_per_node must be 1 "
-                f"(got {resources.nodes} x {resources.tasks_per_node})",
-                base + ("resources",),
-            )
-        if spec.array is not None and not kind.array:
-            raise where.error(f"kind {kind.name!r} cannot run as an array", base + ("array",))
-        if spec.array is not None and resources.world_size > 1:
-            raise where.error(
-                "an array stage runs one process per task; use array or nodes/tasks_per_node, not both",
-                base + ("array",),
-            )
-        if name in refs:
-            raise where.error("a stage cannot refer to its own output", base + ("params",))
-        if check_inputs:
-            check_inputs_exist(params, run_dir, where, base)
-            expanded = expand_globs(kind, params_raw, run_dir)
-            if expanded != params_raw:
-                params = kind.params.model_validate(expanded)
-        resolved = ResolvedStage(
-            name=name,
-            kind=kind,
-            params=params,
-            params_raw=params.model_dump(mode="json", exclude_unset=False),
-            resources=resources,
-            array=spec.array,
-            after=sorted(set(spec.after) | refs),
-        )
+        resolved = _resolve_stage(name, spec, context)
         if spec.sweep is None:
             stages[name] = resolved
         else:
-            for point in expand_sweep(resolved, spec.sweep, stage_names, where, base):
+            for point in expand_sweep(resolved, spec.sweep, set(model.stages), where, ("stages", name)):
                 stages[point.name] = point
 
+    _refuse_consumers_of_sweeps(model, stages, where)
+    recipe = ResolvedRecipe(model=model, source=source, run_dir=run_dir, stages=stages, raw=data)
+    from ..graph import find_cycle  # the graph module imports this package
+
+    cycle = find_cycle({name: stage.after for name, stage in stages.items()})
+    if cycle:
+        raise where.error("dependency cycle: " + " -> ".join(cycle), ("stages", cycle[0]))
+    return recipe
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What resolving one stage reads of the recipe around it."""
+
+    model: RecipeModel
+    where: SourceMap
+    scope: Scope
+    kinds: dict[str, StageKind]
+    cwd: Path
+    run_dir: Path
+    check_inputs: bool
+    interpolate: bool
+
+
+def _resolve_stage(name: str, spec: StageSpec, context: _Context) -> ResolvedStage:
+    """One stage: its references interpolated (the stages they name become dependencies), its
+    input paths made absolute, its params validated by its kind, its resources merged."""
+    where, base = context.where, ("stages", name)
+    kind = context.kinds.get(spec.kind)
+    if kind is None:
+        known = ", ".join(sorted(context.kinds))
+        raise where.error(f"unknown stage kind {spec.kind!r} (known: {known})", base + ("kind",))
+    refs: set[str] = set()
+    try:
+        params_raw = (
+            interpolate_references(spec.params, context.scope, refs) if context.interpolate else dict(spec.params)
+        )
+    except KeyError as error:
+        raise where.error(str(error.args[0]), base + ("params",)) from None
+    for after in spec.after:
+        if after not in context.model.stages:
+            raise where.error(f"`after` names a missing stage {after!r}", base + ("after",))
+    params_raw = absolutize_inputs(kind, params_raw, context.cwd)
+    try:
+        params = kind.params.model_validate(params_raw)
+    except ValidationError as error:
+        raise_validation(error, where, prefix=base + ("params",))
+    resources = _stage_resources(kind, spec, context.model, where, base)
+    if name in refs:
+        raise where.error("a stage cannot refer to its own output", base + ("params",))
+    if context.check_inputs:
+        check_inputs_exist(params, context.run_dir, where, base)
+        expanded = expand_globs(kind, params_raw, context.run_dir)
+        if expanded != params_raw:
+            params = kind.params.model_validate(expanded)
+    return ResolvedStage(
+        name=name,
+        kind=kind,
+        params=params,
+        params_raw=params.model_dump(mode="json", exclude_unset=False),
+        resources=resources,
+        array=spec.array,
+        after=sorted(set(spec.after) | refs),
+    )
+
+
+def _stage_resources(
+    kind: StageKind, spec: StageSpec, model: RecipeModel, where: SourceMap, base: KeyPath
+) -> Resources:
+    """The recipe's default resources with the stage's overrides, refused where the kind cannot
+    use them (several processes for a one-process kind, an array of a kind that has none, an
+    array of multi-process tasks)."""
+    merged = model.resources.model_dump()
+    merged.update(spec.resources.model_dump(exclude_none=True))
+    resources = Resources.model_validate(merged)
+    if resources.world_size > 1 and not kind.distributed:
+        raise where.error(
+            f"kind {kind.name!r} runs as one process; nodes x tasks_per_node must be 1 "
+            f"(got {resources.nodes} x {resources.tasks_per_node})",
+            base + ("resources",),
+        )
+    if spec.array is not None and not kind.array:
+        raise where.error(f"kind {kind.name!r} cannot run as an array", base + ("array",))
+    if spec.array is not None and resources.world_size > 1:
+        raise where.error(
+            "an array stage runs one process per task; use array or nodes/tasks_per_node, not both",
+            base + ("array",),
+        )
+    return resources
+
+
+def _refuse_consumers_of_sweeps(model: RecipeModel, stages: dict[str, ResolvedStage], where: SourceMap) -> None:
+    """A node-scaling sweep is an experiment: no stage may depend on it."""
     swept = {name for name, spec in model.stages.items() if spec.sweep is not None}
     for name, stage in stages.items():
         waits_for_sweep = swept & set(stage.after)
@@ -129,10 +181,3 @@ def resolve(
                 "whose outputs nothing consumes)",
                 ("stages", stage.sweep.group if stage.sweep else name),
             )
-    recipe = ResolvedRecipe(model=model, source=source, run_dir=run_dir, stages=stages, raw=data)
-    from ..graph import find_cycle  # the graph module imports this package
-
-    cycle = find_cycle({name: stage.after for name, stage in stages.items()})
-    if cycle:
-        raise where.error("dependency cycle: " + " -> ".join(cycle), ("stages", cycle[0]))
-    return recipe

@@ -25,8 +25,12 @@ def _chat_command() -> list[str]:
     return [sys.executable, "-m", "chla_train.chat"]
 
 
-# x86_64 numbers of the system calls a process waiting for terminal input sits in
-READING_SYSCALLS = {"0", "7", "23", "270", "271"}  # read, poll, select, pselect6, ppoll
+# The numbers of the system calls a process waiting for terminal input sits in, per architecture
+# (Linux's syscall tables: aarch64 uses the generic table, which has no poll or select).
+READING_SYSCALLS = {
+    "x86_64": {"0", "7", "23", "270", "271"},  # read, poll, select, pselect6, ppoll
+    "aarch64": {"63", "72", "73"},  # read, pselect6, ppoll
+}
 
 
 def _wait_until_waiting_for_input(pid: int) -> None:
@@ -34,12 +38,13 @@ def _wait_until_waiting_for_input(pid: int) -> None:
     prints the prompt, then waits in read() (select() with readline); a Ctrl-C arriving in between
     is noted but does not interrupt the wait that starts after it, so input() goes on waiting (a
     person cannot press a key that fast; a test under load can)."""
-    if platform.machine() != "x86_64":
+    reading = READING_SYSCALLS.get(platform.machine())
+    if reading is None:  # an architecture whose numbers are not listed: wait as a person would
         time.sleep(2)
         return
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if Path(f"/proc/{pid}/syscall").read_text().split()[0] in READING_SYSCALLS:
+        if Path(f"/proc/{pid}/syscall").read_text().split()[0] in reading:
             return
         time.sleep(0.05)
     raise AssertionError(f"chla chat (pid {pid}) never waited for input")
