@@ -33,9 +33,12 @@ every position in pretraining, the answers in SFT) x tokens/s / the GPU's dense 
 memory is compared with `chla plan`'s estimate for the same setup. FlashAttention-2 needs the
 flash-attn package; without it those configurations are reported as not run.
 
-Usage: python benchmarks/gpu.py [--steps 10] [--warmup 3] [--layers N] [--only NAME,...] [--dry-run]
-(--dry-run: no GPU needed; prints the configurations, the layers and the FLOP counts.)
+Usage: python benchmarks/gpu.py [--steps 10] [--warmup 3] [--layers N] [--only NAME,...] [--profile] [--dry-run]
+(--dry-run: no GPU needed; prints the configurations, the layers and the FLOP counts. --profile: after
+the timed steps of each chla configuration, two more under torch.profiler, and where their GPU time
+went by kind of kernel: benchmarks/kernel_profile.py.)
 Last lines: RESULT <config> tokens_per_s=<x> mfu=<y> peak_gib=<z> ... and RESULT fa2_packed_rel_diff=<d>
+(with --profile, a PROFILE <config> line and its top kernels after each chla configuration's RESULT)
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kernel_profile import format_profile, profile_steps  # benchmarks/, on sys.path as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 from train_throughput import (
     BLOCK,
@@ -142,7 +146,7 @@ def sft_flops_per_token(layers: int, vocab: int, mean_example: float, label_frac
 # --- one configuration, in its own process ---------------------------------------------------------
 
 
-def run_config(name: str, layers: int, steps: int, warmup: int) -> dict:
+def run_config(name: str, layers: int, steps: int, warmup: int, profile: bool = False) -> dict:
     import torch
 
     from chla_train.entry import keep_freed_memory
@@ -160,17 +164,20 @@ def run_config(name: str, layers: int, steps: int, warmup: int) -> dict:
         if config["kind"] == "varlen-check":
             return dict(varlen_packed_vs_padded(layers, root), name=name)
         if config["kind"] == "sft":
-            return dict(time_sft(config, layers, steps, warmup, root), name=name)
-        blocks = corpus_blocks(MICRO_BATCH * (steps + warmup + 1))
+            return dict(time_sft(config, layers, steps, warmup, root, profile=profile), name=name)
+        blocks = corpus_blocks(MICRO_BATCH * (steps + warmup + 3))
         if config["side"] == "chla":
             run = build_chla(blocks, "bf16", root, model_config=model_config(layers), attention=config["attention"])
             seconds = [timed(lambda: run["trainer"].optimizer_step(run["samples"])) for _ in range(steps + warmup)]
+            profiled = profile_steps(lambda: run["trainer"].optimizer_step(run["samples"])) if profile else None
         else:
             seconds = time_original(blocks, layers, steps + warmup, root)
+            profiled = None
     best = min(seconds[warmup:])
     tokens_per_s = MICRO_BATCH * BLOCK / best
     return {
         "name": name,
+        "profile": profiled,
         "tokens_per_s": tokens_per_s,
         "best_step_s": best,
         "flops_per_token": pretrain_flops_per_token(layers),
@@ -266,7 +273,7 @@ def sft_data(root: Path):
     return dataset, len(tokenizer), tokenizer.pad_token_id
 
 
-def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path) -> dict:
+def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path, *, profile: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -289,9 +296,17 @@ def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path) -> 
             tokens_total += tokens
             labels_total += labels
             examples_total += SFT_EXAMPLES
+    profiled = None
+    if profile:
+
+        def step() -> None:
+            trainer.optimizer_step(iter([next(samples) for _ in range(SFT_EXAMPLES)]))
+
+        profiled = profile_steps(step)
     mean_example = tokens_total / examples_total
     flops = sft_flops_per_token(layers, vocab, mean_example, labels_total / tokens_total)
     return {
+        "profile": profiled,
         "tokens_per_s": max(rates),
         "flops_per_token": flops,
         "peak_bytes": torch.cuda.max_memory_allocated(),
@@ -455,12 +470,17 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--layers", type=int, help="decoder layers (default: as many of 32 as fit the GPU)")
     parser.add_argument("--only", help="comma-separated configurations (default: all)")
+    parser.add_argument(
+        "--profile", action="store_true", help="where the GPU time of chla's steps goes, by kernel kind"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan; needs no GPU")
     parser.add_argument("--config", help=argparse.SUPPRESS)  # one configuration, in a subprocess
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.config:
-        Path(args.result).write_text(json.dumps(run_config(args.config, args.layers, args.steps, args.warmup)))
+        Path(args.result).write_text(
+            json.dumps(run_config(args.config, args.layers, args.steps, args.warmup, args.profile))
+        )
         sys.stdout.flush()
         os._exit(0)
 
@@ -505,12 +525,16 @@ def main() -> int:
                 str(args.warmup),
                 "--result",
                 str(result_file),
+                *(["--profile"] if args.profile else []),
             ]
             done = subprocess.run(command)
             if done.returncode != 0 or not result_file.exists():
                 lines.append(f"RESULT {name} failed=exit{done.returncode}")
             else:
-                lines.append(report(json.loads(result_file.read_text()), peak))
+                result = json.loads(result_file.read_text())
+                lines.append(report(result, peak))
+                if result.get("profile"):
+                    print("\n".join(format_profile(name, result["profile"])), flush=True)
             print(lines[-1], flush=True)
     print("\n".join(lines), flush=True)
     return 0

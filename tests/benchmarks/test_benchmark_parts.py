@@ -15,6 +15,7 @@ from ..helpers import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu  # noqa: E402
+import kernel_profile  # noqa: E402
 import train_throughput  # noqa: E402
 
 
@@ -121,3 +122,59 @@ def test_varlen_check_attends_within_each_example(monkeypatch):
     )
     assert packed_error < 1e-4
     assert leaky_error > 1.0  # the control: examples after the first of a row attend across
+
+
+@pytest.mark.parametrize(
+    ("kernel", "category"),
+    [
+        (
+            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel__5x_cublas",
+            "matmul",
+        ),
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN", "matmul"),
+        (
+            "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>, true>(Flash_fwd_params)",
+            "attention",
+        ),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+            "elementwise",
+        ),
+        ("Memcpy DtoD (Device -> Device)", "copy"),
+        ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>", "loss and softmax"),
+        ("aten::addmm", "matmul"),
+        ("a kernel of no known kind", "other"),  # the control: nothing matches
+    ],
+)
+def test_kernels_are_sorted_by_kind(kernel, category):
+    assert kernel_profile.kernel_category(kernel) == category
+
+
+def test_profile_of_a_training_step_on_cpu():
+    """profile_steps on a real forward and backward of a tiny LLaMA (aten operators' own time on a
+    CPU): the categories add up to the busy time, matrix products are among them, and the top
+    list is sorted."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=500,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 500, (4, 64))
+
+    def step():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    summary = kernel_profile.profile_steps(step, steps=2, top=5)
+    assert summary["device"] == "cpu" and summary["steps"] == 2
+    assert 0 < summary["busy_s"] <= summary["wall_s"] * 1.05
+    assert abs(sum(summary["categories"].values()) - summary["busy_s"]) < 1e-9
+    assert summary["categories"].get("matmul", 0) > 0
+    times = [seconds for _, _, seconds in summary["top"]]
+    assert len(times) == 5 and times == sorted(times, reverse=True)
+    lines = kernel_profile.format_profile("tiny", summary)
+    assert lines[0].startswith("PROFILE tiny device=cpu steps=2") and "matmul=" in lines[0] and len(lines) == 6
