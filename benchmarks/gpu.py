@@ -530,12 +530,13 @@ def main() -> int:
             done = subprocess.run(command)
             if done.returncode != 0 or not result_file.exists():
                 lines.append(f"RESULT {name} failed=exit{done.returncode}")
-            else:
-                result = json.loads(result_file.read_text())
-                lines.append(report(result, peak))
-                if result.get("profile"):
-                    print("\n".join(format_profile(name, result["profile"])), flush=True)
+                print(lines[-1], flush=True)
+                continue
+            result = json.loads(result_file.read_text())
+            lines.append(report(result, peak))
             print(lines[-1], flush=True)
+            if result.get("profile"):
+                print("\n".join(format_profile(name, result["profile"])), flush=True)
     print("\n".join(lines), flush=True)
     return 0
 

@@ -80,7 +80,8 @@ def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
 
 def test_varlen_check_attends_within_each_example(monkeypatch):
     """The attention function of gpu.py's varlen-packed-vs-padded check, given chla's
-    flash_attention_2 inputs for two packed rows, gives each example the logits it gets alone;
+    flash_attention_2 inputs for two packed rows, gives each example the logits it gets alone under
+    sdpa;
     without the boundaries (the control: flash_attention_2's behaviour with several rows) the
     later examples of a row see the earlier ones."""
     import numpy as np
@@ -113,6 +114,7 @@ def test_varlen_check_attends_within_each_example(monkeypatch):
     with torch.no_grad():
         packed = model(input_ids=ids, use_cache=False, **inputs).logits
         leaky = model(input_ids=ids, use_cache=False, position_ids=inputs["position_ids"]).logits
+        model.set_attn_implementation("sdpa")  # each example alone, through transformers' own path
         alone = [model(input_ids=ids[row : row + 1, start:end], use_cache=False).logits for row, start, end in examples]
     packed_error = max(
         (one - packed[row : row + 1, start:end]).abs().max().item() for one, (row, start, end) in zip(alone, examples)
