@@ -44,6 +44,7 @@ Last lines: RESULT <config> tokens_per_s=<x> mfu=<y> peak_gib=<z> ... and RESULT
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -314,35 +315,33 @@ def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path, *, 
     }
 
 
-def fa2_packed_vs_padded(layers: int, root: Path) -> dict:
-    """One micro-batch of 32 reviews, its loss padded, packed, and packed leaking (bf16, FA2)."""
-    import numpy as np
-    import torch
-
+def packed_check_setup(config_name: str, layers: int, root: Path):
+    """What both packed-vs-padded checks compare: an SFT trainer over at most 4 layers (in eval
+    mode), and one micro-batch of 32 reviews collated padded and packed."""
     from chla_tools.sft_data import collate_sft, collate_sft_packed
 
     dataset, vocab, pad_id = sft_data(root)
-    trainer, _ = sft_trainer(
-        CONFIGS["fa2-packed-vs-padded"], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset
-    )
+    trainer, _ = sft_trainer(CONFIGS[config_name], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset)
     trainer.engine.eval()
     examples = [dataset[i] for i in range(SFT_EXAMPLES)]
-    padded = collate_sft(examples, pad_id)
-    packed = collate_sft_packed(examples, pad_id, row_length=SFT_ROW)
-    leaky = {key: value for key, value in packed.items() if key not in ("cu_seq_lens", "max_seq_len")}
-    with torch.no_grad():
-        loss_padded = trainer._forward(padded).item()
-        loss_packed = trainer._forward(packed).item()
-        module = trainer.engine.module
-        inputs = {
-            "input_ids": torch.from_numpy(leaky["input_ids"]).cuda(),
-            "position_ids": torch.from_numpy(leaky["position_ids"]).cuda(),
-        }
-        logits = module(**inputs, use_cache=False).logits.float()
-        labels = torch.from_numpy(leaky["labels"]).cuda()
-        loss_leaky = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
-        ).item()
+    return trainer, collate_sft(examples, pad_id), collate_sft_packed(examples, pad_id, row_length=SFT_ROW)
+
+
+def summed_loss(module, batch: dict, inputs: dict) -> float:
+    """The summed token cross-entropy of `batch` through `module`, with `inputs` (the attention
+    arguments) beside its input ids: the whole logits, as transformers computes them."""
+    import torch
+
+    logits = module(input_ids=torch.from_numpy(batch["input_ids"]).cuda(), use_cache=False, **inputs).logits
+    labels = torch.from_numpy(batch["labels"]).cuda()
+    return torch.nn.functional.cross_entropy(
+        logits.float()[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
+    ).item()
+
+
+def packed_check_result(layers: int, padded: dict, packed: dict, *, loss_padded, loss_packed, loss_leaky) -> dict:
+    import numpy as np
+
     return {
         "loss_padded": loss_padded,
         "loss_packed": loss_packed,
@@ -356,13 +355,37 @@ def fa2_packed_vs_padded(layers: int, root: Path) -> dict:
     }
 
 
+def fa2_packed_vs_padded(layers: int, root: Path) -> dict:
+    """One micro-batch of 32 reviews, its loss padded, packed, and packed leaking (bf16, FA2)."""
+    import torch
+
+    trainer, padded, packed = packed_check_setup("fa2-packed-vs-padded", layers, root)
+    with torch.no_grad():
+        loss_padded = trainer._forward(padded).item()
+        loss_packed = trainer._forward(packed).item()
+        leaky = {"position_ids": torch.from_numpy(packed["position_ids"]).cuda()}  # no varlen boundaries
+        loss_leaky = summed_loss(trainer.engine.module, packed, leaky)
+    return packed_check_result(
+        layers, padded, packed, loss_padded=loss_padded, loss_packed=loss_packed, loss_leaky=loss_leaky
+    )
+
+
+@functools.cache
+def varlen_causal_argument() -> dict:
+    """How torch.nn.attention.varlen_attn is told to be causal: `is_causal` where it has that
+    argument, else a window reaching no token to the right (torch 2.11 and later)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
+
+
 def torch_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A transformers attention function over PyTorch's FlashAttention varlen kernel, reading the
     same keyword arguments as transformers' flash_attention_2 (cu_seq_lens_q/k, max_length_q/k):
     the rows flattened into one sequence, each segment causal on its own. Without them each row is
     one segment (flash_attention_2's behaviour with several rows)."""
-    import inspect
-
     import torch
     from torch.nn.attention.varlen import varlen_attn
 
@@ -373,10 +396,7 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
     if starts is None:
         starts = torch.arange(0, (rows + 1) * width, width, dtype=torch.int32, device=query.device)
         longest = width
-    causal = (
-        {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
-    )
-    out = varlen_attn(*flat, starts, starts, longest, longest, scale=scaling, **causal)
+    out = varlen_attn(*flat, starts, starts, longest, longest, scale=scaling, **varlen_causal_argument())
     return out.reshape(rows, width, heads, head_dim), None
 
 
@@ -384,54 +404,31 @@ def varlen_packed_vs_padded(layers: int, root: Path) -> dict:
     """fa2_packed_vs_padded with PyTorch's FlashAttention varlen kernel standing in for flash-attn:
     the padded loss under sdpa; the packed rows with chla's flash_attention_2 inputs, and without
     their boundaries (the leak), under the varlen kernel."""
-    import numpy as np
     import torch
     from transformers import AttentionInterface
 
-    from chla_tools.sft_data import collate_sft, collate_sft_packed
     from chla_train.packed_attention import packed_attention_inputs
 
     AttentionInterface.register("chla_torch_varlen", torch_varlen_attention)
-    dataset, vocab, pad_id = sft_data(root)
-    trainer, _ = sft_trainer(
-        CONFIGS["varlen-packed-vs-padded"], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset
-    )
-    trainer.engine.eval()
+    trainer, padded, packed = packed_check_setup("varlen-packed-vs-padded", layers, root)
     module = trainer.engine.module
-    examples = [dataset[i] for i in range(SFT_EXAMPLES)]
-    padded = collate_sft(examples, pad_id)
-    packed = collate_sft_packed(examples, pad_id, row_length=SFT_ROW)
-
-    def summed_loss(batch: dict, inputs: dict) -> float:
-        logits = module(input_ids=torch.from_numpy(batch["input_ids"]).cuda(), use_cache=False, **inputs).logits
-        labels = torch.from_numpy(batch["labels"]).cuda()
-        return torch.nn.functional.cross_entropy(
-            logits.float()[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-
     with torch.no_grad():
         loss_padded = trainer._forward(padded).item()
         varlen = packed_attention_inputs(packed, "flash_attention_2", dtype=module.dtype, device=torch.device("cuda"))
         module.set_attn_implementation("chla_torch_varlen")
-        loss_packed = summed_loss(packed, varlen)
-        loss_leaky = summed_loss(packed, {"position_ids": varlen["position_ids"]})
+        loss_packed = summed_loss(module, packed, varlen)
+        loss_leaky = summed_loss(module, packed, {"position_ids": varlen["position_ids"]})
         # the padded rows under the same kernel (each row one segment; its padding comes last)
-        loss_padded_varlen = summed_loss(padded, {})
-    return {
-        "loss_padded": loss_padded,
-        "loss_padded_varlen": loss_padded_varlen,
-        "packed_rel_diff_same_kernel": abs(loss_packed - loss_padded_varlen) / loss_padded_varlen,
-        "loss_packed": loss_packed,
-        "loss_leaky": loss_leaky,
-        "packed_rel_diff": abs(loss_packed - loss_padded) / loss_padded,
-        "leaky_rel_diff": abs(loss_leaky - loss_padded) / loss_padded,
-        "rows": int(packed["input_ids"].shape[0]),
-        "segments": len(varlen["cu_seq_lens_q"]) - 1,
-        "examples": SFT_EXAMPLES,
-        "layers": min(layers, 4),
-        "padded_tokens": int(np.asarray(padded["input_ids"]).size),
-        "kernel": "torch.nn.attention.varlen",
-    }
+        loss_padded_varlen = summed_loss(module, padded, {})
+    return dict(
+        packed_check_result(
+            layers, padded, packed, loss_padded=loss_padded, loss_packed=loss_packed, loss_leaky=loss_leaky
+        ),
+        loss_padded_varlen=loss_padded_varlen,
+        packed_rel_diff_same_kernel=abs(loss_packed - loss_padded_varlen) / loss_padded_varlen,
+        segments=len(varlen["cu_seq_lens_q"]) - 1,
+        kernel="torch.nn.attention.varlen",
+    )
 
 
 # --- the orchestration -------------------------------------------------------------------------------

@@ -143,8 +143,10 @@ def sentiment_records(neg_raw: bytes, pos_raw: bytes) -> tuple[dict[str, list[di
 
     negative, positive = unique_lines(neg_raw), unique_lines(pos_raw)
     conflicting = negative & positive
+    positive_label, negative_label = TASKS["sentiment"].choices
     labelled = sorted(
-        [(text, "消极") for text in negative - conflicting] + [(text, "积极") for text in positive - conflicting]
+        [(text, negative_label) for text in negative - conflicting]
+        + [(text, positive_label) for text in positive - conflicting]
     )
     random.Random(SEED).shuffle(labelled)
     n_train = int(len(labelled) * SENTIMENT_FRACTIONS[0])

@@ -116,12 +116,14 @@ def test_varlen_check_attends_within_each_example(monkeypatch):
         leaky = model(input_ids=ids, use_cache=False, position_ids=inputs["position_ids"]).logits
         model.set_attn_implementation("sdpa")  # each example alone, through transformers' own path
         alone = [model(input_ids=ids[row : row + 1, start:end], use_cache=False).logits for row, start, end in examples]
-    packed_error = max(
-        (one - packed[row : row + 1, start:end]).abs().max().item() for one, (row, start, end) in zip(alone, examples)
-    )
-    leaky_error = max(
-        (one - leaky[row : row + 1, start:end]).abs().max().item() for one, (row, start, end) in zip(alone, examples)
-    )
+
+    def worst_difference(logits):  # against each example alone, over all examples
+        return max(
+            (one - logits[row : row + 1, start:end]).abs().max().item()
+            for one, (row, start, end) in zip(alone, examples)
+        )
+
+    packed_error, leaky_error = worst_difference(packed), worst_difference(leaky)
     assert packed_error < 1e-4
     assert leaky_error > 1.0  # the control: examples after the first of a row attend across
 
