@@ -1,7 +1,8 @@
 """What the benchmarks compute before they time anything, checked on CPU: the original project's
 HF Trainer arguments and LoRA setup, the FLOP counts behind the MFU figures, benchmarks/gpu.py's
 choice of layers and its dry run, and the attention function its varlen check hands PyTorch's
-FlashAttention varlen kernel (that kernel needs a CUDA machine: here a reference stands in)."""
+FlashAttention varlen kernel (that kernel needs a CUDA machine: here a reference stands in), and the
+bag-of-words classifier benchmarks/sentiment_reference.py scores the sentiment splits with."""
 
 from __future__ import annotations
 
@@ -182,3 +183,58 @@ def test_profile_of_a_training_step_on_cpu():
     assert len(times) == 5 and times == sorted(times, reverse=True)
     lines = kernel_profile.format_profile("tiny", summary)
     assert lines[0].startswith("PROFILE tiny device=cpu steps=2") and "matmul=" in lines[0] and len(lines) == 6
+
+
+def write_sentiment_run(root, *, shuffle_train_labels: bool):
+    """A run directory as benchmarks/sentiment_reference.py reads it: the assets stage's three
+    sentiment splits (reviews whose polarity shows in their words), the SFT stage's blend counts
+    and the eval_task stage's accuracy."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    cues = {"积极": "好棒赞喜欢满意", "消极": "差烂慢失望糟糕"}
+    filler = "的了是在我有这个们来到时大地为子中你说生国年着就那和要她出也得里后自以会"
+
+    def review(label):
+        words = ["".join(rng.choice(filler) for _ in range(3)) for _ in range(3)] + [rng.choice(cues[label])] * 2
+        rng.shuffle(words)
+        return "，".join(words) + "。"
+
+    tasks = root / "assets" / "out" / "tasks"
+    tasks.mkdir(parents=True)
+    for split, count in (("train", 200), ("valid", 100), ("test", 100)):
+        labels = [rng.choice(["积极", "消极"]) for _ in range(count)]
+        texts = [review(label) for label in labels]
+        if split == "train" and shuffle_train_labels:
+            rng.shuffle(labels)
+        records = [{"task": "sentiment", "instruction": "-", "input": t, "output": y} for t, y in zip(texts, labels)]
+        (tasks / f"sentiment_{split}.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    (root / "sft" / "out").mkdir(parents=True)
+    (root / "sft" / "out" / "train_summary.json").write_text(json.dumps({"blend_samples": {"sentiment": 60}}))
+    (root / "eval_task" / "out").mkdir(parents=True)
+    results = {"tasks": {"task-sentiment_test": {"score": 0.61}}}
+    (root / "eval_task" / "out" / "results.json").write_text(json.dumps(results))
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_sentiment_reference_learns_the_words_that_carry_the_label(tmp_path, shuffled):
+    write_sentiment_run(tmp_path, shuffle_train_labels=shuffled)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sentiment_reference.py"), "--run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = {
+        line.split()[1].split("=")[0]: float(line.split()[1].split("=")[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("RESULT ")
+    }
+    assert set(figures) == {f"logreg_{f}_{n}_test" for f in ("character", "jieba") for n in (200, 60)}
+    if shuffled:  # the control: labels that no longer follow the words teach nothing
+        assert max(figures.values()) < 0.75
+    else:
+        assert min(figures.values()) > 0.9
+    assert "| the run's SFT model (greedy generation) | 60 | - | - | 0.610 |" in result.stdout
