@@ -169,8 +169,12 @@ def run_config(name: str, layers: int, steps: int, warmup: int, profile: bool = 
         blocks = corpus_blocks(MICRO_BATCH * (steps + warmup + 3))
         if config["side"] == "chla":
             run = build_chla(blocks, "bf16", root, model_config=model_config(layers), attention=config["attention"])
-            seconds = [timed(lambda: run["trainer"].optimizer_step(run["samples"])) for _ in range(steps + warmup)]
-            profiled = profile_steps(lambda: run["trainer"].optimizer_step(run["samples"])) if profile else None
+
+            def step() -> None:
+                run["trainer"].optimizer_step(run["samples"])
+
+            seconds = [timed(step) for _ in range(steps + warmup)]
+            profiled = profile_steps(step) if profile else None
         else:
             seconds = time_original(blocks, layers, steps + warmup, root)
             profiled = None
