@@ -10,6 +10,7 @@ steps; its figure is its best step.
   pretrain-chla-fa2    the `pretrain` stage's loop, LoRA r 8 on q,k,v,o,gate,up,down plus
                        embed_tokens/lm_head trained (stage 2), micro-batch 8 x 512, FlashAttention-2
   pretrain-chla-sdpa   the same with sdpa
+  pretrain-chla-sdpa-uncompiled  the same with the decoder layers eager (torch_compile: false)
   pretrain-original    HF Trainer + PEFT with run_clm_pt_with_peft.py's arguments (run_pt.sh: batch 1
                        x accumulation 8, gradient checkpointing, DeepSpeed ZeRO-2 of
                        ds_zero2_no_offload.json), bf16 like chla (the script's fp16 runs at the same
@@ -26,6 +27,10 @@ steps; its figure is its best step.
                        varlen kernel (torch.nn.attention.varlen) through an attention function
                        registered with transformers; without boundaries it attends over each whole
                        row, as flash_attention_2 does with several rows
+
+chla's configurations run with the stages' defaults, so their decoder layers are compiled
+(`torch_compile: auto` on a GPU; the first step compiles and the warm-up steps absorb it), except
+pretrain-chla-sdpa-uncompiled.
 
 MFU: model FLOPs per token (chla_launcher.sizing.flops_per_token: the frozen base needs no weight
 gradients, LoRA's own matmuls count, the vocabulary projection only where logits are computed:
@@ -86,6 +91,8 @@ GPU_PEAK_FLOPS = {
 CONFIGS = {
     "pretrain-chla-fa2": {"kind": "pretrain", "side": "chla", "attention": "flash_attention_2"},
     "pretrain-chla-sdpa": {"kind": "pretrain", "side": "chla", "attention": "sdpa"},
+    # chla's step with its decoder layers left eager (torch_compile: false): what compiling buys
+    "pretrain-chla-sdpa-uncompiled": {"kind": "pretrain", "side": "chla", "attention": "sdpa", "torch_compile": False},
     "pretrain-original": {"kind": "pretrain", "side": "original", "attention": "sdpa"},
     "sft-chla-packed-fa2": {"kind": "sft", "side": "chla", "attention": "flash_attention_2"},
     "sft-chla-packed-sdpa": {"kind": "sft", "side": "chla", "attention": "sdpa"},
@@ -168,7 +175,14 @@ def run_config(name: str, layers: int, steps: int, warmup: int, profile: bool = 
             return dict(time_sft(config, layers, steps, warmup, root, profile=profile), name=name)
         blocks = corpus_blocks(MICRO_BATCH * (steps + warmup + 3))
         if config["side"] == "chla":
-            run = build_chla(blocks, "bf16", root, model_config=model_config(layers), attention=config["attention"])
+            run = build_chla(
+                blocks,
+                "bf16",
+                root,
+                model_config=model_config(layers),
+                attention=config["attention"],
+                torch_compile=config.get("torch_compile", "auto"),
+            )
 
             def step() -> None:
                 run["trainer"].optimizer_step(run["samples"])
@@ -229,7 +243,17 @@ def time_original(blocks, layers: int, total_steps: int, root: Path) -> list[flo
     return seconds
 
 
-def sft_trainer(config: dict, layers: int, root: Path, *, vocab: int, pad_id: int, dataset, pack: bool = True):
+def sft_trainer(
+    config: dict,
+    layers: int,
+    root: Path,
+    *,
+    vocab: int,
+    pad_id: int,
+    dataset,
+    pack: bool = True,
+    torch_compile: bool | str = "auto",
+):
     import torch
 
     from chla_launcher.kinds.sft import SftParams
@@ -252,6 +276,7 @@ def sft_trainer(config: dict, layers: int, root: Path, *, vocab: int, pad_id: in
         modules_to_save=list(MODULES_TO_SAVE),
         lora_target_modules=list(LORA_TARGETS),
         seed=SEED,
+        torch_compile=torch_compile,
     )
     ctx = make_context(f"sft-{config['attention']}-{pack}", params, root, kind="sft")
     init_distributed(ctx)
@@ -321,11 +346,14 @@ def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path, *, 
 
 def packed_check_setup(config_name: str, layers: int, root: Path):
     """What both packed-vs-padded checks compare: an SFT trainer over at most 4 layers (in eval
-    mode), and one micro-batch of 32 reviews collated padded and packed."""
+    mode), and one micro-batch of 32 reviews collated padded and packed. Its layers stay eager:
+    the checks compare what attention is told, and swap the attention function mid-way."""
     from chla_tools.sft_data import collate_sft, collate_sft_packed
 
     dataset, vocab, pad_id = sft_data(root)
-    trainer, _ = sft_trainer(CONFIGS[config_name], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset)
+    trainer, _ = sft_trainer(
+        CONFIGS[config_name], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset, torch_compile=False
+    )
     trainer.engine.eval()
     examples = [dataset[i] for i in range(SFT_EXAMPLES)]
     return trainer, collate_sft(examples, pad_id), collate_sft_packed(examples, pad_id, row_length=SFT_ROW)

@@ -147,7 +147,15 @@ def make_context(tag: str, params, root: Path, kind: str = "pretrain"):
     return StageContext.standalone(root, tag, kind, params, dist=dist, fingerprint="bench")
 
 
-def build_chla(blocks, precision: str, root: Path, *, model_config: dict = MODEL, attention: str = "sdpa") -> dict:
+def build_chla(
+    blocks,
+    precision: str,
+    root: Path,
+    *,
+    model_config: dict = MODEL,
+    attention: str = "sdpa",
+    torch_compile: bool | str = "auto",
+) -> dict:
     """The pretrain stage's trainer, as chla_train.stages.pretrain builds it, with its defaults."""
     from chla_launcher.kinds.pretrain import PretrainParams
     from chla_tools.blocks import ResumableSampler
@@ -168,6 +176,7 @@ def build_chla(blocks, precision: str, root: Path, *, model_config: dict = MODEL
         precision=precision,
         seed=SEED,
         attn_implementation=attention,
+        torch_compile=torch_compile,
     )
     ctx = make_context("chla", params, root)
     init_distributed(ctx)

@@ -49,6 +49,7 @@ from chla_launcher.errors import ChlaError
 from chla_launcher.progress import progress_writer
 from chla_train import checkpoint as checkpoints
 from chla_train import tracking
+from chla_train.layer_compile import choose_compile, compile_decoder_layers
 from chla_train.metrics import MetricsLog, peak_memory_mb
 from chla_train.model import full_shape
 from chla_train.packed_attention import packed_attention_inputs
@@ -293,6 +294,14 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         parameters_in_training_dtype(model, dtype)
+        self.compile_choice = choose_compile(
+            params.torch_compile, zero_stage=params.zero_stage, attention=model.config._attn_implementation
+        )
+        if self.compile_choice.enabled:
+            compiled = compile_decoder_layers(model)
+            ctx.log(f"torch_compile: {compiled} decoder layers compiled ({self.compile_choice.reason})")
+        else:
+            ctx.log(f"torch_compile: off ({self.compile_choice.reason})")
         optimizer = build_optimizer(model, params)
         scheduler = build_scheduler(optimizer, params, self.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -634,7 +643,16 @@ def train_summary(
 
 
 # The figures of train_summary.json a training stage returns to its job (state.json, chla status).
-HEADLINE = ("step", "tokens_seen", "train_loss", "eval_loss", "first_eval_loss", "precision", "precision_reason")
+HEADLINE = (
+    "step",
+    "tokens_seen",
+    "train_loss",
+    "eval_loss",
+    "first_eval_loss",
+    "precision",
+    "precision_reason",
+    "torch_compile",
+)
 
 
 def save_train_summary(ctx, summary: dict[str, Any], headline: Sequence[str] = HEADLINE) -> dict[str, Any]:

@@ -147,6 +147,7 @@ def run(ctx: StageContext[PretrainParams]) -> dict[str, Any]:
         "tokens_seen": result.tokens_seen,
         "new_row_init": params.new_row_init,
         **precision.record(),
+        **trainer.compile_choice.record(),
         **corpus_facts,
     }
     if params.mode == "lora":

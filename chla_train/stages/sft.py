@@ -93,6 +93,7 @@ def run(ctx: StageContext[SftParams]) -> dict[str, Any]:
         "tokens_seen": result.tokens_seen,
         "new_row_init": params.new_row_init,
         **precision.record(),
+        **trainer.compile_choice.record(),
         **blend_facts,
     }
     save_adapter(trainer, tokenizer, ctx.out_dir, facts)

@@ -106,11 +106,25 @@ class TrainingParams(StageParams):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         default="sdpa", description="flash_attention_2 falls back to sdpa without a GPU and flash-attn"
     )
+    torch_compile: bool | Literal["auto"] = Field(
+        default="auto",
+        description="compile each decoder layer with TorchInductor (fuses the elementwise work around the "
+        "matrix products); auto: on a CUDA GPU with Triton unless zero_stage is 3, never on a CPU",
+    )
 
     @model_validator(mode="after")
     def _one_base_model(self) -> TrainingParams:
         if (self.model is None) == (self.init is None):
             raise ValueError(
                 "give exactly one of `model` (an HF model directory) or `init` (a LlamaConfig for a random model)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _compile_without_zero3(self) -> TrainingParams:
+        if self.torch_compile is True and self.zero_stage == 3:
+            raise ValueError(
+                "torch_compile: true needs zero_stage 0 or 2 (ZeRO-3 gathers each layer's parameters "
+                "in module hooks that compiled layers do not run as DeepSpeed expects)"
             )
         return self
