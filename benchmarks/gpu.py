@@ -96,8 +96,15 @@ CONFIGS = {
     "pretrain-original": {"kind": "pretrain", "side": "original", "attention": "sdpa"},
     "sft-chla-packed-fa2": {"kind": "sft", "side": "chla", "attention": "flash_attention_2"},
     "sft-chla-packed-sdpa": {"kind": "sft", "side": "chla", "attention": "sdpa"},
-    "fa2-packed-vs-padded": {"kind": "check", "side": "chla", "attention": "flash_attention_2"},
-    "varlen-packed-vs-padded": {"kind": "varlen-check", "side": "chla", "attention": "sdpa"},
+    # The checks keep their layers eager: they compare what attention is told, and the varlen one
+    # swaps the attention function mid-way.
+    "fa2-packed-vs-padded": {
+        "kind": "check",
+        "side": "chla",
+        "attention": "flash_attention_2",
+        "torch_compile": False,
+    },
+    "varlen-packed-vs-padded": {"kind": "varlen-check", "side": "chla", "attention": "sdpa", "torch_compile": False},
 }
 
 
@@ -243,17 +250,7 @@ def time_original(blocks, layers: int, total_steps: int, root: Path) -> list[flo
     return seconds
 
 
-def sft_trainer(
-    config: dict,
-    layers: int,
-    root: Path,
-    *,
-    vocab: int,
-    pad_id: int,
-    dataset,
-    pack: bool = True,
-    torch_compile: bool | str = "auto",
-):
+def sft_trainer(config: dict, layers: int, root: Path, *, vocab: int, pad_id: int, dataset, pack: bool = True):
     import torch
 
     from chla_launcher.kinds.sft import SftParams
@@ -276,7 +273,7 @@ def sft_trainer(
         modules_to_save=list(MODULES_TO_SAVE),
         lora_target_modules=list(LORA_TARGETS),
         seed=SEED,
-        torch_compile=torch_compile,
+        torch_compile=config.get("torch_compile", "auto"),
     )
     ctx = make_context(f"sft-{config['attention']}-{pack}", params, root, kind="sft")
     init_distributed(ctx)
@@ -346,14 +343,11 @@ def time_sft(config: dict, layers: int, steps: int, warmup: int, root: Path, *, 
 
 def packed_check_setup(config_name: str, layers: int, root: Path):
     """What both packed-vs-padded checks compare: an SFT trainer over at most 4 layers (in eval
-    mode), and one micro-batch of 32 reviews collated padded and packed. Its layers stay eager:
-    the checks compare what attention is told, and swap the attention function mid-way."""
+    mode), and one micro-batch of 32 reviews collated padded and packed."""
     from chla_tools.sft_data import collate_sft, collate_sft_packed
 
     dataset, vocab, pad_id = sft_data(root)
-    trainer, _ = sft_trainer(
-        CONFIGS[config_name], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset, torch_compile=False
-    )
+    trainer, _ = sft_trainer(CONFIGS[config_name], min(layers, 4), root, vocab=vocab, pad_id=pad_id, dataset=dataset)
     trainer.engine.eval()
     examples = [dataset[i] for i in range(SFT_EXAMPLES)]
     return trainer, collate_sft(examples, pad_id), collate_sft_packed(examples, pad_id, row_length=SFT_ROW)
