@@ -228,15 +228,23 @@ def build_optimizer(model, params) -> torch.optim.Optimizer:
     # No weight decay on 1-D parameters (norm weights, biases), as HF Trainer does. With
     # `embedding_learning_rate`, the trainable parts of embed_tokens and lm_head (full copies, new
     # rows or trainable token rows) get a learning rate of their own: in SFT they are the parts
-    # that most easily undo what pretraining taught, because every token's row moves.
+    # that most easily undo what pretraining taught, because every token's row moves. With
+    # `loraplus_lr_ratio` (LoRA+, Hayou et al. 2024), the LoRA B matrices learn that many times
+    # faster than the A matrices: B starts at zero, and with one rate for both the update of B x A
+    # is driven mostly by A, which learns slowly for wide layers.
     vocabulary = vocabulary_parameter_ids(model) if params.embedding_learning_rate is not None else set()
+    lora_b = lora_b_parameter_ids(model) if params.loraplus_lr_ratio is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    parts = [
+        ("rest", params.learning_rate, [p for p in trainable if id(p) not in vocabulary and id(p) not in lora_b]),
+        ("lora_B", params.learning_rate * (params.loraplus_lr_ratio or 1.0), [p for p in trainable if id(p) in lora_b]),
+        ("vocabulary", params.embedding_learning_rate, [p for p in trainable if id(p) in vocabulary]),
+    ]
     groups = []
-    for in_vocabulary, lr in ((False, params.learning_rate), (True, params.embedding_learning_rate)):
-        chosen = [p for p in trainable if (id(p) in vocabulary) == in_vocabulary]
+    for part, lr, chosen in parts:
         decay = [p for p in chosen if len(full_shape(p)) >= 2]  # ZeRO-3: .ndim of a partition is 1
         no_decay = [p for p in chosen if len(full_shape(p)) < 2]
-        if decay or not in_vocabulary:
+        if decay or part == "rest":
             groups.append({"params": decay, "weight_decay": params.weight_decay, "lr": lr})
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
@@ -244,6 +252,12 @@ def build_optimizer(model, params) -> torch.optim.Optimizer:
     # embed_tokens and lm_head trainable (26M values in the demo), the demo's SFT step on CPU is
     # 11% faster with it (benchmarks/sft_step.py; 40% before chla_train.entry.keep_freed_memory).
     return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+
+def lora_b_parameter_ids(model) -> set[int]:
+    """ids of the B matrices of PEFT's LoRA layers (`...lora_B.<adapter>.weight`), the ones
+    LoRA+ speeds up; LoRA on embeddings (lora_embedding_B) keeps the base rate."""
+    return {id(p) for name, p in model.named_parameters() if p.requires_grad and ".lora_B." in name}
 
 
 def vocabulary_parameter_ids(model) -> set[int]:
@@ -303,6 +317,11 @@ class Trainer:
         else:
             ctx.log(f"torch_compile: off ({self.compile_choice.reason})")
         optimizer = build_optimizer(model, params)
+        if params.loraplus_lr_ratio is not None:
+            ctx.log(
+                f"LoRA+: {len(lora_b_parameter_ids(model))} LoRA B matrices learn at "
+                f"{params.learning_rate * params.loraplus_lr_ratio:.2e} ({params.loraplus_lr_ratio:g} x learning_rate)"
+            )
         scheduler = build_scheduler(optimizer, params, self.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,

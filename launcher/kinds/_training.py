@@ -79,6 +79,12 @@ class TrainingParams(StageParams):
         gt=0,
         description="learning rate of the trainable parts of embed_tokens and lm_head (default: learning_rate)",
     )
+    loraplus_lr_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="LoRA+: the LoRA B matrices learn at learning_rate times this (16 in the LoRA+ paper; "
+        "default: one rate for A and B, as plain LoRA)",
+    )
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_ratio: float = Field(default=0.05, ge=0, le=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"

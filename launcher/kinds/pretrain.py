@@ -40,6 +40,8 @@ class PretrainParams(TrainingParams):
             raise ValueError("new_rows_only / train_lm_head only apply to mode: embeddings")
         if self.mode != "lora" and self.init_adapter:
             raise ValueError("init_adapter only applies to mode: lora")
+        if self.mode != "lora" and self.loraplus_lr_ratio is not None:
+            raise ValueError("loraplus_lr_ratio only applies to mode: lora")
         return self
 
 
