@@ -230,14 +230,18 @@ def build_optimizer(model, params) -> torch.optim.Optimizer:
     # rows or trainable token rows) get a learning rate of their own: in SFT they are the parts
     # that most easily undo what pretraining taught, because every token's row moves. With
     # `loraplus_lr_ratio` (LoRA+, Hayou et al. 2024), the LoRA B matrices learn that many times
-    # faster than the A matrices: B starts at zero, and with one rate for both the update of B x A
-    # is driven mostly by A, which learns slowly for wide layers.
+    # faster than the A matrices: the paper shows one rate for both learns features inefficiently
+    # in wide layers. A LoRA B inside embed_tokens/lm_head keeps the vocabulary's rate.
     vocabulary = vocabulary_parameter_ids(model) if params.embedding_learning_rate is not None else set()
     lora_b = lora_b_parameter_ids(model) if params.loraplus_lr_ratio is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     parts = [
         ("rest", params.learning_rate, [p for p in trainable if id(p) not in vocabulary and id(p) not in lora_b]),
-        ("lora_B", params.learning_rate * (params.loraplus_lr_ratio or 1.0), [p for p in trainable if id(p) in lora_b]),
+        (
+            "lora_B",
+            params.learning_rate * (params.loraplus_lr_ratio or 1.0),
+            [p for p in trainable if id(p) in lora_b and id(p) not in vocabulary],
+        ),
         ("vocabulary", params.embedding_learning_rate, [p for p in trainable if id(p) in vocabulary]),
     ]
     groups = []

@@ -96,3 +96,31 @@ def test_loraplus_step_moves_b_ratio_times_as_far():
     # AdamW's first step moves every entry by about its learning rate, whatever the gradient's size.
     assert b_plus / b_plain == pytest.approx(16, rel=0.05)
     assert a_plus == pytest.approx(a_plain, rel=1e-6)  # A is untouched by the ratio
+
+
+def test_loraplus_leaves_a_lora_inside_the_vocabulary_at_the_vocabulary_rate():
+    """LoRA on lm_head itself: its B matrix belongs to the vocabulary's group only (a parameter in
+    two groups is an error in torch), and the other B matrices still get the ratio."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chla_train.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)), LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
+    )
+    params = get_kind("sft").params(
+        tokenizer="/t",
+        model="/m",
+        train_file="/f",
+        learning_rate=1e-3,
+        embedding_learning_rate=1e-5,
+        loraplus_lr_ratio=16,
+    )
+    groups = build_optimizer(model, params).param_groups
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(rate)  # each parameter in one group
+    for name, param in model.named_parameters():
+        if ".lora_B." in name:
+            assert rate[id(param)] == (1e-5 if "lm_head" in name else 1.6e-2), name
