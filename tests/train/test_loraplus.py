@@ -23,30 +23,25 @@ def test_loraplus_ratio_recipe_check():
         get_kind("sft").params(tokenizer="/t", model="/m", train_file="/f", loraplus_lr_ratio=0)
 
 
-def _lora_model():
+def _lora_model(target_modules=("q_proj", "v_proj"), modules_to_save=("embed_tokens", "lm_head")):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
-    return get_peft_model(
-        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
-    )
+    config = LoraConfig(r=4, target_modules=list(target_modules), modules_to_save=list(modules_to_save) or None)
+    return get_peft_model(model, config)
+
+
+def _sft_params(**settings):
+    return get_kind("sft").params(tokenizer="/t", model="/m", train_file="/f", learning_rate=1e-3, **settings)
 
 
 def test_loraplus_gives_the_b_matrices_their_own_rate():
     from chla_train.trainer import build_optimizer, lora_b_parameter_ids, vocabulary_parameter_ids
 
     model = _lora_model()
-    params = get_kind("sft").params(
-        tokenizer="/t",
-        model="/m",
-        train_file="/f",
-        learning_rate=1e-3,
-        embedding_learning_rate=1e-5,
-        loraplus_lr_ratio=16,
-        weight_decay=0.1,
-    )
+    params = _sft_params(embedding_learning_rate=1e-5, loraplus_lr_ratio=16, weight_decay=0.1)
     names = {id(p): name for name, p in model.named_parameters()}
     b_ids = lora_b_parameter_ids(model)
     assert b_ids and all(".lora_B." in names[i] for i in b_ids)
@@ -74,9 +69,7 @@ def _b_step(ratio: float | None) -> tuple[float, float]:
         for name, param in model.named_parameters():
             if ".lora_B." in name:
                 param.normal_(0, 0.02)
-    params = get_kind("sft").params(
-        tokenizer="/t", model="/m", train_file="/f", learning_rate=1e-3, loraplus_lr_ratio=ratio, weight_decay=0.0
-    )
+    params = _sft_params(loraplus_lr_ratio=ratio, weight_decay=0.0)
     optimizer = build_optimizer(model, params)
     b_ids = lora_b_parameter_ids(model)
     before = {name: p.detach().clone() for name, p in model.named_parameters() if ".lora_" in name}
@@ -101,23 +94,10 @@ def test_loraplus_step_moves_b_ratio_times_as_far():
 def test_loraplus_leaves_a_lora_inside_the_vocabulary_at_the_vocabulary_rate():
     """LoRA on lm_head itself: its B matrix belongs to the vocabulary's group only (a parameter in
     two groups is an error in torch), and the other B matrices still get the ratio."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from chla_train.trainer import build_optimizer
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)), LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
-    )
-    params = get_kind("sft").params(
-        tokenizer="/t",
-        model="/m",
-        train_file="/f",
-        learning_rate=1e-3,
-        embedding_learning_rate=1e-5,
-        loraplus_lr_ratio=16,
-    )
+    model = _lora_model(target_modules=("q_proj", "lm_head"), modules_to_save=())
+    params = _sft_params(embedding_learning_rate=1e-5, loraplus_lr_ratio=16)
     groups = build_optimizer(model, params).param_groups
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert sum(len(g["params"]) for g in groups) == len(rate)  # each parameter in one group
