@@ -234,24 +234,28 @@ def build_optimizer(model, params) -> torch.optim.Optimizer:
     # in wide layers. A LoRA B inside embed_tokens/lm_head keeps the vocabulary's rate.
     vocabulary = vocabulary_parameter_ids(model) if params.embedding_learning_rate is not None else set()
     lora_b = lora_b_parameter_ids(model) if params.loraplus_lr_ratio is not None else set()
+
+    def part_of(parameter) -> str:
+        if id(parameter) in vocabulary:  # the vocabulary's rate wins, for a LoRA inside it too
+            return "vocabulary"
+        return "lora_B" if id(parameter) in lora_b else "rest"
+
+    rates = {
+        "rest": params.learning_rate,
+        "lora_B": params.learning_rate * (params.loraplus_lr_ratio or 1.0),
+        "vocabulary": params.embedding_learning_rate,
+    }
     trainable = [p for p in model.parameters() if p.requires_grad]
-    parts = [
-        ("rest", params.learning_rate, [p for p in trainable if id(p) not in vocabulary and id(p) not in lora_b]),
-        (
-            "lora_B",
-            params.learning_rate * (params.loraplus_lr_ratio or 1.0),
-            [p for p in trainable if id(p) in lora_b and id(p) not in vocabulary],
-        ),
-        ("vocabulary", params.embedding_learning_rate, [p for p in trainable if id(p) in vocabulary]),
-    ]
     groups = []
-    for part, lr, chosen in parts:
+    for part, lr in rates.items():
+        chosen = [p for p in trainable if part_of(p) == part]
         decay = [p for p in chosen if len(full_shape(p)) >= 2]  # ZeRO-3: .ndim of a partition is 1
         no_decay = [p for p in chosen if len(full_shape(p)) < 2]
+        # "part" names the group for the stage log (torch keeps extra keys of a param group)
         if decay or part == "rest":
-            groups.append({"params": decay, "weight_decay": params.weight_decay, "lr": lr})
+            groups.append({"params": decay, "weight_decay": params.weight_decay, "lr": lr, "part": part})
         if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "part": part})
     # fused: one pass over each tensor instead of ~10 (CPU and CUDA both have the kernel). With
     # embed_tokens and lm_head trainable (26M values in the demo), the demo's SFT step on CPU is
     # 11% faster with it (benchmarks/sft_step.py; 40% before chla_train.entry.keep_freed_memory).
@@ -322,8 +326,9 @@ class Trainer:
             ctx.log(f"torch_compile: off ({self.compile_choice.reason})")
         optimizer = build_optimizer(model, params)
         if params.loraplus_lr_ratio is not None:
+            faster = sum(len(group["params"]) for group in optimizer.param_groups if group["part"] == "lora_B")
             ctx.log(
-                f"LoRA+: {len(lora_b_parameter_ids(model))} LoRA B matrices learn at "
+                f"LoRA+: {faster} LoRA B matrices learn at "
                 f"{params.learning_rate * params.loraplus_lr_ratio:.2e} ({params.loraplus_lr_ratio:g} x learning_rate)"
             )
         scheduler = build_scheduler(optimizer, params, self.total_steps)
