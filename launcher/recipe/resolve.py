@@ -15,7 +15,7 @@ from ..kinds import StageKind, registry
 from .inputs import absolutize_inputs, check_inputs_exist, expand_globs
 from .interpolation import Scope, interpolate_references
 from .resolved import ResolvedRecipe, ResolvedStage
-from .schema import RecipeModel, Resources, StageSpec
+from .schema import RecipeModel, Resources, StageSpec, shown
 from .sweep import expand_sweep
 from .yaml_lines import SourceMap, dotted
 
@@ -34,7 +34,7 @@ def raise_validation(error: ValidationError, where: SourceMap, prefix: KeyPath =
         and first["type"] not in {"value_error", "assertion_error"}
         and not isinstance(first["input"], dict)
     ):
-        message = f"{message} (got {first['input']!r})"
+        message = f"{message} (got {shown(first['input'])})"
     message = message.removeprefix("Value error, ")
     raise RecipeError(message, file=where.file, key=dotted(loc) or None, line=where.line(loc)) from None
 
