@@ -110,16 +110,16 @@ class _BoundedLoader(yaml.SafeLoader):
         super().__init__(text)
         self.limits, self.composed, self.depth = limits, 0, 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:  # type: ignore[override]
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self.composed += 1
         self.depth += 1
-        mark = self.peek_event().start_mark
+        mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
         if self.composed > self.limits.max_nodes:
             raise _TooBig(f"more than {self.limits.max_nodes:,} YAML nodes (a recipe is a few hundred)", mark)
         if self.depth > self.limits.max_depth:
             raise _TooBig(f"nested deeper than {self.limits.max_depth} levels", mark)
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
