@@ -127,7 +127,7 @@ CLASSES: dict[str, list[tuple[str, str | bytes, list[str]]]] = {
         ),
         (
             "mem-trailing-newline",
-            'name: x\nresources: {mem: "4G\\n#SBATCH --x"}\nstages:\n' + STAGE,
+            'name: x\nresources: {mem: "4G\\n"}\nstages:\n' + STAGE,
             ["r.yaml:2:", "resources.mem", "memory must look like"],
         ),
         (
