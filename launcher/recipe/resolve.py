@@ -152,7 +152,11 @@ def _stage_resources(
     array of multi-process tasks)."""
     merged = model.resources.model_dump()
     merged.update(spec.resources.model_dump(exclude_none=True))
-    resources = Resources.model_validate(merged)
+    try:
+        # Each side is valid alone; together they may not be (nodes x tasks_per_node past Slurm's).
+        resources = Resources.model_validate(merged)
+    except ValidationError as error:
+        raise_validation(error, where, prefix=base + ("resources",))
     if resources.world_size > 1 and not kind.distributed:
         raise where.error(
             f"kind {kind.name!r} runs as one process; nodes x tasks_per_node must be 1 "

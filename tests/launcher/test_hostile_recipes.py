@@ -111,6 +111,12 @@ CLASSES: dict[str, list[tuple[str, str | bytes, list[str]]]] = {
             ["r.yaml:2:", "resources", "Slurm counts tasks in 32 bits", "2,147,483,647"],
         ),
         (
+            "task-count-of-stage-and-defaults",
+            "name: x\nresources: {tasks_per_node: 65533}\nstages:\n  a:\n    kind: command\n"
+            "    resources: {nodes: 1000000}\n    params: {argv: [a]}\n",
+            ["r.yaml:6:", "stages.a.resources", "Slurm counts tasks in 32 bits"],
+        ),
+        (
             "mem-64-bit",
             "name: x\nresources: {mem: 99999999999999T}\nstages:\n" + STAGE,
             ["r.yaml:2:", "resources.mem", "9,223,372,036,854,775,807 MB"],
@@ -149,6 +155,12 @@ CLASSES: dict[str, list[tuple[str, str | bytes, list[str]]]] = {
             "sweep-nodes",
             "name: x\nstages:\n  a:\n    kind: command\n    sweep: {nodes: [1, 4294967296]}\n    params: {argv: [a]}\n",
             ["r.yaml:5:", "stages.a.sweep.nodes", "2,147,483,647"],
+        ),
+        (
+            "sweep-task-count",
+            "name: x\nstages:\n  a:\n    kind: command\n    sweep: {nodes: [1, 2147483647]}\n"
+            "    resources: {tasks_per_node: 2}\n    params: {argv: [a]}\n",
+            ["r.yaml:5:", "stages.a.sweep.nodes", "past Slurm's 2,147,483,647 tasks"],
         ),
     ],
     "numbers-beyond-range": [
