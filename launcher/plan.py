@@ -9,6 +9,12 @@ activations at its micro-batch and sequence length, with and without gradient ch
 resources, or a GPU named in slurm.constraint, or for a CPU stage its `mem` per task. Reads
 config.json and tokenizer files only: no model is loaded, no torch imported.
 
+A base model not downloaded yet is sized from a known architecture (`--arch`, chla_launcher.
+architectures). A tokenizer that a merge_tokenizer stage of the recipe will build is counted as its
+base's entries (its tokenizer files, else the base model's vocab_size) plus the pieces of the
+SentencePiece model it adds (a train_spm stage's vocab_size): an upper bound, since pieces both
+have count once. Each stage's plan says where its sizes came from.
+
 A stage "fits" when its peak (with the gradient checkpointing it is configured with) plus
 RUNTIME_RESERVE (CUDA context, NCCL and allocator slack) is within the device's memory.
 """
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .architectures import ARCHITECTURES
 from .kinds._training import TrainingParams
 from .kinds.merge import MergeParams
 from .kinds.merge_tokenizer import MergeTokenizerParams
@@ -90,8 +97,10 @@ class StagePlan:
         return "fits" if need <= self.device_bytes else "does not fit"
 
 
-def plan_recipe(recipe: ResolvedRecipe) -> list[StagePlan]:
-    sizes = _Sizes(recipe)
+def plan_recipe(recipe: ResolvedRecipe, arch: str | None = None) -> list[StagePlan]:
+    """The plan of every training stage; `arch` (a name in ARCHITECTURES) sizes base models whose
+    config.json is not there."""
+    sizes = _Sizes(recipe, arch)
     return [plan_stage(stage, sizes, recipe) for stage in recipe.stages.values() if stage.kind.name in TRAINING_KINDS]
 
 
@@ -123,22 +132,28 @@ def plan_stage(stage: ResolvedStage, sizes: _Sizes, recipe: ResolvedRecipe) -> S
         plan.notes.append(
             "SFT: the loss taken at every position (an upper bound: chla computes it at the answers only)"
         )
-    plan.trainable = _trainable(stage, shape)
+    plan.trainable = _trainable(stage, shape, sizes)
     plan.device, plan.device_bytes = _device_budget(stage, recipe)
     if shape is None:
         return plan
     plan.total_params, plan.trainable_params = parameter_counts(shape, plan.trainable)
+    if plan.trainable.new_rows is not None:
+        matrices = "embed_tokens and lm_head" if plan.trainable.train_lm_head else "embed_tokens"
+        plan.notes.append(
+            f"trains the {plan.trainable.new_rows} new rows of {matrices} "
+            f"({shape.vocab_size} - {shape.vocab_size - plan.trainable.new_rows} base rows) x {shape.hidden_size}"
+        )
     plan.memory = training_memory(shape, plan.trainable, plan.setup)
     return plan
 
 
-def _trainable(stage: ResolvedStage, shape: ModelShape | None) -> Trainable:
+def _trainable(stage: ResolvedStage, shape: ModelShape | None, sizes: _Sizes) -> Trainable:
     params = stage.params_as(TrainingParams)
     mode = params.mode if isinstance(params, PretrainParams) else "lora"
     if isinstance(params, PretrainParams) and mode == "embeddings":
         new_rows = None
         if params.new_rows_only and shape is not None:
-            new_rows = max(0, shape.vocab_size - _base_rows_hint(stage))
+            new_rows = max(0, shape.vocab_size - sizes.base_rows(stage))
         return Trainable(mode="embeddings", new_rows=new_rows, train_lm_head=params.train_lm_head)
     if mode == "full":
         return Trainable(mode="full")
@@ -149,12 +164,6 @@ def _trainable(stage: ResolvedStage, shape: ModelShape | None) -> Trainable:
         lora_dropout=params.lora_dropout,
         modules_to_save=tuple(params.modules_to_save),
     )
-
-
-def _base_rows_hint(stage: ResolvedStage) -> int:
-    params = stage.params_as(TrainingParams)
-    config = _read_json(Path(params.model or "-") / "config.json")
-    return int(config.get("vocab_size", 0)) if config else int((params.init or {}).get("vocab_size", 32000))
 
 
 def _device_budget(stage: ResolvedStage, recipe: ResolvedRecipe) -> tuple[str, int | None]:
@@ -178,8 +187,31 @@ class _Sizes:
     """Model shapes and tokenizer sizes, from files on disk or derived from the upstream stage that
     will produce them (a path inside the run directory)."""
 
-    def __init__(self, recipe: ResolvedRecipe) -> None:
+    def __init__(self, recipe: ResolvedRecipe, arch: str | None = None) -> None:
         self.recipe = recipe
+        self.arch = arch
+
+    def base_rows(self, stage: ResolvedStage) -> int:
+        """The embedding rows of the model a stage starts from, before its tokenizer grows it (what
+        chla_train calls base_rows): the rows below those a stage-1 `new_rows_only` trains."""
+        params = stage.params_as(TrainingParams)
+        if params.init is not None:
+            return ModelShape.from_config(params.init).vocab_size
+        assert params.model is not None
+        shape, _ = self.model_shape(params.model)
+        return shape.vocab_size if shape is not None else 0
+
+    def base_config(self, path: str) -> tuple[dict[str, Any] | None, str]:
+        """The config of a model outside the run directory: its config.json, else the --arch preset."""
+        config = _read_json(Path(path) / "config.json")
+        if config is not None:
+            return config, f"{path}/config.json"
+        if self.arch is not None:
+            return ARCHITECTURES[self.arch], f"--arch {self.arch}"
+        return None, (
+            f"{path}/config.json not found (give the model's config.json, or name its architecture: "
+            f"chla plan --arch {{{','.join(ARCHITECTURES)}}})"
+        )
 
     def training_shape(self, stage: ResolvedStage) -> tuple[ModelShape | None, str]:
         """The model the stage trains: its base, grown to its tokenizer (plus [PAD] for SFT)."""
@@ -192,12 +224,13 @@ class _Sizes:
             shape, source = self.model_shape(params.model)
         if shape is None:
             return None, source
-        vocab, exact = self.tokenizer_size(params.tokenizer)
+        vocab, exact, how = self.tokenizer_size(params.tokenizer)
         if vocab is not None and stage.kind.name == "sft" and not self.has_pad(params.tokenizer):
             vocab += 1
+            how += " + 1 [PAD] that SFT adds"
         if vocab is not None and vocab > shape.vocab_size:
             shape = shape.with_vocab(vocab)
-            source += f"; vocabulary {'' if exact else 'up to '}{vocab} from the tokenizer"
+            source += f"; vocabulary {'' if exact else 'up to '}{vocab}: {how}"
         return shape, source
 
     def model_shape(self, path: str) -> tuple[ModelShape | None, str]:
@@ -213,10 +246,10 @@ class _Sizes:
                 f"{path}: the output of stage {stage.name} ({stage.kind.name}) is not a model whose "
                 "size chla can derive"
             )
-        config = _read_json(Path(path) / "config.json")
+        config, source = self.base_config(path)
         if config is None:
-            return None, f"{path}/config.json not found (give the model's config.json to plan it)"
-        return ModelShape.from_config(config), f"{path}/config.json"
+            return None, source
+        return ModelShape.from_config(config), source
 
     def _merged(self, stage: ResolvedStage) -> tuple[ModelShape | None, str]:
         params = stage.params_as(MergeParams)
@@ -231,30 +264,42 @@ class _Sizes:
                     shape = shape.with_vocab(grown.vocab_size)
         return shape, f"{stage.name}: merge of {source}"
 
-    def tokenizer_size(self, path: str) -> tuple[int | None, bool]:
-        """(entries, exact) of a tokenizer directory; a merged one not yet built is counted as its
-        base plus every piece of the added model (an upper bound: pieces both have count once)."""
+    def tokenizer_size(self, path: str) -> tuple[int | None, bool, str]:
+        """(entries, exact, where the figure comes from) of a tokenizer directory. A merged one not
+        yet built is counted as its base plus every piece of the added model (an upper bound:
+        pieces both have count once); a base directory without tokenizer files (a model not
+        downloaded yet, or its config.json alone) as the model's vocab_size."""
         upstream = self._upstream(path)
         if upstream is not None:
             stage, _ = upstream
             if stage.kind.name != "merge_tokenizer":
-                return None, False
+                return None, False, f"the output of stage {stage.name} ({stage.kind.name}) is not a tokenizer"
             params = stage.params_as(MergeTokenizerParams)
-            base, _ = self.tokenizer_size(params.base)
-            added, _ = self.sentencepiece_size(params.add)
+            base, _, base_how = self.tokenizer_size(params.base)
+            added, added_how = self.sentencepiece_size(params.add)
             if base is None or added is None:
-                return None, False
-            return base + added + int(params.pad_token), False
-        return _tokenizer_dir_size(Path(path)), True
+                return None, False, base_how if base is None else added_how
+            pad = " + 1 [PAD]" if params.pad_token else ""
+            how = f"stage {stage.name} merges {base} ({base_how}) + at most {added} ({added_how}){pad}"
+            return base + added + int(params.pad_token), False, how
+        size = _tokenizer_dir_size(Path(path))
+        if size is not None:
+            return size, True, f"{path}'s tokenizer"
+        config, source = self.base_config(path)
+        if config is not None and config.get("vocab_size"):
+            return int(config["vocab_size"]), True, f"vocab_size of {source}"
+        return None, False, f"no tokenizer in {path}"
 
-    def sentencepiece_size(self, path: str) -> tuple[int | None, bool]:
+    def sentencepiece_size(self, path: str) -> tuple[int | None, str]:
+        """(pieces, where the figure comes from) of a SentencePiece model, or of the one a
+        train_spm stage of the recipe will train (its vocab_size)."""
         upstream = self._upstream(path)
         if upstream is not None:
             stage, _ = upstream
             if stage.kind.name == "train_spm":
-                return stage.params_as(TrainSpmParams).vocab_size, True
-            return None, False
-        return _sentencepiece_pieces(Path(path)), True
+                return stage.params_as(TrainSpmParams).vocab_size, f"vocab_size of stage {stage.name}"
+            return None, f"the output of stage {stage.name} ({stage.kind.name}) is not a SentencePiece model"
+        return _sentencepiece_pieces(Path(path)), f"pieces of {path}"
 
     def has_pad(self, path: str) -> bool:
         upstream = self._upstream(path)

@@ -18,6 +18,14 @@ ORDER = 15
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     add_override_flag(parser, "override any recipe key, as for chla submit (repeatable)")
+    from chla_launcher.architectures import ARCHITECTURES  # a dict: no cost to `chla --help`
+
+    parser.add_argument(
+        "--arch",
+        choices=sorted(ARCHITECTURES),
+        help="size base models whose config.json is not there (not downloaded yet) as this published "
+        "architecture; a config.json that is there wins",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
 
     # Inputs need not exist yet: planning reads only the model configs and tokenizers it finds.
     recipe = load_recipe(args.recipe, args.overrides, check_inputs=False)
-    render(plan_recipe(recipe), sys.stdout)
+    render(plan_recipe(recipe, arch=args.arch), sys.stdout)
     return 0

@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StageParams(BaseModel):
-    """Base of every kind's params: unknown keys are errors, values are validated on assignment."""
+    """Base of every kind's params: unknown keys are errors, values are validated on assignment,
+    inf and nan are no numbers (a learning rate of .inf passed `gt=0`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 class InputPath:

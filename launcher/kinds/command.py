@@ -7,6 +7,7 @@ $CHLA_OUT_DIR (the stage's out directory, made visible only when every rank fini
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -38,9 +39,13 @@ class CommandParams(StageParams):
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        for name in env:
-            if not name or "=" in name or "\x00" in name:
-                raise ValueError(f"invalid environment variable name {name!r}")
+        # Passed in the environment of the process (never through a shell); a POSIX name, and no
+        # NUL in a value (the kernel's environment is NUL-separated).
+        for name, value in env.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"invalid environment variable name {name!r} (letters, digits and '_')")
+            if "\x00" in value:
+                raise ValueError(f"environment variable {name} may not contain NUL bytes")
         return env
 
 

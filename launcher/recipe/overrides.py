@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from ..errors import RecipeError
+from .yaml_lines import parse_value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> None:
@@ -18,12 +17,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE", file=source)
         key_path, _, value_text = item.partition("=")
         parts = key_path.strip().split(".")
-        if not key_path.strip() or any(not part for part in parts):
+        if not key_path.strip() or any(not part or not part.isprintable() for part in parts):
             raise RecipeError(f"--set {item!r}: malformed key path", file=source)
-        try:
-            value = yaml.safe_load(value_text) if value_text.strip() else ""
-        except yaml.YAMLError:
-            raise RecipeError(f"--set {key_path}: cannot parse value {value_text!r}", file=source) from None
+        # Parsed under the recipe file's rules and bounds (no tags, finite numbers, no control
+        # characters, no alias bombs).
+        value = parse_value(value_text, source, f"--set {key_path}") if value_text.strip() else ""
         node: Any = data
         for depth, part in enumerate(parts[:-1]):
             if isinstance(node, dict) and part in node and isinstance(node[part], (dict, list)):

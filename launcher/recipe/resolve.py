@@ -15,7 +15,7 @@ from ..kinds import StageKind, registry
 from .inputs import absolutize_inputs, check_inputs_exist, expand_globs
 from .interpolation import Scope, interpolate_references
 from .resolved import ResolvedRecipe, ResolvedStage
-from .schema import RecipeModel, Resources, StageSpec
+from .schema import RecipeModel, Resources, StageSpec, shown
 from .sweep import expand_sweep
 from .yaml_lines import SourceMap, dotted
 
@@ -34,7 +34,7 @@ def raise_validation(error: ValidationError, where: SourceMap, prefix: KeyPath =
         and first["type"] not in {"value_error", "assertion_error"}
         and not isinstance(first["input"], dict)
     ):
-        message = f"{message} (got {first['input']!r})"
+        message = f"{message} (got {shown(first['input'])})"
     message = message.removeprefix("Value error, ")
     raise RecipeError(message, file=where.file, key=dotted(loc) or None, line=where.line(loc)) from None
 
@@ -152,7 +152,11 @@ def _stage_resources(
     array of multi-process tasks)."""
     merged = model.resources.model_dump()
     merged.update(spec.resources.model_dump(exclude_none=True))
-    resources = Resources.model_validate(merged)
+    try:
+        # Each side is valid alone; together they may not be (nodes x tasks_per_node past Slurm's).
+        resources = Resources.model_validate(merged)
+    except ValidationError as error:
+        raise_validation(error, where, prefix=base + ("resources",))
     if resources.world_size > 1 and not kind.distributed:
         raise where.error(
             f"kind {kind.name!r} runs as one process; nodes x tasks_per_node must be 1 "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import KeyPath
 from .resolved import ResolvedStage, SweepPoint
-from .schema import SweepSpec
+from .schema import MAX_NODES, SweepSpec
 from .yaml_lines import SourceMap
 
 
@@ -18,6 +18,12 @@ def expand_sweep(
         raise where.error("an array stage cannot be swept over nodes", key)
     points = []
     for nodes in sweep.nodes:
+        if nodes * stage.resources.tasks_per_node > MAX_NODES:
+            raise where.error(
+                f"{nodes} nodes x {stage.resources.tasks_per_node} tasks_per_node is past Slurm's "
+                f"{MAX_NODES:,} tasks (32 bits)",
+                key + ("nodes",),
+            )
         name = f"{stage.name}-n{nodes}"
         if name in stage_names:
             raise where.error(f"the sweep would create stage {name!r}, which the recipe already has", key)

@@ -1,26 +1,42 @@
-"""Slurm's memory and time strings: validated as a recipe gives them, converted for sizing."""
+"""Slurm's memory and time strings: validated as a recipe gives them, converted for sizing.
+
+Both are matched whole (fullmatch: a `$` would let a trailing newline reach `#SBATCH`) and bounded
+by what Slurm accepts: memory is a 64-bit count of megabytes (sbatch refuses --mem=2^63 M), a time
+limit a 32-bit count of minutes (Slurm's time parsing is in C ints; 2^31 - 1 minutes is 4,085
+years)."""
 
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
-_MEM_RE = re.compile(r"^\d+(\.\d+)?[KMGT]?B?$", re.IGNORECASE)
+MAX_MEM_MB = 2**63 - 1
+MAX_TIME_MINUTES = 2**31 - 1
+_MEM_RE = re.compile(r"(\d{1,20})(\.\d{1,9})?([KMGT]?)B?", re.IGNORECASE)
 # Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
-_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_TIME_RE = re.compile(r"(\d{1,10}-)?\d{1,10}(:\d{1,2}){0,2}")
+_UNIT_MB = {"K": Fraction(1, 1024), "M": Fraction(1), "G": Fraction(1024), "T": Fraction(1024**2)}
 
 
 def check_mem(value: str | None) -> str | None:
-    if value is not None and not _MEM_RE.match(str(value)):
+    if value is None:
+        return None
+    text = str(value)
+    if not _MEM_RE.fullmatch(text):
         raise ValueError(f"memory must look like 4G, 500M or 16GB (got {value!r})")
-    return None if value is None else str(value).upper()
+    if mem_to_mb(text) > MAX_MEM_MB:
+        raise ValueError(f"memory {value!r} is beyond Slurm's limit of {MAX_MEM_MB:,} MB (64 bits)")
+    return text.upper()
 
 
 def check_time(value: str | int | None) -> str | None:
     if value is None:
         return None
     text = str(value)
-    if not _TIME_RE.match(text):
+    if not _TIME_RE.fullmatch(text):
         raise ValueError(f"time must be minutes or [D-]HH:MM:SS (got {value!r})")
+    if time_to_minutes(text) > MAX_TIME_MINUTES:
+        raise ValueError(f"time {value!r} is beyond Slurm's limit of {MAX_TIME_MINUTES:,} minutes (32 bits)")
     return text
 
 
@@ -45,7 +61,8 @@ def time_to_minutes(text: str) -> int:
 
 
 def mem_to_mb(text: str) -> int:
-    match = re.match(r"^(\d+(?:\.\d+)?)([KMGT]?)B?$", text.upper())
+    """Slurm memory string -> whole megabytes (rounded down), computed exactly."""
+    match = _MEM_RE.fullmatch(text)
     assert match, text
-    number, unit = float(match.group(1)), match.group(2) or "M"
-    return int(number * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit])
+    number = Fraction(match.group(1) + (match.group(2) or ""))
+    return int(number * _UNIT_MB[(match.group(3) or "M").upper()])
