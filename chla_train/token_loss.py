@@ -32,7 +32,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     [n], target_weights [n] (fp32; None: every w_i is 1)."""
 
     @classmethod
-    def apply(  # type: ignore[override]
+    def apply(
         cls,
         hidden: torch.Tensor,
         weight: torch.Tensor,
