@@ -292,6 +292,10 @@ class ShardProgress:
         self.done = 0
         self.started = self.logged = time.monotonic()
 
+    def within(self, before: int, label: str) -> Callable[[int, int], None]:
+        """The report of an input whose items follow the shard's first `before`: (its done, its total)."""
+        return lambda done, _total: self.at(before + done, label)
+
     def at(self, done: int, label: str) -> None:
         self.done = done
         if self.progress is not None:
@@ -352,7 +356,7 @@ def evaluate_shard(
                     [line for _, line in mine],
                     block=block,
                     batch_size=params.batch_size,
-                    report=lambda lines, _total, before=before, label=source.name: done.at(before + lines, label),
+                    report=done.within(before, source.name),
                 )
             )
         elif source.kind == "task":
