@@ -78,7 +78,12 @@ def install_cuda_device_guard() -> None:
         command = [compiler, "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
         command += [f"-I{torch_dir / 'include'}", str(source), f"-L{torch_dir / 'lib'}", "-lc10"]
         command += [f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(partial)]
-        subprocess.run(command, check=True, capture_output=True)
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            why = f"the fake-CUDA layer builds its device guard with {compiler} (or $CXX): {detail}"
+            raise RuntimeError(why) from None
         partial.rename(library)  # atomic: a concurrent build renames an equal file
     ctypes.CDLL(str(library))
 
