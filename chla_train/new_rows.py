@@ -69,12 +69,14 @@ def init_new_rows(
         pieces = subtoken_ids(tokenizer_dir, base_rows, total_rows, where=where)
         stats.mean_subtokens = sum(len(p) for p in pieces) / new_count
         stats.fell_back_to_mean = sum(1 for p in pieces if not p)
+    # Drawn on the CPU and then moved: the same rows from the same seed on every device (a CUDA
+    # generator draws other numbers, and would have to live on the matrix's device).
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for matrix in matrices:
             base = matrix[:base_rows].float()
             if method == "random":
-                new = torch.randn(new_count, base.shape[1], generator=generator) * std
+                new = (torch.randn(new_count, base.shape[1], generator=generator) * std).to(base.device)
             elif method == "mean":
                 new = base.mean(dim=0, keepdim=True).expand(new_count, -1)
             else:
@@ -84,11 +86,14 @@ def init_new_rows(
 
 
 def _subtoken_means(base: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
-    flat = torch.tensor([i for p in pieces for i in p], dtype=torch.long)
-    offsets = torch.tensor([0] + [len(p) for p in pieces[:-1]], dtype=torch.long).cumsum(0)
+    # The indices on the matrix's device: on a GPU run the matrix is on cuda:LOCAL_RANK (ZeRO-0/2
+    # load there, ZeRO-3 gathers there) and embedding_bag refuses indices on another device.
+    device = base.device
+    flat = torch.tensor([i for p in pieces for i in p], dtype=torch.long, device=device)
+    offsets = torch.tensor([0] + [len(p) for p in pieces[:-1]], dtype=torch.long, device=device).cumsum(0)
     # mean over each token's base pieces; an empty bag gives zeros and is replaced below
     means = torch.nn.functional.embedding_bag(flat, base, offsets, mode="mean")
-    empty = torch.tensor([not p for p in pieces])
+    empty = torch.tensor([not p for p in pieces], device=device)
     if empty.any():
         means[empty] = base.mean(dim=0)
     return means

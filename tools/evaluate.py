@@ -115,21 +115,49 @@ def shard_of(items: list[T], shard: int, num_shards: int) -> list[tuple[int, T]]
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_size: int) -> dict:
-    """nll / predicted tokens / characters summed over `lines` (see the module docstring)."""
+# Positions x vocabulary entries of one chunk's fp32 logits in perplexity_sums: 64 MB on a CPU,
+# 512 MB on a GPU (as the trainer's chunked loss, chla_train.token_loss).
+LOGITS_PER_CHUNK = {"cpu": 2**24, "cuda": 2**27}
+
+
+def perplexity_sums(
+    model,
+    tokenizer,
+    lines: list[str],
+    *,
+    block: int,
+    batch_size: int,
+    report: Callable[[int, int], None] | None = None,
+) -> dict:
+    """nll / predicted tokens / characters summed over `lines` (see the module docstring).
+
+    The vocabulary projection runs a chunk of positions at a time: a pre-hook on the output
+    layer takes the batch's hidden states and hands the layer no positions, then the layer
+    projects the predicting positions in chunks of LOGITS_PER_CHUNK entries. Whole fp32 logits
+    of a batch of full windows were batch x block x vocabulary: 16 x 4,096 x 49,954 x 4 B = 13 GB,
+    and as much again in the cross-entropy. `report(lines_done, lines)` after every batch."""
     import torch
     import torch.nn.functional as F
 
     from chla_tools.inference import encode, input_device
 
     windows: list[list[int]] = []
+    line_of: list[int] = []  # the line each window belongs to (windows are in line order)
     tokens = 0
-    for line in lines:
+    for number, line in enumerate(lines):
         ids = encode(tokenizer, line)
         tokens += len(ids) - 1
         for start in range(0, max(len(ids) - 1, 1), block - 1):
             windows.append(ids[start : start + block])
+            line_of.append(number)
     device = input_device(model)
+    layer = model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+
+    def keep_hidden_states(_module, args):
+        captured.append(args[0])
+        return (args[0][:, :0],) + tuple(args[1:])
+
     nll = 0.0
     for first in range(0, len(windows), batch_size):
         batch = windows[first : first + batch_size]
@@ -138,12 +166,31 @@ def perplexity_sums(model, tokenizer, lines: list[str], *, block: int, batch_siz
         input_ids = torch.tensor([w + [0] * (width - len(w)) for w in batch], device=device)
         mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in batch], device=device)
         labels = input_ids.masked_fill(mask == 0, -100)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        losses = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
-        ).view(len(batch), -1)
-        nll += sum(losses.double().sum(dim=1).tolist())
+        captured.clear()
+        hook = layer.register_forward_pre_hook(keep_hidden_states)
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids, attention_mask=mask)
+        finally:
+            hook.remove()
+        hidden = captured[0]
+        # Position t predicts token t + 1; padding predicts nothing.
+        rows, columns = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+        targets = labels[rows, columns + 1]
+        predicting = hidden[rows.to(hidden.device), columns.to(hidden.device)]
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
+        chunk = max(1, LOGITS_PER_CHUNK.get(predicting.device.type, 2**24) // vocab)
+        row_sums = torch.zeros(len(batch), dtype=torch.float64, device=targets.device)
+        for start in range(0, len(targets), chunk):
+            with torch.no_grad():
+                logits = layer(predicting[None, start : start + chunk])[0].float()
+            target = targets[start : start + chunk].to(logits.device)
+            losses = F.cross_entropy(logits, target, reduction="none").to(row_sums.device)
+            row_sums.index_add_(0, rows[start : start + chunk], losses.double())
+            del logits
+        nll += sum(row_sums.tolist())
+        if report is not None:
+            report(line_of[first + len(batch) - 1] + 1, len(lines))
     return {"nll": nll, "tokens": tokens, "characters": sum(len(line) for line in lines), "lines": len(lines)}
 
 
@@ -231,10 +278,46 @@ def _shard_tag(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
 
 
+# Seconds between the progress lines a shard writes to its log while it scores perplexity text.
+PROGRESS_LOG_INTERVAL_S = 30.0
+
+
+class ShardProgress:
+    """Items of a shard done so far, over every source: a log line at most every
+    PROGRESS_LOG_INTERVAL_S, and `progress(done, total=...)` (the stage's live progress, read by
+    `chla status`) at every step."""
+
+    def __init__(self, total: int, tag: str, log: Log, progress: Callable[..., None] | None) -> None:
+        self.total, self.tag, self.log, self.progress = total, tag, log, progress
+        self.done = 0
+        self.started = self.logged = time.monotonic()
+
+    def within(self, before: int, label: str) -> Callable[[int, int], None]:
+        """The report of an input whose items follow the shard's first `before`: (its done, its total)."""
+        return lambda done, _total: self.at(before + done, label)
+
+    def at(self, done: int, label: str) -> None:
+        self.done = done
+        if self.progress is not None:
+            self.progress(done, total=self.total)
+        now = time.monotonic()
+        if now - self.logged >= PROGRESS_LOG_INTERVAL_S:
+            self.logged = now
+            self.log(f"{label}: {done}/{self.total} items of {self.tag} done ({now - self.started:.0f} s)")
+
+
 def evaluate_shard(
-    params: EvaluateParams, out_dir, *, shard: int, num_shards: int, loaded=None, log: Log = print
+    params: EvaluateParams,
+    out_dir,
+    *,
+    shard: int,
+    num_shards: int,
+    loaded=None,
+    log: Log = print,
+    progress: Callable[..., None] | None = None,
 ) -> dict:
-    """Evaluate this shard's items of every source; write out_dir/partials/<shard>.json (+ JSONL)."""
+    """Evaluate this shard's items of every source; write out_dir/partials/<shard>.json (+ JSONL).
+    `progress(done, total=...)`: the shard's items done so far (chla_launcher.progress)."""
     from chla_tools.inference import load_for_inference
 
     if not 0 <= shard < num_shards:
@@ -257,13 +340,24 @@ def evaluate_shard(
         "sources": {},
     }
 
+    mine_of = {source.name: shard_of(items[source.name], shard, num_shards) for source in sources}
+    done = ShardProgress(sum(map(len, mine_of.values())), tag, log, progress)
+    done.at(0, "evaluation")
     for source in sources:
-        mine = shard_of(items[source.name], shard, num_shards)
+        mine = mine_of[source.name]
+        before = done.done
         log(f"{source.name}: {len(mine)} of {len(items[source.name])} items in {tag}")
         entry = {"kind": source.kind, "path": str(source.path), "items": len(mine)}
         if source.kind == "ppl":
             entry.update(
-                perplexity_sums(model, tokenizer, [line for _, line in mine], block=block, batch_size=params.batch_size)
+                perplexity_sums(
+                    model,
+                    tokenizer,
+                    [line for _, line in mine],
+                    block=block,
+                    batch_size=params.batch_size,
+                    report=done.within(before, source.name),
+                )
             )
         elif source.kind == "task":
             rows, fields = score_task_shard(
@@ -299,6 +393,7 @@ def evaluate_shard(
                 "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
             )
         summary["sources"][source.name] = entry
+        done.at(before + len(mine), source.name)
     # written last: its presence means the shard is complete
     write_json(partials / f"{tag}.json", summary)
     return summary

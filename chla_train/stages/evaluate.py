@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chla_launcher.kinds.evaluate import EvaluateParams
+from chla_launcher.progress import progress_writer
 from chla_tools.evaluate import aggregate, evaluate_shard
 from chla_train.context import StageContext
 
@@ -50,8 +51,20 @@ def run(ctx: StageContext[EvaluateParams]) -> dict:
             log=ctx.log,
         )
 
-    # 3. This shard's items; finalize aggregates, after one task or many.
-    evaluate_shard(params, ctx.out_dir, shard=shard, num_shards=num_shards, loaded=loaded, log=ctx.log)
+    # 3. This shard's items (their count so far feeds `chla status`); finalize aggregates, after
+    #    one task or many.
+    progress = progress_writer(ctx, total=0, unit="items")
+    evaluate_shard(
+        params,
+        ctx.out_dir,
+        shard=shard,
+        num_shards=num_shards,
+        loaded=loaded,
+        log=ctx.log,
+        progress=progress.update if progress else None,
+    )
+    if progress is not None:
+        progress.close()
     return {"shard": shard}
 
 

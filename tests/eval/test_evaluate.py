@@ -67,7 +67,14 @@ def rounded(value):
 
 def _ctx(params, out_dir: Path, task_index: int, num_tasks: int):
     return SimpleNamespace(
-        params=params, out_dir=out_dir, task_index=task_index, num_tasks=num_tasks, log=lambda _m: None
+        params=params,
+        out_dir=out_dir,
+        task_index=task_index,
+        num_tasks=num_tasks,
+        log=lambda _m: None,
+        stage="eval",
+        stage_dir=out_dir.parent,
+        dist=SimpleNamespace(rank=0),
     )
 
 

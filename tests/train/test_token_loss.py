@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import chla_train.token_loss as token_loss
 from chla_train.model_config import llama_config
@@ -173,3 +175,35 @@ def test_trainer_example_mean_is_the_mean_of_each_examples_token_mean():
     assert weighted == pytest.approx(float(sum(rows)) / 3, rel=1e-5)
     # control: the token mean weighs the 16-token answer 4 times the 4-token one
     assert token_mean != pytest.approx(weighted, rel=1e-3)
+
+
+class _OutputShapes(TorchDispatchMode):
+    """Records the shape and dtype of every tensor an operation produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.produced: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.produced.append((tuple(tensor.shape), tensor.dtype))
+        return out
+
+
+def test_no_weight_gradient_is_computed_under_no_grad():
+    """Validation runs under torch.no_grad() with a trainable lm_head: no vocabulary x hidden fp32
+    gradient may be allocated or filled. Control: under grad mode the same call produces it."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(20, 16, generator=generator)
+    weight = torch.randn(500, 16, generator=generator).requires_grad_()  # trainable, as lm_head
+    targets = torch.randint(0, 500, (20,), generator=generator)
+    weight_gradient = ((500, 16), torch.float32)
+    with torch.no_grad(), _OutputShapes() as no_grad:
+        validation_loss = ChunkedLinearCrossEntropy.apply(hidden, weight, targets)
+    assert weight_gradient not in no_grad.produced
+    with _OutputShapes() as grad_mode:
+        training_loss = ChunkedLinearCrossEntropy.apply(hidden, weight, targets)
+    assert weight_gradient in grad_mode.produced
+    assert validation_loss.item() == pytest.approx(training_loss.item(), rel=1e-6)
