@@ -26,6 +26,7 @@ from .kinds.merge import MergeParams
 from .kinds.merge_tokenizer import MergeTokenizerParams
 from .kinds.pretrain import PretrainParams
 from .kinds.sft import SftParams
+from .kinds.train_bpe import TrainBpeParams
 from .kinds.train_spm import TrainSpmParams
 from .recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
 from .sizing import PROJECTIONS, MemoryEstimate, ModelShape, Trainable, TrainingSetup, parameter_counts, training_memory
@@ -233,7 +234,8 @@ class _Sizes:
 
     def tokenizer_size(self, path: str) -> tuple[int | None, bool]:
         """(entries, exact) of a tokenizer directory; a merged one not yet built is counted as its
-        base plus every piece of the added model (an upper bound: pieces both have count once)."""
+        base plus every piece (or BPE merge) of the added model (an upper bound: pieces both have
+        count once)."""
         upstream = self._upstream(path)
         if upstream is not None:
             stage, _ = upstream
@@ -241,18 +243,22 @@ class _Sizes:
                 return None, False
             params = stage.params_as(MergeTokenizerParams)
             base, _ = self.tokenizer_size(params.base)
-            added, _ = self.sentencepiece_size(params.add)
+            added, _ = self.added_model_size(params.add)
             if base is None or added is None:
                 return None, False
             return base + added + int(params.pad_token), False
         return _tokenizer_dir_size(Path(path)), True
 
-    def sentencepiece_size(self, path: str) -> tuple[int | None, bool]:
+    def added_model_size(self, path: str) -> tuple[int | None, bool]:
+        """(pieces, exact) of what a merge_tokenizer stage adds: a SentencePiece model, or at most
+        one token per merge of a train_bpe stage."""
         upstream = self._upstream(path)
         if upstream is not None:
             stage, _ = upstream
             if stage.kind.name == "train_spm":
                 return stage.params_as(TrainSpmParams).vocab_size, True
+            if stage.kind.name == "train_bpe":  # each merge adds at most one token
+                return stage.params_as(TrainBpeParams).merges, False
             return None, False
         return _sentencepiece_pieces(Path(path)), True
 
