@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from chla_launcher.atomic import new_directory, write_json
 from chla_launcher.errors import ChlaError
 
-from .byte_level import load_byte_level_bpe, resolve_tokenizer_json, token_bytes
+from .byte_level import canonical_component, load_byte_level_bpe, resolve_tokenizer_json, token_bytes
 from .log import Log, print_line
 
 if TYPE_CHECKING:
@@ -160,7 +160,8 @@ def merge_byte_level(
     add_path = resolve_tokenizer_json(params.add, role="added BPE (a train_bpe stage's out directory)")
     base = load_byte_level_bpe(base_path, role="base tokenizer")
     added = load_byte_level_bpe(add_path, role="added BPE")
-    if json.dumps(base.get("pre_tokenizer"), sort_keys=True) != json.dumps(added.get("pre_tokenizer"), sort_keys=True):
+    pre_tokenizers = (canonical_component("pre_tokenizer", model.get("pre_tokenizer")) for model in (base, added))
+    if len(set(pre_tokenizers)) > 1:
         raise ChlaError(
             f"{add_path}: its pre-tokenizer differs from the base's ({base_path}); train it with "
             f"train_bpe against this base (base: {params.base})"

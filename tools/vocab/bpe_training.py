@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from chla_launcher.atomic import new_directory, write_json
 from chla_launcher.errors import ChlaError
 
-from .byte_level import load_byte_level_bpe
+from .byte_level import build_component, load_byte_level_bpe
 from .corpus import check_corpora, iter_corpus_lines
 from .log import Log, print_line
 
@@ -41,8 +41,8 @@ def train_bpe(params: TrainBpeParams, out_dir: str | os.PathLike[str], log: Log 
     )
     tokenizer = Tokenizer(BPE())
     if base.get("normalizer"):
-        tokenizer.normalizer = _component("normalizer", base["normalizer"])
-    tokenizer.pre_tokenizer = _component("pre_tokenizer", base["pre_tokenizer"])
+        tokenizer.normalizer = build_component("normalizer", base["normalizer"])
+    tokenizer.pre_tokenizer = build_component("pre_tokenizer", base["pre_tokenizer"])
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = BpeTrainer(
         vocab_size=len(alphabet) + params.merges,
@@ -80,13 +80,3 @@ def train_bpe(params: TrainBpeParams, out_dir: str | os.PathLike[str], log: Log 
     short = f" (the corpus supports only {learnt})" if learnt < params.merges else ""
     log(f"wrote {Path(out_dir) / 'tokenizer.json'}: {learnt:,} merges{short} in {seconds:.1f} s")
     return summary
-
-
-def _component(key: str, config: dict):
-    """The tokenizer.json component `key` ("normalizer", "pre_tokenizer") built from `config`."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
-
-    probe = json.loads(Tokenizer(BPE()).to_str())
-    probe[key] = config
-    return getattr(Tokenizer.from_str(json.dumps(probe)), key)

@@ -117,6 +117,35 @@ def load_byte_level_bpe(path: str | os.PathLike[str], *, role: str) -> dict[str,
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             raise ChlaError(f"{file}: {role} sets model.{key} {model[key]!r}; chla extends byte-level BPE without it")
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_str(json.dumps(data))
+    except Exception as error:  # tokenizers raises a bare Exception naming the field
+        raise ChlaError(f"{file}: {role}: the installed tokenizers cannot read it ({error})") from None
     merges = model.get("merges") or []
     model["merges"] = [pair.split(" ", 1) if isinstance(pair, str) else list(pair) for pair in merges]
     return data
+
+
+def build_component(key: str, config: dict):
+    """The tokenizer.json component `key` ("normalizer", "pre_tokenizer") built from `config`."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    probe = json.loads(Tokenizer(BPE()).to_str())
+    probe[key] = config
+    return getattr(Tokenizer.from_str(json.dumps(probe)), key)
+
+
+def canonical_component(key: str, config: dict | None) -> str:
+    """`config` as tokenizers writes it back (defaults filled in, keys sorted), so that two
+    tokenizer.json files written by different versions compare equal when they mean the same."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    if config is None:
+        return "null"
+    tokenizer = Tokenizer(BPE())
+    setattr(tokenizer, key, build_component(key, config))
+    return json.dumps(json.loads(tokenizer.to_str())[key], sort_keys=True)
