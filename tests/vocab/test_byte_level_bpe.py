@@ -182,7 +182,8 @@ def test_added_tokens_past_the_vocabulary_keep_their_ids(parts):
     from chla_tools.vocab.bpe_merge import _check_base_ids_and_specials, build_merged, tokenizer_from
 
     base = parts["base"]
-    merged = build_merged(base, ["ä¸Ń"], [])
+    assert "ÃŁÃŁÃŁ" not in base["model"]["vocab"]  # "ßßß", a token the base lacks
+    merged = build_merged(base, ["ÃŁÃŁÃŁ"], [])
     _check_base_ids_and_specials(base, tokenizer_from(merged))
     for token in base["added_tokens"]:
         if token["content"] != "<|endoftext|>":
