@@ -7,7 +7,7 @@ Base ids are unchanged; the HF fast tokenizer gives the same ids as SentencePiec
 `pad_token: true` appends exactly one [PAD] (the SFT variant). `scores: original` scores the
 new pieces as the original merge_tokenizers.py did (all 0): the same .model, byte for byte, for
 continuing a model trained with the original's tokenizer; its fast tokenizer then disagrees
-with SentencePiece on some lines (vocab_report's fast=slow column).
+with SentencePiece on some lines (vocab_report's "HF = reference" column).
 
 A byte-level BPE base (a tokenizer.json with a ByteLevel pre-tokenizer, no tokenizer.model) is
 detected from `base`; `add` is then a train_bpe stage's out directory, and out/ holds tokenizer/
