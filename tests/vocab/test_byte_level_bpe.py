@@ -293,3 +293,24 @@ def test_bad_input_is_one_clear_line(capsys, demo_assets, bpe_base, zh_bpe, tmp_
     code, out, err = run_chla(capsys, "vocab", *args, "--out", tmp_path / "out")
     _assert_one_clear_line(code, out, err, *needles)
     _assert_nothing_written(tmp_path, "out")
+
+
+def test_plan_sizes_a_byte_level_merge_before_it_runs(tmp_path, bpe_base):
+    """`chla plan` sizes the vocabulary a merge_tokenizer stage will produce from a train_bpe
+    stage as the base plus one token per merge (an upper bound), as it does for train_spm."""
+    from chla_launcher.plan import _Sizes
+    from chla_launcher.recipe import load_recipe
+
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("中文\n", encoding="utf-8")
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        "name: x\nstages:\n"
+        f"  zh: {{kind: train_bpe, params: {{inputs: [{corpus}], base: {bpe_base}, merges: 3000}}}}\n"
+        f'  vocab: {{kind: merge_tokenizer, params: {{base: {bpe_base}, add: "${{stages.zh.out}}"}}}}\n',
+        encoding="utf-8",
+    )
+    recipe = load_recipe(recipe_file, run_dir=str(tmp_path / "run"))
+    sizes = _Sizes(recipe)
+    assert sizes.tokenizer_size(str(bpe_base)) == (2259, True)
+    assert sizes.tokenizer_size(str(Path(recipe.run_dir) / "vocab" / "out" / "tokenizer")) == (2259 + 3000, False)
