@@ -33,6 +33,7 @@ from .kinds.merge import MergeParams
 from .kinds.merge_tokenizer import MergeTokenizerParams
 from .kinds.pretrain import PretrainParams
 from .kinds.sft import SftParams
+from .kinds.train_bpe import TrainBpeParams
 from .kinds.train_spm import TrainSpmParams
 from .recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
 from .sizing import PROJECTIONS, MemoryEstimate, ModelShape, Trainable, TrainingSetup, parameter_counts, training_memory
@@ -266,9 +267,9 @@ class _Sizes:
 
     def tokenizer_size(self, path: str) -> tuple[int | None, bool, str]:
         """(entries, exact, where the figure comes from) of a tokenizer directory. A merged one not
-        yet built is counted as its base plus every piece of the added model (an upper bound:
-        pieces both have count once); a base directory without tokenizer files (a model not
-        downloaded yet, or its config.json alone) as the model's vocab_size."""
+        yet built is counted as its base plus every piece (or BPE merge) of the added model (an
+        upper bound: pieces both have count once); a base directory without tokenizer files (a
+        model not downloaded yet, or its config.json alone) as the model's vocab_size."""
         upstream = self._upstream(path)
         if upstream is not None:
             stage, _ = upstream
@@ -276,7 +277,7 @@ class _Sizes:
                 return None, False, f"the output of stage {stage.name} ({stage.kind.name}) is not a tokenizer"
             params = stage.params_as(MergeTokenizerParams)
             base, _, base_how = self.tokenizer_size(params.base)
-            added, added_how = self.sentencepiece_size(params.add)
+            added, added_how = self.added_model_size(params.add)
             if base is None or added is None:
                 return None, False, base_how if base is None else added_how
             pad = " + 1 [PAD]" if params.pad_token else ""
@@ -290,15 +291,18 @@ class _Sizes:
             return int(config["vocab_size"]), True, f"vocab_size of {source}"
         return None, False, f"no tokenizer in {path}"
 
-    def sentencepiece_size(self, path: str) -> tuple[int | None, str]:
-        """(pieces, where the figure comes from) of a SentencePiece model, or of the one a
-        train_spm stage of the recipe will train (its vocab_size)."""
+    def added_model_size(self, path: str) -> tuple[int | None, str]:
+        """(pieces, where the figure comes from) of what a merge_tokenizer stage adds: a
+        SentencePiece model, or the one a train_spm stage of the recipe will train (its
+        vocab_size), or at most one token per merge of a train_bpe stage."""
         upstream = self._upstream(path)
         if upstream is not None:
             stage, _ = upstream
             if stage.kind.name == "train_spm":
                 return stage.params_as(TrainSpmParams).vocab_size, f"vocab_size of stage {stage.name}"
-            return None, f"the output of stage {stage.name} ({stage.kind.name}) is not a SentencePiece model"
+            if stage.kind.name == "train_bpe":  # each merge adds at most one token
+                return stage.params_as(TrainBpeParams).merges, f"merges of stage {stage.name}"
+            return None, f"the output of stage {stage.name} ({stage.kind.name}) is not a model to add"
         return _sentencepiece_pieces(Path(path)), f"pieces of {path}"
 
     def has_pad(self, path: str) -> bool:

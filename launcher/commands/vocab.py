@@ -1,4 +1,5 @@
-"""`chla vocab train|merge|report`: Chinese SentencePiece training, tokenizer merge, efficiency report."""
+"""`chla vocab train|train-bpe|merge|report`: Chinese SentencePiece or byte-level BPE training,
+tokenizer merge, efficiency report."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import Callable
 from ..errors import ChlaError
 from ..flags import Flag, ParamFlags
 from ..kinds.merge_tokenizer import MergeTokenizerParams
+from ..kinds.train_bpe import TrainBpeParams
 from ..kinds.train_spm import TrainSpmParams
 from ..kinds.vocab_report import VocabReportParams
 
 NAME = "vocab"
-HELP = "extend a tokenizer: train a SentencePiece model, merge it into a base, report efficiency"
+HELP = "extend a tokenizer: train a Chinese SentencePiece model or BPE, merge it into a base, report efficiency"
 ORDER = 50
 
 # The flags of `train` and `merge` are the train_spm and merge_tokenizer kinds' params.
@@ -27,15 +29,34 @@ TRAIN_FLAGS = ParamFlags(
         Flag("max_sentence_length", metavar="BYTES"),
     ),
 )
-MERGE_FLAGS = ParamFlags(MergeTokenizerParams, (Flag("base", metavar="TOKENIZER"), Flag("add", metavar="SP_MODEL")))
+TRAIN_BPE_FLAGS = ParamFlags(
+    TrainBpeParams,
+    (
+        Flag("inputs", name="--input", metavar="FILE"),
+        Flag("base", metavar="TOKENIZER"),
+        Flag("merges", metavar="N"),
+        Flag("min_frequency", metavar="N"),
+    ),
+)
+MERGE_FLAGS = ParamFlags(MergeTokenizerParams, (Flag("base", metavar="TOKENIZER"), Flag("add", metavar="MODEL")))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vocab_command", metavar="ACTION", required=True)
     train = "train a SentencePiece model with the original project's settings (BPE, coverage 0.9995, digits split)"
     _add_action(sub, "train", "train a SentencePiece model (writes DIR/spm.model)", train, TRAIN_FLAGS.add_to)
-    merge = "append the new pieces of --add to --base (base ids unchanged); writes DIR/merged.model and DIR/tokenizer/"
-    _add_action(sub, "merge", "merge a SentencePiece model into a base tokenizer", merge, MERGE_FLAGS.add_to)
+    train_bpe = (
+        "train a byte-level BPE for a byte-level BPE base (Llama 3, SmolLM, Qwen) with the base's own "
+        "pre-tokenizer and byte alphabet"
+    )
+    _add_action(
+        sub, "train-bpe", "train a byte-level BPE (writes DIR/tokenizer.json)", train_bpe, TRAIN_BPE_FLAGS.add_to
+    )
+    merge = (
+        "append the new pieces of --add to --base (base ids unchanged); writes DIR/tokenizer/ (and "
+        "DIR/merged.model for a SentencePiece base). A byte-level BPE base takes a train-bpe DIR as --add"
+    )
+    _add_action(sub, "merge", "merge a trained Chinese tokenizer into a base tokenizer", merge, MERGE_FLAGS.add_to)
     report = "write report.json, report.md and report.png; the first --tokenizer is the baseline"
     _add_action(sub, "report", "tokens/char etc. per tokenizer x corpus", report, _add_report_flags)
 
@@ -76,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.vocab_command == "train":
         vocab.train_spm(TRAIN_FLAGS.params(args), args.out)
+    elif args.vocab_command == "train-bpe":
+        vocab.train_bpe(TRAIN_BPE_FLAGS.params(args), args.out)
     elif args.vocab_command == "merge":
         vocab.merge_tokenizers(MERGE_FLAGS.params(args), args.out)
     else:

@@ -1,7 +1,7 @@
 """`vocab_report`: tokens per character (and more) for every tokenizer x corpus.
 
 Writes out/report.json, out/report.md and out/report.png. The first tokenizer is the baseline
-the others are compared with.
+the others are compared with. SentencePiece and byte-level BPE tokenizers may sit side by side.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from . import StageKind, StageParams
 
 
 class VocabReportParams(StageParams):
-    """tokens/char, bytes/token, byte fallback and fast/slow agreement per tokenizer x corpus"""
+    """tokens/char, bytes/token, byte tokens, HF/reference agreement, ids as the first, per tokenizer x corpus"""
 
     # name -> HF tokenizer directory (or a merge_tokenizer stage's out directory). Checked when
     # the stage runs: the values are usually outputs of upstream stages.

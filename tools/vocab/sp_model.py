@@ -52,9 +52,9 @@ def resolve_sp_model(base: str | os.PathLike[str], *, role: str = "base tokenize
             return candidate
     if (base / "tokenizer.json").is_file() or (base / "tokenizer" / "tokenizer.json").is_file():
         raise ChlaError(
-            f"{base}: {role} has only a tokenizer.json (a byte-level BPE / tiktoken "
-            "vocabulary such as Llama 3's), not a SentencePiece tokenizer.model; "
-            "vocabulary merging needs a SentencePiece base (LLaMA 1/2, Mistral v1)"
+            f"{base}: {role} has only a tokenizer.json, not a SentencePiece tokenizer.model, and it is "
+            "not a byte-level BPE; chla extends SentencePiece bases (LLaMA 1/2, Mistral v1) and "
+            "byte-level BPE tokenizer.json bases (Llama 3, SmolLM, Qwen)"
         )
     raise ChlaError(
         f"{base}: no tokenizer in this directory (no tokenizer.model); "

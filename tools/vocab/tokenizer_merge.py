@@ -8,6 +8,9 @@ SentencePiece does; the merge checks fast == SentencePiece on the text of every 
 writing. The original project appended every new piece with score 0, above every LLaMA piece and
 all equal, so its HF fast tokenizer disagreed with SentencePiece on about half of Chinese lines;
 `scores: original` reproduces that tokenizer exactly for models trained with it.
+
+A byte-level BPE base (a tokenizer.json with a ByteLevel pre-tokenizer: Llama 3, SmolLM, Qwen)
+is merged by chla_tools.vocab.bpe_merge instead, with a train_bpe output as `add`.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 from chla_launcher.atomic import new_directory, write_json
 from chla_launcher.errors import ChlaError
 
+from .bpe_merge import PAD_TOKEN, merge_byte_level
+from .byte_level import is_byte_level_bpe
 from .fast_tokenizer import write_hf_tokenizer
 from .log import Log, print_line
 from .sp_model import CONTROL, NORMAL, load_sp_proto, mergeable, model_pb2, resolve_sp_model
 
 if TYPE_CHECKING:
     from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
-
-PAD_TOKEN = "[PAD]"
 
 
 def _scores_below(lowest: float, count: int) -> list[float]:
@@ -72,12 +75,19 @@ def merge_tokenizers(
     higher-ranked one, so the fast tokenizer then disagrees with SentencePiece on some lines
     (vocab_report measures how many); the merge logs the share of its probe strings that agree.
     """
+    if is_byte_level_bpe(params.base):
+        return merge_byte_level(params, out_dir, log)
     import sentencepiece as spm
 
     started = time.monotonic()
     pad_token, scores = params.pad_token, params.scores
     base_path = resolve_sp_model(params.base, role="base tokenizer")
     add_path = Path(params.add)
+    if is_byte_level_bpe(add_path):
+        raise ChlaError(
+            f"{add_path}: a byte-level BPE cannot be merged into the SentencePiece base {base_path}; "
+            "train the addition with train_spm (`chla vocab train`)"
+        )
     if add_path.is_dir():
         add_path = resolve_sp_model(add_path, role="added SentencePiece model")
     if not add_path.exists():
