@@ -70,8 +70,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with {_MAGIC!r}); "
             "give a model file in llama.cpp's format"
         )
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:
+        raise ChlaError(
+            "reading GGUF files needs the `gguf` package: pip install -c constraints.txt 'chla[gguf]'"
+        ) from None
     try:
         reader = gguf.GGUFReader(path)
         end = max((tensor.data_offset + int(tensor.n_bytes) for tensor in reader.tensors), default=0)
@@ -114,6 +118,8 @@ def import_gguf(params: ImportGgufParams, out_dir: str | os.PathLike[str], log: 
             str(source.parent), gguf_file=source.name, dtype=getattr(torch, params.dtype), **_dense_loading()
         )
         model = _without_quantizer(model)
+    except ChlaError:
+        raise
     except Exception as error:  # noqa: BLE001 - an unsupported architecture or tokenizer, a bad tensor
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ChlaError(
@@ -173,8 +179,6 @@ def _without_quantizer(model):
     """The model as one transformers will save: loaded from a GGUF file it keeps the GGUF quantizer
     attached, and save_pretrained refuses that ("not serializable") although every weight is a
     plain tensor once dequantized (checked here)."""
-    import torch
-
     if getattr(model, "hf_quantizer", None) is None:
         return model
     for name, tensor in model.state_dict().items():
@@ -183,7 +187,6 @@ def _without_quantizer(model):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
     return model
 
 
@@ -203,6 +206,11 @@ def _fix_pre_tokenizer(directory: Path, metadata: dict[str, Any], log: Log) -> s
         )
         tokenizer["pre_tokenizer"] = PRE_TOKENIZERS[name]
         path.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    elif name not in PRE_TOKENIZERS:
+        log(
+            f"tokenizer: llama.cpp's pre-tokenizer {name!r} is not one chla knows the tokenizer.json form of; "
+            "transformers' split is kept (compare a few texts with llama.cpp's before training on it)"
+        )
     return name
 
 
