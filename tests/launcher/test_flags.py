@@ -94,6 +94,7 @@ def test_every_command_built_from_params_parses_its_help():
         ["vocab", "train", "--help"],
         ["vocab", "merge", "--help"],
         ["export", "gguf", "--help"],
+        ["import", "gguf", "--help"],
         ["assets", "fetch", "--help"],
     ):
         with pytest.raises(SystemExit) as exit_info:

