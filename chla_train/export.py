@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from chla_launcher.atomic import replace_dir, write_text
 from chla_tools.hf_tokenizer import save_tokenizer
-from chla_train.model import merge_new_rows_state_dict
+from chla_train.model import merge_new_rows_state_dict, without_tied_output
 
 
 def save_adapter(trainer, tokenizer, out_dir: Path, facts: dict[str, Any]) -> Path | None:
@@ -83,7 +83,7 @@ def save_model(trainer, tokenizer, out_dir: Path, facts: dict[str, Any]) -> Path
     target = Path(out_dir) / "model"
     if trainer.rank == 0:
         tmp = _fresh_tmp(target)
-        state_dict = merge_new_rows_state_dict(state_dict)
+        state_dict = merge_new_rows_state_dict(without_tied_output(trainer.engine.module, state_dict))
         trainer.engine.module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
         write_text(tmp / "chla_training.json", json.dumps(facts, indent=2) + "\n")

@@ -407,11 +407,25 @@ def resize_to_tokenizer(
 
 
 def _output_and_input_matrices(model) -> list[torch.Tensor]:
+    """The vocabulary matrices to initialise: the input embedding, and lm_head unless it is the
+    same tensor (tied embeddings: one matrix, initialised once, from the input rows)."""
     matrices = [model.get_input_embeddings().weight]
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not matrices[0]:
-        matrices.append(head.weight)
+    if not embeddings_tied(model):
+        matrices.append(model.get_output_embeddings().weight)
     return matrices
+
+
+def embeddings_tied(model) -> bool:
+    """Whether the output head multiplies by the input embedding's own tensor (tie_word_embeddings,
+    as SmolLM2 and most small modern bases have it): one matrix for both, trained, saved and
+    merged as one. Asked of the tensors, not the config: the tie is what the modules hold."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return False
+    embedding = model.get_input_embeddings()
+    if isinstance(head, NewRowsLinear) and isinstance(embedding, NewRowsEmbedding):
+        return head.new_weight is embedding.new_weight
+    return getattr(head, "weight", None) is embedding.weight
 
 
 # --- embeddings mode: train only the rows the merge added -------------------------------------
@@ -441,6 +455,17 @@ class NewRowsLinear(nn.Module):
         self.base_weight = nn.Parameter(weight[:base_rows].clone(), requires_grad=False)
         self.new_weight = nn.Parameter(weight[base_rows:].clone(), requires_grad=True)
 
+    @classmethod
+    def tied_to(cls, embedding: NewRowsEmbedding) -> NewRowsLinear:
+        """The output head of tied embeddings: the embedding's own two parameters, so the new rows
+        get the gradient of both uses (and are one parameter to the optimizer, which sees each
+        parameter once), and the base rows stay out of the optimizer on the output side too."""
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.base_weight = embedding.base_weight
+        head.new_weight = embedding.new_weight
+        return head
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Two products, not one with the matrices joined: backward then forms the weight gradient
         # of the new rows only, not of the whole frozen vocabulary.
@@ -450,9 +475,14 @@ class NewRowsLinear(nn.Module):
 
 
 def setup_embeddings_training(model, *, base_rows: int, new_rows_only: bool, train_lm_head: bool, where: str) -> None:
-    """Freeze everything but the input embedding (and lm_head if asked)."""
-    if model.config.tie_word_embeddings and train_lm_head:
-        raise ChlaError(f"{where}: train_lm_head with tied embeddings makes no sense; unset it")
+    """Freeze everything but the input embedding (and lm_head if asked). With tied embeddings the
+    one matrix trains, on the input and the output side alike."""
+    tied = embeddings_tied(model)
+    if tied and train_lm_head:
+        raise ChlaError(
+            f"{where}: train_lm_head with tied embeddings: lm_head is the input embedding and trains "
+            "with it already; unset train_lm_head"
+        )
     for param in model.parameters():
         param.requires_grad = False
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -462,13 +492,28 @@ def setup_embeddings_training(model, *, base_rows: int, new_rows_only: bool, tra
                 f"{where}: new_rows_only but the tokenizer adds no rows to the model's "
                 f"{base_rows}; use the merged tokenizer or unset new_rows_only"
             )
-        model.set_input_embeddings(NewRowsEmbedding(model.get_input_embeddings(), base_rows))
-        if train_lm_head:
+        embedding = NewRowsEmbedding(model.get_input_embeddings(), base_rows)
+        model.set_input_embeddings(embedding)
+        if tied:
+            model.set_output_embeddings(NewRowsLinear.tied_to(embedding))
+        elif train_lm_head:
             model.set_output_embeddings(NewRowsLinear(model.get_output_embeddings(), base_rows))
         return
     model.get_input_embeddings().weight.requires_grad = True
     if train_lm_head:
         model.get_output_embeddings().weight.requires_grad = True
+
+
+def without_tied_output(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict to save for `model`: with tied embeddings, without the output head's copy of
+    the one matrix, so the files hold one tensor (as transformers writes a tied model). The
+    state dict of a ZeRO-3 gather or of the new-rows split holds the head's entries as tensors
+    of their own, which save_pretrained would write twice."""
+    if not (embeddings_tied(model) and getattr(model.config, "tie_word_embeddings", False)):
+        return state_dict
+    head = model.get_output_embeddings()
+    name = next(name for name, module in model.named_modules() if module is head)
+    return {key: value for key, value in state_dict.items() if not key.startswith(f"{name}.")}
 
 
 def merge_new_rows_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -523,7 +568,11 @@ def apply_lora(
     if init_adapter is None:
         check_module_names(model, target_modules, key=f"{key_prefix}.lora_target_modules")
         check_module_names(model, modules_to_save, key=f"{key_prefix}.modules_to_save")
+        tied = embeddings_tied(model)
+        if tied:
+            modules_to_save = one_tied_matrix(model, modules_to_save)
         modules_to_save, token_rows = token_rows_config(model, modules_to_save, new_token_rows)
+        vocabulary = set(vocabulary_module_names(model))
         config = LoraConfig(
             r=r,
             lora_alpha=alpha,
@@ -532,6 +581,12 @@ def apply_lora(
             target_modules=list(target_modules),
             modules_to_save=list(modules_to_save) or None,
             trainable_token_indices=token_rows,
+            # Tied embeddings: PEFT's copy of embed_tokens (modules_to_save) would train beside a
+            # frozen lm_head, two matrices from then on; with ensure_weight_tying it gives lm_head
+            # the copy's own tensor, and PeftModel.from_pretrained and merge_and_unload keep the
+            # tie (the flag is saved in adapter_config.json). Trainable token rows of the
+            # embedding PEFT ties to the head by itself (the flag would only warn there).
+            ensure_weight_tying=tied and bool(vocabulary & {*modules_to_save, *target_modules}),
         )
         # PEFT draws the A matrices from the global RNG, which nothing has seeded at this point:
         # torch seeds it differently in every process, and what ran before (submitit, say) moves
@@ -593,6 +648,25 @@ def apply_lora(
     if grown:
         log(f"init_adapter: vocabulary rows grown to the tokenizer ({', '.join(grown)}), new rows = mean")
     return model
+
+
+def vocabulary_module_names(model) -> list[str]:
+    """The leaf names of the input embedding and the output head (embed_tokens, lm_head)."""
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return [names[id(module)] for module in modules if module is not None and id(module) in names]
+
+
+def one_tied_matrix(model, modules_to_save: list[str]) -> list[str]:
+    """modules_to_save with tied embeddings: naming either vocabulary matrix (embed_tokens,
+    lm_head: the recipe default names both) means the one matrix, which PEFT trains through the
+    input embedding and ties the head to (naming lm_head alone would give the head a copy of its
+    own and untie the two)."""
+    embedding, *head = vocabulary_module_names(model)
+    if not any(name in modules_to_save for name in (embedding, *head)):
+        return list(modules_to_save)
+    kept = [name for name in modules_to_save if name not in (embedding, *head)]
+    return [embedding, *kept]
 
 
 def apply_stage_lora(

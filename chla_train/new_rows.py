@@ -10,15 +10,25 @@
 - `random`: N(0, initializer_range), drawn from the recipe's seed: what `resize_token_embeddings`
   gave in the transformers the original project used.
 
-The base tokenizer of subtoken_mean is the merged tokenizer's own SentencePiece model cut to the
-base model's rows: merging appends pieces after the base's and keeps its ids, scores and
-normaliser, so pieces [0, base_rows) with their scores are the base tokenizer, and row i of the
-base model is piece i. The text of a piece is encoded without SentencePiece's dummy "▁" prefix,
-so "国" (a word-internal piece) maps to what "国" is inside a word, and "▁中国" to a word start.
+The base tokenizer of subtoken_mean is the merged tokenizer cut to the base model's rows: merging
+appends tokens after the base's and keeps every base id, so the tokens [0, base_rows) are the
+base tokenizer's, and row i of the base model is token i.
+- SentencePiece (tokenizer.model, LLaMA-1/2): pieces [0, base_rows) with their scores and the
+  normaliser. The text of a piece is encoded without SentencePiece's dummy "▁" prefix, so "国" (a
+  word-internal piece) maps to what "国" is inside a word, and "▁中国" to a word start.
+- BPE in tokenizer.json (byte-level BPE of Llama 3, SmolLM, Qwen; also Metaspace BPE): the vocabulary
+  entries below base_rows and the merges whose two halves and result are all below it. A new
+  token's string is in the model's own alphabet (byte-level: one character per byte, "ä¸Ń" for
+  the first two bytes of "中"), and the merged tokenizer produced it inside one pre-token, so the
+  base BPE is applied to that string as it is: what the base tokenizer makes of those bytes. A new
+  token may be part of a character's UTF-8 bytes: as text it would not exist, as bytes it splits
+  like any other. Tokens added outside the BPE (special tokens such as [PAD]) are plain text and
+  are encoded with the whole base tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,15 +111,22 @@ def _subtoken_means(base: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor
 
 def subtoken_ids(tokenizer_dir: str | Path | None, base_rows: int, total_rows: int, *, where: str) -> list[list[int]]:
     """For each id in [base_rows, total_rows): the base tokenizer's piece ids for its text."""
+    directory = Path(tokenizer_dir) if tokenizer_dir else None
+    if directory is not None and (directory / "tokenizer.model").is_file():
+        return _sentencepiece_subtoken_ids(directory / "tokenizer.model", base_rows, total_rows, where=where)
+    if directory is not None and (directory / "tokenizer.json").is_file():
+        return _bpe_subtoken_ids(directory / "tokenizer.json", base_rows, total_rows, where=where)
+    raise ChlaError(
+        f"{where}: new_row_init subtoken_mean needs the tokenizer's SentencePiece model or its "
+        f"tokenizer.json (neither found in {directory}); use new_row_init: mean for other tokenizers"
+    )
+
+
+def _sentencepiece_subtoken_ids(model_file: Path, base_rows: int, total_rows: int, *, where: str) -> list[list[int]]:
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 
-    model_file = Path(tokenizer_dir) / "tokenizer.model" if tokenizer_dir else None
-    if model_file is None or not model_file.is_file():
-        raise ChlaError(
-            f"{where}: new_row_init subtoken_mean needs the tokenizer's SentencePiece model "
-            f"({model_file} not found); use new_row_init: mean for other tokenizers"
-        )
+    tokenizer_dir = model_file.parent
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_file.read_bytes())
     if len(proto.pieces) < base_rows:
@@ -134,3 +151,49 @@ def _added_token_texts(tokenizer_dir, sp_size: int, total_rows: int) -> list[str
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return [str(tokenizer.convert_ids_to_tokens(i) or "") for i in range(sp_size, total_rows)]
+
+
+def _bpe_subtoken_ids(tokenizer_file: Path, base_rows: int, total_rows: int, *, where: str) -> list[list[int]]:
+    """subtoken_ids for a tokenizer.json whose model is BPE: its base part applied to each new
+    token's own string (see the module's docstring)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ChlaError(
+            f"{where}: new_row_init subtoken_mean reads a BPE model from {tokenizer_file}, but its model "
+            f"is {model.get('type')!r}; use new_row_init: mean for this tokenizer"
+        )
+    vocab: dict[str, int] = model["vocab"]
+    added = {int(token["id"]): token["content"] for token in spec.get("added_tokens") or []}
+    if max([*vocab.values(), *added], default=-1) + 1 < total_rows:
+        raise ChlaError(
+            f"{where}: {tokenizer_file} holds no token for some of the model's {total_rows} rows; "
+            "it is not the tokenizer of this model"
+        )
+
+    def halves(merge) -> list[str]:  # "a b" (older tokenizer.json) or ["a", "b"]
+        return merge.split(" ", 1) if isinstance(merge, str) else list(merge)
+
+    def in_base(token: str) -> bool:
+        return vocab.get(token, base_rows) < base_rows
+
+    base_model = dict(
+        model,
+        dropout=None,  # BPE-dropout would split at random
+        vocab={token: i for token, i in vocab.items() if i < base_rows},
+        merges=[m for m in model.get("merges", []) if all(map(in_base, [*halves(m), "".join(halves(m))]))],
+    )
+    base_added = [token for token in spec.get("added_tokens") or [] if int(token["id"]) < base_rows]
+    base = Tokenizer.from_str(json.dumps(dict(spec, model=base_model, added_tokens=base_added)))
+    strings = {i: token for token, i in vocab.items() if i >= base_rows}
+    pieces = []
+    for i in range(base_rows, total_rows):
+        if i in added:
+            pieces.append(base.encode(added[i], add_special_tokens=False).ids)
+        elif i in strings:
+            pieces.append([token.id for token in base.model.tokenize(strings[i])])
+        else:  # an id nothing names (a gap): starts at the mean of all base rows
+            pieces.append([])
+    return pieces

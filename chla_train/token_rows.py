@@ -68,11 +68,13 @@ def output_rows_without_full_gradient(model) -> bool:
     matrix (as many multiply-adds as the forward pass) only to keep a few rows of it. Here the
     logits come from the frozen base matrix, and the trained rows' logits from those rows alone,
     written over their columns: the same logits and the same gradients, without the large
-    weight gradient (the output head is most of a small model's compute). Returns whether the
-    head was changed."""
+    weight gradient (the output head is most of a small model's compute). With tied embeddings
+    PEFT ties the head's layer to the embedding's (its trained rows and indices are the
+    embedding's own, and its base matrix is the embedding's): the same applies. Returns whether
+    the head was changed."""
     head = model.get_output_embeddings()
     layer = getattr(head, "token_adapter", None)
-    if layer is None or layer.tied_adapter is not None:
+    if layer is None:
         return False
     base = layer.get_base_layer()
     if not isinstance(base, nn.Linear) or base.bias is not None:

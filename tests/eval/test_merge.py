@@ -102,6 +102,48 @@ def test_rslora_and_tied_embeddings_match_peft(tmp_path, tokenizer_dir, stock_me
     assert diff <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "kind, tie_kept",
+    [("copies_tied", True), ("token_rows", True), ("copies", False)],
+)
+def test_adapters_of_a_tied_base_keep_one_tensor_where_peft_keeps_the_tie(
+    tmp_path, tokenizer_dir, stock_merge, kind, tie_kept
+):
+    """A tied base and an adapter that changes the one matrix: modules_to_save copies with
+    ensure_weight_tying (the vocabulary grows), or trainable token rows of embed_tokens (peft ties
+    lm_head's rows to them). The merged model keeps one tensor and tie_word_embeddings, with
+    stock peft's logits. Control: the copies without ensure_weight_tying, which peft unties."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .conftest import NEW_WORDS
+
+    base = make_base(tmp_path / "tied_base", tokenizer_dir, seed=3, tie_word_embeddings=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if kind == "token_rows":
+        settings: dict = {"lora_kwargs": {"trainable_token_indices": {"embed_tokens": list(range(100, 140))}}}
+        settings["save_kwargs"] = {"save_embedding_layers": False}
+    else:
+        tokenizer.add_tokens(NEW_WORDS)
+        settings = {
+            "modules_to_save": ["embed_tokens", "lm_head"],
+            "lora_kwargs": {"ensure_weight_tying": kind == "copies_tied"},
+        }
+    adapter = make_adapter(tmp_path / kind, base, tokenizer, seed=4, **settings)
+    out = tmp_path / "merged"
+    assert merge_adapters(base, [adapter], out, log=lambda _m: None)["tied_embeddings"] is tie_kept
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tie_kept
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert ("lm_head.weight" in handle.keys()) is not tie_kept
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert (ours.get_output_embeddings().weight is ours.get_input_embeddings().weight) is tie_kept
+    ids = torch.tensor([[1, 5, 100, 120, 139, 31999, len(tokenizer) - 1]])
+    reference = stock_merge(base, [adapter])
+    assert (_logits(ours, ids) - _logits(reference, ids)).abs().max().item() <= 1e-5
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    assert (_logits(ours, ids[:, :-1])[..., :32000] - _logits(plain, ids[:, :-1])).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("dtype, whole_matrices", [(None, False), ("bf16", True)])
 def test_trainable_token_rows_match_peft_and_grow_the_vocabulary(
     tiny_chain, tmp_path, monkeypatch, dtype, whole_matrices

@@ -28,9 +28,12 @@ matrix; every row it grows by must be among them.
 
 Vocabulary growth (32000 -> 49953 -> 49954 in the original): an adapter's saved embed_tokens and
 lm_head define the new number of rows; fewer rows than the model already has is refused.
-With tied embeddings (`tie_word_embeddings`) the base has no lm_head tensor; if an adapter
-changes embed_tokens or lm_head, the merged model gets its own lm_head (what the adapter model
-computed with) and the config is untied.
+With tied embeddings (`tie_word_embeddings`) the base has no lm_head tensor. An adapter that
+keeps the tie as stock peft loads it (ensure_weight_tying, or trainable token rows of the input
+embedding, which peft ties the head's rows to) changes the one matrix: the merged model keeps one
+tensor and `tie_word_embeddings`. Any other adapter that changes embed_tokens or lm_head (a
+modules_to_save copy without ensure_weight_tying: peft unties them) gives the merged model its
+own lm_head (what the adapter model computed with) and the config is untied.
 
 Modules: checkpoint (safetensors headers and reads), adapters (what each adapter tensor does),
 plan (output shapes, checked first, and the shard layout), lora (peft's arithmetic), kernel_io

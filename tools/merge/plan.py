@@ -69,12 +69,18 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
         shapes[LM_HEAD_KEY], sources[LM_HEAD_KEY] = shapes[EMBED_KEY], EMBED_KEY
     vocab_keys = {EMBED_KEY, LM_HEAD_KEY}
     touched: set[str] = set()
+    tied_now = tied and sources.get(LM_HEAD_KEY) == EMBED_KEY
 
     for adapter in adapters:
         hint = (
             f"this adapter was trained on a different base "
             f"(its base_model_name_or_path: {adapter.config.get('base_model_name_or_path')})"
         )
+        if tied_now and vocab_keys & {*adapter.replacements, *adapter.loras, *adapter.token_rows}:
+            if keeps_tie(adapter):
+                mirror_embedding_to_head(adapter)
+            else:
+                tied_now = False
         for name, key in adapter.replacements.items():
             if name not in shapes:
                 raise ChlaError(
@@ -141,7 +147,7 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
             shapes[name] = (max(old[0], grown), old[1])
             touched.add(name)
 
-    keep_tied = tied and not (touched & vocab_keys) and sources.get(LM_HEAD_KEY) == EMBED_KEY
+    keep_tied = tied_now
     if keep_tied:
         shapes.pop(LM_HEAD_KEY, None)
     if EMBED_KEY in shapes and LM_HEAD_KEY in shapes and shapes[EMBED_KEY][0] != shapes[LM_HEAD_KEY][0]:
@@ -156,6 +162,37 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
         out_dtype = dtype if (dtype is not None and source_dtype in FLOAT_CODES) else source_dtype
         planned.append(PlannedTensor(name, sources[name], tuple(shape), out_dtype))
     return planned, keep_tied
+
+
+def keeps_tie(adapter: Adapter) -> bool:
+    """Whether stock peft keeps a tied base's embeddings tied under this adapter, which changes
+    them: with ensure_weight_tying (lm_head's copy or token rows are the embedding's), or with
+    trainable token rows of the input embedding and none of lm_head's own (peft ties the head's
+    rows to the embedding's when their indices agree). A modules_to_save copy or a LoRA of one
+    of the two without ensure_weight_tying makes the head a matrix of its own."""
+    if adapter.config.get("ensure_weight_tying"):
+        return True
+    if {*adapter.replacements, *adapter.loras} & {EMBED_KEY, LM_HEAD_KEY}:
+        return False
+    embed, head = adapter.token_rows.get(EMBED_KEY), adapter.token_rows.get(LM_HEAD_KEY)
+    return embed is not None and (head is None or head.indices == embed.indices)
+
+
+def mirror_embedding_to_head(adapter: Adapter) -> None:
+    """A tied adapter changes the one matrix through the input embedding: lm_head gets the same
+    replacement and rows (written only if a later adapter unties the two; else lm_head is not
+    a tensor of the merged model)."""
+    if EMBED_KEY in adapter.loras or LM_HEAD_KEY in adapter.loras:
+        raise ChlaError(
+            f"adapter {adapter.dir}: a LoRA on the tied embedding matrix (ensure_weight_tying), which "
+            "chla merge does not merge; merge it with peft merge_and_unload instead"
+        )
+    adapter.replacements.pop(LM_HEAD_KEY, None)
+    adapter.token_rows.pop(LM_HEAD_KEY, None)
+    if EMBED_KEY in adapter.replacements:
+        adapter.replacements[LM_HEAD_KEY] = adapter.replacements[EMBED_KEY]
+    if EMBED_KEY in adapter.token_rows:
+        adapter.token_rows[LM_HEAD_KEY] = adapter.token_rows[EMBED_KEY]
 
 
 def shard_groups(planned: list[PlannedTensor], shard_bytes: int) -> list[list[PlannedTensor]]:
