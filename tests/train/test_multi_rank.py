@@ -3,8 +3,9 @@ first on the jobs' PYTHONPATH, which wraps a function of chla's on that rank; ch
 real one):
 - one rank fails (an exception, as a CUDA out-of-memory error raises): the whole step ends at once,
   on Slurm (srun --kill-on-bad-exit) and locally, recorded FAILED with that rank's error, and never
-  requeued. Before, the other rank waited inside a collective (NCCL), or, locally, took the
-  failure for a preemption and the task was requeued again and again;
+  requeued. Before, on Slurm the other rank waited inside a collective (NCCL); locally it was
+  killed 10 s later (SIGTERM, then SIGKILL), could take the failure for a preemption (the SIGTERM
+  before gloo's error: exit 75, the task requeued), and the state recorded rank 0's error or none;
 - one rank's listing of the checkpoints is stale: both still resume the step rank 0 chose."""
 
 from __future__ import annotations
