@@ -144,10 +144,10 @@ class LocalExecutor(Executor):
             status = JobStatus(
                 state=state.get("status", PENDING), restarts=max(0, int(state.get("attempts", 1) or 1) - 1)
             )
-            if status.state in (PENDING, RUNNING) and (gone or note):
-                # Nothing will run the stage: the chla-submit that ran the chain is gone.
-                status.state = INTERRUPTED if gone else status.state
-                status.reason = gone or note
+            if status.state in (PENDING, RUNNING) and gone:
+                status.state, status.reason = INTERRUPTED, gone  # nothing will run it any more
+            elif status.state in (PENDING, RUNNING) and note:
+                status.reason = note
             result[name] = status
         return result
 
