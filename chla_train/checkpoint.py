@@ -4,7 +4,7 @@ A checkpoint holds DeepSpeed's engine state (trainable weights only, optimizer p
 every rank, LR scheduler), each rank's RNG states, and trainer_state.json (step, tokens seen,
 sampler position). All ranks write into a hidden `.step-N.tmp` directory; rank 0 renames it to
 `step-N` only after every rank has finished, so a checkpoint directory is visible only once
-complete, and resume simply takes the highest step-N. The work dir must be on a file system all
+complete, and resume takes the highest step-N that rank 0 sees (resume_point). The work dir must be on a file system all
 nodes share (the run directory is).
 
 A checkpoint belongs to one fingerprint of its stage (trainer_state.json says which); one of another
@@ -37,17 +37,41 @@ def checkpoints_root(work_dir: Path) -> Path:
     return Path(work_dir) / "checkpoints"
 
 
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    root = checkpoints_root(work_dir)
+def list_steps(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under `root`, as this node sees it now."""
     if not root.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
+        return []
+    return [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    steps = list_steps(checkpoints_root(work_dir))
     return max(steps)[1] if steps else None
 
 
 def same_run(checkpoint: Path, fingerprint: str) -> bool:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     return state.get("fingerprint") == fingerprint
+
+
+def resume_point(work_dir: Path, fingerprint: str, *, rank: int) -> tuple[Path | None, bool]:
+    """Collective where torch.distributed runs: the checkpoint every rank resumes from, and whether
+    the checkpoints there belong to another fingerprint (then set them aside and start afresh).
+
+    Rank 0 decides and tells the others: a node's cached listing of a network file system can
+    miss the newest step-N for a while (NFS caches directory entries for up to a minute), and ranks
+    that chose alone would load different steps, or only some would enter set_aside's barriers."""
+    choice: list[Any] = [None, False]
+    if rank == 0:
+        latest = latest_checkpoint(work_dir)
+        if latest is not None and not same_run(latest, fingerprint):
+            choice = [None, True]
+        else:
+            choice = [str(latest) if latest is not None else None, False]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    path, foreign = choice
+    return (Path(path) if path is not None else None), bool(foreign)
 
 
 def set_aside(work_dir: Path, *, rank: int) -> Path:
@@ -149,7 +173,7 @@ def _read_weights_only(engine) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    steps = sorted(list_steps(root))
     for _, path in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
 

@@ -103,6 +103,38 @@ def require_port_free(port: int, where: str) -> None:
         )
 
 
+def cuda_device_index(device_count: int, local_rank: int, local_world_size: int, visible: str | None = None) -> int:
+    """The CUDA device a rank uses among those its process sees (`device_count`, what
+    torch.cuda.device_count() says under CUDA_VISIBLE_DEVICES=`visible`).
+
+    One visible device is this rank's own when CUDA_VISIBLE_DEVICES names it (a site's
+    `--gpu-bind=single:1`, the local executor): device 0. Otherwise the task sees the node's GPUs
+    and takes the one at its local rank; more ranks on the node than GPUs is one clear error,
+    raised before anything is loaded, instead of a CUDA error (or two ranks sharing a GPU)."""
+    if device_count == 1 and (visible is not None or local_world_size == 1):
+        return 0
+    if 0 <= local_rank < device_count:
+        return local_rank
+    shown = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "no CUDA_VISIBLE_DEVICES"
+    raise ChlaError(
+        f"local rank {local_rank} has no GPU of its own: the stage runs {local_world_size} task(s) per node "
+        f"(resources.tasks_per_node) but this task sees {device_count} GPU(s) ({shown}); set "
+        f"tasks_per_node to at most the GPUs per node, or have Slurm bind one GPU per task (--gpu-bind)"
+    )
+
+
+def local_cuda_device(device_count: int) -> int:
+    """cuda_device_index for this process, from its environment (LOCAL_RANK, LOCAL_WORLD_SIZE as
+    DistributedEnv exports them)."""
+    env = os.environ
+    return cuda_device_index(
+        device_count,
+        int(env.get("LOCAL_RANK", 0)),
+        int(env.get("LOCAL_WORLD_SIZE", 1)),
+        env.get("CUDA_VISIBLE_DEVICES"),
+    )
+
+
 @dataclass(frozen=True)
 class DistributedEnv:
     rank: int = 0

@@ -223,27 +223,35 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
         finally:
             stop.interruptible = False
     except BaseException as error:
-        if _stopped_by_scheduler(ctx, error):
+        # A rank that failed first says so (below) before its process ends; what the others then
+        # see (a collective whose peer left, the SIGTERM of srun or of the local executor) is
+        # that failure, not a preemption, and the stage's error is that rank's.
+        peer_failure = _peer_failure(barrier, dist.rank) if dist.world_size > 1 else None
+        if peer_failure is None and _stopped_by_scheduler(ctx, error):
             _leave_preempted(ctx, stop, error, run, state_task, writes_state, out_dir, is_array, started)
         if isinstance(error, SystemExit) and error.code in (0, None):
             raise
         disk_full = disk_full_error(error, run.path, stage_name)
         if disk_full is not None and not is_array:
             shutil.rmtree(out_dir, ignore_errors=True)  # half-written, and it frees the space to say so
+        message = str(disk_full) if disk_full else _one_line(error)
         try:
             if dist.world_size > 1:
                 barrier.mkdir(parents=True, exist_ok=True)
-                atomic.write_text(barrier / f"{dist.rank}.failed", _one_line(disk_full or error))
-            if writes_state:
+                atomic.write_text(barrier / f"{dist.rank}.failed", message)
+                message = peer_failure or f"rank {dist.rank}: {message}"
+            # Any rank that fails first records it: srun --kill-on-bad-exit (and the local executor)
+            # then kills the others at once, rank 0 included.
+            if writes_state or (dist.world_size > 1 and peer_failure is None):
                 run.update_state(
                     stage_name,
                     state_task,
                     status=FAILED,
                     finished_at=now(),
                     elapsed_s=round(time.time() - started, 3),
-                    error=str(disk_full) if disk_full else _one_line(error),
+                    error=message,
                 )
-                if not is_array:
+                if not is_array and writes_state:
                     tracking.stage_failed(ctx)
         except OSError:
             if disk_full is None:
@@ -348,6 +356,16 @@ def _leave_preempted(
     if isinstance(error, SystemExit):
         raise error
     stop.leave_for_requeue()
+
+
+def _peer_failure(barrier: Path, rank: int) -> str | None:
+    """What the first other rank of this attempt that failed reported ("rank N: ..."), if any."""
+    failed = sorted(
+        (path for path in barrier.glob("*.failed") if path.stem != str(rank)), key=lambda p: p.stat().st_mtime
+    )
+    if not failed:
+        return None
+    return f"rank {failed[0].stem}: {failed[0].read_text().strip()}"
 
 
 def _wait_for_ranks(barrier: Path, world_size: int) -> None:

@@ -108,13 +108,13 @@ def usable_attention(requested: str) -> str:
 
 def load_whole(path: Path, *, dtype: torch.dtype, attn_implementation: str):
     """The whole model on this rank: memory-mapped on CPU, streamed to the rank's GPU on a GPU."""
-    import os
-
     from transformers import AutoModelForCausalLM
+
+    from chla_train.distributed import local_cuda_device
 
     placement = {}
     if torch.cuda.is_available():
-        placement["device_map"] = {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))}
+        placement["device_map"] = {"": torch.device("cuda", local_cuda_device(torch.cuda.device_count()))}
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn_implementation, **placement
     )

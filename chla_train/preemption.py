@@ -8,6 +8,8 @@ PreemptMode=REQUEUE, GraceTime=30, jobs submitted by submitit through srun):
   requeues the job itself (`scontrol requeue`), but only when slurmctld says the job is being
   preempted: scancel and the time limit send the same SIGTERM, and those jobs must end. Slurm then
   signals the tasks again and kills them after KillWait, so everything is saved before the requeue.
+  The other ranks leave only after rank 0 has requeued (a barrier): a distributed step is killed
+  when one of its ranks exits non-zero (srun --kill-on-bad-exit), which would take rank 0 with it.
 - USR2 comes some minutes before the time limit (sbatch --signal, which submitit always sets) or
   from `scancel --signal=USR2`. submitit's own handler then requeues the job and counts time-outs.
 - The local executor sends SIGTERM to a task's process group (and the tests send SIGTERM or USR2 to
@@ -85,6 +87,10 @@ class StopSignals:
             _wait_to_be_stopped()  # rank 0 requeues the whole job; Slurm then ends this process
         if ctx.dist.rank == 0:
             self._requeue_if_preempted(os.environ["SLURM_JOB_ID"])
+        # No rank leaves before rank 0 has requeued the job: srun --kill-on-bad-exit kills the
+        # step when one rank exits non-zero, and a job whose rank 0 died before `scontrol requeue`
+        # ends FAILED (Slurm requeues a preempted job itself only when the grace time runs out).
+        _after_rank_zero(ctx.dist.rank, ctx.dist.world_size)
         sys.stdout.flush()
         os._exit(REQUEUE_EXIT_CODE)
 
@@ -104,6 +110,21 @@ class StopSignals:
             ctx.log(f"{error}; waiting for Slurm to requeue job {job_id} at the end of the grace time")
             _wait_to_be_stopped()
         ctx.log(f"preempted: job {job_id} requeued")
+
+
+def _after_rank_zero(rank: int, world_size: int) -> None:
+    """Return on every rank only once rank 0 has reached this point too: a barrier of the process
+    group where the stage started one (a training stage, which checkpointed together just
+    before), else the other ranks wait for Slurm to end them (once rank 0 has requeued the job, or
+    at the time limit or cancellation)."""
+    if world_size <= 1:
+        return
+    torch_dist = sys.modules.get("torch.distributed")  # no torch import here for stages without it
+    if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        return
+    if rank != 0:
+        _wait_to_be_stopped()
 
 
 def _wait_to_be_stopped() -> NoReturn:

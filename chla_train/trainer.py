@@ -49,6 +49,7 @@ from chla_launcher.errors import ChlaError
 from chla_launcher.progress import progress_writer
 from chla_train import checkpoint as checkpoints
 from chla_train import tracking
+from chla_train.distributed import local_cuda_device
 from chla_train.layer_compile import choose_compile, compile_decoder_layers
 from chla_train.metrics import MetricsLog, peak_memory_mb
 from chla_train.model import full_shape
@@ -107,7 +108,7 @@ def init_distributed(ctx) -> None:
             require_port_free(ctx.dist.master_port, f"stage {ctx.stage}")
     ctx.dist.export()
     if torch.cuda.is_available():
-        torch.cuda.set_device(ctx.dist.local_rank)
+        torch.cuda.set_device(local_cuda_device(torch.cuda.device_count()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
@@ -309,7 +310,9 @@ class Trainer:
         self.ctx, self.data, self.params = ctx, data, params
         self.has_validation = len(data.valid_indices) > 0
         self.rank, self.world_size = ctx.dist.rank, ctx.dist.world_size
-        self.device = torch.device("cuda", ctx.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_cuda_device(torch.cuda.device_count()))
         self.global_batch = params.micro_batch_size * params.gradient_accumulation_steps * self.world_size
         self.total_steps = total_steps(params, len(data.train_indices), self.world_size)
         if params.gradient_checkpointing:
@@ -368,8 +371,8 @@ class Trainer:
             "resumed_from": [],
             "first_eval_loss": None,
         }
-        latest = checkpoints.latest_checkpoint(ctx.work_dir)
-        if latest is not None and not checkpoints.same_run(latest, ctx.fingerprint):
+        latest, foreign = checkpoints.resume_point(ctx.work_dir, ctx.fingerprint, rank=self.rank)
+        if foreign:
             # The stage's config changed since these were written (the work dir outlives a
             # fingerprint): resuming would mix two runs, so start over and keep them aside.
             aside = checkpoints.set_aside(ctx.work_dir, rank=self.rank)

@@ -2,6 +2,7 @@
 
     {"name", "executor", "submitted_at", "recipe_source", "run_dir",
      "pid", "host",            the process that submitted (for a local run: the one running it)
+     "pid_started",            its start time (clock ticks since boot), so a reused pid is not it
      "finished_at",            a local run that has ended
      "stages": {stage: {"fingerprint", "skipped", "job_ids", "finalize_job_id", "submitted_at"}}}
 
@@ -49,6 +50,7 @@ class Chain:
     recipe_source: str | None = None
     pid: int | None = None
     host: str | None = None
+    pid_started: int | None = None
     finished_at: str | None = None
     stages: dict[str, StageRecord] = field(default_factory=dict)
 
@@ -70,6 +72,7 @@ class Chain:
             recipe_source=data.get("recipe_source"),
             pid=data.get("pid"),
             host=data.get("host"),
+            pid_started=data.get("pid_started"),
             finished_at=data.get("finished_at"),
             stages=stages,
         )

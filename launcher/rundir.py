@@ -28,8 +28,9 @@ from . import atomic
 from .chain import Chain
 
 # Stage states as chla reports them (Slurm's own states are mapped onto these in slurm.py). STALE: what
-# ran or tried to run in the stage was submitted for an earlier version of the recipe.
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED, STALE, UNKNOWN = (
+# ran or tried to run in the stage was submitted for an earlier version of the recipe. INTERRUPTED:
+# the chla-submit running a local chain ended (was killed) before the stage finished.
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED, STALE, UNKNOWN, INTERRUPTED = (
     "PENDING",
     "RUNNING",
     "COMPLETED",
@@ -38,6 +39,7 @@ PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED, STALE, UNKNOWN = (
     "SKIPPED",
     "STALE",
     "UNKNOWN",
+    "INTERRUPTED",
 )
 
 # Names at the top of a run directory that are not stages: a stage may not take one.
@@ -109,7 +111,8 @@ class RunDir:
 
     def update_state(self, stage: str, task: int | None = None, **changes: Any) -> dict[str, Any]:
         """Merge `changes` into the stage's state.json (or array task `task`'s). The one writer of
-        state files; callers are the one process that runs or finalizes a stage (rank 0) and the
+        state files; callers are the one process that runs or finalizes a stage (rank 0; another
+        rank only to record that it failed first, as the step's other ranks are killed) and the
         local executor, never concurrently for the same file. A submission writes the first state
         (initial_state) through its switch."""
         path = self.state_file(stage) if task is None else self.task_state_file(stage, task)

@@ -229,6 +229,11 @@ def sbatch_parameters(
     }
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node
+    if resources.world_size > 1:
+        # One rank that fails (a CUDA out-of-memory error) ends the step: without this srun lets
+        # the other ranks run, and they wait inside an NCCL collective for the process group's
+        # 30-minute timeout, holding the whole allocation.
+        params["srun_args"] = ["--kill-on-bad-exit=1"]
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(settings, key)
         if value:

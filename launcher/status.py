@@ -10,9 +10,9 @@ from typing import Any, TextIO
 from .errors import ChlaError
 from .executors import executor_named
 from .progress import read_progress
-from .rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED, STALE, UNKNOWN, RunDir
+from .rundir import CANCELLED, COMPLETED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, STALE, UNKNOWN, RunDir
 
-TERMINAL = {COMPLETED, FAILED, CANCELLED, SKIPPED}
+TERMINAL = {COMPLETED, FAILED, CANCELLED, SKIPPED, INTERRUPTED}
 
 
 @dataclass
@@ -149,7 +149,7 @@ def render_status(
         columns.append("progress")
     for column in columns:
         table.add_column(column, overflow="fold")
-    colors = {COMPLETED: "green", FAILED: "red", CANCELLED: "yellow", RUNNING: "cyan"}
+    colors = {COMPLETED: "green", FAILED: "red", CANCELLED: "yellow", RUNNING: "cyan", INTERRUPTED: "red"}
     for status in statuses:
         tasks = f"{status.tasks_done}/{status.tasks_total}" if status.tasks_total else ""
         style = colors.get(status.state, "")

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from . import graph
+from . import graph, processes
 from .chain import Chain, StageRecord
 from .errors import ChlaError
 from .executors import Executor, executor_named
@@ -165,6 +165,7 @@ def _new_chain(
         recipe_source=os.path.abspath(recipe.source),
         pid=os.getpid(),
         host=socket.gethostname(),
+        pid_started=processes.start_time(os.getpid()),
     )
     for name in plan.order:
         if name in records:

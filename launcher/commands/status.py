@@ -55,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
         if not args.watch or all_terminal(statuses):
             break
         time.sleep(max(1.0, args.watch))
-    failed = [s for s in statuses if s.state in ("FAILED", "CANCELLED")]
+    failed = [s for s in statuses if s.state in ("FAILED", "CANCELLED", "INTERRUPTED")]
     return 1 if failed else 0

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -27,7 +29,7 @@ from ..errors import ChlaError
 from ..graph import Plan
 from ..progress import ProgressDisplay
 from ..recipe import ResolvedRecipe, ResolvedStage
-from ..rundir import CANCELLED, FAILED, PENDING, RUNNING, now
+from ..rundir import CANCELLED, FAILED, INTERRUPTED, PENDING, RUNNING, now
 from . import Executor, JobStatus
 
 if TYPE_CHECKING:
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 
 REQUEUE_EXIT_CODE = 75  # chla_train.context.REQUEUE_EXIT_CODE (not imported: no chla_train here)
 MAX_LOCAL_REQUEUES = 20
+# How long the other ranks of a task have to follow the first that asks to be requeued (they
+# checkpointed together; each leaves once rank 0 has decided).
+REQUEUE_GRACE_S = 60
 
 
 @dataclass
@@ -65,7 +70,11 @@ class LocalExecutor(Executor):
         pass  # the plan printed by submit is all a local run does
 
     def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction) -> dict[str, StageRecord]:
-        # Nothing to queue: this process runs the chain once it is committed.
+        # Nothing to queue: this process runs the chain once it is committed. A distributed stage
+        # that cannot give each rank a GPU of its own is refused now, not once it is reached.
+        gpus = visible_gpus()
+        for name in plan.run:
+            gpus_for_ranks(recipe.stages[name], gpus)
         return {name: StageRecord(fingerprint=plan.fingerprints[name], submitted_at=now()) for name in plan.run}
 
     def follow(self, recipe: ResolvedRecipe, plan: Plan, chain: Chain) -> int:
@@ -86,7 +95,9 @@ class LocalExecutor(Executor):
     def live(self, chain: Chain) -> dict[str, list[str]]:
         live: dict[str, list[str]] = {}
         runner_alive = (
-            chain.pid is not None and chain.finished_at is None and (not chain.on_this_host or _is_chla(chain.pid))
+            chain.pid is not None
+            and chain.finished_at is None
+            and (not chain.on_this_host or (processes.alive(chain.pid, chain.pid_started) and _is_chla(chain.pid)))
         )
         if runner_alive:
             where = f"pid {chain.pid}" + ("" if chain.on_this_host else f" on {chain.host}")
@@ -125,14 +136,38 @@ class LocalExecutor(Executor):
         return stopped
 
     def statuses(self, chain: Chain) -> dict[str, JobStatus]:
+        gone, note = self._runner(chain)
         result = {}
         for name in chain.submitted():
             state = self.run.read_state(name)
             # Locally a requeue is a new attempt of the same task.
-            result[name] = JobStatus(
+            status = JobStatus(
                 state=state.get("status", PENDING), restarts=max(0, int(state.get("attempts", 1) or 1) - 1)
             )
+            if status.state in (PENDING, RUNNING) and gone:
+                status.state, status.reason = INTERRUPTED, gone  # nothing will run it any more
+            elif status.state in (PENDING, RUNNING) and note:
+                status.reason = note
+            result[name] = status
         return result
+
+    def _runner(self, chain: Chain) -> tuple[str, str]:
+        """(gone, note) about the chla-submit that runs the chain: `gone` says it ended without
+        finishing the chain (killed: SIGKILL, the OOM killer, a reboot), and how to go on; `note`
+        that it runs on another host, where this one cannot see whether it is alive."""
+        if chain.pid is None or chain.finished_at is not None:
+            return "", ""
+        if not chain.on_this_host:
+            return "", (
+                f"run by chla-submit pid {chain.pid} on host {chain.host}: whether it still runs cannot be told "
+                f"from {socket.gethostname()} (run chla status there)"
+            )
+        if processes.alive(chain.pid, chain.pid_started) and _is_chla(chain.pid):
+            return "", ""
+        return (
+            f"the local run is gone: chla-submit (pid {chain.pid}) ended before this stage finished "
+            f"(killed?); resume with: chla-submit --resume {self.run.path} --executor local"
+        ), ""
 
     def log_files(self, chain: Chain, stage: str, task: int, rank: int) -> list[Path]:
         logs = self.run.logs_dir(stage)
@@ -245,9 +280,18 @@ class LocalExecutor(Executor):
             # Outside the ephemeral range (a port from bind(0) can be taken before rank 0 binds it).
             port = free_master_port(os.getpid(), requeues) if world > 1 else 0
             attempt = f"{'finalize' if finalize else task}-{requeues}"
+            gpus = gpus_for_ranks(stage, visible_gpus()) if world > 1 else [None]
             ranks = [
                 self._spawn(
-                    stage, fingerprint, task, rank=rank, world=world, port=port, attempt=attempt, finalize=finalize
+                    stage,
+                    fingerprint,
+                    task,
+                    rank=rank,
+                    world=world,
+                    port=port,
+                    attempt=attempt,
+                    finalize=finalize,
+                    gpu=gpus[rank],
                 )
                 for rank in range(world)
             ]
@@ -256,18 +300,30 @@ class LocalExecutor(Executor):
                 return False
             if codes and all(code == 0 for code in codes):
                 return True
-            if codes[0] == REQUEUE_EXIT_CODE:
+            # Requeued only when every rank left for it (rank 0 decides, the others follow): a rank
+            # that failed makes the attempt a failure whatever the others did when it ended.
+            if codes[0] == REQUEUE_EXIT_CODE and all(code in (0, REQUEUE_EXIT_CODE) for code in codes):
                 self._say(f"    {stage.name}: requeued")
                 continue
             return False
         return False
 
     def _wait_all(self, ranks: list[subprocess.Popen[bytes]]) -> list[int]:
-        """Wait for every rank; if one fails, stop the others (as srun does with --kill-on-bad-exit)."""
+        """Wait for every rank. One that fails ends the others at once (SIGKILL, as srun does with
+        --kill-on-bad-exit: its peers would wait for it inside a collective, and cannot checkpoint
+        without it). One that asks to be requeued gives the others REQUEUE_GRACE_S to follow."""
+        requeue_deadline: float | None = None
         while True:
             codes = [p.poll() for p in ranks]
-            bad = [c for c in codes if c not in (None, 0)]
-            if bad and any(c is None for c in codes):
+            failed = [c for c in codes if c not in (None, 0, REQUEUE_EXIT_CODE)]
+            if REQUEUE_EXIT_CODE in codes and requeue_deadline is None:
+                requeue_deadline = time.monotonic() + REQUEUE_GRACE_S
+            if any(c is None for c in codes) and failed:
+                for process in ranks:
+                    if process.poll() is None:
+                        _reap_group(process)
+                codes = [p.wait() for p in ranks]
+            elif any(c is None for c in codes) and requeue_deadline is not None and time.monotonic() > requeue_deadline:
                 _terminate([process for process in ranks if process.poll() is None])
                 codes = [p.wait() for p in ranks]
             if all(c is not None for c in codes):
@@ -291,6 +347,7 @@ class LocalExecutor(Executor):
         port: int,
         attempt: str,
         finalize: bool = False,
+        gpu: str | None = None,
     ) -> subprocess.Popen[bytes]:
         tasks_per_node = stage.resources.tasks_per_node if world > 1 else 1
         env = dict(os.environ)
@@ -306,6 +363,8 @@ class LocalExecutor(Executor):
             CHLA_ATTEMPT=f"local-{os.getpid()}-{attempt}",
             PYTHONUNBUFFERED="1",
         )
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu  # this rank's own GPU (gpus_for_ranks)
         # Slurm would give each task its CPUs; without a binding, N processes x all-core thread pools
         # oversubscribe the machine.
         env.setdefault("OMP_NUM_THREADS", str(stage.resources.cpus_per_task))
@@ -356,6 +415,40 @@ class LocalExecutor(Executor):
         self._say(f"    last lines of {logs[-1]}:")
         for line in tail:
             self._say(f"    | {line}")
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> list[str]:
+    """The GPUs processes started here can use: CUDA_VISIBLE_DEVICES where it is set (as CUDA reads
+    it: up to the first negative entry), else one per /dev/nvidiaN device file (no torch here)."""
+    value = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    if value is not None:
+        gpus = []
+        for part in (part.strip() for part in value.split(",")):
+            if not part or part.startswith("-"):
+                break
+            gpus.append(part)
+        return gpus
+    numbers = [path.name[len("nvidia") :] for path in dev.glob("nvidia*")]
+    return sorted((number for number in numbers if number.isdigit()), key=int)
+
+
+def gpus_for_ranks(stage: ResolvedStage, gpus: list[str]) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each rank of a stage run here: the nodes x tasks_per_node ranks
+    share this one machine, so each gets a distinct GPU of `gpus` (left alone where there is no
+    GPU: the stage runs on CPU). Fewer GPUs than ranks is refused with one line: with each rank
+    choosing the GPU at its local rank, a 2 x 4 stage on an 8-GPU machine put two ranks on each of
+    four GPUs."""
+    world = stage.resources.world_size
+    if world <= 1 or not gpus:
+        return [None] * world
+    if len(gpus) < world:
+        raise ChlaError(
+            f"stage {stage.name}: {stage.resources.nodes} node(s) x {stage.resources.tasks_per_node} "
+            f"task(s) = {world} ranks need a GPU each, and the local executor runs them all on this "
+            f"machine, which has {len(gpus)} ({','.join(gpus)}); lower the stage's resources.nodes "
+            f"or tasks_per_node to fit (or use --executor slurm)"
+        )
+    return list(gpus[:world])
 
 
 def _is_chla(pid: int) -> bool:

@@ -38,3 +38,27 @@ def test_srun_step_gets_the_stages_cpus(tmp_path, slurm_cluster):
     ).stdout.split()
     allocated = dict(line.split("|") for line in steps)
     assert allocated[f"{job_id}.0"] == "2", allocated  # the task's step, not 1
+
+
+def test_distributed_steps_end_when_one_rank_fails(tmp_path):
+    """srun --kill-on-bad-exit=1 on a distributed stage's step (a rank that fails ends the step
+    instead of leaving the others in a collective), and only there. The 2-rank run on Slurm:
+    tests/train/test_multi_rank.py."""
+    (tmp_path / "r.yaml").write_text(
+        textwrap.dedent(f"""\
+        name: ranks
+        stages:
+          one: {{kind: command, params: {{argv: [{sys.executable}, -c, "pass"]}}}}
+          two:
+            kind: command
+            resources: {{nodes: 2, tasks_per_node: 2}}
+            params: {{argv: [{sys.executable}, -c, "pass"]}}
+        """)
+    )
+    dry = chla("submit", "r.yaml", "--executor", "slurm", "--dry-run", cwd=tmp_path, check=True).stdout
+    scripts = dict(zip(["one", "two"], dry.split("# --- ")[1:], strict=True))
+    srun = {
+        name: next(line for line in text.splitlines() if line.startswith("srun ")) for name, text in scripts.items()
+    }
+    assert "--kill-on-bad-exit=1" in srun["two"], srun
+    assert "--kill-on-bad-exit" not in srun["one"], srun

@@ -1,11 +1,12 @@
 """Training stages as Slurm jobs on the real local cluster: a 2-node ZeRO-2 LoRA run (one CPU rank
 on node1, one on node2) matches a single-process run with the same global batch and seed; a run
 preempted twice by Slurm itself (a job of the higher-priority partition; SIGTERM, GraceTime) ends
-bitwise equal to an uninterrupted one."""
+bitwise equal to an uninterrupted one, with one rank and with two."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -15,20 +16,24 @@ import pytest
 import torch
 
 from ..helpers import chla, wait_for_chain
+from .test_multi_rank import INJECT
 from .test_training import pretrain_params
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def submit(work: Path, params: dict, executor: str, nodes: int = 1) -> Path:
+def submit(
+    work: Path, params: dict, executor: str, nodes: int = 1, tasks_per_node: int = 1, env: dict | None = None
+) -> Path:
     work.mkdir(parents=True, exist_ok=True)
+    resources = {"nodes": nodes, "tasks_per_node": tasks_per_node}
     recipe = {
         "name": "t",
         "resources": {"cpus_per_task": 1, "mem": "3G", "time": "00:20:00"},
-        "stages": {"train": {"kind": "pretrain", "resources": {"nodes": nodes}, "params": params}},
+        "stages": {"train": {"kind": "pretrain", "resources": resources, "params": params}},
     }
     (work / "r.yaml").write_text(json.dumps(recipe))
-    chla("submit", "r.yaml", "--executor", executor, cwd=work, check=True, timeout=600)
+    chla("submit", "r.yaml", "--executor", executor, cwd=work, check=True, timeout=600, env=env)
     return work / "runs" / "t"
 
 
@@ -90,7 +95,13 @@ def _grace_time(partition: str) -> int:
     return int(re.search(r"GraceTime=(\d+)", shown).group(1))
 
 
-def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, slurm_cluster):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, slurm_cluster, ranks):
+    """With 2 ranks (2 tasks on one node: the urgent job that preempts takes that node), the step
+    runs under srun --kill-on-bad-exit: a rank that leaves ends the step (SIGKILL for rank 0
+    KillWait later, 5 s here), so rank 0 must have requeued the job before any rank leaves. Here
+    slurmctld answers rank 0 only after 8 s (a busy cluster, made by tests/train/inject): a rank
+    that left at once, as before, took rank 0 with it and the job ended FAILED."""
     from safetensors.torch import load_file
 
     from ..launcher.test_chains import preempt_on_slurm, sacct_runs
@@ -107,7 +118,13 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
         eval_steps=0,
         logging_steps=1,
     )
-    preempted = submit(tmp_path / "slurm", params, "slurm")
+    slow_slurmctld = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
+        "CHLA_TEST_SLOW_SLURMCTLD_S": "8",
+    }
+    # One rank has no other to leave first; the delay would only cost its 16 s.
+    env = slow_slurmctld if ranks > 1 else None
+    preempted = submit(tmp_path / "slurm", params, "slurm", tasks_per_node=ranks, env=env)
     run_dir = preempted
     job = json.loads((run_dir / "chain.json").read_text())["stages"]["train"]["job_ids"][0]
     state_file = run_dir / "train" / "state.json"
@@ -136,7 +153,7 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
     assert summary["resumed_from_steps"] == reached, (summary["resumed_from_steps"], reached)
     print(f"preempted at steps {reached}; resumed from {summary['resumed_from_steps']}")
 
-    straight = submit(tmp_path / "local", params, "local")
+    straight = submit(tmp_path / "local", params, "local", tasks_per_node=ranks)
     a = load_file(str(straight / "train" / "out" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run_dir / "train" / "out" / "adapter" / "adapter_model.safetensors"))
     assert set(a) == set(b)
@@ -145,7 +162,7 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
     assert (
         json.loads((straight / "train" / "out" / "train_summary.json").read_text())["tokens_seen"]
         == summary["tokens_seen"]
-        == 300 * 2 * 64
+        == 300 * 2 * ranks * 64
     )
     # Every step trained once, with the same loss: no sample lost or repeated.
     assert [(r["step"], r["loss"]) for r in losses(run_dir)] == [(r["step"], r["loss"]) for r in losses(straight)]
