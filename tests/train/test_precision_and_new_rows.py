@@ -113,13 +113,18 @@ def test_random_new_rows_come_from_the_recipe_seed(train_assets):
     assert abs(float(new(first).std()) - 0.02) < 0.002  # N(0, initializer_range)
 
 
-def test_subtoken_mean_needs_a_sentencepiece_model(train_assets, tmp_path):
+def test_subtoken_mean_needs_a_sentencepiece_model_or_a_tokenizer_json(train_assets, tmp_path):
     import shutil
 
     from chla_launcher.errors import ChlaError
+    from chla_train.new_rows import subtoken_ids
 
+    # Without tokenizer.model the tokenizer.json's BPE serves (control: it still resizes); with
+    # neither there is nothing to split a new token's text with.
     copy = tmp_path / "tok"
     shutil.copytree(train_assets["merged_tokenizer"], copy)
     (copy / "tokenizer.model").unlink()
-    with pytest.raises(ChlaError, match="tokenizer.model.*new_row_init: mean"):
-        _resized(str(copy), "subtoken_mean")
+    _resized(str(copy), "subtoken_mean")
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ChlaError, match="SentencePiece model or its tokenizer.json.*new_row_init: mean"):
+        subtoken_ids(copy, 100, 110, where="stage pt")

@@ -312,5 +312,5 @@ def test_plan_sizes_a_byte_level_merge_before_it_runs(tmp_path, bpe_base):
     )
     recipe = load_recipe(recipe_file, run_dir=str(tmp_path / "run"))
     sizes = _Sizes(recipe)
-    assert sizes.tokenizer_size(str(bpe_base)) == (2259, True)
-    assert sizes.tokenizer_size(str(Path(recipe.run_dir) / "vocab" / "out" / "tokenizer")) == (2259 + 3000, False)
+    assert sizes.tokenizer_size(str(bpe_base))[:2] == (2259, True)
+    assert sizes.tokenizer_size(str(Path(recipe.run_dir) / "vocab" / "out" / "tokenizer"))[:2] == (2259 + 3000, False)
