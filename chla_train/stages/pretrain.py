@@ -91,6 +91,7 @@ def pretraining_data(params, vocab_size: int, *, world_size: int, log) -> tuple[
         valid_indices=np.arange(len(valid)),
         collate=collate_blocks,
         shuffle=False,
+        steps=steps,
     ), facts
 
 

@@ -193,6 +193,7 @@ def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[
             valid_indices=valid_idx,
             collate=collate,
             shuffle=False,
+            steps=steps,
         ),
         {"blend_samples": counts},
         stats,
