@@ -696,6 +696,7 @@ HEADLINE = (
     "precision",
     "precision_reason",
     "torch_compile",
+    "deterministic",
 )
 
 
