@@ -16,8 +16,8 @@
    equal; without it the stage just runs and records that it was off.
 
 The models are the CPU tests' tiny LLaMAs and the data the demo assets (fetched once into the
-chla cache, as for the CPU suite). Without CUDA every test here skips with the reason; the CPU
-suite deselects them (tests/gpu/conftest.py).
+chla cache, as for the CPU suite). Without CUDA every gpu-marked test skips with the reason; the
+CPU suite deselects them (tests/gpu/conftest.py) and runs only the dry run of the chain's recipe.
 """
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ from ..train.conftest import train_assets  # noqa: F401  (the CPU training tests
 from ..train.launch import launch
 from ..train.test_training import pretrain_params
 
-pytestmark = pytest.mark.gpu
-
 
 def _lines(path: str, count: int) -> str:
     lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     return "\n".join(lines[:count]) + "\n"
 
 
-def test_shrunk_full_chain_on_one_gpu(demo_assets, tmp_path):
+def shrunk_chain(demo_assets, tmp_path: Path, *, base_weights: bool = True) -> dict:
+    """The shrunk full chain's recipe, its inputs written under tmp_path: slices of the demo's
+    text and instruction data, and a tiny saved base model (only its config.json where
+    `base_weights` is false: enough for a dry run)."""
     import torch
 
     from chla_train import model as models
@@ -61,9 +62,11 @@ def test_shrunk_full_chain_on_one_gpu(demo_assets, tmp_path):
         encoding="utf-8",
     )
     base = tmp_path / "base"
-    models.build_base_model(None, TINY_LLAMA, dtype=torch.float32, attn_implementation="sdpa", seed=7).save_pretrained(
-        base
-    )
+    model = models.build_base_model(None, TINY_LLAMA, dtype=torch.float32, attn_implementation="sdpa", seed=7)
+    if base_weights:
+        model.save_pretrained(base)
+    else:
+        model.config.save_pretrained(base)
     tokenizer = demo_assets["base_tokenizer"]
     training = {"block_size": 64, "micro_batch_size": 4, "save_steps": 0, "logging_steps": 1, "valid_count": 4}
     stages = {
@@ -149,7 +152,22 @@ def test_shrunk_full_chain_on_one_gpu(demo_assets, tmp_path):
         },
         "gguf": {"kind": "export", "params": {"model": "${stages.merge_sft.out}", "outtype": "f16"}},
     }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "gpu", "stages": stages}))
+    return {"name": "gpu", "stages": stages}
+
+
+def test_the_gpu_chain_recipe_is_valid(demo_assets, tmp_path):
+    """Not a GPU test: the CPU suite keeps the GPU layer's recipe valid as the params change
+    (`chla-submit --dry-run` checks every stage's params and inputs without running anything)."""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(shrunk_chain(demo_assets, tmp_path, base_weights=False)))
+    result = chla("submit", "r.yaml", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_shrunk_full_chain_on_one_gpu(demo_assets, tmp_path):
+    recipe = shrunk_chain(demo_assets, tmp_path)
+    stages = recipe["stages"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = chla("submit", "r.yaml", "--executor", "local", cwd=tmp_path, timeout=540)
     run_dir = tmp_path / "runs" / "gpu"
     states = {name: row["state"] for name, row in status_json(run_dir).items()}
@@ -184,6 +202,7 @@ def _gpu_loss(model, batch, implementation: str) -> float:
         return Trainer._forward(trainer, batch).item()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
 def test_packed_rows_give_the_padded_loss_on_the_gpu(case, implementation):  # noqa: F811
     """sdpa in fp32 to the CPU test's tolerance (1e-5 relative; the leak moves the loss by more than
@@ -224,6 +243,7 @@ def _lora_run(assets, run_dir: Path, **overrides) -> dict:
     }
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
 def test_deterministic_runs_are_bitwise_equal_on_the_gpu(train_assets, tmp_path, implementation):  # noqa: F811
     import torch
