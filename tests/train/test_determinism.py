@@ -64,9 +64,20 @@ def test_deterministic_mode_sets_the_switches_and_is_off_by_default():
     assert not off["algorithms"] and not off["cudnn_deterministic"]
     assert off["cublas"] is None and off["flash"] is None
     assert off["record"] == {"deterministic": False, "deterministic_reason": off["record"]["deterministic_reason"]}
-    # A user's own deterministic cuBLAS setting is kept; a non-deterministic one is replaced.
-    assert _applied("on", CUBLAS_WORKSPACE_CONFIG=":16:8")["cublas"] == ":16:8"
-    assert _applied("on", CUBLAS_WORKSPACE_CONFIG=":0:0")["cublas"] == ":4096:8"
+
+
+def test_a_users_deterministic_cublas_setting_is_kept(monkeypatch):
+    from chla_train.determinism import prepare_environment
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # cuBLAS's other deterministic setting
+    prepare_environment(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")  # not deterministic: replaced
+    prepare_environment(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    prepare_environment(False)  # off: left alone
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
 
 
 def test_the_job_entry_sets_the_cuda_variables_before_torch_is_imported():
@@ -75,19 +86,19 @@ def test_the_job_entry_sets_the_cuda_variables_before_torch_is_imported():
         "import chla_train.entry\n"
         "from chla_train.determinism import prepare_environment\n"
         "assert 'torch' not in sys.modules, 'the job entry imported torch'\n"
-        "prepare_environment(sys.argv[1] == 'on')\n"
+        "names = ('CUBLAS_WORKSPACE_CONFIG', 'FLASH_ATTENTION_DETERMINISTIC')\n"
+        "prepare_environment(False)\n"
+        "print(*(os.environ.get(n) for n in names))\n"
+        "prepare_environment(True)\n"
         "assert 'torch' not in sys.modules\n"
-        "print(os.environ.get('CUBLAS_WORKSPACE_CONFIG'), os.environ.get('FLASH_ATTENTION_DETERMINISTIC'))\n"
+        "print(*(os.environ.get(n) for n in names))\n"
     )
     clean = {
         k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG", "FLASH_ATTENTION_DETERMINISTIC")
     }
-    for mode, expected in (("on", ":4096:8 1"), ("off", "None None")):
-        result = subprocess.run(
-            [sys.executable, "-c", script, mode], env=clean, capture_output=True, text=True, timeout=600
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert result.stdout.strip() == expected, (mode, result.stdout)
+    result = subprocess.run([sys.executable, "-c", script], env=clean, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["None None", ":4096:8 1"]  # off: nothing set (the control)
 
 
 def test_deterministic_is_a_training_param_off_by_default():
