@@ -28,7 +28,10 @@ say only that deterministic operations "are often slower"; reports for transform
 from a few percent to a few tens of percent of step time, depending on how much of the step the
 replaced kernels are (embedding backward becomes a sort plus a segmented sum; flash-attn's
 deterministic backward is, in its own words, "slightly slower and uses more memory"). cuBLAS's
-:4096:8 reserves 8 x 4 MiB of workspace per stream. On a CPU the mode costs next to nothing.
+:4096:8 reserves 8 x 4 MiB of workspace per stream. Under the mode torch also fills the memory of
+every tensor made by torch.empty & co. (NaN for floats: torch.utils.deterministic.
+fill_uninitialized_memory), one extra write per such allocation. On a CPU the mode costs next to
+nothing.
 Off by default.
 """
 
