@@ -31,8 +31,7 @@ deterministic backward is, in its own words, "slightly slower and uses more memo
 :4096:8 reserves 8 x 4 MiB of workspace per stream. Under the mode torch also fills the memory of
 every tensor made by torch.empty & co. (NaN for floats: torch.utils.deterministic.
 fill_uninitialized_memory), one extra write per such allocation. On a CPU the mode costs next to
-nothing.
-Off by default.
+nothing. Off by default.
 """
 
 from __future__ import annotations
