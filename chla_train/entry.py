@@ -34,6 +34,7 @@ from chla_launcher.recipe import ResolvedRecipe, load_frozen
 from chla_launcher.rundir import COMPLETED, FAILED, PENDING, RUNNING, STALE, RunDir, now
 from chla_train import tracking
 from chla_train.context import Preempted, StageContext
+from chla_train.determinism import prepare_environment
 from chla_train.distributed import DistributedEnv
 from chla_train.preemption import StopSignals
 
@@ -179,6 +180,8 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
         raise
     recipe = load_frozen(run.path)
     stage = recipe.stages[stage_name]
+    # Before anything imports torch: cuBLAS reads its workspace setting when CUDA starts.
+    prepare_environment(bool(getattr(stage.params, "deterministic", False)))
     dist = DistributedEnv.from_environment()
     dist.export()
     token = _attempt_token()

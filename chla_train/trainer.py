@@ -71,6 +71,10 @@ class TrainData:
     train_lengths: np.ndarray | None = None
     # False: read train_indices in order, every epoch (a blend is already interleaved and shuffled)
     shuffle: bool = True
+    # The optimizer steps a blend was built for (its length is steps x global batch, num_epochs
+    # already counted in): the trainer runs exactly these, one pass over the blend. None: the
+    # steps of num_epochs passes over train_indices, or max_steps (`total_steps`).
+    steps: int | None = None
 
 
 @dataclass
@@ -314,7 +318,7 @@ class Trainer:
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_cuda_device(torch.cuda.device_count()))
         self.global_batch = params.micro_batch_size * params.gradient_accumulation_steps * self.world_size
-        self.total_steps = total_steps(params, len(data.train_indices), self.world_size)
+        self.total_steps = self._steps(data, params)
         if params.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -343,6 +347,18 @@ class Trainer:
                 params, dtype=dtype, world_size=self.world_size, hidden_size=model.config.hidden_size
             ),
         )
+
+    def _steps(self, data: TrainData, params) -> int:
+        """The run's optimizer steps, decided once: by the blend's builder where the data is a blend
+        (counting its items again with num_epochs would read it num_epochs times over, and stretch
+        warmup and decay to match), else from num_epochs or max_steps."""
+        if data.steps is None:
+            return total_steps(params, len(data.train_indices), self.world_size)
+        if len(data.train_indices) != data.steps * self.global_batch:
+            raise ValueError(
+                f"a blend of {len(data.train_indices)} items for {data.steps} steps of {self.global_batch}"
+            )
+        return data.steps
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -683,6 +699,7 @@ HEADLINE = (
     "precision",
     "precision_reason",
     "torch_compile",
+    "deterministic",
 )
 
 

@@ -16,6 +16,7 @@ from chla_launcher.errors import ChlaError
 from chla_launcher.kinds.pretrain import PretrainParams
 from chla_train import model as models
 from chla_train.context import StageContext
+from chla_train.determinism import apply_determinism
 from chla_train.export import save_adapter, save_model
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
@@ -91,6 +92,7 @@ def pretraining_data(params, vocab_size: int, *, world_size: int, log) -> tuple[
         valid_indices=np.arange(len(valid)),
         collate=collate_blocks,
         shuffle=False,
+        steps=steps,
     ), facts
 
 
@@ -105,6 +107,8 @@ def run(ctx: StageContext[PretrainParams]) -> dict[str, Any]:
     precision = choose_precision(params.precision)
     dtype = precision.dtype
     ctx.log(f"precision {precision.name}: {precision.reason}")
+    determinism = apply_determinism(params.deterministic)  # before the model is built
+    ctx.log(determinism.reason)
 
     # 1. Inputs: every check before DeepSpeed starts, so a bad input costs seconds.
     tokenizer = models.load_tokenizer(params.tokenizer)
@@ -148,6 +152,7 @@ def run(ctx: StageContext[PretrainParams]) -> dict[str, Any]:
         "new_row_init": params.new_row_init,
         **precision.record(),
         **trainer.compile_choice.record(),
+        **determinism.record(),
         **corpus_facts,
     }
     if params.mode == "lora":

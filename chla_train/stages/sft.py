@@ -18,6 +18,7 @@ from chla_launcher.errors import ChlaError
 from chla_launcher.kinds.sft import SftParams
 from chla_train import model as models
 from chla_train.context import StageContext
+from chla_train.determinism import apply_determinism
 from chla_train.export import save_adapter
 from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
@@ -42,6 +43,8 @@ def run(ctx: StageContext[SftParams]) -> dict[str, Any]:
     precision = choose_precision(params.precision)
     dtype = precision.dtype
     ctx.log(f"precision {precision.name}: {precision.reason}")
+    determinism = apply_determinism(params.deterministic)  # before the model is built
+    ctx.log(determinism.reason)
 
     # 1. Inputs. The tokenizer gets a pad token ("[PAD]") if it has none, as the data reader's.
     base_vocab = len(models.load_tokenizer(params.tokenizer))
@@ -94,6 +97,7 @@ def run(ctx: StageContext[SftParams]) -> dict[str, Any]:
         "new_row_init": params.new_row_init,
         **precision.record(),
         **trainer.compile_choice.record(),
+        **determinism.record(),
         **blend_facts,
     }
     save_adapter(trainer, tokenizer, ctx.out_dir, facts)
@@ -193,6 +197,7 @@ def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[
             valid_indices=valid_idx,
             collate=collate,
             shuffle=False,
+            steps=steps,
         ),
         {"blend_samples": counts},
         stats,

@@ -112,6 +112,17 @@ class TrainingParams(StageParams):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         default="sdpa", description="flash_attention_2 falls back to sdpa without a GPU and flash-attn"
     )
+    # Cost of `deterministic` (chla_train.determinism says more): not measured by chla; reports for
+    # transformer training put PyTorch's deterministic kernels, cuBLAS's single-stream workspace
+    # and flash-attn's deterministic backward at a few percent to a few tens of percent of step
+    # time on GPUs, next to nothing on CPUs. Off by default.
+    deterministic: bool = Field(
+        default=False,
+        description="bitwise-reproducible GPU training (torch deterministic algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic, flash-attn's deterministic backward): "
+        "same recipe, seed and hardware give the same weights, and a resumed run equals an uninterrupted "
+        "one on CUDA too; costs a few to a few tens of percent of step time on GPUs (not measured by chla)",
+    )
     torch_compile: bool | Literal["auto"] = Field(
         default="auto",
         description="compile each decoder layer with TorchInductor (fuses the elementwise work around the "

@@ -61,11 +61,30 @@ def _probe_logits_after_training(probe_ids: list[list[int]], dest: Path) -> None
         module.save_adapter = save_and_probe
 
 
+def _record_blend_reads(reads: list[tuple[str, int]]) -> None:
+    """Append (source name, item index in its data set) to `reads` for every item the trainer
+    reads from a blend (chla_tools.blocks.WeightedBlend: only the training loop indexes it)."""
+    from chla_tools.blocks import WeightedBlend
+
+    original = WeightedBlend.__getitem__
+
+    def reading(blend, k):
+        source_index = int(blend.source_of[k])
+        item_pass, offset = divmod(int(blend.ordinal[k]), len(blend.sources[source_index].indices))
+        reads.append((blend.sources[source_index].name, int(blend._order(source_index, item_pass)[offset])))
+        return original(blend, k)
+
+    WeightedBlend.__getitem__ = reading
+
+
 def main(spec_file: str) -> int:
     spec = json.loads(Path(spec_file).read_text())
     dist_env = DistributedEnv.from_environment()
     if spec.get("probe_ids"):
         _probe_logits_after_training(spec["probe_ids"], Path(spec["probe_out"]))
+    reads: list[tuple[str, int]] = []
+    if spec.get("reads_out"):
+        _record_blend_reads(reads)
     attempt_out = Path(spec["run_dir"]) / spec.get("stage", "train") / f"attempt-{os.getpid()}"
     ctx = make_context(
         spec["kind"],
@@ -84,6 +103,8 @@ def main(spec_file: str) -> int:
             shutil.rmtree(final)
         os.replace(attempt_out, final)  # what the job entry does after run() returns
         (final / "result.json").write_text(json.dumps(result))
+    if spec.get("reads_out"):
+        Path(spec["reads_out"]).write_text(json.dumps(reads))
     sys.stdout.flush()
     os._exit(0)  # as the job entry ends: no interpreter teardown with live gloo threads
 
