@@ -423,8 +423,9 @@ def embeddings_tied(model) -> bool:
     if head is None:
         return False
     embedding = model.get_input_embeddings()
-    if isinstance(head, NewRowsLinear) and isinstance(embedding, NewRowsEmbedding):
-        return head.new_weight is embedding.new_weight
+    split = isinstance(head, NewRowsLinear), isinstance(embedding, NewRowsEmbedding)
+    if any(split):  # stage 1's split rows: tied only when both sides share their new rows
+        return all(split) and head.new_weight is embedding.new_weight
     return getattr(head, "weight", None) is embedding.weight
 
 

@@ -96,6 +96,23 @@ def test_embeddings_mode_trains_the_new_rows_of_the_one_matrix_from_both_sides(t
     assert grad.abs().sum() == 0
 
 
+def test_split_input_rows_beside_a_plain_head_are_not_tied(train_assets):
+    """Stage 1 of an untied model without train_lm_head: the input embedding split into base and
+    new rows, lm_head left whole. Saving asks whether the two are tied (it raised AttributeError on
+    the split embedding's missing `weight`); they are not, and the state dict keeps lm_head.
+    Control: the tied model's split is tied."""
+    from chla_train import model as models
+
+    for init, tied in ((TINY_LLAMA, False), (TIED_LLAMA, True)):
+        model, base_rows = resized(train_assets["merged_tokenizer"], init=init)
+        models.setup_embeddings_training(
+            model, base_rows=base_rows, new_rows_only=True, train_lm_head=False, where="test"
+        )
+        assert models.embeddings_tied(model) is tied
+        kept = models.without_tied_output(model, model.state_dict())
+        assert ("lm_head.weight" in kept) is (not tied)
+
+
 def test_train_lm_head_with_tied_embeddings_is_one_line(train_assets):
     from chla_launcher.errors import ChlaError
     from chla_train import model as models
