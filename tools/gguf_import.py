@@ -22,7 +22,6 @@ The folder is built under a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 from chla_launcher.atomic import file_mode, new_directory, write_json
 from chla_launcher.errors import ChlaError
 from chla_launcher.kinds.import_gguf import ImportGgufParams
+from chla_tools.assets import file_sha256
 
 Log = Callable[[str], None]
 
@@ -43,14 +43,6 @@ _MAGIC = b"GGUF"
 
 def _print(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -105,7 +97,7 @@ def import_gguf(params: ImportGgufParams, out_dir: str | os.PathLike[str], log: 
     out_dir = Path(out_dir).expanduser().resolve()
     metadata = read_metadata(source)
     log(f"{source}: {metadata.get('general.architecture')} '{metadata.get('general.name', '')}', computing sha256")
-    sha256 = _sha256(source)
+    sha256 = file_sha256(source)
 
     import torch
     import transformers
