@@ -95,7 +95,9 @@ def _grace_time(partition: str) -> int:
     return int(re.search(r"GraceTime=(\d+)", shown).group(1))
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+# Two ranks only: one rank runs every step of the one-rank path (rank 0 checkpoints and requeues;
+# the barrier after it returns at once), and that variant cost the suite another 126 s.
+@pytest.mark.parametrize("ranks", [2])
 def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, slurm_cluster, ranks):
     """With 2 ranks (2 tasks on one node: the urgent job that preempts takes that node), the step
     runs under srun --kill-on-bad-exit: a rank that leaves ends the step (SIGKILL for rank 0
@@ -122,8 +124,7 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
         "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
         "CHLA_TEST_SLOW_SLURMCTLD_S": "8",
     }
-    # One rank has no other to leave first; the delay would only cost its 16 s.
-    env = slow_slurmctld if ranks > 1 else None
+    env = slow_slurmctld
     preempted = submit(tmp_path / "slurm", params, "slurm", tasks_per_node=ranks, env=env)
     run_dir = preempted
     job = json.loads((run_dir / "chain.json").read_text())["stages"]["train"]["job_ids"][0]
