@@ -4,8 +4,8 @@ A checkpoint holds DeepSpeed's engine state (trainable weights only, optimizer p
 every rank, LR scheduler), each rank's RNG states, and trainer_state.json (step, tokens seen,
 sampler position). All ranks write into a hidden `.step-N.tmp` directory; rank 0 renames it to
 `step-N` only after every rank has finished, so a checkpoint directory is visible only once
-complete, and resume takes the highest step-N that rank 0 sees (resume_point). The work dir must be on a file system all
-nodes share (the run directory is).
+complete, and resume takes the highest step-N that rank 0 sees (resume_point). The work dir must be
+on a file system all nodes share (the run directory is).
 
 A checkpoint belongs to one fingerprint of its stage (trainer_state.json says which); one of another
 fingerprint, or one that does not say, is never resumed. Every file is read with
