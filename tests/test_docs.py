@@ -58,15 +58,20 @@ def kind_section(kinds_page: str, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def kinds_page(tmp_path_factory) -> str:
-    """The kinds page of the repository's docs, built as CI builds them."""
+def site(tmp_path_factory) -> Path:
+    """The repository's docs, built as CI builds them."""
     site = tmp_path_factory.mktemp("site")
     result = build(REPO / "mkdocs.yml", site)
     assert result.returncode == 0, result.stderr[-3000:]
+    return site
+
+
+@pytest.fixture(scope="module")
+def kinds_page(site) -> str:
     return (site / "kinds" / "index.html").read_text(encoding="utf-8")
 
 
-def test_docs_build_strict_with_every_parameter_of_every_kind(kinds_page):
+def test_docs_build_strict_with_every_parameter_of_every_kind(site, kinds_page):
     for name, kind in registry().items():
         section = kind_section(kinds_page, name)
         for field in kind.params.model_fields:
@@ -74,6 +79,10 @@ def test_docs_build_strict_with_every_parameter_of_every_kind(kinds_page):
     # a description with markup characters comes through as written (escaped, not emphasis or a tag)
     assert "lines sampled from the inputs for training" in kind_section(kinds_page, "train_spm")
     assert "chla_&lt;file stem&gt;" in kind_section(kinds_page, "evaluate")
+    # no Markdown escape shows through on any page (GitHub's table escape `\|` is literal here)
+    for page in site.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert "\\|" not in text and "\\_" not in text, page
 
 
 def test_a_broken_anchor_fails_the_strict_build(tmp_path):
