@@ -3,7 +3,7 @@
 # cluster install the cluster's torch build into the venv first and this script keeps it), then
 # chla with the training stack under constraints.txt so nothing replaces torch.
 #   bash install.sh           the launcher and the training stack (what the demo needs)
-#   bash install.sh --test    also the test tools, the Debian packages the tests use (Slurm,
+#   bash install.sh --test    also the test tools and MkDocs, the Debian packages the tests use (Slurm,
 #                             munge, MariaDB, OpenSSH; needs root) and transformers 4 beside
 #                             the venv's 5 (.venv/transformers4)
 set -euo pipefail
@@ -53,7 +53,7 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     step "$(grep '^torch==' constraints.txt) (CPU build)" .venv/bin/python -m pip install -q "$(grep '^torch==' constraints.txt)"
 fi
 extras="train,remote,gguf,lm-eval"
-[ "$with_tests" = 1 ] && extras="$extras,tracking,test"
+[ "$with_tests" = 1 ] && extras="$extras,tracking,test,docs"
 step "chla (editable) with extras $extras, pinned by constraints.txt" \
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 # llama.cpp's GGUF converter (pinned llama-cpp-python sdist, sha256-checked) into the chla cache,
