@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -244,13 +245,12 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[str], *, 
     return [scores[i * len(choices) : (i + 1) * len(choices)] for i in range(len(prompts))]
 
 
-def template_text(template: bool | str, tokenizer) -> str | None:
-    """The evaluate kind's `template` as a template text, or None for prompts as they are."""
+def template_text(template: str, tokenizer) -> str | None:
+    """The evaluate kind's `template` (alpaca, chat, none) as a template text, or None for prompts
+    as they are."""
     from chla_tools.sft_data import resolve_template
 
-    if template is False:
-        return None
-    return resolve_template(None if template is True else template, tokenizer)
+    return None if template == "none" else resolve_template(template, tokenizer)
 
 
 def prompt_text(record, *, template: str | None) -> str:
@@ -526,6 +526,10 @@ def task_results(task: Task, counts: dict[str, dict[str, float]], labels: Counte
 # --- aggregation --------------------------------------------------------------------------------
 
 
+def _task_score(task: Task, counts: Mapping[str, float]) -> float:
+    return task.metrics(counts)[task.metric]
+
+
 def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
     """Sum every shard's partial results, then divide; write results.json, results.md and
     generations/<source>.jsonl (all shards, in input order)."""
@@ -589,11 +593,10 @@ def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
                 "counts": counts,
                 "predictions": f"{GENERATIONS}/{name}.jsonl",
             }
+            score = partial(_task_score, task)
             for system, figures in results["tasks"][name]["systems"].items():
                 if system in rows[0].get("counts", {}):
-                    figures["interval_95"] = bootstrap_interval(
-                        [row["counts"][system] for row in rows], lambda c: task.metrics(c)[task.metric]
-                    )
+                    figures["interval_95"] = bootstrap_interval([row["counts"][system] for row in rows], score)
         else:
             results["prompts"][name] = {
                 "path": entry["path"],

@@ -89,7 +89,10 @@ def write_alpaca_task(path: str | os.PathLike[str], task_dir: Path, *, template:
     docs = []
     for record in records:
         instruction, extra = record["instruction"], record.get("input") or ""
-        prompt = format_prompt(instruction, extra, template) if template else "\n".join(filter(None, [instruction, extra]))
+        if template:
+            prompt = format_prompt(instruction, extra, template)
+        else:
+            prompt = "\n".join(filter(None, [instruction, extra]))
         docs.append({"prompt": prompt, "choices": choices, "label": choices.index(record["output"])})
     data = task_dir / f"{name}.jsonl"
     write_text(data, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
@@ -146,7 +149,7 @@ def run_lm_eval(
     work_dir: Path,
     *,
     batch_size: int,
-    template: bool | str = True,
+    template: str = "alpaca",
     log: Log = print,
 ) -> dict[str, Any]:
     """Run lm-eval on an already loaded model; `spec` is the stage's LmEvalParams."""

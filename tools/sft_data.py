@@ -81,9 +81,7 @@ def resolve_template(template: str | None, tokenizer=None) -> str:
         bos = tokenizer.bos_token
         return text[len(bos) :] if bos and text.startswith(bos) else text
     if "{instruction}" not in template:
-        raise ChlaError(
-            f"template {template[:40]!r} is neither alpaca, chat nor a template text with {{instruction}}"
-        )
+        raise ChlaError(f"template {template[:40]!r} is neither alpaca, chat nor a template text with {{instruction}}")
     return template
 
 

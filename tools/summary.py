@@ -88,7 +88,7 @@ def chain_figures(params: SummarizeParams) -> dict[str, Any]:
             summary["generations"] = generations
             summary["prompt_generations"] = {
                 point: [
-                    {"prompt": row["prompt"], "generation": row["generation"], "cjk_share": cjk_share(row["generation"])}
+                    {"prompt": row["prompt"], "generation": (text := row["generation"]), "cjk_share": cjk_share(text)}
                     for row in _read_jsonl(Path(path))
                 ]
                 for point, path in generations.items()

@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-template",
         dest="template",
         action="store_const",
-        const=False,
-        default=True,
+        const="none",
+        default="alpaca",
         help="send the raw line instead of wrapping it in the instruction template",
     )
     parser.add_argument(

@@ -43,7 +43,8 @@ def test_a_micro_f1_interval_sums_the_resampled_counts():
     entities = task_named("entities")
     gold = {"output": "人名：江泽民、李鹏；地名：北京；机构名：无"}
     # 30 sentences answered right, 10 with one wrong name of the three
-    items = [entities.score(gold, gold["output"])] * 30 + [entities.score(gold, "人名：李鹏；地名：上海；机构名：无")] * 10
+    one_wrong = "人名：李鹏；地名：上海；机构名：无"
+    items = [entities.score(gold, gold["output"])] * 30 + [entities.score(gold, one_wrong)] * 10
     low, high = bootstrap_interval(items, lambda counts: entities.metrics(counts)["f1"])
     point = entities.metrics({key: sum(item[key] for item in items) for key in items[0]})["f1"]
     assert low < point < high < 1.0

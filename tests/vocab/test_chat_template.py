@@ -32,8 +32,8 @@ def test_chat_prompts_are_the_tokenizers_rendering(tokenizer):
     # the rendering starts with the BOS token, which encoding adds itself
     assert tokenizer.bos_token + prompt == rendered(tokenizer, content)
     # control: the Alpaca template (the default) is another text
-    assert prompt_text(RECORD, template=template_text(True, tokenizer)) != prompt
-    assert template_text(False, tokenizer) is None
+    assert prompt_text(RECORD, template=template_text("alpaca", tokenizer)) != prompt
+    assert template_text("none", tokenizer) is None
 
 
 def test_sft_examples_in_the_chat_template(tokenizer, bpe_base, tmp_path):
