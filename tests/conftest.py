@@ -1,8 +1,37 @@
-"""Shared fixtures for every test area."""
+"""Shared fixtures for every test area, and how the suite splits across pytest-xdist workers
+(tests/run.sh runs it with `-n 2 --dist loadgroup`)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The xdist group of every test that uses the real local Slurm cluster: they run one after another on
+# one worker, as in a serial run. The cluster has two nodes of two CPUs; a test that needs both
+# nodes, or a whole node to preempt, would otherwise queue behind another worker's jobs past its
+# timeouts. The session's demo chain (tests/integration/conftest.py: demo_runs) is among them, so
+# it runs once, not once per worker.
+SLURM_GROUP = "slurm"
+
+
+def pytest_configure(config) -> None:
+    # Two workers on this machine kind's two cores: one thread each (torch in the worker, and the
+    # processes it starts: rank processes, local-executor stages and, through sbatch's exported
+    # environment, Slurm jobs) instead of two workers x two threads spinning on two cores. Set
+    # before any test imports torch; a value the user set is kept. Both sides of every
+    # cross-run comparison run under the worker's setting, so they use the same thread count.
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # pytest-xdist registers its marker; without the plugin (a plain `pytest`) it is still known.
+    config.addinivalue_line("markers", "xdist_group(name): run on one xdist worker with the group's other tests")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the group into the test's id
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if "slurm_cluster" in item.fixturenames or item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group(SLURM_GROUP))
 
 
 @pytest.fixture(scope="session")

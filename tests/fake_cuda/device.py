@@ -70,7 +70,8 @@ def install_cuda_device_guard() -> None:
     library = cache / "cuda_noop_guard.so"
     if not library.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        source = cache / "cuda_noop_guard.cpp"
+        # per-process names: two xdist workers may build it at once on a fresh machine
+        source = cache / f"cuda_noop_guard.{os.getpid()}.cpp"
         source.write_text(GUARD_SOURCE)
         partial = cache / f"cuda_noop_guard.{os.getpid()}.so"
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -85,6 +86,7 @@ def install_cuda_device_guard() -> None:
             why = f"the fake-CUDA layer builds its device guard with {compiler} (or $CXX): {detail}"
             raise RuntimeError(why) from None
         partial.rename(library)  # atomic: a concurrent build renames an equal file
+        source.unlink()
     ctypes.CDLL(str(library))
 
 

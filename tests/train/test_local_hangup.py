@@ -47,7 +47,9 @@ def descendants(pids: list[int]) -> list[int]:
 
 @pytest.mark.slow
 def test_hangup_ends_the_local_run_and_resubmit_resumes_from_the_checkpoint(train_assets, tmp_path):
-    params = pretrain_params(train_assets, max_steps=200, save_steps=10, eval_steps=0, logging_steps=10)
+    # 80 steps: the hang-up comes right after the step-10 checkpoint (~8 steps a second here); 200
+    # only lengthened the resumed run.
+    params = pretrain_params(train_assets, max_steps=80, save_steps=10, eval_steps=0, logging_steps=10)
     (tmp_path / "r.yaml").write_text(
         json.dumps({"name": "hup", "stages": {"train": {"kind": "pretrain", "params": params}}})
     )

@@ -76,7 +76,8 @@ def test_local_run_draws_live_bars_on_a_terminal(train_assets, demo_assets, tmp_
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_status_shows_a_running_slurm_stage_step_and_eta(train_assets, demo_assets, tmp_path, slurm_cluster):
-    path = recipe(tmp_path, train_assets, demo_assets, max_steps=600, logging_steps=100, eval_steps=0)
+    # 150 steps (0.13 s each here: 20 s of training to see it running; 600 took 80 s), 6 log lines
+    path = recipe(tmp_path, train_assets, demo_assets, max_steps=150, logging_steps=25, eval_steps=0)
     chla("submit", str(path), "--executor", "slurm", cwd=tmp_path, check=True, timeout=300)
     run_dir = tmp_path / "runs" / "p"
     seen = None
@@ -88,8 +89,8 @@ def test_status_shows_a_running_slurm_stage_step_and_eta(train_assets, demo_asse
         elif train["state"] in ("COMPLETED", "FAILED", "CANCELLED"):
             break
         time.sleep(0.3)
-    assert seen and re.fullmatch(r"step \d+/600( loss \S+ [\d,]+ tok/s)? ETA \d+:\d\d:\d\d", seen), seen
+    assert seen and re.fullmatch(r"step \d+/150( loss \S+ [\d,]+ tok/s)? ETA \d+:\d\d:\d\d", seen), seen
     rows = wait_for_chain(run_dir, timeout=300)
     assert rows["train"]["state"] == "COMPLETED" and rows["train"]["progress"] == ""
     log = "".join(p.read_text() for p in (run_dir / "train" / "logs").glob("*.out"))
-    assert len(re.findall(r"\] step \d+/600 loss", log)) == 6  # the job's periodic lines
+    assert len(re.findall(r"\] step \d+/150 loss", log)) == 6  # the job's periodic lines

@@ -109,11 +109,14 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
     from ..launcher.test_chains import preempt_on_slurm, sacct_runs
 
     assert _grace_time("debug") >= 30
+    # 120 steps (0.2 s each here): the two preemptions came at steps 6 and 13 in past runs (Slurm
+    # preempts within its 2 s scheduling interval), far from the end; 300 cost another 70 s.
+    steps = 120
     params = pretrain_params(
         train_assets,
         mode="lora",
         micro_batch_size=2,
-        max_steps=300,
+        max_steps=steps,
         save_steps=0,
         lora_dropout=0.05,
         learning_rate=2e-3,
@@ -163,8 +166,8 @@ def test_twice_preempted_slurm_run_ends_bitwise_equal(train_assets, tmp_path, sl
     assert (
         json.loads((straight / "train" / "out" / "train_summary.json").read_text())["tokens_seen"]
         == summary["tokens_seen"]
-        == 300 * 2 * ranks * 64
+        == steps * 2 * ranks * 64
     )
     # Every step trained once, with the same loss: no sample lost or repeated.
     assert [(r["step"], r["loss"]) for r in losses(run_dir)] == [(r["step"], r["loss"]) for r in losses(straight)]
-    assert [r["step"] for r in losses(run_dir)] == list(range(1, 301))
+    assert [r["step"] for r in losses(run_dir)] == list(range(1, steps + 1))
