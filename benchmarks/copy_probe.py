@@ -62,7 +62,11 @@ def main() -> None:
             ids = torch.tensor([tokenizer(prompt).input_ids])
             with torch.no_grad():
                 out = model.generate(
-                    ids, max_new_tokens=2 * len(sentence), do_sample=False, pad_token_id=tokenizer.eos_token_id
+                    ids,
+                    max_new_tokens=2 * len(sentence),
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tokenizer.eos_token_id,
                 )
             answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
             exact += answer == sentence
