@@ -1,6 +1,7 @@
 """chla's defaults against the original project's settings, on the demo, at equal compute.
 
-Runs `recipes/demo.yaml` twice with the local executor: as shipped (chla's defaults), and with
+Runs `recipes/demo.yaml` (or `--recipe`, e.g. recipes/demo_scratch.yaml) twice with the local
+executor: as shipped (chla's defaults), and with
 the original Chinese-LLaMA-Alpaca settings put back by `--set` (ORIGINAL below). Same data,
 same steps, same batches, same seed: only the settings differ. A run directory that already
 holds a finished chain is reused as it is (chla skips finished stages), so a demo run can be the
@@ -50,9 +51,9 @@ ORIGINAL = [
 ARMS = {"chla": [], "original": ORIGINAL}
 
 
-def run_arm(out: Path, arm: str) -> Path:
+def run_arm(out: Path, arm: str, recipe: Path) -> Path:
     run_dir = out / arm
-    argv = [str(REPO / ".venv" / "bin" / "chla-submit"), str(REPO / "recipes" / "demo.yaml"), "--run-dir", str(run_dir)]
+    argv = [str(REPO / ".venv" / "bin" / "chla-submit"), str(recipe), "--run-dir", str(run_dir)]
     for setting in ARMS[arm]:
         argv += ["--set", setting]
     print(f"$ {' '.join(argv)}", flush=True)
@@ -163,14 +164,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "ablation"), help="directory for both run dirs")
     parser.add_argument(
+        "--recipe",
+        default=str(REPO / "recipes" / "demo.yaml"),
+        help="the demo-like recipe both arms run (the figures in the docs: recipes/demo_scratch.yaml)",
+    )
+    parser.add_argument(
         "--chla",
-        help="a finished run of recipes/demo.yaml as shipped, taken as the chla arm "
+        help="a finished run of the recipe as shipped, taken as the chla arm "
         "(its run directory is used as it is, nothing is resubmitted)",
     )
     args = parser.parse_args()
     print_machine()
     out = Path(args.out).resolve()
-    runs = {arm: Path(args.chla).resolve() if arm == "chla" and args.chla else run_arm(out, arm) for arm in ARMS}
+    recipe = Path(args.recipe)
+    runs = {
+        arm: Path(args.chla).resolve() if arm == "chla" and args.chla else run_arm(out, arm, recipe) for arm in ARMS
+    }
     rows = {arm: figures(run_dir) for arm, run_dir in runs.items()}
     text = table(rows)
     (out / "ablation.md").write_text(text + "\n", encoding="utf-8")

@@ -1,8 +1,9 @@
 """`chla chat MODEL_DIR [--adapter DIR]...`: talk to a model in the terminal, tokens streamed.
 
 Each line read at the `>>> ` prompt is one single-turn request, wrapped in the recipe's Alpaca
-prompt template unless --no-template. Ctrl-C during an answer stops that answer; Ctrl-C at the
-prompt or Ctrl-D (end of input) ends the session with status 0.
+prompt template (in the tokenizer's chat template with --chat-template; sent as it is with
+--no-template). Ctrl-C during an answer stops that answer; Ctrl-C at the prompt or Ctrl-D (end of
+input) ends the session with status 0.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    from chla_tools.evaluate import template_text
     from chla_tools.inference import encode_prompt, format_prompt, input_device, load_for_inference
 
     if args.seed is not None:
@@ -28,6 +30,7 @@ def chat(args: argparse.Namespace) -> int:
         args.model, args.adapters, rope_scaling=args.rope_scaling, log=lambda m: print(m, file=sys.stderr, flush=True)
     )
     device = input_device(model)
+    template = template_text(args.template, tokenizer)
     sampling = {"do_sample": args.temperature > 0, "repetition_penalty": args.repetition_penalty}
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -48,7 +51,7 @@ def chat(args: argparse.Namespace) -> int:
             return 0
         if not line.strip():
             continue
-        text = format_prompt(line) if args.template else line
+        text = format_prompt(line, template=template) if template else line
         input_ids = torch.tensor([encode_prompt(tokenizer, text)], device=device)
         try:
             with torch.no_grad():

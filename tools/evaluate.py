@@ -37,12 +37,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from chla_launcher.atomic import new_directory, write_json, write_text
 from chla_launcher.errors import ChlaError
 from chla_launcher.kinds.evaluate import EvaluateParams
+from chla_tools.intervals import bootstrap_interval
 from chla_tools.tasks import ExactMatch, Task, normalise, task_named, task_of
 
 T = TypeVar("T")
@@ -106,6 +108,17 @@ def load_items(source: Source) -> list:
     if source.kind == "task":
         task_of(records, source.path)
     return records
+
+
+def sampled(items: list, source: Source, params: EvaluateParams) -> list:
+    """A task file's records, or with `sample` a seeded random sample of them, in file order
+    (every shard draws the same one)."""
+    if source.kind != "task" or params.sample is None or params.sample >= len(items):
+        return items
+    import random
+
+    chosen = random.Random(params.sample_seed).sample(range(len(items)), params.sample)
+    return [items[index] for index in sorted(chosen)]
 
 
 def shard_of(items: list[T], shard: int, num_shards: int) -> list[tuple[int, T]]:
@@ -232,14 +245,26 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[str], *, 
     return [scores[i * len(choices) : (i + 1) * len(choices)] for i in range(len(prompts))]
 
 
-def prompt_text(record, *, template: bool) -> str:
+def template_text(template: str, tokenizer) -> str | None:
+    """The evaluate kind's `template` (alpaca, chat, none) as a template text, or None for prompts
+    as they are."""
+    from chla_tools.sft_data import resolve_template
+
+    return None if template == "none" else resolve_template(template, tokenizer)
+
+
+def prompt_text(record, *, template: str | None) -> str:
+    """The prompt of a record (a string, {prompt} or an Alpaca record) in `template` (a template
+    text, as `template_text` gives; None: as it is)."""
     from chla_tools.inference import format_prompt
 
     if isinstance(record, str):
-        return format_prompt(record) if template else record
+        return format_prompt(record, template=template) if template else record
     if "prompt" in record:
-        return format_prompt(record["prompt"]) if template else record["prompt"]
-    return format_prompt(record["instruction"], record.get("input") or "") if template else record["instruction"]
+        return format_prompt(record["prompt"], template=template) if template else record["prompt"]
+    if template is None:
+        return record["instruction"]
+    return format_prompt(record["instruction"], record.get("input") or "", template)
 
 
 def longest_first(texts: list[str]) -> list[int]:
@@ -324,8 +349,10 @@ def evaluate_shard(
         raise ChlaError(f"shard {shard} is outside 0..{num_shards - 1}")
     # Fail fast, before the model. `max_items` keeps the first N lines/records of every input.
     sources = evaluation_sources(params)
-    items = {source.name: load_items(source)[: params.max_items] for source in sources}
+    whole = {source.name: load_items(source)[: params.max_items] for source in sources}
+    items = {source.name: sampled(whole[source.name], source, params) for source in sources}
     model, tokenizer = loaded or load_for_inference(params.model, params.adapters, log=log)
+    template = template_text(params.template, tokenizer)
     block = params.block_size or int(getattr(getattr(model, "config", None), "max_position_embeddings", 2048))
     if block < 2:
         raise ChlaError(f"block_size {block} is too small; it must be at least 2")
@@ -348,6 +375,8 @@ def evaluate_shard(
         before = done.done
         log(f"{source.name}: {len(mine)} of {len(items[source.name])} items in {tag}")
         entry = {"kind": source.kind, "path": str(source.path), "items": len(mine)}
+        if len(items[source.name]) < len(whole[source.name]):
+            entry["sampled_from"] = len(whole[source.name])
         if source.kind == "ppl":
             entry.update(
                 perplexity_sums(
@@ -365,7 +394,7 @@ def evaluate_shard(
                 tokenizer,
                 task_of(items[source.name], source.path),
                 mine,
-                template=params.template,
+                template=template,
                 batch_size=params.batch_size,
                 max_new_tokens=params.max_new_tokens,
                 log=log,
@@ -373,7 +402,7 @@ def evaluate_shard(
             )
             entry.update(fields)
         else:
-            prompts = [prompt_text(record, template=params.template) for _, record in mine]
+            prompts = [prompt_text(record, template=template) for _, record in mine]
             outputs = generate_all(
                 model,
                 tokenizer,
@@ -410,7 +439,7 @@ def score_task_shard(
     task: Task,
     mine: list[tuple[int, dict]],
     *,
-    template: bool,
+    template: str | None,
     batch_size: int,
     max_new_tokens: int | None,
     log: Log,
@@ -445,6 +474,8 @@ def score_task_shard(
             "generation": outputs[position],
             "answer": record["output"],
             task.metric: task.metrics(item["model"])[task.metric],
+            # the item's counts, for the intervals (chla_tools.intervals)
+            "counts": {system: dict(item[system]) for system in answers},
         }
         if task.choices:
             row["ranked"] = answers["model_loglik"][position]
@@ -493,6 +524,10 @@ def task_results(task: Task, counts: dict[str, dict[str, float]], labels: Counte
 
 
 # --- aggregation --------------------------------------------------------------------------------
+
+
+def _task_score(task: Task, counts: Mapping[str, float]) -> float:
+    return task.metrics(counts)[task.metric]
 
 
 def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
@@ -549,13 +584,19 @@ def aggregate(out_dir, num_shards: int, log: Log = print) -> dict:
                 for system, system_counts in p["counts"].items():
                     _add(counts.setdefault(system, {}), system_counts)
                 labels.update(p.get("labels", {}))
+            task = task_named(entry["task"])
             results["tasks"][name] = {
                 "path": entry["path"],
                 "items": items,
-                **task_results(task_named(entry["task"]), counts, labels),
+                **({"sampled_from": entry["sampled_from"]} if "sampled_from" in entry else {}),
+                **task_results(task, counts, labels),
                 "counts": counts,
                 "predictions": f"{GENERATIONS}/{name}.jsonl",
             }
+            score = partial(_task_score, task)
+            for system, figures in results["tasks"][name]["systems"].items():
+                if system in rows[0].get("counts", {}):
+                    figures["interval_95"] = bootstrap_interval([row["counts"][system] for row in rows], score)
         else:
             results["prompts"][name] = {
                 "path": entry["path"],
@@ -594,14 +635,17 @@ def results_markdown(results: dict) -> str:
         lines += [
             "## Tasks (answers generated greedily; baselines and references scored the same way)",
             "",
-            "| input | items | metric | system | role | score |",
+            "| input | items | metric | system | role | score [95% interval] |",
             "|---|---:|---|---|---|---:|",
         ]
         for name, r in results["tasks"].items():
             for system in r["systems"].values():
+                interval = system.get("interval_95")
                 lines.append(
                     f"| {name} | {r['items']} | {r['metric_label']} | {system['label']} | "
-                    f"{system['role']} | {system[r['metric']]:.4f} |"
+                    f"{system['role']} | {system[r['metric']]:.4f}"
+                    + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+                    + " |"
                 )
         lines.append("")
     if results.get("lm_eval"):

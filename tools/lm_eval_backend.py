@@ -51,9 +51,10 @@ def alpaca_task_name(path: str | os.PathLike[str]) -> str:
     return "chla_" + (re.sub(r"[^A-Za-z0-9_]+", "_", Path(path).stem) or "task")
 
 
-def write_alpaca_task(path: str | os.PathLike[str], task_dir: Path, *, template: bool = True) -> str:
+def write_alpaca_task(path: str | os.PathLike[str], task_dir: Path, *, template: str | None = None) -> str:
     """Turn an Alpaca-format labelled file into an lm-eval multiple-choice task in `task_dir`
-    (<name>.yaml + <name>.jsonl); return the task's name."""
+    (<name>.yaml + <name>.jsonl); return the task's name. `template`: a template text
+    (chla_tools.evaluate.template_text), or None for the instruction as it is."""
     import yaml
 
     from chla_tools.inference import read_json_or_jsonl
@@ -88,7 +89,10 @@ def write_alpaca_task(path: str | os.PathLike[str], task_dir: Path, *, template:
     docs = []
     for record in records:
         instruction, extra = record["instruction"], record.get("input") or ""
-        prompt = format_prompt(instruction, extra) if template else "\n".join(filter(None, [instruction, extra]))
+        if template:
+            prompt = format_prompt(instruction, extra, template)
+        else:
+            prompt = "\n".join(filter(None, [instruction, extra]))
         docs.append({"prompt": prompt, "choices": choices, "label": choices.index(record["output"])})
     data = task_dir / f"{name}.jsonl"
     write_text(data, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
@@ -145,7 +149,7 @@ def run_lm_eval(
     work_dir: Path,
     *,
     batch_size: int,
-    template: bool = True,
+    template: str = "alpaca",
     log: Log = print,
 ) -> dict[str, Any]:
     """Run lm-eval on an already loaded model; `spec` is the stage's LmEvalParams."""
@@ -159,7 +163,10 @@ def run_lm_eval(
     out_dir = Path(out_dir)
     task_dir = Path(work_dir) / "lm_eval_tasks"
     task_dir.mkdir(parents=True, exist_ok=True)
-    generated = [write_alpaca_task(path, task_dir, template=template) for path in spec.alpaca_tasks]
+    from chla_tools.evaluate import template_text
+
+    text = template_text(template, tokenizer)
+    generated = [write_alpaca_task(path, task_dir, template=text) for path in spec.alpaca_tasks]
     tasks = list(dict.fromkeys([*spec.tasks, *generated]))
     include = [str(task_dir), *spec.include_path]
     with _offline():

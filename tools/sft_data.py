@@ -49,6 +49,8 @@ PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n{instruction}\n\n### Response: "
 )
+# `template: chat`: the tokenizer's own chat template, one user turn and the assistant's cue
+CHAT_TEMPLATE = "chat"
 CACHE_VERSION = "chla-sft-v2"  # v2: the answer is encoded as the prompt's continuation
 
 
@@ -58,6 +60,29 @@ def format_prompt(instruction: str, input: str = "", template: str | None = None
         instruction = f"{instruction}\n{input}"
     # str.replace, not str.format: a template may contain other braces (JSON examples, code).
     return (template or PROMPT_TEMPLATE).replace("{instruction}", instruction)
+
+
+def resolve_template(template: str | None, tokenizer=None) -> str:
+    """The template text (with {instruction}) that `template` names: None or "alpaca" the Alpaca
+    template; "chat" the tokenizer's chat template rendered for one user turn whose content is
+    {instruction}, with the assistant's cue (an instruction-tuned base answers in the format it
+    was tuned in); anything else is a template text itself. The BOS token the rendering starts
+    with is dropped: encoding adds exactly one (`encode_prompt`)."""
+    if template is None or template == "alpaca":
+        return PROMPT_TEMPLATE
+    if template == CHAT_TEMPLATE:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ChlaError("template: chat needs a tokenizer with a chat template; this tokenizer has none")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "{instruction}"}], add_generation_prompt=True, tokenize=False
+        )
+        if text.count("{instruction}") != 1:
+            raise ChlaError("template: chat: the tokenizer's chat template does not show a user message verbatim")
+        bos = tokenizer.bos_token
+        return text[len(bos) :] if bos and text.startswith(bos) else text
+    if "{instruction}" not in template:
+        raise ChlaError(f"template {template[:40]!r} is neither alpaca, chat nor a template text with {{instruction}}")
+    return template
 
 
 def split_prompt(prompt: str) -> tuple[str, str]:
@@ -223,9 +248,8 @@ def load_sft_dataset(
 ) -> SFTDataset:
     """Tokenize (or load from the cache) an Alpaca JSON/JSONL file. See the module docstring."""
     path, tokenizer_dir = Path(path).resolve(), Path(tokenizer_dir).resolve()
-    template = template or PROMPT_TEMPLATE
-    if "{instruction}" not in template:
-        raise ChlaError("SFT template must contain {instruction}; see PROMPT_TEMPLATE")
+    # (the chat template is the tokenizer's: load it only for that)
+    template = resolve_template(template, load_sft_tokenizer(tokenizer_dir) if template == CHAT_TEMPLATE else None)
     if on_bad_record not in ("error", "skip"):
         raise ChlaError(f"on_bad_record must be 'error' or 'skip' (got {on_bad_record!r})")
     if max_seq_length < 2:

@@ -87,7 +87,10 @@ def chain_figures(params: SummarizeParams) -> dict[str, Any]:
         if generations:
             summary["generations"] = generations
             summary["prompt_generations"] = {
-                point: [{"prompt": row["prompt"], "generation": row["generation"]} for row in _read_jsonl(Path(path))]
+                point: [
+                    {"prompt": row["prompt"], "generation": (text := row["generation"]), "cjk_share": cjk_share(text)}
+                    for row in _read_jsonl(Path(path))
+                ]
                 for point, path in generations.items()
             }
     return summary
@@ -102,11 +105,27 @@ def _task_row(task: dict[str, Any], directory: Path) -> dict[str, Any]:
         "metric": metric,
         "metric_label": task["metric_label"],
         "score": task["score"],
+        **({"sampled_from": task["sampled_from"]} if "sampled_from" in task else {}),
         "systems": {
-            name: {"role": s["role"], "label": s["label"], metric: s[metric]} for name, s in task["systems"].items()
+            name: {
+                "role": s["role"],
+                "label": s["label"],
+                metric: s[metric],
+                **({"interval_95": s["interval_95"]} if "interval_95" in s else {}),
+            }
+            for name, s in task["systems"].items()
         },
         "predictions": str(directory / task["predictions"]),
     }
+
+
+def cjk_share(text: str) -> float:
+    """The share of CJK ideographs among an answer's letters and ideographs (punctuation, digits
+    and spaces left out): how much of it is written in Chinese."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return 0.0
+    return sum(1 for c in letters if "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf") / len(letters)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -137,15 +156,24 @@ def _scores_of(task: dict[str, Any], role: str) -> str:
     metric = task["metric"]
     systems = [s for s in task["systems"].values() if s["role"] == role]
     if role == "model":
-        return "; ".join(f"{s[metric]:.3f} ({s['label']})" for s in systems)
+        return "; ".join(f"{s[metric]:.3f}{_interval(s)} ({s['label']})" for s in systems)
     return "; ".join(f"{s['label']} {s[metric]:.3f}" for s in systems) or "-"
 
 
+def _interval(system: dict[str, Any]) -> str:
+    interval = system.get("interval_95")
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+
+
 def _tasks_table(tasks: dict[str, Any]) -> list[str]:
-    lines = ["| task (held-out items) | metric | model | baselines | references |", "|---|---|---|---|---|"]
+    lines = [
+        "| task (held-out items scored) | metric | model [95% interval] | baselines | references |",
+        "|---|---|---|---|---|",
+    ]
     for name, task in tasks.items():
+        items = f"{task['items']} of {task['sampled_from']}" if "sampled_from" in task else str(task["items"])
         lines.append(
-            f"| {name} ({task['items']}) | {task['metric_label']} | {_scores_of(task, 'model')} | "
+            f"| {name} ({items}) | {task['metric_label']} | {_scores_of(task, 'model')} | "
             f"{_scores_of(task, 'baseline')} | {_scores_of(task, 'reference')} |"
         )
     return lines + [""]
@@ -172,8 +200,10 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary.get("tasks"):
         lines += _tasks_table(summary["tasks"])
     for point, rows in summary.get("prompt_generations", {}).items():
-        lines += [f"| prompt | the {point} model's answer |", "|---|---|"]
-        lines += [f"| {_cell(row['prompt'])} | {_cell(row['generation'])} |" for row in rows]
+        lines += [f"| prompt | the {point} model's answer | CJK share |", "|---|---|---:|"]
+        lines += [
+            f"| {_cell(row['prompt'])} | {_cell(row['generation'])} | {row.get('cjk_share', 0.0):.2f} |" for row in rows
+        ]
         lines.append("")
     for name, r in summary.get("lm_eval", {}).items():
         lines += [f"lm-evaluation-harness {name}: acc {r['acc']:.3f} on {r['samples']} items", ""]

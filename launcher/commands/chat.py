@@ -26,8 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-template",
         dest="template",
-        action="store_false",
+        action="store_const",
+        const="none",
+        default="alpaca",
         help="send the raw line instead of wrapping it in the instruction template",
+    )
+    parser.add_argument(
+        "--chat-template",
+        dest="template",
+        action="store_const",
+        const="chat",
+        help="wrap each line in the tokenizer's chat template (for a model SFT trained with template: chat)",
     )
     parser.add_argument(
         "--rope-scaling",

@@ -92,13 +92,30 @@ class EvaluateParams(StageParams):
         "each task's own (chla_tools.tasks), 64 for prompts and untyped files",
     )
     block_size: int | None = Field(None, ge=2, description="perplexity window; default max_position_embeddings")
-    template: bool = Field(True, description="wrap instructions and prompts in the Alpaca template")
+    template: Literal["alpaca", "chat", "none"] = Field(
+        "alpaca",
+        description="the prompt template SFT trained with: alpaca, chat (the tokenizer's chat template) or "
+        "none (instructions and prompts as they are); true and false mean alpaca and none",
+    )
     max_items: int | None = Field(None, ge=1, description="evaluate only the first N lines/records of every input")
+    sample: int | None = Field(
+        None,
+        ge=1,
+        description="score a random sample of N records of every task file (seeded by sample_seed; the "
+        "whole file when it has fewer); the results give the sample size beside each score's 95% interval",
+    )
+    sample_seed: int = Field(0, description="seed of the task files' samples")
     lm_eval: LmEvalParams | None = Field(None, description="also run lm-evaluation-harness on the model")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="generation for tasks and prompts: transformers, or vLLM on a GPU node (merged model)"
     )
     vllm: VllmParams = Field(default_factory=VllmParams)
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template_switch(cls, value: object) -> object:
+        # recipes written when the template was a switch
+        return {True: "alpaca", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _something_to_do(self) -> EvaluateParams:

@@ -33,7 +33,11 @@ class SftParams(TrainingParams):
     )
     valid_fraction: float = Field(default=0.05, ge=0, lt=1)
     max_seq_length: int = Field(default=512, gt=8)
-    template: str | None = Field(default=None, description="prompt template name (default: Alpaca)")
+    template: str | None = Field(
+        default=None,
+        description="prompt template: alpaca (the default), chat (the tokenizer's chat template, one user "
+        "turn; for an instruction-tuned base), or a template text containing {instruction}",
+    )
     on_bad_record: Literal["error", "skip"] = "error"
     packing: bool = Field(
         default=False, description="pack examples into max_seq_length sequences (they attend to each other)"

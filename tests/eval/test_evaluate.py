@@ -16,6 +16,7 @@ from chla_launcher.kinds.evaluate import EvaluateParams  # noqa: E402
 from chla_tools import evaluate as evaluation  # noqa: E402
 from chla_tools.inference import encode, generate_batch, load_for_inference  # noqa: E402
 from chla_tools.merge import merge_adapters  # noqa: E402
+from chla_tools.sft_data import PROMPT_TEMPLATE  # noqa: E402
 from chla_train.stages import evaluate as evaluate_stage  # noqa: E402
 
 
@@ -168,7 +169,7 @@ def test_batched_greedy_equals_one_at_a_time(merged_model):
 def test_choice_log_likelihoods_batched_equal_one_sequence_at_a_time(merged_model):
     model, tokenizer = load_for_inference(merged_model, log=lambda _m: None)
     prompts = [
-        evaluation.prompt_text({"instruction": "判断情感", "input": text}, template=True)
+        evaluation.prompt_text({"instruction": "判断情感", "input": text}, template=PROMPT_TEMPLATE)
         for text in ("很好", "这本书写得非常糟糕，不推荐购买。", "一般")
     ]
     choices = ["正面", "负面"]

@@ -112,6 +112,7 @@ def test_per_task_table_and_prompt_answers(tmp_path, capsys):
     assert result["prompt_generations"]["after_sft"][0] == {
         "prompt": "写一首关于春天的五言绝句。",
         "generation": "春风吹\n绿柳|花开",
+        "cjk_share": 1.0,
     }
 
     markdown = (tmp_path / "summary.md").read_text(encoding="utf-8")
@@ -126,7 +127,8 @@ def test_per_task_table_and_prompt_answers(tmp_path, capsys):
     ) in markdown
     assert "| task-entities_test (100) | entity F1 | 0.667 (greedy generation) | no entities 0.000 |" in markdown
     # one table row per prompt, whatever the answer holds
-    assert "| 写一首关于春天的五言绝句。 | 春风吹 绿柳\\|花开 |" in markdown and "| 你好 |   |" in markdown
+    assert "| 写一首关于春天的五言绝句。 | 春风吹 绿柳\\|花开 | 1.00 |" in markdown
+    assert "| 你好 |   | 0.00 |" in markdown
     assert "写一首关于春天的五言绝句。" in capsys.readouterr().out
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from ..helpers import REPO, chla
 
-DEMO = REPO / "recipes" / "demo.yaml"
+DEMO = REPO / "recipes" / "demo_scratch.yaml"
 
 # A few optimizer steps per training stage and a slice of every evaluation set: the chain, its
 # data and its code paths are the real demo's; only the amount of work is cut.

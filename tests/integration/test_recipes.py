@@ -50,6 +50,7 @@ def user_paths(tmp_path: Path, demo_assets) -> dict[str, str]:
             f"vars.prompts={files['prompts.jsonl']}",
         ],
         "demo": ["--executor", "slurm"],
+        "demo_scratch": ["--executor", "slurm"],
         "scaling": ["--executor", "slurm"],
     }
 
@@ -60,7 +61,7 @@ def scripts_of(dry_run_output: str) -> list[str]:
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("name", ["demo", "full", "scaling", "preprocess", "eval"])
+@pytest.mark.parametrize("name", ["demo", "demo_scratch", "full", "scaling", "preprocess", "eval"])
 def test_dry_run_prints_scripts_slurm_accepts(tmp_path, name, demo_assets, slurm_cluster):
     result = chla(
         "submit",
