@@ -74,7 +74,9 @@ def main() -> None:
         return exact / len(probes), rouge / len(probes)
 
     def load(path: str):
-        return models.build_base_model(path, None, dtype=torch.float32, attn_implementation="sdpa", seed=0).eval()
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     started = time.perf_counter()
     merged = models.load_tokenizer(stage1.tokenizer)
