@@ -105,12 +105,10 @@ def main() -> None:
     )
     print("| model | exact copies | character ROUGE-L F1 |")
     print("|---|---:|---:|")
-    for name, exact, rouge in rows:
+    for _, name, exact, rouge in rows:
         print(f"| {name} | {exact:.3f} | {rouge:.3f} |")
-    for name, exact, rouge in rows:
-        print(
-            f"RESULT point={name.split(',')[0].split(' (')[0].replace(' ', '_')} exact={exact:.3f} rouge_l={rouge:.3f}"
-        )
+    for key, _, exact, rouge in rows:
+        print(f"RESULT point={key} exact={exact:.3f} rouge_l={rouge:.3f}")
 
 
 if __name__ == "__main__":
