@@ -74,7 +74,9 @@ def main() -> None:
         return exact / len(probes), rouge / len(probes)
 
     def load(path: str):
-        return models.build_base_model(path, None, dtype=torch.float32, attn_implementation="sdpa", seed=0).eval()
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     started = time.perf_counter()
     merged = models.load_tokenizer(stage1.tokenizer)
@@ -103,12 +105,10 @@ def main() -> None:
     )
     print("| model | exact copies | character ROUGE-L F1 |")
     print("|---|---:|---:|")
-    for name, exact, rouge in rows:
+    for _, name, exact, rouge in rows:
         print(f"| {name} | {exact:.3f} | {rouge:.3f} |")
-    for name, exact, rouge in rows:
-        print(
-            f"RESULT point={name.split(',')[0].split(' (')[0].replace(' ', '_')} exact={exact:.3f} rouge_l={rouge:.3f}"
-        )
+    for key, _, exact, rouge in rows:
+        print(f"RESULT point={key} exact={exact:.3f} rouge_l={rouge:.3f}")
 
 
 if __name__ == "__main__":
