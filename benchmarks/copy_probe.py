@@ -80,20 +80,24 @@ def main() -> None:
 
     started = time.perf_counter()
     merged = models.load_tokenizer(stage1.tokenizer)
-    resized = load(str(stage1.model))
-    models.resize_to_tokenizer(
-        resized,
-        len(merged),
-        new_row_init=stage1.new_row_init,
-        max_vocab_growth=4.0,
-        where="benchmark",
-        tokenizer_dir=stage1.tokenizer,
-        seed=stage1.seed,
-        log=lambda _m: None,
-    )
+
+    def resized():
+        model = load(str(stage1.model))
+        models.resize_to_tokenizer(
+            model,
+            len(merged),
+            new_row_init=stage1.new_row_init,
+            max_vocab_growth=4.0,
+            where="benchmark",
+            tokenizer_dir=stage1.tokenizer,
+            seed=stage1.seed,
+            log=lambda _m: None,
+        )
+        return model
+
     points = [
         ("base", "base, base tokenizer", lambda: load(str(stage1.model)), models.load_tokenizer(stage1.model)),
-        ("step0", f"resized ({stage1.new_row_init}), step 0", lambda: resized, merged),
+        ("step0", f"resized ({stage1.new_row_init}), step 0", resized, merged),
         ("stage1", "after stage 1", lambda: load(str(run / "pt_embeddings" / "out" / "model")), merged),
         ("stage2", "after stage 2 (merged)", lambda: load(str(run / "merge_pt" / "out")), merged),
         ("sft", "after SFT (merged)", lambda: load(str(run / "merge_sft" / "out")), merged),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import time
 from collections import Counter
@@ -115,8 +116,6 @@ def sampled(items: list, source: Source, params: EvaluateParams) -> list:
     (every shard draws the same one)."""
     if source.kind != "task" or params.sample is None or params.sample >= len(items):
         return items
-    import random
-
     chosen = random.Random(params.sample_seed).sample(range(len(items)), params.sample)
     return [items[index] for index in sorted(chosen)]
 
