@@ -104,7 +104,7 @@ def test_a_field_added_to_a_params_model_is_in_the_docs_without_another_edit(kin
     the repository's own build (the control) does not."""
     overlay = tmp_path / "overlay"
     shutil.copytree(REPO / "launcher", overlay / "chla_launcher", ignore=shutil.ignore_patterns("__pycache__"))
-    module = overlay / "chla_launcher" / "kinds" / "train_spm.py"
+    module = overlay / "chla_launcher" / "contract" / "kinds" / "train_spm.py"
     source = module.read_text(encoding="utf-8")
     assert source.count(PROBE_ANCHOR) == 1
     module.write_text(source.replace(PROBE_ANCHOR, PROBE_ANCHOR + PROBE_FIELD), encoding="utf-8")
