@@ -11,7 +11,6 @@ runs the chain, Slurm's returns at once). `live`, `cancel`, `statuses` and `log_
 
 from __future__ import annotations
 
-import importlib
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, TextIO
 
 from ..contract.chain import Chain, StageRecord
-from ..contract.errors import ChlaError
-from ..contract.executor_registry import executor_modules
+from ..contract.executor_registry import executor_plugin
 
 if TYPE_CHECKING:
     from ..contract.recipe import ResolvedRecipe
@@ -107,11 +105,9 @@ class Executor(ABC):
 
 @cache
 def executor_named(name: str) -> type[Executor]:
-    """The executor class called `name`; only its module is imported (Slurm's imports submitit)."""
-    modules = executor_modules()
-    if name not in modules:
-        raise ChlaError(f"unknown executor {name!r} (known: {', '.join(sorted(modules))})")
-    executor = importlib.import_module(modules[name]).EXECUTOR
+    """The login side of the executor called `name`; only its module is imported (Slurm's imports
+    submitit)."""
+    executor = executor_plugin(name).login_class()
     if not (isinstance(executor, type) and issubclass(executor, Executor) and executor.name == name):
-        raise TypeError(f"{modules[name]}.EXECUTOR is {executor!r}, not the Executor named {name!r}")
+        raise TypeError(f"{executor_plugin(name).login} is {executor!r}, not the Executor named {name!r}")
     return executor
