@@ -459,7 +459,8 @@ class StageJob:
 
     def __call__(self, run_dir: str, stage: str, task_index: int, fingerprint: str, finalize_only: bool = False) -> Any:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
-        os.environ[EXECUTOR_VARIABLE] = self.executor
+        # A job queued before StageJob named its executor was always Slurm's.
+        os.environ[EXECUTOR_VARIABLE] = getattr(self, "executor", "slurm")
         try:
             if finalize_only:
                 return finalize(run_dir, stage, fingerprint)

@@ -1,7 +1,29 @@
-"""Executors: where a chain's stages run. Each executor's module defines one subclass of `Executor` as
-`EXECUTOR`; they are looked up by name (the recipe's `executor:`; chla_launcher.contract.executor_registry
-lists the built-in ones and those installed through the `chla.executors` entry points), so submit,
-status, logs and cancel never ask which executor they hold.
+"""Executors: where a chain's stages run. An executor has two sides and its own settings, each a
+part that chla_launcher.contract.executor_registry names ("module:attribute") and imports only
+when wanted, so submit, status, logs, cancel and a running task never ask which executor they hold:
+
+    login side       a subclass of `Executor` (below): queue the plan, release, follow, cancel,
+                     statuses, log files (this package: local.py; slurm.py with slurm_commands.py,
+                     Slurm's vocabulary: sacct, squeue, scancel, sbatch parameters, batch script)
+    job side         a subclass of chla_launcher.contract.job_environment.JobEnvironment: rank,
+                     world size, master address and port, attempt, whether a stop signal means
+                     requeue, and how to requeue (chla_launcher.contract.executors: local_job.py,
+                     slurm_job.py). chla_train asks current_job_environment(), which loads the one
+                     named by CHLA_EXECUTOR, set by the login side (the local executor in each
+                     task's environment, Slurm's job through the pickled StageJob)
+    settings         a subclass of chla_launcher.contract.executor_settings.ExecutorSettings, or
+                     none: the recipe's top-level block named after the executor (`slurm:`)
+
+Adding an executor: a package of your own with the three parts (the job side and the settings may
+import only the contract: every task loads them, before torch) and a module that declares them as
+an ExecutorPlugin, registered under the `chla.executors` entry-point group:
+
+    [project.entry-points."chla.executors"]
+    myexec = "myexec:PLUGIN"    # PLUGIN = ExecutorPlugin(name="myexec", login=..., job_environment=..., settings=...)
+
+No file of chla changes (tests/plugins/dist/chla_test_executor is one, which subclasses the local
+executor and adds its own task variables through LocalExecutor.task_environment). A built-in one
+is the same three parts, listed in the registry's BUILT_IN.
 
 A submission (chla_launcher.submit) goes: `submit` queues the plan's stages so that none starts yet
 and records every job id in the transaction as it exists; the run directory is switched to the new
