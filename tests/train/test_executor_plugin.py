@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .test_training import logged_steps, metrics, pretrain_params, rank_processes, summary, wait_until
 
 PLUGINS = Path(__file__).parents[1] / "plugins" / "dist"
@@ -41,7 +43,10 @@ def submit(work: Path, stages: dict) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_a_plugin_executor_runs_a_two_rank_chain_preempted_once(train_assets, tmp_path):
+    # Slow: two attempts of a 2-rank training stage (12 steps; the preemption must land mid-run),
+    # 174 s on the 2-core machine while other tests ran beside it.
     params = pretrain_params(train_assets, mode="lora", micro_batch_size=1, max_steps=12, eval_steps=6)
     check = "import os, sys; os.stat(sys.argv[1]); open(os.environ['CHLA_OUT_DIR'] + '/ok', 'w').write('ok')"
     stages = {
