@@ -36,7 +36,7 @@ def test_srun_step_gets_the_stages_cpus(tmp_path, slurm_cluster):
     # --dry-run renders the batch script itself (submitit has no public call for it): it is the
     # script submitit handed to sbatch, line for line.
     submitted = (run_dir / "probe" / "logs" / f"{job_id}_submission.sh").read_text()
-    rendered = dry.split("# --- probe (command, 1 node(s) x 1 task(s)) ---\n")[1]
+    rendered = dry.split("# --- probe (command, 1 node(s) x 1 task(s)) ---\n")[1].split("\ndry run: ")[0]
     assert "#SBATCH --cpus-per-task=2" in submitted  # the control: the file is that stage's script
     assert rendered.rstrip("\n") == submitted.rstrip("\n")
     steps = subprocess.run(
