@@ -13,9 +13,6 @@ from chla_train.distributed import DistributedEnv
 # The params model of the stage kind a runner implements: `def run(ctx: StageContext[SftParams])`.
 ParamsT = TypeVar("ParamsT", bound=StageParams)
 
-# Exit status with which a task asks the local executor to run it again (as Slurm's requeue does).
-REQUEUE_EXIT_CODE = 75
-
 
 class Preempted(BaseException):
     """The scheduler asked this task to stop (chla_train.preemption). Raised inside a stage that does

@@ -4,10 +4,11 @@
     finalize(run_dir, stage, fingerprint)                once, after all tasks of an array stage
 
 It checks that the run directory still wants what the job was submitted for (check_fresh), loads
-the frozen recipe, sets up the distributed environment from Slurm's variables (or the local
-executor's), runs the stage's runner, makes the outputs visible atomically, and writes the DONE marker
-last. A task that is killed, fails, is stale, or is stopped and requeued (chla_train.preemption)
-leaves no DONE marker, so the stage never looks finished when it is not.
+the frozen recipe, sets up the distributed environment from the job environment of the executor
+that started the task (chla_launcher.contract.job_environment), runs the stage's runner, makes the
+outputs visible atomically, and writes the DONE marker last. A task that is killed, fails, is stale,
+or is stopped and requeued (chla_train.preemption) leaves no DONE marker, so the stage never looks
+finished when it is not.
 
 This module imports no torch: submitit pickles `StageJob` by reference on the login node.
 """
@@ -29,6 +30,7 @@ from typing import Any
 
 from chla_launcher.contract import atomic
 from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.job_environment import EXECUTOR_VARIABLE, JobEnvironment, current_job_environment
 from chla_launcher.contract.kinds import import_entry
 from chla_launcher.contract.recipe import ResolvedRecipe, load_frozen
 from chla_launcher.contract.rundir import COMPLETED, FAILED, PENDING, RUNNING, STALE, RunDir, now
@@ -44,14 +46,6 @@ RANK_BARRIER_TIMEOUT_S = 600
 
 class StaleJob(ChlaError):
     """The run directory no longer wants what this job was submitted for."""
-
-
-def _attempt_token() -> str:
-    """Names what one attempt of a task writes, so that a requeued attempt never mixes with the
-    files of the one it replaces (all ranks of one attempt share it)."""
-    if "SLURM_JOB_ID" in os.environ:
-        return f"{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-    return os.environ.get("CHLA_ATTEMPT", f"local-{os.getppid()}")
 
 
 def check_fresh(run: RunDir, stage: str, fingerprint: str) -> None:
@@ -73,12 +67,10 @@ def check_fresh(run: RunDir, stage: str, fingerprint: str) -> None:
     )
 
 
-def _record_stale(run: RunDir, stage: str, error: StaleJob) -> None:
+def _record_stale(run: RunDir, stage: str, error: StaleJob, job: JobEnvironment) -> None:
     """state.json says STALE, unless the current submission's attempt runs or has finished the stage
     (chla status then shows that, and the stale job as a note)."""
-    changes: dict[str, Any] = {
-        "stale_job": {"job_id": os.environ.get("SLURM_JOB_ID"), "at": now(), "error": str(error)}
-    }
+    changes: dict[str, Any] = {"stale_job": {"job_id": job.job_id, "at": now(), "error": str(error)}}
     if run.read_state(stage).get("status") not in (RUNNING, COMPLETED):
         changes.update(status=STALE, error=str(error))
     run.update_state(stage, **changes)
@@ -172,19 +164,22 @@ def return_freed_memory() -> bool:
 def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -> dict[str, Any] | None:
     keep_freed_memory()
     run = RunDir(run_dir)
+    job = current_job_environment()
     try:
         check_fresh(run, stage_name, fingerprint)
     except StaleJob as error:
-        if int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", 0))) == 0:
-            _record_stale(run, stage_name, error)
+        if job.rank == 0:
+            _record_stale(run, stage_name, error, job)
         raise
     recipe = load_frozen(run.path)
     stage = recipe.stages[stage_name]
     # Before anything imports torch: cuBLAS reads its workspace setting when CUDA starts.
     prepare_environment(bool(getattr(stage.params, "deterministic", False)))
-    dist = DistributedEnv.from_environment()
+    dist = DistributedEnv.from_job(job)
     dist.export()
-    token = _attempt_token()
+    # Names what this attempt writes, so that a requeued attempt never mixes with the files of the
+    # one it replaces (all ranks of one attempt share it).
+    token = job.attempt
     is_array = stage.array is not None
     if is_array:
         # Shared by the tasks; it becomes out/ at finalize.
@@ -195,7 +190,7 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
         state_task = None
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = _stage_context(run, recipe, stage_name, task_index, fingerprint, out_dir, dist)
-    stop = StopSignals(ctx)
+    stop = StopSignals(ctx, job)
     stop.install()
 
     writes_state = dist.rank == 0
@@ -208,7 +203,7 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
             attempts=attempts,
             started_at=now(),
             host=socket.gethostname(),
-            job_id=os.environ.get("SLURM_JOB_ID"),
+            job_id=job.job_id,
             attempt=token,
             fingerprint=fingerprint,
             error=None,
@@ -387,10 +382,11 @@ def _wait_for_ranks(barrier: Path, world_size: int) -> None:
 def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] | None:
     """After every task of an array stage succeeded: the kind's aggregation, then DONE."""
     run = RunDir(run_dir)
+    job = current_job_environment()
     try:
         check_fresh(run, stage_name, fingerprint)
     except StaleJob as error:
-        _record_stale(run, stage_name, error)
+        _record_stale(run, stage_name, error, job)
         raise
     recipe = load_frozen(run.path)
     stage = recipe.stages[stage_name]
@@ -409,7 +405,7 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
     parts = staging if staging.is_dir() else run.out_dir(stage_name)
     if stage.kind.finalize:
         ctx = _stage_context(run, recipe, stage_name, -1, fingerprint, parts, DistributedEnv())
-        stop = StopSignals(ctx)
+        stop = StopSignals(ctx, job)
         stop.install()
         ctx.log(f"finalizing {stage.num_tasks} tasks")
         try:
@@ -453,11 +449,18 @@ def _span_seconds(task_states: list[dict[str, Any]]) -> float | None:
 
 
 class StageJob:
-    """What submitit pickles for Slurm. Checkpointable: on preemption or time limit submitit calls
-    checkpoint() and requeues the same call; the stage resumes from its own checkpoints."""
+    """What an executor that runs jobs through submitit (Slurm's) pickles. Checkpointable: on
+    preemption or time limit submitit calls checkpoint() and requeues the same call; the stage
+    resumes from its own checkpoints. `executor` (the registered name of the executor that
+    submitted it) selects the job environment the task reads."""
+
+    def __init__(self, executor: str) -> None:
+        self.executor = executor
 
     def __call__(self, run_dir: str, stage: str, task_index: int, fingerprint: str, finalize_only: bool = False) -> Any:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        # A job queued before StageJob named its executor was always Slurm's.
+        os.environ[EXECUTOR_VARIABLE] = getattr(self, "executor", "slurm")
         try:
             if finalize_only:
                 return finalize(run_dir, stage, fingerprint)

@@ -174,11 +174,15 @@ def _device_budget(stage: ResolvedStage, recipe: ResolvedRecipe) -> tuple[str, i
         return f"CPU ({resources.mem} / {resources.tasks_per_node} task(s))", per_task
     if resources.gpu_mem:
         return f"GPU ({resources.gpu_mem}, gpu_mem)", mem_to_mb(resources.gpu_mem) * 2**20
-    constraint = (recipe.model.slurm.constraint or "").lower()
+    # The executor's settings may name the nodes' GPU (Slurm: slurm.constraint).
+    settings = recipe.model.executor_settings()
+    features, key = settings.node_features() if settings is not None else ("", "")
+    features = features.lower()
     for name in sorted(GPU_MEMORY_GIB, key=len, reverse=True):
-        if re.search(rf"(^|[^a-z0-9]){re.escape(name)}($|[^0-9])", constraint):
-            return f"GPU ({GPU_MEMORY_GIB[name]} GiB, {name} in slurm.constraint)", GPU_MEMORY_GIB[name] * GIB
-    return "GPU (memory unknown: set resources.gpu_mem or a GPU name in slurm.constraint)", None
+        if re.search(rf"(^|[^a-z0-9]){re.escape(name)}($|[^0-9])", features):
+            return f"GPU ({GPU_MEMORY_GIB[name]} GiB, {name} in {key})", GPU_MEMORY_GIB[name] * GIB
+    where = f" or a GPU name in {key}" if key else ""
+    return f"GPU (memory unknown: set resources.gpu_mem{where})", None
 
 
 # --- model sizes, from files and from the stages that will produce them ---------------------------

@@ -1,7 +1,11 @@
 """The contract every layer of chla shares, at the bottom of the import graph: errors, atomic files,
 the run directory with its chain and state files, progress, process helpers, the stage kinds'
-params models, the recipe model and the tracking settings.
+params models, the recipe model and the tracking settings, and the executors' registry with the
+interface of their job side (job_environment) and the built-in executors' job sides and settings
+(executors/).
 
 The launcher (login side), chla_train (job side) and chla_tools all import from here; nothing here
-imports them, torch, or any other part of the training stack (tests/test_layers.py checks it).
+imports them, torch, or any other part of the training stack (tests/test_layers.py checks it). The
+registries name parts above by "module:attribute" (a kind's runner, an executor's login side) and
+import them only when asked.
 """

@@ -1,7 +1,29 @@
-"""Executors: where a chain's stages run. Each executor's module defines one subclass of `Executor` as
-`EXECUTOR`; they are looked up by name (the recipe's `executor:`; chla_launcher.contract.executor_registry
-lists the built-in ones and those installed through the `chla.executors` entry points), so submit,
-status, logs and cancel never ask which executor they hold.
+"""Executors: where a chain's stages run. An executor has two sides and its own settings, each a
+part that chla_launcher.contract.executor_registry names ("module:attribute") and imports only
+when wanted, so submit, status, logs, cancel and a running task never ask which executor they hold:
+
+    login side       a subclass of `Executor` (below): queue the plan, release, follow, cancel,
+                     statuses, log files (this package: local.py; slurm.py with slurm_commands.py,
+                     Slurm's vocabulary: sacct, squeue, scancel, sbatch parameters, batch script)
+    job side         a subclass of chla_launcher.contract.job_environment.JobEnvironment: rank,
+                     world size, master address and port, attempt, whether a stop signal means
+                     requeue, and how to requeue (chla_launcher.contract.executors: local_job.py,
+                     slurm_job.py). chla_train asks current_job_environment(), which loads the one
+                     named by CHLA_EXECUTOR, set by the login side (the local executor in each
+                     task's environment, Slurm's job through the pickled StageJob)
+    settings         a subclass of chla_launcher.contract.executor_settings.ExecutorSettings, or
+                     none: the recipe's top-level block named after the executor (`slurm:`)
+
+Adding an executor: a package of your own with the three parts (the job side and the settings may
+import only the contract: every task loads them, before torch) and a module that declares them as
+an ExecutorPlugin, registered under the `chla.executors` entry-point group:
+
+    [project.entry-points."chla.executors"]
+    myexec = "myexec:PLUGIN"    # PLUGIN = ExecutorPlugin(name="myexec", login=..., job_environment=..., settings=...)
+
+No file of chla changes (tests/plugins/dist/chla_test_executor is one, which subclasses the local
+executor and adds its own task variables through LocalExecutor.task_environment). A built-in one
+is the same three parts, listed in the registry's BUILT_IN.
 
 A submission (chla_launcher.submit) goes: `submit` queues the plan's stages so that none starts yet
 and records every job id in the transaction as it exists; the run directory is switched to the new
@@ -11,7 +33,6 @@ runs the chain, Slurm's returns at once). `live`, `cancel`, `statuses` and `log_
 
 from __future__ import annotations
 
-import importlib
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -20,8 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, TextIO
 
 from ..contract.chain import Chain, StageRecord
-from ..contract.errors import ChlaError
-from ..contract.executor_registry import executor_modules
+from ..contract.executor_registry import executor_plugin
 
 if TYPE_CHECKING:
     from ..contract.recipe import ResolvedRecipe
@@ -107,11 +127,9 @@ class Executor(ABC):
 
 @cache
 def executor_named(name: str) -> type[Executor]:
-    """The executor class called `name`; only its module is imported (Slurm's imports submitit)."""
-    modules = executor_modules()
-    if name not in modules:
-        raise ChlaError(f"unknown executor {name!r} (known: {', '.join(sorted(modules))})")
-    executor = importlib.import_module(modules[name]).EXECUTOR
+    """The login side of the executor called `name`; only its module is imported (Slurm's imports
+    submitit)."""
+    executor = executor_plugin(name).login_class()
     if not (isinstance(executor, type) and issubclass(executor, Executor) and executor.name == name):
-        raise TypeError(f"{modules[name]}.EXECUTOR is {executor!r}, not the Executor named {name!r}")
+        raise TypeError(f"{executor_plugin(name).login} is {executor!r}, not the Executor named {name!r}")
     return executor

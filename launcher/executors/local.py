@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from chla_train.distributed import free_master_port  # no torch
-
 from ..contract import processes
 from ..contract.chain import Chain, StageRecord
 from ..contract.errors import ChlaError
+from ..contract.executors.local_job import ATTEMPT_VARIABLE
+from ..contract.job_environment import EXECUTOR_VARIABLE, REQUEUE_EXIT_CODE
+from ..contract.ports import free_master_port
 from ..contract.progress import ProgressDisplay
 from ..contract.recipe import ResolvedRecipe, ResolvedStage
 from ..contract.rundir import CANCELLED, FAILED, INTERRUPTED, PENDING, RUNNING, now
@@ -35,7 +36,6 @@ from . import Executor, JobRecorder, JobStatus
 if TYPE_CHECKING:
     from ..contract.rundir import RunDir
 
-REQUEUE_EXIT_CODE = 75  # chla_train.context.REQUEUE_EXIT_CODE (not imported: no chla_train here)
 MAX_LOCAL_REQUEUES = 20
 # How long the other ranks of a task have to follow the first that asks to be requeued (they
 # checkpointed together; each leaves once rank 0 has decided).
@@ -348,27 +348,13 @@ class LocalExecutor(Executor):
         finalize: bool = False,
         gpu: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        tasks_per_node = stage.resources.tasks_per_node if world > 1 else 1
         env = dict(os.environ)
-        env.update(
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank % tasks_per_node),
-            LOCAL_WORLD_SIZE=str(tasks_per_node),
-            GROUP_RANK=str(rank // tasks_per_node),
-            CHLA_NUM_NODES=str(max(1, world // tasks_per_node)),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port or 29500),
-            CHLA_ATTEMPT=f"local-{os.getpid()}-{attempt}",
-            PYTHONUNBUFFERED="1",
-        )
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu  # this rank's own GPU (gpus_for_ranks)
+        for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID"):
+            env.pop(name, None)  # a local run inside a Slurm allocation is still a local run
         # Slurm would give each task its CPUs; without a binding, N processes x all-core thread pools
         # oversubscribe the machine.
         env.setdefault("OMP_NUM_THREADS", str(stage.resources.cpus_per_task))
-        for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID"):
-            env.pop(name, None)  # a local run inside a Slurm allocation is still a local run
+        env.update(self.task_environment(stage, rank=rank, world=world, port=port, attempt=attempt, gpu=gpu))
         argv = [sys.executable, "-m", "chla_train.entry", str(self.run.path), stage.name, "--fingerprint", fingerprint]
         argv += ["--finalize"] if finalize else ["--task", str(task)]
         logs = self.run.logs_dir(stage.name)
@@ -391,6 +377,28 @@ class LocalExecutor(Executor):
             )
         self._live.append(process)
         return process
+
+    def task_environment(
+        self, stage: ResolvedStage, *, rank: int, world: int, port: int, attempt: str, gpu: str | None
+    ) -> dict[str, str]:
+        """The variables one rank's process gets: what this executor's job side
+        (chla_launcher.contract.executors.local_job) reads. An executor built on this one adds its own."""
+        tasks_per_node = stage.resources.tasks_per_node if world > 1 else 1
+        env = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank % tasks_per_node),
+            "LOCAL_WORLD_SIZE": str(tasks_per_node),
+            "GROUP_RANK": str(rank // tasks_per_node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port or 29500),
+            "PYTHONUNBUFFERED": "1",
+            EXECUTOR_VARIABLE: self.name,  # an executor registered under another name gets its own
+            ATTEMPT_VARIABLE: f"local-{os.getpid()}-{attempt}",
+        }
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu  # this rank's own GPU (gpus_for_ranks)
+        return env
 
     # ------------------------------------------------------------------------------------------
     def _on_terminate(self, signum: int, frame: object) -> None:

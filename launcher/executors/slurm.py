@@ -13,13 +13,13 @@ from pathlib import Path
 
 import submitit
 
-from .. import slurm
 from ..contract.chain import Chain, StageRecord
 from ..contract.errors import ChlaError
+from ..contract.executors.slurm_settings import SlurmSettings
 from ..contract.recipe import ResolvedRecipe, ResolvedStage, Resources
 from ..contract.rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN, now
 from ..graph import Plan
-from . import Executor, JobRecorder, JobStatus
+from . import Executor, JobRecorder, JobStatus, slurm_commands
 
 
 class _SubmititExecutor(submitit.SlurmExecutor):
@@ -53,9 +53,9 @@ class SlurmExecutor(Executor):
     def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: JobRecorder) -> dict[str, StageRecord]:
         from chla_train.entry import StageJob  # light: the job entry imports no torch
 
-        slurm.require_slurm()
+        slurm_commands.require_slurm()
         records: dict[str, StageRecord] = {}
-        job = StageJob()
+        job = StageJob(self.name)  # the job reads the job environment of the executor named so
         run_dir = str(self.run.path)
         for name in plan.run:
             stage = recipe.stages[name]
@@ -97,7 +97,7 @@ class SlurmExecutor(Executor):
         return records
 
     def release(self, chain: Chain) -> None:
-        slurm.release_jobs(chain.job_ids())
+        slurm_commands.release_jobs(chain.job_ids())
 
     def follow(self, recipe: ResolvedRecipe, plan: Plan, chain: Chain) -> int:
         self._say(f"queued. Follow it with: chla status {self.run.path} --watch")
@@ -108,14 +108,14 @@ class SlurmExecutor(Executor):
         ids = chain.job_ids()
         if not ids:
             return {}
-        queued = slurm.queued_jobs(ids)
-        table = slurm.query_jobs(ids)
+        queued = slurm_commands.queued_jobs(ids)
+        table = slurm_commands.query_jobs(ids)
         live: dict[str, list[str]] = {}
         for name, record in chain.submitted().items():
             for job_id in record.all_job_ids:
                 records = table.for_job(job_id)
                 # sacct lags the queue by seconds: a job it does not list yet may well be queued.
-                if job_id in queued or not records or any(r.state in slurm.ACTIVE_STATES for r in records):
+                if job_id in queued or not records or any(r.state in slurm_commands.ACTIVE_STATES for r in records):
                     live.setdefault(name, []).append(job_id)
         return live
 
@@ -123,23 +123,23 @@ class SlurmExecutor(Executor):
         ids = sorted({job_id for ids in self.live(chain).values() for job_id in ids})
         if not ids:
             return []
-        slurm.cancel_jobs(ids)
+        slurm_commands.cancel_jobs(ids)
         deadline = time.monotonic() + wait_s
-        while wait_s and slurm.queued_jobs(ids):
+        while wait_s and slurm_commands.queued_jobs(ids):
             if time.monotonic() > deadline:
                 raise ChlaError(
-                    f"jobs {', '.join(slurm.queued_jobs(ids))} are still queued {wait_s:.0f}s after scancel"
+                    f"jobs {', '.join(slurm_commands.queued_jobs(ids))} are still queued {wait_s:.0f}s after scancel"
                 )
             time.sleep(0.5)
         return ids
 
     def cancel_uncommitted(self, job_ids: list[str], chain: Chain | None) -> list[str]:
         committed = set(chain.job_ids()) if chain else set()
-        found = set(job_ids) | set(slurm.queued_from(str(self.run.path)))
+        found = set(job_ids) | set(slurm_commands.queued_from(str(self.run.path)))
         doomed = sorted(found - committed)
         if doomed:
             try:
-                slurm.cancel_jobs(doomed)
+                slurm_commands.cancel_jobs(doomed)
             except ChlaError:
                 pass  # some had already gone
         for logs in self.run.path.glob("*/logs"):
@@ -158,8 +158,8 @@ class SlurmExecutor(Executor):
 
     def statuses(self, chain: Chain) -> dict[str, JobStatus]:
         ids = chain.job_ids()
-        table = slurm.query_jobs(ids)
-        queued = slurm.queued_jobs(ids) if ids else {}
+        table = slurm_commands.query_jobs(ids)
+        queued = slurm_commands.queued_jobs(ids) if ids else {}
         result: dict[str, JobStatus] = {}
         for name, record in chain.submitted().items():
             if record.job_ids:
@@ -184,7 +184,7 @@ class SlurmExecutor(Executor):
     def _submitit(
         self, recipe: ResolvedRecipe, stage: ResolvedStage, dependency: list[str], *, finalize: bool = False
     ) -> _SubmititExecutor:
-        settings = recipe.model.slurm
+        settings = slurm_settings(recipe)
         resources = stage.resources
         if finalize:
             # Aggregation is light: one task, one CPU, the stage's time limit.
@@ -197,16 +197,11 @@ class SlurmExecutor(Executor):
             folder=self.run.logs_dir(stage.name), python=python, max_num_timeout=settings.max_requeues
         )
         name = f"chla/{recipe.name}/{stage.name}"
-        executor.update_parameters(**slurm.sbatch_parameters(name, resources, settings, dependency))
+        executor.update_parameters(**slurm_commands.sbatch_parameters(name, resources, settings, dependency))
         return executor
 
     def _script(self, executor: _SubmititExecutor, map_count: int | None) -> str:
-        if map_count is not None:
-            executor.parameters["map_count"] = map_count
-        try:
-            return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
-        finally:
-            executor.parameters.pop("map_count", None)
+        return slurm_commands.batch_script(Path(executor.folder), executor.python, executor.parameters, map_count)
 
     def _print_script(self, recipe: ResolvedRecipe, stage: ResolvedStage, executor: _SubmititExecutor) -> None:
         shape = (
@@ -226,11 +221,18 @@ class SlurmExecutor(Executor):
 
     @staticmethod
     def _array_chunk(recipe: ResolvedRecipe) -> int:
-        chunk = recipe.model.slurm.array_chunk or slurm.max_array_size()
-        return max(1, min(chunk, slurm.max_array_size()))
+        chunk = slurm_settings(recipe).array_chunk or slurm_commands.max_array_size()
+        return max(1, min(chunk, slurm_commands.max_array_size()))
 
 
-def _stage_status(record: StageRecord, table: slurm.JobTable, queued: dict[str, str]) -> JobStatus:
+def slurm_settings(recipe: ResolvedRecipe) -> SlurmSettings:
+    """The recipe's `slurm:` block (the Slurm executor's settings)."""
+    settings = recipe.model.executor_settings("slurm")
+    assert isinstance(settings, SlurmSettings)  # the registry gives every recipe this block
+    return settings
+
+
+def _stage_status(record: StageRecord, table: slurm_commands.JobTable, queued: dict[str, str]) -> JobStatus:
     """One stage's state from sacct, or from squeue for jobs sacct does not list yet."""
     records = [r for job_id in record.job_ids for r in table.for_job(job_id)]
     finalize = table.for_job(record.finalize_job_id) if record.finalize_job_id else []

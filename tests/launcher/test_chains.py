@@ -222,7 +222,7 @@ def test_two_node_stage_all_reduce(tmp_path, executor, cluster_if_slurm):
         job_id = json.loads((tmp_path / "runs" / "twonodes" / "chain.json").read_text())["stages"]["allreduce"][
             "job_ids"
         ][0]
-        from chla_train.distributed import master_port
+        from chla_launcher.contract.ports import master_port
 
         assert int(ranks[0]["port"]) == master_port(int(job_id), 0)
 

@@ -33,6 +33,12 @@ def test_srun_step_gets_the_stages_cpus(tmp_path, slurm_cluster):
     seen = json.loads((run_dir / "probe" / "out" / "env.json").read_text())
     assert seen["SRUN_CPUS_PER_TASK"] == "2" and seen["SLURM_STEP_ID"] == "0"
     job_id = json.loads((run_dir / "chain.json").read_text())["stages"]["probe"]["job_ids"][0]
+    # --dry-run renders the batch script itself (submitit has no public call for it): it is the
+    # script submitit handed to sbatch, line for line.
+    submitted = (run_dir / "probe" / "logs" / f"{job_id}_submission.sh").read_text()
+    rendered = dry.split("# --- probe (command, 1 node(s) x 1 task(s)) ---\n")[1].split("\ndry run: ")[0]
+    assert "#SBATCH --cpus-per-task=2" in submitted  # the control: the file is that stage's script
+    assert rendered.rstrip("\n") == submitted.rstrip("\n")
     steps = subprocess.run(
         ["sacct", "-j", job_id, "-P", "-n", "--format=JobID,AllocCPUS"], capture_output=True, text=True, check=True
     ).stdout.split()

@@ -9,14 +9,9 @@ import socket
 import pytest
 
 from chla_launcher.contract.errors import ChlaError
-from chla_train.distributed import (
-    DistributedEnv,
-    ephemeral_port_range,
-    free_master_port,
-    master_port,
-    port_candidates,
-    require_port_free,
-)
+from chla_launcher.contract.executors.slurm_job import SlurmJobEnvironment
+from chla_launcher.contract.ports import ephemeral_port_range, free_master_port, master_port, port_candidates
+from chla_train.distributed import require_port_free
 
 LINUX_DEFAULT = (32768, 60999)
 
@@ -58,11 +53,10 @@ def test_a_requeued_job_gets_a_fresh_port_and_every_rank_the_same():
         "SLURM_JOB_NODELIST": "node1",
     }
     first = {
-        DistributedEnv._from_slurm(dict(env, SLURM_PROCID=str(r), SLURM_NODEID=str(r // 2))).master_port
-        for r in range(4)
+        SlurmJobEnvironment(dict(env, SLURM_PROCID=str(r), SLURM_NODEID=str(r // 2))).master_port for r in range(4)
     }
     assert len(first) == 1
-    again = DistributedEnv._from_slurm(dict(env, SLURM_PROCID="0", SLURM_RESTART_COUNT="1")).master_port
+    again = SlurmJobEnvironment(dict(env, SLURM_PROCID="0", SLURM_RESTART_COUNT="1")).master_port
     assert again not in first
     assert not LINUX_DEFAULT[0] <= again <= LINUX_DEFAULT[1]
 

@@ -29,7 +29,7 @@ from .load import load_recipe
 from .overrides import apply_overrides
 from .resolve import resolve
 from .resolved import ResolvedRecipe, ResolvedStage, SweepPoint
-from .schema import NAME_PATTERN, RecipeModel, ResourceOverrides, Resources, SlurmSettings, StageSpec, SweepSpec
+from .schema import NAME_PATTERN, RecipeModel, ResourceOverrides, Resources, StageSpec, SweepSpec
 from .units import mem_to_mb, time_to_minutes
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "ResolvedStage",
     "ResourceOverrides",
     "Resources",
-    "SlurmSettings",
     "StageSpec",
     "SweepPoint",
     "SweepSpec",

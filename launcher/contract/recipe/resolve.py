@@ -12,11 +12,12 @@ from pydantic import ValidationError
 
 from ..errors import KeyPath, RecipeError
 from ..kinds import StageKind, registry
+from ..strict import shown
 from .cycles import find_cycle
 from .inputs import absolutize_inputs, check_inputs_exist, expand_globs
 from .interpolation import Scope, interpolate_references
 from .resolved import ResolvedRecipe, ResolvedStage
-from .schema import RecipeModel, Resources, StageSpec, shown
+from .schema import RecipeModel, Resources, StageSpec
 from .sweep import expand_sweep
 from .yaml_lines import SourceMap, dotted
 

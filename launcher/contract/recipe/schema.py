@@ -5,12 +5,15 @@ once references are resolved."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-from ..executor_registry import executor_names
+from ..executor_registry import executor_names, settings_models
+from ..executor_settings import ExecutorSettings
 from ..rundir import RESERVED_NAMES
+from ..strict import StrictModel as _Strict
+from ..strict import shown
 from ..tracking_settings import TrackingSettings
 from .units import check_mem, check_time
 
@@ -27,20 +30,6 @@ _NAME_RE = re.compile(NAME_PATTERN)
 # time is 0..65535 s; MaxArraySize may not exceed 4,000,001.
 MAX_NODES = 2**31 - 1
 MAX_PER_NODE = 2**16 - 3
-MAX_SIGNAL_DELAY_S = 65535
-MAX_ARRAY_CHUNK = 4_000_001
-# Partition, account and QOS names (a partition may be a comma-separated list), and a
-# constraint's feature expression (&, |, [], *, !): reach `#SBATCH` lines, so one line of these.
-# Lengths bounded too (a line of the batch script, not a megabyte).
-_SLURM_NAME_RE = re.compile(r"(?=.{1,256}\Z)[A-Za-z0-9_.@+-]+(,[A-Za-z0-9_.@+-]+)*")
-_CONSTRAINT_RE = re.compile(r"[A-Za-z0-9_.,:&|*!()\[\]@+-]{1,1024}")
-MAX_SBATCH_VALUE = 4096
-
-
-def shown(value: Any) -> str:
-    """`value` as an error shows it: its repr, cut short (a megabyte of input is one line too)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:50] + "..." + text[-7:]
 
 
 def check_name(value: str, what: str) -> str:
@@ -49,12 +38,6 @@ def check_name(value: str, what: str) -> str:
             f"{what} {shown(value)} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
     return value
-
-
-class _Strict(BaseModel):
-    # Numbers given where text is expected (`--set vars.tag=7`) become text; inf and nan are no
-    # numbers a recipe means.
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 class Resources(_Strict):
@@ -100,69 +83,6 @@ class ResourceOverrides(_Strict):
     _time = field_validator("time", mode="before")(classmethod(lambda cls, v: check_time(v)))
 
 
-class SlurmSettings(_Strict):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    # Shell lines run in the batch script before the job starts (module loads, venv activation).
-    setup: list[str] = Field(default_factory=list)
-    # Extra sbatch parameters, e.g. {"exclusive": true, "mail-type": "FAIL"}.
-    sbatch: dict[str, str | int | bool] = Field(default_factory=dict)
-    # Python on the compute nodes; default: the interpreter chla-submit runs under.
-    python: str | None = None
-    # Seconds between Slurm's warning signal (USR2) and the kill, for checkpointing.
-    signal_delay_s: int = Field(120, ge=10, le=MAX_SIGNAL_DELAY_S)
-    # How often a stage that hit its time limit may be requeued (preemptions do not count).
-    max_requeues: int = Field(3, ge=0, le=10_000)
-    # Split arrays into several array jobs of at most this many tasks (default: the cluster's
-    # MaxArraySize, read with scontrol).
-    array_chunk: int | None = Field(None, ge=1, le=MAX_ARRAY_CHUNK)
-
-    @field_validator("partition", "account", "qos")
-    @classmethod
-    def _slurm_name(cls, value: str | None) -> str | None:
-        if value is not None and not _SLURM_NAME_RE.fullmatch(value):
-            raise ValueError(
-                f"{shown(value)} is not a Slurm name: letters, digits, '_', '.', '-', '+', '@' (a partition may "
-                "be a comma-separated list)"
-            )
-        return value
-
-    @field_validator("constraint")
-    @classmethod
-    def _constraint(cls, value: str | None) -> str | None:
-        if value is not None and not _CONSTRAINT_RE.fullmatch(value):
-            raise ValueError(
-                f"{shown(value)} is not a Slurm constraint: feature names joined by & | , with [ ] ( ) * !, no spaces"
-            )
-        return value
-
-    @field_validator("python")
-    @classmethod
-    def _single_line(cls, value: str | None) -> str | None:
-        # A path: shell-quoted on the srun line, so any one line will do.
-        if value is not None and (not value or not value.isprintable()):
-            raise ValueError("must be a path on one line")
-        return value
-
-    @field_validator("sbatch")
-    @classmethod
-    def _sbatch_values(cls, values: dict[str, Any]) -> dict[str, Any]:
-        for key, value in values.items():
-            if not re.fullmatch(r"[a-z][a-z0-9-]{0,63}", key):
-                raise ValueError(f"sbatch option {shown(key)} is not an sbatch long option name")
-            if isinstance(value, str) and len(value) > MAX_SBATCH_VALUE:
-                raise ValueError(f"sbatch option {key!r} is longer than {MAX_SBATCH_VALUE} characters")
-            if isinstance(value, str) and not value.isprintable():
-                # A newline would start a new line in the batch script: refuse, never escape.
-                # (Other characters are shell-quoted onto the `#SBATCH --key=value` line.)
-                raise ValueError(f"sbatch option {key!r} must be a single line of printable characters")
-            if isinstance(value, int) and not -(2**63) <= value < 2**63:
-                raise ValueError(f"sbatch option {key!r}: {value} is beyond any Slurm number (64 bits)")
-        return values
-
-
 class SweepSpec(_Strict):
     """Node-scaling experiment: the stage runs once per node count, as stages `<name>-n<nodes>`.
     weak: every rank keeps its batch, so the global batch grows with the nodes; strong: the global
@@ -192,10 +112,13 @@ class StageSpec(_Strict):
 
 
 class RecipeModel(_Strict):
+    """A recipe's keys. Besides these, one block per executor that has settings, named after it
+    (`slurm:`), typed by that executor's settings model: added below from the executor registry,
+    so an executor installed as a plugin gets its block too."""
+
     name: str
     run_dir: str | None = None
     executor: str = "local"  # an executor's name (chla_launcher.executors)
-    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     resources: Resources = Field(default_factory=Resources)
     vars: dict[str, Any] = Field(default_factory=dict)
     stages: dict[str, StageSpec] = Field(min_length=1)
@@ -225,3 +148,17 @@ class RecipeModel(_Strict):
                     f"{name} (reserved: {', '.join(sorted(RESERVED_NAMES))})"
                 )
         return stages
+
+    def executor_settings(self, executor: str | None = None) -> ExecutorSettings | None:
+        """The settings block of `executor` (default: the recipe's), None where it has none."""
+        settings = getattr(self, executor or self.executor, None)
+        return settings if isinstance(settings, ExecutorSettings) else None
+
+
+if not TYPE_CHECKING:  # to mypy, RecipeModel is the class above
+    RecipeModel = create_model(
+        "RecipeModel",
+        __base__=RecipeModel,
+        __module__=__name__,
+        **{name: (model, Field(default_factory=model)) for name, model in settings_models().items()},
+    )

@@ -102,4 +102,4 @@ if os.environ.get("CHLA_TEST_FAIL_RANK") is not None and (
 if os.environ.get("CHLA_TEST_STALE_LISTING_RANK") == str(_rank()):
     sys.meta_path.insert(0, _PatchAfterImport("chla_train.checkpoint", _stale_listing))
 if os.environ.get("CHLA_TEST_SLOW_SLURMCTLD_S"):
-    sys.meta_path.insert(0, _PatchAfterImport("chla_launcher.slurm", _slow_slurmctld))
+    sys.meta_path.insert(0, _PatchAfterImport("chla_launcher.contract.executors.slurm_job", _slow_slurmctld))

@@ -1,18 +1,23 @@
-"""The one place that speaks Slurm: job states, sacct/squeue/scancel/scontrol calls and the
-mapping of a recipe's resources onto sbatch parameters (through submitit)."""
+"""Slurm's vocabulary on the login side: job states, the sacct/squeue/scancel/scontrol calls of
+submit, status and cancel, and the mapping of a recipe's resources and `slurm:` settings onto
+sbatch parameters (through submitit). What a running job says to Slurm (requeue itself) is the job
+side's: chla_launcher.contract.executors.slurm_job."""
 
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from .contract.errors import ChlaError
-from .contract.recipe import Resources, SlurmSettings, mem_to_mb, time_to_minutes
-from .contract.rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN
+from ..contract.errors import ChlaError
+from ..contract.executors.slurm_job import run_slurm_command as _run
+from ..contract.executors.slurm_settings import SlurmSettings
+from ..contract.recipe import Resources, mem_to_mb, time_to_minutes
+from ..contract.rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN
 
 # Slurm job states -> chla's.
 _STATE_MAP = {
@@ -80,19 +85,6 @@ def require_slurm() -> None:
             "sbatch not found: submit from a Slurm login node, or use --executor local "
             "(or start the local test cluster: bash slurm/localcluster.sh start)"
         )
-
-
-def _run(argv: list[str], timeout: float = 60) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise ChlaError(f"{argv[0]} not found: is this a Slurm login node?") from None
-    except subprocess.TimeoutExpired:
-        raise ChlaError(f"{argv[0]} did not answer within {timeout:.0f}s (is slurmctld up?)") from None
-    if done.returncode != 0:
-        message = (done.stderr or done.stdout).strip().splitlines()
-        raise ChlaError(f"{' '.join(argv[:2])} failed: {message[-1] if message else done.returncode}")
-    return done.stdout
 
 
 def query_jobs(job_ids: list[str]) -> JobTable:
@@ -175,27 +167,6 @@ def cancel_jobs(job_ids: list[str]) -> None:
         _run(["scancel", *sorted(set(job_ids))])
 
 
-def being_preempted(job_id: str) -> bool | None:
-    """Whether slurmctld has chosen the running job for preemption: its SIGTERM then means "requeue",
-    whereas the SIGTERM of scancel (JobState COMPLETING) or of the time limit means "end". During a
-    partition's GraceTime the job is still RUNNING, with PreemptTime set (Slurm 22.05). None when
-    slurmctld does not answer."""
-    try:
-        out = _run(["scontrol", "show", "job", "-o", job_id], timeout=20)
-    except ChlaError:
-        return None
-    state = re.search(r"\bJobState=(\S+)", out)
-    preempt_time = re.search(r"\bPreemptTime=(\S+)", out)
-    if not state or not preempt_time:
-        return None
-    return state.group(1) == "RUNNING" and preempt_time.group(1) not in ("None", "Unknown")
-
-
-def requeue_job(job_id: str) -> None:
-    """Put a running job back into the queue now (slurmctld then ends its processes)."""
-    _run(["scontrol", "requeue", job_id], timeout=20)
-
-
 @lru_cache(maxsize=1)
 def max_array_size() -> int:
     """The cluster's MaxArraySize (array indices go up to MaxArraySize - 1)."""
@@ -249,3 +220,50 @@ def sbatch_parameters(
     additional.update(settings.sbatch)
     params["additional_parameters"] = additional
     return params
+
+
+# submitit's SlurmExecutor parameters that are not `#SBATCH` options (submitit 1.5).
+_NOT_SBATCH = {"map_count", "array_parallelism", "additional_parameters", "setup", "teardown", "signal_delay_s"}
+_NOT_SBATCH |= {"stderr_to_stdout", "srun_args", "use_srun"}
+
+
+def batch_script(folder: Path, python: str, parameters: dict[str, Any], map_count: int | None = None) -> str:
+    """The batch script submitit's SlurmExecutor writes for a job with these parameters (its
+    `parameters` after update_parameters) in `folder`, rendered here for `--dry-run` as submitit
+    1.5 renders it (submitit has no public call for it). A real submission's script, which
+    submitit writes into the logs directory, is compared with this one by
+    tests/launcher/test_chains.py."""
+    options = {key: value for key, value in parameters.items() if value is not None and key not in _NOT_SBATCH}
+    options["signal"] = f"USR2@{parameters.get('signal_delay_s', 90)}"
+    stdout = str(folder / "%j_%t_log.out")
+    stderr = str(folder / "%j_%t_log.err")
+    if map_count is not None:
+        options["array"] = f"0-{map_count - 1}%{min(map_count, parameters.get('array_parallelism', 256))}"
+        stdout, stderr = stdout.replace("%j", "%A_%a"), stderr.replace("%j", "%A_%a")
+    options["output"] = stdout.replace("%t", "0")
+    to_stdout = parameters.get("stderr_to_stdout", False)
+    if not to_stdout:
+        options["error"] = stderr.replace("%t", "0")
+    options["open-mode"] = "append"
+    options.update(parameters.get("additional_parameters") or {})
+    lines = ["#!/bin/bash", "", "# Parameters"]
+    for key in sorted(options):
+        flag = key.replace("_", "-")
+        lines.append(
+            f"#SBATCH --{flag}" if options[key] is True else f"#SBATCH --{flag}={shlex.quote(str(options[key]))}"
+        )
+    if parameters.get("setup") is not None:
+        lines += ["", "# setup", *parameters["setup"]]
+    srun = ["srun", "--unbuffered", "--output", stdout, *([] if to_stdout else ["--error", stderr])]
+    srun += list(parameters.get("srun_args") or [])
+    command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    lines += [
+        "",
+        "# command",
+        "export SUBMITIT_EXECUTOR=slurm",
+        " ".join(shlex.quote(arg) for arg in srun) + " " + command,
+        "",
+    ]
+    if parameters.get("teardown") is not None:
+        lines += ["", "# teardown", *parameters["teardown"]]
+    return "\n".join(lines)
