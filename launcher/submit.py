@@ -16,7 +16,7 @@ from .chain import Chain, StageRecord
 from .errors import ChlaError
 from .executors import Executor, executor_named
 from .lock import RunLock
-from .plan import memory_verdicts, too_big_message
+from .memory_plan import memory_verdicts, too_big_message
 from .recipe import ResolvedRecipe, dump_frozen, load_recipe
 from .rundir import RunDir, now
 from .transaction import SubmissionTransaction, recover

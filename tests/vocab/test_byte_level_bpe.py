@@ -298,7 +298,7 @@ def test_bad_input_is_one_clear_line(capsys, demo_assets, bpe_base, zh_bpe, tmp_
 def test_plan_sizes_a_byte_level_merge_before_it_runs(tmp_path, bpe_base):
     """`chla plan` sizes the vocabulary a merge_tokenizer stage will produce from a train_bpe
     stage as the base plus one token per merge (an upper bound), as it does for train_spm."""
-    from chla_launcher.plan import _Sizes
+    from chla_launcher.memory_plan import _Sizes
     from chla_launcher.recipe import load_recipe
 
     corpus = tmp_path / "zh.txt"
