@@ -231,7 +231,7 @@ class _Sizes:
         vocab, exact, how = self.tokenizer_size(params.tokenizer)
         if vocab is not None and _trains(stage.kind).adds_pad_token and not self.has_pad(params.tokenizer):
             vocab += 1
-            how += " + 1 [PAD] that SFT adds"
+            how += f" + 1 [PAD] that {stage.kind.name.upper()} adds"
         if vocab is not None and vocab > shape.vocab_size:
             shape = shape.with_vocab(vocab)
             source += f"; vocabulary {'' if exact else 'up to '}{vocab}: {how}"
