@@ -1,6 +1,6 @@
 """Experiment tracking in the jobs: MLflow and Weights & Biases (or any backend registered in
-chla_launcher.tracking, whose job side is a Tracker here or elsewhere), as the recipe's `tracking:`
-block asks.
+chla_launcher.contract.tracking_settings, whose job side is a Tracker here or elsewhere), as the
+recipe's `tracking:` block asks.
 
     MLflow   one run per chain (the parent), one nested run per stage: the stage's parameters,
              per-step training metrics (loss, lr, grad_norm, tokens/s, eval_loss, ...), its
@@ -29,9 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.atomic import read_json, write_json
-from chla_launcher.kinds import import_entry
-from chla_launcher.rundir import RunDir
+from chla_launcher.contract.atomic import read_json, write_json
+from chla_launcher.contract.kinds import import_entry
+from chla_launcher.contract.rundir import RunDir
 
 STAGE_FILE = "tracking_runs.json"
 # A tracking server that does not answer must cost a stage seconds, not MLflow's default minutes
@@ -90,7 +90,7 @@ def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 
 class StageTracker:
     """Sends one stage to every backend the recipe selects (their Trackers, made from the registry
-    of chla_launcher.tracking); a backend that fails once is dropped."""
+    of chla_launcher.contract.tracking_settings); a backend that fails once is dropped."""
 
     def __init__(self, ctx, settings) -> None:
         self.ctx = ctx

@@ -17,7 +17,7 @@ merge_tokenizer stage) is counted as its base's entries (its tokenizer files, el
 vocab_size) plus the pieces of what it adds (StageKind.vocabulary_output: a train_spm stage's
 vocab_size, a train_bpe stage's merges): an upper bound, since pieces both have count once. Each
 stage's plan says where its sizes came from. No kind is known here by its name: what a kind trains
-and produces is what it declares (chla_launcher.kinds).
+and produces is what it declares (chla_launcher.contract.kinds).
 
 A stage "fits" when its peak (with the gradient checkpointing it is configured with) plus
 RUNTIME_RESERVE (CUDA context, NCCL and allocator slack) is within the device's memory.
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .architectures import ARCHITECTURES
-from .kinds import ModelOutput, StageKind, TrainingParams, Trains, registry
-from .recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
+from .contract.kinds import ModelOutput, StageKind, TrainingParams, Trains, registry
+from .contract.recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
 from .sizing import PROJECTIONS, MemoryEstimate, ModelShape, Trainable, TrainingSetup, parameter_counts, training_memory
 
 GIB = 2**30

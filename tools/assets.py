@@ -46,8 +46,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from chla_launcher.atomic import new_directory, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import new_directory, write_json
+from chla_launcher.contract.errors import ChlaError
 from chla_tools import task_data
 from chla_tools.peoples_daily import read_paragraphs
 from chla_tools.pinned_packages import Package, cache_lock, default_cache_dir, download_package, file_sha256

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 
 @dataclass(frozen=True)

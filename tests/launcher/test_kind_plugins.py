@@ -24,14 +24,14 @@ from typing import Annotated, Any
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from chla_launcher import kinds as kinds_registry
-from chla_launcher import tracking as tracking_registry
-from chla_launcher.errors import RecipeError
-from chla_launcher.kinds import InputPath, StageKind, TrainingParams, Trains, register
+from chla_launcher.contract import kinds as kinds_registry
+from chla_launcher.contract import tracking_settings as tracking_registry
+from chla_launcher.contract.errors import RecipeError
+from chla_launcher.contract.kinds import InputPath, StageKind, TrainingParams, Trains, register
+from chla_launcher.contract.recipe import load_recipe
+from chla_launcher.contract.tracking_settings import TrackingBackend, register_tracking_backend
 from chla_launcher.memory_plan import plan_recipe, render
-from chla_launcher.recipe import load_recipe
 from chla_launcher.sizing import ModelShape
-from chla_launcher.tracking import TrackingBackend, register_tracking_backend
 from chla_train.tracking import Tracker
 
 from ..helpers import REPO, chla
@@ -125,7 +125,7 @@ def test_the_same_kind_declaring_no_training_gets_no_plan(tmp_path, plugins):
 def test_declarations_naming_no_field_are_refused_where_the_kind_is_defined():
     with pytest.raises(TypeError, match="trains names block_size, not a field of DistillParams"):
         StageKind("bad", DistillParams, f"{__name__}:run", trains=Trains(sequence_length="block_size"))
-    with pytest.raises(TypeError, match="must extend chla_launcher.kinds.TrainingParams"):
+    with pytest.raises(TypeError, match="must extend chla_launcher.contract.kinds.TrainingParams"):
         StageKind("bad", InputOnly, f"{__name__}:run", trains=Trains(sequence_length="window"))
 
 

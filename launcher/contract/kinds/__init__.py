@@ -160,7 +160,7 @@ class StageKind:
         if self.trains is not None and not issubclass(self.params, TrainingParams):
             raise TypeError(
                 f"stage kind {self.name!r} trains, so its params model must extend "
-                "chla_launcher.kinds.TrainingParams (what `chla plan` sizes)"
+                "chla_launcher.contract.kinds.TrainingParams (what `chla plan` sizes)"
             )
 
     @property
@@ -193,7 +193,7 @@ def registry() -> dict[str, StageKind]:
 
     def add(kind: object, where: str) -> None:
         if not isinstance(kind, StageKind):
-            raise RuntimeError(f"{where} is not a chla_launcher.kinds.StageKind (got {type(kind).__name__})")
+            raise RuntimeError(f"{where} is not a chla_launcher.contract.kinds.StageKind (got {type(kind).__name__})")
         if kind.name in kinds:
             raise RuntimeError(f"stage kind {kind.name!r} is defined twice ({where})")
         kinds[kind.name] = kind

@@ -150,14 +150,14 @@ _registered: dict[str, TrackingBackend] = {}
 def tracking_backends() -> dict[str, TrackingBackend]:
     """Every backend by key: the built-in ones, the `chla.tracking` entry points of the installed
     distributions, then those registered in this process."""
-    found = [(backend, f"chla_launcher.tracking.BUILT_IN[{n}]") for n, backend in enumerate(BUILT_IN)]
+    found = [(backend, f"chla_launcher.contract.tracking_settings.BUILT_IN[{n}]") for n, backend in enumerate(BUILT_IN)]
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         found.append((entry.load(), f"entry point {entry.name} = {entry.value} ({ENTRY_POINT_GROUP})"))
     found += [(backend, f"register_tracking_backend({key!r})") for key, backend in _registered.items()]
     backends: dict[str, TrackingBackend] = {}
     for backend, where in found:
         if not isinstance(backend, TrackingBackend):
-            raise RuntimeError(f"{where} is not a chla_launcher.tracking.TrackingBackend")
+            raise RuntimeError(f"{where} is not a chla_launcher.contract.tracking_settings.TrackingBackend")
         if backend.key in backends:
             raise RuntimeError(f"tracking backend {backend.key!r} is defined twice ({where})")
         backends[backend.key] = backend
