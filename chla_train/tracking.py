@@ -1,5 +1,6 @@
-"""Experiment tracking in the jobs: MLflow and Weights & Biases, as the recipe's `tracking:` block
-asks (settings: chla_launcher.contract.tracking_settings).
+"""Experiment tracking in the jobs: MLflow and Weights & Biases (or any backend registered in
+chla_launcher.contract.tracking_settings, whose job side is a Tracker here or elsewhere), as the
+recipe's `tracking:` block asks.
 
     MLflow   one run per chain (the parent), one nested run per stage: the stage's parameters,
              per-step training metrics (loss, lr, grad_norm, tokens/s, eval_loss, ...), its
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from chla_launcher.contract.atomic import read_json, write_json
+from chla_launcher.contract.kinds import import_entry
 from chla_launcher.contract.rundir import RunDir
 
 STAGE_FILE = "tracking_runs.json"
@@ -49,7 +51,7 @@ def stage_tracker(ctx) -> StageTracker | None:
     """This process's tracker for the stage (created on first use), or None when the recipe does
     not track or this is not rank 0."""
     settings = getattr(ctx.recipe.model, "tracking", None) if ctx.recipe is not None else None
-    if settings is None or (settings.mlflow is None and settings.wandb is None) or ctx.dist.rank != 0:
+    if settings is None or not settings.selected() or ctx.dist.rank != 0:
         return None
     key = (str(ctx.run_dir), ctx.stage)
     if key not in _trackers:
@@ -87,7 +89,8 @@ def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class StageTracker:
-    """Sends one stage to every configured backend; a backend that fails once is dropped."""
+    """Sends one stage to every backend the recipe selects (their Trackers, made from the registry
+    of chla_launcher.contract.tracking_settings); a backend that fails once is dropped."""
 
     def __init__(self, ctx, settings) -> None:
         self.ctx = ctx
@@ -95,13 +98,15 @@ class StageTracker:
         self.ended = False
         chain = _chain_identity(ctx.run_dir, ctx.recipe.name)
         stage_runs_file = Path(ctx.work_dir) / STAGE_FILE
-        self.backends: list[_Backend] = []
-        if settings.mlflow is not None:
-            self.backends.append(_MlflowBackend(settings.mlflow, ctx, chain, stage_runs_file))
-        if settings.wandb is not None:
-            self.backends.append(_WandbBackend(settings.wandb, ctx, chain, stage_runs_file))
+        self.backends: list[Tracker] = []
+        for backend, backend_settings in settings.selected():
+            try:
+                tracker = import_entry(backend.tracker)
+                self.backends.append(tracker(backend_settings, ctx, chain, stage_runs_file))
+            except Exception as error:  # noqa: BLE001 - a missing plugin; tracking never fails a stage
+                ctx.log(f"warning: {backend.key} tracking off for this stage ({type(error).__name__}: {error})")
 
-    def _each(self, what: str, call: Callable[[_Backend], None]) -> None:
+    def _each(self, what: str, call: Callable[[Tracker], None]) -> None:
         for backend in list(self.backends):
             try:
                 call(backend)
@@ -201,11 +206,15 @@ def _chain_files(run_dir: Path) -> tuple[Path, Path]:
     return control / "tracking.json", control / "tracking.lock"
 
 
-class _Backend:
-    name = "?"
+class Tracker:
+    """The job side of one tracking backend, for one stage: made with (its settings from the
+    recipe, the stage context, the chain's identity, the stage's run-ids file), then start,
+    log_metrics per logging step, finish, and chain_status. Its client is imported in start."""
 
-    def __init__(self, ctx, chain: dict[str, Any], stage_runs_file: Path) -> None:
-        self.ctx, self.chain, self.stage_runs_file = ctx, chain, stage_runs_file
+    name = "?"  # in warnings, and its key in the stage's tracking_runs.json
+
+    def __init__(self, settings: Any, ctx, chain: dict[str, Any], stage_runs_file: Path) -> None:
+        self.settings, self.ctx, self.chain, self.stage_runs_file = settings, ctx, chain, stage_runs_file
 
     def _stage_run_id(self) -> str | None:
         return (read_json(self.stage_runs_file, {}) or {}).get(self.name)
@@ -221,12 +230,11 @@ class _Backend:
     def chain_status(self, status: str) -> None: ...
 
 
-class _MlflowBackend(_Backend):
+class MlflowTracker(Tracker):
     name = "MLflow"
 
     def __init__(self, settings, ctx, chain, stage_runs_file) -> None:
-        super().__init__(ctx, chain, stage_runs_file)
-        self.settings = settings
+        super().__init__(settings, ctx, chain, stage_runs_file)
         self.client: Any = None  # an mlflow.MlflowClient once started (mlflow is imported then)
         self.run_id: str | None = None
         self.parent_id: str | None = None
@@ -315,12 +323,11 @@ class _MlflowBackend(_Backend):
             self.client.set_terminated(self.parent_id, status=status)
 
 
-class _WandbBackend(_Backend):
+class WandbTracker(Tracker):
     name = "W&B"
 
     def __init__(self, settings, ctx, chain, stage_runs_file) -> None:
-        super().__init__(ctx, chain, stage_runs_file)
-        self.settings = settings
+        super().__init__(settings, ctx, chain, stage_runs_file)
         self.run: Any = None  # a wandb Run once started (wandb is imported then)
 
     def start(self, params: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from .contract.recipe import ResolvedRecipe, dump_frozen, load_recipe
 from .contract.rundir import RunDir, now
 from .executors import Executor, executor_named
 from .lock import RunLock
-from .plan import memory_verdicts, too_big_message
+from .memory_plan import memory_verdicts, too_big_message
 from .transaction import SubmissionTransaction, recover
 
 # How long --replace waits for the chain it cancelled to be gone before it queues the new one.

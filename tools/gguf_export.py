@@ -38,8 +38,8 @@ from typing import Any
 from chla_launcher.contract.atomic import new_directory
 from chla_launcher.contract.errors import ChlaError
 from chla_launcher.contract.kinds.export import ExportParams
-from chla_tools.assets import Package, _download, _locked, default_cache_dir
 from chla_tools.gguf_pre_tokenizers import PRE_TOKENIZERS, llama_cpp_name
+from chla_tools.pinned_packages import Package, cache_lock, default_cache_dir, download_package
 
 Log = Callable[[str], None]
 
@@ -69,10 +69,10 @@ def converter_dir(cache: Path | None = None, offline: bool = False, log: Log = _
     if (target / "convert_hf_to_gguf.py").is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / ".lock"):
+    with cache_lock(cache / ".lock"):
         if (target / "convert_hf_to_gguf.py").is_file():
             return target
-        sdist = _download(LLAMA_CPP, cache / "downloads", offline, log)
+        sdist = download_package(LLAMA_CPP, cache / "downloads", offline, log)
         prefix = f"llama_cpp_python-{LLAMA_CPP.version}/vendor/llama.cpp/"
         with new_directory(target) as tmp:
             with tarfile.open(sdist) as archive:

@@ -33,7 +33,7 @@ from typing import Any
 from chla_launcher.contract.atomic import file_mode, new_directory, write_json
 from chla_launcher.contract.errors import ChlaError
 from chla_launcher.contract.kinds.import_gguf import ImportGgufParams
-from chla_tools.assets import file_sha256
+from chla_tools.pinned_packages import file_sha256
 
 Log = Callable[[str], None]
 

@@ -299,7 +299,7 @@ def test_plan_sizes_a_byte_level_merge_before_it_runs(tmp_path, bpe_base):
     """`chla plan` sizes the vocabulary a merge_tokenizer stage will produce from a train_bpe
     stage as the base plus one token per merge (an upper bound), as it does for train_spm."""
     from chla_launcher.contract.recipe import load_recipe
-    from chla_launcher.plan import _Sizes
+    from chla_launcher.memory_plan import _Sizes
 
     corpus = tmp_path / "zh.txt"
     corpus.write_text("中文\n", encoding="utf-8")

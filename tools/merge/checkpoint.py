@@ -17,28 +17,32 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # --dtype -> safetensors dtype code
 
-# safetensors dtype codes <-> torch dtypes.
+# The safetensors dtype codes chla reads (here, and chla_train.model's SafetensorsRanges): the
+# torch dtype of each, by name (torch is imported when a tensor is read), and bytes per element.
+TORCH_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 CONFIG_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def torch_dtype(code: str):
-    """The torch dtype of a safetensors dtype code ("F16" -> torch.float16)."""
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code ("F16" -> torch.float16); KeyError for a code
+    not in TORCH_DTYPE_NAMES."""
     import torch
 
-    return {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }[code]
+    dtype: torch.dtype = getattr(torch, TORCH_DTYPE_NAMES[code])
+    return dtype
 
 
 @dataclass(frozen=True)

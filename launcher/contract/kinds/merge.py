@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from . import InputPath, StageKind, StageParams
+from . import InputPath, ModelOutput, StageKind, StageParams
 
 
 class MergeParams(StageParams):
@@ -35,4 +35,6 @@ class MergeParams(StageParams):
         return value
 
 
-KIND = StageKind("merge", MergeParams, "chla_train.stages.merge:run")
+KIND = StageKind(
+    "merge", MergeParams, "chla_train.stages.merge:run", model_output=ModelOutput(like="base", grown_by="adapters")
+)

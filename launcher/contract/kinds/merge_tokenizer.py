@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from . import InputPath, StageKind, StageParams
+from . import InputPath, StageKind, StageParams, TokenizerOutput
 
 
 class MergeTokenizerParams(StageParams):
@@ -45,5 +45,9 @@ class MergeTokenizerParams(StageParams):
 
 
 KIND = StageKind(
-    "merge_tokenizer", MergeTokenizerParams, "chla_train.stages.merge_tokenizer:run", needs_training_stack=False
+    "merge_tokenizer",
+    MergeTokenizerParams,
+    "chla_train.stages.merge_tokenizer:run",
+    needs_training_stack=False,
+    tokenizer_output=TokenizerOutput(base="base", add="add", pad_token="pad_token"),
 )

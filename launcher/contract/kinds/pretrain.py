@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from . import InputPath, StageKind
+from . import InputPath, ModelOutput, StageKind, Trains
 from ._training import BlendPart, TrainingParams, one_part_per_path
 
 
@@ -51,4 +51,8 @@ KIND = StageKind(
     "chla_train.stages.pretrain:run",
     distributed=True,
     accumulation_param="gradient_accumulation_steps",
+    trains=Trains(
+        sequence_length="block_size", mode="mode", new_rows_only="new_rows_only", train_lm_head="train_lm_head"
+    ),
+    model_output=ModelOutput(path="model"),  # modes embeddings and full (lora writes out/adapter)
 )

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from . import InputPath, StageKind
+from . import InputPath, StageKind, Trains
 from ._training import BlendPart, TrainingParams, one_part_per_path
 
 # FlashAttention has no form for a prompt prefix shared by several examples of a row.
@@ -98,5 +98,10 @@ class SftParams(TrainingParams):
 
 
 KIND = StageKind(
-    "sft", SftParams, "chla_train.stages.sft:run", distributed=True, accumulation_param="gradient_accumulation_steps"
+    "sft",
+    SftParams,
+    "chla_train.stages.sft:run",
+    distributed=True,
+    accumulation_param="gradient_accumulation_steps",
+    trains=Trains(sequence_length="max_seq_length", partial_loss=True, adds_pad_token=True),
 )

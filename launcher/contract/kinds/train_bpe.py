@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from . import InputPath, StageKind, StageParams
+from . import InputPath, StageKind, StageParams, VocabularyOutput
 
 
 class TrainBpeParams(StageParams):
@@ -28,4 +28,10 @@ class TrainBpeParams(StageParams):
     min_frequency: int = Field(2, ge=1, description="a pair must occur this often to be merged")
 
 
-KIND = StageKind("train_bpe", TrainBpeParams, "chla_train.stages.train_bpe:run", needs_training_stack=False)
+KIND = StageKind(
+    "train_bpe",
+    TrainBpeParams,
+    "chla_train.stages.train_bpe:run",
+    needs_training_stack=False,
+    vocabulary_output=VocabularyOutput(size="merges"),  # each merge adds at most one token
+)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from . import InputPath, StageKind, StageParams
+from . import InputPath, StageKind, StageParams, VocabularyOutput
 
 
 class TrainSpmParams(StageParams):
@@ -29,4 +29,10 @@ class TrainSpmParams(StageParams):
     seed: int = Field(0, description="seed of the line sampling")
 
 
-KIND = StageKind("train_spm", TrainSpmParams, "chla_train.stages.train_spm:run", needs_training_stack=False)
+KIND = StageKind(
+    "train_spm",
+    TrainSpmParams,
+    "chla_train.stages.train_spm:run",
+    needs_training_stack=False,
+    vocabulary_output=VocabularyOutput(size="vocab_size"),
+)

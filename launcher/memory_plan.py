@@ -1,8 +1,10 @@
 """`chla plan`: what every training stage of a recipe will hold per device, before anything is queued.
 
-For each `pretrain` and `sft` stage: the model it starts from (config.json of a model directory, an
-`init:` config, or the product of an upstream stage of the same recipe: a pretrain stage's model,
-a merge of a model and adapters, grown to the vocabulary of a merged tokenizer), its total and
+For each stage whose kind trains a model (StageKind.trains: pretrain, sft, and any kind registered
+so): the model it starts from (config.json of a model directory, an `init:` config, or the product
+of an upstream stage of the same recipe, as its kind's ModelOutput declares: a pretrain stage's
+model, a merge of a model and adapters, a GGUF file's import, grown to the vocabulary of a merged
+tokenizer), its total and
 trainable parameters, and bytes per device for weights, gradients, optimizer states and
 activations at its micro-batch and sequence length, with and without gradient checkpointing
 (chla_launcher.sizing), against the memory of the device it asked for: `gpu_mem` in its
@@ -10,10 +12,12 @@ resources, or a GPU named in slurm.constraint, or for a CPU stage its `mem` per 
 config.json and tokenizer files only: no model is loaded, no torch imported.
 
 A base model not downloaded yet is sized from a known architecture (`--arch`, chla_launcher.
-architectures). A tokenizer that a merge_tokenizer stage of the recipe will build is counted as its
-base's entries (its tokenizer files, else the base model's vocab_size) plus the pieces of the
-SentencePiece model it adds (a train_spm stage's vocab_size): an upper bound, since pieces both
-have count once. Each stage's plan says where its sizes came from.
+architectures). A tokenizer that a stage of the recipe will build (StageKind.tokenizer_output: a
+merge_tokenizer stage) is counted as its base's entries (its tokenizer files, else the base model's
+vocab_size) plus the pieces of what it adds (StageKind.vocabulary_output: a train_spm stage's
+vocab_size, a train_bpe stage's merges): an upper bound, since pieces both have count once. Each
+stage's plan says where its sizes came from. No kind is known here by its name: what a kind trains
+and produces is what it declares (chla_launcher.contract.kinds).
 
 A stage "fits" when its peak (with the gradient checkpointing it is configured with) plus
 RUNTIME_RESERVE (CUDA context, NCCL and allocator slack) is within the device's memory.
@@ -28,13 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .architectures import ARCHITECTURES
-from .contract.kinds._training import TrainingParams
-from .contract.kinds.merge import MergeParams
-from .contract.kinds.merge_tokenizer import MergeTokenizerParams
-from .contract.kinds.pretrain import PretrainParams
-from .contract.kinds.sft import SftParams
-from .contract.kinds.train_bpe import TrainBpeParams
-from .contract.kinds.train_spm import TrainSpmParams
+from .contract.kinds import ModelOutput, StageKind, TrainingParams, Trains, registry
 from .contract.recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
 from .sizing import PROJECTIONS, MemoryEstimate, ModelShape, Trainable, TrainingSetup, parameter_counts, training_memory
 
@@ -71,7 +69,6 @@ GPU_MEMORY_GIB = {
     "mi300x": 192,
     "mi250": 128,
 }
-TRAINING_KINDS = ("pretrain", "sft")
 
 
 @dataclass
@@ -102,11 +99,16 @@ def plan_recipe(recipe: ResolvedRecipe, arch: str | None = None) -> list[StagePl
     """The plan of every training stage; `arch` (a name in ARCHITECTURES) sizes base models whose
     config.json is not there."""
     sizes = _Sizes(recipe, arch)
-    return [plan_stage(stage, sizes, recipe) for stage in recipe.stages.values() if stage.kind.name in TRAINING_KINDS]
+    return [plan_stage(stage, sizes, recipe) for stage in recipe.stages.values() if stage.kind.trains is not None]
+
+
+def _trains(kind: StageKind) -> Trains:
+    assert kind.trains is not None, f"{kind.name} does not train"
+    return kind.trains
 
 
 def plan_stage(stage: ResolvedStage, sizes: _Sizes, recipe: ResolvedRecipe) -> StagePlan:
-    params, resources = stage.params_as(TrainingParams), stage.resources
+    params, resources, trains = stage.params_as(TrainingParams), stage.resources, _trains(stage.kind)
     shape, source = sizes.training_shape(stage)
     notes = []
     on_gpu = resources.gpus_per_node > 0
@@ -114,24 +116,24 @@ def plan_stage(stage: ResolvedStage, sizes: _Sizes, recipe: ResolvedRecipe) -> S
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
         notes.append(f"precision auto taken as {precision}" + ("" if on_gpu else " (a CPU without native bf16)"))
-    sft = isinstance(params, SftParams)
     setup = TrainingSetup(
         precision=precision,
         zero_stage=params.zero_stage,
         world_size=resources.world_size,
         micro_batch=params.micro_batch_size,
-        seq_len=params.max_seq_length if isinstance(params, SftParams) else stage.params_as(PretrainParams).block_size,
+        seq_len=int(getattr(params, trains.sequence_length)),
         gradient_checkpointing=params.gradient_checkpointing,
         attention="sdpa"
         if params.attn_implementation == "flash_attention_2" and not on_gpu
         else params.attn_implementation,
-        masked=sft and params.attn_implementation != "flash_attention_2",
+        masked=trains.partial_loss and params.attn_implementation != "flash_attention_2",
         cpu=not on_gpu,
     )
     plan = StagePlan(stage=stage.name, shape=shape, source=source, setup=setup, notes=notes)
-    if sft:
+    if trains.partial_loss:
         plan.notes.append(
-            "SFT: the loss taken at every position (an upper bound: chla computes it at the answers only)"
+            f"{stage.kind.name.upper()}: the loss taken at every position (an upper bound: chla computes it "
+            "at the answers only)"
         )
     plan.trainable = _trainable(stage, shape, sizes)
     plan.device, plan.device_bytes = _device_budget(stage, recipe)
@@ -149,13 +151,14 @@ def plan_stage(stage: ResolvedStage, sizes: _Sizes, recipe: ResolvedRecipe) -> S
 
 
 def _trainable(stage: ResolvedStage, shape: ModelShape | None, sizes: _Sizes) -> Trainable:
-    params = stage.params_as(TrainingParams)
-    mode = params.mode if isinstance(params, PretrainParams) else "lora"
-    if isinstance(params, PretrainParams) and mode == "embeddings":
+    params, trains = stage.params_as(TrainingParams), _trains(stage.kind)
+    mode = getattr(params, trains.mode) if trains.mode else "lora"
+    if mode == "embeddings":
         new_rows = None
-        if params.new_rows_only and shape is not None:
+        if trains.new_rows_only and getattr(params, trains.new_rows_only) and shape is not None:
             new_rows = max(0, shape.vocab_size - sizes.base_rows(stage))
-        return Trainable(mode="embeddings", new_rows=new_rows, train_lm_head=params.train_lm_head)
+        train_lm_head = bool(trains.train_lm_head and getattr(params, trains.train_lm_head))
+        return Trainable(mode="embeddings", new_rows=new_rows, train_lm_head=train_lm_head)
     if mode == "full":
         return Trainable(mode="full")
     return Trainable(
@@ -230,9 +233,9 @@ class _Sizes:
         if shape is None:
             return None, source
         vocab, exact, how = self.tokenizer_size(params.tokenizer)
-        if vocab is not None and stage.kind.name == "sft" and not self.has_pad(params.tokenizer):
+        if vocab is not None and _trains(stage.kind).adds_pad_token and not self.has_pad(params.tokenizer):
             vocab += 1
-            how += " + 1 [PAD] that SFT adds"
+            how += f" + 1 [PAD] that {stage.kind.name.upper()} adds"
         if vocab is not None and vocab > shape.vocab_size:
             shape = shape.with_vocab(vocab)
             source += f"; vocabulary {'' if exact else 'up to '}{vocab}: {how}"
@@ -242,11 +245,9 @@ class _Sizes:
         upstream = self._upstream(path)
         if upstream is not None:
             stage, rest = upstream
-            if stage.kind.name == "pretrain" and rest in ("model", "model/"):
-                shape, source = self.training_shape(stage)
-                return shape, f"{stage.name}'s model ({source})"
-            if stage.kind.name == "merge" and rest in ("", "."):
-                return self._merged(stage)
+            output = stage.kind.model_output
+            if output is not None and Path(rest or ".") == Path(output.path or "."):
+                return self.output_model(stage, output)
             return None, (
                 f"{path}: the output of stage {stage.name} ({stage.kind.name}) is not a model whose "
                 "size chla can derive"
@@ -256,18 +257,35 @@ class _Sizes:
             return None, source
         return ModelShape.from_config(config), source
 
-    def _merged(self, stage: ResolvedStage) -> tuple[ModelShape | None, str]:
-        params = stage.params_as(MergeParams)
-        shape, source = self.model_shape(params.base)
+    def output_model(self, stage: ResolvedStage, output: ModelOutput) -> tuple[ModelShape | None, str]:
+        """The model a stage of the recipe will write, as its kind declares it."""
+        if stage.kind.trains is not None:
+            shape, source = self.training_shape(stage)
+            return shape, f"{stage.name}'s model ({source})"
+        if output.like is not None:
+            return self._like(stage, output.like, output.grown_by)
+        assert output.config is not None, f"{stage.kind.name}'s ModelOutput says neither like nor config"
+        config, source = output.config(stage.params)
+        if config is not None:
+            return ModelShape.from_config(config), f"stage {stage.name}'s model ({source})"
+        if self.arch is not None:
+            shape = ModelShape.from_config(ARCHITECTURES[self.arch])
+            return shape, f"--arch {self.arch} for stage {stage.name}'s model"
+        return None, f"stage {stage.name}'s model ({stage.kind.name}) is {source}"
+
+    def _like(self, stage: ResolvedStage, like: str, grown_by: str | None) -> tuple[ModelShape | None, str]:
+        """The shape of the model the field `like` names, its vocabulary grown to that of the
+        training stages whose adapters the field `grown_by` lists (a merge)."""
+        shape, source = self.model_shape(getattr(stage.params, like))
         if shape is None:
             return None, source
-        for adapter in params.adapters:
+        for adapter in getattr(stage.params, grown_by) if grown_by else []:
             upstream = self._upstream(adapter)
-            if upstream is not None and upstream[0].kind.name in TRAINING_KINDS:
+            if upstream is not None and upstream[0].kind.trains is not None:
                 grown, _ = self.training_shape(upstream[0])
                 if grown is not None and grown.vocab_size > shape.vocab_size:
                     shape = shape.with_vocab(grown.vocab_size)
-        return shape, f"{stage.name}: merge of {source}"
+        return shape, f"{stage.name}: {stage.kind.name} of {source}"
 
     def tokenizer_size(self, path: str) -> tuple[int | None, bool, str]:
         """(entries, exact, where the figure comes from) of a tokenizer directory. A merged one not
@@ -277,16 +295,22 @@ class _Sizes:
         upstream = self._upstream(path)
         if upstream is not None:
             stage, _ = upstream
-            if stage.kind.name != "merge_tokenizer":
+            output, params = stage.kind.tokenizer_output, stage.params
+            if output is None:
                 return None, False, f"the output of stage {stage.name} ({stage.kind.name}) is not a tokenizer"
-            params = stage.params_as(MergeTokenizerParams)
-            base, _, base_how = self.tokenizer_size(params.base)
-            added, added_how = self.added_model_size(params.add)
+            if output.of_model and stage.kind.model_output is not None:
+                shape, source = self.output_model(stage, stage.kind.model_output)
+                return (shape.vocab_size, True, f"vocab_size of {source}") if shape else (None, False, source)
+            if output.base is None or output.add is None:
+                return None, False, f"stage {stage.name} ({stage.kind.name}) builds a tokenizer of no size known before"
+            base, _, base_how = self.tokenizer_size(getattr(params, output.base))
+            added, added_how = self.added_model_size(getattr(params, output.add))
             if base is None or added is None:
                 return None, False, base_how if base is None else added_how
-            pad = " + 1 [PAD]" if params.pad_token else ""
+            pad_token = self.adds_pad_token(stage)
+            pad = " + 1 [PAD]" if pad_token else ""
             how = f"stage {stage.name} merges {base} ({base_how}) + at most {added} ({added_how}){pad}"
-            return base + added + int(params.pad_token), False, how
+            return base + added + int(pad_token), False, how
         size = _tokenizer_dir_size(Path(path))
         if size is not None:
             return size, True, f"{path}'s tokenizer"
@@ -302,22 +326,26 @@ class _Sizes:
         upstream = self._upstream(path)
         if upstream is not None:
             stage, _ = upstream
-            if stage.kind.name == "train_spm":
-                return stage.params_as(TrainSpmParams).vocab_size, f"vocab_size of stage {stage.name}"
-            if stage.kind.name == "train_bpe":  # each merge adds at most one token
-                return stage.params_as(TrainBpeParams).merges, f"merges of stage {stage.name}"
+            output = stage.kind.vocabulary_output
+            if output is not None:
+                return int(getattr(stage.params, output.size)), f"{output.size} of stage {stage.name}"
             return None, f"the output of stage {stage.name} ({stage.kind.name}) is not a model to add"
         return _sentencepiece_pieces(Path(path)), f"pieces of {path}"
 
     def has_pad(self, path: str) -> bool:
         upstream = self._upstream(path)
         if upstream is not None:
-            params = upstream[0].params
-            return isinstance(params, MergeTokenizerParams) and params.pad_token
+            return self.adds_pad_token(upstream[0])
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (_read_json(Path(path) / name) or {}).get("pad_token"):
                 return True
         return False
+
+    @staticmethod
+    def adds_pad_token(stage: ResolvedStage) -> bool:
+        """Whether the tokenizer a stage builds gets one [PAD] (its kind's TokenizerOutput.pad_token)."""
+        output = stage.kind.tokenizer_output
+        return bool(output is not None and output.pad_token and getattr(stage.params, output.pad_token))
 
     def _upstream(self, path: str | None) -> tuple[ResolvedStage, str] | None:
         """(stage, path inside its out/) when `path` is an upstream stage's output."""
@@ -411,7 +439,8 @@ def render(plans: list[StagePlan], out: TextIO) -> None:
         return f"{value / GIB:.1f}"
 
     if not plans:
-        print("no training stages (pretrain, sft) in this recipe", file=out)
+        training = ", ".join(name for name, kind in registry().items() if kind.trains is not None)
+        print(f"no training stages ({training}) in this recipe", file=out)
         return
     header = (
         f"{'stage':<12} {'model':<22} {'params':>8} {'trains':>8} {'ZeRO':>4} {'ranks':>5} {'batch':>9} "
