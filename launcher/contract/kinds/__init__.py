@@ -26,30 +26,14 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Annotated, Any, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-
-class StageParams(BaseModel):
-    """Base of every kind's params: unknown keys are errors, values are validated on assignment,
-    inf and nan are no numbers (a learning rate of .inf passed `gt=0`)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, allow_inf_nan=False)
-
-
-class InputPath:
-    """Marks a params field (str or list of str) as a path that must exist when the recipe is
-    submitted, unless it lies inside the run directory (then an upstream stage produces it).
-
-    Use as `Annotated[str, InputPath()]`. `glob=True` means the value is a glob pattern that
-    must match at least one file.
-    """
-
-    def __init__(self, glob: bool = False) -> None:
-        self.glob = glob
-
-    def __repr__(self) -> str:
-        return f"InputPath(glob={self.glob})"
-
+# The params every training kind extends (what `Trains` kinds are sized from), for kinds defined
+# outside this package, and the base of every params model.
+from ._params import InputPath as InputPath
+from ._params import StageParams as StageParams
+from ._training import BlendPart as BlendPart
+from ._training import TrainingParams as TrainingParams
 
 # --- what a kind declares to the rest of chla (`chla plan` reads these; no module switches on names) ---
 
@@ -287,9 +271,3 @@ def import_entry(spec: str) -> Any:
     """Import "module:attr" (used on the job side only)."""
     module_name, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module_name), attr)
-
-
-# The params every training kind extends (what `Trains` kinds are sized from), for kinds defined
-# outside this package. Imported last: it builds on StageParams and InputPath above.
-from ._training import BlendPart as BlendPart  # noqa: E402
-from ._training import TrainingParams as TrainingParams  # noqa: E402

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from . import InputPath, StageParams
+from ._params import InputPath, StageParams
 
 # The original project's LoRA targets (all attention and MLP projections of a LLaMA block).
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
