@@ -35,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import exit_skipping_teardown  # benchmarks/, on sys.path when run as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 from sharded_loading import memory_now, prepare_inputs
 
@@ -127,8 +128,7 @@ def worker(spec_file: str) -> None:
     Path(spec["report"]).write_text(
         json.dumps({"measured": measured, "baseline": before["rss"], "estimate": estimate(params, spec["model"])})
     )
-    sys.stdout.flush()
-    os._exit(0)
+    exit_skipping_teardown()
 
 
 def run_stage(run_dir: Path, spec: dict, index: int) -> dict:

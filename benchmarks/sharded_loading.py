@@ -54,6 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import exit_skipping_teardown  # benchmarks/, on sys.path when run as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 
 from chla_train.distributed import DistributedEnv
@@ -227,8 +228,7 @@ def worker(spec_file: str) -> None:
         lines = (ctx.out_dir / "metrics.jsonl").read_text().splitlines()
         report["losses"] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
     Path(spec["report"]).with_suffix(f".rank{env.rank}.json").write_text(json.dumps(report))
-    sys.stdout.flush()
-    os._exit(0)
+    exit_skipping_teardown()
 
 
 def run_way(way: str, paths: dict[str, str], root: Path, steps: int, precision: str) -> list[dict]:
