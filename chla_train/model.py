@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from chla_launcher.contract.errors import ChlaError
+from chla_tools.merge.checkpoint import ITEMSIZE, torch_dtype
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
@@ -270,19 +271,6 @@ class SafetensorsRanges:
     asked for enter this process. (A memory map, safetensors' own way, keeps every page it touched
     in the process's resident memory until it is closed: half the file on each of two ranks.)"""
 
-    DTYPES = {
-        "BF16": torch.bfloat16,
-        "F16": torch.float16,
-        "F32": torch.float32,
-        "F64": torch.float64,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
-
     def __init__(self, path: Path) -> None:
         self.path = path
         self.handle = open(path, "rb")
@@ -298,10 +286,9 @@ class SafetensorsRanges:
     def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
         """Elements [start, start + out.numel()) of the flattened tensor `name`, into `out`."""
         info = self.tensors[name]
-        dtype = self.DTYPES.get(info["dtype"])
-        if dtype is None:
+        if info["dtype"] not in ITEMSIZE:
             raise ChlaError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which chla cannot load")
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        dtype, itemsize = torch_dtype(info["dtype"]), ITEMSIZE[info["dtype"]]
         target = (
             out
             if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
