@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common import exit_skipping_teardown  # benchmarks/, on sys.path when run as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
-from sharded_loading import memory_now, prepare_inputs
+from sharded_loading import MEASURED_RUN, memory_now, prepare_inputs
 
 from chla_train.model_config import llama_config
 
@@ -65,10 +65,7 @@ def stage_params(spec: dict):
         block_size=BLOCK,
         micro_batch_size=spec["micro_batch"],
         max_steps=spec["steps"],
-        valid_count=2,
-        eval_steps=0,
-        save_steps=0,
-        logging_steps=1,
+        **MEASURED_RUN,
         zero_stage=2,
         precision=spec["precision"],
         gradient_checkpointing=spec["checkpointing"],
