@@ -219,3 +219,24 @@ def peft_with_shifted_rows(base, config, shift: float):
             if "trainable_tokens_delta" in name:
                 param.add_(shift)
     return model
+
+
+# The tests' small LoRA stage: what `small_lora` applies unless told otherwise.
+SMALL_LORA = dict(
+    r=4,
+    alpha=8,
+    dropout=0.0,
+    target_modules=["q_proj", "v_proj"],
+    modules_to_save=["embed_tokens", "lm_head"],
+    init_adapter=None,
+    key_prefix="test",
+    seed=1,
+)
+
+
+def small_lora(model, **settings):
+    """chla_train.model.apply_lora with SMALL_LORA (rank 4 on q_proj and v_proj, embed_tokens and
+    lm_head trained whole, no adapter to start from); `settings` replace or add to it."""
+    from chla_train.model import apply_lora
+
+    return apply_lora(model, **{**SMALL_LORA, **settings})
