@@ -140,7 +140,6 @@ CASES = [
     (
         "set-unknown-key",
         "name: x\nstages:\n" + GOOD_STAGE,
-        ["--set", "stages.hello.params.argvv=[a]"],
         ["r.yaml", "stages.hello.params.argvv", "unknown key"],
     ),
 ]
@@ -149,6 +148,7 @@ EXTRA_ARGS = {
     "set-missing-path": ["--set", "stages.nope.kind=command"],
     "set-bad-value": ["--set", "resources.nodes=many"],
     "set-no-equals": ["--set", "resources.nodes"],
+    "set-unknown-key": ["--set", "stages.hello.params.argvv=[a]"],
 }
 
 
