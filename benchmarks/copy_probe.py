@@ -15,11 +15,11 @@ Prints one table (markdown) and `RESULT` lines.
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from pathlib import Path
 
+from common import demo_run_parser
 from machine import print_machine
 
 
@@ -36,8 +36,7 @@ def held_out_sentences(path: Path, count: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="run directory of a finished demo-like chain")
+    parser = demo_run_parser(__doc__)
     parser.add_argument("--sentences", type=int, default=40, help="held-out sentences to copy")
     args = parser.parse_args()
     print_machine()
@@ -49,7 +48,7 @@ def main() -> None:
     from chla_train import model as models
 
     torch.manual_seed(0)
-    run = Path(args.run)
+    run = args.run
     recipe = load_frozen(run)
     stage1 = recipe.stages["pt_embeddings"].params
     sentences = held_out_sentences(run / "assets" / "out" / "zh_heldout.txt", args.sentences)

@@ -51,13 +51,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import exit_skipping_teardown  # benchmarks/, on sys.path when run as a script
 from kernel_profile import format_profile, profile_steps  # benchmarks/, on sys.path as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 from train_throughput import (
@@ -504,8 +504,7 @@ def main() -> int:
         Path(args.result).write_text(
             json.dumps(run_config(args.config, args.layers, args.steps, args.warmup, args.profile))
         )
-        sys.stdout.flush()
-        os._exit(0)
+        exit_skipping_teardown()
 
     print_machine()
     names = args.only.split(",") if args.only else list(CONFIGS)

@@ -17,19 +17,18 @@ Prints one table (markdown) and `RESULT` lines.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
 
+from common import demo_run_parser
 from machine import print_machine
 
 INITS = ("subtoken_mean", "mean", "random")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="run directory of a finished demo-like chain")
+    parser = demo_run_parser(__doc__)
     parser.add_argument("--stage", default="pt_embeddings", help="the stage-1 stage whose validation split to use")
     parser.add_argument("--max-items", type=int, default=200, help="held-out paragraphs per language")
     args = parser.parse_args()
@@ -44,11 +43,10 @@ def main() -> None:
     from chla_train.stages.pretrain import collate_blocks
 
     torch.manual_seed(0)
-    run = Path(args.run)
-    recipe = load_frozen(run)
+    recipe = load_frozen(args.run)
     stage = recipe.stages[args.stage].params
     base_dir = Path(stage.model)
-    assets = run / "assets" / "out"
+    assets = args.run / "assets" / "out"
     texts = {
         lang: [
             line for line in (assets / f"{lang}_heldout.txt").read_text(encoding="utf-8").splitlines() if line.strip()

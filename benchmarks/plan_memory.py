@@ -35,8 +35,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import exit_skipping_teardown  # benchmarks/, on sys.path when run as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
-from sharded_loading import memory_now, prepare_inputs
+from sharded_loading import MEASURED_RUN, memory_now, prepare_inputs
 
 from chla_train.model_config import llama_config
 
@@ -64,10 +65,7 @@ def stage_params(spec: dict):
         block_size=BLOCK,
         micro_batch_size=spec["micro_batch"],
         max_steps=spec["steps"],
-        valid_count=2,
-        eval_steps=0,
-        save_steps=0,
-        logging_steps=1,
+        **MEASURED_RUN,
         zero_stage=2,
         precision=spec["precision"],
         gradient_checkpointing=spec["checkpointing"],
@@ -127,8 +125,7 @@ def worker(spec_file: str) -> None:
     Path(spec["report"]).write_text(
         json.dumps({"measured": measured, "baseline": before["rss"], "estimate": estimate(params, spec["model"])})
     )
-    sys.stdout.flush()
-    os._exit(0)
+    exit_skipping_teardown()
 
 
 def run_stage(run_dir: Path, spec: dict, index: int) -> dict:

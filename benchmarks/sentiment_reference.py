@@ -18,12 +18,12 @@ beside them when the run has one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from common import demo_run_parser
 from machine import print_machine
 
 from chla_tools.tasks import jieba_words
@@ -88,13 +88,12 @@ def model_accuracy(run: Path) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="run directory of a demo-like chain (its assets stage finished)")
+    parser = demo_run_parser(__doc__, "run directory of a demo-like chain (its assets stage finished)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset drawn for the SFT-sized fit")
     args = parser.parse_args()
     print_machine()
 
-    run = Path(args.run)
+    run = args.run
     tasks = run / "assets" / "out" / "tasks"
     splits = {name: load_split(tasks / f"sentiment_{name}.json") for name in ("train", "valid", "test")}
     train_texts, train_labels = splits["train"]

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from common import exit_skipping_teardown  # benchmarks/, on sys.path when run as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 from train_throughput import make_context
 
@@ -180,8 +180,7 @@ def main() -> int:
         f"shared_fused_vs_padded={results['padded'] / best:.2f} examples_per_s={MICRO_BATCH / best:.1f}",
         flush=True,
     )
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown with live gloo threads
+    exit_skipping_teardown()
 
 
 if __name__ == "__main__":

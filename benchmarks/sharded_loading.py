@@ -54,6 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import exit_skipping_teardown  # benchmarks/, on sys.path when run as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 
 from chla_train.distributed import DistributedEnv
@@ -62,6 +63,9 @@ from chla_train.model_config import llama_config
 MODEL = llama_config(hidden=2048, intermediate=5504, layers=16, heads=16, positions=512)
 WAYS = {"zero3-partitioned": 3, "zero3-whole": 3, "zero2": 2}
 BLOCK = 128
+# The pretrain params of a measured run: no evaluation or checkpoint between its steps, every step
+# logged (plan_memory's runs too).
+MEASURED_RUN = dict(valid_count=2, eval_steps=0, save_steps=0, logging_steps=1)
 
 
 def write_model(directory: Path, dtype_name: str) -> int:
@@ -193,10 +197,7 @@ def worker(spec_file: str) -> None:
         block_size=BLOCK,
         micro_batch_size=1,
         max_steps=spec["steps"],
-        valid_count=2,
-        eval_steps=0,
-        save_steps=0,
-        logging_steps=1,
+        **MEASURED_RUN,
         zero_stage=spec["zero_stage"],
         precision=spec["precision"],
         learning_rate=1e-3,
@@ -227,8 +228,7 @@ def worker(spec_file: str) -> None:
         lines = (ctx.out_dir / "metrics.jsonl").read_text().splitlines()
         report["losses"] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
     Path(spec["report"]).with_suffix(f".rank{env.rank}.json").write_text(json.dumps(report))
-    sys.stdout.flush()
-    os._exit(0)
+    exit_skipping_teardown()
 
 
 def run_way(way: str, paths: dict[str, str], root: Path, steps: int, precision: str) -> list[dict]:

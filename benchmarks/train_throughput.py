@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import exit_skipping_teardown  # benchmarks/, on sys.path when run as a script
 from machine import print_machine  # benchmarks/, on sys.path when run as a script
 
 from chla_train.model_config import llama_config
@@ -335,8 +335,7 @@ def main() -> int:
         f"original_mfu={results['original']['mfu']:.3f} precision={precision}",
         flush=True,
     )
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown with live gloo threads
+    exit_skipping_teardown()
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from common import print_timings_and_outputs
 from machine import print_machine
 
 
@@ -57,15 +57,7 @@ def main() -> int:
 
     print(f"machine: {os.cpu_count()} cores")
     print(f"vocabulary: {merged['arithmetic']}\n")
-    width = max(map(len, timings))
-    print(f"| {'step':<{width}} | wall s |\n|{'-' * (width + 2)}|-------:|")
-    for step, seconds in timings.items():
-        print(f"| {step:<{width}} | {seconds:6.2f} |")
-    print()
-    print(render_markdown(report, "llama"))
-    print(f"outputs: {work}")
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    print_timings_and_outputs(timings, render_markdown(report, "llama"), work, args.keep)
     return 0
 
 

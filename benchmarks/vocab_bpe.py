@@ -15,11 +15,11 @@ of each step.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from common import print_timings_and_outputs
 from machine import print_machine
 
 
@@ -108,15 +108,8 @@ def main() -> int:
         print(f"{name} lines with the base's ids: {result['lines_same_ids_as_first']}/{result['lines']} (goal: all)")
     for name, (good, total) in round_trips.items():
         print(f"decode(encode(x)) == x on {name}: {good}/{total}")
-    width = max(map(len, timings))
-    print(f"\n| {'step':<{width}} | wall s |\n|{'-' * (width + 2)}|-------:|")
-    for step, seconds in timings.items():
-        print(f"| {step:<{width}} | {seconds:6.2f} |")
     print()
-    print(render_markdown(report, "base"))
-    print(f"outputs: {work}")
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    print_timings_and_outputs(timings, render_markdown(report, "base"), work, args.keep)
     return 0
 
 

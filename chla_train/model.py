@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from chla_launcher.contract.errors import ChlaError
-from chla_tools.merge.checkpoint import TORCH_DTYPE_NAMES, torch_dtype
+from chla_tools.merge.checkpoint import ITEMSIZE, torch_dtype
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
@@ -286,10 +286,9 @@ class SafetensorsRanges:
     def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
         """Elements [start, start + out.numel()) of the flattened tensor `name`, into `out`."""
         info = self.tensors[name]
-        if info["dtype"] not in TORCH_DTYPE_NAMES:
+        if info["dtype"] not in ITEMSIZE:
             raise ChlaError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which chla cannot load")
-        dtype = torch_dtype(info["dtype"])
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        dtype, itemsize = torch_dtype(info["dtype"]), ITEMSIZE[info["dtype"]]
         target = (
             out
             if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()

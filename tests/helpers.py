@@ -103,6 +103,17 @@ def chla_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["chla", *args], code, out.getvalue(), err.getvalue())
 
 
+def refusal_line(result: subprocess.CompletedProcess, fragments: list[str]) -> str:
+    """The refusal of a bad recipe: exit status 2 and one line on stderr, `chla: ...`, that holds
+    every one of `fragments` (the file, the key or line, what is wrong); that line is returned."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chla: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
 def status_json(run_dir: Path) -> dict[str, dict]:
     result = chla("status", str(run_dir), "--json")
     return {row["stage"]: row for row in json.loads(result.stdout)}
@@ -174,3 +185,58 @@ def trainer_stub(model):
     import torch
 
     return types.SimpleNamespace(engine=EngineStub(model), device=torch.device("cpu"))
+
+
+def resize_like_a_stage(model, tokenizer_dir: str, method: str, seed: int) -> int:
+    """Resize `model` to the tokenizer in `tokenizer_dir` as a training stage does (new rows by
+    `method`, seeded; up to 4x growth); returns the base's row count."""
+    from chla_train import model as models
+
+    return models.resize_to_tokenizer(
+        model,
+        len(models.load_tokenizer(tokenizer_dir)),
+        new_row_init=method,
+        max_vocab_growth=4,
+        where="test",
+        tokenizer_dir=tokenizer_dir,
+        seed=seed,
+        log=lambda _: None,
+    )
+
+
+def peft_with_shifted_rows(base, config, shift: float):
+    """PEFT's own model of a copy of `base` under `config` (LoRA A drawn from seed 1, the same for
+    every call), its trainable token rows moved by `shift` from the base's, as training would."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(shift)
+    return model
+
+
+# The tests' small LoRA stage: what `small_lora` applies unless told otherwise.
+SMALL_LORA = dict(
+    r=4,
+    alpha=8,
+    dropout=0.0,
+    target_modules=["q_proj", "v_proj"],
+    modules_to_save=["embed_tokens", "lm_head"],
+    init_adapter=None,
+    key_prefix="test",
+    seed=1,
+)
+
+
+def small_lora(model, **settings):
+    """chla_train.model.apply_lora with SMALL_LORA (rank 4 on q_proj and v_proj, embed_tokens and
+    lm_head trained whole, no adapter to start from); `settings` replace or add to it."""
+    from chla_train.model import apply_lora
+
+    return apply_lora(model, **{**SMALL_LORA, **settings})

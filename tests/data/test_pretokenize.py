@@ -42,6 +42,20 @@ def corpus(tmp_path, zh_lines) -> list[Path]:
     ]
 
 
+@pytest.fixture()
+def tokenize(tmp_path, demo_assets):
+    """pt.pretokenize of `inputs` into `out` with the base tokenizer, quietly, two workers and one
+    cache (tmp_path/cache) unless `settings` say otherwise."""
+
+    def run(inputs: list[Path], out: Path, **settings) -> dict:
+        settings = {"workers": 2, "cache_dir": tmp_path / "cache", **settings}
+        return pt.pretokenize(
+            [str(p) for p in inputs], demo_assets["base_tokenizer"], out, log=lambda m: None, **settings
+        )
+
+    return run
+
+
 def stream(out_dir: Path) -> np.ndarray:
     return TokenCorpus(out_dir).tokens()
 
@@ -212,22 +226,15 @@ def test_sigkill_mid_write_leaves_no_partial_shard_and_rerun_fills_in(tmp_path, 
     assert stream(out).tolist() == sp_reference(lines)
 
 
-def test_long_line_is_encoded_in_chunks(tmp_path, zh_lines, sp_reference, demo_assets):
+def test_long_line_is_encoded_in_chunks(tmp_path, zh_lines, sp_reference, demo_assets, tokenize):
     """A line far longer than chunk_bytes is cut at punctuation and encoded piecewise (bounded
     memory); the ids equal encoding the whole line at once."""
     long_line = "".join(zh_lines[:400])  # ~140 KB, one document
     corpus = write_lines(tmp_path / "long.txt", zh_lines[400:420] + [long_line] + zh_lines[420:430])
     items = list(pt.work_items(str(corpus), "txt", "line", 0, corpus.stat().st_size, 4096, 8192))
     assert sum(1 for item in items if item[0] == "chunk") > 10
-    pt.pretokenize(
-        [str(corpus)],
-        demo_assets["base_tokenizer"],
-        tmp_path / "out",
-        workers=2,
-        options=pt.PretokenizeOptions(chunk_bytes=8192),
-        layout=pt.Layout(batch_bytes=4096),
-        cache_dir=tmp_path / "cache",
-        log=lambda m: None,
+    tokenize(
+        [corpus], tmp_path / "out", options=pt.PretokenizeOptions(chunk_bytes=8192), layout=pt.Layout(batch_bytes=4096)
     )
     expected = sp_reference(zh_lines[400:420] + [long_line] + zh_lines[420:430])
     assert stream(tmp_path / "out").tolist() == expected
@@ -235,33 +242,20 @@ def test_long_line_is_encoded_in_chunks(tmp_path, zh_lines, sp_reference, demo_a
     # English: cuts fall before a space, so every chunk starts a word as in the whole line.
     english = " ".join(Path(demo_assets["en_text"]).read_text(encoding="utf-8").split())[:60000]
     corpus = write_lines(tmp_path / "long_en.txt", [english])
-    pt.pretokenize(
-        [str(corpus)],
-        demo_assets["base_tokenizer"],
+    tokenize(
+        [corpus],
         tmp_path / "out_en",
-        workers=2,
         options=pt.PretokenizeOptions(chunk_bytes=4096),
         layout=pt.Layout(batch_bytes=2048),
-        cache_dir=tmp_path / "cache",
-        log=lambda m: None,
     )
     assert stream(tmp_path / "out_en").tolist() == sp_reference([english])
 
 
-def test_paragraph_documents_and_json_inputs(tmp_path, zh_lines, sp_reference, demo_assets):
+def test_paragraph_documents_and_json_inputs(tmp_path, zh_lines, sp_reference, tokenize):
     paragraphs = ["\n".join(zh_lines[i : i + 3]) for i in range(0, 600, 3)]
     txt = tmp_path / "para.txt"
     txt.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
-    pt.pretokenize(
-        [str(txt)],
-        demo_assets["base_tokenizer"],
-        tmp_path / "p",
-        workers=2,
-        options=pt.PretokenizeOptions(txt_documents="paragraph"),
-        layout=SMALL,
-        cache_dir=tmp_path / "cache",
-        log=lambda m: None,
-    )
+    tokenize([txt], tmp_path / "p", options=pt.PretokenizeOptions(txt_documents="paragraph"), layout=SMALL)
     assert stream(tmp_path / "p").tolist() == sp_reference(paragraphs)
 
     docs = zh_lines[:300]
@@ -272,31 +266,14 @@ def test_paragraph_documents_and_json_inputs(tmp_path, zh_lines, sp_reference, d
     )
     array = tmp_path / "docs.json"
     array.write_text(json.dumps([{"content": d} for d in docs], ensure_ascii=False), encoding="utf-8")
-    pt.pretokenize(
-        [str(jsonl), str(array)],
-        demo_assets["base_tokenizer"],
-        tmp_path / "j",
-        workers=2,
-        options=pt.PretokenizeOptions(text_key="content"),
-        layout=SMALL,
-        cache_dir=tmp_path / "cache",
-        log=lambda m: None,
-    )
+    tokenize([jsonl, array], tmp_path / "j", options=pt.PretokenizeOptions(text_key="content"), layout=SMALL)
     assert stream(tmp_path / "j").tolist() == sp_reference(docs) * 2
 
 
 @pytest.mark.slow
-def test_hf_encoder_gives_the_same_ids_on_chinese(tmp_path, zh_lines, sp_reference, demo_assets):
+def test_hf_encoder_gives_the_same_ids_on_chinese(tmp_path, zh_lines, sp_reference, tokenize):
     corpus = write_lines(tmp_path / "a.txt", zh_lines[:200])
-    pt.pretokenize(
-        [str(corpus)],
-        demo_assets["base_tokenizer"],
-        tmp_path / "out",
-        workers=1,
-        options=pt.PretokenizeOptions(encoder="hf"),
-        cache_dir=tmp_path / "cache",
-        log=lambda m: None,
-    )
+    tokenize([corpus], tmp_path / "out", workers=1, options=pt.PretokenizeOptions(encoder="hf"))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {s["encoder"] for s in manifest["shards"]} == {"hf"}
     assert stream(tmp_path / "out").tolist() == sp_reference(zh_lines[:200])

@@ -245,6 +245,26 @@ def test_adapter_for_a_different_base_names_the_tensor(tiny_chain, tmp_path, tok
     _assert_untouched(out)
 
 
+def test_adapter_with_a_layer_the_base_lacks_names_it(tiny_chain, tmp_path, tokenizer_dir):
+    """An adapter of a deeper base: its LoRA tensors of layer 1 have no counterpart in a one-layer
+    base. The control is the two-layer base it was trained on, which it merges into."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shallow = make_base(tmp_path / "shallow", tokenizer_dir, num_hidden_layers=1)
+    deep = make_base(tmp_path / "deep", tokenizer_dir)
+    adapter = make_adapter(tmp_path / "adapter", deep, tokenizer, seed=5)
+    out = tmp_path / "out"
+    with pytest.raises(ChlaError) as caught:
+        merge_adapters(shallow, [adapter], out, log=lambda _m: None)
+    message = str(caught.value)
+    assert "\n" not in message and "has no counterpart model.layers.1." in message, message
+    assert "LoRA tensor" in message and "different base" in message, message
+    _assert_untouched(out)
+    merge_adapters(deep, [adapter], out, log=lambda _m: None)
+    assert (out / "config.json").is_file()
+
+
 def test_vocabulary_shrink_is_refused(tiny_chain, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ChlaError, match="shrink"):

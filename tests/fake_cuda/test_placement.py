@@ -35,7 +35,7 @@ from chla_tools import evaluate as evaluation
 from chla_train import model as models
 from chla_train.trainer import Trainer
 
-from ..helpers import TINY_LLAMA, EngineStub
+from ..helpers import TINY_LLAMA, EngineStub, resize_like_a_stage, small_lora
 from .device import CUDA, DeviceMismatch, FakeCuda, FakeCudaTensor
 
 pytestmark = pytest.mark.filterwarnings("ignore:User provided device_type of 'cuda'")
@@ -53,17 +53,7 @@ def resized_model(tokenizer_dir: str, method: str, *, device: torch.device | Non
     model = models.build_base_model(None, TINY_LLAMA, dtype=torch.float32, attn_implementation="sdpa", seed=1)
     if device is not None:
         model.to(device)
-    base_rows = models.resize_to_tokenizer(
-        model,
-        len(tokenizer),
-        new_row_init=method,
-        max_vocab_growth=4,
-        where="test",
-        tokenizer_dir=tokenizer_dir,
-        seed=seed,
-        log=lambda _: None,
-    )
-    return model, tokenizer, base_rows
+    return model, tokenizer, resize_like_a_stage(model, tokenizer_dir, method, seed)
 
 
 def trainer_on(model, device: torch.device):
@@ -168,18 +158,7 @@ def test_lora_with_trainable_token_rows_on_the_device(train_assets):
     for device in (None, CUDA):
         with FakeCuda():
             model, tokenizer, base_rows = resized_model(train_assets["merged_tokenizer"], "mean", device=device)
-            model = models.apply_lora(
-                model,
-                r=4,
-                alpha=8,
-                dropout=0.0,
-                target_modules=["q_proj", "v_proj"],
-                modules_to_save=["embed_tokens", "lm_head"],
-                init_adapter=None,
-                key_prefix="test",
-                seed=3,
-                new_token_rows=range(base_rows, len(tokenizer)),
-            )
+            model = small_lora(model, seed=3, new_token_rows=range(base_rows, len(tokenizer)))
             trainable = [param for param in model.parameters() if param.requires_grad]
             assert trainable and all(param.device == (device or torch.device("cpu")) for param in trainable)
             losses[device] = forward_loss(model, pretraining_batch(len(tokenizer)), device or torch.device("cpu"))

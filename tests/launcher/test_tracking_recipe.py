@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..helpers import chla_in_process
+from ..helpers import chla_in_process, refusal_line
 from .conftest import chla
 
 STAGE = """\
@@ -73,11 +73,7 @@ CREDENTIALS = [
 def test_credentials_and_bad_tracking_are_refused(tmp_path: Path, case_id, text, extra, expected):
     (tmp_path / "r.yaml").write_text(textwrap.dedent(text))
     result = chla_in_process("submit", "r.yaml", *extra, cwd=tmp_path)
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("chla: "), result.stderr
-    for fragment in expected:
-        assert fragment in lines[0], (fragment, lines[0])
+    refusal_line(result, expected)
     assert not (tmp_path / "runs").exists()
 
 

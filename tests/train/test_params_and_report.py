@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from chla_launcher.contract.kinds import get_kind, input_path_fields
 from chla_train.model_config import llama_config
 
+from ..helpers import small_lora
+
 
 def test_kinds_are_registered_with_original_defaults():
     pretrain, sft = get_kind("pretrain"), get_kind("sft")
@@ -306,26 +308,13 @@ def test_new_lora_adapter_depends_on_the_seed_not_on_the_global_rng():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chla_train.model import apply_lora
-
     config = LlamaConfig(**llama_config(vocab=64, hidden=8, intermediate=16, layers=1, heads=2))
 
     def lora_a(seed: int, draws_before: int) -> torch.Tensor:
         torch.manual_seed(0)
         base = LlamaForCausalLM(config)
         torch.rand(draws_before)  # whatever the process did before
-        model = apply_lora(
-            base,
-            r=4,
-            alpha=8,
-            dropout=0.0,
-            target_modules=["q_proj"],
-            modules_to_save=[],
-            init_adapter=None,
-            key_prefix="pt",
-            seed=seed,
-            log=lambda _: None,
-        )
+        model = small_lora(base, target_modules=["q_proj"], modules_to_save=[], seed=seed, log=lambda _: None)
         return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
 
     assert torch.equal(lora_a(42, 0), lora_a(42, 1000))

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from ..helpers import TINY_LLAMA
+from ..helpers import TINY_LLAMA, resize_like_a_stage
 
 CHOICE = (
     "import json; from chla_train.precision import choose_precision as c; "
@@ -53,23 +53,12 @@ def test_forced_precision_wins():
 def _resized(tokenizer_dir: str, method: str, seed: int = 7):
     from chla_train import model as models
 
-    tokenizer = models.load_tokenizer(tokenizer_dir)
     model = models.build_base_model(None, TINY_LLAMA, dtype=torch.float32, attn_implementation="sdpa", seed=1)
     base = {
         "embed": model.get_input_embeddings().weight.detach().clone(),
         "head": model.get_output_embeddings().weight.detach().clone(),
     }
-    base_rows = models.resize_to_tokenizer(
-        model,
-        len(tokenizer),
-        new_row_init=method,
-        max_vocab_growth=4,
-        where="test",
-        tokenizer_dir=tokenizer_dir,
-        seed=seed,
-        log=lambda _: None,
-    )
-    return model, base, base_rows
+    return model, base, resize_like_a_stage(model, tokenizer_dir, method, seed)
 
 
 def test_subtoken_mean_rows_are_the_means_of_the_base_tokenizers_pieces(train_assets):

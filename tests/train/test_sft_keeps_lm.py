@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ..helpers import TINY_LLAMA
-from .launch import launch
-from .test_training import PROBE, _run_expecting_error, reference_model, summary
+from ..helpers import TINY_LLAMA, peft_with_shifted_rows
+from .test_training import PROBE, _run_expecting_error, launch_probed, reference_model, summary
 
 
 @pytest.mark.slow
@@ -37,9 +36,8 @@ def test_embedding_learning_rate_gets_its_own_param_groups():
 def test_trainable_output_rows_give_peft_logits_and_gradients():
     """chla's cheaper output head for trainable token rows (no full weight gradient) computes what
     PEFT's own TrainableTokensLayer computes: the same loss and every gradient."""
-    import copy
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chla_train.token_rows import output_rows_without_full_gradient
@@ -48,19 +46,8 @@ def test_trainable_output_rows_give_peft_logits_and_gradients():
     base = LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, vocab_size=300)))
     rows = list(range(250, 300))
 
-    def adapted(seed_delta: float):
-        torch.manual_seed(1)  # the same LoRA A matrices
-        model = get_peft_model(
-            copy.deepcopy(base),
-            LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": rows, "lm_head": rows}),
-        )
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "trainable_tokens_delta" in name:
-                    param.add_(seed_delta)  # trained rows that differ from the base's
-        return model
-
-    peft_model, ours, other = adapted(0.1), adapted(0.1), adapted(0.2)
+    config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": rows, "lm_head": rows})
+    peft_model, ours, other = (peft_with_shifted_rows(base, config, shift) for shift in (0.1, 0.1, 0.2))
     assert output_rows_without_full_gradient(ours) and output_rows_without_full_gradient(other)
     ids = torch.randint(0, 300, (2, 9))
     losses = [m(input_ids=ids, labels=ids).loss for m in (peft_model, ours, other)]
@@ -145,15 +132,7 @@ def test_sft_on_new_rows_with_replay_keeps_base_rows_and_merges(train_assets, tm
     )
     assert "new_rows_from" in message and "32000" in message
     run = tmp_path / "sft"
-    launch(
-        {
-            "kind": "sft",
-            "run_dir": str(run),
-            "params": params,
-            "probe_ids": PROBE,
-            "probe_out": str(run / "probe_logits.pt"),
-        }
-    )
+    launch_probed("sft", run, params)
     record = summary(run)
     assert record["blend_samples"] == {"sft_train": 36, "replay:corpus": 12}  # 6 x 8, a quarter replay
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..helpers import TINY_LLAMA
+from ..helpers import TINY_LLAMA, peft_with_shifted_rows, resize_like_a_stage
 from .launch import launch
-from .test_training import PROBE, pretrain_params
+from .test_training import PROBE, launch_probed, pretrain_params
 
 TIED_LLAMA = dict(TINY_LLAMA, tie_word_embeddings=True)
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -24,19 +24,8 @@ def resized(tokenizer_dir: str, init=TIED_LLAMA, method: str = "subtoken_mean", 
     """The model a stage starts from, rebuilt the same way (same seed, same resize)."""
     from chla_train import model as models
 
-    tokenizer = models.load_tokenizer(tokenizer_dir)
     model = models.build_base_model(None, init, dtype=torch.float32, attn_implementation="sdpa", seed=seed)
-    base_rows = models.resize_to_tokenizer(
-        model,
-        len(tokenizer),
-        new_row_init=method,
-        max_vocab_growth=4,
-        where="test",
-        tokenizer_dir=tokenizer_dir,
-        seed=seed,
-        log=lambda _: None,
-    )
-    return model, base_rows
+    return model, resize_like_a_stage(model, tokenizer_dir, method, seed)
 
 
 def is_tied(model) -> bool:
@@ -126,9 +115,8 @@ def test_tied_output_rows_give_peft_logits_and_gradients():
     """chla's cheaper output head for trainable token rows, on a tied base (PEFT ties lm_head's
     rows to embed_tokens'): the loss and every gradient of PEFT's own layers. Control: other
     trained rows give another loss."""
-    import copy
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chla_train.token_rows import output_rows_without_full_gradient
@@ -137,17 +125,8 @@ def test_tied_output_rows_give_peft_logits_and_gradients():
     base = LlamaForCausalLM(LlamaConfig(**dict(TIED_LLAMA, vocab_size=300)))
     rows = list(range(250, 300))
 
-    def adapted(shift: float):
-        torch.manual_seed(1)  # the same LoRA A matrices
-        config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": rows})
-        model = get_peft_model(copy.deepcopy(base), config)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "trainable_tokens_delta" in name:
-                    param.add_(shift)  # trained rows that differ from the base's
-        return model
-
-    peft_model, ours, other = adapted(0.1), adapted(0.1), adapted(0.2)
+    config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": rows})
+    peft_model, ours, other = (peft_with_shifted_rows(base, config, shift) for shift in (0.1, 0.1, 0.2))
     assert peft_model.get_output_embeddings().token_adapter.tied_adapter is not None
     assert output_rows_without_full_gradient(ours) and output_rows_without_full_gradient(other)
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -210,16 +189,7 @@ def lora_run(assets, run_dir: Path, *, world_size: int = 1, **overrides) -> Path
         learning_rate=2e-3,
         **overrides,
     )
-    launch(
-        {
-            "kind": "pretrain",
-            "run_dir": str(run_dir),
-            "params": params,
-            "probe_ids": PROBE,
-            "probe_out": str(run_dir / "probe_logits.pt"),
-        },
-        world_size=world_size,
-    )
+    launch_probed("pretrain", run_dir, params, world_size=world_size)
     return run_dir / "train" / "out" / "adapter"
 
 

@@ -17,7 +17,7 @@ from chla_train.model_config import llama_config
 from chla_train.token_loss import ChunkedLinearCrossEntropy
 from chla_train.trainer import Trainer
 
-from ..helpers import trainer_stub
+from ..helpers import small_lora, trainer_stub
 
 
 def reference_loss(hidden, weight, targets):
@@ -70,21 +70,9 @@ def test_trainer_loss_and_adapter_gradients_match_transformers(labels_kind, monk
     modules_to_save wrapper in front of the projection) against transformers' own loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chla_train.model import apply_lora
-
     torch.manual_seed(0)
     config = LlamaConfig(**llama_config(vocab=300, hidden=32, intermediate=64, layers=2, heads=4, positions=64))
-    model = apply_lora(
-        LlamaForCausalLM(config),
-        r=4,
-        alpha=8,
-        dropout=0.0,
-        target_modules=["q_proj", "v_proj"],
-        modules_to_save=["embed_tokens", "lm_head"],
-        init_adapter=None,
-        key_prefix="t",
-        seed=1,
-    )
+    model = small_lora(LlamaForCausalLM(config))
     for name, param in model.named_parameters():  # LoRA B starts at 0: give it gradients that show
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)

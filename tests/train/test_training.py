@@ -21,6 +21,12 @@ from .launch import launch
 PROBE = [[1, 400, 31000, 32100, 5, 77, 33000, 12], [1, 9, 8, 7, 6, 5, 4, 3]]
 
 
+def launch_probed(kind: str, run_dir: Path, params: dict, *, world_size: int = 1) -> None:
+    """Run the stage; after training, its model's logits on PROBE land in run_dir/probe_logits.pt."""
+    probe = {"probe_ids": PROBE, "probe_out": str(run_dir / "probe_logits.pt")}
+    launch({"kind": kind, "run_dir": str(run_dir), "params": params, **probe}, world_size=world_size)
+
+
 def pretrain_params(assets, **overrides):
     params = {
         "tokenizer": assets["merged_tokenizer"],
@@ -117,16 +123,7 @@ def _lora_run(assets, run_dir: Path, world_size: int, zero_stage: int = 2, model
     if model_dir is not None:  # the same model, saved: loaded from its files instead of built
         params.pop("init")
         params["model"] = str(model_dir)
-    launch(
-        {
-            "kind": "pretrain",
-            "run_dir": str(run_dir),
-            "params": params,
-            "probe_ids": PROBE,
-            "probe_out": str(run_dir / "probe_logits.pt"),
-        },
-        world_size=world_size,
-    )
+    launch_probed("pretrain", run_dir, params, world_size=world_size)
 
 
 def _check_adapter_reloads(assets, run_dir: Path) -> None:

@@ -115,18 +115,9 @@ def test_merge_bad_base(capsys, tmp_path, zh_spm, base, needles):
 def test_merge_bad_add_model(capsys, tmp_path, demo_assets):
     not_a_model = tmp_path / "zh.model"
     not_a_model.write_text("这不是模型\n", encoding="utf-8")
+    base = demo_assets["base_tokenizer"]
     for add, needle in [(not_a_model, "not a SentencePiece model"), (tmp_path / "nope.model", "not found")]:
-        code, out, err = run_chla(
-            capsys,
-            "vocab",
-            "merge",
-            "--base",
-            demo_assets["base_tokenizer"],
-            "--add",
-            add,
-            "--out",
-            tmp_path / "merged",
-        )
+        code, out, err = run_chla(capsys, "vocab", "merge", "--base", base, "--add", add, "--out", tmp_path / "merged")
         _assert_one_clear_line(code, out, err, add.name, needle)
         _assert_nothing_written(tmp_path, "merged")
 

@@ -164,17 +164,9 @@ def test_sentiment_labels_split_alike_into_one_new_piece(merged_pad):
 
 
 def test_cli_merge_prints_the_arithmetic(capsys, demo_assets, zh_spm, tmp_path):
+    base = demo_assets["base_tokenizer"]
     code, out, err = run_chla(
-        capsys,
-        "vocab",
-        "merge",
-        "--base",
-        demo_assets["base_tokenizer"],
-        "--add",
-        zh_spm,
-        "--out",
-        tmp_path / "m",
-        "--pad-token",
+        capsys, "vocab", "merge", "--base", base, "--add", zh_spm, "--out", tmp_path / "m", "--pad-token"
     )
     assert code == 0, err
     assert "32000 + " in out and "; + [PAD] = " in out

@@ -58,6 +58,11 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _no_counterpart(adapter: Adapter, what: str, name: str, base: Checkpoint, hint: str) -> ChlaError:
+    """`what` of the adapter ("tensor K has") changes `name`, which the base does not have."""
+    return ChlaError(f"adapter {adapter.dir}: {what} no counterpart {name} in base {base.dir}; {hint}")
+
+
 def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> tuple[list[PlannedTensor], bool]:
     """Output tensors in base order with their final shapes; and whether embeddings stay tied."""
     tied = bool(base.config.get("tie_word_embeddings", False))
@@ -83,9 +88,7 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
                 tied_now = False
         for name, key in adapter.replacements.items():
             if name not in shapes:
-                raise ChlaError(
-                    f"adapter {adapter.dir}: tensor {key} has no counterpart {name} in base {base.dir}; {hint}"
-                )
+                raise _no_counterpart(adapter, f"tensor {key} has", name, base, hint)
             new, old = adapter.file.tensors[key].shape, shapes[name]
             if new != old:
                 growable = name in vocab_keys and len(new) == 2 and new[1:] == old[1:]
@@ -104,10 +107,7 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
             touched.add(name)
         for name, lora in adapter.loras.items():
             if name not in shapes:
-                raise ChlaError(
-                    f"adapter {adapter.dir}: LoRA tensor {lora.a_key} has no counterpart {name} "
-                    f"in base {base.dir}; {hint}"
-                )
+                raise _no_counterpart(adapter, f"LoRA tensor {lora.a_key} has", name, base, hint)
             a_shape = adapter.file.tensors[lora.a_key].shape
             b_shape = adapter.file.tensors[lora.b_key].shape
             delta = (a_shape[1], b_shape[0]) if (lora.embedding or lora.fan_in_fan_out) else (b_shape[0], a_shape[1])
@@ -120,10 +120,7 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], dtype: str | None) -> 
             touched.add(name)
         for name, rows in adapter.token_rows.items():
             if name not in shapes:
-                raise ChlaError(
-                    f"adapter {adapter.dir}: token rows {rows.key} have no counterpart {name} "
-                    f"in base {base.dir}; {hint}"
-                )
+                raise _no_counterpart(adapter, f"token rows {rows.key} have", name, base, hint)
             delta_shape, old = adapter.file.tensors[rows.key].shape, shapes[name]
             if len(old) != 2 or tuple(delta_shape) != (len(rows.indices), old[1]):
                 raise ChlaError(

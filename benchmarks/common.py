@@ -1,0 +1,45 @@
+"""What several benchmark scripts share besides their machine line (machine.py): the `--run`
+argument of those that measure a finished demo-like run, the table of step timings, and how a
+process that ran gloo ends.
+
+Usage from a benchmark script (benchmarks/ is the script's own directory, so it is importable):
+    from common import demo_run_parser
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+
+def demo_run_parser(doc: str, run_help: str = "run directory of a finished demo-like chain") -> argparse.ArgumentParser:
+    """A benchmark's parser, described by its docstring's first line, with `--run DIR` (a Path)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help=run_help)
+    return parser
+
+
+def print_timings_and_outputs(timings: dict[str, float], report: str, work: Path, keep: bool) -> None:
+    """The wall seconds of each step (a markdown table), then `report`, then where the outputs
+    are; they are removed unless the user asked to keep them."""
+    import shutil
+
+    width = max(map(len, timings))
+    print(f"| {'step':<{width}} | wall s |\n|{'-' * (width + 2)}|-------:|")
+    for step, seconds in timings.items():
+        print(f"| {step:<{width}} | {seconds:6.2f} |")
+    print()
+    print(report)
+    print(f"outputs: {work}")
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def exit_skipping_teardown() -> NoReturn:
+    """End the process here, its output flushed, skipping the interpreter's teardown: with gloo's
+    threads still alive it can abort (SIGABRT) a process that has written all it measured."""
+    sys.stdout.flush()
+    os._exit(0)
