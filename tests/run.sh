@@ -12,12 +12,13 @@ cleanup() { [ "$started" = 1 ] && bash slurm/localcluster.sh stop || true; }
 trap cleanup EXIT
 # Slurm tests fail (instead of skipping) when the cluster is missing.
 export CHLA_REQUIRE_SLURM=1
-# Two pytest-xdist workers: much of the suite waits (Slurm scheduling, process start-up), so two
-# workers on two cores take about half the time of one. Every test that uses the Slurm cluster
-# runs on one worker, in turn (--dist loadgroup; tests/conftest.py puts them in one group), as
-# the cluster's two small nodes allow. Two, not `auto`: the Slurm group is the critical path,
-# which more workers do not shorten, and each worker holds its own torch and session fixtures.
+# Three pytest-xdist workers on this machine kind's two cores: much of the suite waits (Slurm
+# scheduling, preemption grace times, process start-up), and with two workers both were busy for
+# the whole run while the cores were a third idle (28 min wall, 38.6 CPU-minutes). Every test that
+# uses the Slurm cluster runs on one worker, in turn (--dist loadgroup; tests/conftest.py puts
+# them in one group), as the cluster's two small nodes allow; the shrunk demo's local run has a
+# group of its own on another worker. Each worker holds its own torch and session fixtures.
 # Arguments come after, so `-n 0` among them runs the tests in this process, one by one.
 # With no path among the arguments pytest runs its testpaths (the whole suite, tests/); with paths,
 # only those.
-.venv/bin/python -m pytest -q --durations=15 -n 2 --dist loadgroup "$@"
+.venv/bin/python -m pytest -q --durations=15 -n 3 --dist loadgroup "$@"

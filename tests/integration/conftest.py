@@ -3,6 +3,8 @@ the chain (test_demo_chain.py) and the artifacts it leaves (test_demo_artifacts.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -51,10 +53,27 @@ def submit_demo(tmp_path: Path, executor: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_runs(tmp_path_factory, slurm_cluster, demo_assets) -> dict[str, Path]:
-    """The shrunk demo, queued on Slurm and then run locally while Slurm works through it (the
-    tests wait for the Slurm run themselves)."""
-    tmp_path = tmp_path_factory.mktemp("demo")
-    slurm_run = submit_demo(tmp_path, "slurm")
-    local_run = submit_demo(tmp_path, "local")
-    return {"slurm": slurm_run, "local": local_run}
+def demo_local_run(tmp_path_factory, demo_assets) -> Path:
+    """The shrunk demo on the local executor, run once per test session even across pytest-xdist
+    workers: its tests need no Slurm, so they run on the worker beside the Slurm group, and the
+    Slurm group's comparison (test_demo_chain.py) finds the run done instead of doing it again.
+    The workers share the session's base temporary directory's parent; the first one to take
+    the lock runs the chain, a later one waits for it and reads the same run."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "demo-local"
+    root.mkdir(exist_ok=True)
+    with open(shared / "demo-local.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "chain-ran"
+        if not done.exists():
+            submit_demo(root, "local")
+            done.touch()
+    return root / "local"
+
+
+@pytest.fixture(scope="session")
+def demo_slurm_run(tmp_path_factory, slurm_cluster, demo_assets) -> Path:
+    """The shrunk demo queued on the real local Slurm cluster (the tests wait for it themselves)."""
+    return submit_demo(tmp_path_factory.mktemp("demo"), "slurm")

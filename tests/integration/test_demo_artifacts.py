@@ -23,7 +23,7 @@ from chla_tools.tasks import TASKS
 
 from ..helpers import REPO
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 TRANSFORMERS4 = REPO / ".venv" / "transformers4"
 TEXTS = [
@@ -70,10 +70,10 @@ def load_with(python_path: Path | None, folders: list[Path], tmp_path: Path, nam
     return torch.load(out, weights_only=False)
 
 
-def test_exported_folders_load_in_transformers_4_and_5_with_equal_logits(demo_runs, tmp_path):
+def test_exported_folders_load_in_transformers_4_and_5_with_equal_logits(demo_local_run, tmp_path):
     if not (TRANSFORMERS4 / "transformers").is_dir():
         pytest.fail(f"{TRANSFORMERS4} is missing: run `bash install.sh --test`")
-    run = demo_runs["local"]
+    run = demo_local_run
     folders = [run / folder for folder in FOLDERS]
     # The control: a tokenizer saved by transformers 5 as it comes (TokenizersBackend), which
     # transformers 4 cannot load: the side environment must really be transformers 4.
@@ -156,12 +156,12 @@ def sft_vocab_size(run: Path) -> int:
     return merged.get_piece_size() + 1
 
 
-def test_gguf_of_the_final_model_holds_its_vocabulary_and_tensors(demo_runs):
+def test_gguf_of_the_final_model_holds_its_vocabulary_and_tensors(demo_local_run):
     import sentencepiece as spm
     import torch
     from safetensors import safe_open
 
-    run = demo_runs["local"]
+    run = demo_local_run
     model_dir = run / "merge_sft" / "out"
     vocab = sft_vocab_size(run)
     export = json.loads((run / "gguf" / "out" / "export.json").read_text())
@@ -212,8 +212,8 @@ def test_gguf_of_the_final_model_holds_its_vocabulary_and_tensors(demo_runs):
 # --- lm-evaluation-harness ----------------------------------------------------------------
 
 
-def test_lm_eval_results_are_in_results_json_and_the_summary(demo_runs):
-    run = demo_runs["local"]
+def test_lm_eval_results_are_in_results_json_and_the_summary(demo_local_run):
+    run = demo_local_run
     results = json.loads((run / "eval_task" / "out" / "results.json").read_text())
     task = results["lm_eval"]["tasks"]["chla_sentiment_test"]
     assert task["samples"] == 40 and results["lm_eval"]["limit"] == 40

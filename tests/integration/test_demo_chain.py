@@ -40,11 +40,11 @@ def parents_in_recipe(stage: dict) -> set[str]:
     return set(re.findall(r"\$\{stages\.(\w+)\.out\}", text)) | set(stage.get("after", []))
 
 
-def test_demo_chain_on_slurm_matches_the_local_run(demo_runs):
+def test_demo_chain_on_slurm_matches_the_local_run(demo_slurm_run, demo_local_run):
     recipe = yaml.safe_load(DEMO.read_text())["stages"]
     stages = list(recipe)
 
-    slurm_run = demo_runs["slurm"]
+    slurm_run = demo_slurm_run
     chain = json.loads((slurm_run / "chain.json").read_text())["stages"]
     assert set(chain) == set(stages)
     for name in stages:
@@ -63,7 +63,7 @@ def test_demo_chain_on_slurm_matches_the_local_run(demo_runs):
             assert "--dependency" not in script, name
         assert bool(recipe[name].get("array")) == ("--array=" in script), name
 
-    local_run = demo_runs["local"]  # ran while Slurm worked through its queue
+    local_run = demo_local_run
 
     rows = wait_for_chain(slurm_run, timeout=900)
     assert {name: row["state"] for name, row in rows.items()} == dict.fromkeys(stages, "COMPLETED")
