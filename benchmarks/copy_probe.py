@@ -44,7 +44,7 @@ def main() -> None:
 
     import torch
 
-    from chla_launcher.recipe import load_frozen
+    from chla_launcher.contract.recipe import load_frozen
     from chla_tools.text_metrics import rouge_l
     from chla_train import model as models
 

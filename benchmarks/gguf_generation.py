@@ -77,7 +77,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chla_launcher.kinds.export import ExportParams
+    from chla_launcher.contract.kinds.export import ExportParams
     from chla_tools.gguf_export import export_gguf
     from chla_tools.inference import encode, load_tokenizer
     from chla_tools.sft_data import format_prompt

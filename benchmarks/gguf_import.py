@@ -54,8 +54,8 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chla_launcher.kinds.export import ExportParams
-    from chla_launcher.kinds.import_gguf import ImportGgufParams
+    from chla_launcher.contract.kinds.export import ExportParams
+    from chla_launcher.contract.kinds.import_gguf import ImportGgufParams
     from chla_tools.assets import fetch_assets, fetch_base_model
     from chla_tools.gguf_export import export_gguf
     from chla_tools.gguf_import import import_gguf

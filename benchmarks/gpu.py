@@ -253,7 +253,7 @@ def time_original(blocks, layers: int, total_steps: int, root: Path) -> list[flo
 def sft_trainer(config: dict, layers: int, root: Path, *, vocab: int, pad_id: int, dataset, pack: bool = True):
     import torch
 
-    from chla_launcher.kinds.sft import SftParams
+    from chla_launcher.contract.kinds.sft import SftParams
     from chla_tools.sft_data import sft_collate
     from chla_train import model as models
     from chla_train.trainer import TrainData, Trainer, init_distributed

@@ -37,7 +37,7 @@ def main() -> None:
 
     import torch
 
-    from chla_launcher.recipe import load_frozen
+    from chla_launcher.contract.recipe import load_frozen
     from chla_tools.blocks import BlockDataset, split_indices
     from chla_tools.evaluate import perplexity_sums
     from chla_train import model as models

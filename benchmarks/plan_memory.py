@@ -53,7 +53,7 @@ BLOCK = 512
 
 
 def stage_params(spec: dict):
-    from chla_launcher.kinds.pretrain import PretrainParams
+    from chla_launcher.contract.kinds.pretrain import PretrainParams
 
     return PretrainParams(
         tokenizer=spec["tokenizer"],

@@ -73,7 +73,7 @@ def unfused_adamw(model, params) -> torch.optim.Optimizer:
 
 
 def build(tag: str, layout: str, fused: bool, dataset, pad_id: int, root: Path) -> dict:
-    from chla_launcher.kinds.sft import SftParams
+    from chla_launcher.contract.kinds.sft import SftParams
     from chla_tools.blocks import ResumableSampler
     from chla_tools.sft_data import sft_collate
     from chla_train import model as models

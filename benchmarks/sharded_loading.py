@@ -176,7 +176,7 @@ def worker(spec_file: str) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from chla_launcher.kinds.pretrain import PretrainParams
+    from chla_launcher.contract.kinds.pretrain import PretrainParams
     from chla_train.context import StageContext
     from chla_train.freed_memory import keep_freed_memory
     from chla_train.stages import pretrain

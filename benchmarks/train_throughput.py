@@ -157,7 +157,7 @@ def build_chla(
     torch_compile: bool | str = "auto",
 ) -> dict:
     """The pretrain stage's trainer, as chla_train.stages.pretrain builds it, with its defaults."""
-    from chla_launcher.kinds.pretrain import PretrainParams
+    from chla_launcher.contract.kinds.pretrain import PretrainParams
     from chla_tools.blocks import ResumableSampler
     from chla_train import model as models
     from chla_train.precision import choose_precision

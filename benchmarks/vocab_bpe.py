@@ -43,9 +43,9 @@ def main() -> int:
     args = parser.parse_args()
     print_machine()
 
-    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
-    from chla_launcher.kinds.train_bpe import TrainBpeParams
-    from chla_launcher.kinds.vocab_report import VocabReportParams
+    from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.contract.kinds.train_bpe import TrainBpeParams
+    from chla_launcher.contract.kinds.vocab_report import VocabReportParams
     from chla_tools.assets import fetch_assets
     from chla_tools.vocab import merge_tokenizers, render_markdown, train_bpe, vocab_report
 

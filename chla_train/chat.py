@@ -12,8 +12,6 @@ import argparse
 import signal
 import sys
 
-from chla_launcher.errors import ChlaError
-
 PROMPT = ">>> "
 
 
@@ -68,20 +66,3 @@ def chat(args: argparse.Namespace) -> int:
             streamer.end()
             print("[stopped]", flush=True)
         print(flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from chla_launcher.commands.chat import HELP, add_arguments
-
-    parser = argparse.ArgumentParser(prog="chla chat", description=HELP)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return chat(args)
-    except ChlaError as error:
-        print(f"chla: {error}", file=sys.stderr)
-        return error.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from chla_launcher.atomic import write_json
+from chla_launcher.contract.atomic import write_json
 
 ENGINE_TAG = "engine"
 STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from chla_launcher.kinds import StageParams
+from chla_launcher.contract.kinds import StageParams
 from chla_train.distributed import DistributedEnv
 
 # The params model of the stage kind a runner implements: `def run(ctx: StageContext[SftParams])`.
@@ -46,7 +46,7 @@ class StageContext(Generic[ParamsT]):
     num_tasks: int
     dist: DistributedEnv
     fingerprint: str
-    recipe: Any = None  # the frozen chla_launcher.recipe.ResolvedRecipe
+    recipe: Any = None  # the frozen chla_launcher.contract.recipe.ResolvedRecipe
     # Set by chla_train.preemption's signal handlers: the first stop signal received, if any.
     stop_signal: str | None = field(default=None, repr=False)
     _preempt_requested: bool = field(default=False, repr=False)

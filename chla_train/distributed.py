@@ -13,7 +13,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 # MASTER_PORT is chosen among the ports from _PORT_FLOOR to 65535 that lie outside the node's
 # ephemeral range (Linux hands those out to outgoing connections, so a port there can be taken by

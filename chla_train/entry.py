@@ -27,11 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chla_launcher import atomic
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds import import_entry
-from chla_launcher.recipe import ResolvedRecipe, load_frozen
-from chla_launcher.rundir import COMPLETED, FAILED, PENDING, RUNNING, STALE, RunDir, now
+from chla_launcher.contract import atomic
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds import import_entry
+from chla_launcher.contract.recipe import ResolvedRecipe, load_frozen
+from chla_launcher.contract.rundir import COMPLETED, FAILED, PENDING, RUNNING, STALE, RunDir, now
 from chla_train import tracking
 from chla_train.context import Preempted, StageContext
 from chla_train.determinism import prepare_environment

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from chla_launcher.atomic import replace_dir, write_text
+from chla_launcher.contract.atomic import replace_dir, write_text
 from chla_tools.hf_tokenizer import save_tokenizer
 from chla_train.model import merge_new_rows_state_dict, without_tied_output
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from chla_launcher import atomic
+from chla_launcher.contract import atomic
 
 
 def peak_memory_mb() -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
@@ -715,6 +715,6 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def write_model_card(out_dir: Path, facts: dict[str, Any]) -> None:
-    from chla_launcher.atomic import write_text
+    from chla_launcher.contract.atomic import write_text
 
     write_text(out_dir / "chla_training.json", json.dumps(facts, indent=2, ensure_ascii=False) + "\n")

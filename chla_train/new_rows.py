@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 METHODS = ("subtoken_mean", "mean", "random")
 

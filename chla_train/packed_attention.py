@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.sft import NO_SHARED_PREFIX_UNDER_FLASH
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.sft import NO_SHARED_PREFIX_UNDER_FLASH
 
 # Implementations that take varlen boundaries (transformers' FlashAttention integrations).
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from chla_launcher import slurm
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_train.context import REQUEUE_EXIT_CODE, Preempted, StageContext
 
 

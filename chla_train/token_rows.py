@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 
 def new_token_rows(params, base_rows: int, vocab_size: int, *, where: str, added_here: int = 0) -> range | None:

@@ -1,5 +1,5 @@
 """Experiment tracking in the jobs: MLflow and Weights & Biases, as the recipe's `tracking:` block
-asks (settings: chla_launcher.tracking).
+asks (settings: chla_launcher.contract.tracking_settings).
 
     MLflow   one run per chain (the parent), one nested run per stage: the stage's parameters,
              per-step training metrics (loss, lr, grad_norm, tokens/s, eval_loss, ...), its
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.atomic import read_json, write_json
-from chla_launcher.rundir import RunDir
+from chla_launcher.contract.atomic import read_json, write_json
+from chla_launcher.contract.rundir import RunDir
 
 STAGE_FILE = "tracking_runs.json"
 # A tracking server that does not answer must cost a stage seconds, not MLflow's default minutes

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from chla_launcher.errors import ChlaError
-from chla_launcher.progress import progress_writer
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.progress import progress_writer
 from chla_train import checkpoint as checkpoints
 from chla_train import tracking
 from chla_train.distributed import local_cuda_device

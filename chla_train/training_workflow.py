@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Generic
 import torch
 import torch.distributed as dist
 
-from chla_launcher.atomic import write_json
+from chla_launcher.contract.atomic import write_json
 from chla_train import model as models
 from chla_train.context import ParamsT, StageContext
 from chla_train.determinism import apply_determinism

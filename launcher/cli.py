@@ -11,7 +11,7 @@ import sys
 from types import ModuleType
 
 from . import __version__, commands
-from .errors import ChlaError
+from .contract.errors import ChlaError
 
 
 def _command_modules() -> list[ModuleType]:

@@ -25,8 +25,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, g
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from .errors import ChlaError
-from .kinds import StageParams
+from .contract.errors import ChlaError
+from .contract.kinds import StageParams
 
 ParamsT = TypeVar("ParamsT", bound=StageParams)
 

@@ -13,36 +13,8 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ChlaError
-from .recipe import ResolvedRecipe, ResolvedStage
-
-
-def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
-    """A dependency cycle as [a, b, ..., a], or None. `edges[x]` are the stages x waits for."""
-    white, grey, black = 0, 1, 2
-    color = {node: white for node in edges}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        color[node] = grey
-        stack.append(node)
-        for parent in edges.get(node, []):
-            if color.get(parent) == grey:
-                return stack[stack.index(parent) :] + [parent]
-            if color.get(parent) == white:
-                found = visit(parent)
-                if found:
-                    return found
-        stack.pop()
-        color[node] = black
-        return None
-
-    for node in sorted(edges):
-        if color[node] == white:
-            found = visit(node)
-            if found:
-                return found
-    return None
+from .contract.errors import ChlaError
+from .contract.recipe import ResolvedRecipe, ResolvedStage
 
 
 def topological_order(recipe: ResolvedRecipe) -> list[str]:
@@ -206,7 +178,7 @@ def fingerprints(recipe: ResolvedRecipe) -> dict[str, str]:
     """Per stage: hash of kind, resolved params (globs expanded at submission), array size, world
     size (it changes the global batch), the fingerprints of the stages it waits for, the identity
     of its external input files, the source of the chla code it runs and the library versions."""
-    from .kinds import input_path_fields, input_path_values
+    from .contract.kinds import input_path_fields, input_path_values
 
     result: dict[str, str] = {}
     for name in topological_order(recipe):

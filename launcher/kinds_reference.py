@@ -20,7 +20,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from chla_launcher.kinds import InputPath, StageKind, registry
+from chla_launcher.contract.kinds import InputPath, StageKind, registry
 
 # Text outside code spans: what Markdown would read as markup (emphasis, HTML tags, links, table
 # cells) is escaped, so a docstring's `out/<file_name>` or `a_b_c` shows as written.

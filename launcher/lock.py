@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ChlaError
-from .processes import alive, start_time
+from .contract.errors import ChlaError
+from .contract.processes import alive, start_time
 
 WAIT_S = 120.0  # how long a second submit or cancel waits for the holder to finish
 HEARTBEAT_S = 5.0  # lock-file mode: how often the holder refreshes the file

@@ -6,10 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ChlaError
+from .contract.errors import ChlaError
+from .contract.rundir import RunDir
 from .executors import executor_named
 from .lock import RunLock
-from .rundir import RunDir
 from .transaction import recover
 
 

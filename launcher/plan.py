@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .architectures import ARCHITECTURES
-from .kinds._training import TrainingParams
-from .kinds.merge import MergeParams
-from .kinds.merge_tokenizer import MergeTokenizerParams
-from .kinds.pretrain import PretrainParams
-from .kinds.sft import SftParams
-from .kinds.train_bpe import TrainBpeParams
-from .kinds.train_spm import TrainSpmParams
-from .recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
+from .contract.kinds._training import TrainingParams
+from .contract.kinds.merge import MergeParams
+from .contract.kinds.merge_tokenizer import MergeTokenizerParams
+from .contract.kinds.pretrain import PretrainParams
+from .contract.kinds.sft import SftParams
+from .contract.kinds.train_bpe import TrainBpeParams
+from .contract.kinds.train_spm import TrainSpmParams
+from .contract.recipe import ResolvedRecipe, ResolvedStage, mem_to_mb
 from .sizing import PROJECTIONS, MemoryEstimate, ModelShape, Trainable, TrainingSetup, parameter_counts, training_memory
 
 GIB = 2**30

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from .errors import ChlaError
-from .recipe import Resources, SlurmSettings, mem_to_mb, time_to_minutes
-from .rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN
+from .contract.errors import ChlaError
+from .contract.recipe import Resources, SlurmSettings, mem_to_mb, time_to_minutes
+from .contract.rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN
 
 # Slurm job states -> chla's.
 _STATE_MAP = {

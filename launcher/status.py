@@ -7,10 +7,21 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from .errors import ChlaError
+from .contract.errors import ChlaError
+from .contract.progress import read_progress
+from .contract.rundir import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    PENDING,
+    RUNNING,
+    SKIPPED,
+    STALE,
+    UNKNOWN,
+    RunDir,
+)
 from .executors import executor_named
-from .progress import read_progress
-from .rundir import CANCELLED, COMPLETED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, STALE, UNKNOWN, RunDir
 
 TERMINAL = {COMPLETED, FAILED, CANCELLED, SKIPPED, INTERRUPTED}
 
@@ -34,7 +45,7 @@ class StageStatus:
 def collect(run: RunDir) -> list[StageStatus]:
     if not run.exists():
         raise ChlaError(f"{run.path}: not a chla run directory (no recipe.yaml)")
-    from .recipe import load_frozen
+    from .contract.recipe import load_frozen
 
     recipe = load_frozen(run.path)
     chain = run.read_chain()
@@ -107,7 +118,7 @@ def _failure_log(run: RunDir, stage: str, status: StageStatus, lines: int = 8) -
 
 
 def _progress(run: RunDir, stage: str, array: bool) -> str:
-    """What the stage's running tasks last reported (chla_launcher.progress); a file older than the
+    """What the stage's running tasks last reported (chla_launcher.contract.progress); a file older than the
     task's current attempt is an earlier attempt's and says nothing."""
     reports = []
     for task in read_progress(run.stage_dir(stage)):

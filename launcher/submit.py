@@ -11,14 +11,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from . import graph, processes
-from .chain import Chain, StageRecord
-from .errors import ChlaError
+from . import graph
+from .contract import processes
+from .contract.chain import Chain, StageRecord
+from .contract.errors import ChlaError
+from .contract.recipe import ResolvedRecipe, dump_frozen, load_recipe
+from .contract.rundir import RunDir, now
 from .executors import Executor, executor_named
 from .lock import RunLock
 from .plan import memory_verdicts, too_big_message
-from .recipe import ResolvedRecipe, dump_frozen, load_recipe
-from .rundir import RunDir, now
 from .transaction import SubmissionTransaction, recover
 
 # How long --replace waits for the chain it cancelled to be gone before it queues the new one.

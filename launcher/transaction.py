@@ -31,11 +31,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .chain import Chain
+from .contract import atomic
+from .contract.chain import Chain
+from .contract.rundir import RunDir, now
 from .executors import Executor, executor_named
 from .lock import RunLock
-from .rundir import RunDir, now
 
 _INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # After the submitter died: look again for jobs that an sbatch still in flight then queued.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.kinds import registry
+from chla_launcher.contract.kinds import registry
 
 from .helpers import REPO
 
@@ -122,7 +122,7 @@ def test_a_field_added_to_a_params_model_is_in_the_docs_without_another_edit(kin
 
 
 def test_the_readme_is_a_front_door(tmp_path):
-    from chla_launcher.recipe import load_recipe
+    from chla_launcher.contract.recipe import load_recipe
 
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines: move reference text into docs/"

@@ -53,8 +53,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from chla_launcher.atomic import new_directory, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import new_directory, write_json
+from chla_launcher.contract.errors import ChlaError
 from chla_tools import task_data
 from chla_tools.peoples_daily import read_paragraphs
 from chla_tools.task_data import HELDOUT_EVERY, SFT_MIX_PER_TASK, SFT_VALID_PER_TASK, build_tasks, sft_mix, split_corpus

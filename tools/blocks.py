@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 MANIFEST = "manifest.json"
 

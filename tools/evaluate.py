@@ -42,9 +42,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chla_launcher.atomic import new_directory, write_json, write_text
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.evaluate import EvaluateParams
+from chla_launcher.contract.atomic import new_directory, write_json, write_text
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.evaluate import EvaluateParams
 from chla_tools.intervals import bootstrap_interval
 from chla_tools.tasks import ExactMatch, Task, normalise, task_named, task_of
 
@@ -341,7 +341,7 @@ def evaluate_shard(
     progress: Callable[..., None] | None = None,
 ) -> dict:
     """Evaluate this shard's items of every source; write out_dir/partials/<shard>.json (+ JSONL).
-    `progress(done, total=...)`: the shard's items done so far (chla_launcher.progress)."""
+    `progress(done, total=...)`: the shard's items done so far (chla_launcher.contract.progress)."""
     from chla_tools.inference import load_for_inference
 
     if not 0 <= shard < num_shards:

@@ -35,9 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.atomic import new_directory
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.export import ExportParams
+from chla_launcher.contract.atomic import new_directory
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.export import ExportParams
 from chla_tools.assets import Package, _download, _locked, default_cache_dir
 from chla_tools.gguf_pre_tokenizers import PRE_TOKENIZERS, llama_cpp_name
 

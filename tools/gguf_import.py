@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.atomic import file_mode, new_directory, write_json
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.import_gguf import ImportGgufParams
+from chla_launcher.contract.atomic import file_mode, new_directory, write_json
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.import_gguf import ImportGgufParams
 from chla_tools.assets import file_sha256
 
 Log = Callable[[str], None]

@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from chla_launcher.atomic import write_json
+from chla_launcher.contract.atomic import write_json
 
 PORTABLE_CLASS = "PreTrainedTokenizerFast"
 # Saved by transformers 5 only; transformers 4 cannot resolve them.

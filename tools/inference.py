@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 # The recipe's Alpaca template, exactly as SFT training formats prompts.
 from chla_tools.sft_data import PROMPT_TEMPLATE, encode_prompt, format_prompt  # noqa: E402,F401

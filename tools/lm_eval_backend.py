@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.atomic import write_json, write_text
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import write_json, write_text
+from chla_launcher.contract.errors import ChlaError
 
 Log = Callable[[str], None]
 SAMPLES = "lm_eval_samples"

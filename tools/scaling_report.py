@@ -19,8 +19,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.atomic import write_json, write_text
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import write_json, write_text
+from chla_launcher.contract.errors import ChlaError
 
 
 def _metrics(stage_dir: Path) -> list[dict[str, Any]]:
@@ -67,7 +67,7 @@ def _point(run_dir: Path, stage) -> dict[str, Any]:
 
 
 def scaling_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    from chla_launcher.recipe import load_frozen
+    from chla_launcher.contract.recipe import load_frozen
 
     run_dir = Path(run_dir)
     recipe = load_frozen(run_dir)

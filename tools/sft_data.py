@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from chla_launcher.atomic import read_json, replace_dir, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import read_json, replace_dir, write_json
+from chla_launcher.contract.errors import ChlaError
 
 IGNORE_INDEX = -100
 PAD_TOKEN = "[PAD]"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_tools.blocks import BlockDataset
 from chla_tools.sft_data import IGNORE_INDEX
 

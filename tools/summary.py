@@ -1,5 +1,5 @@
 """A chain's headline figures, read from its stages' outputs, and their Markdown (the `summarize`
-stage, chla_train.stages.summarize; the kind's docstring in chla_launcher.kinds.summarize says what
+stage, chla_train.stages.summarize; the kind's docstring in chla_launcher.contract.kinds.summarize says what
 is read from where)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.summarize import SummarizeParams
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.summarize import SummarizeParams
 
 
 def _load(path: Path, what: str) -> dict[str, Any]:

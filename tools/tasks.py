@@ -29,7 +29,7 @@ import re
 from collections.abc import Mapping
 from functools import lru_cache
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_tools.peoples_daily import CLOSERS, ENTITY_TYPES, ORGANISATION, PERSON, PLACE, SENTENCE_ENDS
 from chla_tools.text_metrics import prf, rouge_l, segmentation_counts, set_counts
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 
 def find_training_metrics(run_dir: Path) -> dict[str, Path]:
@@ -103,7 +103,7 @@ def _draw_loss(ax, stage: str, path: Path) -> None:
 def _save(fig, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from chla_launcher.atomic import atomic_path
+    from chla_launcher.contract.atomic import atomic_path
 
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,9 @@ import signal
 import subprocess
 import sys
 
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.command import CommandParams
-from chla_launcher.processes import die_with_parent
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.command import CommandParams
+from chla_launcher.contract.processes import die_with_parent
 from chla_train.context import Preempted, StageContext
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.kinds.evaluate import EvaluateParams
-from chla_launcher.progress import progress_writer
+from chla_launcher.contract.kinds.evaluate import EvaluateParams
+from chla_launcher.contract.progress import progress_writer
 from chla_tools.evaluate import aggregate, evaluate_shard
 from chla_train.context import StageContext
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from chla_launcher.atomic import write_json
-from chla_launcher.kinds.export import ExportParams
+from chla_launcher.contract.atomic import write_json
+from chla_launcher.contract.kinds.export import ExportParams
 from chla_tools.gguf_export import export_gguf
 from chla_train.context import StageContext
 

@@ -14,8 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-from chla_launcher.atomic import write_json
-from chla_launcher.kinds.fetch_assets import FetchAssetsParams
+from chla_launcher.contract.atomic import write_json
+from chla_launcher.contract.kinds.fetch_assets import FetchAssetsParams
 from chla_tools.assets import BASE_MODEL_OUTPUT, OUTPUTS, fetch_assets, fetch_base_model
 from chla_train.context import StageContext
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chla_launcher.kinds.import_gguf import ImportGgufParams
+from chla_launcher.contract.kinds.import_gguf import ImportGgufParams
 from chla_tools.gguf_import import import_gguf
 from chla_train.context import StageContext
 

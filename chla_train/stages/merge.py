@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from chla_launcher.kinds.merge import MergeParams
-from chla_launcher.progress import progress_writer
+from chla_launcher.contract.kinds.merge import MergeParams
+from chla_launcher.contract.progress import progress_writer
 from chla_tools.merge import merge_with_params
 from chla_train.context import StageContext
 

@@ -3,7 +3,7 @@ out/tokenizer/, out/merge.json)."""
 
 from __future__ import annotations
 
-from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
 from chla_tools.vocab import merge_tokenizers
 from chla_train.context import StageContext
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from chla_launcher.kinds.pretokenize import PretokenizeParams
-from chla_launcher.progress import progress_writer
+from chla_launcher.contract.kinds.pretokenize import PretokenizeParams
+from chla_launcher.contract.progress import progress_writer
 from chla_tools.pretokenize import finalize_corpus, run_task_with_params
 from chla_train.context import StageContext
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.sft import SftParams
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.sft import SftParams
 from chla_train import model as models
 from chla_train.context import StageContext
 from chla_train.token_rows import new_token_rows

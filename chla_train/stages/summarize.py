@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from chla_launcher.atomic import write_json, write_text
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.summarize import SummarizeParams
+from chla_launcher.contract.atomic import write_json, write_text
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.summarize import SummarizeParams
 from chla_tools.summary import chain_figures, markdown, stage_seconds
 from chla_train.context import StageContext
 

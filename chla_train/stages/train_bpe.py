@@ -3,7 +3,7 @@ out/train.json)."""
 
 from __future__ import annotations
 
-from chla_launcher.kinds.train_bpe import TrainBpeParams
+from chla_launcher.contract.kinds.train_bpe import TrainBpeParams
 from chla_tools.vocab import train_bpe
 from chla_train.context import StageContext
 

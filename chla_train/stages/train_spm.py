@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chla_launcher.kinds.train_spm import TrainSpmParams
+from chla_launcher.contract.kinds.train_spm import TrainSpmParams
 from chla_tools.vocab import train_spm
 from chla_train.context import StageContext
 

@@ -3,7 +3,7 @@ out/report.md, out/report.png); the stage's metrics are the tokens per character
 
 from __future__ import annotations
 
-from chla_launcher.kinds.vocab_report import VocabReportParams
+from chla_launcher.contract.kinds.vocab_report import VocabReportParams
 from chla_tools.vocab import vocab_report
 from chla_train.context import StageContext
 

@@ -1,13 +1,13 @@
 """`chla assets fetch`: download and build the demo assets (real text, a real LLaMA-style tokenizer).
-Its flags are the `fetch_assets` kind's params (chla_launcher.kinds.fetch_assets)."""
+Its flags are the `fetch_assets` kind's params (chla_launcher.contract.kinds.fetch_assets)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ..contract.kinds.fetch_assets import FetchAssetsParams
 from ..flags import Flag, ParamFlags
-from ..kinds.fetch_assets import FetchAssetsParams
 
 NAME = "assets"
 HELP = "download the pinned demo assets (tokenizer, Chinese/English text, SFT set) into the cache"

@@ -1,12 +1,12 @@
 """`chla eval`: batch evaluation on this machine (shards run one after another, then aggregated).
-Its flags are the `evaluate` kind's params (chla_launcher.kinds.evaluate)."""
+Its flags are the `evaluate` kind's params (chla_launcher.contract.kinds.evaluate)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..contract.kinds.evaluate import EvaluateParams
 from ..flags import Flag, ParamFlags
-from ..kinds.evaluate import EvaluateParams
 
 NAME = "eval"
 HELP = "evaluate a model: perplexity per token/char, task scores beside baselines, generations for prompts"
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chla_launcher.errors import ChlaError
+    from chla_launcher.contract.errors import ChlaError
     from chla_tools.evaluate import evaluate
 
     if not (args.ppl or args.tasks or args.prompts):

@@ -1,12 +1,12 @@
 """`chla export gguf MODEL_DIR --out FILE [--outtype f32|f16|q8_0]`: the `export` stage on this
-machine. Its flags are the `export` kind's params (chla_launcher.kinds.export)."""
+machine. Its flags are the `export` kind's params (chla_launcher.contract.kinds.export)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..contract.kinds.export import ExportParams
 from ..flags import Flag, ParamFlags
-from ..kinds.export import ExportParams
 
 NAME = "export"
 HELP = "export an HF model for other tools: GGUF for llama.cpp (its own converter)"

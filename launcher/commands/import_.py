@@ -1,12 +1,12 @@
 """`chla import gguf FILE --out DIR [--dtype float32|bfloat16|float16]`: the `import_gguf` stage on
-this machine. Its flags are the `import_gguf` kind's params (chla_launcher.kinds.import_gguf)."""
+this machine. Its flags are the `import_gguf` kind's params (chla_launcher.contract.kinds.import_gguf)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..contract.kinds.import_gguf import ImportGgufParams
 from ..flags import Flag, ParamFlags
-from ..kinds.import_gguf import ImportGgufParams
 
 NAME = "import"
 HELP = "import a model from another format as an HF model folder: GGUF (llama.cpp's)"

@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chla_launcher.errors import ChlaError
-    from chla_launcher.kinds import registry
+    from chla_launcher.contract.errors import ChlaError
+    from chla_launcher.contract.kinds import registry
 
     kinds = registry()
     if args.kind:

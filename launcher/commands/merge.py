@@ -1,12 +1,12 @@
 """`chla merge`: merge LoRA adapters into a base model without loading it whole. Its flags are the
-`merge` kind's params (chla_launcher.kinds.merge)."""
+`merge` kind's params (chla_launcher.contract.kinds.merge)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..contract.kinds.merge import MergeParams
 from ..flags import Flag, ParamFlags
-from ..kinds.merge import MergeParams
 
 NAME = "merge"
 HELP = "merge LoRA adapters (in order) into a base model, tensor by tensor"

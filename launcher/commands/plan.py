@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from chla_launcher.contract.recipe import load_recipe
     from chla_launcher.plan import plan_recipe, render
-    from chla_launcher.recipe import load_recipe
 
     # Inputs need not exist yet: planning reads only the model configs and tokenizers it finds.
     recipe = load_recipe(args.recipe, args.overrides, check_inputs=False)

@@ -1,12 +1,12 @@
 """`chla pretokenize`: run every shard of a pretokenize job on this machine, then the manifest.
-Its flags are the `pretokenize` kind's params (chla_launcher.kinds.pretokenize)."""
+Its flags are the `pretokenize` kind's params (chla_launcher.contract.kinds.pretokenize)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..contract.kinds.pretokenize import PretokenizeParams
 from ..flags import Flag, ParamFlags
-from ..kinds.pretokenize import PretokenizeParams
 
 NAME = "pretokenize"
 HELP = "tokenize a text corpus into memory-mapped token shards (cached by content)"
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chla_launcher.errors import ChlaError
+    from chla_launcher.contract.errors import ChlaError
     from chla_tools.pretokenize import pretokenize_with_params
 
     if args.shards < 1:

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         if args.watch is not None:
             argv += ["--watch", str(args.watch)]
         return remote_chla(remote, argv)
-    from chla_launcher.rundir import RunDir
+    from chla_launcher.contract.rundir import RunDir
     from chla_launcher.status import all_terminal, as_json, collect, render_status
 
     run_dir = RunDir(args.run_dir)

@@ -15,7 +15,7 @@ ORDER = 10
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume)")
     add_override_flag(parser, "override any recipe key, e.g. --set stages.pt.resources.nodes=4 (repeatable)")
-    from chla_launcher.executors import executor_names
+    from chla_launcher.contract.executor_registry import executor_names
 
     parser.add_argument("--executor", choices=executor_names(), help="override the recipe's executor")
     parser.add_argument("--run-dir", help="run directory (default: the recipe's run_dir, else runs/<name>)")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from ..errors import ChlaError
+from ..contract.errors import ChlaError
+from ..contract.kinds.merge_tokenizer import MergeTokenizerParams
+from ..contract.kinds.train_bpe import TrainBpeParams
+from ..contract.kinds.train_spm import TrainSpmParams
+from ..contract.kinds.vocab_report import VocabReportParams
 from ..flags import Flag, ParamFlags
-from ..kinds.merge_tokenizer import MergeTokenizerParams
-from ..kinds.train_bpe import TrainBpeParams
-from ..kinds.train_spm import TrainSpmParams
-from ..kinds.vocab_report import VocabReportParams
 
 NAME = "vocab"
 HELP = "extend a tokenizer: train a Chinese SentencePiece model or BPE, merge it into a base, report efficiency"

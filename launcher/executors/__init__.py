@@ -1,6 +1,7 @@
-"""Executors: where a chain's stages run. Each module here defines one subclass of `Executor` as
-`EXECUTOR`, named like the module; they are looked up by name (the recipe's `executor:`), the way
-stage kinds are, so submit, status, logs and cancel never ask which executor they hold.
+"""Executors: where a chain's stages run. Each executor's module defines one subclass of `Executor` as
+`EXECUTOR`; they are looked up by name (the recipe's `executor:`; chla_launcher.contract.executor_registry
+lists the built-in ones and those installed through the `chla.executors` entry points), so submit,
+status, logs and cancel never ask which executor they hold.
 
 A submission (chla_launcher.submit) goes: `submit` queues the plan's stages so that none starts yet
 and records every job id in the transaction as it exists; the run directory is switched to the new
@@ -11,21 +12,28 @@ runs the chain, Slurm's returns at once). `live`, `cancel`, `statuses` and `log_
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, TextIO
+from typing import TYPE_CHECKING, ClassVar, Protocol, TextIO
 
-from ..chain import Chain, StageRecord
+from ..contract.chain import Chain, StageRecord
+from ..contract.errors import ChlaError
+from ..contract.executor_registry import executor_modules
 
 if TYPE_CHECKING:
+    from ..contract.recipe import ResolvedRecipe
+    from ..contract.rundir import RunDir
     from ..graph import Plan
-    from ..recipe import ResolvedRecipe
-    from ..rundir import RunDir
-    from ..transaction import SubmissionTransaction
+
+
+class JobRecorder(Protocol):
+    """Where an executor records each job id as soon as it exists (the submission transaction,
+    chla_launcher.transaction, which sits above the executors and cancels them if it fails)."""
+
+    def record_jobs(self, job_ids: list[str]) -> None: ...
 
 
 @dataclass
@@ -55,7 +63,7 @@ class Executor(ABC):
         """Print what submit() would queue, exactly; queue and write nothing."""
 
     @abstractmethod
-    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction) -> dict[str, StageRecord]:
+    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: JobRecorder) -> dict[str, StageRecord]:
         """Queue every stage of plan.run so that none starts before release(), calling
         transaction.record_jobs() with each job id as soon as it exists; the stages' records of
         the chain to commit."""
@@ -97,19 +105,13 @@ class Executor(ABC):
             pass
 
 
-def executor_names() -> list[str]:
-    """Every executor's name: the module that defines it (found without importing any)."""
-    return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
-
-
 @cache
 def executor_named(name: str) -> type[Executor]:
     """The executor class called `name`; only its module is imported (Slurm's imports submitit)."""
-    if name not in executor_names():
-        from ..errors import ChlaError
-
-        raise ChlaError(f"unknown executor {name!r} (known: {', '.join(executor_names())})")
-    executor = importlib.import_module(f"{__name__}.{name}").EXECUTOR
+    modules = executor_modules()
+    if name not in modules:
+        raise ChlaError(f"unknown executor {name!r} (known: {', '.join(sorted(modules))})")
+    executor = importlib.import_module(modules[name]).EXECUTOR
     if not (isinstance(executor, type) and issubclass(executor, Executor) and executor.name == name):
-        raise TypeError(f"{__name__}.{name}.EXECUTOR is {executor!r}, not the Executor named {name!r}")
+        raise TypeError(f"{modules[name]}.EXECUTOR is {executor!r}, not the Executor named {name!r}")
     return executor

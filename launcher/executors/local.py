@@ -23,18 +23,17 @@ from typing import TYPE_CHECKING, TextIO
 
 from chla_train.distributed import free_master_port  # no torch
 
-from .. import processes
-from ..chain import Chain, StageRecord
-from ..errors import ChlaError
+from ..contract import processes
+from ..contract.chain import Chain, StageRecord
+from ..contract.errors import ChlaError
+from ..contract.progress import ProgressDisplay
+from ..contract.recipe import ResolvedRecipe, ResolvedStage
+from ..contract.rundir import CANCELLED, FAILED, INTERRUPTED, PENDING, RUNNING, now
 from ..graph import Plan
-from ..progress import ProgressDisplay
-from ..recipe import ResolvedRecipe, ResolvedStage
-from ..rundir import CANCELLED, FAILED, INTERRUPTED, PENDING, RUNNING, now
-from . import Executor, JobStatus
+from . import Executor, JobRecorder, JobStatus
 
 if TYPE_CHECKING:
-    from ..rundir import RunDir
-    from ..transaction import SubmissionTransaction
+    from ..contract.rundir import RunDir
 
 REQUEUE_EXIT_CODE = 75  # chla_train.context.REQUEUE_EXIT_CODE (not imported: no chla_train here)
 MAX_LOCAL_REQUEUES = 20
@@ -69,7 +68,7 @@ class LocalExecutor(Executor):
     def dry_run(self, recipe: ResolvedRecipe, plan: Plan) -> None:
         pass  # the plan printed by submit is all a local run does
 
-    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction) -> dict[str, StageRecord]:
+    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: JobRecorder) -> dict[str, StageRecord]:
         # Nothing to queue: this process runs the chain once it is committed. A distributed stage
         # that cannot give each rank a GPU of its own is refused now, not once it is reached.
         gpus = visible_gpus()

@@ -10,20 +10,16 @@ import re
 import shlex
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import submitit
 
 from .. import slurm
-from ..chain import Chain, StageRecord
-from ..errors import ChlaError
+from ..contract.chain import Chain, StageRecord
+from ..contract.errors import ChlaError
+from ..contract.recipe import ResolvedRecipe, ResolvedStage, Resources
+from ..contract.rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN, now
 from ..graph import Plan
-from ..recipe import ResolvedRecipe, ResolvedStage, Resources
-from ..rundir import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, UNKNOWN, now
-from . import Executor, JobStatus
-
-if TYPE_CHECKING:
-    from ..transaction import SubmissionTransaction
+from . import Executor, JobRecorder, JobStatus
 
 
 class _SubmititExecutor(submitit.SlurmExecutor):
@@ -54,7 +50,7 @@ class SlurmExecutor(Executor):
                 self._say(f"# --- {name}: finalize (after every task) ---")
                 self._say(self._script(self._submitit(recipe, stage, [f"<{name}>"], finalize=True), None))
 
-    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: SubmissionTransaction) -> dict[str, StageRecord]:
+    def submit(self, recipe: ResolvedRecipe, plan: Plan, transaction: JobRecorder) -> dict[str, StageRecord]:
         from chla_train.entry import StageJob  # light: the job entry imports no torch
 
         slurm.require_slurm()

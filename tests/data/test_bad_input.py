@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_tools import pretokenize as pt
 from chla_tools.sft_data import load_sft_dataset
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_tools import pretokenize as pt
 from chla_tools.blocks import BlockDataset, ResumableSampler, TokenCorpus, split_indices
 

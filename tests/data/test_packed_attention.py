@@ -215,8 +215,8 @@ def test_flash_attention_gets_each_examples_boundaries(case, flash_kernels):
 def test_shared_prefix_is_refused_under_flash_attention(case):
     from pydantic import ValidationError
 
-    from chla_launcher.errors import ChlaError
-    from chla_launcher.kinds.sft import SftParams
+    from chla_launcher.contract.errors import ChlaError
+    from chla_launcher.contract.kinds.sft import SftParams
     from chla_train.packed_attention import packed_attention_inputs
 
     with pytest.raises(ValidationError, match="contiguous segment"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chla_launcher.kinds.pretokenize import PretokenizeParams
+from chla_launcher.contract.kinds.pretokenize import PretokenizeParams
 from chla_tools import pretokenize as pt
 from chla_tools.blocks import TokenCorpus
 from chla_train.stages import pretokenize as pretokenize_stage

@@ -22,7 +22,7 @@ def _chat_command() -> list[str]:
     chla = Path(sys.executable).with_name("chla")
     if chla.exists():
         return [str(chla), "chat"]
-    return [sys.executable, "-m", "chla_train.chat"]
+    return [sys.executable, "-m", "chla_launcher", "chat"]
 
 
 # The numbers of the system calls a process waiting for terminal input sits in, per architecture

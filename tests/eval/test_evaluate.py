@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from chla_launcher.errors import ChlaError  # noqa: E402
-from chla_launcher.kinds.evaluate import EvaluateParams  # noqa: E402
+from chla_launcher.contract.errors import ChlaError  # noqa: E402
+from chla_launcher.contract.kinds.evaluate import EvaluateParams  # noqa: E402
 from chla_tools import evaluate as evaluation  # noqa: E402
 from chla_tools.inference import encode, generate_batch, load_for_inference  # noqa: E402
 from chla_tools.merge import merge_adapters  # noqa: E402

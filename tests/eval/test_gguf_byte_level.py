@@ -207,7 +207,7 @@ def test_an_unknown_pre_tokenizer_is_one_line_naming_the_flag(extended_model, tm
 @pytest.fixture(scope="module")
 def imported(extended_model) -> Path:
     """`chla import gguf` of the export, in this process (the CLI's refusals are tested below)."""
-    from chla_launcher.kinds.import_gguf import ImportGgufParams
+    from chla_launcher.contract.kinds.import_gguf import ImportGgufParams
     from chla_tools.gguf_import import import_gguf
 
     out = extended_model["root"] / "imported"

@@ -81,7 +81,7 @@ def test_a_tied_model_exports_one_embedding_tensor(tiny_chain, demo_assets, toke
     import numpy as np
     from safetensors.torch import load_file
 
-    from chla_launcher.kinds.export import ExportParams
+    from chla_launcher.contract.kinds.export import ExportParams
     from chla_tools.gguf_export import export_gguf
 
     from .conftest import make_base

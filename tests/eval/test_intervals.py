@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.kinds.evaluate import EvaluateParams
+from chla_launcher.contract.kinds.evaluate import EvaluateParams
 from chla_tools.evaluate import Source, sampled
 from chla_tools.intervals import bootstrap_interval
 from chla_tools.summary import _tasks_table, cjk_share

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.evaluate import LmEvalParams
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.evaluate import LmEvalParams
 from chla_tools.tasks import TASKS
 
 

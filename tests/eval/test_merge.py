@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from chla_launcher.errors import ChlaError  # noqa: E402
+from chla_launcher.contract.errors import ChlaError  # noqa: E402
 from chla_tools.merge import merge_adapters, parse_size  # noqa: E402
 
 from .conftest import make_adapter, make_base  # noqa: E402

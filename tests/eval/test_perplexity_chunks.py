@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from chla_launcher.kinds.evaluate import EvaluateParams  # noqa: E402
-from chla_launcher.progress import read_progress  # noqa: E402
+from chla_launcher.contract.kinds.evaluate import EvaluateParams  # noqa: E402
+from chla_launcher.contract.progress import read_progress  # noqa: E402
 from chla_tools import evaluate as evaluation  # noqa: E402
 from chla_tools.inference import encode  # noqa: E402
 from chla_train.stages import evaluate as evaluate_stage  # noqa: E402

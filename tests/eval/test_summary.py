@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.summarize import SummarizeParams
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.summarize import SummarizeParams
 from chla_tools.evaluate import task_results
 from chla_tools.tasks import TASKS
 from chla_train.stages import summarize

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_tools.tasks import TASKS, Entities, jieba_entities, jieba_words, split_text_sentences, task_of
 from chla_tools.text_metrics import lcs_alignment, prf, rouge_l, segmentation_counts
 

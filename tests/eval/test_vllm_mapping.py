@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from chla_launcher.errors import ChlaError
-from chla_launcher.kinds.evaluate import EvaluateParams
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.evaluate import EvaluateParams
 from chla_tools.vllm_backend import ORIGINAL_GENERATION, llm_kwargs, sampling_params_kwargs
 
 

@@ -101,7 +101,7 @@ def test_dry_run_prints_scripts_slurm_accepts(tmp_path, name, demo_assets, slurm
 
 
 def test_full_recipe_has_the_original_settings(tmp_path, demo_assets):
-    from chla_launcher.recipe import load_recipe
+    from chla_launcher.contract.recipe import load_recipe
 
     args = user_paths(tmp_path, demo_assets)["full"]
     overrides = [args[i + 1] for i in range(0, len(args), 2)]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-from chla_launcher import processes
+from chla_launcher.contract import processes
 
 from ..helpers import chla, status_json, wait_until
 

@@ -24,8 +24,8 @@ PACKAGES = ("chla_launcher", "chla_train", "chla_tools")
 FINGERPRINTS = textwrap.dedent("""
     import importlib.util, json, sys
     from chla_launcher import graph
-    from chla_launcher.kinds import registry
-    from chla_launcher.recipe import load_recipe
+    from chla_launcher.contract.kinds import registry
+    from chla_launcher.contract.recipe import load_recipe
     recipe = load_recipe(sys.argv[1])
     try:
         codes = {k.name: graph.code_version(k.entry_module, *([k.finalize.split(":")[0]] if k.finalize else []))

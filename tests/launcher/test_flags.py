@@ -11,9 +11,9 @@ from pydantic import Field
 
 from chla_launcher.cli import build_parser, main
 from chla_launcher.commands import pretokenize as pretokenize_command
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.pretokenize import PretokenizeParams
 from chla_launcher.flags import Flag, ParamFlags
-from chla_launcher.kinds.pretokenize import PretokenizeParams
 
 
 class WithNewOption(PretokenizeParams):
@@ -79,7 +79,7 @@ def test_a_positional_field_is_an_argument_without_a_flag():
 def test_a_misnamed_or_unsupported_field_is_a_programming_error():
     with pytest.raises(TypeError, match="no field"):
         ParamFlags(PretokenizeParams, (Flag("input"),)).offered()
-    from chla_launcher.kinds.evaluate import EvaluateParams
+    from chla_launcher.contract.kinds.evaluate import EvaluateParams
 
     with pytest.raises(TypeError, match="lm_eval"):  # a nested model is not a flag: the command excludes it
         _parser(ParamFlags(EvaluateParams))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_launcher.executors.local import visible_gpus
 from chla_train.distributed import cuda_device_index
 

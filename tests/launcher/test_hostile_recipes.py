@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.recipe import load_recipe
+from chla_launcher.contract.recipe import load_recipe
 
 from ..helpers import chla_in_process
 
@@ -518,8 +518,8 @@ MEMORY_BOUND_MB = 150
 # suite has loaded torch), which would hide the growth and fail the whole-process bound.
 _MEASURE = """
 import json, resource, sys, time
-from chla_launcher.errors import ChlaError
-from chla_launcher.recipe import load_recipe
+from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.recipe import load_recipe
 def peak_mb():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024

@@ -8,8 +8,8 @@ import typing
 
 import pytest
 
-from chla_launcher.kinds import import_entry, registry
-from chla_launcher.kinds.merge import MergeParams
+from chla_launcher.contract.kinds import import_entry, registry
+from chla_launcher.contract.kinds.merge import MergeParams
 from chla_train.context import StageContext
 
 KINDS = sorted(registry())

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from chla_launcher.architectures import ARCHITECTURES
+from chla_launcher.contract.recipe import load_recipe
 from chla_launcher.plan import StagePlan, plan_recipe
-from chla_launcher.recipe import load_recipe
 from chla_launcher.sizing import ModelShape
 from chla_train.model_config import LLAMA_7B
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_launcher.remote import RemoteTarget, parse_remote, shell_line
 
 from ..helpers import one_command_recipe, shell_words

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 from .conftest import chla, status_json, wait_until
 
@@ -113,7 +113,7 @@ def start_local(tmp_path):
 
 @pytest.mark.slow
 def test_live_local_run_is_refused_replaced_and_dies_with_a_killed_submit(tmp_path, start_local):
-    from chla_launcher.processes import alive, stage_tasks
+    from chla_launcher.contract.processes import alive, stage_tasks
 
     write_recipe(tmp_path, NAPPER)
     run_dir = tmp_path / "runs" / "napper"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.errors import RecipeError
-from chla_launcher.recipe import dump_frozen, load_frozen, load_recipe
+from chla_launcher.contract.errors import RecipeError
+from chla_launcher.contract.recipe import dump_frozen, load_frozen, load_recipe
 
 from .conftest import chla, status_json
 

@@ -98,7 +98,7 @@ def test_recipe_keys_that_only_contain_token_are_not_credentials(tmp_path: Path)
 
 
 def test_tracking_block_is_frozen_into_the_run(tmp_path: Path):
-    from chla_launcher.recipe import dump_frozen, load_recipe
+    from chla_launcher.contract.recipe import dump_frozen, load_recipe
 
     (tmp_path / "r.yaml").write_text("name: x\n" + STAGE)
     recipe = load_recipe(

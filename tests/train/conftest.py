@@ -12,8 +12,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def train_assets(demo_assets, tmp_path_factory) -> dict[str, str]:
-    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
-    from chla_launcher.kinds.train_spm import TrainSpmParams
+    from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.contract.kinds.train_spm import TrainSpmParams
     from chla_tools.pretokenize import pretokenize
     from chla_tools.vocab import merge_tokenizers, train_spm
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.kinds import get_kind
+from chla_launcher.contract.kinds import get_kind
 from chla_train.context import StageContext
 from chla_train.distributed import DistributedEnv
 
@@ -33,7 +33,7 @@ def make_context(
 
 
 def run_stage(ctx: StageContext) -> Any:
-    from chla_launcher.kinds import import_entry
+    from chla_launcher.contract.kinds import import_entry
 
     return import_entry(get_kind(ctx.kind).entry)(ctx)
 

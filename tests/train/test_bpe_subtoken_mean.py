@@ -125,7 +125,7 @@ def test_bpe_subtoken_mean_rows_in_the_tied_matrix(bpe_pair):
 def test_a_tokenizer_json_that_is_not_bpe_is_one_line(tmp_path):
     import json
 
-    from chla_launcher.errors import ChlaError
+    from chla_launcher.contract.errors import ChlaError
     from chla_train.new_rows import subtoken_ids
 
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))

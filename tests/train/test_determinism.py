@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from chla_launcher.kinds import get_kind
+from chla_launcher.contract.kinds import get_kind
 
 from ..helpers import TINY_LLAMA, chla, status_json
 

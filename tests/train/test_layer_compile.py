@@ -12,7 +12,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from chla_launcher.kinds import get_kind
+from chla_launcher.contract.kinds import get_kind
 
 
 def test_torch_compile_choice_and_recipe_check():
@@ -80,7 +80,7 @@ import json, os, sys
 from pathlib import Path
 import numpy as np, torch
 from torch._dynamo.utils import counters
-from chla_launcher.kinds.pretrain import PretrainParams
+from chla_launcher.contract.kinds.pretrain import PretrainParams
 from chla_train import model as models
 from chla_train.context import StageContext
 from chla_train.layer_compile import decoder_layers

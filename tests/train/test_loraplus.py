@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from chla_launcher.kinds import get_kind
+from chla_launcher.contract.kinds import get_kind
 
 from ..helpers import TINY_LLAMA
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from chla_launcher.kinds import get_kind, input_path_fields
+from chla_launcher.contract.kinds import get_kind, input_path_fields
 from chla_train.model_config import llama_config
 
 
@@ -159,7 +159,7 @@ def test_zero3_gathering_over_gloo_puts_every_partition_in_its_place(tmp_path):
 ADAPTER_DTYPE_RANK = """
 import json, os, sys, torch
 from pathlib import Path
-from chla_launcher.kinds.pretrain import PretrainParams
+from chla_launcher.contract.kinds.pretrain import PretrainParams
 from chla_train import model as models
 from chla_train.context import StageContext
 from chla_train.trainer import Trainer, TrainData
@@ -213,7 +213,7 @@ def test_zero3_partitioned_model_trains_its_adapters_in_bf16(tmp_path):
 
 def test_launcher_kinds_do_not_import_torch():
     code = (
-        "import sys, chla_launcher.kinds.pretrain, chla_launcher.kinds.sft; "
+        "import sys, chla_launcher.contract.kinds.pretrain, chla_launcher.contract.kinds.sft; "
         "print(any(m in sys.modules for m in ('torch', 'transformers', 'numpy')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -287,7 +287,7 @@ def test_report_train_draws_every_training_stage(tmp_path):
 
 
 def test_report_train_errors_are_one_line(tmp_path):
-    from chla_launcher.errors import ChlaError
+    from chla_launcher.contract.errors import ChlaError
     from chla_tools.train_report import train_report
 
     with pytest.raises(ChlaError, match="no training stage"):

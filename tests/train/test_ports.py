@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_train.distributed import (
     DistributedEnv,
     ephemeral_port_range,

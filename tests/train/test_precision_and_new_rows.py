@@ -116,7 +116,7 @@ def test_random_new_rows_come_from_the_recipe_seed(train_assets):
 def test_subtoken_mean_needs_a_sentencepiece_model_or_a_tokenizer_json(train_assets, tmp_path):
     import shutil
 
-    from chla_launcher.errors import ChlaError
+    from chla_launcher.contract.errors import ChlaError
     from chla_train.new_rows import subtoken_ids
 
     # Without tokenizer.model the tokenizer.json's BPE serves (control: it still resizes); with

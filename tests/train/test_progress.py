@@ -1,4 +1,4 @@
-"""Progress you can watch: the jobs' progress files (chla_launcher.progress), the local executor's
+"""Progress you can watch: the jobs' progress files (chla_launcher.contract.progress), the local executor's
 live bars on a terminal (a real pty, as a user's), and `chla status` showing a running training
 stage's step and ETA on the real local Slurm cluster, whose job log keeps its periodic lines."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.progress import ProgressWriter, TaskProgress, read_progress
+from chla_launcher.contract.progress import ProgressWriter, TaskProgress, read_progress
 
 from ..helpers import chla, status_json, wait_for_chain
 from .test_training import pretrain_params

@@ -18,7 +18,7 @@ from .launch import free_port
 SCRIPT = textwrap.dedent("""
     import json, os, sys, time, types
     from pathlib import Path
-    from chla_launcher.errors import ChlaError
+    from chla_launcher.contract.errors import ChlaError
     from chla_train.distributed import DistributedEnv
     from chla_train.trainer import rank_zero_first
 

@@ -17,7 +17,7 @@ from .test_training import PROBE, _run_expecting_error, reference_model, summary
 def test_embedding_learning_rate_gets_its_own_param_groups():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chla_launcher.kinds import get_kind
+    from chla_launcher.contract.kinds import get_kind
     from chla_train.trainer import build_optimizer
 
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))

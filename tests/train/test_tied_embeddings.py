@@ -114,7 +114,7 @@ def test_split_input_rows_beside_a_plain_head_are_not_tied(train_assets):
 
 
 def test_train_lm_head_with_tied_embeddings_is_one_line(train_assets):
-    from chla_launcher.errors import ChlaError
+    from chla_launcher.contract.errors import ChlaError
     from chla_train import model as models
 
     model, base_rows = resized(train_assets["merged_tokenizer"])

@@ -356,7 +356,7 @@ def test_sft_lowers_validation_loss_and_adapter_reloads_with_pad(train_assets, t
 def _run_expecting_error(kind: str, params: dict, tmp_path: Path) -> str:
     import torch.distributed as dist
 
-    from chla_launcher.errors import ChlaError
+    from chla_launcher.contract.errors import ChlaError
 
     from .harness import make_context, run_stage
 

@@ -26,7 +26,7 @@ def vocab_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def zh_spm(demo_assets, vocab_dir) -> Path:
     """The 20k-piece Chinese BPE model trained on zh_train (a few seconds)."""
-    from chla_launcher.kinds.train_spm import TrainSpmParams
+    from chla_launcher.contract.kinds.train_spm import TrainSpmParams
     from chla_tools.vocab import train_spm
 
     out = vocab_dir / "zh20k"
@@ -36,7 +36,7 @@ def zh_spm(demo_assets, vocab_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def merged(demo_assets, zh_spm, vocab_dir) -> dict:
-    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
     from chla_tools.vocab import merge_tokenizers
 
     out = vocab_dir / "merged"
@@ -47,7 +47,7 @@ def merged(demo_assets, zh_spm, vocab_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def merged_pad(demo_assets, zh_spm, vocab_dir) -> dict:
-    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
     from chla_tools.vocab import merge_tokenizers
 
     out = vocab_dir / "merged_pad"
@@ -125,7 +125,7 @@ def zh_bpe(demo_assets, vocab_dir, bpe_base) -> Path:
     """A 4000-merge BPE trained with the base's pre-tokenizer on the first 3000 paragraphs of
     zh_train and, as real Chinese corpora hold some English, 400 lines of the English training
     text (a few seconds)."""
-    from chla_launcher.kinds.train_bpe import TrainBpeParams
+    from chla_launcher.contract.kinds.train_bpe import TrainBpeParams
     from chla_tools.vocab import train_bpe
 
     zh = head_lines(demo_assets["zh_train"], 0, 3000, vocab_dir / "zh_train_3000.txt")
@@ -139,7 +139,7 @@ def zh_bpe(demo_assets, vocab_dir, bpe_base) -> Path:
 
 @pytest.fixture(scope="session")
 def merged_bpe(bpe_base, zh_bpe, vocab_dir) -> dict:
-    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
     from chla_tools.vocab import merge_tokenizers
 
     out = vocab_dir / "merged_bpe"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_tools import assets
 from chla_tools.assets import OUTPUTS, fetch_assets
 

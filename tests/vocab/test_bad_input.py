@@ -163,7 +163,7 @@ def test_no_traceback_in_a_real_process(tmp_path, corpora):
 
 
 def test_existing_output_survives_a_failed_run(capsys, tmp_path, corpora, zh_spm):
-    from chla_launcher.atomic import write_text
+    from chla_launcher.contract.atomic import write_text
 
     out = tmp_path / "spm"
     out.mkdir()

@@ -215,7 +215,7 @@ def test_merged_folder_loads_in_transformers_4_with_the_same_ids(bpe_base, merge
 
 
 def test_report_puts_both_families_side_by_side(demo_assets, bpe_base, merged_bpe, tmp_path):
-    from chla_launcher.kinds.vocab_report import VocabReportParams
+    from chla_launcher.contract.kinds.vocab_report import VocabReportParams
     from chla_tools.vocab import vocab_report
 
     zh = tmp_path / "zh.txt"
@@ -298,8 +298,8 @@ def test_bad_input_is_one_clear_line(capsys, demo_assets, bpe_base, zh_bpe, tmp_
 def test_plan_sizes_a_byte_level_merge_before_it_runs(tmp_path, bpe_base):
     """`chla plan` sizes the vocabulary a merge_tokenizer stage will produce from a train_bpe
     stage as the base plus one token per merge (an upper bound), as it does for train_spm."""
+    from chla_launcher.contract.recipe import load_recipe
     from chla_launcher.plan import _Sizes
-    from chla_launcher.recipe import load_recipe
 
     corpus = tmp_path / "zh.txt"
     corpus.write_text("中文\n", encoding="utf-8")

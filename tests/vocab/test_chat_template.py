@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 from chla_tools.evaluate import prompt_text, template_text
 from chla_tools.sft_data import PROMPT_TEMPLATE, load_sft_dataset, resolve_template
 

@@ -35,7 +35,7 @@ def original_merge(base_model: Path, chinese_model: Path) -> bytes:
 def small_models(tmp_path_factory, demo_assets) -> dict[str, Path]:
     import sentencepiece as spm
 
-    from chla_launcher.kinds.train_spm import TrainSpmParams
+    from chla_launcher.contract.kinds.train_spm import TrainSpmParams
     from chla_tools.vocab import train_spm
 
     root = tmp_path_factory.mktemp("original_scores")
@@ -71,7 +71,7 @@ def small_models(tmp_path_factory, demo_assets) -> dict[str, Path]:
 
 def merge_params(small_models: dict[str, Path], **params):
     """The merge_tokenizer params that add the small Chinese model to the small base."""
-    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
 
     return MergeTokenizerParams(base=str(small_models["base"]), add=str(small_models["add"]), **params)
 
@@ -104,7 +104,7 @@ def test_scores_original_is_byte_identical_to_the_original_algorithm(small_model
 def test_vocab_report_gives_the_fast_slow_agreement_of_each(small_models, tmp_path):
     """The HF tokenizer of `scores: original` loads, but, with all new pieces tied at score 0,
     disagrees with SentencePiece on some Chinese lines; chla's scores agree on every line."""
-    from chla_launcher.kinds.vocab_report import VocabReportParams
+    from chla_launcher.contract.kinds.vocab_report import VocabReportParams
     from chla_tools.vocab import merge_tokenizers, vocab_report
 
     quiet = lambda _m: None  # noqa: E731

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pydantic
 import pytest
 
-from chla_launcher.kinds import get_kind, import_entry, input_path_fields
+from chla_launcher.contract.kinds import get_kind, import_entry, input_path_fields
 
 
 def test_kinds_are_registered_with_input_paths():
@@ -30,7 +30,7 @@ def test_kinds_are_registered_with_input_paths():
 
 def test_kind_modules_import_no_heavy_packages():
     code = (
-        "import sys, chla_launcher.kinds as k; k.registry(); "
+        "import sys, chla_launcher.contract.kinds as k; k.registry(); "
         "bad = [m for m in ('torch', 'transformers', 'sentencepiece', 'numpy') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -16,7 +16,7 @@ def _lines(path: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def report(demo_assets, merged, vocab_dir) -> dict:
-    from chla_launcher.kinds.vocab_report import VocabReportParams
+    from chla_launcher.contract.kinds.vocab_report import VocabReportParams
     from chla_tools.vocab import vocab_report
 
     corpora = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 # A copy between files that copy_file_range cannot make goes through a buffer of this size.
 _COPY_BUFFER_BYTES = 16 * 2**20

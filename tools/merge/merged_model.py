@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chla_launcher.atomic import replace_dir, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import replace_dir, write_json
+from chla_launcher.contract.errors import ChlaError
 from chla_tools.hf_tokenizer import make_portable
 
 from .adapters import load_adapter
@@ -22,7 +22,7 @@ from .shards import Log, write_shards
 from .tokenizer import TOKENIZER_FILES, check_tokenizer, has_tokenizer
 
 if TYPE_CHECKING:
-    from chla_launcher.kinds.merge import MergeParams
+    from chla_launcher.contract.kinds.merge import MergeParams
 
 
 def merge_adapters(

@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 from .adapters import Adapter
 from .checkpoint import FLOAT_CODES, ITEMSIZE, Checkpoint

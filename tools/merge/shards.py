@@ -190,7 +190,7 @@ def write_shards(
 class _Progress:
     def __init__(self, total_bytes: int, log: Log, report: Callable[[int], None] | None = None) -> None:
         self.total, self.done, self.log, self.last = total_bytes, 0, log, time.monotonic()
-        self.report = report  # merged bytes so far, for the live bars (chla_launcher.progress)
+        self.report = report  # merged bytes so far, for the live bars (chla_launcher.contract.progress)
 
     def add(self, nbytes: int) -> None:
         self.done += nbytes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 from .checkpoint import read_json_file
 

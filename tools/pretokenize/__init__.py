@@ -43,8 +43,8 @@ tokenizer (identity and encoder choice), encoder and workers (the worker process
 content-addressed entries), task (one task, or all in turn), manifest (finalize).
 """
 
-from .cache import hash_file
 from .documents import documents_of
+from .hashing import hash_file
 from .manifest import finalize_corpus
 from .options import FORMAT_VERSION, MANIFEST, NOT_OPTIONS, Layout, PretokenizeOptions, default_cache_dir
 from .pieces import Piece, assign_pieces, expand_inputs, file_format, next_document_start, plan_pieces, work_items

@@ -11,34 +11,12 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chla_launcher.atomic import read_json
+from chla_launcher.contract.atomic import read_json
 
 from .options import FORMAT_VERSION, PretokenizeOptions
 
 if TYPE_CHECKING:
     from .tokenizer import TokenizerInfo
-
-_HASH_BLOCK = 1 << 22
-
-
-def blake(digest_size: int = 16) -> hashlib.blake2b:
-    return hashlib.blake2b(digest_size=digest_size)
-
-
-def hash_file(path: Path, start: int = 0, end: int | None = None) -> str:
-    """blake2b of bytes [start, end) of a file, read in blocks (a piece of a big file never whole)."""
-    digest = blake()
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        remaining = None if end is None else end - start
-        while remaining is None or remaining > 0:
-            block = handle.read(_HASH_BLOCK if remaining is None else min(_HASH_BLOCK, remaining))
-            if not block:
-                break
-            digest.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-    return digest.hexdigest()
 
 
 def cache_key(

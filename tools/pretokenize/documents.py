@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 from .options import PretokenizeOptions
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from chla_launcher.atomic import read_json, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import read_json, write_json
+from chla_launcher.contract.errors import ChlaError
 
-from .cache import blake
 from .documents import new_bad_counts
+from .hashing import blake
 from .options import FORMAT_VERSION, MANIFEST
 from .tokenizer import TokenizerInfo
 

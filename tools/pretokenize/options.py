@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from chla_launcher.kinds.pretokenize import PretokenizeParams
+    from chla_launcher.contract.kinds.pretokenize import PretokenizeParams
 
 FORMAT_VERSION = "chla-pretokenized-v1"
 MANIFEST = "manifest.json"

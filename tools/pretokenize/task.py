@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from chla_launcher.atomic import write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import write_json
+from chla_launcher.contract.errors import ChlaError
 
-from .cache import cache_key, hash_file, link_or_copy, remove_dead_tmp, valid_entry
+from .cache import cache_key, link_or_copy, remove_dead_tmp, valid_entry
 from .documents import new_bad_counts
 from .encoder import EncoderSpec
+from .hashing import hash_file
 from .manifest import finalize_corpus
 from .options import MANIFEST, Layout, PretokenizeOptions, default_cache_dir
 from .pieces import Piece, assign_pieces, expand_inputs, next_document_start, plan_pieces, work_items
@@ -27,7 +28,7 @@ from .tokenizer import choose_encoder, load_tokenizer_info
 from .workers import WorkerPool
 
 if TYPE_CHECKING:
-    from chla_launcher.kinds.pretokenize import PretokenizeParams
+    from chla_launcher.contract.kinds.pretokenize import PretokenizeParams
 
 
 def run_task(

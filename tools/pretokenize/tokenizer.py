@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from chla_launcher.atomic import read_json, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import read_json, write_json
+from chla_launcher.contract.errors import ChlaError
 
-from .cache import blake, hash_file
+from .hashing import blake, hash_file
 from .options import PretokenizeOptions
 
 

@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chla_launcher.atomic import new_directory, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import new_directory, write_json
+from chla_launcher.contract.errors import ChlaError
 
 from .byte_level import canonical_component, load_byte_level_bpe, resolve_tokenizer_json, token_bytes
 from .log import Log, print_line
 
 if TYPE_CHECKING:
-    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
 
 PAD_TOKEN = "[PAD]"
 # Files of an HF tokenizer directory that the merged directory takes from the base unchanged

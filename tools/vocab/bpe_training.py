@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chla_launcher.atomic import new_directory, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import new_directory, write_json
+from chla_launcher.contract.errors import ChlaError
 
 from .byte_level import build_component, load_byte_level_bpe
 from .corpus import check_corpora, iter_corpus_lines
 from .log import Log, print_line
 
 if TYPE_CHECKING:
-    from chla_launcher.kinds.train_bpe import TrainBpeParams
+    from chla_launcher.contract.kinds.train_bpe import TrainBpeParams
 
 
 def train_bpe(params: TrainBpeParams, out_dir: str | os.PathLike[str], log: Log = print_line) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 
 @lru_cache(maxsize=1)

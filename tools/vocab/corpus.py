@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.errors import ChlaError
 
 
 @dataclass

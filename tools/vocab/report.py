@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chla_launcher.atomic import new_directory, write_json, write_text
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import new_directory, write_json, write_text
+from chla_launcher.contract.errors import ChlaError
 
 from .byte_level import is_byte_level_bpe, resolve_tokenizer_json, token_bytes
 from .corpus import iter_corpus_lines
@@ -31,7 +31,7 @@ from .log import Log, print_line
 from .sp_model import resolve_sp_model
 
 if TYPE_CHECKING:
-    from chla_launcher.kinds.vocab_report import VocabReportParams
+    from chla_launcher.contract.kinds.vocab_report import VocabReportParams
 
 SENTENCEPIECE = "sentencepiece"
 BYTE_LEVEL_BPE = "byte_level_bpe"

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chla_launcher.atomic import new_directory
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import new_directory
+from chla_launcher.contract.errors import ChlaError
 
 from .corpus import check_corpora
 from .log import Log, print_line
 
 if TYPE_CHECKING:
-    from chla_launcher.kinds.train_spm import TrainSpmParams
+    from chla_launcher.contract.kinds.train_spm import TrainSpmParams
 
 
 def train_spm(params: TrainSpmParams, out_dir: str | os.PathLike[str], log: Log = print_line) -> dict[str, Any]:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chla_launcher.atomic import new_directory, write_json
-from chla_launcher.errors import ChlaError
+from chla_launcher.contract.atomic import new_directory, write_json
+from chla_launcher.contract.errors import ChlaError
 
 from .bpe_merge import PAD_TOKEN, merge_byte_level
 from .byte_level import is_byte_level_bpe
@@ -31,7 +31,7 @@ from .log import Log, print_line
 from .sp_model import CONTROL, NORMAL, load_sp_proto, mergeable, model_pb2, resolve_sp_model
 
 if TYPE_CHECKING:
-    from chla_launcher.kinds.merge_tokenizer import MergeTokenizerParams
+    from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
 
 
 def _scores_below(lowest: float, count: int) -> list[float]:

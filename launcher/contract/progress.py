@@ -16,12 +16,9 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from .atomic import write_json
-
-if TYPE_CHECKING:
-    from chla_train.context import StageContext
 
 PROGRESS_DIR = "progress"
 MIN_INTERVAL_S = 0.5
@@ -116,9 +113,25 @@ class ProgressWriter:
             pass  # progress is for eyes; a full or read-only disk must not stop the work
 
 
-def progress_writer(
-    ctx: StageContext[Any], *, total: float, unit: str, start_done: float = 0.0
-) -> ProgressWriter | None:
+class _Rank(Protocol):
+    @property
+    def rank(self) -> int: ...
+
+
+class RunningTask(Protocol):
+    """What progress needs of a job's task (chla_train's StageContext is one)."""
+
+    @property
+    def stage_dir(self) -> Path: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def task_index(self) -> int: ...
+    @property
+    def dist(self) -> _Rank: ...
+
+
+def progress_writer(ctx: RunningTask, *, total: float, unit: str, start_done: float = 0.0) -> ProgressWriter | None:
     """The writer for a job's task (rank 0 only; None for the other ranks)."""
     if ctx.dist.rank != 0:
         return None

@@ -18,7 +18,7 @@ mappings, anchors and merge keys) is one error naming the file and line:
 - numbers are finite (`.inf`, `.nan`, 1e999 refused) and have at most 64 digits;
 - strings hold no control characters but tab and newline (a NUL, an ESC or a carriage return
   in a value is never what the user meant, and would reach files, argv and batch scripts).
-The size of the file is bounded by the caller (chla_launcher.recipe.load).
+The size of the file is bounded by the caller (chla_launcher.contract.recipe.load).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The recipe's schema: what a recipe file may say, typed and validated by pydantic. Unknown keys
-are errors; stage params are a plain mapping here and validated by their kind (chla_launcher.kinds)
+are errors; stage params are a plain mapping here and validated by their kind (chla_launcher.contract.kinds)
 once references are resolved."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..executor_registry import executor_names
 from ..rundir import RESERVED_NAMES
-from ..tracking import TrackingSettings
+from ..tracking_settings import TrackingSettings
 from .units import check_mem, check_time
 
 # Run and stage names: they become directory names, job names (`#SBATCH --job-name`) and log
@@ -198,7 +199,7 @@ class RecipeModel(_Strict):
     resources: Resources = Field(default_factory=Resources)
     vars: dict[str, Any] = Field(default_factory=dict)
     stages: dict[str, StageSpec] = Field(min_length=1)
-    # Experiment tracking (MLflow, W&B) of every stage; see chla_launcher.tracking.
+    # Experiment tracking (MLflow, W&B) of every stage; see chla_launcher.contract.tracking_settings.
     tracking: TrackingSettings | None = None
 
     @field_validator("name")
@@ -209,8 +210,6 @@ class RecipeModel(_Strict):
     @field_validator("executor")
     @classmethod
     def _executor(cls, value: str) -> str:
-        from ..executors import executor_names
-
         if value not in executor_names():
             raise ValueError(f"unknown executor {value!r} (known: {', '.join(executor_names())})")
         return value

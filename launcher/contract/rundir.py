@@ -2,13 +2,13 @@
 
 runs/<name>/
   recipe.yaml            resolved and frozen
-  chain.json             stage -> job ids, fingerprints, submission time, executor (chla_launcher.chain)
+  chain.json             stage -> job ids, fingerprints, submission time, executor (chla_launcher.contract.chain)
   summary.json/.md       headline figures, when the chain has a `summarize` stage
   .chla/                 the run-directory lock and a submission in progress (chla_launcher.lock,
                          chla_launcher.transaction); tracking.json (chla_train.tracking)
   <stage>/
     state.json           status, attempts, timings, headline metrics
-    progress/            what its running tasks have done so far (chla_launcher.progress)
+    progress/            what its running tasks have done so far (chla_launcher.contract.progress)
     logs/                job stdout/stderr (one file per task)
     out/                 the stage's artifacts
     work/                what survives retries: checkpoints, caches

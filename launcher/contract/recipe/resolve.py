@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from ..errors import KeyPath, RecipeError
 from ..kinds import StageKind, registry
+from .cycles import find_cycle
 from .inputs import absolutize_inputs, check_inputs_exist, expand_globs
 from .interpolation import Scope, interpolate_references
 from .resolved import ResolvedRecipe, ResolvedStage
@@ -80,8 +81,6 @@ def resolve(
 
     _refuse_consumers_of_sweeps(model, stages, where)
     recipe = ResolvedRecipe(model=model, source=source, run_dir=run_dir, stages=stages, raw=data)
-    from ..graph import find_cycle  # the graph module imports this package
-
     cycle = find_cycle({name: stage.after for name, stage in stages.items()})
     if cycle:
         raise where.error("dependency cycle: " + " -> ".join(cycle), ("stages", cycle[0]))

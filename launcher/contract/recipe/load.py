@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import RecipeError
-from ..tracking import refuse_credentials
+from ..tracking_settings import refuse_credentials
 from .overrides import apply_overrides
 from .resolve import resolve
 from .resolved import ResolvedRecipe
