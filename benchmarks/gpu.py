@@ -164,7 +164,7 @@ def sft_flops_per_token(layers: int, vocab: int, mean_example: float, label_frac
 def run_config(name: str, layers: int, steps: int, warmup: int, profile: bool = False) -> dict:
     import torch
 
-    from chla_train.entry import keep_freed_memory
+    from chla_train.freed_memory import keep_freed_memory
     from chla_train.model import usable_attention
 
     config = CONFIGS[name]

@@ -102,7 +102,7 @@ def worker(spec_file: str) -> None:
 
     from chla_train.context import StageContext
     from chla_train.distributed import DistributedEnv
-    from chla_train.entry import keep_freed_memory
+    from chla_train.freed_memory import keep_freed_memory
     from chla_train.stages import pretrain
 
     keep_freed_memory()

@@ -15,7 +15,7 @@ trained in full, as in the demo's `sft` stage:
   shared+fused  packed, the prompt prefix all 16 share (template + instruction, ~half of each
                 example) computed once per row (share_prompt_prefix)   (the demo now)
 
-All run with the job entry's malloc setting (chla_train.entry.keep_freed_memory), as stages do.
+All run with the job entry's malloc setting (chla_train.freed_memory.keep_freed_memory), as stages do.
 The first three use an unfused AdamW (torch's default on CPU; chla_train.trainer.build_optimizer
 is patched for that), so that the batch layouts and the optimizer are compared separately.
 Grouping is fast but puts long and short reviews in different batches, and in this data length
@@ -133,7 +133,7 @@ def main() -> int:
 
     from chla_tools.assets import fetch_assets
     from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
-    from chla_train.entry import keep_freed_memory
+    from chla_train.freed_memory import keep_freed_memory
 
     keep_freed_memory()  # as every stage task does
     assets = fetch_assets(offline=True)

@@ -9,7 +9,7 @@ them, in three ways:
   zero3-partitioned  ZeRO-3 as the stage runs it now: the model built under zero.Init and each
                      rank reading only its slice of every tensor (chla_train.model.load_partitioned),
                      freed memory handed back to the kernel and parameters gathered in place
-                     (chla_train.trainer.model_loading)
+                     (chla_train.training_workflow.model_loading)
   zero3-whole        ZeRO-3 with every rank loading the whole model first, as chla did before
                      (the stage's model_loading replaced by a no-op, and with it those two
                      settings): DeepSpeed partitions it when training starts
@@ -182,7 +182,7 @@ def worker(spec_file: str) -> None:
 
     from chla_launcher.contract.kinds.pretrain import PretrainParams
     from chla_train.context import StageContext
-    from chla_train.entry import keep_freed_memory
+    from chla_train.freed_memory import keep_freed_memory
     from chla_train.stages import pretrain
 
     keep_freed_memory()  # as every stage task does
@@ -204,14 +204,15 @@ def worker(spec_file: str) -> None:
     )
     ctx = StageContext.standalone(Path(spec["run_dir"]), "train", "pretrain", params, dist=env, fingerprint="bench")
     from chla_train import trainer as trainers
+    from chla_train import training_workflow as workflow
 
     before = memory_now()
     phases = PhasePeaks()
-    phases.around(pretrain.models, "base_model_for", "load")
+    phases.around(workflow.models, "base_model_for", "load")
     phases.around(trainers.Trainer, "__init__", "deepspeed")
     phases.around(trainers.Trainer, "train", "train")
-    phases.around(pretrain, "save_adapter", "save")
-    whole = mock.patch.object(pretrain, "model_loading", lambda *a, **k: contextlib.nullcontext())
+    phases.around(workflow, "save_adapter", "save")
+    whole = mock.patch.object(workflow, "model_loading", lambda *a, **k: contextlib.nullcontext())
     started = time.perf_counter()
     with whole if spec["way"] == "zero3-whole" else contextlib.nullcontext():
         pretrain.run(ctx)

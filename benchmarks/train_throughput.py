@@ -299,7 +299,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from chla_train.entry import keep_freed_memory
+    from chla_train.freed_memory import keep_freed_memory
     from chla_train.precision import choose_precision
 
     print_machine()

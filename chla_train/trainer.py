@@ -1,4 +1,5 @@
-"""The training loop of the `pretrain` and `sft` stages: a lean loop over a DeepSpeed engine.
+"""The training loop of the `pretrain` and `sft` stages (step 3 of chla_train.training_workflow): a
+lean loop over a DeepSpeed engine.
 
 Why not HF Trainer: the stages need three things Trainer makes hard, and the loop is ~200 lines.
 1. Bitwise-exact resume after preemption. Trainer resumes by replaying (skipping) batches of a
@@ -29,7 +30,6 @@ off: `tests/train/test_training.py` runs 2-rank jobs).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -37,14 +37,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from chla_launcher.contract.atomic import write_json
 from chla_launcher.contract.errors import ChlaError
 from chla_launcher.contract.progress import progress_writer
 from chla_train import checkpoint as checkpoints
@@ -138,32 +136,6 @@ def rank_zero_first(ctx, work: Callable[[], T]) -> T:
     if outcome[0] is not None:
         raise ChlaError(outcome[0])
     return result if ctx.dist.rank == 0 else work()
-
-
-def model_loading(ctx, params, *, dtype: torch.dtype):
-    """The context a stage builds its model in. Under ZeRO-3, a model loaded from a checkpoint is
-    built partitioned over the ranks (chla_train.model.partitioned_loading): no rank ever holds
-    all of it. Otherwise, and for an `init:` model (built whole, so that every ZeRO stage starts
-    from the same random weights) or embeddings mode (which splits whole embedding matrices),
-    each rank builds it whole and DeepSpeed partitions it when training starts."""
-    from chla_train.entry import return_freed_memory
-    from chla_train.model import gather_in_place_over_gloo, partitioned_loading
-
-    if params.zero_stage == 3:
-        # A rank holds its partition and, for a moment, the layer it computes, gathered once (not
-        # staged twice by gloo); what it frees goes back to the kernel instead of staying kept
-        # for reuse (chla_train.entry).
-        return_freed_memory()
-        gather_in_place_over_gloo()
-    config_file = Path(params.model or "-") / "config.json"
-    if params.zero_stage != 3 or getattr(params, "mode", None) == "embeddings" or not config_file.is_file():
-        return contextlib.nullcontext()
-    init_distributed(ctx)
-    hidden_size = json.loads(config_file.read_text())["hidden_size"]
-    ctx.log(f"ZeRO-3: {params.model} is loaded partitioned over {ctx.dist.world_size} rank(s)")
-    return partitioned_loading(
-        deepspeed_config(params, dtype=dtype, world_size=ctx.dist.world_size, hidden_size=hidden_size)
-    )
 
 
 def deepspeed_config(
@@ -263,7 +235,7 @@ def build_optimizer(model, params) -> torch.optim.Optimizer:
             groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "part": part})
     # fused: one pass over each tensor instead of ~10 (CPU and CUDA both have the kernel). With
     # embed_tokens and lm_head trainable (26M values in the demo), the demo's SFT step on CPU is
-    # 11% faster with it (benchmarks/sft_step.py; 40% before chla_train.entry.keep_freed_memory).
+    # 11% faster with it (benchmarks/sft_step.py; 40% before chla_train.freed_memory.keep_freed_memory).
     return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
@@ -667,53 +639,3 @@ def label_weight_sum(batch: dict[str, np.ndarray]) -> float:
 def input_token_count(batch: dict[str, np.ndarray]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].size)
-
-
-def train_summary(
-    facts: dict[str, Any], result: TrainResult, *, trainable: int, total: int, world_size: int
-) -> dict[str, Any]:
-    """The train_summary.json of a training stage: its own facts plus the run's figures."""
-    return {
-        **facts,
-        "trainable_params": trainable,
-        "total_params": total,
-        "world_size": world_size,
-        "global_batch": result.global_batch,
-        "samples_seen": result.samples_seen,
-        "train_loss": result.train_loss,
-        "eval_loss": result.eval_loss,
-        "first_eval_loss": result.first_eval_loss,
-        "elapsed_s": round(result.elapsed_s, 2),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "resumed_from_steps": result.resumed_from,
-    }
-
-
-# The figures of train_summary.json a training stage returns to its job (state.json, chla status).
-HEADLINE = (
-    "step",
-    "tokens_seen",
-    "train_loss",
-    "eval_loss",
-    "first_eval_loss",
-    "precision",
-    "precision_reason",
-    "torch_compile",
-    "deterministic",
-)
-
-
-def save_train_summary(ctx, summary: dict[str, Any], headline: Sequence[str] = HEADLINE) -> dict[str, Any]:
-    """The last step of a training stage: write out/train_summary.json (rank 0), tear the process
-    group down and return the `headline` figures of the summary."""
-    if ctx.dist.is_main:
-        write_json(ctx.out_dir / "train_summary.json", summary)
-    shutdown_distributed()
-    return {key: summary[key] for key in headline}
-
-
-def shutdown_distributed() -> None:
-    """Tear the process group down before the job entry exits (gloo leaves threads otherwise)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

@@ -1,9 +1,8 @@
 """`pretrain` stage: continued pretraining of a LLaMA-family model on a pre-tokenized corpus.
 
-Reads top to bottom like the recipe: load the tokenizer and the corpus blocks, build the base
-model resized to the tokenizer, make the part that trains trainable (new embedding rows, LoRA,
-or everything), train on DeepSpeed (resuming from the last checkpoint by itself), save the
-adapter or model with the tokenizer. The loop and why it is not HF Trainer: chla_train.trainer.
+The steps are chla_train.training_workflow's; what pretraining fills in: the data (the corpus's
+blocks, or a weighted blend of corpora), what trains (new embedding rows, LoRA, or everything, by
+`mode`), and what it saves (an adapter for LoRA, a whole HF model otherwise).
 """
 
 from __future__ import annotations
@@ -16,20 +15,52 @@ from chla_launcher.contract.errors import ChlaError
 from chla_launcher.contract.kinds.pretrain import PretrainParams
 from chla_train import model as models
 from chla_train.context import StageContext
-from chla_train.determinism import apply_determinism
-from chla_train.export import save_adapter, save_model
-from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
-from chla_train.trainer import (
-    HEADLINE,
-    TrainData,
-    Trainer,
-    init_distributed,
-    model_loading,
-    save_train_summary,
-    total_steps,
-    train_summary,
-)
+from chla_train.trainer import TrainData, total_steps
+from chla_train.training_workflow import HEADLINE, StageInputs, TrainingWorkflow
+
+
+def run(ctx: StageContext[PretrainParams]) -> dict[str, Any]:
+    return Pretraining(ctx).run()
+
+
+class Pretraining(TrainingWorkflow[PretrainParams]):
+    kind = "pretrain"
+    headline = (*HEADLINE, "tokens_per_s")
+
+    def load_inputs(self) -> StageInputs:
+        tokenizer = models.load_tokenizer(self.params.tokenizer)
+        data, corpus_facts = pretraining_data(
+            self.params, len(tokenizer), world_size=self.ctx.dist.world_size, log=self.ctx.log
+        )
+        return StageInputs(tokenizer, data, data_facts=corpus_facts)
+
+    def prepare_model(self, model: Any, *, base_rows: int, tokenizer: Any) -> Any:
+        params, stage = self.params, self.ctx.stage
+        if params.mode == "embeddings":
+            models.setup_embeddings_training(
+                model,
+                base_rows=base_rows,
+                new_rows_only=params.new_rows_only,
+                train_lm_head=params.train_lm_head,
+                where=stage,
+            )
+        elif params.mode == "lora":
+            rows = new_token_rows(params, base_rows, len(tokenizer), where=stage)
+            model = models.apply_stage_lora(model, params, stage=stage, new_token_rows=rows, log=self.ctx.log)
+        return model
+
+    def describe_model(self, *, trainable: int, total: int, base_rows: int, tokenizer: Any) -> str:
+        return (
+            f"mode {self.params.mode}: {trainable:,} of {total:,} parameters train; vocabulary "
+            f"{base_rows} -> {len(tokenizer)} rows ({self.params.new_row_init} init)"
+        )
+
+    def model_facts(self, *, base_rows: int, tokenizer: Any) -> dict[str, Any]:
+        return {"mode": self.params.mode, "base_rows": base_rows, "vocab_size": len(tokenizer)}
+
+    def saves_adapter(self) -> bool:
+        return self.params.mode == "lora"
 
 
 def pretraining_data(params, vocab_size: int, *, world_size: int, log) -> tuple[TrainData, dict[str, Any]]:
@@ -99,66 +130,3 @@ def pretraining_data(params, vocab_size: int, *, world_size: int, log) -> tuple[
 def collate_blocks(blocks: list[np.ndarray]) -> dict[str, np.ndarray]:
     input_ids = np.stack(blocks).astype(np.int64)
     return {"input_ids": input_ids, "labels": input_ids}
-
-
-def run(ctx: StageContext[PretrainParams]) -> dict[str, Any]:
-    params = ctx.params
-    ctx.enable_cooperative_preemption()
-    precision = choose_precision(params.precision)
-    dtype = precision.dtype
-    ctx.log(f"precision {precision.name}: {precision.reason}")
-    determinism = apply_determinism(params.deterministic)  # before the model is built
-    ctx.log(determinism.reason)
-
-    # 1. Inputs: every check before DeepSpeed starts, so a bad input costs seconds.
-    tokenizer = models.load_tokenizer(params.tokenizer)
-    data, corpus_facts = pretraining_data(params, len(tokenizer), world_size=ctx.dist.world_size, log=ctx.log)
-
-    # 2. Model: base, resized to the tokenizer, then what trains (under ZeRO-3, partitioned over
-    #    the ranks as it loads).
-    with model_loading(ctx, params, dtype=dtype):
-        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage, log=ctx.log)
-        if params.mode == "embeddings":
-            models.setup_embeddings_training(
-                model,
-                base_rows=base_rows,
-                new_rows_only=params.new_rows_only,
-                train_lm_head=params.train_lm_head,
-                where=ctx.stage,
-            )
-        elif params.mode == "lora":
-            rows = new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage)
-            model = models.apply_stage_lora(model, params, stage=ctx.stage, new_token_rows=rows, log=ctx.log)
-    trainable, total = models.count_parameters(model)
-    ctx.log(
-        f"mode {params.mode}: {trainable:,} of {total:,} parameters train; vocabulary "
-        f"{base_rows} -> {len(tokenizer)} rows ({params.new_row_init} init)"
-    )
-
-    # 3. Train.
-    init_distributed(ctx)
-    trainer = Trainer(ctx, model, data, params, dtype=dtype)
-    result = trainer.train()
-
-    # 4. Save: an adapter for LoRA, a whole HF model otherwise.
-    facts = {
-        "stage": ctx.stage,
-        "kind": "pretrain",
-        "mode": params.mode,
-        "base_rows": base_rows,
-        "vocab_size": len(tokenizer),
-        "step": result.step,
-        "tokens_seen": result.tokens_seen,
-        "new_row_init": params.new_row_init,
-        **precision.record(),
-        **trainer.compile_choice.record(),
-        **determinism.record(),
-        **corpus_facts,
-    }
-    if params.mode == "lora":
-        save_adapter(trainer, tokenizer, ctx.out_dir, facts)
-    else:
-        save_model(trainer, tokenizer, ctx.out_dir, facts)
-    trainer.finish()
-    summary = train_summary(facts, result, trainable=trainable, total=total, world_size=ctx.dist.world_size)
-    return save_train_summary(ctx, summary, (*HEADLINE, "tokens_per_s", *corpus_facts))

@@ -1,9 +1,10 @@
 """`sft` stage: LoRA instruction tuning on Alpaca-format data.
 
-Load the tokenizer (adding a [PAD] token if it has none, as the original did) and the
-instruction data (prompt tokens masked with -100, target = output + eos), build the base model
-resized to the tokenizer, add a new LoRA adapter or continue an earlier one, train on DeepSpeed
-(resuming by itself), save the adapter with the tokenizer. The loop: chla_train.trainer.
+The steps are chla_train.training_workflow's; what instruction tuning fills in: the tokenizer
+(with a [PAD] token added if it has none, as the original did), the data (prompt tokens masked
+with -100, target = output + eos; several files and replay corpora as a blend), and what trains
+(a new LoRA adapter or an earlier one continued, on the base resized to the tokenizer, pad
+included). It saves the adapter with the tokenizer (and its pad token) beside it.
 """
 
 from __future__ import annotations
@@ -18,93 +19,57 @@ from chla_launcher.contract.errors import ChlaError
 from chla_launcher.contract.kinds.sft import SftParams
 from chla_train import model as models
 from chla_train.context import StageContext
-from chla_train.determinism import apply_determinism
-from chla_train.export import save_adapter
-from chla_train.precision import choose_precision
 from chla_train.token_rows import new_token_rows
-from chla_train.trainer import (
-    HEADLINE,
-    TrainData,
-    Trainer,
-    init_distributed,
-    model_loading,
-    rank_zero_first,
-    save_train_summary,
-    total_steps,
-    train_summary,
-)
+from chla_train.trainer import TrainData, rank_zero_first, total_steps
+from chla_train.training_workflow import StageInputs, TrainingWorkflow
 
 
 def run(ctx: StageContext[SftParams]) -> dict[str, Any]:
-    from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
+    return InstructionTuning(ctx).run()
 
-    params = ctx.params
-    ctx.enable_cooperative_preemption()
-    precision = choose_precision(params.precision)
-    dtype = precision.dtype
-    ctx.log(f"precision {precision.name}: {precision.reason}")
-    determinism = apply_determinism(params.deterministic)  # before the model is built
-    ctx.log(determinism.reason)
 
-    # 1. Inputs. The tokenizer gets a pad token ("[PAD]") if it has none, as the data reader's.
-    base_vocab = len(models.load_tokenizer(params.tokenizer))
-    tokenizer = load_sft_tokenizer(params.tokenizer)
-    if len(tokenizer) != base_vocab:
-        ctx.log(f"tokenizer has no pad token: added {tokenizer.pad_token} (id {tokenizer.pad_token_id})")
-    # Rank 0 tokenizes into the stage's cache; the other ranks then read it.
-    load = partial(
-        load_sft_dataset,
-        tokenizer_dir=params.tokenizer,
-        max_seq_length=params.max_seq_length,
-        template=params.template,
-        on_bad_record=params.on_bad_record,
-        cache_dir=ctx.work_dir / "sft_cache",
-        packing=params.packing,
-    )
-    data, blend_facts, data_stats = instruction_data(
-        params,
-        lambda path: rank_zero_first(ctx, partial(load, path)),
-        tokenizer,
-        world_size=ctx.dist.world_size,
-        log=ctx.log,
-    )
+class InstructionTuning(TrainingWorkflow[SftParams]):
+    kind = "sft"
 
-    # 2. Model: base resized to the tokenizer (pad included), then the LoRA adapter (under ZeRO-3,
-    #    partitioned over the ranks as it loads).
-    with model_loading(ctx, params, dtype=dtype):
-        model, base_rows = models.base_model_for(params, len(tokenizer), dtype=dtype, stage=ctx.stage, log=ctx.log)
+    def load_inputs(self) -> StageInputs:
+        from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
+
+        ctx, params = self.ctx, self.params
+        # The tokenizer gets a pad token ("[PAD]") if it has none, as the data reader's.
+        self.base_vocab = len(models.load_tokenizer(params.tokenizer))
+        tokenizer = load_sft_tokenizer(params.tokenizer)
+        if len(tokenizer) != self.base_vocab:
+            ctx.log(f"tokenizer has no pad token: added {tokenizer.pad_token} (id {tokenizer.pad_token_id})")
+        # Rank 0 tokenizes into the stage's cache; the other ranks then read it.
+        load = partial(
+            load_sft_dataset,
+            tokenizer_dir=params.tokenizer,
+            max_seq_length=params.max_seq_length,
+            template=params.template,
+            on_bad_record=params.on_bad_record,
+            cache_dir=ctx.work_dir / "sft_cache",
+            packing=params.packing,
+        )
+        data, blend_facts, data_stats = instruction_data(
+            params,
+            lambda path: rank_zero_first(ctx, partial(load, path)),
+            tokenizer,
+            world_size=ctx.dist.world_size,
+            log=ctx.log,
+        )
+        return StageInputs(tokenizer, data, data_facts=blend_facts, summary_facts={"data_stats": _jsonable(data_stats)})
+
+    def prepare_model(self, model: Any, *, base_rows: int, tokenizer: Any) -> Any:
         model.config.pad_token_id = tokenizer.pad_token_id
-        added_here = len(tokenizer) - base_vocab  # the [PAD] row, if this stage added it
-        rows = new_token_rows(params, base_rows, len(tokenizer), where=ctx.stage, added_here=added_here)
-        model = models.apply_stage_lora(model, params, stage=ctx.stage, new_token_rows=rows, log=ctx.log)
-    trainable, total = models.count_parameters(model)
-    ctx.log(f"LoRA: {trainable:,} of {total:,} parameters train; vocabulary {base_rows} -> {len(tokenizer)}")
+        added_here = len(tokenizer) - self.base_vocab  # the [PAD] row, if this stage added it
+        rows = new_token_rows(self.params, base_rows, len(tokenizer), where=self.ctx.stage, added_here=added_here)
+        return models.apply_stage_lora(model, self.params, stage=self.ctx.stage, new_token_rows=rows, log=self.ctx.log)
 
-    # 3. Train.
-    init_distributed(ctx)
-    trainer = Trainer(ctx, model, data, params, dtype=dtype)
-    result = trainer.train()
+    def describe_model(self, *, trainable: int, total: int, base_rows: int, tokenizer: Any) -> str:
+        return f"LoRA: {trainable:,} of {total:,} parameters train; vocabulary {base_rows} -> {len(tokenizer)}"
 
-    # 4. Save the adapter and the tokenizer (with its pad token) beside it.
-    facts = {
-        "stage": ctx.stage,
-        "kind": "sft",
-        "base_rows": base_rows,
-        "vocab_size": len(tokenizer),
-        "pad_token": tokenizer.pad_token,
-        "step": result.step,
-        "tokens_seen": result.tokens_seen,
-        "new_row_init": params.new_row_init,
-        **precision.record(),
-        **trainer.compile_choice.record(),
-        **determinism.record(),
-        **blend_facts,
-    }
-    save_adapter(trainer, tokenizer, ctx.out_dir, facts)
-    trainer.finish()
-    summary = train_summary(facts, result, trainable=trainable, total=total, world_size=ctx.dist.world_size)
-    summary["data_stats"] = _jsonable(data_stats)
-    return save_train_summary(ctx, summary, (*HEADLINE, *blend_facts))
+    def model_facts(self, *, base_rows: int, tokenizer: Any) -> dict[str, Any]:
+        return {"base_rows": base_rows, "vocab_size": len(tokenizer), "pad_token": tokenizer.pad_token}
 
 
 def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[TrainData, dict, Any]:

@@ -56,9 +56,9 @@ def _probe_logits_after_training(probe_ids: list[list[int]], dest: Path) -> None
             torch.save(logits, dest)
         return path
 
-    for module_name in ("chla_train.stages.pretrain", "chla_train.stages.sft"):
-        module = sys.modules.get(module_name) or __import__(module_name, fromlist=["run"])
-        module.save_adapter = save_and_probe
+    import chla_train.training_workflow as workflow  # step 4 of both training stages saves with it
+
+    workflow.save_adapter = save_and_probe
 
 
 def _record_blend_reads(reads: list[tuple[str, int]]) -> None:

@@ -87,7 +87,7 @@ def test_optimizer_is_fused():
 
 
 def test_job_entry_keeps_freed_memory_unless_the_user_tuned_malloc():
-    code = "from chla_train.entry import keep_freed_memory; print(keep_freed_memory())"
+    code = "from chla_train.freed_memory import keep_freed_memory; print(keep_freed_memory())"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     tuned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert tuned.stdout.strip() == "True"  # glibc (Debian/Ubuntu): mallopt accepted every setting
@@ -101,7 +101,7 @@ def test_zero3_stages_hand_freed_memory_back():
     # 256 MiB of 1 MiB blocks on the heap, freed: kept resident under keep_freed_memory (the
     # control), handed back by return_freed_memory (and no longer kept for what comes after).
     code = (
-        "import sys; from chla_train.entry import keep_freed_memory, return_freed_memory\n"
+        "import sys; from chla_train.freed_memory import keep_freed_memory, return_freed_memory\n"
         "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
         "def churn():\n"
         "    blocks = [b'x' * (1 << 20) for _ in range(256)]\n"
@@ -164,7 +164,8 @@ from pathlib import Path
 from chla_launcher.contract.kinds.pretrain import PretrainParams
 from chla_train import model as models
 from chla_train.context import StageContext
-from chla_train.trainer import Trainer, TrainData, model_loading
+from chla_train.trainer import Trainer, TrainData
+from chla_train.training_workflow import model_loading
 root = Path(sys.argv[1])
 params = PretrainParams(
     model=str(root / "base"), tokenizer=str(root), corpus=str(root), mode="lora", zero_stage=3, precision="bf16",
