@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from chla_launcher.contract.errors import ChlaError
-from chla_tools.merge.checkpoint import ITEMSIZE, torch_dtype
+from chla_tools.safetensors_dtypes import ITEMSIZE, torch_dtype
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chla_launcher.contract.errors import ChlaError
+from chla_tools.safetensors_dtypes import ITEMSIZE, torch_dtype
 
 # torch is imported only once the merge needs it: `import torch` takes about a second, which the
 # kernel spends copying the unchanged tensors meanwhile (see chla_tools.merge.shards).
@@ -17,32 +18,8 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # --dtype -> safetensors dtype code
 
-# The safetensors dtype codes chla reads (here, and chla_train.model's SafetensorsRanges): the
-# torch dtype of each, by name (torch is imported when a tensor is read), and bytes per element.
-TORCH_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 CONFIG_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype code ("F16" -> torch.float16); KeyError for a code
-    not in TORCH_DTYPE_NAMES."""
-    import torch
-
-    dtype: torch.dtype = getattr(torch, TORCH_DTYPE_NAMES[code])
-    return dtype
 
 
 @dataclass(frozen=True)
