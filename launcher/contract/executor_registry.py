@@ -19,13 +19,13 @@ Listing the names imports nothing.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
 from .errors import ChlaError
+from .import_path import import_entry
 
 ENTRY_POINT_GROUP = "chla.executors"
 
@@ -71,9 +71,8 @@ BUILT_IN = {
 
 def load(reference: str, what: str) -> Any:
     """The attribute a "module:attribute" reference names."""
-    module, _, attribute = reference.partition(":")
     try:
-        return getattr(importlib.import_module(module), attribute)
+        return import_entry(reference)
     except (ImportError, AttributeError) as error:
         raise ChlaError(f"{what} {reference!r} cannot be loaded: {error}") from None
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 # The params every training kind extends (what `Trains` kinds are sized from), for kinds defined
 # outside this package, and the base of every params model.
+from ..import_path import import_entry as import_entry
 from ._params import InputPath as InputPath
 from ._params import StageParams as StageParams
 from ._training import BlendPart as BlendPart
@@ -265,9 +266,3 @@ def map_input_paths(value: Any, change: Callable[[str], str]) -> Any:
         else:
             out.append(item)
     return out
-
-
-def import_entry(spec: str) -> Any:
-    """Import "module:attr" (used on the job side only)."""
-    module_name, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
