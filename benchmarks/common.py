@@ -1,6 +1,6 @@
 """What several benchmark scripts share besides their machine line (machine.py): the `--run`
-argument of those that measure a finished demo-like run, the table of step timings, and how a
-process that ran gloo ends.
+argument of those that measure a finished demo-like run, the `--keep DIR` work directory and the
+table of step timings of those that time a chain of steps, and how a process that ran gloo ends.
 
 Usage from a benchmark script (benchmarks/ is the script's own directory, so it is importable):
     from common import demo_run_parser
@@ -20,6 +20,21 @@ def demo_run_parser(doc: str, run_help: str = "run directory of a finished demo-
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help=run_help)
     return parser
+
+
+def parse_with_work_dir(parser: argparse.ArgumentParser, prefix: str) -> tuple[argparse.Namespace, Path]:
+    """Parse a benchmark's command line with `--keep DIR` added; returns the arguments and the
+    directory to write the outputs to: --keep's, else a new temporary directory named `prefix`...
+    (print_timings_and_outputs removes that one at the end)."""
+    import tempfile
+
+    parser.add_argument("--keep", metavar="DIR", help="write outputs here instead of a temp dir")
+    args = parser.parse_args()
+    return args, Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def quiet(message: str) -> None:
+    """A `log` that prints nothing: the timed steps' own progress lines would bury the table."""
 
 
 def print_timings_and_outputs(timings: dict[str, float], report: str, work: Path, keep: bool) -> None:

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-from pathlib import Path
 
-from common import print_timings_and_outputs
+from common import parse_with_work_dir, print_timings_and_outputs, quiet
 from machine import print_machine
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab-size", type=int, default=20000)
-    parser.add_argument("--keep", metavar="DIR", help="write outputs here instead of a temp dir")
-    args = parser.parse_args()
+    args, work = parse_with_work_dir(parser, prefix="chla-vocab-bench-")
     print_machine()
 
     from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
@@ -29,8 +26,6 @@ def main() -> int:
     from chla_tools.assets import fetch_assets
     from chla_tools.vocab import merge_tokenizers, render_markdown, train_spm, vocab_report
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="chla-vocab-bench-"))
-    quiet = lambda message: None  # noqa: E731
     timings: dict[str, float] = {}
 
     fetch_assets(log=quiet)  # make sure the cache is filled; the timed call is the cached one

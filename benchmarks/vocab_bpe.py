@@ -15,11 +15,10 @@ of each step.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
-from common import print_timings_and_outputs
+from common import parse_with_work_dir, print_timings_and_outputs, quiet
 from machine import print_machine
 
 
@@ -39,8 +38,7 @@ def main() -> int:
     source.add_argument("--gguf", type=Path, help="GGUF file whose tokenizer is the base")
     source.add_argument("--base", type=Path, help="HF tokenizer directory of a byte-level BPE base")
     parser.add_argument("--merges", type=int, default=20000)
-    parser.add_argument("--keep", metavar="DIR", help="write outputs here instead of a temp dir")
-    args = parser.parse_args()
+    args, work = parse_with_work_dir(parser, prefix="chla-vocab-bpe-bench-")
     print_machine()
 
     from chla_launcher.contract.kinds.merge_tokenizer import MergeTokenizerParams
@@ -49,8 +47,6 @@ def main() -> int:
     from chla_tools.assets import fetch_assets
     from chla_tools.vocab import merge_tokenizers, render_markdown, train_bpe, vocab_report
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="chla-vocab-bpe-bench-"))
-    quiet = lambda message: None  # noqa: E731
     timings: dict[str, float] = {}
     assets = fetch_assets(log=quiet)
 
