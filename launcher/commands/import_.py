@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..contract.kinds.import_gguf import ImportGgufParams
-from ..flags import Flag, ParamFlags
+from ..flags import Flag, ParamFlags, add_action
 
 NAME = "import"
 HELP = "import a model from another format as an HF model folder: GGUF (llama.cpp's)"
@@ -18,15 +18,13 @@ FLAGS = ParamFlags(ImportGgufParams, (Flag("gguf", metavar="FILE", positional=Tr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    gguf = formats.add_parser(
-        "gguf",
-        help="a GGUF file -> safetensors, config and a tokenizer transformers 4 and 5 load",
-        description="read FILE with transformers' own GGUF loader and write an HF model folder: model.safetensors, "
+    description = (
+        "read FILE with transformers' own GGUF loader and write an HF model folder: model.safetensors, "
         "config.json, generation_config.json, a portable tokenizer with the chat template, and chla_import.json "
-        "with the file's sha256; DIR is replaced atomically",
+        "with the file's sha256; DIR is replaced atomically"
     )
-    FLAGS.add_to(gguf)
-    gguf.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    summary = "a GGUF file -> safetensors, config and a tokenizer transformers 4 and 5 load"
+    add_action(formats, "gguf", summary, description, FLAGS.add_to, out=("DIR", "the model folder to write"))
 
 
 def run(args: argparse.Namespace) -> int:

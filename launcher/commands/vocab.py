@@ -4,14 +4,13 @@ tokenizer merge, efficiency report."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 from ..contract.errors import ChlaError
 from ..contract.kinds.merge_tokenizer import MergeTokenizerParams
 from ..contract.kinds.train_bpe import TrainBpeParams
 from ..contract.kinds.train_spm import TrainSpmParams
 from ..contract.kinds.vocab_report import VocabReportParams
-from ..flags import Flag, ParamFlags
+from ..flags import Flag, ParamFlags, add_action
 
 NAME = "vocab"
 HELP = "extend a tokenizer: train a Chinese SentencePiece model or BPE, merge it into a base, report efficiency"
@@ -44,33 +43,21 @@ MERGE_FLAGS = ParamFlags(MergeTokenizerParams, (Flag("base", metavar="TOKENIZER"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vocab_command", metavar="ACTION", required=True)
     train = "train a SentencePiece model with the original project's settings (BPE, coverage 0.9995, digits split)"
-    _add_action(sub, "train", "train a SentencePiece model (writes DIR/spm.model)", train, TRAIN_FLAGS.add_to)
+    add_action(sub, "train", "train a SentencePiece model (writes DIR/spm.model)", train, TRAIN_FLAGS.add_to)
     train_bpe = (
         "train a byte-level BPE for a byte-level BPE base (Llama 3, SmolLM, Qwen) with the base's own "
         "pre-tokenizer and byte alphabet"
     )
-    _add_action(
+    add_action(
         sub, "train-bpe", "train a byte-level BPE (writes DIR/tokenizer.json)", train_bpe, TRAIN_BPE_FLAGS.add_to
     )
     merge = (
         "append the new pieces of --add to --base (base ids unchanged); writes DIR/tokenizer/ (and "
         "DIR/merged.model for a SentencePiece base). A byte-level BPE base takes a train-bpe DIR as --add"
     )
-    _add_action(sub, "merge", "merge a trained Chinese tokenizer into a base tokenizer", merge, MERGE_FLAGS.add_to)
+    add_action(sub, "merge", "merge a trained Chinese tokenizer into a base tokenizer", merge, MERGE_FLAGS.add_to)
     report = "write report.json, report.md and report.png; the first --tokenizer is the baseline"
-    _add_action(sub, "report", "tokens/char etc. per tokenizer x corpus", report, _add_report_flags)
-
-
-def _add_action(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    name: str,
-    help_text: str,
-    description: str,
-    add_flags: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    action = sub.add_parser(name, help=help_text, description=description)
-    add_flags(action)
-    action.add_argument("--out", required=True, metavar="DIR")
+    add_action(sub, "report", "tokens/char etc. per tokenizer x corpus", report, _add_report_flags)
 
 
 def _add_report_flags(parser: argparse.ArgumentParser) -> None:
