@@ -9,11 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,25 @@ def one_command_recipe(name: str, script: str, args: list[str], env: dict[str, s
     with `env`."""
     argv = [sys.executable, "-c", script, *args]
     return {"name": name, "stages": {"echo": {"kind": "command", "params": {"argv": argv, "env": env}}}}
+
+
+def command_stage(*argv: str, **keys: Any) -> dict:
+    """A recipe's `command` stage (as a dict; JSON is YAML) that runs `argv`, with the stage's other
+    `keys` (after, array, resources)."""
+    return {"kind": "command", **keys, "params": {"argv": list(argv)}}
+
+
+def python_stage(script: str, **keys: Any) -> dict:
+    """A `command` stage that runs `python -c script` with this interpreter: the script as Python
+    reads it, with no YAML quoting or f-string braces to escape around it."""
+    return command_stage(sys.executable, "-c", script, **keys)
+
+
+def write_recipe(tmp_path: Path, recipe: dict | str) -> Path:
+    """tmp_path/r.yaml: a recipe dict as JSON (JSON is YAML), or recipe text dedented."""
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe) if isinstance(recipe, dict) else textwrap.dedent(recipe))
+    return path
 
 
 # Words a shell would act on ({pwn}: a directory the test watches for files they would create):

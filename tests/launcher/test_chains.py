@@ -8,63 +8,32 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from ..helpers import one_command_recipe, shell_words
-from .conftest import chla, status_json, wait_for_chain, wait_until
+from ..helpers import command_stage, one_command_recipe, python_stage, shell_words, write_recipe
+from .conftest import EXECUTORS, chla, finish, status_json, submit, wait_for_chain, wait_until
 
 PY = sys.executable
-EXECUTORS = [pytest.param("local"), pytest.param("slurm", marks=pytest.mark.slurm)]
 
-
-def write_recipe(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "r.yaml"
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def submit(tmp_path: Path, executor: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return chla("submit", "r.yaml", "--executor", executor, *extra, cwd=tmp_path, check=check)
-
-
-def finish(tmp_path: Path, executor: str, name: str) -> dict[str, dict]:
-    run_dir = tmp_path / "runs" / name
-    if executor == "slurm":
-        return wait_for_chain(run_dir)
-    return status_json(run_dir)
-
-
-@pytest.fixture
-def cluster_if_slurm(request, executor):
-    if executor == "slurm":
-        request.getfixturevalue("slurm_cluster")
-
-
-FAN_IN = f"""\
-name: fanin
-stages:
-  prep:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import os, time; time.sleep(2); open(os.environ['CHLA_OUT_DIR'] + '/seed.txt', 'w').write('seed')"]
-  shard:
-    kind: command
-    array: 4
-    params:
-      argv: [{PY}, -c, "import os; i = os.environ['CHLA_TASK_INDEX']; n = os.environ['CHLA_NUM_TASKS']; seed = open('${{stages.prep.out}}/seed.txt').read(); open(os.environ['CHLA_OUT_DIR'] + f'/part-{{i}}.txt', 'w').write(f'{{seed}}:{{i}}/{{n}};')"]
-  side:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import os; open(os.environ['CHLA_OUT_DIR'] + '/side.txt', 'w').write('side')"]
-  join:
-    kind: command
-    after: [side]
-    params:
-      argv: [{PY}, -c, "import glob, os; parts = sorted(glob.glob('${{stages.shard.out}}/part-*.txt')); open(os.environ['CHLA_OUT_DIR'] + '/all.txt', 'w').write(''.join(open(p).read() for p in parts) + open('${{stages.side.out}}/side.txt').read())"]
-"""
+FAN_IN = {
+    "name": "fanin",
+    "stages": {
+        "prep": python_stage(
+            "import os, time; time.sleep(2); open(os.environ['CHLA_OUT_DIR'] + '/seed.txt', 'w').write('seed')"
+        ),
+        "shard": python_stage(
+            "import os; i = os.environ['CHLA_TASK_INDEX']; n = os.environ['CHLA_NUM_TASKS']; seed = open('${stages.prep.out}/seed.txt').read(); open(os.environ['CHLA_OUT_DIR'] + f'/part-{i}.txt', 'w').write(f'{seed}:{i}/{n};')",
+            array=4,
+        ),
+        "side": python_stage("import os; open(os.environ['CHLA_OUT_DIR'] + '/side.txt', 'w').write('side')"),
+        "join": python_stage(
+            "import glob, os; parts = sorted(glob.glob('${stages.shard.out}/part-*.txt')); open(os.environ['CHLA_OUT_DIR'] + '/all.txt', 'w').write(''.join(open(p).read() for p in parts) + open('${stages.side.out}/side.txt').read())",
+            after=["side"],
+        ),
+    },
+}
 
 
 @pytest.mark.slow
@@ -116,35 +85,33 @@ def test_fan_in_chain_with_array(tmp_path, executor, cluster_if_slurm):
     assert "nothing to do" in again.stdout
 
 
-FAILING = f"""\
-name: failing
-stages:
-  first:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import os; open(os.environ['CHLA_OUT_DIR'] + '/first.txt', 'w').write('1')"]
-  broken:
-    kind: command
-    after: [first]
-    params:
-      argv: [{PY}, -c, "import sys; sys.stderr.write('boom: the flux capacitor is missing\\\\n'); sys.exit(3)"]
-  downstream:
-    kind: command
-    array: 2
-    params:
-      argv: [{PY}, -c, "import os; open(os.environ['CHLA_OUT_DIR'] + '/d' + os.environ['CHLA_TASK_INDEX'], 'w').write(open('${{stages.broken.out}}/fixed.txt').read())"]
-  independent:
-    kind: command
-    after: [first]
-    params:
-      argv: [{PY}, -c, "import os; open(os.environ['CHLA_OUT_DIR'] + '/ind.txt', 'w').write('i')"]
-"""
+BROKEN = "import sys; sys.stderr.write('boom: the flux capacitor is missing\\n'); sys.exit(3)"
+FIXED = "import os; open(os.environ['CHLA_OUT_DIR'] + '/fixed.txt', 'w').write('ok')"
+
+
+def failing(broken_script: str) -> dict:
+    """A chain whose stage `broken` runs `broken_script`: `downstream` reads its output, `independent`
+    does not."""
+    return {
+        "name": "failing",
+        "stages": {
+            "first": python_stage("import os; open(os.environ['CHLA_OUT_DIR'] + '/first.txt', 'w').write('1')"),
+            "broken": python_stage(broken_script, after=["first"]),
+            "downstream": python_stage(
+                "import os; open(os.environ['CHLA_OUT_DIR'] + '/d' + os.environ['CHLA_TASK_INDEX'], 'w').write(open('${stages.broken.out}/fixed.txt').read())",
+                array=2,
+            ),
+            "independent": python_stage(
+                "import os; open(os.environ['CHLA_OUT_DIR'] + '/ind.txt', 'w').write('i')", after=["first"]
+            ),
+        },
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_failure_cancels_dependents_and_resume_reruns_only_them(tmp_path, executor, cluster_if_slurm):
-    recipe = write_recipe(tmp_path, FAILING)
+    write_recipe(tmp_path, failing(BROKEN))
     submit(tmp_path, executor, check=False)
     run_dir = tmp_path / "runs" / "failing"
     rows = finish(tmp_path, executor, "failing")
@@ -171,12 +138,7 @@ def test_failure_cancels_dependents_and_resume_reruns_only_them(tmp_path, execut
         ]
     }
 
-    recipe.write_text(
-        recipe.read_text().replace(
-            "\"import sys; sys.stderr.write('boom: the flux capacitor is missing\\\\n'); sys.exit(3)\"",
-            "\"import os; open(os.environ['CHLA_OUT_DIR'] + '/fixed.txt', 'w').write('ok')\"",
-        )
-    )
+    write_recipe(tmp_path, failing(FIXED))
     resumed = chla("submit", "r.yaml", "--resume", str(run_dir), "--executor", executor, cwd=tmp_path, check=True)
     assert "2 stage(s) to run, 2 already finished" in resumed.stdout
     rows = finish(tmp_path, executor, "failing")
@@ -192,15 +154,15 @@ def test_failure_cancels_dependents_and_resume_reruns_only_them(tmp_path, execut
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
 
 
-TWO_NODES = f"""\
-name: twonodes
-stages:
-  allreduce:
-    kind: command
-    resources: {{nodes: 2, tasks_per_node: 1, cpus_per_task: 1, mem: 2G}}
-    params:
-      argv: [{PY}, -c, "import json, os, socket, torch, torch.distributed as dist; dist.init_process_group('gloo'); t = torch.tensor([float(os.environ['RANK']) + 1.0]); dist.all_reduce(t); json.dump(dict(rank=dist.get_rank(), world=dist.get_world_size(), env_rank=os.environ['RANK'], world_env=os.environ['WORLD_SIZE'], master=os.environ['MASTER_ADDR'], port=os.environ['MASTER_PORT'], node=os.environ.get('SLURMD_NODENAME', 'local'), total=t.item()), open(os.environ['CHLA_OUT_DIR'] + '/rank' + os.environ['RANK'] + '.json', 'w')); dist.destroy_process_group()"]
-"""
+TWO_NODES = {
+    "name": "twonodes",
+    "stages": {
+        "allreduce": python_stage(
+            "import json, os, socket, torch, torch.distributed as dist; dist.init_process_group('gloo'); t = torch.tensor([float(os.environ['RANK']) + 1.0]); dist.all_reduce(t); json.dump(dict(rank=dist.get_rank(), world=dist.get_world_size(), env_rank=os.environ['RANK'], world_env=os.environ['WORLD_SIZE'], master=os.environ['MASTER_ADDR'], port=os.environ['MASTER_PORT'], node=os.environ.get('SLURMD_NODENAME', 'local'), total=t.item()), open(os.environ['CHLA_OUT_DIR'] + '/rank' + os.environ['RANK'] + '.json', 'w')); dist.destroy_process_group()",
+            resources={"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "mem": "2G"},
+        )
+    },
+}
 
 
 @pytest.mark.slow
@@ -237,7 +199,7 @@ def test_shell_metacharacters_arrive_intact(tmp_path, executor, cluster_if_slurm
     )
     recipe = one_command_recipe("nasty", script, values, {"NASTY": values[1] + values[0]})
     recipe["slurm"] = {"sbatch": {"comment": f"$(touch {pwn}/comment); `touch {pwn}/c2`"}}
-    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    write_recipe(tmp_path, recipe)
     submit(tmp_path, executor, "--set", f"stages.echo.params.env.EXTRA=$(touch {pwn}/set)")
     rows = finish(tmp_path, executor, "nasty")
     assert rows["echo"]["state"] == "COMPLETED", rows
@@ -247,19 +209,18 @@ def test_shell_metacharacters_arrive_intact(tmp_path, executor, cluster_if_slurm
     assert list(pwn.iterdir()) == []
 
 
-PREEMPTIBLE = f"""\
-name: preempt
-resources: {{time: "00:20:00"}}
-stages:
-  long:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import os, time; w = os.environ['CHLA_WORK_DIR']; f = open(w + '/attempts', 'a'); f.write(str(os.getppid()) + '\\\\n'); f.close(); n = len(open(w + '/attempts').read().split()); time.sleep(120 if n == 1 else 0); open(os.environ['CHLA_OUT_DIR'] + '/result.txt', 'w').write(f'finished on attempt {{n}}')"]
-  after_long:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import os; open(os.environ['CHLA_OUT_DIR'] + '/x', 'w').write(open('${{stages.long.out}}/result.txt').read())"]
-"""
+PREEMPTIBLE = {
+    "name": "preempt",
+    "resources": {"time": "00:20:00"},
+    "stages": {
+        "long": python_stage(
+            "import os, time; w = os.environ['CHLA_WORK_DIR']; f = open(w + '/attempts', 'a'); f.write(str(os.getppid()) + '\\n'); f.close(); n = len(open(w + '/attempts').read().split()); time.sleep(120 if n == 1 else 0); open(os.environ['CHLA_OUT_DIR'] + '/result.txt', 'w').write(f'finished on attempt {n}')"
+        ),
+        "after_long": python_stage(
+            "import os; open(os.environ['CHLA_OUT_DIR'] + '/x', 'w').write(open('${stages.long.out}/result.txt').read())"
+        ),
+    },
+}
 
 
 def preempt_on_slurm(job_id: str) -> str:
@@ -364,20 +325,19 @@ def test_time_limit_warning_requeues_on_slurm(tmp_path, slurm_cluster):
     _check_requeued_once(run_dir, attempts)
 
 
-ARRAY_SPLIT = f"""\
-name: split
-slurm: {{array_chunk: 2}}
-stages:
-  many:
-    kind: command
-    array: 5
-    params:
-      argv: [{PY}, -c, "import os; open(os.environ['CHLA_OUT_DIR'] + '/t' + os.environ['CHLA_TASK_INDEX'], 'w').write('x')"]
-  after_many:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import os; n = len(os.listdir('${{stages.many.out}}')); open(os.environ['CHLA_OUT_DIR'] + '/n', 'w').write(str(n))"]
-"""
+ARRAY_SPLIT = {
+    "name": "split",
+    "slurm": {"array_chunk": 2},
+    "stages": {
+        "many": python_stage(
+            "import os; open(os.environ['CHLA_OUT_DIR'] + '/t' + os.environ['CHLA_TASK_INDEX'], 'w').write('x')",
+            array=5,
+        ),
+        "after_many": python_stage(
+            "import os; n = len(os.listdir('${stages.many.out}')); open(os.environ['CHLA_OUT_DIR'] + '/n', 'w').write(str(n))"
+        ),
+    },
+}
 
 
 @pytest.mark.slurm
@@ -392,19 +352,13 @@ def test_array_larger_than_chunk_is_split(tmp_path, slurm_cluster):
     assert (run_dir / "after_many" / "out" / "n").read_text() == "5"
 
 
-SLEEPY = f"""\
-name: sleepy
-stages:
-  nap:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import time; print('napping', flush=True); time.sleep(300)"]
-  after_nap:
-    kind: command
-    array: 3
-    params:
-      argv: [echo, "${{stages.nap.out}}"]
-"""
+SLEEPY = {
+    "name": "sleepy",
+    "stages": {
+        "nap": python_stage("import time; print('napping', flush=True); time.sleep(300)"),
+        "after_nap": command_stage("echo", "${stages.nap.out}", array=3),
+    },
+}
 
 
 @pytest.mark.slurm

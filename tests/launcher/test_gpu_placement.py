@@ -7,8 +7,6 @@ named by CUDA_VISIBLE_DEVICES in the submitting environment, as CUDA itself read
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,7 @@ from chla_launcher.contract.errors import ChlaError
 from chla_launcher.executors.local import visible_gpus
 from chla_train.distributed import cuda_device_index
 
-from ..helpers import chla
-
-PY = sys.executable
+from ..helpers import chla, python_stage, write_recipe
 
 
 @pytest.mark.parametrize(
@@ -72,17 +68,8 @@ REPORT = (
 
 
 def recipe(tmp_path: Path, nodes: int, tasks_per_node: int) -> None:
-    (tmp_path / "r.yaml").write_text(
-        textwrap.dedent(f"""\
-        name: gpus
-        stages:
-          ranks:
-            kind: command
-            resources: {{nodes: {nodes}, tasks_per_node: {tasks_per_node}, gpus_per_node: {tasks_per_node}}}
-            params:
-              argv: [{PY}, -c, "{REPORT}"]
-        """)
-    )
+    resources = {"nodes": nodes, "tasks_per_node": tasks_per_node, "gpus_per_node": tasks_per_node}
+    write_recipe(tmp_path, {"name": "gpus", "stages": {"ranks": python_stage(REPORT, resources=resources)}})
 
 
 def test_local_executor_gives_each_rank_its_own_gpu(tmp_path):

@@ -12,21 +12,16 @@ import os
 import stat
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from chla_launcher.contract.errors import ChlaError
 
+from ..helpers import write_recipe
 from .conftest import chla, status_json, wait_until
 
 PY = sys.executable
-
-
-def write_recipe(tmp_path: Path, text: str) -> None:
-    (tmp_path / "r.yaml").write_text(textwrap.dedent(text))
 
 
 # --- the lock ---------------------------------------------------------------------------------

@@ -6,26 +6,24 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
 
-from .conftest import status_json, wait_for_chain
-from .test_chains import EXECUTORS, PY, cluster_if_slurm, submit, write_recipe  # noqa: F401 (fixture)
+from ..helpers import python_stage, write_recipe
+from .conftest import EXECUTORS, status_json, submit, wait_for_chain
 
-RECIPE = f"""\
-name: stale
-stages:
-  gate:
-    kind: command
-    params:
-      argv: [{PY}, -c, "import sys; sys.exit({{gate_exit}})"]
-  work:
-    kind: command
-    after: [gate]
-    params:
-      argv: [{PY}, -c, "import os; open(os.environ['CHLA_OUT_DIR'] + '/version', 'w').write('{{version}}')"]
-"""
+PY = sys.executable
+
+
+def recipe(gate_exit: int, version: int) -> dict:
+    """Stage `work` writes `version`, after stage `gate` exits `gate_exit`."""
+    gate = python_stage(f"import sys; sys.exit({gate_exit})")
+    work = python_stage(
+        f"import os; open(os.environ['CHLA_OUT_DIR'] + '/version', 'w').write('{version}')", after=["gate"]
+    )
+    return {"name": "stale", "stages": {"gate": gate, "work": work}}
 
 
 def _sacct_states(job_id: str) -> list[str]:
@@ -37,16 +35,16 @@ def _sacct_states(job_id: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
-def test_job_of_an_earlier_submission_refuses_to_run(tmp_path, executor, cluster_if_slurm):  # noqa: F811 (fixture)
+def test_job_of_an_earlier_submission_refuses_to_run(tmp_path, executor, cluster_if_slurm):
     run_dir = tmp_path / "runs" / "stale"
     work = run_dir / "work"
     # v1 runs to the end.
-    write_recipe(tmp_path, RECIPE.format(gate_exit=0, version=1))
+    write_recipe(tmp_path, recipe(gate_exit=0, version=1))
     submit(tmp_path, executor)
     assert wait_for_chain(run_dir)["work"]["state"] == "COMPLETED"
     v1 = json.loads((run_dir / "chain.json").read_text())["stages"]["work"]
     # v2 changes the chain, but its gate fails, so its own `work` job never runs.
-    write_recipe(tmp_path, RECIPE.format(gate_exit=1, version=2))
+    write_recipe(tmp_path, recipe(gate_exit=1, version=2))
     submit(tmp_path, executor, check=False)
     rows = wait_for_chain(run_dir)
     assert rows["gate"]["state"] == "FAILED" and rows["work"]["state"] == "CANCELLED", rows
