@@ -135,6 +135,20 @@ def refusal_line(result: subprocess.CompletedProcess, fragments: list[str]) -> s
     return lines[0]
 
 
+def refused_submission(
+    tmp_path: Path, recipe: str | bytes, fragments: list[str], *args: str
+) -> subprocess.CompletedProcess:
+    """`chla submit r.yaml *args` (in this process) of a bad `recipe`, written to tmp_path as it is:
+    refused as refusal_line says, its line holding every one of `fragments`, and nothing written
+    beside the recipe (no runs/ directory, nothing submitted). Returns the CLI's result."""
+    (tmp_path / "r.yaml").write_bytes(recipe if isinstance(recipe, bytes) else recipe.encode("utf-8"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = chla_in_process("submit", "r.yaml", *args, cwd=tmp_path)
+    refusal_line(result, fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    return result
+
+
 def status_json(run_dir: Path) -> dict[str, dict]:
     result = chla("status", str(run_dir), "--json")
     return {row["stage"]: row for row in json.loads(result.stdout)}

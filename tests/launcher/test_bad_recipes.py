@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import chla_in_process, refusal_line
+from ..helpers import refused_submission
 from .conftest import chla
 
 GOOD_STAGE = """\
@@ -155,13 +155,9 @@ EXTRA_ARGS = {
 @pytest.mark.parametrize("case_id, text, expected", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_bad_recipe_is_one_line_exit_2_nothing_written(tmp_path: Path, case_id, text, expected, executor):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(textwrap.dedent(text))
-    before = sorted(p.name for p in tmp_path.iterdir())
-    result = chla_in_process("submit", "r.yaml", "--executor", executor, *EXTRA_ARGS.get(case_id, []), cwd=tmp_path)
-    refusal_line(result, expected)
+    extra = EXTRA_ARGS.get(case_id, [])
+    result = refused_submission(tmp_path, textwrap.dedent(text), expected, "--executor", executor, *extra)
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/ directory, nothing written
 
 
 def test_missing_recipe_file(tmp_path: Path):

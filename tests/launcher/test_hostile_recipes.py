@@ -18,7 +18,7 @@ import pytest
 
 from chla_launcher.contract.recipe import load_recipe
 
-from ..helpers import chla_in_process, refusal_line
+from ..helpers import refused_submission
 
 STAGE = "  a:\n    kind: command\n    params: {argv: [echo, hi]}\n"
 HEAD = "name: x\nstages:\n" + STAGE
@@ -378,14 +378,22 @@ def write(path: Path, text: str | bytes) -> None:
 
 @pytest.mark.parametrize("cls, case_id, text, fragments", CASES, ids=[f"{case[0]}:{case[1]}" for case in CASES])
 def test_hostile_recipe_is_one_line_exit_2_nothing_written(tmp_path: Path, cls, case_id, text, fragments):
-    write(tmp_path / "r.yaml", text)
-    before = sorted(p.name for p in tmp_path.iterdir())
     # --dry-run: were a refusal to regress, the recipe is printed, not run (a local run of 2^31
     # ranks would start processes until the machine gives out).
-    result = chla_in_process("submit", "r.yaml", "--dry-run", *EXTRA_ARGS.get(case_id, []), cwd=tmp_path)
-    line = refusal_line(result, fragments)
+    result = refused_submission(tmp_path, text, fragments, "--dry-run", *EXTRA_ARGS.get(case_id, []))
+    line = result.stderr.strip()
     assert len(line) < 400, line  # one readable line, even for a megabyte of input
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, nothing submitted
+
+
+def chla_submit_dry_run(tmp_path: Path) -> subprocess.CompletedProcess:
+    """`chla-submit r.yaml --dry-run` in tmp_path, in a process of its own (as a user runs it)."""
+    return subprocess.run(
+        [Path(sys.executable).parent / "chla-submit", "r.yaml", "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 # The controls: what is near each refusal, and legitimate, still loads (and means what it says).
@@ -441,13 +449,7 @@ def test_dry_run_batch_script_lines_stay_lines(tmp_path: Path):
             params: {argv: [echo, "$(touch pwned)"]}
         """)
     )
-    result = subprocess.run(
-        [Path(sys.executable).parent / "chla-submit", "r.yaml", "--dry-run"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = chla_submit_dry_run(tmp_path)
     assert result.returncode == 0, result.stderr
     sbatch_lines = [line for line in result.stdout.splitlines() if "#SBATCH" in line]
     assert [line for line in sbatch_lines if "--comment" in line] == [
@@ -479,13 +481,7 @@ def test_issue_cases_through_chla_submit_dry_run(tmp_path: Path, case_id, text, 
     process of its own (before the fix the first printed `#SBATCH --job-name=chla/x/a` and a
     line `` of its own; the second `#SBATCH --nodes=99999999999999999999`)."""
     write(tmp_path / "r.yaml", text)
-    result = subprocess.run(
-        [Path(sys.executable).parent / "chla-submit", "r.yaml", "--dry-run"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = chla_submit_dry_run(tmp_path)
     assert result.returncode == 2 and "#SBATCH" not in result.stdout, result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"chla: {fragment}"), result.stderr

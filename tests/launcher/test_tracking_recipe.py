@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..helpers import chla_in_process, refusal_line
+from ..helpers import refused_submission
 from .conftest import chla
 
 STAGE = """\
@@ -71,10 +71,7 @@ CREDENTIALS = [
 
 @pytest.mark.parametrize("case_id, text, extra, expected", CREDENTIALS, ids=[c[0] for c in CREDENTIALS])
 def test_credentials_and_bad_tracking_are_refused(tmp_path: Path, case_id, text, extra, expected):
-    (tmp_path / "r.yaml").write_text(textwrap.dedent(text))
-    result = chla_in_process("submit", "r.yaml", *extra, cwd=tmp_path)
-    refusal_line(result, expected)
-    assert not (tmp_path / "runs").exists()
+    refused_submission(tmp_path, textwrap.dedent(text), expected, *extra)
 
 
 def test_recipe_keys_that_only_contain_token_are_not_credentials(tmp_path: Path):
