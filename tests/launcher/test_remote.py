@@ -266,7 +266,7 @@ def test_remote_submit_status_logs_with_nasty_values(sshd, slurm_cluster, tmp_pa
 @pytest.mark.slurm
 def test_remote_cancel(sshd, slurm_cluster, tmp_path):
     remote_dir = tmp_path / "remote"
-    (tmp_path / "sleepy.yaml").write_text(SLEEPY)
+    (tmp_path / "sleepy.yaml").write_text(json.dumps(SLEEPY))  # JSON is YAML
     submitted = chla("submit", "sleepy.yaml", "--executor", "slurm", *remote_args(sshd, remote_dir), cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     run_dir = remote_dir / "runs" / "sleepy"
