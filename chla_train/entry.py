@@ -164,7 +164,7 @@ def run_task(run_dir: str, stage_name: str, task_index: int, fingerprint: str) -
     runner: Callable[[StageContext], Any] = import_entry(stage.kind.entry)
     barrier = run.stage_dir(stage_name) / f".ranks-{token}"
     try:
-        stop.interruptible = True
+        stop.runner_starts()
         try:
             metrics = runner(ctx) or {}
         finally:
@@ -358,7 +358,7 @@ def finalize(run_dir: str, stage_name: str, fingerprint: str) -> dict[str, Any] 
         stop.install()
         ctx.log(f"finalizing {stage.num_tasks} tasks")
         try:
-            stop.interruptible = True
+            stop.runner_starts()
             metrics.update(import_entry(stage.kind.finalize)(ctx) or {})
         except BaseException as error:
             if not _stopped_by_scheduler(ctx, error):

@@ -65,13 +65,24 @@ class StopSignals:
         if ctx._cooperative:
             ctx._preempt_requested = True
         elif not self.interruptible:
-            return  # the stage has finished: the task is about to end well
+            # Before the runner starts (`runner_starts` then stops the task) or after it finished
+            # (the task is about to end well).
+            return
         elif signum == signal.SIGUSR2 and self.runner_requeue is not None:
             if ctx.dist.rank == 0:
                 self.runner_requeue(signum, frame)  # requeues the whole job and exits
             # Other ranks go on until the requeue stops them (submitit's rule: never exit first).
         else:
             raise Preempted(ctx.stop_signal)
+
+    def runner_starts(self) -> None:
+        """The stage's runner is about to start: from now on a stop interrupts it. A stop that came
+        earlier, while the task loaded its code (seconds for torch; a preemption or cancellation
+        often lands there), stops the task now, before the runner does any work; before this, such
+        a stop was only noted and the stage ran to its end (a cancelled command its full length)."""
+        self.interruptible = True
+        if self.ctx.stop_signal is not None and not self.ctx._cooperative:
+            raise Preempted(self.ctx.stop_signal)
 
     def leave_for_requeue(self) -> NoReturn:
         """After the stage has saved (or unwound): hand the task back to the scheduler and end."""

@@ -203,6 +203,7 @@ class SFTDataset:
     pad_id: int
     vocab_size: int  # len(tokenizer) including the added [PAD]
     stats: dict[str, int] = field(default_factory=dict)
+    from_cache: bool = False  # read from an entry an earlier call wrote
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -237,6 +238,17 @@ def default_cache_dir() -> Path:
     return Path(root) / "sft"
 
 
+def _reader_fingerprint() -> str:
+    """This module's code and the tokenizer library's version: an entry written by other code
+    (a changed template, boundary rule or cut) is never read, without relying on CACHE_VERSION
+    being bumped by hand."""
+    from importlib.metadata import version
+
+    digest = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=16)
+    digest.update(version("tokenizers").encode())
+    return digest.hexdigest()
+
+
 def load_sft_dataset(
     path: str | Path,
     tokenizer_dir: str | Path,
@@ -260,6 +272,7 @@ def load_sft_dataset(
         raise ChlaError(f"tokenizer {tokenizer_dir} is not a directory; pass an HF tokenizer directory")
     key_fields = {
         "v": CACHE_VERSION,
+        "reader": _reader_fingerprint(),
         "tokenizer": _fingerprint_dir(tokenizer_dir),
         "data": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(),
         "size": path.stat().st_size,
@@ -271,7 +284,8 @@ def load_sft_dataset(
     }
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=20).hexdigest()
     entry = Path(cache_dir or default_cache_dir()) / key
-    if not (entry / "stats.json").is_file():
+    from_cache = (entry / "stats.json").is_file()
+    if not from_cache:
         _build_entry(path, tokenizer_dir, max_seq_length, template, on_bad_record, packing, entry)
     meta = read_json(entry / "stats.json")
     return SFTDataset(
@@ -281,6 +295,7 @@ def load_sft_dataset(
         pad_id=meta["pad_id"],
         vocab_size=meta["vocab_size"],
         stats=meta["stats"],
+        from_cache=from_cache,
     )
 
 

@@ -40,14 +40,15 @@ class InstructionTuning(TrainingWorkflow[SftParams]):
         tokenizer = load_sft_tokenizer(params.tokenizer)
         if len(tokenizer) != self.base_vocab:
             ctx.log(f"tokenizer has no pad token: added {tokenizer.pad_token} (id {tokenizer.pad_token_id})")
-        # Rank 0 tokenizes into the stage's cache; the other ranks then read it.
+        # Rank 0 tokenizes into the content-addressed cache; the other ranks then read it (a rank
+        # that finds no entry, as on a node-local cache, builds the same one itself).
         load = partial(
             load_sft_dataset,
             tokenizer_dir=params.tokenizer,
             max_seq_length=params.max_seq_length,
             template=params.template,
             on_bad_record=params.on_bad_record,
-            cache_dir=ctx.work_dir / "sft_cache",
+            cache_dir=params.cache_dir,
             packing=params.packing,
         )
         data, blend_facts, data_stats = instruction_data(
@@ -96,7 +97,8 @@ def instruction_data(params, load, tokenizer, *, world_size: int, log) -> tuple[
         if len(train_idx) == 0:
             raise ChlaError(f"train_file {part.path}: no usable records")
         parts.append(BlendSource(part.name or part_name(part.path), dataset, train_idx, part.weight))
-        log(f"data {parts[-1].name}: {len(train_idx)} training examples")
+        cached = " (tokenized earlier: read from the cache)" if dataset.from_cache else ""
+        log(f"data {parts[-1].name}: {len(train_idx)} training examples{cached}")
     collate = sft_collate(
         tokenizer.pad_token_id,
         pack_batches=params.pack_batches,

@@ -219,3 +219,22 @@ def test_example_mean_weighs_every_example_and_replay_block_as_one(tmp_path, rec
     # control: the token mean divides by the label tokens, more than the examples here
     plain = sft_collate(dataset.pad_id)(items)
     assert "label_weights" not in plain and label_weight_sum(plain) == label_token_count(plain) > 6
+
+
+def test_the_cache_is_read_again_and_never_across_reader_code(tmp_path, records, demo_assets, monkeypatch):
+    """A second load of the same file (another run, a resubmitted stage) reads the entry the first
+    wrote; an entry written by other reader code is not read (control: a changed fingerprint of
+    the reader makes a second entry)."""
+    from chla_tools import sft_data
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    first = load_sft_dataset(path, demo_assets["base_tokenizer"], cache_dir=tmp_path / "c")
+    again = load_sft_dataset(path, demo_assets["base_tokenizer"], cache_dir=tmp_path / "c")
+    assert not first.from_cache and again.from_cache
+    assert np.array_equal(again.input_ids, first.input_ids) and np.array_equal(again.labels, first.labels)
+    assert len(list((tmp_path / "c").iterdir())) == 1
+
+    monkeypatch.setattr(sft_data, "_reader_fingerprint", lambda: "other reader code")
+    other = load_sft_dataset(path, demo_assets["base_tokenizer"], cache_dir=tmp_path / "c")
+    assert not other.from_cache and len(list((tmp_path / "c").iterdir())) == 2

@@ -22,6 +22,7 @@ import pytest
 from chla_tools.tasks import TASKS
 
 from ..helpers import REPO
+from .conftest import TASK_ITEMS
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +217,7 @@ def test_lm_eval_results_are_in_results_json_and_the_summary(demo_local_run):
     run = demo_local_run
     results = json.loads((run / "eval_task" / "out" / "results.json").read_text())
     task = results["lm_eval"]["tasks"]["chla_sentiment_test"]
-    assert task["samples"] == 40 and results["lm_eval"]["limit"] == 40
+    assert task["samples"] == TASK_ITEMS and results["lm_eval"]["limit"] == TASK_ITEMS
     rows = sorted(
         (
             json.loads(line)
@@ -226,8 +227,8 @@ def test_lm_eval_results_are_in_results_json_and_the_summary(demo_local_run):
         ),
         key=lambda row: row["doc_id"],
     )
-    assert len(rows) == 40 and task["acc"] == pytest.approx(sum(row["acc"] for row in rows) / 40)
-    # the same 40 reviews chla's own evaluator scored, with the same labels
+    assert len(rows) == TASK_ITEMS and task["acc"] == pytest.approx(sum(row["acc"] for row in rows) / TASK_ITEMS)
+    # the same reviews chla's own evaluator scored, with the same labels
     chla_rows = [
         json.loads(line)
         for line in (run / "eval_task" / "out" / "generations" / "task-sentiment_test.jsonl").read_text().splitlines()
@@ -235,4 +236,4 @@ def test_lm_eval_results_are_in_results_json_and_the_summary(demo_local_run):
     labels = sorted(TASKS["sentiment"].choices)  # lm-eval numbers the sorted outputs
     assert [labels[row["target"]] for row in rows] == [row["answer"] for row in chla_rows]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["lm_eval"]["chla_sentiment_test"] == {"acc": task["acc"], "samples": 40}
+    assert summary["lm_eval"]["chla_sentiment_test"] == {"acc": task["acc"], "samples": TASK_ITEMS}

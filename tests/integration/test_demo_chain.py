@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from ..helpers import chla, status_json, wait_for_chain
-from .conftest import DEMO
+from .conftest import DEMO, TASK_ITEMS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -86,9 +86,10 @@ def test_demo_chain_on_slurm_matches_the_local_run(demo_slurm_run, demo_local_ru
             a, b = local[key][point], on_slurm[key][point]
             assert math.isclose(a, b, rel_tol=0.02), (key, point, a, b)
     assert abs(local["sft_accuracy"] - on_slurm["sft_accuracy"]) <= 0.05
-    assert local["task_items"] == on_slurm["task_items"] == 40
+    assert local["task_items"] == on_slurm["task_items"] == TASK_ITEMS
     for summary in (local, on_slurm):
-        assert tuple(summary["tasks"]) == TASKS and all(row["items"] == 40 for row in summary["tasks"].values())
+        assert tuple(summary["tasks"]) == TASKS
+        assert all(row["items"] == TASK_ITEMS for row in summary["tasks"].values())
         assert summary["tasks"]["task-segmentation_test"]["systems"]["jieba"]["f1"] > 0.6
         assert len(summary["prompt_generations"]["after_sft"]) == 8
     # the baselines do not depend on the model or the executor

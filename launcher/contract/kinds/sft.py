@@ -39,6 +39,13 @@ class SftParams(TrainingParams):
         "turn; for an instruction-tuned base), or a template text containing {instruction}",
     )
     on_bad_record: Literal["error", "skip"] = "error"
+    cache_dir: str | None = Field(
+        None,
+        description="content-addressed cache of the tokenized examples (default $CHLA_CACHE/sft or "
+        "~/.cache/chla/sft), keyed by the data, the tokenizer, the settings that shape an example "
+        "and the reader's code: a rerun or another run on the same files reads it instead of "
+        "tokenizing again; on several nodes it should be on a filesystem they share",
+    )
     packing: bool = Field(
         default=False, description="pack examples into max_seq_length sequences (they attend to each other)"
     )
