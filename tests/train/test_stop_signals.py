@@ -50,4 +50,3 @@ def test_without_an_early_stop_the_runner_starts_and_a_later_stop_interrupts_it(
     with pytest.raises(Preempted, match="SIGTERM"):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises at once
-
