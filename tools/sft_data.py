@@ -42,6 +42,7 @@ import numpy as np
 
 from chla_launcher.contract.atomic import read_json, replace_dir, write_json
 from chla_launcher.contract.errors import ChlaError
+from chla_launcher.contract.kinds.sft import SftParams
 
 IGNORE_INDEX = -100
 PAD_TOKEN = "[PAD]"
@@ -296,6 +297,20 @@ def load_sft_dataset(
         vocab_size=meta["vocab_size"],
         stats=meta["stats"],
         from_cache=from_cache,
+    )
+
+
+def load_stage_examples(path: str | Path, params: SftParams) -> SFTDataset:
+    """One instruction file as an `sft` stage with these params reads it (its tokenizer, cut,
+    template, bad-record rule, packing and cache)."""
+    return load_sft_dataset(
+        path,
+        params.tokenizer,
+        params.max_seq_length,
+        params.template,
+        params.on_bad_record,
+        params.cache_dir,
+        params.packing,
     )
 
 

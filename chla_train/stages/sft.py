@@ -32,7 +32,7 @@ class InstructionTuning(TrainingWorkflow[SftParams]):
     kind = "sft"
 
     def load_inputs(self) -> StageInputs:
-        from chla_tools.sft_data import load_sft_dataset, load_sft_tokenizer
+        from chla_tools.sft_data import load_sft_tokenizer, load_stage_examples
 
         ctx, params = self.ctx, self.params
         # The tokenizer gets a pad token ("[PAD]") if it has none, as the data reader's.
@@ -42,15 +42,7 @@ class InstructionTuning(TrainingWorkflow[SftParams]):
             ctx.log(f"tokenizer has no pad token: added {tokenizer.pad_token} (id {tokenizer.pad_token_id})")
         # Rank 0 tokenizes into the content-addressed cache; the other ranks then read it (a rank
         # that finds no entry, as on a node-local cache, builds the same one itself).
-        load = partial(
-            load_sft_dataset,
-            tokenizer_dir=params.tokenizer,
-            max_seq_length=params.max_seq_length,
-            template=params.template,
-            on_bad_record=params.on_bad_record,
-            cache_dir=params.cache_dir,
-            packing=params.packing,
-        )
+        load = partial(load_stage_examples, params=params)
         data, blend_facts, data_stats = instruction_data(
             params,
             lambda path: rank_zero_first(ctx, partial(load, path)),
