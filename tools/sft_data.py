@@ -258,8 +258,10 @@ def load_sft_dataset(
     on_bad_record: str = "error",
     cache_dir: str | Path | None = None,
     packing: bool = False,
+    max_records: int | None = None,
 ) -> SFTDataset:
-    """Tokenize (or load from the cache) an Alpaca JSON/JSONL file. See the module docstring."""
+    """Tokenize (or load from the cache) an Alpaca JSON/JSONL file, or its first `max_records`
+    records. See the module docstring."""
     path, tokenizer_dir = Path(path).resolve(), Path(tokenizer_dir).resolve()
     # (the chat template is the tokenizer's: load it only for that)
     template = resolve_template(template, load_sft_tokenizer(tokenizer_dir) if template == CHAT_TEMPLATE else None)
@@ -282,12 +284,13 @@ def load_sft_dataset(
         "template": template,
         "on_bad_record": on_bad_record,
         "packing": packing,
+        "max_records": max_records,
     }
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=20).hexdigest()
     entry = Path(cache_dir or default_cache_dir()) / key
     from_cache = (entry / "stats.json").is_file()
     if not from_cache:
-        _build_entry(path, tokenizer_dir, max_seq_length, template, on_bad_record, packing, entry)
+        _build_entry(path, tokenizer_dir, max_seq_length, template, on_bad_record, packing, max_records, entry)
     meta = read_json(entry / "stats.json")
     return SFTDataset(
         input_ids=np.load(entry / "input_ids.npy", mmap_mode="r"),
@@ -302,7 +305,7 @@ def load_sft_dataset(
 
 def load_stage_examples(path: str | Path, params: SftParams) -> SFTDataset:
     """One instruction file as an `sft` stage with these params reads it (its tokenizer, cut,
-    template, bad-record rule, packing and cache)."""
+    template, bad-record rule, packing, record limit and cache)."""
     return load_sft_dataset(
         path,
         params.tokenizer,
@@ -311,14 +314,22 @@ def load_stage_examples(path: str | Path, params: SftParams) -> SFTDataset:
         params.on_bad_record,
         params.cache_dir,
         params.packing,
+        params.max_records,
     )
 
 
 def _build_entry(
-    path: Path, tokenizer_dir: Path, max_seq_length: int, template: str, on_bad_record: str, packing: bool, entry: Path
+    path: Path,
+    tokenizer_dir: Path,
+    max_seq_length: int,
+    template: str,
+    on_bad_record: str,
+    packing: bool,
+    max_records: int | None,
+    entry: Path,
 ) -> None:
     tokenizer = load_sft_tokenizer(tokenizer_dir)
-    records = _read_records(path)
+    records = _read_records(path)[:max_records]
     stats = {
         "records": len(records),
         "skipped": 0,

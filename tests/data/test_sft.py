@@ -238,3 +238,17 @@ def test_the_cache_is_read_again_and_never_across_reader_code(tmp_path, records,
     monkeypatch.setattr(sft_data, "_reader_fingerprint", lambda: "other reader code")
     other = load_sft_dataset(path, demo_assets["base_tokenizer"], cache_dir=tmp_path / "c")
     assert not other.from_cache and len(list((tmp_path / "c").iterdir())) == 2
+
+
+def test_max_records_reads_the_first_records_only(tmp_path, records, demo_assets):
+    """`max_records` (an sft stage's quick trial) tokenizes the file's first N records, as the whole
+    file would; the capped and the whole file are separate cache entries."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    whole = load_sft_dataset(path, demo_assets["base_tokenizer"], cache_dir=tmp_path / "c")
+    first = load_sft_dataset(path, demo_assets["base_tokenizer"], cache_dir=tmp_path / "c", max_records=3)
+    assert len(first) == 3 < len(whole) and first.stats["records"] == 3
+    for index in range(3):
+        assert first[index]["input_ids"].tolist() == whole[index]["input_ids"].tolist()
+        assert first[index]["labels"].tolist() == whole[index]["labels"].tolist()
+    assert len(list((tmp_path / "c").iterdir())) == 2

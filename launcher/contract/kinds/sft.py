@@ -39,6 +39,12 @@ class SftParams(TrainingParams):
         "turn; for an instruction-tuned base), or a template text containing {instruction}",
     )
     on_bad_record: Literal["error", "skip"] = "error"
+    max_records: int | None = Field(
+        None,
+        gt=0,
+        description="read only the first N records of each instruction file (train_file and "
+        "valid_file): a quick trial of a recipe without tokenizing all of its data (default: all)",
+    )
     cache_dir: str | None = Field(
         None,
         description="content-addressed cache of the tokenized examples (default $CHLA_CACHE/sft or "
