@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ PROMPT_TEMPLATE = (
 )
 # `template: chat`: the tokenizer's own chat template, one user turn and the assistant's cue
 CHAT_TEMPLATE = "chat"
-CACHE_VERSION = "chla-sft-v2"  # v2: the answer is encoded as the prompt's continuation
 
 
 def format_prompt(instruction: str, input: str = "", template: str | None = None) -> str:  # noqa: A002
@@ -239,10 +238,10 @@ def default_cache_dir() -> Path:
     return Path(root) / "sft"
 
 
+@cache  # once per process: the code and the version do not change while it runs
 def _reader_fingerprint() -> str:
     """This module's code and the tokenizer library's version: an entry written by other code
-    (a changed template, boundary rule or cut) is never read, without relying on CACHE_VERSION
-    being bumped by hand."""
+    (a changed template, boundary rule or cut) is never read, with no version to bump by hand."""
     from importlib.metadata import version
 
     digest = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=16)
@@ -274,7 +273,6 @@ def load_sft_dataset(
     if not tokenizer_dir.is_dir():
         raise ChlaError(f"tokenizer {tokenizer_dir} is not a directory; pass an HF tokenizer directory")
     key_fields = {
-        "v": CACHE_VERSION,
         "reader": _reader_fingerprint(),
         "tokenizer": _fingerprint_dir(tokenizer_dir),
         "data": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(),
