@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from chla_launcher.contract.atomic import write_json
+from chla_train.deepspeed_import import import_deepspeed
 
 ENGINE_TAG = "engine"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -157,6 +158,7 @@ def _read_weights_only(engine) -> None:
     """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True); it passes False.
     Besides tensors and plain containers its files hold three objects of its own (found by loading
     every file of ZeRO-0/2/3 checkpoints, fp32 and bf16): those are allowed by name."""
+    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

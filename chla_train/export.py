@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from chla_launcher.contract.atomic import replace_dir, write_text
 from chla_tools.hf_tokenizer import save_tokenizer
+from chla_train.deepspeed_import import import_deepspeed
 from chla_train.model import merge_new_rows_state_dict, without_tied_output
 
 
@@ -71,6 +72,7 @@ def gathered(tensor: torch.Tensor, partitioned: bool):
     if not partitioned or not hasattr(tensor, "ds_id"):
         yield
         return
+    import_deepspeed()
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):

@@ -19,6 +19,7 @@ from torch import nn
 
 from chla_launcher.contract.errors import ChlaError
 from chla_tools.safetensors_dtypes import ITEMSIZE, torch_dtype
+from chla_train.deepspeed_import import import_deepspeed
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
@@ -143,6 +144,7 @@ def gather_in_place_over_gloo() -> None:
     32,000 x 1,024 bf16 matrix (62 MiB), the peak rose by 127 MiB, and by 63 MiB with broadcasts.
     For the vocabulary matrices that was the largest moment of a ZeRO-3 step. NCCL gathers in
     place: nothing changes on GPUs."""
+    import_deepspeed()
     import deepspeed.comm
     import torch.distributed as dist
 
@@ -320,6 +322,7 @@ def writable_whole(params: list[torch.Tensor]):
     if not partitioned_loading_active():
         yield
         return
+    import_deepspeed()
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0):

@@ -47,6 +47,7 @@ from chla_launcher.contract.errors import ChlaError
 from chla_launcher.contract.progress import progress_writer
 from chla_train import checkpoint as checkpoints
 from chla_train import tracking
+from chla_train.deepspeed_import import import_deepspeed
 from chla_train.distributed import local_cuda_device
 from chla_train.layer_compile import choose_compile, compile_decoder_layers
 from chla_train.metrics import MetricsLog, peak_memory_mb
@@ -97,6 +98,7 @@ def init_distributed(ctx) -> None:
     stops with one line naming the port, instead of a rendezvous that waits for its timeout."""
     import dataclasses
 
+    import_deepspeed()
     import deepspeed
     import deepspeed.ops
 
@@ -281,6 +283,7 @@ def total_steps(params, num_train_items: int, world_size: int) -> int:
 
 class Trainer:
     def __init__(self, ctx, model, data: TrainData, params, *, dtype: torch.dtype) -> None:
+        import_deepspeed()
         import deepspeed
 
         self.ctx, self.data, self.params = ctx, data, params
