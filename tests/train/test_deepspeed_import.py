@@ -1,10 +1,10 @@
-"""DeepSpeed imported through chla_train.deepspeed_import: the set-up of a ZeRO engine and a
-backward pass leave MLflow (the autotuner's optional import) unimported, and importable after, and
+"""DeepSpeed imported through chla_train.deepspeed_import: the set-up of a ZeRO engine and one
+step leave MLflow (the autotuner's optional import) unimported, and importable after, and
 TorchInductor's compiler unimported (DeepSpeed's Muon module, imported by ZeRO on every run, wraps
-its kernels in `torch.compile`, now done at their first call); a Muon kernel, called, is wrapped
-then and computes. The
-control is the same run after a plain `import deepspeed`, which does import both: when a DeepSpeed
-release stops doing so, the control fails and chla_train.deepspeed_import can go."""
+its kernels in `torch.compile`, now at their first call); a Muon kernel called afterwards is
+wrapped then and computes. The control is the same run after a plain `import deepspeed`, which
+imports both: when a DeepSpeed release stops doing so, the control fails and
+chla_train.deepspeed_import can go."""
 
 from __future__ import annotations
 
