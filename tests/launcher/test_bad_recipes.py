@@ -3,6 +3,9 @@ no traceback, nothing submitted or written."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -171,3 +174,36 @@ def test_non_utf8_recipe(tmp_path: Path):
     result = chla("submit", "r.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert "not UTF-8" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# Loads a recipe with --set overrides and prints the queuefile executor's settings, or the error.
+LOAD_WITH_OVERRIDES = """
+import sys
+from chla_launcher.contract.errors import RecipeError
+from chla_launcher.contract.recipe.load import load_recipe
+try:
+    recipe = load_recipe(sys.argv[1], overrides=sys.argv[2:], check_inputs=False).model
+except RecipeError as error:
+    print(error)
+else:
+    print(recipe.executor_settings().queue, recipe.slurm.sbatch)
+"""
+
+
+def test_set_creates_the_settings_block_of_a_plugin_executor(tmp_path: Path):
+    """`--set BLOCK.KEY=VALUE` creates an executor's settings block the recipe leaves out, for a
+    plugin executor as for Slurm (tests/plugins/dist registers `queuefile` through its entry
+    point, on the PYTHONPATH of a fresh process); the block's model still refuses a key it does not
+    have. Control: a block that no executor or recipe key names is refused."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nexecutor: queuefile\nstages:\n" + GOOD_STAGE)
+    plugins = str(Path(__file__).parents[1] / "plugins" / "dist")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [plugins, os.environ.get("PYTHONPATH")]))}
+
+    def load(*overrides: str) -> str:
+        argv = [sys.executable, "-c", LOAD_WITH_OVERRIDES, str(recipe), *overrides]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert load("queuefile.queue=elsewhere", "slurm.sbatch.qos=low") == "elsewhere {'qos': 'low'}"
+    assert "queuefile.qeueu: unknown key" in load("queuefile.qeueu=elsewhere")
+    assert load("nothere.queue=elsewhere").endswith("--set nothere.queue: nothere does not exist in the recipe")

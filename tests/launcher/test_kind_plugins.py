@@ -148,6 +148,11 @@ def test_chla_plan_finds_a_kind_through_an_entry_point(tmp_path):
     planned = chla("plan", str(recipe), cwd=tmp_path, env={"PYTHONPATH": path}, check=True).stdout
     row = next(line.split() for line in planned.splitlines() if line.startswith("distil "))
     assert row[1:3] == ["2x64", "V1000"] and row[7] == "4x64" and "fits" in row, planned
+    # `chla kinds` lists it with what it declares (it trains; it declares no output), as it lists
+    # a built-in kind.
+    listed = chla("kinds", cwd=tmp_path, env={"PYTHONPATH": path}, check=True).stdout.splitlines()
+    assert next(line for line in listed if line.startswith("distill_test ")).endswith("[trains]"), listed
+    assert next(line for line in listed if line.startswith("pretrain ")).endswith("[distributed, trains, model out]")
     # Control: without the distribution on the path, the kind is unknown (one line, exit 2).
     refused = chla("plan", str(recipe), cwd=tmp_path, env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     assert refused.returncode == 2 and "distill_test" in refused.stderr, refused.stderr

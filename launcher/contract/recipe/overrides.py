@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import RecipeError
+from ..executor_registry import settings_models
 from .yaml_lines import parse_value
 
 
@@ -46,15 +47,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
 
 
 def _creatable(prefix: list[str]) -> bool:
-    """Blocks that --set may create: slurm, resources, vars, tracking (and anything inside vars or
-    tracking), slurm.sbatch, a stage's resources, and anything inside a stage's params (the
-    kind's schema catches typos)."""
-    if len(prefix) == 1:
-        return prefix[0] in {"slurm", "resources", "vars", "tracking"}
-    if prefix[0] in ("vars", "tracking"):
+    """Blocks that --set may create: resources, vars, tracking (and anything inside vars or
+    tracking), the settings block of any executor that has one (`slurm`, a plugin's) and anything
+    inside it (`slurm.sbatch`), a stage's resources, and anything inside a stage's params. The
+    models behind them (settings, the kind's params) catch typos."""
+    if prefix[0] in ("vars", "tracking") or prefix[0] in settings_models():
         return True
-    if len(prefix) == 2 and prefix[0] == "slurm":
-        return prefix[1] == "sbatch"
+    if len(prefix) == 1:
+        return prefix[0] == "resources"
     if len(prefix) >= 3 and prefix[0] == "stages" and prefix[2] == "params":
         return True
     return len(prefix) == 3 and prefix[0] == "stages" and prefix[2] == "resources"
