@@ -16,11 +16,10 @@ export CHLA_REQUIRE_SLURM=1
 # scheduling, preemption grace times, process start-up). Every test that uses the Slurm cluster
 # runs on one worker, in turn (--dist loadgroup; tests/conftest.py puts them in one group), as the
 # cluster's two small nodes allow; the shrunk demo's local run has a group of its own on another
-# worker. Each worker holds its own torch and session fixtures. Measured alone on a 2-core AVX2
-# EPYC: 603 tests in 21 min 43 s with three workers (cores 73% busy; 26 min 17 s from a fresh clone,
-# TorchInductor's cache cold); with four workers an earlier
-# suite took 28 min 39 s against 26 min 56 s (more CPU in contention than they fill in waits): the
-# suite's time is its work.
+# worker. Each worker holds its own torch and session fixtures. Measured through .ci/run from a
+# fresh clone with every cache cold, alone on a 2-core AVX2 EPYC: 604 tests in 20 min 59 s, twice,
+# with three workers; with four workers an earlier suite took 28 min 39 s against 26 min 56 s (more
+# CPU in contention than they fill in waits): the suite's time is its work.
 # Arguments come after, so `-n 0` among them runs the tests in this process, one by one.
 # With no path among the arguments pytest runs its testpaths (the whole suite, tests/); with paths,
 # only those.
