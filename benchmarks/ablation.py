@@ -19,11 +19,13 @@ What the original did, and what chla does instead (the --set lines):
   adapter; chla: only the new rows, at a learning rate of their own (stage 2 trains them whole in
   both arms: it is where the rows the base vocabulary had for Chinese adapt);
 - SFT on the instructions alone; chla: pretraining text replayed in the batches;
+- Adam's epsilon 1e-8 for every parameter; chla's demo: 1e-3 for the embedding rows, so that the
+  new rows no batch uses are not pushed down by a full step each step;
 - SFT's loss the mean over every answer token of the batch (transformers' default), so long answers
   outweigh short ones; chla's demo: the mean over examples of each example's token mean.
 Both arms encode an example's prompt and answer as one text (the answer is the tokens after the
 prompt's), chla's only encoding.
-The learning rates of LoRA itself are the demo's in both arms (the original's 2e-4 / 1e-4 were
+The learning rates are the demo's in both arms (the original's 2e-4 / 1e-4 were
 set for 7B models and tens of thousands of steps).
 """
 
@@ -47,6 +49,9 @@ ORIGINAL = [
     "stages.sft.params.embedding_learning_rate=null",
     "stages.sft.params.replay_corpus=null",
     "stages.sft.params.loss_mean=token",
+    "stages.pt_embeddings.params.embedding_adam_epsilon=null",
+    "stages.pt_lora.params.embedding_adam_epsilon=null",
+    "stages.sft.params.embedding_adam_epsilon=null",
 ]
 ARMS = {"chla": [], "original": ORIGINAL}
 

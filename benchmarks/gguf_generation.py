@@ -6,14 +6,15 @@
 RUN_DIR is a finished demo run (default runs/demo); its merge_sft/out is exported here again as
 f32 (with an f32 KV cache, llama.cpp's arithmetic is the closest to transformers' fp32; the f16
 file of the demo's `gguf` stage is checked tensor by tensor in the test suite). Prompts: the demo's
-general prompts and the first N held-out reviews, in the Alpaca template, each encoded once (BOS +
-SentencePiece ids) and given to both. Prints, per prompt set, how many prompts llama.cpp tokenises
-as SentencePiece does and how many greedy generations are equal; then, on held-out Chinese
-paragraphs, at how many positions the two agree on the most likely next token, and the largest
-difference of any logit.
+general prompts and the first N held-out reviews of the sentiment test set, in the template the
+run's `eval_sft` stage used (the chat template of the SmolLM2 demo, Alpaca for the others), each
+encoded once (BOS + the tokenizer's ids, special tokens such as <|im_start|> parsed) and given to
+both. Prints, per prompt set, how many prompts llama.cpp tokenises exactly as transformers does and
+how many greedy generations are equal; then, on held-out Chinese paragraphs, at how many positions
+the two agree on the most likely next token, and the largest difference of any logit.
 
 llama-cpp-python is not a chla dependency: build it from the same pinned sdist the export uses
-(~24 min on 2 cores), e.g.
+(6-24 min on 2 cores), e.g.
     CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install --target /tmp/llama_cpp diskcache \
         ~/.cache/chla/assets/downloads/llama_cpp_python-0.3.36.tar.gz
     PYTHONPATH=/tmp/llama_cpp .venv/bin/python benchmarks/gguf_generation.py
@@ -78,23 +79,27 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from chla_launcher.contract.kinds.export import ExportParams
+    from chla_launcher.contract.recipe import load_frozen
+    from chla_tools.evaluate import prompt_text, template_text
     from chla_tools.gguf_export import export_gguf
     from chla_tools.inference import encode, load_tokenizer
-    from chla_tools.sft_data import format_prompt
+    from chla_tools.sft_data import split_prompt
 
     torch.set_num_threads(2)
     run = Path(args.run_dir)
     model_dir = run / "merge_sft" / "out"
+    tokenizer = load_tokenizer(model_dir)
+    template = template_text(load_frozen(run).stages["eval_sft"].params.template, tokenizer)
     demo = run / "assets" / "out"  # the demo's fetch_assets stage: prompts and held-out reviews
     general = [
-        format_prompt(json.loads(line)["prompt"])
+        prompt_text(json.loads(line), template=template)
         for line in (demo / "prompts.jsonl").read_text().splitlines()
         if line.strip()
     ]
-    reviews = [
-        format_prompt(r["instruction"], r["input"])
-        for r in json.loads((demo / "sft_test.json").read_text())[: args.reviews]
-    ]
+    reviews_file = demo / "tasks" / "sentiment_test.json"
+    if not reviews_file.is_file():  # the demo's assets before the four tasks
+        reviews_file = demo / "sft_test.json"
+    reviews = [prompt_text(r, template=template) for r in json.loads(reviews_file.read_text())[: args.reviews]]
     paragraphs = [line for line in (demo / "zh_heldout.txt").read_text(encoding="utf-8").splitlines() if line.strip()][
         : args.paragraphs
     ]
@@ -115,7 +120,6 @@ def main() -> int:
             type_k=llama_cpp.GGML_TYPE_F32,
             type_v=llama_cpp.GGML_TYPE_F32,
         )
-        tokenizer = load_tokenizer(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         print(f"{'prompts':<28} {'count':>5} {'same tokens':>12} {'same greedy':>12} {'hf s':>7} {'llama.cpp s':>12}")
         for name, prompts in (
@@ -126,8 +130,11 @@ def main() -> int:
             same_tokens = same_generation = 0
             hf_seconds = cpp_seconds = 0.0
             for prompt in prompts:
+                prompt = split_prompt(prompt)[0]  # as SFT and evaluate encode it: the answer starts with the whitespace
                 ids = encode(tokenizer, prompt)
-                same_tokens += llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False) == ids
+                # BOS as `encode` adds it, then the text with its special tokens parsed, as transformers does
+                bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+                same_tokens += bos + llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) == ids
                 started = time.perf_counter()
                 expected = hf_greedy(model, tokenizer, ids, args.max_new_tokens)
                 hf_seconds += time.perf_counter() - started

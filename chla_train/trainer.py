@@ -211,7 +211,10 @@ def build_optimizer(model, params) -> torch.optim.Optimizer:
     # `loraplus_lr_ratio` (LoRA+, Hayou et al. 2024), the LoRA B matrices learn that many times
     # faster than the A matrices: the paper shows one rate for both learns features inefficiently
     # in wide layers. A LoRA B inside embed_tokens/lm_head keeps the vocabulary's rate.
-    vocabulary = vocabulary_parameter_ids(model) if params.embedding_learning_rate is not None else set()
+    # `embedding_adam_epsilon` gives those vocabulary parts Adam's epsilon of their own (see its
+    # description: the unused rows of a vocabulary extension stay still).
+    own_vocabulary_group = params.embedding_learning_rate is not None or params.embedding_adam_epsilon is not None
+    vocabulary = vocabulary_parameter_ids(model) if own_vocabulary_group else set()
     lora_b = lora_b_parameter_ids(model) if params.loraplus_lr_ratio is not None else set()
 
     def part_of(parameter) -> str:
@@ -222,23 +225,29 @@ def build_optimizer(model, params) -> torch.optim.Optimizer:
     rates = {
         "rest": params.learning_rate,
         "lora_B": params.learning_rate * (params.loraplus_lr_ratio or 1.0),
-        "vocabulary": params.embedding_learning_rate,
+        "vocabulary": params.embedding_learning_rate or params.learning_rate,
     }
+    default_epsilon = 1e-8
+    epsilons = {"vocabulary": params.embedding_adam_epsilon or default_epsilon}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = []
     for part, lr in rates.items():
+        eps = epsilons.get(part, default_epsilon)
         chosen = [p for p in trainable if part_of(p) == part]
         decay = [p for p in chosen if len(full_shape(p)) >= 2]  # ZeRO-3: .ndim of a partition is 1
         no_decay = [p for p in chosen if len(full_shape(p)) < 2]
-        # "part" names the group for the stage log (torch keeps extra keys of a param group)
-        if decay or part == "rest":
-            groups.append({"params": decay, "weight_decay": params.weight_decay, "lr": lr, "part": part})
+        # "part" names the group for the stage log (torch keeps extra keys of a param group). No
+        # empty groups: DeepSpeed drops them, and the scheduler, built on the groups, then fails.
+        if decay:
+            groups.append({"params": decay, "weight_decay": params.weight_decay, "lr": lr, "part": part, "eps": eps})
         if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "part": part})
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "part": part, "eps": eps})
+    if not groups:  # nothing trains (the stage's own checks refuse that first); torch needs a group
+        groups.append({"params": [], "weight_decay": params.weight_decay, "lr": params.learning_rate, "part": "rest"})
     # fused: one pass over each tensor instead of ~10 (CPU and CUDA both have the kernel). With
     # embed_tokens and lm_head trainable (26M values in the demo), the demo's SFT step on CPU is
     # 11% faster with it (benchmarks/sft_step.py; 40% before chla_train.freed_memory.keep_freed_memory).
-    return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=default_epsilon, fused=True)
 
 
 def lora_b_parameter_ids(model) -> set[int]:

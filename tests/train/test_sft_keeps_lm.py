@@ -171,3 +171,31 @@ def test_sft_on_new_rows_with_replay_keeps_base_rows_and_merges(train_assets, tm
         assert torch.equal(ours[:base_rows], before[:base_rows])
         # every lm_head row gets a gradient; an input row only when its token occurs
         assert (ours[new] != before[new]).any(dim=1).float().mean() > moved
+
+
+def test_embedding_adam_epsilon_applies_to_the_vocabulary_groups_only():
+    """Adam's epsilon of the vocabulary parts: set, they get a group with it and every other group
+    keeps 1e-8; with the learning rate unset, the vocabulary group takes the stage's rate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chla_launcher.contract.kinds import get_kind
+    from chla_train.trainer import build_optimizer
+
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    params = get_kind("sft").params(
+        tokenizer="/t", model="/m", train_file="/f", learning_rate=1e-3, embedding_adam_epsilon=1e-3, weight_decay=0.1
+    )
+    groups = build_optimizer(model, params).param_groups
+    vocabulary = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    assert [(g["lr"], g["eps"]) for g in groups] == [(1e-3, 1e-8), (1e-3, 1e-8), (1e-3, 1e-3)]
+    assert {id(p) for p in groups[2]["params"]} == vocabulary
+    # Control: without it, one epsilon and no vocabulary group.
+    plain = build_optimizer(model, params.model_copy(update={"embedding_adam_epsilon": None})).param_groups
+    assert [g["eps"] for g in plain] == [1e-8, 1e-8]
+    # Only the vocabulary trains (stage 1): no empty group beside it, which DeepSpeed would drop
+    # under the learning-rate scheduler built on the groups (a failure at the first step).
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    model.get_input_embeddings().weight.requires_grad = True
+    only = build_optimizer(model, params).param_groups
+    assert [(g["part"], len(g["params"])) for g in only] == [("vocabulary", 1)]

@@ -79,6 +79,15 @@ class TrainingParams(StageParams):
         gt=0,
         description="learning rate of the trainable parts of embed_tokens and lm_head (default: learning_rate)",
     )
+    embedding_adam_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="Adam's epsilon for the trainable parts of embed_tokens and lm_head (default: 1e-8, as "
+        "for everything else). Adam moves each element by about the learning rate whatever the size of its "
+        "gradient, and every output row gets the softmax's small push-down gradient: new rows that no batch "
+        "uses (most of a large vocabulary extension) all fall by the full step each step. An epsilon between "
+        "those gradients (~1e-5) and those of the rows in use (~2e-3) keeps the unused rows still",
+    )
     loraplus_lr_ratio: float | None = Field(
         default=None,
         gt=0,
