@@ -33,6 +33,23 @@ def parse_with_work_dir(parser: argparse.ArgumentParser, prefix: str) -> tuple[a
     return args, Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=prefix))
 
 
+def resize_to_merged_tokenizer(model, tokenizer, *, new_row_init: str, tokenizer_dir, seed: int) -> int:
+    """The base model resized to the merged tokenizer's rows, as a pretraining stage does it (its
+    new rows started by `new_row_init`); returns the base's row count."""
+    from chla_train import model as models
+
+    return models.resize_to_tokenizer(
+        model,
+        len(tokenizer),
+        new_row_init=new_row_init,
+        max_vocab_growth=4.0,
+        where="benchmark",
+        tokenizer_dir=str(tokenizer_dir),
+        seed=seed,
+        log=quiet,
+    )
+
+
 def quiet(message: str) -> None:
     """A `log` that prints nothing: the timed steps' own progress lines would bury the table."""
 

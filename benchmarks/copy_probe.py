@@ -19,7 +19,7 @@ import re
 import time
 from pathlib import Path
 
-from common import demo_run_parser
+from common import demo_run_parser, resize_to_merged_tokenizer
 from machine import print_machine
 
 
@@ -82,15 +82,8 @@ def main() -> None:
 
     def resized():
         model = load(str(stage1.model))
-        models.resize_to_tokenizer(
-            model,
-            len(merged),
-            new_row_init=stage1.new_row_init,
-            max_vocab_growth=4.0,
-            where="benchmark",
-            tokenizer_dir=stage1.tokenizer,
-            seed=stage1.seed,
-            log=lambda _m: None,
+        resize_to_merged_tokenizer(
+            model, merged, new_row_init=stage1.new_row_init, tokenizer_dir=stage1.tokenizer, seed=stage1.seed
         )
         return model
 

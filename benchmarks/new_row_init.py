@@ -21,7 +21,7 @@ import math
 import time
 from pathlib import Path
 
-from common import demo_run_parser
+from common import demo_run_parser, resize_to_merged_tokenizer
 from machine import print_machine
 
 INITS = ("subtoken_mean", "mean", "random")
@@ -85,15 +85,8 @@ def main() -> None:
         model = models.build_base_model(
             str(base_dir), None, dtype=torch.float32, attn_implementation="sdpa", seed=0
         ).eval()
-        models.resize_to_tokenizer(
-            model,
-            len(merged_tokenizer),
-            new_row_init=init,
-            max_vocab_growth=4.0,
-            where="benchmark",
-            tokenizer_dir=stage.tokenizer,
-            seed=stage.seed,
-            log=lambda _m: None,
+        resize_to_merged_tokenizer(
+            model, merged_tokenizer, new_row_init=init, tokenizer_dir=stage.tokenizer, seed=stage.seed
         )
         rows.append((f"resized, {init}", valid_loss(model), ppl_per_char(model, merged_tokenizer)))
     uniform = math.log(len(merged_tokenizer))

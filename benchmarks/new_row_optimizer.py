@@ -21,7 +21,7 @@ import random
 import re
 import time
 
-from common import demo_run_parser
+from common import demo_run_parser, resize_to_merged_tokenizer
 from machine import print_machine
 
 
@@ -56,15 +56,8 @@ def main() -> None:
     random.Random(0).shuffle(blocks)
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    base_rows = models.resize_to_tokenizer(
-        model,
-        len(tokenizer),
-        new_row_init="subtoken_mean",
-        max_vocab_growth=4.0,
-        where="benchmark",
-        tokenizer_dir=str(tokenizer_dir),
-        seed=0,
-        log=lambda _m: None,
+    base_rows = resize_to_merged_tokenizer(
+        model, tokenizer, new_row_init="subtoken_mean", tokenizer_dir=tokenizer_dir, seed=0
     )
     for parameter in model.parameters():
         parameter.requires_grad = False
@@ -81,15 +74,15 @@ def main() -> None:
         with torch.no_grad():
             weight[base_rows:] = new.detach()
             nll = chars = 0.0
-            for text in validation[20:40]:
-                x = torch.tensor([tokenizer(text).input_ids[:256]])
+            for paragraph in validation[20:40]:
+                x = torch.tensor([tokenizer(paragraph).input_ids[:256]])
                 nll += model(x, labels=x).loss.item() * (x.shape[1] - 1)
                 chars += len(tokenizer.decode(x[0, 1:]))
             right = total = 0
             for sentence in copies:
-                text = f"句子：{shot}\n重复：{shot}\n句子：{sentence}\n重复："
-                prompt = tokenizer(text).input_ids
-                x = torch.tensor([tokenizer(text + sentence).input_ids])
+                two_shot = f"句子：{shot}\n重复：{shot}\n句子：{sentence}\n重复："
+                prompt = tokenizer(two_shot).input_ids
+                x = torch.tensor([tokenizer(two_shot + sentence).input_ids])
                 predicted = model(x).logits[0, len(prompt) - 1 : -1].argmax(-1)
                 right += int((predicted == x[0, len(prompt) :]).sum())
                 total += x.shape[1] - len(prompt)
